@@ -1,0 +1,48 @@
+"""tf_consreg: consistency-regularized randomized smoothing in TensorFlow/Keras.
+
+Implements "Consistency Regularization for Certified Robustness of Smoothed
+Classifiers" (Jeong & Shin, NeurIPS 2020): training with m noisy copies per
+image and a consistency penalty, Monte Carlo certification of the smoothed
+classifier (Cohen et al., 2019), and export of the smoothed predictor as a
+SavedModel for TF Serving.
+
+Importing the package turns on TensorFlow's oneDNN kernels unless the caller
+already chose (``TF_ENABLE_ONEDNN_OPTS``): on CPUs without AVX-512 TensorFlow
+leaves them off, and with them LeNet training and certification run about
+twice as fast (see bench/). The variable is only read when TensorFlow is
+first imported, so it must be set before that; set it to 0 to opt out.
+"""
+
+import importlib
+import os
+
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+
+# Importing the model package registers the custom layers, so that
+# `keras.models.load_model` can read `base_model.keras` once tf_consreg is
+# imported.
+from tf_consreg import models  # noqa: E402  pylint: disable=wrong-import-position
+
+__version__ = "0.1.0"
+
+# Public API, loaded lazily (PEP 562) so that `import tf_consreg.stats` and the
+# analysis tools do not pay for modules they do not use.
+_LAZY = {
+      "consistency_loss": "tf_consreg.losses",
+      "get_architecture": "tf_consreg.models",
+      "load_base_model": "tf_consreg.models",
+      "Smooth": "tf_consreg.smoothing",
+      "export_smoothed": "tf_consreg.export",
+      "TrainConfig": "tf_consreg.config",
+      "train": "tf_consreg.training",
+      "ConsistencyModel": "tf_consreg.training",
+}
+
+__all__ = sorted(_LAZY) + ["__version__"]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+      return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'tf_consreg' has no attribute {name!r}")

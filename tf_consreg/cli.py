@@ -1,0 +1,69 @@
+"""Helpers shared by the absl binaries in bin/: one-line errors, safe writes.
+
+Nothing here reads flags: binaries read their own flag handles and pass plain
+values to the library.
+"""
+
+import contextlib
+import os
+import sys
+import tempfile
+from typing import Callable, Iterator, Sequence
+
+from absl import app
+
+from tf_consreg.errors import ConfigError
+
+
+def run(main: Callable[[Sequence[str]], None]) -> None:
+    """Runs an absl `main`, turning `ConfigError` into one line on stderr.
+
+    absl already reports unknown or malformed flags itself. Every check the
+    library makes on values (ranges, files, combinations) raises
+    `ConfigError`; the user sees `<program>: error: <message>` and exit
+    status 2, with no traceback.
+
+    Args:
+      main: the binary's main function, as for `absl.app.run`.
+    """
+
+    def _main(argv):
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+        try:
+            main(argv)
+        except ConfigError as e:
+            prog = os.path.basename(sys.argv[0])
+            print(f"{prog}: error: {e}", file=sys.stderr)
+            sys.exit(2)
+
+    app.run(_main)
+
+
+@contextlib.contextmanager
+def atomic_output(path: str, mode: str = "w") -> Iterator:
+    """Writes a file atomically: a temporary file renamed into place on success.
+
+    A failure leaves no partial file at `path`, and an existing file at `path`
+    is only replaced once the new content is complete.
+
+    Args:
+      path: destination file.
+      mode: "w" for text or "wb" for bytes.
+
+    Yields:
+      The open temporary file.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".")
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
