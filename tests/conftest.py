@@ -1,4 +1,4 @@
-"""Test-wide settings: TensorFlow's environment before it is first imported."""
+"""Test-wide settings, applied before TensorFlow initializes its devices."""
 
 import os
 
@@ -6,3 +6,12 @@ import os
 # because some tests import tensorflow before tf_consreg.
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import tensorflow as tf  # noqa: E402  pylint: disable=wrong-import-position
+
+# Two logical CPU devices for the multi-replica tests (distribute_test.py).
+# Devices can only be configured before TensorFlow first uses them, which in
+# a single pytest process means here. Single-device code is unaffected.
+_cpus = tf.config.list_physical_devices("CPU")
+tf.config.set_logical_device_configuration(
+    _cpus[0], [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()])

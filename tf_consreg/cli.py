@@ -11,6 +11,8 @@ import tempfile
 from typing import Callable, Iterator, Sequence
 
 from absl import app
+from absl import flags
+from absl import logging
 
 from tf_consreg.errors import ConfigError
 
@@ -28,6 +30,8 @@ def run(main: Callable[[Sequence[str]], None]) -> None:
     """
 
     def _main(argv):
+        if not flags.FLAGS["verbosity"].present:
+            logging.set_verbosity(logging.WARNING)  # TensorFlow's INFO lines drown the progress bar.
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
         try:
@@ -62,6 +66,9 @@ def atomic_output(path: str, mode: str = "w") -> Iterator:
             yield f
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual mode.
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

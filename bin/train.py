@@ -1,0 +1,101 @@
+r"""Trains a base classifier for randomized smoothing, with consistency regularization.
+
+Each clean image of a batch becomes --num_noise (m) noisy copies
+x + N(0, sigma^2 I); the loss is the mean cross-entropy over all copies plus,
+for --method=consistency, lambda * mean_i KL(p_mean || p_i) + eta * H(p_mean)
+(Jeong & Shin, NeurIPS 2020). --method=gaussian is Gaussian augmentation
+(Cohen et al., 2019). The run directory gets the resolved flags, TensorBoard
+events, a checkpoint per epoch and the trained `base_model.keras`; running the
+same command again resumes from the last checkpoint.
+
+Example (the paper's MNIST setting at sigma = 0.50, on Fashion-MNIST):
+
+  python bin/train.py --dataset=fashion_mnist --arch=lenet --method=consistency \
+      --sigma=0.5 --num_noise=2 --lbd=5 --eta=0.5 --epochs=90 --batch_size=256 \
+      --lr=0.01 --lr_step_size=30 --model_dir=runs/fmnist_consistency_0.50
+
+  python bin/train.py --flagfile=configs/mnist_consistency_sigma0.50.flags \
+      --model_dir=runs/mnist_consistency_0.50
+"""
+
+from absl import flags
+
+from tf_consreg import cli  # Sets TensorFlow's environment before TensorFlow loads.
+from tf_consreg import config as config_lib
+
+_MODEL_DIR = flags.DEFINE_string("model_dir", None, "Run directory: flags, checkpoints, TensorBoard logs, "
+                                 "base_model.keras. An existing run with the same flags resumes.")
+_DATASET = flags.DEFINE_string("dataset", "fashion_mnist", "Dataset: fashion_mnist, mnist or cifar10.")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "Directory with the Fashion-MNIST IDX files, or a "
+                                "tensorflow-datasets data directory. Default: Debian's dataset-fashion-mnist "
+                                "files, then ~/tensorflow_datasets.")
+_ARCH = flags.DEFINE_string("arch", "lenet", "Architecture (see tf_consreg.models.ARCHITECTURES).")
+_METHOD = flags.DEFINE_enum("method", "consistency", config_lib.METHODS,
+                            "consistency: cross-entropy + consistency term; gaussian: cross-entropy on noisy "
+                            "copies only (Cohen et al. 2019).")
+_SIGMA = flags.DEFINE_float("sigma", 0.25, "Noise standard deviation, in [0, 1] pixel units.")
+_NUM_NOISE = flags.DEFINE_integer("num_noise", 2, "m: noisy copies per clean image.")
+_LBD = flags.DEFINE_float("lbd", None, "lambda, weight of the consistency term (consistency only; default 10).")
+_ETA = flags.DEFINE_float("eta", None, "eta, weight of the entropy term (consistency only; default 0.5).")
+_CONSISTENCY_LOSS = flags.DEFINE_enum(
+    "consistency_loss", None, config_lib.CONSISTENCY_LOSSES,
+    "Form of the consistency term (consistency only; default 'default'): default = lbd*KL + eta*H, "
+    "xent = lbd*(KL + H), kl = lbd*KL, mse = lbd*||p2 - p1||^2 (m = 2).")
+_EPOCHS = flags.DEFINE_integer("epochs", 90, "Training epochs.")
+_BATCH_SIZE = flags.DEFINE_integer(
+    "batch_size", 256, "CLEAN images per optimizer step; each step trains on m times as many noisy copies. "
+    "With --batch_split, the images loaded per step of the authors' loader instead (see there).")
+_BATCH_SPLIT = flags.DEFINE_bool(
+    "batch_split", False, "The authors' batching: split each loaded batch of --batch_size images into m chunks "
+    "and take one optimizer step per chunk, so a step sees batch_size/m clean images and batch_size noisy "
+    "copies. Use it to reproduce the paper's settings.")
+_LR = flags.DEFINE_float("lr", 0.01, "Initial learning rate of SGD.")
+_LR_STEP_SIZE = flags.DEFINE_integer("lr_step_size", 30, "Multiply the learning rate by --lr_gamma every this "
+                                     "many epochs.")
+_LR_GAMMA = flags.DEFINE_float("lr_gamma", 0.1, "Learning-rate decay factor.")
+_MOMENTUM = flags.DEFINE_float("momentum", 0.9, "SGD momentum.")
+_WEIGHT_DECAY = flags.DEFINE_float("weight_decay", 1e-4, "L2 weight decay, coupled as in PyTorch's SGD.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the noise, the shuffling and the initialization.")
+_TRAIN_EXAMPLES = flags.DEFINE_integer("train_examples", 0, "Use only the first N training images (0 = all).")
+_EVAL_EXAMPLES = flags.DEFINE_integer("eval_examples", 10000, "Test images for the per-epoch noisy accuracy "
+                                      "(0 = no evaluation).")
+_STRATEGY = flags.DEFINE_enum("strategy", "auto", config_lib.STRATEGIES,
+                              "auto: MirroredStrategy when more than one GPU is visible, else one device.")
+_STEPS_PER_EXECUTION = flags.DEFINE_integer("steps_per_execution", 1, "Training steps per compiled call.")
+
+_HANDLES = (_MODEL_DIR, _DATASET, _DATA_DIR, _ARCH, _METHOD, _SIGMA, _NUM_NOISE, _LBD, _ETA, _CONSISTENCY_LOSS,
+            _EPOCHS, _BATCH_SIZE, _BATCH_SPLIT, _LR, _LR_STEP_SIZE, _LR_GAMMA, _MOMENTUM, _WEIGHT_DECAY, _SEED,
+            _TRAIN_EXAMPLES, _EVAL_EXAMPLES, _STRATEGY, _STEPS_PER_EXECUTION)
+
+
+def flags_text() -> str:
+    """The resolved flags as a flagfile (`--flagfile=` accepts it unchanged)."""
+    return "".join(flags.FLAGS[h.name].serialize() + "\n" for h in _HANDLES if h.value is not None)
+
+
+def make_config() -> config_lib.TrainConfig:
+    """Builds the validated config from the flags."""
+    if not _MODEL_DIR.value:
+        raise config_lib.ConfigError("--model_dir is required: the directory for checkpoints, logs and the model")
+    return config_lib.TrainConfig(
+        model_dir=_MODEL_DIR.value, dataset=_DATASET.value, arch=_ARCH.value, method=_METHOD.value,
+        sigma=_SIGMA.value, num_noise=_NUM_NOISE.value, lbd=_LBD.value, eta=_ETA.value,
+        consistency_loss=_CONSISTENCY_LOSS.value, epochs=_EPOCHS.value, batch_size=_BATCH_SIZE.value,
+        batch_split=_BATCH_SPLIT.value, lr=_LR.value, lr_step_size=_LR_STEP_SIZE.value, lr_gamma=_LR_GAMMA.value,
+        momentum=_MOMENTUM.value, weight_decay=_WEIGHT_DECAY.value, seed=_SEED.value,
+        train_examples=_TRAIN_EXAMPLES.value, eval_examples=_EVAL_EXAMPLES.value, data_dir=_DATA_DIR.value,
+        strategy=_STRATEGY.value, steps_per_execution=_STEPS_PER_EXECUTION.value)
+
+
+def main(argv):
+    del argv
+    config = make_config()
+    from tf_consreg import training  # pylint: disable=import-outside-toplevel
+
+    import keras  # pylint: disable=import-outside-toplevel
+    keras.utils.set_random_seed(config.seed)
+    training.train(config, flags_text=flags_text())
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,156 @@
+"""ConsistencyModel's train_step/test_step against a numpy reference.
+
+The base model is linear (logits = x W + b) with set weights, so the whole
+objective can be written again in float64 numpy, independently of
+tf_consreg.losses, and its gradient taken by central finite differences. One
+SGD step (lr, no momentum) must then move the weights by -lr * gradient, and
+the reported metrics must equal the numpy values.
+"""
+
+import numpy as np
+import scipy.special
+import tensorflow as tf
+from absl.testing import parameterized
+
+import keras
+
+from tf_consreg import distribute
+from tf_consreg import training
+
+B, H, W_, C = 4, 2, 2, 3
+D = H * W_
+
+
+def _linear_base(weights, bias):
+    inputs = keras.Input((H, W_, 1))
+    dense = keras.layers.Dense(C)
+    outputs = dense(keras.layers.Flatten()(inputs))
+    model = keras.Model(inputs, outputs)
+    dense.set_weights([weights.astype(np.float32), bias.astype(np.float32)])
+    return model
+
+
+def _reference(noisy, labels, weights, bias, m, method, lbd, eta, weight_decay):
+    """The paper's objective in float64 numpy, term by term.
+
+    noisy: [m * B, D] copy-major, as ConsistencyModel orders them.
+    CE = mean over all m*B copies of -log softmax(z)_y;
+    p_bar = mean_i p_i; KL = mean_i sum_c p_bar (log p_bar - log p_i);
+    H = -sum_c p_bar log p_bar; consistency = mean_B (lbd KL + eta H).
+    """
+    logits = noisy @ weights + bias
+    log_p = scipy.special.log_softmax(logits, axis=1)
+    labels_c = np.tile(labels, m)
+    ce = -np.mean(log_p[np.arange(len(labels_c)), labels_c])
+    out = {"cross_entropy": ce, "loss": ce,
+           "accuracy": np.mean(np.argmax(logits, axis=1) == labels_c)}
+    if method == "consistency":
+        log_p = log_p.reshape(m, -1, C)
+        p_bar = np.exp(log_p).mean(axis=0)
+        kl = np.mean([np.sum(p_bar * (np.log(p_bar) - log_p[i]), axis=1) for i in range(m)], axis=0)
+        ent = -np.sum(p_bar * np.log(p_bar), axis=1)
+        out.update(kl=kl.mean(), entropy=ent.mean(), consistency=np.mean(lbd * kl + eta * ent))
+        out["loss"] = ce + out["consistency"]
+    out["objective"] = out["loss"] + 0.5 * weight_decay * (np.sum(weights ** 2) + np.sum(bias ** 2))
+    return out
+
+
+def _numeric_grad(f, x, eps=1e-6):
+    grad = np.zeros_like(x)
+    for i in np.ndindex(x.shape):
+        step = np.zeros_like(x)
+        step[i] = eps
+        grad[i] = (f(x + step) - f(x - step)) / (2 * eps)
+    return grad
+
+
+class TrainStepTest(tf.test.TestCase, parameterized.TestCase):
+
+    @parameterized.named_parameters(
+        ("consistency_m2", "consistency", 2, 2.0, 0.5, 0.01),
+        ("consistency_m3", "consistency", 3, 5.0, 0.1, 0.0),
+        ("gaussian_m1", "gaussian", 1, 0.0, 0.0, 0.01),
+    )
+    def test_one_step_matches_numpy(self, method, m, lbd, eta, weight_decay):
+        rng = np.random.default_rng(0)
+        weights, bias = rng.normal(size=(D, C)), rng.normal(size=C) * 0.1
+        images = rng.uniform(size=(B, H, W_, 1)).astype(np.float32)
+        labels = np.array([0, 1, 2, 1], np.int64)
+        sigma, seed, lr = 0.5, 7, 0.1
+
+        model = training.ConsistencyModel(_linear_base(weights, bias), sigma=sigma, num_noise=m, method=method,
+                                          lbd=lbd, eta=eta, weight_decay=weight_decay, seed=seed)
+        model.compile(optimizer=keras.optimizers.SGD(lr),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        logs = model.train_on_batch(images, labels, return_dict=True)
+
+        # The noise the first step (iteration 0) of the training stream draws.
+        seeds = distribute.example_seeds(distribute.step_seed(seed, 1, 0), B)
+        noisy = distribute.gaussian_copies(tf.constant(images), m, sigma, seeds).numpy()
+        noisy = noisy.reshape(m * B, D).astype(np.float64)
+        ref = _reference(noisy, labels, weights, bias, m, method, lbd, eta, weight_decay)
+
+        for name in ("loss", "cross_entropy", "accuracy") + (
+                ("consistency", "kl", "entropy") if method == "consistency" else ()):
+            self.assertAllClose(logs[name], ref[name], rtol=1e-5, atol=1e-6, msg=name)
+
+        def objective_w(w):
+            return _reference(noisy, labels, w, bias, m, method, lbd, eta, weight_decay)["objective"]
+
+        def objective_b(b):
+            return _reference(noisy, labels, weights, b, m, method, lbd, eta, weight_decay)["objective"]
+
+        new_w, new_b = model.base_model.get_weights()
+        self.assertAllClose(new_w, weights - lr * _numeric_grad(objective_w, weights), atol=2e-5)
+        self.assertAllClose(new_b, bias - lr * _numeric_grad(objective_b, bias), atol=2e-5)
+
+    def test_noise_has_sigma_and_differs_per_copy_and_example(self):
+        images = tf.zeros([64, 8, 8, 1])
+        seeds = distribute.example_seeds(distribute.step_seed(3, 1, 5), 64)
+        noise = distribute.gaussian_copies(images, 2, 0.5, seeds).numpy().reshape(2, 64, -1)
+        self.assertAllClose(noise.std(), 0.5, rtol=0.02)
+        self.assertAllClose(noise.mean(), 0.0, atol=0.01)
+        # Copies of one example, and different examples, are not correlated.
+        self.assertLess(abs(np.corrcoef(noise[0].ravel(), noise[1].ravel())[0, 1]), 0.02)
+        self.assertLess(abs(np.corrcoef(noise[0, 0], noise[0, 1])[0, 1]), 0.3)
+
+    def test_steps_draw_fresh_noise_and_seed_reproduces(self):
+        images = tf.zeros([4, 8, 8, 1])
+
+        def draw(seed, step):
+            return distribute.gaussian_copies(
+                images, 2, 1.0, distribute.example_seeds(distribute.step_seed(seed, 1, step), 4)).numpy()
+
+        self.assertAllEqual(draw(1, 0), draw(1, 0))
+        self.assertNotAllClose(draw(1, 0), draw(1, 1))
+        self.assertNotAllClose(draw(1, 0), draw(2, 0))
+
+    def test_test_step_reports_clean_and_noisy_accuracy(self):
+        weights = np.zeros((D, C))
+        bias = np.array([0.0, 5.0, 0.0])  # Predicts class 1 whatever the input.
+        model = training.ConsistencyModel(_linear_base(weights, bias), sigma=0.5, num_noise=2, lbd=1.0, eta=0.5)
+        model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        images = np.zeros((B, H, W_, 1), np.float32)
+        logs = model.test_on_batch(images, np.array([1, 1, 0, 2]), return_dict=True)
+        self.assertAllClose(logs["accuracy"], 0.5)
+        self.assertAllClose(logs["clean_accuracy"], 0.5)
+        # All copies agree exactly: KL is 0 and the entropy is H(softmax(bias)).
+        p = scipy.special.softmax(bias)
+        self.assertAllClose(logs["kl"], 0.0, atol=1e-6)
+        self.assertAllClose(logs["entropy"], -np.sum(p * np.log(p)), rtol=1e-5)
+
+
+class LearningRateTest(tf.test.TestCase):
+
+    def test_step_schedule_like_torch_steplr(self):
+        from tf_consreg.config import TrainConfig
+
+        config = TrainConfig(model_dir="/unused", epochs=90, lr=0.01, lr_step_size=30, lr_gamma=0.1)
+        schedule = training._learning_rate(config, steps_per_epoch=10)  # pylint: disable=protected-access
+        # torch StepLR: lr * gamma ** (epoch // 30), epoch = step // 10.
+        for step, expected in ((0, 0.01), (299, 0.01), (300, 0.001), (599, 0.001), (600, 1e-4), (899, 1e-4)):
+            self.assertAllClose(float(schedule(step)), expected, rtol=1e-6, msg=f"step {step}")
+
+
+if __name__ == "__main__":
+    tf.test.main()

@@ -1,0 +1,409 @@
+"""Training of smoothed classifiers: the `ConsistencyModel` wrapper and `train`.
+
+`ConsistencyModel` holds a base classifier and overrides `train_step` and
+`test_step`: every clean image becomes m noisy copies x + N(0, sigma^2 I), the
+loss is the mean cross-entropy over all copies plus the consistency term of
+`tf_consreg.losses`. The base classifier, not the wrapper, is what `train`
+saves, certifies and exports.
+"""
+
+import math
+import os
+import sys
+import time
+from typing import Dict, List, Optional
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tf_consreg import data as data_lib
+from tf_consreg import distribute
+from tf_consreg import losses
+from tf_consreg import models
+from tf_consreg.cli import atomic_output
+from tf_consreg.config import TRAIN_CONFIG_FILE, TrainConfig
+from tf_consreg.errors import ConfigError
+
+CHECKPOINT_DIR = "checkpoints"
+FLAGS_FILE = "flags.txt"
+
+# Independent random streams of one run.
+_TRAIN_NOISE, _EVAL_NOISE = 1, 2
+
+
+class ConsistencyModel(keras.Model):
+    """Wraps a base classifier to train it with noisy copies and consistency.
+
+    Args:
+      base_model: maps images in [0, 1] to logits.
+      sigma: noise standard deviation, in pixel units.
+      num_noise: m, noisy copies per clean image.
+      method: "gaussian" (cross-entropy on the copies only, Cohen et al. 2019)
+        or "consistency" (plus the consistency term).
+      lbd, eta, consistency_loss: the consistency term's weights and form
+        (see `tf_consreg.losses.consistency_loss`); ignored by "gaussian".
+      weight_decay: coupled L2 weight decay (PyTorch SGD's `weight_decay`): the
+        loss gains weight_decay / 2 * ||w||^2 over all trainable weights.
+      seed: seed of the noise; with the optimizer's step it fixes every draw.
+    """
+
+    def __init__(self, base_model: keras.Model, *, sigma: float, num_noise: int, method: str = "consistency",
+                 lbd: float = 0.0, eta: float = 0.0, consistency_loss: str = "default", weight_decay: float = 0.0,
+                 seed: int = 0, **kwargs):
+        super().__init__(**kwargs)
+        self.base_model = base_model
+        self.sigma = float(sigma)
+        self.num_noise = int(num_noise)
+        self.method = method
+        self.lbd = float(lbd or 0.0)
+        self.eta = float(eta or 0.0)
+        self.consistency_loss_name = consistency_loss or "default"
+        self.weight_decay = float(weight_decay)
+        self.seed = int(seed)
+        self._trackers = {name: keras.metrics.Mean(name=name) for name in self._term_names()}
+        self._accuracy = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
+        self._clean_accuracy = keras.metrics.SparseCategoricalAccuracy(name="clean_accuracy")
+        # Counts evaluation batches, to seed evaluation noise; one per replica set.
+        self._eval_steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="eval_steps",
+                                       aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+
+    def _term_names(self) -> List[str]:
+        names = ["loss", "cross_entropy"]
+        if self.method == "consistency":
+            names += ["consistency", "kl", "entropy"]
+        return names
+
+    @property
+    def metrics(self):
+        return [*self._trackers.values(), self._accuracy, self._clean_accuracy]
+
+    def call(self, inputs, training=False):
+        return self.base_model(inputs, training=training)
+
+    def _noisy_copies(self, images: tf.Tensor, num_copies: int, stream: int, step: tf.Tensor) -> tf.Tensor:
+        seeds = distribute.example_seeds(distribute.step_seed(self.seed, stream, step), tf.shape(images)[0])
+        return distribute.gaussian_copies(images, num_copies, self.sigma, seeds)
+
+    def compute_terms(self, images, labels, training: bool, step) -> Dict[str, tf.Tensor]:
+        """The training objective on one (local) batch.
+
+        Every entry is a local mean over this replica's examples, unscaled.
+
+        Args:
+          images: clean images [B, H, W, C] in [0, 1].
+          labels: int labels [B].
+          training: run the base model in training mode.
+          step: seeds the noise together with `seed`.
+
+        Returns:
+          dict with "loss" (the objective), "cross_entropy", the consistency
+          terms for method "consistency", and "logits" [m * B, C] copy-major.
+        """
+        m = self.num_noise
+        noisy = self._noisy_copies(images, m, _TRAIN_NOISE if training else _EVAL_NOISE, step)
+        logits = self.base_model(noisy, training=training)
+        labels_c = tf.tile(labels, [m])
+        # compute_loss applies Keras's rule (local mean / replicas, see
+        # distribute.py); report the local mean and scale again in train_step.
+        cross_entropy = distribute.unscale_loss(
+            self.compute_loss(x=noisy, y=labels_c, y_pred=logits, training=training))
+        terms = {"cross_entropy": cross_entropy, "loss": cross_entropy, "logits": logits}
+        if self.method == "consistency":
+            chunks = tf.split(tf.cast(logits, tf.float32), m, axis=0)
+            parts = losses.consistency_terms(chunks)
+            consistency = losses.consistency_loss(chunks, self.lbd, self.eta, loss=self.consistency_loss_name)
+            terms.update(consistency=consistency, kl=tf.reduce_mean(parts["kl"]),
+                         entropy=tf.reduce_mean(parts["entropy"]))
+            terms["loss"] = cross_entropy + consistency
+        return terms
+
+    def _weight_decay_term(self) -> tf.Tensor:
+        if not self.weight_decay:
+            return tf.constant(0.0)
+        return 0.5 * self.weight_decay * tf.add_n(
+            [tf.reduce_sum(tf.square(tf.cast(w, tf.float32))) for w in self.base_model.trainable_weights])
+
+    def _update_metrics(self, terms, labels, clean_logits=None):
+        for name, tracker in self._trackers.items():
+            tracker.update_state(terms[name])
+        self._accuracy.update_state(tf.tile(labels, [self.num_noise]), terms["logits"])
+        reported = self.metrics
+        if clean_logits is None:  # Clean accuracy is measured in evaluation only.
+            reported = [m for m in reported if m is not self._clean_accuracy]
+        else:
+            self._clean_accuracy.update_state(labels, clean_logits)
+        return {m.name: m.result() for m in reported}
+
+    def train_step(self, data):
+        images, labels, _ = keras.utils.unpack_x_y_sample_weight(data)
+        with tf.GradientTape() as tape:
+            terms = self.compute_terms(images, labels, training=True, step=self.optimizer.iterations)
+            # One rule for every term: local mean / replicas (distribute.py).
+            # Weight decay is a global quantity; each replica adds 1/replicas of it.
+            loss = distribute.scale_loss(terms["loss"] + self._weight_decay_term())
+            loss = self.optimizer.scale_loss(loss)
+        weights = self.base_model.trainable_weights
+        self.optimizer.apply(tape.gradient(loss, weights), weights)
+        return self._update_metrics(terms, labels)
+
+    def test_step(self, data):
+        images, labels, _ = keras.utils.unpack_x_y_sample_weight(data)
+        terms = self.compute_terms(images, labels, training=False, step=self._eval_steps)
+        self._eval_steps.assign_add(1)
+        return self._update_metrics(terms, labels, clean_logits=self.base_model(images, training=False))
+
+
+# --------------------------------------------------------------------------
+# Callbacks.
+
+
+class EpochCheckpoint(keras.callbacks.Callback):
+    """Saves model, optimizer and the finished epoch count after every epoch.
+
+    `tf.train.CheckpointManager` writes the new checkpoint completely before it
+    updates its index file, so a run killed at any moment resumes from the
+    last complete epoch.
+    """
+
+    def __init__(self, manager: tf.train.CheckpointManager, epoch_var: tf.Variable):
+        super().__init__()
+        self._manager = manager
+        self._epoch = epoch_var
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._epoch.assign(epoch + 1)
+        self._manager.save(checkpoint_number=epoch + 1)
+
+
+class ScalarLogger(keras.callbacks.Callback):
+    """Writes every reported term to TensorBoard: per step and per epoch.
+
+    Steps are the optimizer's iteration count, and epochs the true epoch
+    numbers, so curves continue where they stopped when a run resumes (Keras's
+    own TensorBoard callback restarts its step counter at every `fit`).
+    """
+
+    def __init__(self, log_dir: str, update_freq: int):
+        super().__init__()
+        self._update_freq = max(1, update_freq)
+        self._train = tf.summary.create_file_writer(os.path.join(log_dir, "train"))
+        self._val = tf.summary.create_file_writer(os.path.join(log_dir, "validation"))
+
+    def _learning_rate(self) -> float:
+        return float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = int(self.model.optimizer.iterations.numpy())
+        if logs and step % self._update_freq == 0:
+            with self._train.as_default(step=step):
+                for name, value in logs.items():
+                    tf.summary.scalar(f"step/{name}", float(value))
+                tf.summary.scalar("step/learning_rate", self._learning_rate())
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        step = epoch + 1
+        with self._train.as_default(step=step):
+            for name, value in logs.items():
+                if not name.startswith("val_"):
+                    tf.summary.scalar(f"epoch/{name}", float(value))
+            tf.summary.scalar("epoch/learning_rate", self._learning_rate())
+        with self._val.as_default(step=step):
+            for name, value in logs.items():
+                if name.startswith("val_"):
+                    tf.summary.scalar(f"epoch/{name[4:]}", float(value))
+        self._train.flush()
+        self._val.flush()
+
+
+class Throughput(keras.callbacks.Callback):
+    """Adds clean images per second of the epoch's training to the logs."""
+
+    def __init__(self, clean_images_per_step: int):
+        super().__init__()
+        self._per_step = clean_images_per_step
+        self._start = self._steps = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start, self._steps = None, 0
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if self._start is None:  # Exclude the first step: tracing and warm-up.
+            self._start = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._steps = batch
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None and self._start is not None and self._steps:
+            elapsed = time.perf_counter() - self._start
+            logs["images_per_second"] = self._steps * self._per_step / max(elapsed, 1e-9)
+
+
+# --------------------------------------------------------------------------
+# The training run.
+
+
+def _prepare_model_dir(config: TrainConfig) -> None:
+    """Refuses a model_dir of another run; records the config of this one.
+
+    Raises:
+      ConfigError: `model_dir` is a file, or holds a run with other settings.
+    """
+    path = os.path.join(config.model_dir, TRAIN_CONFIG_FILE)
+    if os.path.exists(config.model_dir) and not os.path.isdir(config.model_dir):
+        raise ConfigError(f"--model_dir={config.model_dir} exists and is not a directory")
+    if os.path.isfile(path):
+        from tf_consreg.config import read_train_config  # pylint: disable=import-outside-toplevel
+
+        previous = read_train_config(config.model_dir)
+        diff = config.differences(previous)
+        if diff:
+            details = "; ".join(f"--{k}: {new!r} here, {old!r} there" for k, (new, old) in sorted(diff.items()))
+            raise ConfigError(f"--model_dir={config.model_dir} holds a different run ({details}); "
+                              "use a new --model_dir or the same flags to resume")
+    elif os.path.isdir(config.model_dir) and os.listdir(config.model_dir):
+        raise ConfigError(f"--model_dir={config.model_dir} is not empty and holds no {TRAIN_CONFIG_FILE}; "
+                          "use a new or empty directory")
+
+
+def _learning_rate(config: TrainConfig, steps_per_epoch: int):
+    """PyTorch's StepLR: lr * gamma ** (epoch // step_size), as a step schedule."""
+    num_drops = (config.epochs - 1) // config.lr_step_size
+    if num_drops == 0:
+        return config.lr
+    # The schedule sees the step count before the update, and keeps values[k]
+    # while step <= boundaries[k]: so the last step of an lr period is the boundary.
+    boundaries = [steps_per_epoch * config.lr_step_size * k - 1 for k in range(1, num_drops + 1)]
+    values = [config.lr * config.lr_gamma ** k for k in range(num_drops + 1)]
+    return keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values)
+
+
+def build(config: TrainConfig, steps_per_epoch: int) -> ConsistencyModel:
+    """Builds and compiles the wrapper for `config`, in the current strategy's scope."""
+    base = models.get_architecture(config.arch, config.dataset)
+    model = ConsistencyModel(base, sigma=config.sigma, num_noise=config.num_noise, method=config.method,
+                             lbd=config.lbd, eta=config.eta, consistency_loss=config.consistency_loss,
+                             weight_decay=config.weight_decay, seed=config.seed, name="consistency_model")
+    # SGD with momentum as torch.optim.SGD (weight decay is in the loss, coupled
+    # as PyTorch applies it, rather than Keras's decoupled `weight_decay`).
+    optimizer = keras.optimizers.SGD(learning_rate=_learning_rate(config, steps_per_epoch),
+                                     momentum=config.momentum)
+    model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  steps_per_execution=config.steps_per_execution, jit_compile=False)
+    return model
+
+
+def train(config: TrainConfig, flags_text: Optional[str] = None,
+          extra_callbacks: Optional[List[keras.callbacks.Callback]] = None) -> keras.callbacks.History:
+    """Trains a base classifier as `config` says and saves it in `config.model_dir`.
+
+    Writes `train_config.json`, `flags.txt` (when given), TensorBoard events
+    (`logs/`), a checkpoint per epoch (`checkpoints/`) and, at the end,
+    `base_model.keras`. A second call with the same config resumes from the
+    last checkpoint, and trains on when `epochs` grew.
+
+    Args:
+      config: the validated run configuration.
+      flags_text: the resolved flags, as a flagfile, to save beside the run.
+      extra_callbacks: more Keras callbacks.
+
+    Returns:
+      The Keras `History` of this call.
+
+    Raises:
+      ConfigError: bad data files or a `model_dir` that holds another run;
+        raised before anything is written.
+    """
+    _prepare_model_dir(config)
+    strategy = distribute.get_strategy(config.strategy)
+    replicas = strategy.num_replicas_in_sync
+    train_images, train_labels = data_lib.load_uint8(config.dataset, "train", data_dir=config.data_dir,
+                                                     limit=config.train_examples or None)
+    eval_images = eval_labels = None
+    if config.eval_examples:
+        eval_images, eval_labels = data_lib.load_uint8(config.dataset, "test", data_dir=config.data_dir,
+                                                       limit=config.eval_examples)
+    batch = config.clean_batch_size
+    if replicas > 1 and batch % replicas:
+        raise ConfigError(f"--batch_size: {batch} clean images per step do not split evenly over {replicas} replicas")
+    # Equal local batches under several replicas (see distribute.example_seeds).
+    drop_remainder = replicas > 1
+    steps_per_epoch = (len(train_images) // batch if drop_remainder else math.ceil(len(train_images) / batch))
+    if steps_per_epoch < 1:
+        raise ConfigError(f"--train_examples: {len(train_images)} images make no full batch of {batch}")
+
+    os.makedirs(config.model_dir, exist_ok=True)
+    with atomic_output(os.path.join(config.model_dir, TRAIN_CONFIG_FILE)) as f:
+        f.write(config.to_json())
+    flags_path = os.path.join(config.model_dir, FLAGS_FILE)
+    if flags_text is not None:
+        with atomic_output(flags_path) as f:
+            f.write(flags_text)
+
+    with strategy.scope():
+        model = build(config, steps_per_epoch)
+        model.build((None, *train_images.shape[1:]))
+        model.optimizer.build(model.base_model.trainable_weights)
+        epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
+        checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer, epoch=epoch)
+        manager = tf.train.CheckpointManager(checkpoint, os.path.join(config.model_dir, CHECKPOINT_DIR),
+                                             max_to_keep=3)
+        if manager.latest_checkpoint:
+            checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+            print(f"Resuming from {manager.latest_checkpoint} (epoch {int(epoch.numpy())} of {config.epochs})")
+    initial_epoch = int(epoch.numpy())
+
+    # Reshuffle differently after a resume, as the run would have.
+    train_ds = data_lib.make_dataset(train_images, train_labels, batch, shuffle=True,
+                                     seed=config.seed + initial_epoch, drop_remainder=drop_remainder)
+    eval_ds = None
+    if eval_images is not None:
+        eval_ds = data_lib.make_dataset(eval_images, eval_labels, batch, shuffle=False,
+                                        drop_remainder=drop_remainder)
+    callbacks = [
+        Throughput(batch),
+        EpochCheckpoint(manager, epoch),
+        ScalarLogger(os.path.join(config.model_dir, "logs"), update_freq=max(1, steps_per_epoch // 20)),
+        *(extra_callbacks or []),
+    ]
+    history = keras.callbacks.History()
+    if initial_epoch < config.epochs:
+        history = model.fit(train_ds, epochs=config.epochs, initial_epoch=initial_epoch, validation_data=eval_ds,
+                            callbacks=callbacks, shuffle=False, verbose=1 if sys.stdout.isatty() else 2)
+    else:
+        print(f"{config.model_dir} is already trained for {initial_epoch} epochs; nothing to do")
+    save_base_model(model.base_model, config.model_dir)
+    return history
+
+
+def save_base_model(base_model: keras.Model, model_dir: str) -> str:
+    """Writes `base_model.keras` atomically; returns its path."""
+    path = os.path.join(model_dir, models.BASE_MODEL_FILE)
+    tmp = os.path.join(model_dir, ".tmp_" + models.BASE_MODEL_FILE)
+    base_model.save(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def evaluate_noisy_accuracy(base_model: keras.Model, images: np.ndarray, labels: np.ndarray, sigma: float,
+                            seed: int = 0, batch_size: int = 1000) -> float:
+    """Accuracy of the base classifier on one noisy copy of each image.
+
+    Args:
+      base_model: maps images in [0, 1] to logits.
+      images: float32 images in [0, 1].
+      labels: int labels.
+      sigma: noise standard deviation.
+      seed: noise seed.
+      batch_size: images per forward pass.
+    """
+    rng = np.random.default_rng(seed)
+    correct = 0
+    for start in range(0, len(images), batch_size):
+        x = images[start:start + batch_size]
+        noisy = x + sigma * rng.standard_normal(x.shape, dtype=np.float32)
+        logits = base_model(noisy, training=False)
+        correct += int(np.sum(np.argmax(logits, axis=1) == labels[start:start + batch_size]))
+    return correct / len(images)
