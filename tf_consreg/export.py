@@ -1,0 +1,420 @@
+"""Export of the smoothed classifier as a SavedModel that TF Serving serves.
+
+`export_smoothed` writes a SavedModel whose signatures run Cohen et al.'s
+CERTIFY and PREDICT for every image of a request, entirely in the graph:
+Monte Carlo sampling through `tf_consreg.smoothing.sample_counts`, the
+Clopper-Pearson bound and the binomial test through the in-graph statistics
+below (core TensorFlow ops only, so TensorFlow's C++ loader, and hence TF
+Serving, runs the export without Python).
+
+Layout of an export:
+
+    <export_dir>/saved_model.pb, variables/, fingerprint.pb
+    <export_dir>/assets.extra/tf_serving_warmup_requests   (TF Serving warm-up)
+    <export_dir>/assets.extra/smoothing_metadata.json      (what `metadata` returns)
+
+Signatures (all with method name `tensorflow/serving/predict`):
+
+    serving_default  images float32 [batch, H, W, C] in [0, 1] ->
+                     class int64 [batch] (-1 = abstain), radius float32 [batch]
+                     (certified L2 radius, 0 when abstaining), p_lower float32
+                     [batch] (one-sided (1 - alpha) Clopper-Pearson lower
+                     bound of the selected class's probability)
+    predict          images -> class int64 [batch] (-1 = abstain)
+    metadata         no input -> sigma, n0, n, alpha, num_classes,
+                     class_names, input_shape, batch_size, seed, version
+
+The `images` input is declared with unknown shape on purpose: TF Serving and
+the C++ loader feed tensors without checking them against the signature, so
+the shape check lives in the graph, where it gives a clear error on every
+path (Python, C++, TF Serving) instead of a failure deep inside the model.
+"""
+
+import dataclasses
+import json
+import os
+from typing import Optional, Sequence, Tuple
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tf_consreg import smoothing
+from tf_consreg.errors import ConfigError
+
+SERVING_SIGNATURE = "serving_default"
+PREDICT_SIGNATURE = "predict"
+METADATA_SIGNATURE = "metadata"
+INPUT_KEY = "images"
+ABSTAIN = -1
+
+ASSETS_EXTRA = "assets.extra"
+WARMUP_FILE = "tf_serving_warmup_requests"
+METADATA_FILE = "smoothing_metadata.json"
+
+# Bisection halves [0, 1] per step; after 64 steps the bracket is narrower
+# than 2^-64 ~ 5e-20, below float64 resolution for bounds >= ~1e-4 and far
+# below the 1e-6 accuracy needed anywhere.
+_BISECTION_STEPS = 64
+
+
+# ---------------------------------------------------------------------------
+# In-graph statistics (float64, core TensorFlow ops only).
+
+
+def clopper_pearson_lower(successes: tf.Tensor, trials: tf.Tensor, alpha: float) -> tf.Tensor:
+    """One-sided (1 - alpha) Clopper-Pearson lower confidence bound.
+
+    The bound is the alpha quantile of Beta(k, n - k + 1), i.e. the x with
+    I_x(k, n - k + 1) = alpha where I is the regularized incomplete beta
+    function, and 0 when k = 0. It equals
+    `scipy.stats.beta.ppf(alpha, k, n - k + 1)` and Cohen et al.'s
+    `proportion_confint(k, n, alpha=2 * alpha, method="beta")[0]`. The
+    quantile is found by bisection on `tf.math.betainc`, which increases in x.
+
+    Args:
+      successes: counts k, any integer or float dtype, shape [...].
+      trials: counts n >= k, broadcastable to `successes`.
+      alpha: significance level in (0, 1).
+
+    Returns:
+      float64 tensor with the broadcast shape of `successes` and `trials`.
+    """
+    k = tf.cast(successes, tf.float64)
+    n = tf.cast(trials, tf.float64)
+    k, n = k + tf.zeros_like(n), n + tf.zeros_like(k)
+    alpha = tf.cast(alpha, tf.float64)
+    # betainc needs a > 0; the k = 0 entries are replaced by 0 at the end.
+    a = tf.maximum(k, 1.0)
+    b = n - k + 1.0
+
+    def step(i, low, high):
+        mid = 0.5 * (low + high)
+        below = tf.math.betainc(a, b, mid) < alpha
+        return i + 1, tf.where(below, mid, low), tf.where(below, high, mid)
+
+    _, low, high = tf.while_loop(
+        lambda i, low, high: i < _BISECTION_STEPS,
+        step,
+        (tf.constant(0), tf.zeros_like(k), tf.ones_like(k)),
+    )
+    return tf.where(k > 0, 0.5 * (low + high), tf.zeros_like(k))
+
+
+def certified_radius(p_lower: tf.Tensor, sigma: float) -> tf.Tensor:
+    """Cohen et al.'s L2 radius sigma * Phi^-1(p_lower) (float64; negative below 1/2)."""
+    return tf.cast(sigma, tf.float64) * tf.math.ndtri(tf.cast(p_lower, tf.float64))
+
+
+def binomial_test_two_sided(successes: tf.Tensor, trials: tf.Tensor) -> tf.Tensor:
+    """Exact two-sided p-value of H0: p = 1/2 for k successes in n trials.
+
+    Equals `scipy.stats.binomtest(k, n, 0.5).pvalue`, the sum of the
+    probabilities of all outcomes no more likely than k. Under p = 1/2 the
+    pmf is symmetric and strictly increases towards n/2, so with
+    m = min(k, n - k) those outcomes are {x <= m} and {x >= n - m}, and the
+    p-value is min(1, 2 P[X <= m]) (1 when k = n/2), with
+    P[X <= m] = I_{1/2}(n - m, m + 1). (scipy treats pmfs within a relative
+    1e-7 as equal; adjacent pmfs differ by the factor (n - m) / (m + 1),
+    which is that close to 1 only for n > ~1e7.)
+
+    Args:
+      successes: counts k, any integer or float dtype.
+      trials: counts n >= k (n = 0 gives p-value 1).
+
+    Returns:
+      float64 p-values with the broadcast shape of the arguments.
+    """
+    k = tf.cast(successes, tf.float64)
+    n = tf.cast(trials, tf.float64)
+    m = tf.minimum(k, n - k)
+    # n - m >= n / 2 > 0 except when n = 0, handled by the final where.
+    tail = tf.math.betainc(tf.maximum(n - m, 1.0), m + 1.0, tf.constant(0.5, tf.float64))
+    p_value = tf.minimum(2.0 * tail, 1.0)
+    return tf.where(2.0 * m >= n, tf.ones_like(p_value), p_value)
+
+
+# ---------------------------------------------------------------------------
+# Export.
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportConfig:
+    """What the exported smoothed classifier computes, checked at construction.
+
+    Attributes:
+      sigma: noise standard deviation in [0, 1] pixel units.
+      num_classes: number of classes of the base model.
+      n0: CERTIFY's selection samples per image.
+      n: CERTIFY's estimation samples (and PREDICT's samples) per image.
+      alpha: failure probability of the certificate (and PREDICT's test level).
+      batch_size: most noisy copies per forward pass inside the graph.
+      class_names: optional names, index = class.
+      seed: None draws a fresh random seed on every request (for deployment);
+        an int fixes the noise of every request (reproducible, for tests).
+    """
+
+    sigma: float
+    num_classes: int
+    n0: int = 100
+    n: int = 10000
+    alpha: float = 0.001
+    batch_size: int = 1000
+    class_names: Optional[Tuple[str, ...]] = None
+    seed: Optional[int] = None
+
+    def __post_init__(self):
+        def check(condition, message):
+            if not condition:
+                raise ConfigError(message)
+
+        check(np.isfinite(self.sigma) and self.sigma > 0, f"--sigma must be > 0, got {self.sigma}")
+        check(int(self.num_classes) == self.num_classes and self.num_classes >= 2,
+              f"num_classes must be an integer >= 2, got {self.num_classes}")
+        check(int(self.n0) == self.n0 and self.n0 >= 1, f"--n0 must be an integer >= 1, got {self.n0}")
+        check(int(self.n) == self.n and self.n >= 1, f"--n must be an integer >= 1, got {self.n}")
+        check(0 < self.alpha < 1, f"--alpha must be in (0, 1), got {self.alpha}")
+        check(int(self.batch_size) == self.batch_size and self.batch_size >= 1,
+              f"--batch_size must be an integer >= 1, got {self.batch_size}")
+        # n and n0 index tf.int32 sample loops.
+        check(max(self.n, self.n0) < 2**31, f"--n and --n0 must be < 2^31, got {self.n}, {self.n0}")
+        if self.class_names is not None:
+            object.__setattr__(self, "class_names", tuple(str(c) for c in self.class_names))
+            check(len(self.class_names) == self.num_classes,
+                  f"class_names has {len(self.class_names)} names for {self.num_classes} classes")
+        check(self.seed is None or (int(self.seed) == self.seed and 0 <= self.seed < 2**63),
+              f"--seed must be None or an integer in [0, 2^63), got {self.seed}")
+
+    def metadata(self, input_shape: Sequence[int]) -> dict:
+        """The JSON-able description that the `metadata` signature returns."""
+        from tf_consreg import __version__  # pylint: disable=import-outside-toplevel
+
+        names = self.class_names or tuple(str(i) for i in range(self.num_classes))
+        return {
+            "sigma": float(self.sigma),
+            "n0": int(self.n0),
+            "n": int(self.n),
+            "alpha": float(self.alpha),
+            "num_classes": int(self.num_classes),
+            "class_names": list(names),
+            "input_shape": [int(d) for d in input_shape],
+            "batch_size": int(self.batch_size),
+            "seed": -1 if self.seed is None else int(self.seed),
+            "version": __version__,
+        }
+
+
+def _input_shape(base_model: keras.Model) -> Tuple[int, int, int]:
+    shape = tuple(base_model.inputs[0].shape[1:]) if base_model.inputs else ()
+    if len(shape) != 3 or any(d is None for d in shape):
+        raise ConfigError(f"the base model's input shape must be [batch, H, W, C] with known H, W, C; "
+                          f"got {tuple(base_model.inputs[0].shape) if base_model.inputs else 'no inputs'}")
+    return tuple(int(d) for d in shape)
+
+
+def _validated(images: tf.Tensor, input_shape: Tuple[int, int, int]) -> tf.Tensor:
+    """Checks a request in the graph; returns images with a static shape.
+
+    The checks run in order (shape, then finiteness, then range) so each
+    failure gets the message that explains it.
+    """
+    h, w, c = input_shape
+    expected = tf.constant([h, w, c], tf.int32)
+    shape = tf.shape(images)
+    shape_ok = tf.cond(
+        tf.equal(tf.size(shape), 4),
+        lambda: tf.reduce_all(tf.equal(shape[1:], expected)),
+        lambda: tf.constant(False),
+    )
+    check_shape = tf.debugging.Assert(
+        shape_ok,
+        [f"images must be float32 [batch, {h}, {w}, {c}] (batch, height, width, channels); got shape", shape],
+        summarize=16,
+    )
+    with tf.control_dependencies([check_shape]):
+        images = tf.debugging.assert_all_finite(
+            images, "images must be finite: the request holds NaN or Inf pixels")
+    low, high = tf.reduce_min(images), tf.reduce_max(images)
+    check_range = tf.debugging.Assert(
+        tf.logical_or(tf.equal(tf.size(images), 0), tf.logical_and(low >= 0.0, high <= 1.0)),
+        ["images must be in [0, 1] (scale pixel intensities to [0, 1]); got min", low, "max", high],
+    )
+    with tf.control_dependencies([check_range]):
+        images = tf.identity(images)
+    return tf.ensure_shape(images, [None, h, w, c])
+
+
+def _request_seeds(seed: Optional[int]) -> tf.Tensor:
+    """Two stateless seeds [2, 2]: row 0 for selection, row 1 for estimation.
+
+    With `seed=None` they come from a stateful op with seed = seed2 = 0, which
+    TensorFlow seeds from the OS when the kernel is created: every request,
+    every server process and every restart draws new noise, and a client
+    cannot learn the noise of a future request. (A `tf.random.Generator`
+    would restart from the state saved in the checkpoint on every load and
+    replay the same noise after each restart.) The two rows are independent
+    draws, so selection and estimation noise are independent.
+    """
+    if seed is None:
+        return tf.raw_ops.RandomUniformInt(
+            shape=tf.constant([2, 2], tf.int32),
+            minval=tf.constant(0, tf.int64),
+            maxval=tf.constant(np.iinfo(np.int64).max, tf.int64),
+            seed=0,
+            seed2=0,
+        )
+    return tf.constant([[seed, 0], [seed, 1]], tf.int64)
+
+
+def _metadata_tensor(value) -> tf.Tensor:
+    """float -> float64, int (or list of int) -> int64, str (or list of str) -> string."""
+    if isinstance(value, float):
+        return tf.constant(value, tf.float64)
+    if isinstance(value, int) or (isinstance(value, list) and all(isinstance(v, int) for v in value)):
+        return tf.constant(value, tf.int64)
+    return tf.constant(value, tf.string)
+
+
+def _write_warmup(path: str, input_shape: Tuple[int, int, int]) -> None:
+    """Writes TF Serving's warm-up file: one request per image signature.
+
+    The request is a single mid-grey image, which exercises the full
+    CERTIFY/PREDICT graph (all n0 + n samples) like a real request.
+    """
+    from tensorflow_serving.apis import model_pb2  # pylint: disable=import-outside-toplevel
+    from tensorflow_serving.apis import predict_pb2  # pylint: disable=import-outside-toplevel
+    from tensorflow_serving.apis import prediction_log_pb2  # pylint: disable=import-outside-toplevel
+
+    image = np.full((1, *input_shape), 0.5, np.float32)
+    with tf.io.TFRecordWriter(path) as writer:
+        for signature in (SERVING_SIGNATURE, PREDICT_SIGNATURE):
+            request = predict_pb2.PredictRequest(model_spec=model_pb2.ModelSpec(signature_name=signature))
+            request.inputs[INPUT_KEY].CopyFrom(tf.make_tensor_proto(image))
+            log = prediction_log_pb2.PredictionLog(
+                predict_log=prediction_log_pb2.PredictLog(request=request))
+            writer.write(log.SerializeToString())
+
+
+def build_archive(base_model: keras.Model, config: ExportConfig) -> keras.export.ExportArchive:
+    """Builds the export archive (signatures traced, nothing written).
+
+    Args:
+      base_model: classifier mapping float32 [N, H, W, C] images in [0, 1] to
+        logits [N, num_classes].
+      config: what to compute.
+
+    Returns:
+      A `keras.export.ExportArchive` with the three endpoints; its endpoint
+      functions (e.g. `archive.serving_default`) can be called in memory.
+
+    Raises:
+      ConfigError: the model's input shape is not [batch, H, W, C] or its
+        output size is not `config.num_classes`.
+    """
+    input_shape = _input_shape(base_model)
+    outputs = base_model.outputs[0].shape[-1] if base_model.outputs else None
+    if outputs != config.num_classes:
+        raise ConfigError(f"the base model has {outputs} outputs but num_classes={config.num_classes}")
+    metadata = config.metadata(input_shape)
+    image_spec = tf.TensorSpec(shape=None, dtype=tf.float32, name=INPUT_KEY)
+
+    def counts(images, num_samples, seed):
+        return smoothing.sample_counts(
+            base_model, images, num_samples, sigma=config.sigma, num_classes=config.num_classes,
+            batch_size=config.batch_size, seed=seed)
+
+    def certify(images):
+        images = _validated(images, input_shape)
+        seeds = _request_seeds(config.seed)
+        guess = tf.argmax(counts(images, config.n0, seeds[0]), axis=-1)
+        n_a = tf.gather(counts(images, config.n, seeds[1]), guess, axis=1, batch_dims=1)
+        p_lower = clopper_pearson_lower(n_a, config.n, config.alpha)
+        certified = p_lower >= 0.5
+        radius = tf.where(certified, certified_radius(p_lower, config.sigma), 0.0)
+        return {
+            "class": tf.where(certified, guess, tf.constant(ABSTAIN, tf.int64)),
+            "radius": tf.cast(radius, tf.float32),
+            "p_lower": tf.cast(p_lower, tf.float32),
+        }
+
+    def predict(images):
+        images = _validated(images, input_shape)
+        top = tf.math.top_k(counts(images, config.n, _request_seeds(config.seed)[0]), k=2)
+        p_value = binomial_test_two_sided(top.values[:, 0], top.values[:, 0] + top.values[:, 1])
+        top_class = tf.cast(top.indices[:, 0], tf.int64)
+        return {"class": tf.where(p_value <= config.alpha, top_class, tf.constant(ABSTAIN, tf.int64))}
+
+    def describe():
+        return {key: _metadata_tensor(value) for key, value in metadata.items()}
+
+    archive = keras.export.ExportArchive()
+    archive.track(base_model)
+    # serving_default first: ExportArchive would alias the first endpoint anyway.
+    archive.add_endpoint(SERVING_SIGNATURE, tf.function(certify), input_signature=[image_spec])
+    archive.add_endpoint(PREDICT_SIGNATURE, tf.function(predict), input_signature=[image_spec])
+    archive.add_endpoint(METADATA_SIGNATURE, tf.function(describe), input_signature=[])
+    return archive
+
+
+def export_smoothed(
+    base_model: keras.Model,
+    export_dir: str,
+    *,
+    sigma: float,
+    num_classes: int,
+    n0: int = 100,
+    n: int = 10000,
+    alpha: float = 0.001,
+    batch_size: int = 1000,
+    class_names: Optional[Sequence[str]] = None,
+    seed: Optional[int] = None,
+) -> str:
+    """Exports the smoothed classifier of `base_model` as one SavedModel.
+
+    See the module docstring for the signatures and the layout.
+
+    Args:
+      base_model: classifier mapping float32 [N, H, W, C] images in [0, 1] to
+        logits [N, num_classes] (it normalizes inside).
+      export_dir: directory for the SavedModel; must not exist or be empty.
+      sigma: noise standard deviation in [0, 1] pixel units.
+      num_classes: number of classes.
+      n0: selection samples per image for CERTIFY.
+      n: estimation samples per image for CERTIFY and samples for PREDICT.
+      alpha: failure probability of the certificate / level of PREDICT's test.
+      batch_size: most noisy copies per forward pass in the graph.
+      class_names: optional class names recorded in the metadata.
+      seed: None (default) for fresh noise on every request; an int for
+        reproducible requests (testing only: fixed noise is known to anyone
+        who can read the SavedModel).
+
+    Returns:
+      `export_dir`.
+
+    Raises:
+      ConfigError: a bad argument, a model that does not fit, or a non-empty
+        `export_dir`.
+    """
+    config = ExportConfig(sigma=sigma, num_classes=num_classes, n0=n0, n=n, alpha=alpha,
+                          batch_size=batch_size, class_names=class_names, seed=seed)
+    if os.path.exists(export_dir) and (not os.path.isdir(export_dir) or os.listdir(export_dir)):
+        raise ConfigError(f"--export_dir: {export_dir} exists and is not an empty directory; "
+                          "choose a new directory (exports are never overwritten)")
+    archive = build_archive(base_model, config)
+    archive.write_out(export_dir, verbose=False)
+    extra = os.path.join(export_dir, ASSETS_EXTRA)
+    os.makedirs(extra, exist_ok=True)
+    _write_warmup(os.path.join(extra, WARMUP_FILE), _input_shape(base_model))
+    with open(os.path.join(extra, METADATA_FILE), "w", encoding="utf-8") as f:
+        json.dump(config.metadata(_input_shape(base_model)), f, indent=2, sort_keys=True)
+        f.write("\n")
+    return export_dir
+
+
+def read_metadata(export_dir: str) -> dict:
+    """Reads `assets.extra/smoothing_metadata.json` of an export (no TensorFlow needed)."""
+    path = os.path.join(export_dir, ASSETS_EXTRA, METADATA_FILE)
+    if not os.path.isfile(path):
+        raise ConfigError(f"{path} not found: is {export_dir} written by export_smoothed?")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
