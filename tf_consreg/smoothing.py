@@ -1,14 +1,18 @@
-"""Monte Carlo sampling of a smoothed classifier g(x) = argmax_c P(f(x + d) = c).
+"""The smoothed classifier g(x) = argmax_c P(f(x + d) = c), d ~ N(0, sigma^2 I).
 
 `sample_counts` is the one sampling loop of the project: noise, forward pass,
 class counts, all TensorFlow ops, so it runs inside a `tf.function` here and
-inside the exported SavedModel (export.py) alike.
+inside the exported SavedModel (export.py) alike. `Smooth` runs Cohen et al.'s
+(2019) CERTIFY and PREDICT on top of it, with the statistics of `stats.py`.
 """
 
-from typing import Union
+from typing import Optional, Sequence, Tuple, Union
 
 import keras
+import numpy as np
 import tensorflow as tf
+
+from tf_consreg import stats
 
 _IntLike = Union[int, tf.Tensor]
 
@@ -139,3 +143,204 @@ def sample_counts(
         shape_invariants=(tf.TensorShape([]), tf.TensorShape([None])),
     )
     return tf.reshape(counts, [num_images, num_classes])
+
+
+# Noise streams of one image: selection and estimation samples of CERTIFY and
+# the samples of PREDICT never share noise.
+_SELECTION, _ESTIMATION, _PREDICTION = 0, 1, 2
+
+
+def _check_int(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _check_alpha(alpha) -> float:
+    if not isinstance(alpha, (float, int, np.floating)) or not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
+    return float(alpha)
+
+
+def _model_image_shape(model: keras.Model) -> Optional[Tuple[Optional[int], ...]]:
+    """The [H, W, C] a model takes, or None if it does not declare its input."""
+    try:
+        shape = model.inputs[0].shape
+    except (AttributeError, IndexError, TypeError, ValueError):
+        return None
+    return tuple(shape[1:]) if len(shape) == 4 else None
+
+
+class Smooth:
+    """The smoothed classifier g of a base classifier f under N(0, sigma^2 I) noise.
+
+    g(x) = argmax_c P(f(x + d) = c). `certify` and `predict` are Cohen et al.'s
+    (2019) Monte Carlo CERTIFY and PREDICT; `certify_batch` and `predict_batch`
+    do the same for many images in one call, which is how the binaries use it
+    (several images' samples share a forward batch when n is small).
+
+    Sampling runs in one `tf.function` (see `sample_counts`), traced once per
+    Smooth: image count, sample counts, batch size and seeds are tensors.
+
+    Noise is keyed: the noise of an image depends only on (seed, its image id,
+    the stream, n and batch_size), so an image gets the same result whether it
+    is certified alone or in a batch with others, and selection, estimation
+    and prediction samples never share noise.
+
+    Args:
+      base_model: Keras classifier from float32 [N, H, W, C] images in [0, 1]
+        to logits [N, num_classes].
+      num_classes: number of classes, >= 2.
+      sigma: noise standard deviation in [0, 1] pixel units, > 0.
+
+    Raises:
+      ValueError: num_classes < 2 or sigma not > 0.
+    """
+
+    ABSTAIN = stats.ABSTAIN
+
+    def __init__(self, base_model: keras.Model, num_classes: int, sigma: float):
+        _check_int("num_classes", num_classes, 2)
+        if not isinstance(sigma, (float, int, np.floating)) or not 0 < sigma < float("inf"):
+            raise ValueError(f"sigma must be > 0, got {sigma!r}")
+        self.base_model = base_model
+        self.num_classes = int(num_classes)
+        self.sigma = float(sigma)
+        self._image_shape = _model_image_shape(base_model)
+        image_spec = [None, *self._image_shape] if self._image_shape else [None, None, None, None]
+        self._counts_fn = tf.function(
+            self._counts_graph,
+            input_signature=(
+                tf.TensorSpec(image_spec, tf.float32),
+                tf.TensorSpec([], tf.int32),  # samples per image
+                tf.TensorSpec([], tf.int32),  # batch size
+                tf.TensorSpec([None, 2], tf.int64),  # (seed, image id) per image
+                tf.TensorSpec([], tf.int64),  # stream
+            ),
+        )
+
+    def _counts_graph(self, images, num_samples, batch_size, keys, stream):
+        seeds = tf.map_fn(lambda key: tf.random.fold_in(key, stream), keys,
+                          fn_output_signature=tf.TensorSpec([2], tf.int64))
+        return sample_counts(self.base_model, images, num_samples, sigma=self.sigma,
+                             num_classes=self.num_classes, batch_size=batch_size, seed=seeds)
+
+    def _check_images(self, images) -> np.ndarray:
+        images = np.asarray(images, dtype=np.float32)
+        if images.ndim != 4:
+            raise ValueError(f"images must be [B, H, W, C], got shape {images.shape}")
+        if self._image_shape and any(m is not None and m != s for m, s in zip(self._image_shape, images.shape[1:])):
+            raise ValueError(f"images have shape {images.shape[1:]} per image; the model takes {self._image_shape}")
+        if np.isnan(images).any():
+            raise ValueError("images contain NaN")
+        if images.size and (images.min() < 0.0 or images.max() > 1.0):
+            raise ValueError(f"image values must be in [0, 1] (the model normalizes inside), "
+                             f"got [{images.min()}, {images.max()}]")
+        return images
+
+    @staticmethod
+    def _keys(num_images: int, seed: Optional[int], image_ids: Optional[Sequence[int]]) -> np.ndarray:
+        if seed is None:
+            seed = int(np.random.default_rng().integers(2**62))
+        elif isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+            raise ValueError(f"seed must be an integer or None, got {seed!r}")
+        ids = np.arange(num_images) if image_ids is None else np.asarray(image_ids)
+        if ids.shape != (num_images,) or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
+            raise ValueError(f"image_ids must be {num_images} integers, got {image_ids!r}")
+        return np.stack([np.full(num_images, seed, dtype=np.int64), ids.astype(np.int64)], axis=1)
+
+    def _counts(self, images: np.ndarray, num_samples: int, batch_size: int, keys: np.ndarray,
+                stream: int) -> np.ndarray:
+        counts = self._counts_fn(tf.constant(images), tf.constant(num_samples, tf.int32),
+                                 tf.constant(batch_size, tf.int32), tf.constant(keys), tf.constant(stream, tf.int64))
+        return counts.numpy()
+
+    def certify_batch(self, images, n0: int, n: int, alpha: float, batch_size: int, seed: Optional[int] = None,
+                      image_ids: Optional[Sequence[int]] = None) -> Tuple[np.ndarray, np.ndarray]:
+        """CERTIFY for each of a batch of images.
+
+        For each image: n0 selection samples guess the top class c; n fresh
+        estimation samples give a one-sided (1 - alpha) Clopper-Pearson lower
+        bound p on P(f(x + d) = c). If p < 1/2 the image is ABSTAIN with radius
+        0; otherwise g(x) = c with probability >= 1 - alpha, and g is constant
+        within L2 radius sigma * Phi^-1(p) of x.
+
+        Args:
+          images: float32 [B, H, W, C] in [0, 1].
+          n0: selection samples per image, >= 1.
+          n: estimation samples per image, >= 1.
+          alpha: failure probability, in (0, 1).
+          batch_size: most noisy copies per forward pass, >= 1.
+          seed: integer seed for reproducible noise; None draws one.
+          image_ids: an integer id per image that keys its noise (default:
+            position in the batch); give dataset indices so a result does not
+            depend on the batch the image was certified in.
+
+        Returns:
+          (classes int64 [B], ABSTAIN = -1; radii float64 [B], 0 where abstaining).
+
+        Raises:
+          ValueError: a bad argument or image (shape, NaN, values outside [0, 1]).
+        """
+        images = self._check_images(images)
+        n0, n = _check_int("n0", n0, 1), _check_int("n", n, 1)
+        alpha, batch_size = _check_alpha(alpha), _check_int("batch_size", batch_size, 1)
+        keys = self._keys(len(images), seed, image_ids)
+        selection = self._counts(images, n0, batch_size, keys, _SELECTION)
+        estimation = self._counts(images, n, batch_size, keys, _ESTIMATION)
+        classes, radii, _ = stats.certify_from_counts(selection, estimation, alpha=alpha, sigma=self.sigma)
+        return classes, radii
+
+    def predict_batch(self, images, n: int, alpha: float, batch_size: int, seed: Optional[int] = None,
+                      image_ids: Optional[Sequence[int]] = None) -> np.ndarray:
+        """PREDICT for each of a batch of images.
+
+        Draws n samples per image and returns the top class, or ABSTAIN when
+        the two-sided binomial test of the top two counts gives a p-value
+        above alpha. With probability >= 1 - alpha a returned class is g(x).
+
+        Args:
+          images: float32 [B, H, W, C] in [0, 1].
+          n: samples per image, >= 1.
+          alpha: failure probability, in (0, 1).
+          batch_size: most noisy copies per forward pass, >= 1.
+          seed: integer seed for reproducible noise; None draws one.
+          image_ids: an integer id per image that keys its noise (see `certify_batch`).
+
+        Returns:
+          int64 [B] classes, ABSTAIN = -1.
+
+        Raises:
+          ValueError: a bad argument or image.
+        """
+        images = self._check_images(images)
+        n = _check_int("n", n, 1)
+        alpha, batch_size = _check_alpha(alpha), _check_int("batch_size", batch_size, 1)
+        counts = self._counts(images, n, batch_size, self._keys(len(images), seed, image_ids), _PREDICTION)
+        return stats.predict_from_counts(counts, alpha=alpha)
+
+    def certify(self, x, n0: int, n: int, alpha: float, batch_size: int,
+                seed: Optional[int] = None) -> Tuple[int, float]:
+        """CERTIFY for one image x of shape [H, W, C]; see `certify_batch`.
+
+        Returns:
+          (class, radius): the class is ABSTAIN (-1) with radius 0.0 when
+          the bound on the top class's probability is below 1/2.
+        """
+        classes, radii = self.certify_batch(self._one(x), n0, n, alpha, batch_size, seed)
+        return int(classes[0]), float(radii[0])
+
+    def predict(self, x, n: int, alpha: float, batch_size: int, seed: Optional[int] = None) -> int:
+        """PREDICT for one image x of shape [H, W, C]; see `predict_batch`.
+
+        Returns:
+          The class, or ABSTAIN (-1).
+        """
+        return int(self.predict_batch(self._one(x), n, alpha, batch_size, seed)[0])
+
+    @staticmethod
+    def _one(x) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float32)
+        if x.ndim != 3:
+            raise ValueError(f"x must be one image [H, W, C], got shape {x.shape}")
+        return x[np.newaxis]

@@ -1,0 +1,282 @@
+"""Tests for tf_consreg.smoothing: the sampling loop and CERTIFY/PREDICT.
+
+The base classifiers are tiny Keras models whose smoothed behaviour is known in
+closed form, so every expected value below comes from a formula, not from the
+code under test.
+"""
+
+from absl.testing import parameterized
+import keras
+import numpy as np
+from scipy import stats as scipy_stats
+import tensorflow as tf
+
+from tf_consreg import smoothing
+from tf_consreg import stats
+
+_SHAPE = (4, 4, 1)
+_DIM = 16
+
+
+def _linear_model(w: np.ndarray, b: float) -> keras.Model:
+    """Two classes with logits [0, w.x + b]: f(x) = 1 iff w.x + b > 0.
+
+    Under x + d, d ~ N(0, sigma^2 I), w.(x + d) + b ~ N(w.x + b, sigma^2 |w|^2),
+    so P(f = 1) = Phi((w.x + b) / (sigma |w|)). The smoothed classifier g has
+    the same decision hyperplane as f, so the exact robust radius of g at x is
+    |w.x + b| / |w|, which is also sigma * Phi^-1(p_A) at the true p_A.
+    """
+    inputs = keras.Input(_SHAPE)
+    dense = keras.layers.Dense(2)
+    model = keras.Model(inputs, dense(keras.layers.Flatten()(inputs)))
+    kernel = np.stack([np.zeros_like(w), w], axis=1).astype(np.float32)
+    dense.set_weights([kernel, np.array([0.0, b], np.float32)])
+    return model
+
+
+def _argmax_pixel_model(shape=(8, 8, 1)) -> keras.Model:
+    """Classifies an image by the index of its largest pixel (one class per pixel).
+
+    On a constant image, the class of x + d is the argmax of i.i.d. noise:
+    uniform over the pixels, and a different noise vector almost always lands
+    elsewhere, so counts reveal repeated or shared noise.
+    """
+    inputs = keras.Input(shape)
+    return keras.Model(inputs, keras.layers.Flatten()(inputs))
+
+
+def _true_margin(model_w, b, images):
+    """(w.x + b) / |w| per image: signed exact radius of g."""
+    return (images.reshape(len(images), -1) @ model_w + b) / np.linalg.norm(model_w)
+
+
+class SampleCountsTest(tf.test.TestCase, parameterized.TestCase):
+
+    def _counts(self, model, images, n, batch_size, seed, num_classes=64):
+        fn = tf.function(lambda x, s: smoothing.sample_counts(
+            model, x, n, sigma=0.5, num_classes=num_classes, batch_size=batch_size, seed=s))
+        return fn(tf.constant(images, tf.float32), tf.constant(seed, tf.int64)).numpy()
+
+    @parameterized.named_parameters(
+        ("several_chunks_per_image", 3, 2500, 1000),
+        ("several_images_per_chunk", 5, 200, 1000),
+        ("ragged", 3, 7, 3),
+        ("one_sample", 2, 1, 64),
+    )
+    def test_rows_sum_to_num_samples(self, num_images, n, batch_size):
+        images = np.full((num_images, 8, 8, 1), 0.5, np.float32)
+        counts = self._counts(_argmax_pixel_model(), images, n, batch_size, [1, 2])
+        self.assertEqual(counts.dtype, np.int64)
+        self.assertAllEqual(counts.sum(axis=1), [n] * num_images)
+
+    def test_zero_samples(self):
+        counts = self._counts(_argmax_pixel_model(), np.full((2, 8, 8, 1), 0.5), 0, 10, [1, 2])
+        self.assertAllEqual(counts, np.zeros((2, 64)))
+
+    def test_noise_fresh_per_sample_and_chunk(self):
+        # 8 chunks of 256: if samples or chunks shared noise, the counts would
+        # be multiples of the repetition and fail this uniformity test.
+        counts = self._counts(_argmax_pixel_model(), np.full((1, 8, 8, 1), 0.5), 2048, 256, [3, 4])[0]
+        self.assertGreater(scipy_stats.chisquare(counts).pvalue, 1e-4)
+        # The first chunk alone (same seed, same block) versus the second.
+        first = self._counts(_argmax_pixel_model(), np.full((1, 8, 8, 1), 0.5), 256, 256, [3, 4])[0]
+        two = self._counts(_argmax_pixel_model(), np.full((1, 8, 8, 1), 0.5), 512, 256, [3, 4])[0]
+        self.assertNotAllEqual(two - first, first)
+
+    def test_noise_differs_between_images_of_a_batch(self):
+        counts = self._counts(_argmax_pixel_model(), np.full((4, 8, 8, 1), 0.5), 300, 1000, [5, 6])
+        for i in range(4):
+            for j in range(i):
+                self.assertNotAllEqual(counts[i], counts[j])
+
+    def test_image_noise_independent_of_batch(self):
+        images = np.full((6, 8, 8, 1), 0.5, np.float32)
+        seeds = np.array([[7, i] for i in range(6)], np.int64)
+        batched = self._counts(_argmax_pixel_model(), images, 300, 1000, seeds)
+        alone = self._counts(_argmax_pixel_model(), images[4:5], 300, 1000, seeds[4:5])
+        self.assertAllEqual(batched[4], alone[0])
+
+    def test_noise_in_pixel_space_with_sigma(self):
+        # One pixel model f = [x > t]: P(f = 1) = Phi((x - t) / sigma), sigma = 0.5.
+        w = np.zeros(_DIM, np.float32)
+        w[0] = 1.0
+        model = _linear_model(w, -0.3)
+        images = np.full((1, *_SHAPE), 0.6, np.float32)
+        counts = self._counts(model, images, 40000, 4000, [8, 9], num_classes=2)[0]
+        expected = scipy_stats.norm.cdf(0.3 / 0.5)
+        self.assertAllClose(counts[1] / 40000, expected, atol=5 * np.sqrt(expected * (1 - expected) / 40000))
+
+    def test_bad_arguments(self):
+        model = _argmax_pixel_model()
+        with self.assertRaisesRegex(ValueError, "images"):
+            smoothing.sample_counts(model, np.zeros((8, 8, 1)), 5, sigma=0.5, num_classes=64, batch_size=4,
+                                    seed=[1, 2])
+        with self.assertRaisesRegex(ValueError, "batch_size"):
+            smoothing.sample_counts(model, np.zeros((1, 8, 8, 1)), 5, sigma=0.5, num_classes=64, batch_size=0,
+                                    seed=[1, 2])
+        with self.assertRaisesRegex(ValueError, "seed"):
+            smoothing.sample_counts(model, np.zeros((1, 8, 8, 1)), 5, sigma=0.5, num_classes=64, batch_size=4,
+                                    seed=[1, 2, 3])
+
+
+class SmoothTest(tf.test.TestCase, parameterized.TestCase):
+
+    def setUp(self):
+        super().setUp()
+        rng = np.random.default_rng(0)
+        self.w = rng.normal(size=_DIM).astype(np.float32)
+        # Hyperplane through the centre of the cube, so margins of both signs.
+        self.b = float(-0.5 * self.w.sum())
+        self.model = _linear_model(self.w, self.b)
+        self.rng = rng
+
+    def _images(self, count):
+        return self.rng.uniform(size=(count, *_SHAPE)).astype(np.float32)
+
+    def test_certified_radius_valid_beyond_alpha_rate(self):
+        # CERTIFY's guarantee: with probability >= 1 - alpha the returned class
+        # is g(x) and the radius does not exceed the true one. With a large
+        # alpha and few samples the bound is tight, so a too-optimistic bound
+        # would show up as too many failures.
+        sigma, alpha, count = 0.25, 0.1, 400
+        smooth = smoothing.Smooth(self.model, 2, sigma)
+        images = self._images(count)
+        margin = _true_margin(self.w, self.b, images)
+        classes, radii = smooth.certify_batch(images, n0=20, n=50, alpha=alpha, batch_size=1000, seed=1)
+        certified = classes != smooth.ABSTAIN
+        wrong = certified & ((classes != (margin > 0)) | (radii > np.abs(margin) + 1e-5))
+        failures = int(wrong.sum())
+        # Allowed: the 1 - 1e-6 quantile of Binomial(count, alpha).
+        self.assertLessEqual(failures, scipy_stats.binom.isf(1e-6, count, alpha))
+        # Not vacuous: the one-sided bound is tight enough to fail now and
+        # then (about alpha / 2 of the images here).
+        self.assertGreater(failures, 0)
+        self.assertGreater(certified.sum(), count // 2)
+
+    def test_certified_radius_approaches_true_radius(self):
+        sigma = 0.5
+        smooth = smoothing.Smooth(self.model, 2, sigma)
+        images = self._images(200)
+        z = _true_margin(self.w, self.b, images) / sigma
+        keep = (np.abs(z) > 0.3) & (np.abs(z) < 1.5)
+        images, true_radius = images[keep][:20], np.abs(z[keep][:20]) * sigma
+        gaps = []
+        for n in (100, 1000, 10000):
+            classes, radii = smooth.certify_batch(images, n0=100, n=n, alpha=0.001, batch_size=2000, seed=2)
+            self.assertTrue(np.all(radii <= true_radius + 1e-5))
+            gaps.append(np.mean(true_radius - radii))
+        self.assertLess(gaps[1], gaps[0])
+        self.assertLess(gaps[2], gaps[1])
+        # At n = 10^4 the bound loses about 3.1 standard errors of p_A:
+        # well under 0.15 sigma of radius for Phi^-1(p_A) in (0.3, 1.5).
+        self.assertTrue(np.all(classes >= 0))
+        self.assertLess(np.max(true_radius - radii), 0.15 * sigma)
+
+    def test_selection_and_estimation_use_different_noise(self):
+        recorded = []
+        real = stats.certify_from_counts
+
+        def spy(selection, estimation, **kwargs):
+            recorded.append((selection, estimation))
+            return real(selection, estimation, **kwargs)
+
+        smooth = smoothing.Smooth(_argmax_pixel_model(), 64, 0.5)
+        self.enter_context(tf.compat.v1.test.mock.patch.object(smoothing.stats, "certify_from_counts", spy))
+        smooth.certify(np.full((8, 8, 1), 0.5), n0=500, n=500, alpha=0.01, batch_size=250, seed=3)
+        (selection, estimation), = recorded
+        self.assertEqual(selection.sum(), 500)
+        self.assertNotAllEqual(selection, estimation)
+
+    def test_predict_abstains_on_tie_not_on_dominant_class(self):
+        smooth = smoothing.Smooth(self.model, 2, 0.25)
+        # Points on the hyperplane w.x + b = 0 (P(class 1) = 1/2): project
+        # random points onto it, keeping those inside the cube.
+        images = self._images(50).reshape(50, -1)
+        images -= np.outer(_true_margin(self.w, self.b, images), self.w / np.linalg.norm(self.w))
+        tied = images[np.all((images >= 0) & (images <= 1), axis=1)][:5].reshape(-1, *_SHAPE)
+        self.assertLen(tied, 5)
+        self.assertAllEqual(smooth.predict_batch(tied, n=2000, alpha=0.001, batch_size=1000, seed=4), [-1] * 5)
+        # Margins of at least sigma: P(top class) >= Phi(1) = 0.84.
+        images = self._images(100)
+        margin = _true_margin(self.w, self.b, images)
+        far = np.abs(margin) > 0.25
+        predicted = smooth.predict_batch(images[far], n=2000, alpha=0.001, batch_size=1000, seed=4)
+        self.assertAllEqual(predicted, (margin[far] > 0).astype(int))
+        self.assertEqual(smooth.predict(images[far][0], n=2000, alpha=0.001, batch_size=1000, seed=4),
+                         predicted[0])
+
+    def test_reproducible_with_seed(self):
+        smooth = smoothing.Smooth(_argmax_pixel_model(), 64, 0.5)
+        images = np.full((3, 8, 8, 1), 0.5, np.float32)
+        first = smooth.certify_batch(images, 100, 200, 0.4, 150, seed=5)
+        again = smooth.certify_batch(images, 100, 200, 0.4, 150, seed=5)
+        self.assertAllEqual(first[0], again[0])
+        self.assertAllEqual(first[1], again[1])
+        # The argmax-pixel classes are uniform: a different seed moves the counts.
+        predictions = [smooth.predict_batch(images, 2000, 0.5, 1000, seed=s) for s in (6, 6, 7)]
+        self.assertAllEqual(predictions[0], predictions[1])
+        self.assertNotAllEqual(predictions[0], predictions[2])
+
+    def test_result_independent_of_batch(self):
+        # What makes resumed certification runs equal uninterrupted ones.
+        smooth = smoothing.Smooth(self.model, 2, 0.5)
+        images = self._images(6)
+        ids = [10, 11, 12, 13, 14, 15]
+        classes, radii = smooth.certify_batch(images, 50, 300, 0.01, 128, seed=8, image_ids=ids)
+        alone = smooth.certify_batch(images[3:4], 50, 300, 0.01, 128, seed=8, image_ids=ids[3:4])
+        self.assertEqual((classes[3], radii[3]), (alone[0][0], alone[1][0]))
+
+    def test_traced_once(self):
+        smooth = smoothing.Smooth(self.model, 2, 0.5)
+        smooth.certify_batch(self._images(3), 10, 100, 0.01, 64, seed=1)
+        smooth.certify_batch(self._images(5), 20, 2000, 0.01, 512, seed=2)
+        smooth.predict_batch(self._images(1), 30, 0.01, 16, seed=3)
+        self.assertEqual(smooth._counts_fn.experimental_get_tracing_count(), 1)  # pylint: disable=protected-access
+
+    def test_single_image_forms(self):
+        smooth = smoothing.Smooth(self.model, 2, 0.25)
+        x = self._images(1)[0]
+        cls, radius = smooth.certify(x, 100, 1000, 0.001, 500, seed=9)
+        self.assertIsInstance(cls, int)
+        self.assertIsInstance(radius, float)
+        self.assertEqual((cls, radius), tuple(v[0] for v in smooth.certify_batch(x[None], 100, 1000, 0.001, 500,
+                                                                                 seed=9)))
+
+    @parameterized.named_parameters(
+        ("n0", dict(n0=0), "n0"),
+        ("n", dict(n=0), "^n must"),
+        ("alpha_zero", dict(alpha=0.0), "alpha"),
+        ("alpha_one", dict(alpha=1.0), "alpha"),
+        ("batch_size", dict(batch_size=0), "batch_size"),
+        ("float_n", dict(n=10.5), "^n must"),
+        ("seed", dict(seed="x"), "seed"),
+    )
+    def test_bad_certify_arguments(self, override, word):
+        smooth = smoothing.Smooth(self.model, 2, 0.25)
+        args = dict(n0=10, n=100, alpha=0.01, batch_size=10, seed=0)
+        args.update(override)
+        with self.assertRaisesRegex(ValueError, word):
+            smooth.certify(np.full(_SHAPE, 0.5), **args)
+
+    @parameterized.named_parameters(
+        ("wrong_shape", np.full((5, 4, 1), 0.5), "shape"),
+        ("above_one", np.full(_SHAPE, 1.5), r"\[0, 1\]"),
+        ("below_zero", np.full(_SHAPE, -0.1), r"\[0, 1\]"),
+        ("nan", np.full(_SHAPE, np.nan), "NaN"),
+        ("batched", np.full((1, *_SHAPE), 0.5), "one image"),
+    )
+    def test_bad_images(self, image, word):
+        smooth = smoothing.Smooth(self.model, 2, 0.25)
+        with self.assertRaisesRegex(ValueError, word):
+            smooth.certify(image, 10, 100, 0.01, 10)
+        with self.assertRaisesRegex(ValueError, word):
+            smooth.predict(image, 100, 0.01, 10)
+
+    @parameterized.parameters((0.0, 2), (-0.5, 2), (float("nan"), 2), (0.5, 1))
+    def test_bad_construction(self, sigma, num_classes):
+        with self.assertRaises(ValueError):
+            smoothing.Smooth(self.model, num_classes, sigma)
+
+
+if __name__ == "__main__":
+    tf.test.main()
