@@ -30,15 +30,14 @@ _DATA_DIR = flags.DEFINE_string("data_dir", None, "Directory with the Fashion-MN
                                 "tensorflow-datasets data directory. Default: Debian's dataset-fashion-mnist "
                                 "files, then ~/tensorflow_datasets.")
 _ARCH = flags.DEFINE_string("arch", "lenet", "Architecture (see tf_consreg.models.ARCHITECTURES).")
-_METHOD = flags.DEFINE_enum("method", "consistency", config_lib.METHODS,
-                            "consistency: cross-entropy + consistency term; gaussian: cross-entropy on noisy "
-                            "copies only (Cohen et al. 2019).")
+_METHOD = flags.DEFINE_string("method", "consistency", "consistency: cross-entropy + consistency term; "
+                              "gaussian: cross-entropy on noisy copies only (Cohen et al. 2019).")
 _SIGMA = flags.DEFINE_float("sigma", 0.25, "Noise standard deviation, in [0, 1] pixel units.")
 _NUM_NOISE = flags.DEFINE_integer("num_noise", 2, "m: noisy copies per clean image.")
 _LBD = flags.DEFINE_float("lbd", None, "lambda, weight of the consistency term (consistency only; default 10).")
 _ETA = flags.DEFINE_float("eta", None, "eta, weight of the entropy term (consistency only; default 0.5).")
-_CONSISTENCY_LOSS = flags.DEFINE_enum(
-    "consistency_loss", None, config_lib.CONSISTENCY_LOSSES,
+_CONSISTENCY_LOSS = flags.DEFINE_string(
+    "consistency_loss", None,
     "Form of the consistency term (consistency only; default 'default'): default = lbd*KL + eta*H, "
     "xent = lbd*(KL + H), kl = lbd*KL, mse = lbd*||p2 - p1||^2 (m = 2).")
 _EPOCHS = flags.DEFINE_integer("epochs", 90, "Training epochs.")
@@ -59,8 +58,8 @@ _SEED = flags.DEFINE_integer("seed", 0, "Seed of the noise, the shuffling and th
 _TRAIN_EXAMPLES = flags.DEFINE_integer("train_examples", 0, "Use only the first N training images (0 = all).")
 _EVAL_EXAMPLES = flags.DEFINE_integer("eval_examples", 10000, "Test images for the per-epoch noisy accuracy "
                                       "(0 = no evaluation).")
-_STRATEGY = flags.DEFINE_enum("strategy", "auto", config_lib.STRATEGIES,
-                              "auto: MirroredStrategy when more than one GPU is visible, else one device.")
+_STRATEGY = flags.DEFINE_string("strategy", "auto", "auto, default or mirrored. auto: MirroredStrategy when "
+                                "more than one GPU is visible, else one device.")
 _STEPS_PER_EXECUTION = flags.DEFINE_integer("steps_per_execution", 1, "Training steps per compiled call.")
 
 _HANDLES = (_MODEL_DIR, _DATASET, _DATA_DIR, _ARCH, _METHOD, _SIGMA, _NUM_NOISE, _LBD, _ETA, _CONSISTENCY_LOSS,

@@ -218,27 +218,31 @@ class ScalarLogger(keras.callbacks.Callback):
 
 
 class Throughput(keras.callbacks.Callback):
-    """Adds clean images per second of the epoch's training to the logs."""
+    """Adds the epoch's training speed, in clean images per second, to the logs.
+
+    Timed from the end of the epoch's first step (which pays for tracing) to
+    the end of its last, so validation is not counted.
+    """
 
     def __init__(self, clean_images_per_step: int):
         super().__init__()
         self._per_step = clean_images_per_step
-        self._start = self._steps = None
+        self._start = self._end = None
+        self._steps = 0
 
     def on_epoch_begin(self, epoch, logs=None):
-        self._start, self._steps = None, 0
-
-    def on_train_batch_begin(self, batch, logs=None):
-        if self._start is None:  # Exclude the first step: tracing and warm-up.
-            self._start = time.perf_counter()
+        self._start = self._end = None
+        self._steps = 0
 
     def on_train_batch_end(self, batch, logs=None):
-        self._steps = batch
+        now = time.perf_counter()
+        if self._start is None:
+            self._start, self._first = now, batch
+        self._end, self._steps = now, batch - self._first
 
     def on_epoch_end(self, epoch, logs=None):
-        if logs is not None and self._start is not None and self._steps:
-            elapsed = time.perf_counter() - self._start
-            logs["images_per_second"] = self._steps * self._per_step / max(elapsed, 1e-9)
+        if logs is not None and self._steps:
+            logs["images_per_second"] = self._steps * self._per_step / max(self._end - self._start, 1e-9)
 
 
 # --------------------------------------------------------------------------

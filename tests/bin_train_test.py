@@ -1,0 +1,181 @@
+"""bin/train.py end to end: what it writes, resuming, and refusing bad input."""
+
+import glob
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import tensorflow as tf
+from absl import flags
+from absl.testing import flagsaver
+from absl.testing import parameterized
+
+import keras
+
+from tf_consreg.errors import ConfigError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "bin"))
+import train as train_bin  # noqa: E402  pylint: disable=wrong-import-position
+
+FLAGS = flags.FLAGS
+TINY = dict(train_examples=256, eval_examples=128, batch_size=64, epochs=2, sigma=0.5, lbd=5.0)
+
+
+def setUpModule():
+    if not FLAGS.is_parsed():
+        FLAGS(["train"])
+
+
+def _run_bin(*args, timeout=300):
+    return subprocess.run([sys.executable, os.path.join(REPO, "bin", "train.py"), *args], capture_output=True,
+                          text=True, timeout=timeout, check=False)
+
+
+def _digest(directory):
+    files = sorted(p for p in glob.glob(os.path.join(directory, "**"), recursive=True) if os.path.isfile(p))
+    return {p: hashlib.sha256(open(p, "rb").read()).hexdigest() for p in files}
+
+
+def _event_tags(log_dir):
+    tags = set()
+    for path in glob.glob(os.path.join(log_dir, "**", "events.out.tfevents.*"), recursive=True):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                tags.add((os.path.basename(os.path.dirname(path)), value.tag))
+    return tags
+
+
+class TrainBinaryTest(tf.test.TestCase, parameterized.TestCase):
+
+    @pytest.mark.slow
+    def test_writes_run_and_resumes(self):
+        model_dir = self.create_tempdir().full_path
+        with flagsaver.flagsaver(model_dir=model_dir, **TINY):
+            train_bin.main(["train"])
+        for name in ("train_config.json", "flags.txt", "base_model.keras", "checkpoints/checkpoint"):
+            self.assertTrue(os.path.isfile(os.path.join(model_dir, name)), name)
+
+        import tf_consreg  # noqa: F401  Registers the custom layers.
+        model = keras.models.load_model(os.path.join(model_dir, "base_model.keras"))
+        self.assertEqual(model.output_shape, (None, 10))
+
+        tags = _event_tags(os.path.join(model_dir, "logs"))
+        for term in ("loss", "cross_entropy", "consistency", "kl", "entropy", "accuracy", "learning_rate"):
+            self.assertIn(("train", f"epoch/{term}"), tags)
+            self.assertIn(("train", f"step/{term}"), tags)
+        self.assertIn(("validation", "epoch/accuracy"), tags)
+
+        # The saved flags reproduce the run: parsing them gives the same config.
+        with flagsaver.flagsaver():
+            FLAGS(["train", f"--flagfile={os.path.join(model_dir, 'flags.txt')}"])
+            self.assertEqual(train_bin.make_config().to_dict()["lbd"], 5.0)
+            self.assertEqual(train_bin.make_config().model_dir, model_dir)
+
+        # More epochs with the same flags: continues from epoch 2, not from 0.
+        with flagsaver.flagsaver(model_dir=model_dir, **{**TINY, "epochs": 3}):
+            train_bin.main(["train"])
+        checkpoints = tf.train.get_checkpoint_state(os.path.join(model_dir, "checkpoints"))
+        self.assertTrue(checkpoints.model_checkpoint_path.endswith("ckpt-3"))
+        epoch_steps = sorted(e.step for p in glob.glob(os.path.join(model_dir, "logs", "train", "events*"))
+                             for e in tf.compat.v1.train.summary_iterator(p)
+                             for v in e.summary.value if v.tag == "epoch/loss")
+        self.assertEqual(epoch_steps, [1, 2, 3])
+
+    @pytest.mark.slow
+    def test_killed_run_resumes_from_last_checkpoint(self):
+        model_dir = self.create_tempdir().full_path
+        args = [f"--model_dir={model_dir}", "--train_examples=2048", "--eval_examples=0", "--batch_size=32",
+                "--epochs=3", "--sigma=0.5"]
+        proc = subprocess.Popen([sys.executable, os.path.join(REPO, "bin", "train.py"), *args],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.time() + 240
+            while not os.path.exists(os.path.join(model_dir, "checkpoints", "ckpt-1.index")):
+                self.assertIsNone(proc.poll(), "training ended before its first checkpoint")
+                self.assertLess(time.time(), deadline, "no checkpoint within 240 s")
+                time.sleep(0.2)
+            proc.send_signal(signal.SIGKILL)
+        finally:
+            proc.kill()
+            proc.wait()
+        self.assertFalse(os.path.exists(os.path.join(model_dir, "base_model.keras")))
+
+        result = _run_bin(*args)
+        self.assertEqual(result.returncode, 0, result.stderr[-2000:])
+        self.assertRegex(result.stdout, r"Resuming from .*ckpt-[12] \(epoch [12] of 3\)")
+        self.assertTrue(os.path.isfile(os.path.join(model_dir, "base_model.keras")))
+
+    @parameterized.named_parameters(
+        ("dataset", dict(dataset="svhn"), "--dataset"),
+        ("arch", dict(arch="vgg"), "--arch"),
+        ("method", dict(method="macer_typo"), "--method"),
+        ("sigma", dict(sigma=0.0), "--sigma"),
+        ("num_noise", dict(num_noise=0), "--num_noise"),
+        ("mse_m", dict(num_noise=3, consistency_loss="mse"), "--consistency_loss=mse needs --num_noise=2"),
+        ("lbd", dict(lbd=-1.0), "--lbd"),
+        ("eta", dict(eta=-0.5), "--eta"),
+        ("epochs", dict(epochs=0), "--epochs"),
+        ("batch", dict(batch_size=0), "--batch_size"),
+        ("gaussian_lbd", dict(method="gaussian", lbd=3.0), "--lbd is used only by --method=consistency"),
+        ("split", dict(batch_size=65, batch_split=True), "divisible by --num_noise"),
+        ("model_dir", dict(model_dir=""), "--model_dir"),
+        ("data_dir", dict(data_dir="/nonexistent/dir"), "--data_dir"),
+    )
+    def test_bad_flags_fail_before_any_work(self, overrides, message):
+        model_dir = os.path.join(self.create_tempdir().full_path, "run")
+        with flagsaver.flagsaver(**{"model_dir": model_dir, **TINY, **overrides}):
+            with self.assertRaisesRegex(ConfigError, message):
+                train_bin.main(["train"])
+        self.assertFalse(os.path.exists(model_dir))
+
+    def test_missing_and_truncated_data_files(self):
+        data_dir = self.create_tempdir().full_path
+        model_dir = os.path.join(self.create_tempdir().full_path, "run")
+        src = "/usr/share/datasets/fashion-mnist"
+        for name in os.listdir(src):
+            os.symlink(os.path.join(src, name), os.path.join(data_dir, name))
+        os.remove(os.path.join(data_dir, "t10k-labels-idx1-ubyte.gz"))
+        with flagsaver.flagsaver(model_dir=model_dir, data_dir=data_dir, **TINY):
+            with self.assertRaisesRegex(ConfigError, "t10k-labels-idx1-ubyte.*not found.*dataset-fashion-mnist"):
+                train_bin.main(["train"])
+        os.remove(os.path.join(data_dir, "train-images-idx3-ubyte.gz"))
+        with open(os.path.join(src, "train-images-idx3-ubyte.gz"), "rb") as f:
+            import gzip
+            raw = gzip.decompress(f.read())
+        with open(os.path.join(data_dir, "train-images-idx3-ubyte"), "wb") as f:
+            f.write(raw[:len(raw) // 2])
+        with flagsaver.flagsaver(model_dir=model_dir, data_dir=data_dir, **TINY):
+            with self.assertRaisesRegex(ConfigError, "train-images-idx3-ubyte: .*truncated"):
+                train_bin.main(["train"])
+        self.assertFalse(os.path.exists(model_dir))
+
+    def test_model_dir_of_another_run_is_refused_and_untouched(self):
+        model_dir = self.create_tempdir().full_path
+        from tf_consreg.config import TrainConfig
+
+        with open(os.path.join(model_dir, "train_config.json"), "w") as f:
+            f.write(TrainConfig(model_dir=model_dir, arch="lenet", dataset="mnist", sigma=0.25).to_json())
+        with open(os.path.join(model_dir, "base_model.keras"), "w") as f:
+            f.write("previous result")
+        before = _digest(model_dir)
+        with flagsaver.flagsaver(model_dir=model_dir, dataset="fashion_mnist", **TINY):
+            with self.assertRaisesRegex(ConfigError, "holds a different run.*--dataset"):
+                train_bin.main(["train"])
+        self.assertEqual(_digest(model_dir), before)
+
+    def test_error_is_one_line_naming_the_flag(self):
+        result = _run_bin("--model_dir=/tmp/unused_tf_consreg_run", "--sigma=-1")
+        self.assertEqual(result.returncode, 2)
+        lines = [l for l in result.stderr.splitlines() if l.strip() and not l.startswith(("I0000", "W0000",
+                                                                                          "E0000", "WARNING:"))]
+        self.assertEqual(lines, ["train.py: error: --sigma must be > 0, got -1.0"])
+        self.assertFalse(os.path.exists("/tmp/unused_tf_consreg_run"))
+
+
+if __name__ == "__main__":
+    tf.test.main()
