@@ -33,7 +33,7 @@ path (Python, C++, TF Serving) instead of a failure deep inside the model.
 import dataclasses
 import json
 import os
-from typing import Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import keras
 import numpy as np
@@ -58,6 +58,11 @@ METADATA_FILE = "smoothing_metadata.json"
 _BISECTION_STEPS = 64
 
 
+def _float64(value) -> tf.Tensor:
+    # dtype_hint keeps Python floats from passing through float32 first.
+    return tf.cast(tf.convert_to_tensor(value, dtype_hint=tf.float64), tf.float64)
+
+
 # ---------------------------------------------------------------------------
 # In-graph statistics (float64, core TensorFlow ops only).
 
@@ -80,10 +85,9 @@ def clopper_pearson_lower(successes: tf.Tensor, trials: tf.Tensor, alpha: float)
     Returns:
       float64 tensor with the broadcast shape of `successes` and `trials`.
     """
-    k = tf.cast(successes, tf.float64)
-    n = tf.cast(trials, tf.float64)
+    k, n = _float64(successes), _float64(trials)
     k, n = k + tf.zeros_like(n), n + tf.zeros_like(k)
-    alpha = tf.cast(alpha, tf.float64)
+    alpha = _float64(alpha)
     # betainc needs a > 0; the k = 0 entries are replaced by 0 at the end.
     a = tf.maximum(k, 1.0)
     b = n - k + 1.0
@@ -103,7 +107,7 @@ def clopper_pearson_lower(successes: tf.Tensor, trials: tf.Tensor, alpha: float)
 
 def certified_radius(p_lower: tf.Tensor, sigma: float) -> tf.Tensor:
     """Cohen et al.'s L2 radius sigma * Phi^-1(p_lower) (float64; negative below 1/2)."""
-    return tf.cast(sigma, tf.float64) * tf.math.ndtri(tf.cast(p_lower, tf.float64))
+    return _float64(sigma) * tf.math.ndtri(_float64(p_lower))
 
 
 def binomial_test_two_sided(successes: tf.Tensor, trials: tf.Tensor) -> tf.Tensor:
@@ -125,8 +129,7 @@ def binomial_test_two_sided(successes: tf.Tensor, trials: tf.Tensor) -> tf.Tenso
     Returns:
       float64 p-values with the broadcast shape of the arguments.
     """
-    k = tf.cast(successes, tf.float64)
-    n = tf.cast(trials, tf.float64)
+    k, n = _float64(successes), _float64(trials)
     m = tf.minimum(k, n - k)
     # n - m >= n / 2 > 0 except when n = 0, handled by the final where.
     tail = tf.math.betainc(tf.maximum(n - m, 1.0), m + 1.0, tf.constant(0.5, tf.float64))
@@ -295,7 +298,8 @@ def _write_warmup(path: str, input_shape: Tuple[int, int, int]) -> None:
             writer.write(log.SerializeToString())
 
 
-def build_archive(base_model: keras.Model, config: ExportConfig) -> keras.export.ExportArchive:
+def build_archive(base_model: keras.Model,
+                  config: ExportConfig) -> Tuple[keras.export.ExportArchive, Dict[str, Callable[..., dict]]]:
     """Builds the export archive (signatures traced, nothing written).
 
     Args:
@@ -304,8 +308,9 @@ def build_archive(base_model: keras.Model, config: ExportConfig) -> keras.export
       config: what to compute.
 
     Returns:
-      A `keras.export.ExportArchive` with the three endpoints; its endpoint
-      functions (e.g. `archive.serving_default`) can be called in memory.
+      (archive, endpoints): the `keras.export.ExportArchive` holding the three
+      endpoints, and the endpoint functions by signature name, callable in
+      memory (`endpoints["serving_default"](images)`) exactly as exported.
 
     Raises:
       ConfigError: the model's input shape is not [batch, H, W, C] or its
@@ -350,10 +355,12 @@ def build_archive(base_model: keras.Model, config: ExportConfig) -> keras.export
     archive = keras.export.ExportArchive()
     archive.track(base_model)
     # serving_default first: ExportArchive would alias the first endpoint anyway.
-    archive.add_endpoint(SERVING_SIGNATURE, tf.function(certify), input_signature=[image_spec])
-    archive.add_endpoint(PREDICT_SIGNATURE, tf.function(predict), input_signature=[image_spec])
-    archive.add_endpoint(METADATA_SIGNATURE, tf.function(describe), input_signature=[])
-    return archive
+    endpoints = {
+        SERVING_SIGNATURE: archive.add_endpoint(SERVING_SIGNATURE, certify, input_signature=[image_spec]),
+        PREDICT_SIGNATURE: archive.add_endpoint(PREDICT_SIGNATURE, predict, input_signature=[image_spec]),
+        METADATA_SIGNATURE: archive.add_endpoint(METADATA_SIGNATURE, describe, input_signature=[]),
+    }
+    return archive, endpoints
 
 
 def export_smoothed(
@@ -400,7 +407,7 @@ def export_smoothed(
     if os.path.exists(export_dir) and (not os.path.isdir(export_dir) or os.listdir(export_dir)):
         raise ConfigError(f"--export_dir: {export_dir} exists and is not an empty directory; "
                           "choose a new directory (exports are never overwritten)")
-    archive = build_archive(base_model, config)
+    archive, _ = build_archive(base_model, config)
     archive.write_out(export_dir, verbose=False)
     extra = os.path.join(export_dir, ASSETS_EXTRA)
     os.makedirs(extra, exist_ok=True)

@@ -1,0 +1,392 @@
+"""Tests for tf_consreg.export: in-graph statistics, the SavedModel and its signatures."""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+from absl.testing import parameterized
+import keras
+import numpy as np
+from scipy import stats as scipy_stats
+import tensorflow as tf
+
+from tf_consreg import export
+from tf_consreg import models
+from tf_consreg.errors import ConfigError
+
+_PYTHON_FUNCTION_OPS = {"PyFunc", "PyFuncStateless", "EagerPyFunc"}
+
+
+def linear_model(w: np.ndarray, b: float) -> keras.Model:
+    """Two-class model with logits (w.x + b, -(w.x + b)) on images of w's shape.
+
+    Class 0 wins iff w.x + b > 0. Under noise d ~ N(0, sigma^2 I),
+    w.(x + d) + b ~ N(w.x + b, sigma^2 |w|^2), so the smoothed classifier has
+    P(class 0) = Phi((w.x + b) / (sigma |w|)), and Cohen's radius
+    sigma Phi^-1(p_A) equals |w.x + b| / |w|, the distance to the hyperplane:
+    the true certified radius.
+    """
+    model = keras.Sequential([keras.Input(w.shape), keras.layers.Flatten(), keras.layers.Dense(2)])
+    kernel = np.stack([w.ravel(), -w.ravel()], axis=1).astype(np.float32)
+    model.layers[-1].set_weights([kernel, np.array([b, -b], np.float32)])
+    return model
+
+
+def images_at_margins(w: np.ndarray, b: float, margins: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Images in [0, 1] with signed distance (w.x + b) / |w| = margins[i] to the hyperplane.
+
+    Starts from 0.5 + small noise and moves along w; w is small per pixel, so
+    the images stay inside [0, 1] for the margins used here.
+    """
+    base = 0.5 + 0.05 * rng.uniform(-1, 1, size=(len(margins), *w.shape))
+    norm = np.linalg.norm(w)
+    current = (np.tensordot(base, w, axes=w.ndim) + b) / norm
+    images = base + ((margins - current) / norm)[:, None, None, None] * w
+    assert images.min() >= 0 and images.max() <= 1, "margins too large for [0, 1] images"
+    return images.astype(np.float32)
+
+
+def _linear_setup(shape=(4, 4, 1), seed=0):
+    rng = np.random.default_rng(seed)
+    w = rng.normal(size=shape) * 0.25
+    b = -float(np.sum(w)) * 0.5  # the hyperplane passes through the grey image
+    return w, b, rng
+
+
+def _signature_outputs(loaded, images, name=export.SERVING_SIGNATURE):
+    return {k: v.numpy() for k, v in loaded.signatures[name](images=tf.constant(images)).items()}
+
+
+class InGraphStatisticsTest(parameterized.TestCase):
+    """The in-graph statistics against scipy and closed forms."""
+
+    @staticmethod
+    def _grid():
+        ks, ns = [], []
+        for n in (1, 2, 7, 10, 100, 1000, 10000, 100000):
+            for k in sorted({0, 1, 2, n // 3, n // 2, n - 2, n - 1, n}):
+                if 0 <= k <= n:
+                    ks.append(k)
+                    ns.append(n)
+        return np.array(ks), np.array(ns)
+
+    @parameterized.parameters(1e-6, 0.001, 0.01, 0.05, 0.3)
+    def test_clopper_pearson_matches_scipy_beta_ppf(self, alpha):
+        k, n = self._grid()
+        got = export.clopper_pearson_lower(k, n, alpha).numpy()
+        expected = np.where(k > 0, scipy_stats.beta.ppf(alpha, np.maximum(k, 1), n - k + 1), 0.0)
+        np.testing.assert_array_equal(got[k == 0], 0.0)
+        np.testing.assert_allclose(got, expected, rtol=1e-6, atol=0)
+
+    def test_clopper_pearson_closed_forms(self):
+        # k = n: P(all n successes) = p^n = alpha. k = 1: Beta(1, n) quantile 1 - (1 - alpha)^(1/n).
+        n = np.array([1, 10, 1000, 100000])
+        np.testing.assert_allclose(export.clopper_pearson_lower(n, n, 0.001).numpy(), 0.001 ** (1 / n), rtol=1e-9)
+        np.testing.assert_allclose(export.clopper_pearson_lower(np.ones_like(n), n, 0.001).numpy(),
+                                   1 - 0.999 ** (1 / n), rtol=1e-7)
+
+    def test_binomial_test_matches_scipy_binomtest(self):
+        k, n = self._grid()
+        got = export.binomial_test_two_sided(k, n).numpy()
+        expected = np.array([scipy_stats.binomtest(int(a), int(b), 0.5).pvalue for a, b in zip(k, n)])
+        not_tiny = expected > 1e-12
+        np.testing.assert_allclose(got[not_tiny], expected[not_tiny], rtol=1e-6)
+        np.testing.assert_allclose(got[~not_tiny], expected[~not_tiny], rtol=0, atol=1e-12)
+
+    def test_binomial_test_near_the_middle(self):
+        # Around n/2, where the two tails meet; odd and even n.
+        for n in (99, 100, 9999, 10000, 100000):
+            k = np.arange(n // 2 - 200, n // 2 + 201) if n > 400 else np.arange(n + 1)
+            got = export.binomial_test_two_sided(k, np.full_like(k, n)).numpy()
+            expected = np.array([scipy_stats.binomtest(int(a), n, 0.5).pvalue for a in k])
+            np.testing.assert_allclose(got, expected, rtol=1e-6, err_msg=f"n={n}")
+
+    def test_binomial_test_closed_forms(self):
+        # 10 heads of 10: 2 * 2^-10. Equal counts: 1. No trials: 1.
+        got = export.binomial_test_two_sided([10, 5, 0], [10, 10, 0]).numpy()
+        np.testing.assert_allclose(got, [2.0 / 1024, 1.0, 1.0], rtol=1e-12)
+
+    def test_certified_radius_is_sigma_times_normal_quantile(self):
+        p = np.array([0.5, 0.6, 0.9, 0.999, 1 - 1e-7])
+        np.testing.assert_allclose(export.certified_radius(p, 0.5).numpy(), 0.5 * scipy_stats.norm.ppf(p),
+                                   rtol=1e-12, atol=1e-15)
+
+    def test_statistics_trace_with_core_ops_only(self):
+        fn = tf.function(lambda k, n: (export.clopper_pearson_lower(k, n, 0.001),
+                                       export.binomial_test_two_sided(k, n)))
+        graph = fn.get_concrete_function(tf.TensorSpec([None], tf.int64), tf.TensorSpec([None], tf.int64)).graph
+        ops = {op.type for op in graph.get_operations()}
+        self.assertFalse(ops & _PYTHON_FUNCTION_OPS)
+
+
+class ExportConfigTest(parameterized.TestCase):
+
+    @parameterized.named_parameters(
+        ("sigma_zero", dict(sigma=0.0), "--sigma"),
+        ("sigma_negative", dict(sigma=-0.5), "--sigma"),
+        ("sigma_nan", dict(sigma=float("nan")), "--sigma"),
+        ("n0_zero", dict(n0=0), "--n0"),
+        ("n_zero", dict(n=0), "--n"),
+        ("alpha_zero", dict(alpha=0.0), "--alpha"),
+        ("alpha_one", dict(alpha=1.0), "--alpha"),
+        ("batch_size_zero", dict(batch_size=0), "--batch_size"),
+        ("one_class", dict(num_classes=1), "num_classes"),
+        ("class_names_length", dict(class_names=("a", "b", "c")), "class_names"),
+        ("seed_negative", dict(seed=-1), "--seed"),
+    )
+    def test_bad_values_raise_naming_the_field(self, change, name):
+        values = {"sigma": 0.25, "num_classes": 2, **change}
+        with self.assertRaisesRegex(ConfigError, name):
+            export.ExportConfig(**values)
+
+    def test_bad_arguments_write_nothing(self):
+        model = linear_model(*_linear_setup()[:2])
+        with tempfile.TemporaryDirectory() as root:
+            target = os.path.join(root, "export")
+            with self.assertRaisesRegex(ConfigError, "--sigma"):
+                export.export_smoothed(model, target, sigma=0.0, num_classes=2)
+            with self.assertRaisesRegex(ConfigError, "num_classes=3"):
+                export.export_smoothed(model, target, sigma=0.25, num_classes=3)
+            self.assertFalse(os.path.exists(target))
+            os.makedirs(target)
+            open(os.path.join(target, "keep"), "w").close()
+            with self.assertRaisesRegex(ConfigError, "not an empty directory"):
+                export.export_smoothed(model, target, sigma=0.25, num_classes=2)
+            self.assertEqual(os.listdir(target), ["keep"])
+
+
+class LenetExportTest(tf.test.TestCase):
+    """One export of the project's LeNet, shared by the checks on its SavedModel."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls._tmp = tempfile.TemporaryDirectory()
+        cls.export_dir = os.path.join(cls._tmp.name, "lenet")
+        cls.info_names = tuple(f"c{i}" for i in range(10))
+        keras.utils.set_random_seed(1)
+        cls.model = models.get_architecture("lenet", "fashion_mnist")
+        cls.kwargs = dict(sigma=0.25, num_classes=10, n0=8, n=64, alpha=0.01, batch_size=64,
+                          class_names=cls.info_names, seed=123)
+        export.export_smoothed(cls.model, cls.export_dir, **cls.kwargs)
+        cls.loaded = tf.saved_model.load(cls.export_dir)
+        cls.images = np.random.default_rng(0).uniform(size=(3, 28, 28, 1)).astype(np.float32)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls._tmp.cleanup()
+        super().tearDownClass()
+
+    def test_layout(self):
+        self.assertTrue(os.path.isfile(os.path.join(self.export_dir, "saved_model.pb")))
+        self.assertTrue(os.path.isdir(os.path.join(self.export_dir, "variables")))
+        extra = os.path.join(self.export_dir, export.ASSETS_EXTRA)
+        self.assertCountEqual(os.listdir(extra), [export.WARMUP_FILE, export.METADATA_FILE])
+
+    def test_reloaded_equals_in_memory(self):
+        # A fixed seed makes both runs draw the same noise, so they agree exactly.
+        _, endpoints = export.build_archive(self.model, export.ExportConfig(**self.kwargs))
+        in_memory = {k: v.numpy() for k, v in endpoints["serving_default"](tf.constant(self.images)).items()}
+        reloaded = _signature_outputs(self.loaded, self.images)
+        self.assertCountEqual(reloaded, ["class", "radius", "p_lower"])
+        for key in reloaded:
+            np.testing.assert_array_equal(reloaded[key], in_memory[key], err_msg=key)
+        in_memory = endpoints["predict"](tf.constant(self.images))["class"].numpy()
+        np.testing.assert_array_equal(_signature_outputs(self.loaded, self.images, "predict")["class"], in_memory)
+
+    def test_output_types_and_certificate_rule(self):
+        out = _signature_outputs(self.loaded, self.images)
+        self.assertEqual(out["class"].dtype, np.int64)
+        self.assertEqual(out["radius"].dtype, np.float32)
+        self.assertEqual(out["p_lower"].dtype, np.float32)
+        for value in out.values():
+            self.assertEqual(value.shape, (3,))
+        abstain = out["class"] == export.ABSTAIN
+        np.testing.assert_array_equal(abstain, out["p_lower"] < 0.5)
+        np.testing.assert_array_equal(out["radius"][abstain], 0.0)
+        np.testing.assert_allclose(out["radius"][~abstain], 0.25 * scipy_stats.norm.ppf(out["p_lower"][~abstain]),
+                                   rtol=1e-5, atol=1e-5)
+
+    def test_empty_batch(self):
+        out = _signature_outputs(self.loaded, np.zeros((0, 28, 28, 1), np.float32))
+        for value in out.values():
+            self.assertEqual(value.shape, (0,))
+
+    def test_metadata_signature_and_file(self):
+        meta = {k: v.numpy() for k, v in self.loaded.signatures[export.METADATA_SIGNATURE]().items()}
+        self.assertEqual(meta["sigma"], 0.25)
+        self.assertEqual(meta["n0"], 8)
+        self.assertEqual(meta["n"], 64)
+        self.assertEqual(meta["alpha"], 0.01)
+        self.assertEqual(meta["num_classes"], 10)
+        self.assertEqual(meta["seed"], 123)
+        np.testing.assert_array_equal(meta["input_shape"], [28, 28, 1])
+        self.assertEqual([c.decode() for c in meta["class_names"]], list(self.info_names))
+        from tf_consreg import __version__  # pylint: disable=import-outside-toplevel
+        self.assertEqual(meta["version"].decode(), __version__)
+        on_disk = export.read_metadata(self.export_dir)
+        self.assertEqual(on_disk["class_names"], list(self.info_names))
+        self.assertEqual(on_disk["input_shape"], [28, 28, 1])
+        self.assertEqual(on_disk["sigma"], 0.25)
+
+    def test_saved_model_cli_lists_signatures_with_predict_method(self):
+        cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
+        result = subprocess.run([cli, "show", "--dir", self.export_dir, "--all"], capture_output=True, text=True,
+                                timeout=120, check=True)
+        for name in (export.SERVING_SIGNATURE, export.PREDICT_SIGNATURE, export.METADATA_SIGNATURE):
+            self.assertIn(f"signature_def['{name}']", result.stdout)
+        for key in ("inputs['images']", "outputs['class']", "outputs['radius']", "outputs['p_lower']"):
+            self.assertIn(key, result.stdout)
+        blocks = result.stdout.split("signature_def[")[1:]
+        for block in blocks:
+            if block.startswith("'__saved_model_init_op'"):
+                continue
+            self.assertIn("Method name is: tensorflow/serving/predict", block)
+
+    def test_graph_has_no_python_function_ops(self):
+        from tensorflow.core.protobuf import saved_model_pb2  # pylint: disable=import-outside-toplevel
+
+        proto = saved_model_pb2.SavedModel()
+        with open(os.path.join(self.export_dir, "saved_model.pb"), "rb") as f:
+            proto.ParseFromString(f.read())
+        ops = set()
+        for meta_graph in proto.meta_graphs:
+            ops.update(node.op for node in meta_graph.graph_def.node)
+            for function in meta_graph.graph_def.library.function:
+                ops.update(node.op for node in function.node_def)
+        self.assertIn("StatelessRandomNormalV2", ops)  # the walk does reach the function library
+        self.assertFalse(ops & _PYTHON_FUNCTION_OPS, ops & _PYTHON_FUNCTION_OPS)
+
+    def test_loads_and_runs_in_a_process_without_tf_consreg(self):
+        script = (
+            "import json, sys\n"
+            "import numpy as np, tensorflow as tf\n"
+            f"loaded = tf.saved_model.load({self.export_dir!r})\n"
+            "out = loaded.signatures['serving_default'](images=tf.constant(np.full((2, 28, 28, 1), 0.5, np.float32)))\n"
+            "meta = loaded.signatures['metadata']()\n"
+            "print(json.dumps({'classes': out['class'].numpy().tolist(), 'sigma': float(meta['sigma']),\n"
+            "                  'imported': sorted(m for m in sys.modules if m.startswith('tf_consreg'))}))\n"
+        )
+        env = dict(os.environ, PYTHONPATH="")
+        result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                                env=env, cwd=self._tmp.name, check=False)
+        self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+        answer = json.loads(result.stdout.strip().splitlines()[-1])
+        self.assertEqual(answer["imported"], [])
+        self.assertLen(answer["classes"], 2)
+        self.assertEqual(answer["sigma"], 0.25)
+
+    def test_warmup_file_holds_requests_that_run(self):
+        from tensorflow_serving.apis import prediction_log_pb2  # pylint: disable=import-outside-toplevel
+
+        path = os.path.join(self.export_dir, export.ASSETS_EXTRA, export.WARMUP_FILE)
+        signatures = []
+        for record in tf.data.TFRecordDataset(path):
+            log = prediction_log_pb2.PredictionLog.FromString(record.numpy())
+            request = log.predict_log.request
+            signatures.append(request.model_spec.signature_name)
+            images = tf.make_ndarray(request.inputs["images"])
+            self.assertEqual(images.shape, (1, 28, 28, 1))
+            out = self.loaded.signatures[request.model_spec.signature_name](images=tf.constant(images))
+            self.assertEqual(out["class"].shape, (1,))
+        self.assertEqual(signatures, [export.SERVING_SIGNATURE, export.PREDICT_SIGNATURE])
+
+    def test_bad_requests_fail_with_clear_messages(self):
+        good = np.full((1, 28, 28, 1), 0.5, np.float32)
+        nan, inf = good.copy(), good.copy()
+        nan[0, 3, 3, 0] = np.nan
+        inf[0, 3, 3, 0] = np.inf
+        cases = {
+            "rank": (np.zeros((2, 28, 28), np.float32), r"images must be float32 \[batch, 28, 28, 1\].*\[2 28 28\]"),
+            "size": (np.zeros((1, 32, 32, 1), np.float32), r"got shape\] \[1 32 32 1\]"),
+            "channels": (np.zeros((1, 28, 28, 3), np.float32), r"got shape\] \[1 28 28 3\]"),
+            "nan": (nan, "images must be finite.*NaN"),
+            "inf": (inf, "images must be finite.*Inf"),
+            "above_one": (good * 2.5, r"images must be in \[0, 1\]"),
+            "negative": (good - 0.6, r"images must be in \[0, 1\]"),
+        }
+        for signature in (export.SERVING_SIGNATURE, export.PREDICT_SIGNATURE):
+            for name, (images, message) in cases.items():
+                with self.subTest(signature=signature, case=name):
+                    with self.assertRaisesRegex(tf.errors.InvalidArgumentError, message):
+                        self.loaded.signatures[signature](images=tf.constant(images))
+
+
+class LinearClosedFormTest(tf.test.TestCase):
+    """The export on a linear base model, whose smoothed classifier is known in closed form."""
+
+    SIGMA = 0.25
+
+    def _export(self, root, **kwargs):
+        w, b, rng = _linear_setup()
+        path = os.path.join(root, "linear")
+        export.export_smoothed(linear_model(w, b), path, sigma=self.SIGMA, num_classes=2, **kwargs)
+        return tf.saved_model.load(path), w, b, rng
+
+    def test_radius_exceeds_true_radius_no_more_often_than_alpha(self):
+        alpha, count = 0.01, 300
+        with tempfile.TemporaryDirectory() as root:
+            loaded, w, b, rng = self._export(root, n0=50, n=1000, alpha=alpha, batch_size=1000)
+            # True P(class 0) spread over [0.02, 0.98] on both sides of the hyperplane.
+            p_true = rng.uniform(0.02, 0.98, size=count)
+            margins = self.SIGMA * scipy_stats.norm.ppf(p_true)
+            out = _signature_outputs(loaded, images_at_margins(w, b, margins, rng))
+        true_class = np.where(margins > 0, 0, 1)
+        true_radius = np.abs(margins)
+        certified = out["class"] != export.ABSTAIN
+        # A certificate fails when it names the wrong class or claims too large a radius;
+        # CERTIFY guarantees P(failure) <= alpha per image.
+        failures = certified & ((out["class"] != true_class) | (out["radius"] > true_radius + 1e-5))
+        # Fail only if the count is implausible under Binomial(count, alpha): P(false alarm) < 1e-6.
+        limit = scipy_stats.binom.isf(1e-6, count, alpha)
+        self.assertLessEqual(failures.sum(), limit)
+        # Not vacuous: most images with p far from 1/2 get a certificate.
+        clear = np.abs(p_true - 0.5) > 0.15
+        self.assertGreater(certified[clear].mean(), 0.9)
+
+    def test_radius_within_a_few_percent_at_n_100000(self):
+        # p_A in [0.73, 0.92]: the bound's own gap (z_alpha SE) is ~1-3% of the radius there.
+        alpha, n = 0.001, 100000
+        p_true = np.array([0.73, 0.84, 0.92])
+        with tempfile.TemporaryDirectory() as root:
+            loaded, w, b, rng = self._export(root, n0=100, n=n, alpha=alpha, batch_size=10000)
+            margins = self.SIGMA * scipy_stats.norm.ppf(p_true)
+            out = _signature_outputs(loaded, images_at_margins(w, b, margins, rng))
+        np.testing.assert_array_equal(out["class"], 0)
+        np.testing.assert_allclose(out["radius"], margins, rtol=0.04)
+        # Sharper band from the binomial SE: p_lower lies within [p - (z_alpha + 5) SE, p].
+        se = np.sqrt(p_true * (1 - p_true) / n)
+        z_alpha = scipy_stats.norm.isf(alpha)
+        self.assertTrue(np.all(out["p_lower"] >= p_true - (z_alpha + 5) * se), out["p_lower"])
+        self.assertTrue(np.all(out["p_lower"] <= p_true + 5 * se), out["p_lower"])
+
+    def test_predict_signature_abstains_at_the_boundary(self):
+        with tempfile.TemporaryDirectory() as root:
+            loaded, w, b, rng = self._export(root, n0=50, n=1000, alpha=0.001, batch_size=1000)
+            # p = 0.95, 0.05: clear; p = 0.5: H0 holds, so abstain except with probability <= alpha.
+            margins = self.SIGMA * scipy_stats.norm.ppf([0.95, 0.05, 0.5, 0.5])
+            out = _signature_outputs(loaded, images_at_margins(w, b, margins, rng), export.PREDICT_SIGNATURE)
+        np.testing.assert_array_equal(out["class"], [0, 1, -1, -1])
+
+    def test_fresh_noise_per_request_without_seed(self):
+        with tempfile.TemporaryDirectory() as root:
+            loaded, w, b, rng = self._export(root, n0=10, n=500, alpha=0.001, batch_size=500)
+            images = images_at_margins(w, b, np.zeros(8), rng)  # p = 1/2: counts vary most
+            first = _signature_outputs(loaded, images)["p_lower"]
+            second = _signature_outputs(loaded, images)["p_lower"]
+        # Equal counts for all 8 images by chance has probability < 0.04^8.
+        self.assertFalse(np.array_equal(first, second))
+
+    def test_fixed_seed_repeats(self):
+        with tempfile.TemporaryDirectory() as root:
+            loaded, w, b, rng = self._export(root, n0=10, n=500, alpha=0.001, batch_size=500, seed=7)
+            images = images_at_margins(w, b, np.zeros(8), rng)
+            first, second = _signature_outputs(loaded, images), _signature_outputs(loaded, images)
+        for key in first:
+            np.testing.assert_array_equal(first[key], second[key])
+
+
+if __name__ == "__main__":
+    tf.test.main()
