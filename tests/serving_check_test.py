@@ -1,0 +1,188 @@
+"""The export runs in TensorFlow's C++ loader (tools/serving_check) and agrees with Python.
+
+tools/serving_check loads the SavedModel with `tensorflow::LoadSavedModel`, the
+loader TF Serving uses, so these tests show the export serves without Python.
+The binary is built once per TensorFlow version and source (cached under
+~/.cache/tf_consreg/serving_check); the tests skip only when g++ is missing.
+"""
+
+import importlib.util
+import os
+import subprocess
+import tempfile
+import unittest
+
+import numpy as np
+from scipy import stats as scipy_stats
+import tensorflow as tf
+
+from export_test import images_at_margins  # tests/ is on sys.path under pytest
+from export_test import linear_model
+from tf_consreg import export
+from tf_consreg import models
+from tf_consreg import smoothing
+
+_BUILD_PY = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "tools", "serving_check", "build.py")
+
+
+def _load_build_module():
+    spec = importlib.util.spec_from_file_location("serving_check_build", _BUILD_PY)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_serving_check(binary, export_dir, images=None, *, signature="serving_default",
+                      outputs="class,radius,p_lower", check=True):
+    """Runs the C++ program; returns (rows of parsed values, completed process)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        command = [binary, f"--saved_model_dir={export_dir}", f"--signature={signature}"]
+        if images is not None:
+            path = os.path.join(tmp, "images.f32")
+            np.ascontiguousarray(images, dtype="<f4").tofile(path)
+            command += [f"--images={path}", f"--shape={','.join(map(str, images.shape))}", f"--outputs={outputs}"]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    if check and result.returncode != 0:
+        raise AssertionError(f"serving_check failed ({result.returncode}): {result.stderr[-3000:]}")
+    rows = [line.split("\t") for line in result.stdout.splitlines() if line]
+    return rows, result
+
+
+def _certificates(rows):
+    """(classes int64, radii float64, p_lower float64) from serving_default rows."""
+    array = np.array(rows, dtype=object)
+    return array[:, 1].astype(np.int64), array[:, 2].astype(np.float64), array[:, 3].astype(np.float64)
+
+
+class ServingCheckTest(tf.test.TestCase):
+
+    SIGMA = 0.25
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        build = _load_build_module()
+        if build.compiler() is None:
+            raise unittest.SkipTest("g++ not found on PATH: cannot build tools/serving_check")
+        cls.binary = build.build()
+        cls._tmp = tempfile.TemporaryDirectory()
+        rng = np.random.default_rng(3)
+        cls.w = rng.normal(size=(4, 4, 1)) * 0.25
+        cls.b = -float(np.sum(cls.w)) * 0.5
+        cls.rng = rng
+        cls.linear = linear_model(cls.w, cls.b)
+        cls.linear_dir = os.path.join(cls._tmp.name, "linear")
+        cls.n0, cls.n, cls.alpha = 100, 4000, 0.001
+        # seed=None: the C++ run draws its own noise, as a deployed model does.
+        export.export_smoothed(cls.linear, cls.linear_dir, sigma=cls.SIGMA, num_classes=2, n0=cls.n0, n=cls.n,
+                               alpha=cls.alpha, batch_size=1000, class_names=("pos", "neg"))
+
+    @classmethod
+    def tearDownClass(cls):
+        cls._tmp.cleanup()
+        super().tearDownClass()
+
+    def _radius_band(self, p_a, z=5.0):
+        """Radii a CERTIFY run gives w.p. > 1 - 1e-6 when the top class has probability p_a.
+
+        The estimation count n_A ~ Binomial(n, p_a) lies within z binomial
+        standard errors of n p_a; mapping those counts through the bound and
+        sigma Phi^-1 (scipy, an independent implementation) bounds the radius.
+        """
+        se = np.sqrt(self.n * p_a * (1 - p_a))
+        counts = np.stack([np.floor(self.n * p_a - z * se), np.ceil(self.n * p_a + z * se)])
+        counts = np.clip(counts, 1, self.n)
+        bound = scipy_stats.beta.ppf(self.alpha, counts, self.n - counts + 1)
+        return np.maximum(self.SIGMA * scipy_stats.norm.ppf(bound), 0.0)
+
+    def test_cpp_certify_agrees_with_python_smooth(self):
+        # True top-class probabilities on both sides of the hyperplane; 0.5 must abstain.
+        p_class0 = np.array([0.97, 0.9, 0.8, 0.7, 0.5, 0.3, 0.15, 0.03])
+        margins = self.SIGMA * scipy_stats.norm.ppf(p_class0)
+        images = images_at_margins(self.w, self.b, margins, self.rng)
+
+        rows, _ = run_serving_check(self.binary, self.linear_dir, images)
+        self.assertLen(rows, len(images))
+        np.testing.assert_array_equal([int(r[0]) for r in rows], np.arange(len(images)))
+        cpp_classes, cpp_radii, cpp_p_lower = _certificates(rows)
+
+        smooth = smoothing.Smooth(self.linear, num_classes=2, sigma=self.SIGMA)
+        py_classes, py_radii = smooth.certify_batch(images, self.n0, self.n, self.alpha, batch_size=1000, seed=0)
+
+        expected = np.where(p_class0 > 0.5, 0, np.where(p_class0 < 0.5, 1, -1))
+        np.testing.assert_array_equal(cpp_classes, expected)
+        np.testing.assert_array_equal(py_classes, cpp_classes)
+        p_a = np.maximum(p_class0, 1 - p_class0)
+        low, high = self._radius_band(p_a)
+        certified = expected != -1
+        for name, radii in (("C++", cpp_radii), ("Python", py_radii)):
+            self.assertTrue(np.all((radii[certified] >= low[certified] - 1e-6)
+                                   & (radii[certified] <= high[certified] + 1e-6)),
+                            f"{name} radii {radii} outside [{low}, {high}]")
+        # Two independent runs inside the same band differ by at most its width.
+        self.assertTrue(np.all(np.abs(cpp_radii - py_radii) <= (high - low) + 1e-6))
+        np.testing.assert_array_equal(cpp_radii[~certified], 0.0)
+        np.testing.assert_allclose(cpp_radii[certified], self.SIGMA * scipy_stats.norm.ppf(cpp_p_lower[certified]),
+                                   rtol=1e-5)
+
+    def test_cpp_equals_python_on_lenet_with_fixed_seed(self):
+        # Same SavedModel, same fixed noise: the C++ loader must give Python's answers.
+        export_dir = os.path.join(self._tmp.name, "lenet")
+        model = models.get_architecture("lenet", "fashion_mnist")
+        export.export_smoothed(model, export_dir, sigma=self.SIGMA, num_classes=10, n0=16, n=200, alpha=0.001,
+                               batch_size=200, seed=5)
+        images = np.random.default_rng(1).uniform(size=(3, 28, 28, 1)).astype(np.float32)
+        rows, _ = run_serving_check(self.binary, export_dir, images)
+        classes, radii, p_lower = _certificates(rows)
+        python = tf.saved_model.load(export_dir).signatures["serving_default"](images=tf.constant(images))
+        np.testing.assert_array_equal(classes, python["class"].numpy())
+        np.testing.assert_allclose(radii, python["radius"].numpy(), rtol=1e-6)
+        np.testing.assert_allclose(p_lower, python["p_lower"].numpy(), rtol=1e-6)
+
+    def test_cpp_predict_signature(self):
+        margins = self.SIGMA * scipy_stats.norm.ppf([0.95, 0.05, 0.5])
+        images = images_at_margins(self.w, self.b, margins, self.rng)
+        rows, _ = run_serving_check(self.binary, self.linear_dir, images, signature="predict", outputs="class")
+        self.assertEqual([int(r[1]) for r in rows], [0, 1, -1])
+
+    def test_cpp_reads_metadata(self):
+        rows, _ = run_serving_check(self.binary, self.linear_dir, signature="metadata")
+        meta = dict(rows)
+        self.assertEqual(float(meta["sigma"]), self.SIGMA)
+        self.assertEqual(int(meta["n0"]), self.n0)
+        self.assertEqual(int(meta["n"]), self.n)
+        self.assertEqual(float(meta["alpha"]), self.alpha)
+        self.assertEqual(meta["class_names"], "pos,neg")
+        self.assertEqual(meta["input_shape"], "4,4,1")
+        self.assertEqual(int(meta["seed"]), -1)
+
+    def test_cpp_bad_requests_fail_with_the_signature_message(self):
+        good = np.full((1, 4, 4, 1), 0.5, np.float32)
+        nan = good.copy()
+        nan[0, 1, 1, 0] = np.nan
+        cases = {
+            "rank": (np.zeros((2, 4, 4), np.float32), r"images must be float32 \[batch, 4, 4, 1\]"),
+            "size": (np.zeros((1, 5, 5, 1), np.float32), r"got shape\] \[1 5 5 1\]"),
+            "channels": (np.zeros((1, 4, 4, 3), np.float32), r"got shape\] \[1 4 4 3\]"),
+            "nan": (nan, "images must be finite"),
+            "range": (good + 0.7, r"images must be in \[0, 1\]"),
+        }
+        for name, (images, message) in cases.items():
+            with self.subTest(case=name):
+                rows, result = run_serving_check(self.binary, self.linear_dir, images, check=False)
+                self.assertEqual(result.returncode, 1)
+                self.assertEqual(rows, [])
+                self.assertRegex(result.stderr, "serving_check: error: signature 'serving_default' failed: .*"
+                                 + message)
+
+    def test_bad_command_lines(self):
+        _, result = run_serving_check(self.binary, os.path.join(self._tmp.name, "missing"), signature="metadata",
+                                      check=False)
+        self.assertEqual(result.returncode, 1)
+        self.assertIn("serving_check: error: cannot load", result.stderr)
+        _, result = run_serving_check(self.binary, self.linear_dir, signature="nope", check=False)
+        self.assertIn("no signature 'nope'", result.stderr)
+
+
+if __name__ == "__main__":
+    tf.test.main()
