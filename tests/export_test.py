@@ -2,9 +2,12 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
+import time
+from unittest import mock
 
 from absl.testing import parameterized
 import keras
@@ -53,6 +56,19 @@ def _linear_setup(shape=(4, 4, 1), seed=0):
     w = rng.normal(size=shape) * 0.25
     b = -float(np.sum(w)) * 0.5  # the hyperplane passes through the grey image
     return w, b, rng
+
+
+def make_model_dir(root: str, sigma: float = 0.5) -> str:
+    """A finished training run as bin/train.py leaves it: base_model.keras + train_config.json."""
+    from tf_consreg import config as config_lib  # pylint: disable=import-outside-toplevel
+
+    model_dir = os.path.join(root, "run")
+    os.makedirs(model_dir)
+    models.get_architecture("lenet", "fashion_mnist").save(os.path.join(model_dir, models.BASE_MODEL_FILE))
+    train_config = config_lib.TrainConfig(model_dir=model_dir, dataset="fashion_mnist", sigma=sigma)
+    with open(os.path.join(model_dir, config_lib.TRAIN_CONFIG_FILE), "w", encoding="utf-8") as f:
+        f.write(train_config.to_json())
+    return model_dir
 
 
 def _signature_outputs(loaded, images, name=export.SERVING_SIGNATURE):
@@ -155,6 +171,98 @@ class ExportConfigTest(parameterized.TestCase):
             with self.assertRaisesRegex(ConfigError, "not an empty directory"):
                 export.export_smoothed(model, target, sigma=0.25, num_classes=2)
             self.assertEqual(os.listdir(target), ["keep"])
+
+
+class VersionExportTest(parameterized.TestCase):
+    """`VersionExportConfig` and `export_version`, the library side of bin/export.py."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls._tmp = tempfile.TemporaryDirectory()
+        cls.model_dir = make_model_dir(cls._tmp.name, sigma=0.5)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls._tmp.cleanup()
+        super().tearDownClass()
+
+    def _tempdir(self):
+        path = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, path, True)
+        return path
+
+    def _export_dir(self):
+        return os.path.join(self._tempdir(), "serving")
+
+    def test_exports_one_complete_version(self):
+        config = export.VersionExportConfig(export_dir=self._export_dir(), model_dir=self.model_dir, n0=4, n=16,
+                                            batch_size=16, version=3)
+        self.assertEqual(config.sigma, 0.5)  # from train_config.json
+        path = export.export_version(config)
+        self.assertEqual(path, os.path.join(config.export_dir, "3"))
+        self.assertEqual(os.listdir(config.export_dir), ["3"])  # no staging directory left
+        meta = export.read_metadata(path)
+        self.assertEqual(meta["sigma"], 0.5)
+        self.assertEqual(meta["n"], 16)
+        self.assertEqual(meta["input_shape"], [28, 28, 1])
+        self.assertEqual(meta["class_names"][0], "T-shirt/top")
+        self.assertEqual(meta["seed"], -1)
+        with self.assertRaisesRegex(ConfigError, "exists; exports are never overwritten"):
+            export.VersionExportConfig(export_dir=config.export_dir, model_dir=self.model_dir, version=3)
+
+    def test_default_version_is_the_time(self):
+        before = int(time.time())
+        config = export.VersionExportConfig(export_dir=self._export_dir(), model_dir=self.model_dir)
+        self.assertBetween(config.version, before, int(time.time()))
+
+    def test_failed_export_leaves_nothing_behind(self):
+        config = export.VersionExportConfig(export_dir=self._export_dir(), model_dir=self.model_dir, version=1)
+        with mock.patch.object(export, "_write_warmup", side_effect=OSError("disk full")):
+            with self.assertRaisesRegex(OSError, "disk full"):
+                export.export_version(config)
+        self.assertEqual(os.listdir(config.export_dir), [])
+
+    def test_model_file_with_sigma(self):
+        model_file = os.path.join(self.model_dir, models.BASE_MODEL_FILE)
+        config = export.VersionExportConfig(export_dir=self._export_dir(), model=model_file, sigma=0.3, n0=2, n=8,
+                                            batch_size=8, version=9)
+        meta = export.read_metadata(export.export_version(config))
+        self.assertEqual(meta["sigma"], 0.3)
+        self.assertEqual(meta["class_names"], [str(i) for i in range(10)])
+
+    @parameterized.named_parameters(
+        ("no_model", dict(), "exactly one of --model_dir"),
+        ("both_models", dict(model_dir="MODEL_DIR", model="x.keras"), "exactly one of --model_dir"),
+        ("missing_model_dir", dict(model_dir="/nonexistent/run"), "--model_dir=/nonexistent/run is not a directory"),
+        ("empty_model_dir", dict(model_dir="EMPTY"), "holds no base_model.keras"),
+        ("model_without_sigma", dict(model="MODEL_FILE"), "--sigma is required with --model"),
+        ("model_not_keras", dict(model="/nonexistent.keras", sigma=0.2), "--model=/nonexistent.keras"),
+        ("sigma_zero", dict(model_dir="MODEL_DIR", sigma=0.0), "--sigma must be > 0"),
+        ("sigma_negative", dict(model_dir="MODEL_DIR", sigma=-1.0), "--sigma must be > 0"),
+        ("n0", dict(model_dir="MODEL_DIR", n0=0), "--n0"),
+        ("n", dict(model_dir="MODEL_DIR", n=0), "--n "),
+        ("alpha_zero", dict(model_dir="MODEL_DIR", alpha=0.0), "--alpha"),
+        ("alpha_above_one", dict(model_dir="MODEL_DIR", alpha=1.5), "--alpha"),
+        ("batch_size", dict(model_dir="MODEL_DIR", batch_size=0), "--batch_size"),
+        ("version", dict(model_dir="MODEL_DIR", version=0), "--version"),
+        ("export_dir", dict(model_dir="MODEL_DIR", export_dir=""), "--export_dir is required"),
+    )
+    def test_bad_values_fail_before_any_work(self, values, message):
+        empty = self._tempdir()
+        substitute = {"MODEL_DIR": self.model_dir, "EMPTY": empty,
+                      "MODEL_FILE": os.path.join(self.model_dir, models.BASE_MODEL_FILE)}
+        values = {k: substitute.get(v, v) if isinstance(v, str) else v for k, v in values.items()}
+        export_dir = self._export_dir()
+        with self.assertRaisesRegex(ConfigError, message):
+            export.VersionExportConfig(**{"export_dir": export_dir, **values})
+        self.assertFalse(os.path.exists(export_dir))
+
+    def test_model_dir_without_train_config(self):
+        model_dir = self._tempdir()
+        shutil.copy(os.path.join(self.model_dir, models.BASE_MODEL_FILE), model_dir)
+        with self.assertRaisesRegex(ConfigError, "train_config.json not found"):
+            export.VersionExportConfig(export_dir=self._export_dir(), model_dir=model_dir)
 
 
 class LenetExportTest(tf.test.TestCase):

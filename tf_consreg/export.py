@@ -33,6 +33,9 @@ path (Python, C++, TF Serving) instead of a failure deep inside the model.
 import dataclasses
 import json
 import os
+import shutil
+import tempfile
+import time
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import keras
@@ -141,6 +144,26 @@ def binomial_test_two_sided(successes: tf.Tensor, trials: tf.Tensor) -> tf.Tenso
 # Export.
 
 
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _check_sampling(sigma, n0, n, alpha, batch_size) -> None:
+    """The checks shared by ExportConfig and VersionExportConfig, naming the flags."""
+    _check(isinstance(sigma, (int, float, np.floating)) and np.isfinite(sigma) and sigma > 0,
+           f"--sigma must be > 0, got {sigma}")
+    # n and n0 index tf.int32 sample loops.
+    _check(_is_int(n0) and 1 <= n0 < 2**31, f"--n0 must be an integer in [1, 2^31), got {n0}")
+    _check(_is_int(n) and 1 <= n < 2**31, f"--n must be an integer in [1, 2^31), got {n}")
+    _check(isinstance(alpha, (int, float, np.floating)) and 0 < alpha < 1, f"--alpha must be in (0, 1), got {alpha}")
+    _check(_is_int(batch_size) and batch_size >= 1, f"--batch_size must be an integer >= 1, got {batch_size}")
+
+
 @dataclasses.dataclass(frozen=True)
 class ExportConfig:
     """What the exported smoothed classifier computes, checked at construction.
@@ -167,26 +190,15 @@ class ExportConfig:
     seed: Optional[int] = None
 
     def __post_init__(self):
-        def check(condition, message):
-            if not condition:
-                raise ConfigError(message)
-
-        check(np.isfinite(self.sigma) and self.sigma > 0, f"--sigma must be > 0, got {self.sigma}")
-        check(int(self.num_classes) == self.num_classes and self.num_classes >= 2,
-              f"num_classes must be an integer >= 2, got {self.num_classes}")
-        check(int(self.n0) == self.n0 and self.n0 >= 1, f"--n0 must be an integer >= 1, got {self.n0}")
-        check(int(self.n) == self.n and self.n >= 1, f"--n must be an integer >= 1, got {self.n}")
-        check(0 < self.alpha < 1, f"--alpha must be in (0, 1), got {self.alpha}")
-        check(int(self.batch_size) == self.batch_size and self.batch_size >= 1,
-              f"--batch_size must be an integer >= 1, got {self.batch_size}")
-        # n and n0 index tf.int32 sample loops.
-        check(max(self.n, self.n0) < 2**31, f"--n and --n0 must be < 2^31, got {self.n}, {self.n0}")
+        _check_sampling(self.sigma, self.n0, self.n, self.alpha, self.batch_size)
+        _check(_is_int(self.num_classes) and self.num_classes >= 2,
+               f"num_classes must be an integer >= 2, got {self.num_classes}")
         if self.class_names is not None:
             object.__setattr__(self, "class_names", tuple(str(c) for c in self.class_names))
-            check(len(self.class_names) == self.num_classes,
-                  f"class_names has {len(self.class_names)} names for {self.num_classes} classes")
-        check(self.seed is None or (int(self.seed) == self.seed and 0 <= self.seed < 2**63),
-              f"--seed must be None or an integer in [0, 2^63), got {self.seed}")
+            _check(len(self.class_names) == self.num_classes,
+                   f"class_names has {len(self.class_names)} names for {self.num_classes} classes")
+        _check(self.seed is None or (_is_int(self.seed) and 0 <= self.seed < 2**63),
+               f"--seed must be None or an integer in [0, 2^63), got {self.seed}")
 
     def metadata(self, input_shape: Sequence[int]) -> dict:
         """The JSON-able description that the `metadata` signature returns."""
@@ -425,3 +437,116 @@ def read_metadata(export_dir: str) -> dict:
         raise ConfigError(f"{path} not found: is {export_dir} written by export_smoothed?")
     with open(path, encoding="utf-8") as f:
         return json.load(f)
+
+
+@dataclasses.dataclass(frozen=True)
+class VersionExportConfig:
+    """One TF Serving model version to export (bin/export.py), checked at construction.
+
+    Give either `model_dir` (a training run: `base_model.keras` plus
+    `train_config.json`, which supplies sigma, the class names and the input
+    shape) or `model` (a `.keras` file, with `sigma`). Every check, including
+    that the version directory does not exist yet, runs here, before anything
+    is loaded or written.
+
+    Attributes:
+      export_dir: TF Serving's model base path; the export goes to
+        `<export_dir>/<version>/`.
+      model_dir: a `--model_dir` written by bin/train.py.
+      model: a `.keras` base model file (instead of `model_dir`).
+      sigma: noise level; default: the training run's.
+      n0, n, alpha, batch_size: as for `export_smoothed`.
+      version: the TF Serving version number; default `int(time.time())`.
+      dataset: filled from the training run (None with `model`).
+    """
+
+    export_dir: str
+    model_dir: Optional[str] = None
+    model: Optional[str] = None
+    sigma: Optional[float] = None
+    n0: int = 100
+    n: int = 10000
+    alpha: float = 0.001
+    batch_size: int = 1000
+    version: Optional[int] = None
+    dataset: Optional[str] = dataclasses.field(default=None, init=False)
+
+    def __post_init__(self):
+        from tf_consreg import config as config_lib  # pylint: disable=import-outside-toplevel
+        from tf_consreg import models  # pylint: disable=import-outside-toplevel
+
+        _check(bool(self.export_dir), "--export_dir is required: TF Serving's base path for the model versions")
+        _check(bool(self.model_dir) != bool(self.model), "give exactly one of --model_dir (a training run) "
+               "or --model (a .keras file)")
+        if self.model_dir:
+            _check(os.path.isdir(self.model_dir),
+                   f"--model_dir={self.model_dir} is not a directory; pass a run directory of bin/train.py")
+            model_file = os.path.join(self.model_dir, models.BASE_MODEL_FILE)
+            _check(os.path.isfile(model_file), f"--model_dir={self.model_dir} holds no {models.BASE_MODEL_FILE}; "
+                   "is the training run finished?")
+            train_config = config_lib.read_train_config(self.model_dir)
+            object.__setattr__(self, "dataset", train_config.dataset)
+            if self.sigma is None:
+                object.__setattr__(self, "sigma", train_config.sigma)
+        else:
+            _check(os.path.isfile(self.model) and self.model.endswith(".keras"),
+                   f"--model={self.model} is not a .keras file")
+            _check(self.sigma is not None, "--sigma is required with --model (there is no training config to read)")
+        _check_sampling(self.sigma, self.n0, self.n, self.alpha, self.batch_size)
+        if self.version is None:
+            object.__setattr__(self, "version", int(time.time()))
+        _check(_is_int(self.version) and self.version >= 1,
+               f"--version must be a positive integer (TF Serving's version number), got {self.version}")
+        _check(not os.path.exists(self.version_dir),
+               f"--export_dir: {self.version_dir} exists; exports are never overwritten, choose another --version")
+        _check(not os.path.exists(self.export_dir) or os.path.isdir(self.export_dir),
+               f"--export_dir={self.export_dir} is not a directory")
+
+    @property
+    def version_dir(self) -> str:
+        return os.path.join(self.export_dir, str(self.version))
+
+
+def export_version(config: VersionExportConfig) -> str:
+    """Exports a TF Serving version `<export_dir>/<version>/` of the smoothed classifier.
+
+    The SavedModel is written to a hidden temporary directory beside the
+    version directory and renamed into place when complete, so TF Serving
+    (which polls `export_dir`) never sees a partial version.
+
+    Args:
+      config: the validated export.
+
+    Returns:
+      The version directory.
+
+    Raises:
+      ConfigError: the model does not fit the training run's dataset, or the
+        version directory appeared meanwhile.
+    """
+    from tf_consreg import data  # pylint: disable=import-outside-toplevel
+    from tf_consreg import models  # pylint: disable=import-outside-toplevel
+
+    base_model = models.load_base_model(config.model_dir or config.model)
+    input_shape = _input_shape(base_model)
+    num_classes = base_model.outputs[0].shape[-1]
+    class_names = None
+    if config.dataset is not None:
+        info = data.get_dataset_info(config.dataset)
+        _check(tuple(info.input_shape) == input_shape and info.num_classes == num_classes,
+               f"--model_dir={config.model_dir}: the model takes {input_shape} and gives {num_classes} classes, "
+               f"but dataset {config.dataset} has {tuple(info.input_shape)} images and {info.num_classes} classes")
+        class_names = info.class_names
+    os.makedirs(config.export_dir, exist_ok=True)
+    # TF Serving only loads directories named by an integer; this one is not.
+    staging = tempfile.mkdtemp(dir=config.export_dir, prefix=f".{config.version}.incomplete-")
+    try:
+        export_smoothed(base_model, staging, sigma=config.sigma, num_classes=num_classes, n0=config.n0, n=config.n,
+                        alpha=config.alpha, batch_size=config.batch_size, class_names=class_names)
+        _check(not os.path.exists(config.version_dir),
+               f"--export_dir: {config.version_dir} appeared during the export; it was left untouched")
+        os.rename(staging, config.version_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return config.version_dir

@@ -1,0 +1,113 @@
+"""bin/export.py end to end, in subprocesses: the TF Serving layout it writes and its one-line errors.
+
+The binary runs in a subprocess rather than under `flagsaver`: its flags
+(--model_dir, --sigma, ...) share names with other binaries' flags, and absl
+refuses to define a flag twice in one process. The library side
+(`VersionExportConfig`, `export_version`) is tested in-process in export_test.py.
+"""
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+from absl.testing import parameterized
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from export_test import make_model_dir  # tests/ is on sys.path under pytest
+from tf_consreg import export
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_TINY = ("--n0=4", "--n=16", "--batch_size=16")
+
+
+def _run_bin(*args, timeout=300):
+    return subprocess.run([sys.executable, os.path.join(REPO, "bin", "export.py"), *args], capture_output=True,
+                          text=True, timeout=timeout, check=False)
+
+
+def _error_lines(result):
+    return [line for line in result.stderr.splitlines() if line.startswith("export.py: error:")]
+
+
+class ExportBinaryTest(parameterized.TestCase):
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls._tmp = tempfile.TemporaryDirectory()
+        cls.model_dir = make_model_dir(cls._tmp.name, sigma=0.5)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls._tmp.cleanup()
+        super().tearDownClass()
+
+    def _export_dir(self, name):
+        return os.path.join(self._tmp.name, name)
+
+    @pytest.mark.slow
+    def test_writes_a_servable_version_and_never_overwrites_it(self):
+        export_dir = self._export_dir("serving")
+        result = _run_bin(f"--model_dir={self.model_dir}", f"--export_dir={export_dir}", "--version=7", *_TINY)
+        self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+        self.assertIn(os.path.join(export_dir, "7"), result.stdout)
+        self.assertEqual(os.listdir(export_dir), ["7"])
+        version_dir = os.path.join(export_dir, "7")
+        for name in ("saved_model.pb", "variables", "assets.extra/tf_serving_warmup_requests",
+                     "assets.extra/smoothing_metadata.json"):
+            self.assertTrue(os.path.exists(os.path.join(version_dir, name)), name)
+        meta = export.read_metadata(version_dir)
+        self.assertEqual((meta["sigma"], meta["n0"], meta["n"], meta["alpha"]), (0.5, 4, 16, 0.001))
+        self.assertEqual(meta["class_names"][9], "Ankle boot")
+        out = tf.saved_model.load(version_dir).signatures["serving_default"](
+            images=tf.constant(np.full((2, 28, 28, 1), 0.5, np.float32)))
+        self.assertEqual(out["class"].shape, (2,))
+
+        saved = open(os.path.join(version_dir, "saved_model.pb"), "rb").read()
+        again = _run_bin(f"--model_dir={self.model_dir}", f"--export_dir={export_dir}", "--version=7",
+                         "--sigma=0.25", *_TINY)
+        self.assertEqual(again.returncode, 2)
+        self.assertLen(_error_lines(again), 1)
+        self.assertIn("exists; exports are never overwritten", again.stderr)
+        self.assertEqual(os.listdir(export_dir), ["7"])
+        self.assertEqual(open(os.path.join(version_dir, "saved_model.pb"), "rb").read(), saved)
+
+    @pytest.mark.slow
+    def test_model_file_and_timestamp_version(self):
+        export_dir = self._export_dir("from_file")
+        before = int(time.time())
+        result = _run_bin(f"--model={os.path.join(self.model_dir, 'base_model.keras')}", "--sigma=0.3",
+                          f"--export_dir={export_dir}", *_TINY)
+        self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+        (version,) = os.listdir(export_dir)
+        self.assertRegex(version, r"^\d+$")
+        self.assertBetween(int(version), before, int(time.time()))
+        self.assertEqual(export.read_metadata(os.path.join(export_dir, version))["sigma"], 0.3)
+
+    @pytest.mark.slow  # each case starts TensorFlow in a subprocess (~10 s on 2 busy cores)
+    @parameterized.named_parameters(
+        ("missing_model_dir", ("--model_dir=/nonexistent/run",), r"--model_dir=/nonexistent/run is not a directory"),
+        ("sigma", ("--model_dir=MODEL_DIR", "--sigma=0"), r"--sigma must be > 0, got 0.0"),
+        ("n0", ("--model_dir=MODEL_DIR", "--n0=0"), r"--n0 must be an integer in \[1, 2\^31\), got 0"),
+        ("alpha", ("--model_dir=MODEL_DIR", "--alpha=1.5"), r"--alpha must be in \(0, 1\), got 1.5"),
+    )
+    def test_bad_input_gives_one_line_and_writes_nothing(self, args, message):
+        export_dir = self._export_dir("bad_" + re.sub(r"\W", "_", args[-1]))
+        args = [a.replace("MODEL_DIR", self.model_dir) for a in args]
+        result = _run_bin(*args, f"--export_dir={export_dir}", timeout=120)
+        self.assertEqual(result.returncode, 2, result.stderr[-2000:])
+        lines = _error_lines(result)
+        self.assertLen(lines, 1, result.stderr)
+        self.assertRegex(lines[0], message)
+        self.assertEqual(result.stderr.rstrip().splitlines()[-1], lines[0])  # the last thing printed
+        self.assertNotIn("Traceback", result.stderr)
+        self.assertFalse(os.path.exists(export_dir))
+
+
+if __name__ == "__main__":
+    tf.test.main()
