@@ -1,4 +1,4 @@
-r"""Trains a base classifier for randomized smoothing, with consistency regularization.
+r"""Trains a base classifier for randomized smoothing, with consistency regularization or a baseline.
 
 Each clean image of a batch becomes --num_noise (m) noisy copies
 x + N(0, sigma^2 I); the loss is the mean cross-entropy over all copies plus,
@@ -30,12 +30,30 @@ _DATA_DIR = flags.DEFINE_string("data_dir", None, "Directory with the Fashion-MN
                                 "tensorflow-datasets data directory. Default: Debian's dataset-fashion-mnist "
                                 "files, then ~/tensorflow_datasets.")
 _ARCH = flags.DEFINE_string("arch", "lenet", "Architecture (see tf_consreg.models.ARCHITECTURES).")
-_METHOD = flags.DEFINE_string("method", "consistency", "consistency: cross-entropy + consistency term; "
-                              "gaussian: cross-entropy on noisy copies only (Cohen et al. 2019).")
+_METHOD = flags.DEFINE_string(
+    "method", "consistency", "consistency: cross-entropy + consistency term (Jeong & Shin 2020); gaussian: "
+    "cross-entropy on noisy copies (Cohen et al. 2019); stability: clean cross-entropy + lbd * stability term "
+    "(Li et al. 2019); smoothadv: cross-entropy on SmoothAdv attacks (Salman et al. 2019); macer: MACER "
+    "(Zhai et al. 2020). Flags a method does not use are refused.")
 _SIGMA = flags.DEFINE_float("sigma", 0.25, "Noise standard deviation, in [0, 1] pixel units.")
-_NUM_NOISE = flags.DEFINE_integer("num_noise", 2, "m: noisy copies per clean image.")
-_LBD = flags.DEFINE_float("lbd", None, "lambda, weight of the consistency term (consistency only; default 10).")
+_NUM_NOISE = flags.DEFINE_integer("num_noise", None, "m: noisy copies per clean image (K for macer). Default: "
+                                  "2 for consistency, 16 for macer, 1 otherwise (stability needs 1).")
+_LBD = flags.DEFINE_float("lbd", None, "lambda, weight of the regularizer: consistency (default 10), stability "
+                          "(default 2) or macer's robustness term (default 16).")
 _ETA = flags.DEFINE_float("eta", None, "eta, weight of the entropy term (consistency only; default 0.5).")
+_BETA = flags.DEFINE_float("beta", None, "MACER's inverse softmax temperature (macer only; default 16).")
+_GAMMA = flags.DEFINE_float("gamma", None, "MACER's hinge margin (macer only; default 8).")
+_DEFERRED = flags.DEFINE_bool("deferred", None, "MACER: keep the robustness weight at 0 until the first "
+                              "learning-rate drop, as the authors' MNIST runs (macer only).")
+_ADV_TRAINING = flags.DEFINE_bool("adv_training", False, "With --method=consistency: attack each batch with "
+                                  "SmoothAdv first (the paper's 'SmoothAdv + Consistency').")
+_EPSILON = flags.DEFINE_float("epsilon", None, "SmoothAdv's L2 radius in [0, 1] pixel units (the authors' "
+                              "--epsilon divided by 256: 255 -> 0.996). Default 0.25 for smoothadv, 2.0 with "
+                              "--adv_training.")
+_NUM_STEPS = flags.DEFINE_integer("num_steps", None, "SmoothAdv's PGD steps (default 10 for smoothadv, 4 with "
+                                  "--adv_training).")
+_WARMUP = flags.DEFINE_integer("warmup", None, "Epochs over which SmoothAdv's radius grows linearly to "
+                               "--epsilon (default 1 for smoothadv, 10 with --adv_training).")
 _CONSISTENCY_LOSS = flags.DEFINE_string(
     "consistency_loss", None,
     "Form of the consistency term (consistency only; default 'default'): default = lbd*KL + eta*H, "
@@ -63,6 +81,7 @@ _STRATEGY = flags.DEFINE_string("strategy", "auto", "auto, default or mirrored. 
 _STEPS_PER_EXECUTION = flags.DEFINE_integer("steps_per_execution", 1, "Training steps per compiled call.")
 
 _HANDLES = (_MODEL_DIR, _DATASET, _DATA_DIR, _ARCH, _METHOD, _SIGMA, _NUM_NOISE, _LBD, _ETA, _CONSISTENCY_LOSS,
+            _BETA, _GAMMA, _DEFERRED, _ADV_TRAINING, _EPSILON, _NUM_STEPS, _WARMUP,
             _EPOCHS, _BATCH_SIZE, _BATCH_SPLIT, _LR, _LR_STEP_SIZE, _LR_GAMMA, _MOMENTUM, _WEIGHT_DECAY, _SEED,
             _TRAIN_EXAMPLES, _EVAL_EXAMPLES, _STRATEGY, _STEPS_PER_EXECUTION)
 
@@ -79,7 +98,9 @@ def make_config() -> config_lib.TrainConfig:
     return config_lib.TrainConfig(
         model_dir=_MODEL_DIR.value, dataset=_DATASET.value, arch=_ARCH.value, method=_METHOD.value,
         sigma=_SIGMA.value, num_noise=_NUM_NOISE.value, lbd=_LBD.value, eta=_ETA.value,
-        consistency_loss=_CONSISTENCY_LOSS.value, epochs=_EPOCHS.value, batch_size=_BATCH_SIZE.value,
+        consistency_loss=_CONSISTENCY_LOSS.value, beta=_BETA.value, gamma=_GAMMA.value, deferred=_DEFERRED.value,
+        adv_training=_ADV_TRAINING.value, epsilon=_EPSILON.value, num_steps=_NUM_STEPS.value, warmup=_WARMUP.value,
+        epochs=_EPOCHS.value, batch_size=_BATCH_SIZE.value,
         batch_split=_BATCH_SPLIT.value, lr=_LR.value, lr_step_size=_LR_STEP_SIZE.value, lr_gamma=_LR_GAMMA.value,
         momentum=_MOMENTUM.value, weight_decay=_WEIGHT_DECAY.value, seed=_SEED.value,
         train_examples=_TRAIN_EXAMPLES.value, eval_examples=_EVAL_EXAMPLES.value, data_dir=_DATA_DIR.value,

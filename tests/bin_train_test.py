@@ -124,6 +124,17 @@ class TrainBinaryTest(tf.test.TestCase, parameterized.TestCase):
         ("gaussian_lbd", dict(method="gaussian", lbd=3.0), "--lbd is used only by --method=consistency"),
         ("split", dict(batch_size=65, batch_split=True), "divisible by --num_noise"),
         ("model_dir", dict(model_dir=""), "--model_dir"),
+        ("beta_gaussian", dict(method="gaussian", lbd=None, beta=2.0), "--beta is used only by --method=macer"),
+        ("eps_no_adv", dict(epsilon=0.5), "--epsilon is used only by --method=smoothadv or --method=consistency "
+                                           "--adv_training"),
+        ("adv_macer", dict(method="macer", lbd=None, adv_training=True), "--adv_training combines SmoothAdv"),
+        ("eps_negative", dict(method="smoothadv", lbd=None, epsilon=-0.1), "--epsilon must be >= 0"),
+        ("steps", dict(method="smoothadv", lbd=None, num_steps=0), "--num_steps must be >= 1"),
+        ("warmup", dict(method="smoothadv", lbd=None, warmup=0), "--warmup must be >= 1"),
+        ("macer_k", dict(method="macer", num_noise=0), "--num_noise must be >= 1"),
+        ("macer_beta", dict(method="macer", beta=0.0), "--beta must be > 0"),
+        ("macer_gamma", dict(method="macer", gamma=-1.0), "--gamma must be >= 0"),
+        ("stability_m", dict(method="stability", num_noise=2), "--num_noise must be 1"),
         ("data_dir", dict(data_dir="/nonexistent/dir"), "--data_dir"),
     )
     def test_bad_flags_fail_before_any_work(self, overrides, message):

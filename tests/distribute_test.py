@@ -29,8 +29,12 @@ def _train(strategy, method, weights, images, labels, epochs=2):
         hidden = keras.layers.Dense(8, activation="tanh")(keras.layers.Flatten()(inputs))
         base = keras.Model(inputs, keras.layers.Dense(4)(hidden))
         base.set_weights(weights)
-        model = training.ConsistencyModel(base, sigma=0.5, num_noise=3, method=method, lbd=10.0, eta=0.5,
+        model = training.ConsistencyModel(base, sigma=0.5, num_noise=1 if method == "stability" else 3,
+                                          method=method, lbd=10.0, eta=0.5, beta=2.0, gamma=8.0, epsilon=0.5,
+                                          num_steps=2, adv_training=method == "consistency_adv",
                                           weight_decay=0.01, seed=3)
+        if method == "consistency_adv":
+            model.method = "consistency"
         model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9),
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     ds = tf.data.Dataset.from_tensor_slices((images, labels)).batch(8, drop_remainder=True)
@@ -40,7 +44,7 @@ def _train(strategy, method, weights, images, labels, epochs=2):
 
 class ReplicaScalingTest(tf.test.TestCase, parameterized.TestCase):
 
-    @parameterized.parameters("consistency", "gaussian")
+    @parameterized.parameters("consistency", "gaussian", "stability", "smoothadv", "macer")
     def test_two_replicas_make_the_same_update_as_one_device(self, method):
         rng = np.random.default_rng(0)
         images = rng.uniform(size=(32, 6, 6, 1)).astype(np.float32)

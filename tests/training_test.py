@@ -9,6 +9,7 @@ the reported metrics must equal the numpy values.
 
 import numpy as np
 import scipy.special
+import scipy.stats
 import tensorflow as tf
 from absl.testing import parameterized
 
@@ -30,13 +31,18 @@ def _linear_base(weights, bias):
     return model
 
 
-def _reference(noisy, labels, weights, bias, m, method, lbd, eta, weight_decay):
-    """The paper's objective in float64 numpy, term by term.
+def _reference(noisy, labels, weights, bias, m, method, lbd, eta, weight_decay, clean=None, beta=16.0,
+               gamma=8.0, sigma=0.5):
+    """The objectives in float64 numpy, term by term.
 
     noisy: [m * B, D] copy-major, as ConsistencyModel orders them.
     CE = mean over all m*B copies of -log softmax(z)_y;
     p_bar = mean_i p_i; KL = mean_i sum_c p_bar (log p_bar - log p_i);
     H = -sum_c p_bar log p_bar; consistency = mean_B (lbd KL + eta H).
+    stability: CE on the clean images + lbd * mean_B sum_c -softmax(z_clean) log softmax(z_noisy).
+    macer: classification = mean_B -log(p_bar_y + 1e-10); with q = mean_i softmax(beta z_i), for
+    examples where argmax q = y and the margin M = Phi^-1(q_top1) - Phi^-1(q_top2) is within
+    [0, gamma]: robustness = sum (gamma - M) * sigma / 2 / B; loss = classification + lbd robustness.
     """
     logits = noisy @ weights + bias
     log_p = scipy.special.log_softmax(logits, axis=1)
@@ -44,6 +50,20 @@ def _reference(noisy, labels, weights, bias, m, method, lbd, eta, weight_decay):
     ce = -np.mean(log_p[np.arange(len(labels_c)), labels_c])
     out = {"cross_entropy": ce, "loss": ce,
            "accuracy": np.mean(np.argmax(logits, axis=1) == labels_c)}
+    if method == "stability":
+        clean_log_p = scipy.special.log_softmax(clean @ weights + bias, axis=1)
+        out["cross_entropy"] = -np.mean(clean_log_p[np.arange(len(labels)), labels])
+        out["stability"] = np.mean(np.sum(-np.exp(clean_log_p) * log_p, axis=1))
+        out["loss"] = out["cross_entropy"] + lbd * out["stability"]
+    if method == "macer":
+        p_bar = np.exp(log_p.reshape(m, -1, C)).mean(axis=0)
+        out["classification"] = np.mean(-np.log(p_bar[np.arange(len(labels)), labels] + 1e-10))
+        q = scipy.special.softmax(beta * logits.reshape(m, -1, C), axis=2).mean(axis=0)
+        top = np.sort(q, axis=1)[:, ::-1]
+        margin = scipy.stats.norm.ppf(top[:, 0]) - scipy.stats.norm.ppf(top[:, 1])
+        hinge = (np.argmax(q, axis=1) == labels) & (margin <= gamma)
+        out["robustness"] = np.sum(np.where(hinge, gamma - margin, 0.0)) * sigma / 2 / len(labels)
+        out["loss"] = out["classification"] + lbd * out["robustness"]
     if method == "consistency":
         log_p = log_p.reshape(m, -1, C)
         p_bar = np.exp(log_p).mean(axis=0)
@@ -70,6 +90,8 @@ class TrainStepTest(tf.test.TestCase, parameterized.TestCase):
         ("consistency_m2", "consistency", 2, 2.0, 0.5, 0.01),
         ("consistency_m3", "consistency", 3, 5.0, 0.1, 0.0),
         ("gaussian_m1", "gaussian", 1, 0.0, 0.0, 0.01),
+        ("stability", "stability", 1, 2.0, 0.0, 0.01),
+        ("macer_k4", "macer", 4, 3.0, 0.0, 0.01),
     )
     def test_one_step_matches_numpy(self, method, m, lbd, eta, weight_decay):
         rng = np.random.default_rng(0)
@@ -78,8 +100,9 @@ class TrainStepTest(tf.test.TestCase, parameterized.TestCase):
         labels = np.array([0, 1, 2, 1], np.int64)
         sigma, seed, lr = 0.5, 7, 0.1
 
+        # beta = 1 keeps MACER's margins inside the hinge for these weights.
         model = training.ConsistencyModel(_linear_base(weights, bias), sigma=sigma, num_noise=m, method=method,
-                                          lbd=lbd, eta=eta, weight_decay=weight_decay, seed=seed)
+                                          lbd=lbd, eta=eta, beta=1.0, gamma=8.0, weight_decay=weight_decay, seed=seed)
         model.compile(optimizer=keras.optimizers.SGD(lr),
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         logs = model.train_on_batch(images, labels, return_dict=True)
@@ -88,17 +111,23 @@ class TrainStepTest(tf.test.TestCase, parameterized.TestCase):
         seeds = distribute.example_seeds(distribute.step_seed(seed, 1, 0), B)
         noisy = distribute.gaussian_copies(tf.constant(images), m, sigma, seeds).numpy()
         noisy = noisy.reshape(m * B, D).astype(np.float64)
-        ref = _reference(noisy, labels, weights, bias, m, method, lbd, eta, weight_decay)
+        extra = dict(clean=images.reshape(B, D).astype(np.float64), beta=1.0, gamma=8.0, sigma=sigma)
+        ref = _reference(noisy, labels, weights, bias, m, method, lbd, eta, weight_decay, **extra)
+        if method == "macer":
+            self.assertGreater(ref["robustness"], 0.0)  # The hinge term is exercised.
 
-        for name in ("loss", "cross_entropy", "accuracy") + (
-                ("consistency", "kl", "entropy") if method == "consistency" else ()):
+        expected_terms = {"consistency": {"cross_entropy", "consistency", "kl", "entropy"},
+                          "gaussian": {"cross_entropy"}, "stability": {"cross_entropy", "stability"},
+                          "macer": {"classification", "robustness"}}[method]
+        self.assertEqual(set(logs), {"loss", "accuracy"} | expected_terms)
+        for name in logs:
             self.assertAllClose(logs[name], ref[name], rtol=1e-5, atol=1e-6, msg=name)
 
         def objective_w(w):
-            return _reference(noisy, labels, w, bias, m, method, lbd, eta, weight_decay)["objective"]
+            return _reference(noisy, labels, w, bias, m, method, lbd, eta, weight_decay, **extra)["objective"]
 
         def objective_b(b):
-            return _reference(noisy, labels, weights, b, m, method, lbd, eta, weight_decay)["objective"]
+            return _reference(noisy, labels, weights, b, m, method, lbd, eta, weight_decay, **extra)["objective"]
 
         new_w, new_b = model.base_model.get_weights()
         self.assertAllClose(new_w, weights - lr * _numeric_grad(objective_w, weights), atol=2e-5)
@@ -138,6 +167,44 @@ class TrainStepTest(tf.test.TestCase, parameterized.TestCase):
         p = scipy.special.softmax(bias)
         self.assertAllClose(logs["kl"], 0.0, atol=1e-6)
         self.assertAllClose(logs["entropy"], -np.sum(p * np.log(p)), rtol=1e-5)
+
+
+class AdversarialAndScheduleTest(tf.test.TestCase):
+
+    def _model(self, **kwargs):
+        rng = np.random.default_rng(1)
+        model = training.ConsistencyModel(_linear_base(rng.normal(size=(D, C)), np.zeros(C)), sigma=0.25, seed=4,
+                                          **kwargs)
+        model.compile(optimizer=keras.optimizers.SGD(0.5),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        return model
+
+    def test_smoothadv_with_zero_radius_is_gaussian_training(self):
+        images = np.random.default_rng(2).uniform(size=(B, H, W_, 1)).astype(np.float32)
+        labels = np.array([0, 1, 2, 0])
+        plain = self._model(num_noise=2, method="gaussian")
+        adv = self._model(num_noise=2, method="smoothadv", epsilon=0.0, num_steps=3)
+        attacked = self._model(num_noise=2, method="smoothadv", epsilon=0.5, num_steps=3)
+        for model in (plain, adv, attacked):
+            model.set_epoch(0)
+            model.train_on_batch(images, labels)
+        self.assertAllClose(plain.base_model.get_weights(), adv.base_model.get_weights())
+        self.assertNotAllClose(plain.base_model.get_weights()[0], attacked.base_model.get_weights()[0])
+
+    def test_attack_radius_warms_up_and_macer_defers(self):
+        adv = self._model(num_noise=2, method="consistency", adv_training=True, epsilon=1.0, warmup=4, lbd=1.0)
+        radii = []
+        for epoch in range(6):
+            adv.set_epoch(epoch)
+            radii.append(float(adv._attack_radius.numpy()))  # pylint: disable=protected-access
+        self.assertAllClose(radii, [0.25, 0.5, 0.75, 1.0, 1.0, 1.0])
+
+        macer = self._model(num_noise=4, method="macer", lbd=6.0, deferred_epochs=3)
+        weights = []
+        for epoch in range(5):
+            macer.set_epoch(epoch)
+            weights.append(float(macer._robust_weight.numpy()))  # pylint: disable=protected-access
+        self.assertAllClose(weights, [0.0, 0.0, 0.0, 6.0, 6.0])
 
 
 class LearningRateTest(tf.test.TestCase):

@@ -13,14 +13,25 @@ from typing import Any, Dict, Optional
 
 from tf_consreg.errors import ConfigError
 
-METHODS = ("gaussian", "consistency")
+METHODS = ("gaussian", "consistency", "stability", "smoothadv", "macer")
 CONSISTENCY_LOSSES = ("default", "xent", "kl", "mse")
 STRATEGIES = ("auto", "default", "mirrored")
 
 TRAIN_CONFIG_FILE = "train_config.json"
 
-# Defaults of the authors' train_consistency.py, used when the flag is absent.
-_CONSISTENCY_DEFAULTS = {"lbd": 10.0, "eta": 0.5, "consistency_loss": "default"}
+# Method-specific fields and their defaults, from the authors' train_*.py
+# (epsilon in [0, 1] pixel units: their --epsilon divided by 256). A field a
+# method does not use must stay None, so a flag is never silently ignored.
+_METHOD_DEFAULTS = {
+    "gaussian": {"num_noise": 1},
+    "consistency": {"num_noise": 2, "lbd": 10.0, "eta": 0.5, "consistency_loss": "default"},
+    "stability": {"num_noise": 1, "lbd": 2.0},
+    "smoothadv": {"num_noise": 1, "epsilon": 64 / 256, "num_steps": 10, "warmup": 1},
+    "macer": {"num_noise": 16, "lbd": 16.0, "beta": 16.0, "gamma": 8.0, "deferred": False},
+}
+# SmoothAdv inside --method=consistency --adv_training (train_consistency.py).
+_ADV_CONSISTENCY_DEFAULTS = {"epsilon": 512 / 256, "num_steps": 4, "warmup": 10}
+_OPTIONAL_FIELDS = ("lbd", "eta", "consistency_loss", "beta", "gamma", "deferred", "epsilon", "num_steps", "warmup")
 
 
 def _check(condition: bool, message: str) -> None:
@@ -32,10 +43,11 @@ def _check(condition: bool, message: str) -> None:
 class TrainConfig:
     """Everything a training run needs, checked at construction.
 
-    Method-specific fields (`lbd`, `eta`, `consistency_loss`) are None when not
-    given; they get the authors' defaults for the methods that use them and
-    must stay None for the methods that do not, so a flag that would be
-    silently ignored is refused instead.
+    Method-specific fields (`num_noise`, `lbd`, `eta`, `consistency_loss`,
+    `beta`, `gamma`, `deferred`, `epsilon`, `num_steps`, `warmup`) are None
+    when not given; they get the authors' defaults for the methods that use
+    them and must stay None for the methods that do not, so a flag that would
+    be silently ignored is refused instead.
 
     Attributes mirror the flags of bin/train.py; see its --help.
     """
@@ -45,10 +57,17 @@ class TrainConfig:
     arch: str = "lenet"
     method: str = "consistency"
     sigma: float = 0.25
-    num_noise: int = 2
+    num_noise: Optional[int] = None
     lbd: Optional[float] = None
     eta: Optional[float] = None
     consistency_loss: Optional[str] = None
+    beta: Optional[float] = None
+    gamma: Optional[float] = None
+    deferred: Optional[bool] = None
+    adv_training: bool = False
+    epsilon: Optional[float] = None
+    num_steps: Optional[int] = None
+    warmup: Optional[int] = None
     epochs: int = 90
     batch_size: int = 256
     batch_split: bool = False
@@ -75,6 +94,7 @@ class TrainConfig:
                f"--arch={self.arch!r} is unknown; choose one of {', '.join(models.ARCHITECTURES)}")
         _check(self.method in METHODS, f"--method={self.method!r} is unknown; choose one of {', '.join(METHODS)}")
         _check(self.sigma > 0, f"--sigma must be > 0, got {self.sigma}")
+        self._resolve_method_fields()
         _check(self.num_noise >= 1, f"--num_noise must be >= 1, got {self.num_noise}")
         _check(self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")
         _check(self.batch_size >= 1, f"--batch_size must be >= 1, got {self.batch_size}")
@@ -94,21 +114,66 @@ class TrainConfig:
                    "with --batch_split")
         _check(self.clean_batch_size >= 1, "--batch_size is smaller than --num_noise with --batch_split")
 
-        if self.method == "consistency":
-            for name, default in _CONSISTENCY_DEFAULTS.items():
+        self._check_method_fields()
+
+    def _resolve_method_fields(self) -> None:
+        """Fills the method's defaults; refuses fields the method would ignore."""
+        _check(not self.adv_training or self.method == "consistency",
+               f"--adv_training combines SmoothAdv with --method=consistency; for --method={self.method} "
+               "use --method=smoothadv or drop --adv_training")
+        defaults = dict(_METHOD_DEFAULTS[self.method])
+        if self.adv_training:
+            defaults.update(_ADV_CONSISTENCY_DEFAULTS)
+        for name in ("num_noise",) + _OPTIONAL_FIELDS:
+            if name in defaults:
                 if getattr(self, name) is None:
-                    object.__setattr__(self, name, default)
+                    object.__setattr__(self, name, defaults[name])
+            elif getattr(self, name) is not None:
+                users = [m for m, d in _METHOD_DEFAULTS.items() if name in d]
+                if name in _ADV_CONSISTENCY_DEFAULTS:
+                    users.append("consistency --adv_training")
+                raise ConfigError(f"--{name} is used only by --method={' or --method='.join(users)}; "
+                                  f"remove it for --method={self.method}")
+
+    def _check_method_fields(self) -> None:
+        if self.lbd is not None:
             _check(self.lbd >= 0, f"--lbd must be >= 0, got {self.lbd}")
+        if self.eta is not None:
             _check(self.eta >= 0, f"--eta must be >= 0, got {self.eta}")
+        if self.consistency_loss is not None:
             _check(self.consistency_loss in CONSISTENCY_LOSSES,
                    f"--consistency_loss={self.consistency_loss!r} is unknown; "
                    f"choose one of {', '.join(CONSISTENCY_LOSSES)}")
             if self.consistency_loss == "mse":
                 _check(self.num_noise == 2, f"--consistency_loss=mse needs --num_noise=2, got {self.num_noise}")
-        else:
-            for name in _CONSISTENCY_DEFAULTS:
-                _check(getattr(self, name) is None,
-                       f"--{name} is used only by --method=consistency; remove it for --method={self.method}")
+        if self.method == "stability":
+            _check(self.num_noise == 1, f"--method=stability draws one noise per image: --num_noise must be 1, "
+                   f"got {self.num_noise}")
+        if self.beta is not None:
+            _check(self.beta > 0, f"--beta must be > 0, got {self.beta}")
+        if self.gamma is not None:
+            _check(self.gamma >= 0, f"--gamma must be >= 0, got {self.gamma}")
+        if self.epsilon is not None:
+            _check(self.epsilon >= 0, f"--epsilon must be >= 0 (an L2 radius in [0, 1] pixel units), "
+                   f"got {self.epsilon}")
+        if self.num_steps is not None:
+            _check(self.num_steps >= 1, f"--num_steps must be >= 1, got {self.num_steps}")
+        if self.warmup is not None:
+            _check(self.warmup >= 1, f"--warmup must be >= 1, got {self.warmup}")
+
+    @property
+    def adversarial(self) -> bool:
+        """Whether each step first attacks the inputs (SmoothAdv)."""
+        return self.method == "smoothadv" or self.adv_training
+
+    @property
+    def deferred_epochs(self) -> int:
+        """MACER's deferred start: epochs trained with the robustness weight at 0.
+
+        The authors' train_macer.py zeroes it while epoch <= lr_step_size
+        (0-based), i.e. for the first lr_step_size + 1 epochs.
+        """
+        return self.lr_step_size + 1 if self.deferred else 0
 
     @property
     def clean_batch_size(self) -> int:

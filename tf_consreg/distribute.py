@@ -109,24 +109,35 @@ def step_seed(seed: int, stream: int, step: tf.Tensor) -> tf.Tensor:
     return tf.cast(tf.random.experimental.stateless_fold_in(base, tf.cast(step, tf.int64)), tf.int64)
 
 
-def gaussian_copies(images: tf.Tensor, num_copies: int, sigma: float, seeds: tf.Tensor,
-                    dtype: Optional[tf.DType] = None) -> tf.Tensor:
-    """Noisy copies x + N(0, sigma^2 I), `num_copies` per image, copy-major.
+def gaussian_noise(images: tf.Tensor, num_copies: int, sigma: float, seeds: tf.Tensor) -> tf.Tensor:
+    """N(0, sigma^2 I) noise for `num_copies` copies of each image, copy-major.
 
     Args:
-      images: [B, ...] images in pixel space.
+      images: [B, ...] images (only their shape and dtype are used).
       num_copies: m, noisy copies per image.
       sigma: noise standard deviation.
       seeds: int64 [B, 2] per-example seeds (see `example_seeds`).
-      dtype: dtype of the result (default: the images').
 
     Returns:
-      [m * B, ...]: rows [i * B, (i + 1) * B) are copy i of every image.
+      [m * B, ...]: rows [i * B, (i + 1) * B) are the noise of copy i of every image.
     """
-    dtype = dtype or images.dtype
     shape = tf.concat([[num_copies], tf.shape(images)[1:]], axis=0)
-    noise = tf.map_fn(lambda s: tf.random.stateless_normal(shape, s, dtype=dtype), seeds,
-                      fn_output_signature=dtype, parallel_iterations=64)  # [B, m, ...]
+    noise = tf.map_fn(lambda s: tf.random.stateless_normal(shape, s, dtype=images.dtype), seeds,
+                      fn_output_signature=images.dtype, parallel_iterations=64)  # [B, m, ...]
     noise = tf.experimental.numpy.swapaxes(noise, 0, 1)  # [m, B, ...]
-    noisy = tf.cast(images, dtype)[None] + sigma * noise
-    return tf.reshape(noisy, tf.concat([[-1], tf.shape(images)[1:]], axis=0))
+    return sigma * tf.reshape(noise, tf.concat([[-1], tf.shape(images)[1:]], axis=0))
+
+
+def gaussian_copies(images: tf.Tensor, num_copies: int, sigma: float, seeds: tf.Tensor) -> tf.Tensor:
+    """Noisy copies x + N(0, sigma^2 I), `num_copies` per image, copy-major.
+
+    Same arguments as `gaussian_noise`; returns [m * B, ...] where rows
+    [i * B, (i + 1) * B) are copy i of every image.
+    """
+    return tile_copies(images, num_copies) + gaussian_noise(images, num_copies, sigma, seeds)
+
+
+def tile_copies(values: tf.Tensor, num_copies: int) -> tf.Tensor:
+    """[B, ...] -> [m * B, ...], copy-major (the whole batch repeated m times)."""
+    multiples = tf.concat([[num_copies], tf.ones([tf.rank(values) - 1], tf.int32)], axis=0)
+    return tf.tile(values, multiples)

@@ -17,6 +17,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tf_consreg import attacks
 from tf_consreg import data as data_lib
 from tf_consreg import distribute
 from tf_consreg import losses
@@ -33,24 +34,43 @@ _TRAIN_NOISE, _EVAL_NOISE = 1, 2
 
 
 class ConsistencyModel(keras.Model):
-    """Wraps a base classifier to train it with noisy copies and consistency.
+    """Wraps a base classifier to train it on noisy copies, with any of the paper's methods.
+
+    Each step draws m = `num_noise` noisy copies x + N(0, sigma^2 I) of every
+    clean image (noise seeded per example, see distribute.py) and minimizes:
+
+    * "gaussian": mean cross-entropy over the copies (Cohen et al., 2019);
+    * "consistency": that plus `losses.consistency_loss` (Jeong & Shin, 2020);
+    * "stability": cross-entropy on the clean image plus lbd times
+      `losses.stability_loss` on one noisy copy (Li et al., 2019);
+    * "smoothadv": cross-entropy on x' + noise, where x' is the SmoothAdv
+      attack on the smoothed classifier with the same noise held fixed
+      (Salman et al., 2019); `adv_training=True` does the same before the
+      consistency objective (the paper's "SmoothAdv + Consistency");
+    * "macer": `losses.macer_loss` on the m (= K) copies (Zhai et al., 2020).
 
     Args:
       base_model: maps images in [0, 1] to logits.
       sigma: noise standard deviation, in pixel units.
       num_noise: m, noisy copies per clean image.
-      method: "gaussian" (cross-entropy on the copies only, Cohen et al. 2019)
-        or "consistency" (plus the consistency term).
-      lbd, eta, consistency_loss: the consistency term's weights and form
-        (see `tf_consreg.losses.consistency_loss`); ignored by "gaussian".
+      method: one of the methods above.
+      lbd, eta, consistency_loss: weights and form of the method's regularizer
+        (see tf_consreg.losses); unused values are ignored.
+      beta, gamma: MACER's inverse temperature and hinge margin.
+      deferred_epochs: MACER trains with the robustness weight at 0 for this
+        many epochs first.
+      adv_training: attack before the consistency objective.
+      epsilon, num_steps, warmup: the attack's L2 radius, PGD steps, and the
+        epochs over which the radius grows linearly to `epsilon`.
       weight_decay: coupled L2 weight decay (PyTorch SGD's `weight_decay`): the
         loss gains weight_decay / 2 * ||w||^2 over all trainable weights.
       seed: seed of the noise; with the optimizer's step it fixes every draw.
     """
 
     def __init__(self, base_model: keras.Model, *, sigma: float, num_noise: int, method: str = "consistency",
-                 lbd: float = 0.0, eta: float = 0.0, consistency_loss: str = "default", weight_decay: float = 0.0,
-                 seed: int = 0, **kwargs):
+                 lbd: float = 0.0, eta: float = 0.0, consistency_loss: str = "default", beta: float = 16.0,
+                 gamma: float = 8.0, deferred_epochs: int = 0, adv_training: bool = False, epsilon: float = 0.0,
+                 num_steps: int = 1, warmup: int = 1, weight_decay: float = 0.0, seed: int = 0, **kwargs):
         super().__init__(**kwargs)
         self.base_model = base_model
         self.sigma = float(sigma)
@@ -59,6 +79,10 @@ class ConsistencyModel(keras.Model):
         self.lbd = float(lbd or 0.0)
         self.eta = float(eta or 0.0)
         self.consistency_loss_name = consistency_loss or "default"
+        self.beta, self.gamma = float(beta or 0.0), float(gamma or 0.0)
+        self.deferred_epochs = int(deferred_epochs or 0)
+        self.adversarial = method == "smoothadv" or bool(adv_training)
+        self.epsilon, self.num_steps, self.warmup = float(epsilon or 0.0), int(num_steps or 1), int(warmup or 1)
         self.weight_decay = float(weight_decay)
         self.seed = int(seed)
         self._trackers = {name: keras.metrics.Mean(name=name) for name in self._term_names()}
@@ -67,12 +91,20 @@ class ConsistencyModel(keras.Model):
         # Counts evaluation batches, to seed evaluation noise; one per replica set.
         self._eval_steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="eval_steps",
                                        aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+        # Epoch-dependent values, set by `set_epoch` (variables: no retracing).
+        self._attack_radius = tf.Variable(self.epsilon, dtype=tf.float32, trainable=False, name="attack_radius",
+                                          aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+        self._robust_weight = tf.Variable(self.lbd, dtype=tf.float32, trainable=False, name="robust_weight",
+                                          aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
 
     def _term_names(self) -> List[str]:
-        names = ["loss", "cross_entropy"]
-        if self.method == "consistency":
-            names += ["consistency", "kl", "entropy"]
-        return names
+        return ["loss"] + {
+            "gaussian": ["cross_entropy"],
+            "smoothadv": ["cross_entropy"],
+            "consistency": ["cross_entropy", "consistency", "kl", "entropy"],
+            "stability": ["cross_entropy", "stability"],
+            "macer": ["classification", "robustness"],
+        }[self.method]
 
     @property
     def metrics(self):
@@ -81,9 +113,19 @@ class ConsistencyModel(keras.Model):
     def call(self, inputs, training=False):
         return self.base_model(inputs, training=training)
 
-    def _noisy_copies(self, images: tf.Tensor, num_copies: int, stream: int, step: tf.Tensor) -> tf.Tensor:
-        seeds = distribute.example_seeds(distribute.step_seed(self.seed, stream, step), tf.shape(images)[0])
-        return distribute.gaussian_copies(images, num_copies, self.sigma, seeds)
+    def set_epoch(self, epoch: int) -> None:
+        """Sets the values that change with the (0-based) epoch, as the authors' loops do.
+
+        SmoothAdv's radius grows as min(epsilon, (epoch + 1) * epsilon / warmup);
+        deferred MACER keeps its robustness weight at 0 for `deferred_epochs`.
+        """
+        self._attack_radius.assign(min(self.epsilon, (epoch + 1) * self.epsilon / self.warmup))
+        self._robust_weight.assign(0.0 if epoch < self.deferred_epochs else self.lbd)
+
+    def _cross_entropy(self, x, labels, logits, training):
+        # compute_loss applies Keras's rule (local mean / replicas, see
+        # distribute.py); report the local mean and scale again in train_step.
+        return distribute.unscale_loss(self.compute_loss(x=x, y=labels, y_pred=logits, training=training))
 
     def compute_terms(self, images, labels, training: bool, step) -> Dict[str, tf.Tensor]:
         """The training objective on one (local) batch.
@@ -93,29 +135,46 @@ class ConsistencyModel(keras.Model):
         Args:
           images: clean images [B, H, W, C] in [0, 1].
           labels: int labels [B].
-          training: run the base model in training mode.
+          training: a training step (attack, training-mode layers) or an evaluation.
           step: seeds the noise together with `seed`.
 
         Returns:
-          dict with "loss" (the objective), "cross_entropy", the consistency
-          terms for method "consistency", and "logits" [m * B, C] copy-major.
+          dict with "loss" (the objective), the method's terms (see
+          `_term_names`), and "logits" [m * B, C] of the noisy copies, copy-major.
         """
         m = self.num_noise
-        noisy = self._noisy_copies(images, m, _TRAIN_NOISE if training else _EVAL_NOISE, step)
+        seeds = distribute.example_seeds(
+            distribute.step_seed(self.seed, _TRAIN_NOISE if training else _EVAL_NOISE, step), tf.shape(images)[0])
+        noise = distribute.gaussian_noise(images, m, self.sigma, seeds)
+        if self.adversarial and training:
+            # The attack sees the model in inference mode and the same noise the
+            # copies get below; no gradient reaches the weights through it.
+            images = attacks.smoothadv_pgd(self.base_model, images, labels, tf.split(noise, m),
+                                           epsilon=self._attack_radius, num_steps=self.num_steps)
+        noisy = distribute.tile_copies(images, m) + noise
         logits = self.base_model(noisy, training=training)
-        labels_c = tf.tile(labels, [m])
-        # compute_loss applies Keras's rule (local mean / replicas, see
-        # distribute.py); report the local mean and scale again in train_step.
-        cross_entropy = distribute.unscale_loss(
-            self.compute_loss(x=noisy, y=labels_c, y_pred=logits, training=training))
-        terms = {"cross_entropy": cross_entropy, "loss": cross_entropy, "logits": logits}
+        labels_c = distribute.tile_copies(labels, m)
+        terms = {"logits": logits}
+
+        if self.method in ("gaussian", "smoothadv", "consistency"):
+            terms["cross_entropy"] = terms["loss"] = self._cross_entropy(noisy, labels_c, logits, training)
         if self.method == "consistency":
             chunks = tf.split(tf.cast(logits, tf.float32), m, axis=0)
             parts = losses.consistency_terms(chunks)
             consistency = losses.consistency_loss(chunks, self.lbd, self.eta, loss=self.consistency_loss_name)
             terms.update(consistency=consistency, kl=tf.reduce_mean(parts["kl"]),
-                         entropy=tf.reduce_mean(parts["entropy"]))
-            terms["loss"] = cross_entropy + consistency
+                         entropy=tf.reduce_mean(parts["entropy"]), loss=terms["loss"] + consistency)
+        elif self.method == "stability":
+            clean_logits = self.base_model(images, training=training)
+            terms["cross_entropy"] = self._cross_entropy(images, labels, clean_logits, training)
+            terms["stability"] = losses.stability_loss(clean_logits, tf.cast(logits, clean_logits.dtype))
+            terms["loss"] = terms["cross_entropy"] + self.lbd * terms["stability"]
+        elif self.method == "macer":
+            per_copy = tf.reshape(tf.cast(logits, tf.float32), [m, -1, tf.shape(logits)[-1]])
+            parts = losses.macer_loss(tf.transpose(per_copy, [1, 0, 2]), labels, sigma=self.sigma,
+                                      lbd=1.0, beta=self.beta, gamma=self.gamma)
+            terms.update(classification=parts["classification"], robustness=parts["robustness"],
+                         loss=parts["classification"] + self._robust_weight * parts["robustness"])
         return terms
 
     def _weight_decay_term(self) -> tf.Tensor:
@@ -127,7 +186,7 @@ class ConsistencyModel(keras.Model):
     def _update_metrics(self, terms, labels, clean_logits=None):
         for name, tracker in self._trackers.items():
             tracker.update_state(terms[name])
-        self._accuracy.update_state(tf.tile(labels, [self.num_noise]), terms["logits"])
+        self._accuracy.update_state(distribute.tile_copies(labels, self.num_noise), terms["logits"])
         reported = self.metrics
         if clean_logits is None:  # Clean accuracy is measured in evaluation only.
             reported = [m for m in reported if m is not self._clean_accuracy]
@@ -156,6 +215,13 @@ class ConsistencyModel(keras.Model):
 
 # --------------------------------------------------------------------------
 # Callbacks.
+
+
+class EpochSchedule(keras.callbacks.Callback):
+    """Tells the wrapper the epoch, for SmoothAdv's warm-up and MACER's deferral."""
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.model.set_epoch(epoch)
 
 
 class EpochCheckpoint(keras.callbacks.Callback):
@@ -289,7 +355,10 @@ def build(config: TrainConfig, steps_per_epoch: int) -> ConsistencyModel:
     base = models.get_architecture(config.arch, config.dataset)
     model = ConsistencyModel(base, sigma=config.sigma, num_noise=config.num_noise, method=config.method,
                              lbd=config.lbd, eta=config.eta, consistency_loss=config.consistency_loss,
-                             weight_decay=config.weight_decay, seed=config.seed, name="consistency_model")
+                             beta=config.beta, gamma=config.gamma, deferred_epochs=config.deferred_epochs,
+                             adv_training=config.adv_training, epsilon=config.epsilon, num_steps=config.num_steps,
+                             warmup=config.warmup, weight_decay=config.weight_decay, seed=config.seed,
+                             name="consistency_model")
     # SGD with momentum as torch.optim.SGD (weight decay is in the loss, coupled
     # as PyTorch applies it, rather than Keras's decoupled `weight_decay`).
     optimizer = keras.optimizers.SGD(learning_rate=_learning_rate(config, steps_per_epoch),
@@ -367,6 +436,7 @@ def train(config: TrainConfig, flags_text: Optional[str] = None,
         eval_ds = data_lib.make_dataset(eval_images, eval_labels, batch, shuffle=False,
                                         drop_remainder=drop_remainder)
     callbacks = [
+        EpochSchedule(),
         Throughput(batch),
         EpochCheckpoint(manager, epoch),
         ScalarLogger(os.path.join(config.model_dir, "logs"), update_freq=max(1, steps_per_epoch // 20)),
