@@ -1,0 +1,112 @@
+r"""Sends test images to an exported smoothed classifier and prints class and radius.
+
+The model answers with CERTIFY (`serving_default`: class, certified L2 radius,
+p_lower) or PREDICT (`--signature=predict`: class). It is reached either
+locally, through TensorFlow's own SavedModel loader (`--export_dir`: a
+SavedModel or a TF Serving base path, whose newest version is used), or on a
+running TF Serving (`--rest=host:8501` or `--grpc=host:8500`).
+
+Examples:
+
+  python bin/query.py --export_dir=serving/fmnist_smoothed --indices=0,1,2
+
+  python bin/query.py --rest=localhost:8501 --model_name=fmnist_smoothed \
+      --dataset=fashion_mnist --indices=0,1,2
+"""
+
+import os
+import time
+
+from absl import flags
+
+from tf_consreg import cli  # Sets TensorFlow's environment before TensorFlow loads.
+from tf_consreg.errors import ConfigError
+
+_EXPORT_DIR = flags.DEFINE_string("export_dir", None, "A SavedModel, or a TF Serving base path holding "
+                                  "numbered versions (the newest is used).")
+_REST = flags.DEFINE_string("rest", None, "host:port of a TF Serving REST API (8501 in its container).")
+_GRPC = flags.DEFINE_string("grpc", None, "host:port of a TF Serving gRPC API (8500 in its container).")
+_MODEL_NAME = flags.DEFINE_string("model_name", "smoothed", "The model's name in TF Serving.")
+_SIGNATURE = flags.DEFINE_string("signature", "certify", "certify (serving_default) or predict.")
+_DATASET = flags.DEFINE_string("dataset", "fashion_mnist", "Dataset the images come from.")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "Dataset files (see bin/train.py --data_dir).")
+_SPLIT = flags.DEFINE_string("split", "test", "Split the images come from.")
+_INDICES = flags.DEFINE_list("indices", ["0"], "Indices of the images in the split, comma-separated.")
+
+
+def _saved_model_dir(path: str) -> str:
+    if os.path.isfile(os.path.join(path, "saved_model.pb")):
+        return path
+    versions = [d for d in os.listdir(path) if d.isdigit()
+                and os.path.isfile(os.path.join(path, d, "saved_model.pb"))] if os.path.isdir(path) else []
+    if not versions:
+        raise ConfigError(f"--export_dir={path} holds no SavedModel nor numbered versions; run bin/export.py")
+    return os.path.join(path, max(versions, key=int))
+
+
+def _host_port(value: str, flag: str):
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"--{flag}={value!r} is not host:port")
+    return host, int(port)
+
+
+def main(argv):
+    del argv
+    targets = [f for f in (_EXPORT_DIR, _REST, _GRPC) if f.value]
+    if len(targets) != 1:
+        raise ConfigError("give exactly one of --export_dir, --rest and --grpc")
+    if _SIGNATURE.value not in ("certify", "predict"):
+        raise ConfigError(f"--signature={_SIGNATURE.value!r} is unknown; choose certify or predict")
+    try:
+        indices = [int(i) for i in _INDICES.value]
+    except ValueError as e:
+        raise ConfigError(f"--indices must be integers, got {_INDICES.value}") from e
+    local_dir = _saved_model_dir(_EXPORT_DIR.value) if _EXPORT_DIR.value else None
+    rest = _host_port(_REST.value, "rest") if _REST.value else None
+    grpc_target = ":".join(map(str, _host_port(_GRPC.value, "grpc"))) if _GRPC.value else None
+
+    from tf_consreg import data  # pylint: disable=import-outside-toplevel
+
+    images, labels = data.load_arrays(_DATASET.value, _SPLIT.value, data_dir=_DATA_DIR.value)
+    bad = [i for i in indices if not 0 <= i < len(images)]
+    if bad:
+        raise ConfigError(f"--indices {bad} outside the {len(images)} images of {_DATASET.value}/{_SPLIT.value}")
+    batch, batch_labels = images[indices], labels[indices]
+
+    start = time.perf_counter()
+    if local_dir:
+        import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
+        loaded = tf.saved_model.load(local_dir)
+        signature = "serving_default" if _SIGNATURE.value == "certify" else "predict"
+        outputs = {k: v.numpy() for k, v in loaded.signatures[signature](images=tf.constant(batch)).items()}
+        classes, radii, p_lower = outputs["class"], outputs.get("radius"), outputs.get("p_lower")
+        where = local_dir
+    else:
+        from tf_consreg import serving_client  # pylint: disable=import-outside-toplevel
+
+        if rest:
+            client = serving_client.RestClient(*rest, _MODEL_NAME.value)
+        else:
+            client = serving_client.GrpcClient(grpc_target, _MODEL_NAME.value)
+        radii = p_lower = None
+        if _SIGNATURE.value == "certify":
+            classes, radii, p_lower = client.certify(batch)
+        else:
+            classes = client.predict(batch)
+        where = _REST.value or _GRPC.value
+    elapsed = time.perf_counter() - start
+
+    print(f"{_SIGNATURE.value} on {len(indices)} image(s) from {where} in {elapsed:.2f} s")
+    header = "idx\tlabel\tclass" + ("\tradius\tp_lower" if radii is not None else "")
+    print(header)
+    for row, (i, label, cls) in enumerate(zip(indices, batch_labels, classes)):
+        line = f"{i}\t{label}\t{cls}"
+        if radii is not None:
+            line += f"\t{radii[row]:.3f}\t{p_lower[row]:.4f}"
+        print(line)
+
+
+if __name__ == "__main__":
+    cli.run(main)
