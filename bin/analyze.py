@@ -1,0 +1,50 @@
+r"""Summarizes certification logs: ACR and certified accuracy per radius.
+
+Reads TSV files written by bin/certify.py or the authors' certify.py and
+prints, per file, the number of examples, the clean accuracy of the smoothed
+classifier, the average certified radius (ACR) and the certified accuracy at
+each radius (correct with radius >= r), as a Markdown table or JSON.
+
+Example:
+
+  python bin/analyze.py --tsv='../shared/reference-certify/mnist_*.tsv' \
+      --radii=0,0.5,1,1.5,2 --plot=mnist.png
+
+  python bin/analyze.py --tsv=runs/fmnist/certify.tsv --format=json
+"""
+
+from absl import flags
+
+from tf_consreg import analysis
+from tf_consreg import cli
+from tf_consreg.errors import ConfigError
+
+_TSV = flags.DEFINE_list("tsv", None, "Certification TSV files, comma-separated; glob patterns (quoted) are "
+                         "expanded, e.g. --tsv='runs/*/certify.tsv'.")
+_RADII = flags.DEFINE_list("radii", [f"{r:g}" for r in analysis.DEFAULT_RADII],
+                           "Radii of the certified-accuracy columns, comma-separated.")
+_FORMAT = flags.DEFINE_string("format", "markdown", "Output format: markdown or json.")
+_PLOT = flags.DEFINE_string("plot", None, "Also draw certified accuracy against radius for all files into "
+                            "this PNG.")
+_LABELS = flags.DEFINE_list("labels", None, "Names of the files in the table and the plot legend, one per file.")
+
+
+def make_config() -> analysis.AnalyzeConfig:
+    """Builds the validated config from the flags."""
+    radii = []
+    for text in _RADII.value:
+        try:
+            radii.append(float(text))
+        except ValueError as e:
+            raise ConfigError(f"--radii: {text!r} is not a number") from e
+    return analysis.AnalyzeConfig(tsv=_TSV.value or (), radii=radii, format=_FORMAT.value, plot=_PLOT.value,
+                                  labels=_LABELS.value)
+
+
+def main(argv):
+    del argv
+    print(analysis.analyze(make_config()), end="")
+
+
+if __name__ == "__main__":
+    cli.run(main)

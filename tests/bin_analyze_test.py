@@ -1,0 +1,100 @@
+"""End-to-end tests of bin/analyze.py: main under flagsaver, and one-line errors in a subprocess."""
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+from absl import flags
+from absl.testing import absltest
+from absl.testing import flagsaver
+import pytest
+
+from tf_consreg.errors import ConfigError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "bin"))
+import analyze as analyze_bin  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+# Three rows: correct with radii 0.5 and 1.5, one abstention. n = 3,
+# clean accuracy 2/3, ACR (0.5 + 1.5) / 3 = 2/3, certified accuracy at
+# r = 1: only the 1.5 row -> 1/3.
+TSV = ("idx\tlabel\tpredict\tradius\tcorrect\ttime\n"
+       "0\t1\t1\t0.5\t1\t0:00:00.100000\n"
+       "1\t2\t2\t1.5\t1\t0:00:00.100000\n"
+       "2\t3\t-1\t0.0\t0\t0:00:00.100000\n")
+
+# TensorFlow's C++ runtime logs a few lines on import whatever the log level.
+_TF_LOG_PREFIXES = ("I0000", "W0000", "E0000", "WARNING: All log messages")
+
+
+def _error_lines(stderr):
+    return [line for line in stderr.splitlines() if line.strip() and not line.startswith(_TF_LOG_PREFIXES)]
+
+
+class AnalyzeBinaryTest(absltest.TestCase):
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS(["analyze"])
+
+    def setUp(self):
+        super().setUp()
+        self.dir = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.dir, ignore_errors=True)
+        self.tsv = os.path.join(self.dir, "run.tsv")
+        with open(self.tsv, "w", encoding="utf-8") as f:
+            f.write(TSV)
+
+    def _main(self, **flag_values):
+        out = io.StringIO()
+        with flagsaver.flagsaver(**flag_values), contextlib.redirect_stdout(out):
+            analyze_bin.main(["analyze"])
+        return out.getvalue()
+
+    def test_json(self):
+        report = json.loads(self._main(tsv=[self.tsv, self.tsv], format="json", radii=["0", "1"]))
+        self.assertLen(report, 2)
+        self.assertEqual(report[0]["n"], 3)
+        self.assertAlmostEqual(report[0]["clean_accuracy"], 2 / 3)
+        self.assertAlmostEqual(report[0]["acr"], 2 / 3)
+        self.assertEqual(list(report[0]["certified_accuracy"]), ["0.0", "1.0"])
+        self.assertAlmostEqual(report[0]["certified_accuracy"]["1.0"], 1 / 3)
+
+    def test_markdown_and_plot(self):
+        plot = os.path.join(self.dir, "curves.png")
+        table = self._main(tsv=[self.tsv], labels=["mine"], plot=plot)
+        self.assertIn("| mine | 3 | 0.667 | 0.6667 | 0.667 | 0.667 | 0.667 | 0.333 |", table)
+        with open(plot, "rb") as f:
+            self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
+
+    def test_bad_radii_flag(self):
+        with self.assertRaisesRegex(ConfigError, "--radii"):
+            self._main(tsv=[self.tsv], radii=["zero"])
+
+    @pytest.mark.slow  # Two fresh interpreters importing TensorFlow.
+    def test_errors_are_one_line(self):
+        bad = os.path.join(self.dir, "bad.tsv")
+        with open(bad, "w", encoding="utf-8") as f:
+            f.write(TSV + "3\t1\t1\n")
+        for args, expected in (
+                (["--tsv=" + self.tsv, "--format=yaml"], "analyze.py: error: --format='yaml' is unknown"),
+                (["--tsv=" + bad], f"analyze.py: error: {bad}:5: expected 6 tab-separated fields, got 3"),
+        ):
+            result = subprocess.run([sys.executable, os.path.join(REPO, "bin", "analyze.py"), *args],
+                                    capture_output=True, text=True, check=False)
+            self.assertEqual(result.returncode, 2)
+            lines = _error_lines(result.stderr)
+            self.assertLen(lines, 1, result.stderr)
+            self.assertStartsWith(lines[0], expected)
+            self.assertEqual(result.stdout, "")
+
+
+if __name__ == "__main__":
+    absltest.main()
