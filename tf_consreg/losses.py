@@ -192,7 +192,26 @@ def consistency_loss(
     if loss == "mse" and isinstance(logits, (list, tuple)) and len(logits) != 2:
         raise ValueError(f"logits: loss='mse' compares two predictions, so m must be 2; got m={len(logits)}")
 
-    terms = consistency_terms(logits)
+    return combine_consistency_terms(consistency_terms(logits), lbd, eta, loss, reduction)
+
+
+def combine_consistency_terms(
+    terms: dict[str, tf.Tensor],
+    lbd: float | tf.Tensor,
+    eta: float | tf.Tensor = 0.5,
+    loss: str = "default",
+    reduction: str = "mean",
+) -> tf.Tensor:
+    """The consistency regularizer from the terms `consistency_terms` returned.
+
+    For callers that also report the terms: they compute them once and
+    combine them here. Arguments and result as in `consistency_loss`.
+    """
+    if loss not in CONSISTENCY_LOSSES:
+        raise ValueError(f"loss: must be one of {CONSISTENCY_LOSSES}, got {loss!r}")
+    if loss == "mse" and "mse" not in terms:
+        raise ValueError("terms: loss='mse' compares two predictions, so m must be 2")
+    _check_reduction(reduction)
     dtype = terms["kl"].dtype
     lbd = _cast_hparam(lbd, dtype)
     if loss == "default":

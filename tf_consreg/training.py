@@ -161,7 +161,7 @@ class ConsistencyModel(keras.Model):
         if self.method == "consistency":
             chunks = tf.split(tf.cast(logits, tf.float32), m, axis=0)
             parts = losses.consistency_terms(chunks)
-            consistency = losses.consistency_loss(chunks, self.lbd, self.eta, loss=self.consistency_loss_name)
+            consistency = losses.combine_consistency_terms(parts, self.lbd, self.eta, loss=self.consistency_loss_name)
             terms.update(consistency=consistency, kl=tf.reduce_mean(parts["kl"]),
                          entropy=tf.reduce_mean(parts["entropy"]), loss=terms["loss"] + consistency)
         elif self.method == "stability":
