@@ -63,6 +63,14 @@ def default_cache_dir() -> str:
     return os.path.join(root, "tf_consreg", "serving_check")
 
 
+def _writable(directory: str) -> bool:
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(directory, os.W_OK | os.X_OK)
+
+
 def compiler() -> Optional[str]:
     """Returns the path of g++, or None when it is not installed."""
     return shutil.which("g++")
@@ -73,7 +81,8 @@ def build(out_dir: Optional[str] = None) -> str:
 
     Args:
       out_dir: directory for `<cache key>/serving_check`; default
-        `default_cache_dir()`.
+        `default_cache_dir()`, or the system temp directory when that is not
+        writable.
 
     Returns:
       The path of the executable.
@@ -85,7 +94,12 @@ def build(out_dir: Optional[str] = None) -> str:
     gxx = compiler()
     if gxx is None:
         raise BuildError("g++ not found on PATH; install g++ to build serving_check")
-    target_dir = os.path.join(out_dir or default_cache_dir(), cache_key())
+    if out_dir is None:
+        out_dir = default_cache_dir()
+        # A read-only home (e.g. a sandboxed test) falls back to the temp directory.
+        if not _writable(out_dir):
+            out_dir = os.path.join(tempfile.gettempdir(), "tf_consreg_serving_check")
+    target_dir = os.path.join(out_dir, cache_key())
     binary = os.path.join(target_dir, BINARY_NAME)
     if os.access(binary, os.X_OK):
         return binary

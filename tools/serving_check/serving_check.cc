@@ -4,7 +4,7 @@
 // Usage:
 //   serving_check --saved_model_dir=DIR --images=FILE --shape=N,H,W,C
 //       [--signature=serving_default] [--input=images]
-//       [--outputs=class,radius,p_lower] [--repeat=1]
+//       [--outputs=class,radius,p_lower] [--warmup=0] [--repeat=1]
 //   serving_check --saved_model_dir=DIR --signature=metadata
 //
 // FILE holds N*H*W*C little-endian float32 values in C order (numpy's
@@ -15,7 +15,8 @@
 //   <index>\t<output 1>\t<output 2>...   in the order given by --outputs.
 // Without --images the signature is run with no inputs and every output is
 // printed as `<key>\t<values joined by ,>` (used for the `metadata`
-// signature). With --repeat=R the request is sent R times and one line
+// signature). With --warmup=W --repeat=R the request is sent W untimed times
+// (as TF Serving's warm-up does), then R timed times, and one line
 // `timing\trequests=R\tseconds_per_request=S` goes to stderr; the printed
 // outputs are those of the last request. Errors: one line on stderr, exit 1.
 
@@ -48,6 +49,7 @@ struct Args {
   std::string input = "images";
   std::string outputs = "class,radius,p_lower";
   std::vector<int64_t> shape;
+  int warmup = 0;
   int repeat = 1;
 };
 
@@ -86,6 +88,9 @@ Args ParseArgs(int argc, char** argv) {
       args.input = value;
     } else if (name == "outputs") {
       args.outputs = value;
+    } else if (name == "warmup") {
+      args.warmup = std::atoi(value.c_str());
+      if (args.warmup < 0) Fail("--warmup must be >= 0");
     } else if (name == "repeat") {
       args.repeat = std::atoi(value.c_str());
       if (args.repeat < 1) Fail("--repeat must be >= 1");
@@ -203,8 +208,7 @@ int main(int argc, char** argv) {
   }
 
   std::vector<tensorflow::Tensor> results;
-  const auto start = std::chrono::steady_clock::now();
-  for (int r = 0; r < args.repeat; ++r) {
+  const auto run = [&]() {
     results.clear();
     const absl::Status run_status =
         bundle.session->Run(feeds, fetches, {}, &results);
@@ -212,10 +216,13 @@ int main(int argc, char** argv) {
       Fail("signature '" + args.signature +
            "' failed: " + std::string(run_status.message()));
     }
-  }
+  };
+  for (int w = 0; w < args.warmup; ++w) run();
+  const auto start = std::chrono::steady_clock::now();
+  for (int r = 0; r < args.repeat; ++r) run();
   const std::chrono::duration<double> elapsed =
       std::chrono::steady_clock::now() - start;
-  if (args.repeat > 1) {
+  if (args.warmup > 0 || args.repeat > 1) {
     std::fprintf(stderr, "timing\trequests=%d\tseconds_per_request=%.6f\n",
                  args.repeat, elapsed.count() / args.repeat);
   }
