@@ -54,9 +54,10 @@ def _time_cpp(binary, export_dir, images, requests):
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "images.f32")
         images.astype("<f4").tofile(path)
+        shape = ",".join(map(str, images.shape))
         result = subprocess.run(
-            [binary, f"--saved_model_dir={export_dir}", f"--images={path}", f"--shape={','.join(map(str, images.shape))}",
-             "--warmup=1", f"--repeat={requests}"], capture_output=True, text=True, check=True)
+            [binary, f"--saved_model_dir={export_dir}", f"--images={path}", f"--shape={shape}", "--warmup=1",
+             f"--repeat={requests}"], capture_output=True, text=True, check=True)
     line = next(l for l in result.stderr.splitlines() if l.startswith("timing\t"))
     return float(line.rsplit("=", 1)[1])
 

@@ -94,7 +94,8 @@ class _PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
 
     def Predict(self, request, context):  # pylint: disable=invalid-name
         if request.model_spec.name != _MODEL_NAME:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"Servable not found for request: Latest({request.model_spec.name})")
+            context.abort(grpc.StatusCode.NOT_FOUND,
+                          f"Servable not found for request: Latest({request.model_spec.name})")
         inputs = {k: tf.make_ndarray(v) for k, v in request.inputs.items()}
         outputs, error = _run_signature(self.loaded, request.model_spec.signature_name or "serving_default", inputs)
         if error:

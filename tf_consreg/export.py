@@ -28,6 +28,16 @@ The `images` input is declared with unknown shape on purpose: TF Serving and
 the C++ loader feed tensors without checking them against the signature, so
 the shape check lives in the graph, where it gives a clear error on every
 path (Python, C++, TF Serving) instead of a failure deep inside the model.
+The expected shape is in the `metadata` signature.
+
+Noise: by default every request draws a fresh, OS-seeded pair of stateless
+seeds, one for selection and one for estimation (see `_request_seeds`), so no
+two requests, processes or server restarts share noise. `seed=` fixes the
+noise for reproducible tests.
+
+`export_version` (bin/export.py) writes a TF Serving version
+`<export_dir>/<version>/`, staged in a hidden directory and renamed when
+complete.
 """
 
 import dataclasses
