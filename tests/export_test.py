@@ -223,6 +223,22 @@ class VersionExportTest(parameterized.TestCase):
                 export.export_version(config)
         self.assertEqual(os.listdir(config.export_dir), [])
 
+    def test_export_dir_filled_meanwhile_is_left_untouched(self):
+        export_dir = os.path.join(self._tempdir(), "model")
+        model = linear_model(*_linear_setup()[:2])
+        real_write = export._write_warmup  # pylint: disable=protected-access
+
+        def write_and_race(*args):
+            real_write(*args)
+            os.makedirs(export_dir)
+            open(os.path.join(export_dir, "other"), "w").close()
+
+        with mock.patch.object(export, "_write_warmup", side_effect=write_and_race):
+            with self.assertRaisesRegex(ConfigError, "was filled during the export"):
+                export.export_smoothed(model, export_dir, sigma=0.25, num_classes=2, n0=2, n=4)
+        self.assertEqual(os.listdir(export_dir), ["other"])
+        self.assertEqual(os.listdir(os.path.dirname(export_dir)), ["model"])
+
     def test_model_file_with_sigma(self):
         model_file = os.path.join(self.model_dir, models.BASE_MODEL_FILE)
         config = export.VersionExportConfig(export_dir=self._export_dir(), model=model_file, sigma=0.3, n0=2, n=8,

@@ -402,6 +402,9 @@ def export_smoothed(
 
     See the module docstring for the signatures and the layout.
 
+    The SavedModel is staged in a hidden directory beside `export_dir` and
+    renamed into place when complete: a failed export leaves nothing behind.
+
     Args:
       base_model: classifier mapping float32 [N, H, W, C] images in [0, 1] to
         logits [N, num_classes] (it normalizes inside).
@@ -430,13 +433,29 @@ def export_smoothed(
         raise ConfigError(f"--export_dir: {export_dir} exists and is not an empty directory; "
                           "choose a new directory (exports are never overwritten)")
     archive, _ = build_archive(base_model, config)
-    archive.write_out(export_dir, verbose=False)
-    extra = os.path.join(export_dir, ASSETS_EXTRA)
-    os.makedirs(extra, exist_ok=True)
-    _write_warmup(os.path.join(extra, WARMUP_FILE), _input_shape(base_model))
-    with open(os.path.join(extra, METADATA_FILE), "w", encoding="utf-8") as f:
-        json.dump(config.metadata(_input_shape(base_model)), f, indent=2, sort_keys=True)
-        f.write("\n")
+    target = os.path.abspath(export_dir)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    # Written beside its place and renamed when complete, so no reader (e.g. TF
+    # Serving polling the parent for versions) sees a partial export. The
+    # hidden name is not an integer, which TF Serving ignores.
+    staging = tempfile.mkdtemp(dir=os.path.dirname(target), prefix=f".{os.path.basename(target)}.incomplete-")
+    try:
+        saved_model = os.path.join(staging, "saved_model")
+        archive.write_out(saved_model, verbose=False)
+        extra = os.path.join(saved_model, ASSETS_EXTRA)
+        os.makedirs(extra, exist_ok=True)
+        _write_warmup(os.path.join(extra, WARMUP_FILE), _input_shape(base_model))
+        with open(os.path.join(extra, METADATA_FILE), "w", encoding="utf-8") as f:
+            json.dump(config.metadata(_input_shape(base_model)), f, indent=2, sort_keys=True)
+            f.write("\n")
+        # rename(2) replaces a missing or empty directory and fails on a non-empty one.
+        try:
+            os.rename(saved_model, target)
+        except OSError as e:
+            raise ConfigError(f"--export_dir: {export_dir} was filled during the export; it was left untouched "
+                              f"({e.strerror})") from e
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return export_dir
 
 
@@ -520,9 +539,9 @@ class VersionExportConfig:
 def export_version(config: VersionExportConfig) -> str:
     """Exports a TF Serving version `<export_dir>/<version>/` of the smoothed classifier.
 
-    The SavedModel is written to a hidden temporary directory beside the
-    version directory and renamed into place when complete, so TF Serving
-    (which polls `export_dir`) never sees a partial version.
+    Like every `export_smoothed` call, the version is staged in a hidden
+    directory and renamed into place when complete, so TF Serving (which
+    polls `export_dir`) never sees a partial version.
 
     Args:
       config: the validated export.
@@ -547,16 +566,6 @@ def export_version(config: VersionExportConfig) -> str:
                f"--model_dir={config.model_dir}: the model takes {input_shape} and gives {num_classes} classes, "
                f"but dataset {config.dataset} has {tuple(info.input_shape)} images and {info.num_classes} classes")
         class_names = info.class_names
-    os.makedirs(config.export_dir, exist_ok=True)
-    # TF Serving only loads directories named by an integer; this one is not.
-    staging = tempfile.mkdtemp(dir=config.export_dir, prefix=f".{config.version}.incomplete-")
-    try:
-        export_smoothed(base_model, staging, sigma=config.sigma, num_classes=num_classes, n0=config.n0, n=config.n,
-                        alpha=config.alpha, batch_size=config.batch_size, class_names=class_names)
-        _check(not os.path.exists(config.version_dir),
-               f"--export_dir: {config.version_dir} appeared during the export; it was left untouched")
-        os.rename(staging, config.version_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return config.version_dir
+    return export_smoothed(base_model, config.version_dir, sigma=config.sigma, num_classes=num_classes,
+                           n0=config.n0, n=config.n, alpha=config.alpha, batch_size=config.batch_size,
+                           class_names=class_names)
