@@ -6,13 +6,19 @@ inside the exported SavedModel (export.py) alike. `Smooth` runs Cohen et al.'s
 (2019) CERTIFY and PREDICT on top of it, with the statistics of `stats.py`.
 """
 
-from typing import Optional, Sequence, Tuple, Union
+import dataclasses
+import datetime
+import json
+import os
+import time
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import keras
 import numpy as np
 import tensorflow as tf
 
 from tf_consreg import stats
+from tf_consreg.errors import ConfigError
 
 _IntLike = Union[int, tf.Tensor]
 
@@ -344,3 +350,241 @@ class Smooth:
         if x.ndim != 3:
             raise ValueError(f"x must be one image [H, W, C], got shape {x.shape}")
         return x[np.newaxis]
+
+
+# --------------------------------------------------------------------------
+# Certifying a dataset split into a TSV (what bin/certify.py and bin/predict.py run).
+
+MODES = ("certify", "predict")
+HEADERS = {
+    # Exactly the authors' certify.py and predict.py headers.
+    "certify": "idx\tlabel\tpredict\tradius\tcorrect\ttime",
+    "predict": "idx\tlabel\tpredict\tcorrect\ttime",
+}
+SETTINGS_SUFFIX = ".json"
+DEFAULT_BATCH_SIZE = 1000
+# Samples per `certify_batch` call: enough images to fill the forward batches
+# when n is small; one image at a time when n is large, so rows (and the
+# progress bar) advance every few seconds.
+_SAMPLES_PER_CALL_IN_BATCHES = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class CertifyConfig:
+    """One run of CERTIFY (or PREDICT) over a dataset split, checked at construction.
+
+    Flag values are checked first, then files: a training `model_dir` supplies
+    the defaults of `dataset`, `sigma` and `data_dir` from its
+    train_config.json. After construction every field is resolved (`model` is
+    the .keras file, `dataset` and `sigma` are set).
+
+    Attributes mirror the flags of bin/certify.py; see its --help.
+    """
+
+    output: str
+    model_dir: Optional[str] = None
+    model: Optional[str] = None
+    dataset: Optional[str] = None
+    data_dir: Optional[str] = None
+    split: str = "test"
+    sigma: Optional[float] = None
+    n0: int = 100
+    n: int = 100000
+    alpha: float = 0.001
+    batch_size: int = DEFAULT_BATCH_SIZE
+    skip: int = 1
+    max: int = -1
+    seed: int = 0
+    mode: str = "certify"
+
+    def __post_init__(self):
+        from tf_consreg import config as config_lib  # pylint: disable=import-outside-toplevel
+        from tf_consreg import data  # pylint: disable=import-outside-toplevel
+        from tf_consreg import models  # pylint: disable=import-outside-toplevel
+
+        def check(condition, message):
+            if not condition:
+                raise ConfigError(message)
+
+        # Flags first.
+        check(self.mode in MODES, f"mode={self.mode!r} is unknown; choose one of {', '.join(MODES)}")
+        check(bool(self.output), "--output is required: the TSV file to write (or to resume)")
+        check(not os.path.isdir(self.output), f"--output={self.output} is a directory; give a file name")
+        check(bool(self.model_dir) != bool(self.model),
+              "give exactly one of --model_dir (a training run) and --model (a saved .keras base model)")
+        check(self.n0 >= 1, f"--n0 must be >= 1, got {self.n0}")
+        check(self.n >= 1, f"--n must be >= 1, got {self.n}")
+        check(0.0 < self.alpha < 1.0, f"--alpha must be in (0, 1), got {self.alpha}")
+        check(self.batch_size >= 1, f"--batch_size must be >= 1, got {self.batch_size}")
+        check(self.skip >= 1, f"--skip must be >= 1, got {self.skip}")
+        check(self.max >= -1, f"--max must be -1 (no limit) or an index >= 0, got {self.max}")
+        check(0 <= self.seed < 2**63, f"--seed must be in [0, 2^63), got {self.seed}")
+        check(self.sigma is None or 0.0 < self.sigma < float("inf"), f"--sigma must be > 0, got {self.sigma}")
+        check(self.split in data.SPLITS, f"--split={self.split!r} is unknown; choose one of {', '.join(data.SPLITS)}")
+        if self.dataset is not None:
+            data.get_dataset_info(self.dataset)
+        if self.model is not None:
+            check(self.sigma is not None, "--sigma is required with --model (a run's --model_dir supplies it)")
+            check(self.dataset is not None, "--dataset is required with --model (a run's --model_dir supplies it)")
+
+        # Then files.
+        if self.model_dir:
+            check(os.path.isdir(self.model_dir), f"--model_dir={self.model_dir} is not a directory")
+            train = config_lib.read_train_config(self.model_dir)
+            for name in ("dataset", "sigma", "data_dir"):
+                if getattr(self, name) is None:
+                    object.__setattr__(self, name, getattr(train, name))
+            object.__setattr__(self, "model", os.path.join(self.model_dir, models.BASE_MODEL_FILE))
+            check(os.path.isfile(self.model),
+                  f"{self.model} not found: has the training run in --model_dir finished?")
+        else:
+            check(os.path.isfile(self.model), f"--model={self.model} is not a file; give a saved .keras model")
+
+    @property
+    def header(self) -> str:
+        return HEADERS[self.mode]
+
+    def settings(self) -> Dict[str, Any]:
+        """What determines the rows of the TSV; a resumed run must match it.
+
+        `max` is left out (a resumed run may go further), and so is `data_dir`
+        (the same dataset may live elsewhere). `batch_size` is in: it sets the
+        noise blocks, so it changes the noise drawn.
+        """
+        settings = {
+            "mode": self.mode, "model": os.path.abspath(self.model), "dataset": self.dataset,
+            "split": self.split, "sigma": self.sigma, "n0": self.n0, "n": self.n, "alpha": self.alpha,
+            "seed": self.seed, "skip": self.skip, "batch_size": self.batch_size,
+        }
+        if self.mode == "predict":
+            del settings["n0"]
+        return settings
+
+
+def _read_existing_rows(config: CertifyConfig) -> Tuple[int, int]:
+    """Checks an existing --output belongs to this run; returns (complete rows, their byte length).
+
+    A last line without its newline (a run killed while writing) is not
+    counted, so it is redone.
+
+    Raises:
+      ConfigError: the output or its settings file belongs to another run or is corrupt.
+    """
+    output, sidecar = config.output, config.output + SETTINGS_SUFFIX
+    if not os.path.exists(sidecar):
+        raise ConfigError(f"--output={output} exists but {sidecar} (the run's settings) does not: it was not "
+                          "written by this tool; refusing to append. Choose a new --output")
+    try:
+        with open(sidecar, encoding="utf-8") as f:
+            stored = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{sidecar} is unreadable ({e}); refusing to append to --output={output}") from e
+    wanted = config.settings()
+    differences = [f"{k}: {stored.get(k)!r} there, {wanted.get(k)!r} now" for k in sorted(set(stored) | set(wanted))
+                   if stored.get(k) != wanted.get(k)]
+    if differences:
+        raise ConfigError(f"--output={output} holds a run with other settings ({'; '.join(differences)}); "
+                          "rerun with the same flags to resume, or choose a new --output")
+    try:
+        with open(output, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise ConfigError(f"--output={output} is unreadable ({e})") from e
+    complete = raw[:raw.rfind(b"\n") + 1]
+    lines = complete.decode("utf-8", errors="replace").split("\n")[:-1]
+    if not lines or lines[0] != config.header:
+        found = lines[0] if lines else raw[:80].decode("utf-8", errors="replace")
+        raise ConfigError(f"--output={output} has the header {found!r}, not {config.header!r}; "
+                          "refusing to append. Choose a new --output")
+    num_fields = len(config.header.split("\t"))
+    for number, line in enumerate(lines[1:], start=2):
+        fields = line.split("\t")
+        expected_idx = (number - 2) * config.skip
+        if len(fields) != num_fields or fields[0] != str(expected_idx):
+            raise ConfigError(f"{output}:{number}: expected a row for example {expected_idx}, got {line!r}; "
+                              "the file is corrupt, choose a new --output")
+    return len(lines) - 1, len(complete)
+
+
+def _format_row(mode: str, idx: int, label: int, prediction: int, radius: float, seconds: float) -> str:
+    elapsed = str(datetime.timedelta(seconds=seconds))
+    correct = int(prediction == label)
+    if mode == "certify":
+        return f"{idx}\t{label}\t{prediction}\t{float(radius):.3}\t{correct}\t{elapsed}\n"
+    return f"{idx}\t{label}\t{prediction}\t{correct}\t{elapsed}\n"
+
+
+def certify_dataset(config: CertifyConfig, *, verbose: int = 1) -> int:
+    """Certifies (or predicts) the examples of a split and appends rows to the TSV.
+
+    Examples idx = 0, skip, 2 skip, ... below `max` (-1: all) are processed in
+    order. Each row is written after its batch of images, flushed and synced,
+    with the authors' columns; `time` is the batch's wall time divided by its
+    images. An existing output of the same settings is resumed after its last
+    complete row. The noise of example idx is keyed by (seed, idx), so a
+    resumed run writes the same rows as an uninterrupted one.
+
+    Args:
+      config: the validated run.
+      verbose: 1 shows a progress bar with ETA, 0 is silent.
+
+    Returns:
+      The number of rows written by this call.
+
+    Raises:
+      ConfigError: an output of another run, missing data, or a model that
+        does not fit the dataset (all before any row is written).
+    """
+    from tf_consreg import cli  # pylint: disable=import-outside-toplevel
+    from tf_consreg import data  # pylint: disable=import-outside-toplevel
+    from tf_consreg import models  # pylint: disable=import-outside-toplevel
+
+    resuming = os.path.exists(config.output)
+    done, valid_bytes = _read_existing_rows(config) if resuming else (0, 0)
+    info = data.get_dataset_info(config.dataset)
+    images, labels = data.load_arrays(config.dataset, config.split, data_dir=config.data_dir)
+    stop = len(images) if config.max < 0 else min(config.max, len(images))
+    indices = np.arange(0, stop, config.skip)[done:]
+
+    base_model = models.load_base_model(config.model)
+    model_shape = _model_image_shape(base_model)
+    if model_shape is not None and tuple(model_shape) != tuple(info.input_shape):
+        raise ConfigError(f"{config.model} takes images of shape {model_shape}, but --dataset={config.dataset} "
+                          f"has {info.input_shape}")
+    outputs = base_model.outputs[0].shape[-1] if getattr(base_model, "outputs", None) else None
+    if outputs is not None and outputs != info.num_classes:
+        raise ConfigError(f"{config.model} has {outputs} outputs, but --dataset={config.dataset} has "
+                          f"{info.num_classes} classes")
+    smooth = Smooth(base_model, info.num_classes, config.sigma)
+
+    if resuming:
+        with open(config.output, "r+b") as f:
+            f.truncate(valid_bytes)  # Drops a torn last line.
+    else:
+        with cli.atomic_output(config.output + SETTINGS_SUFFIX) as f:
+            json.dump(config.settings(), f, indent=2, sort_keys=True)
+            f.write("\n")
+        with cli.atomic_output(config.output) as f:
+            f.write(config.header + "\n")
+
+    samples = (config.n0 + config.n) if config.mode == "certify" else config.n
+    per_call = max(1, _SAMPLES_PER_CALL_IN_BATCHES * config.batch_size // samples)
+    progress = keras.utils.Progbar(len(indices), verbose=verbose, unit_name="example")
+    with open(config.output, "a", encoding="utf-8") as f:
+        for start in range(0, len(indices), per_call):
+            batch = indices[start:start + per_call]
+            began = time.time()
+            if config.mode == "certify":
+                predictions, radii = smooth.certify_batch(images[batch], config.n0, config.n, config.alpha,
+                                                          config.batch_size, seed=config.seed, image_ids=batch)
+            else:
+                predictions = smooth.predict_batch(images[batch], config.n, config.alpha, config.batch_size,
+                                                   seed=config.seed, image_ids=batch)
+                radii = np.zeros(len(batch))
+            seconds = (time.time() - began) / len(batch)
+            f.write("".join(_format_row(config.mode, int(i), int(labels[i]), int(p), r, seconds)
+                            for i, p, r in zip(batch, predictions, radii)))
+            f.flush()
+            os.fsync(f.fileno())
+            progress.add(len(batch))
+    return len(indices)

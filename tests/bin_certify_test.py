@@ -1,0 +1,277 @@
+"""bin/certify.py: the TSV it writes, resuming, refusals, and one-line errors.
+
+The run itself (`smoothing.CertifyConfig` + `smoothing.certify_dataset`, the
+one library call of the binary) is tested in-process; the binary runs in
+subprocesses, because its flags (--model_dir, --sigma, ...) share names with
+other binaries' flags and absl refuses to define a flag twice in one process.
+"""
+
+import datetime
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+from absl.testing import parameterized
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tf_consreg import config as config_lib
+from tf_consreg import data
+from tf_consreg import models
+from tf_consreg import smoothing
+from tf_consreg.errors import ConfigError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HEADER = "idx\tlabel\tpredict\tradius\tcorrect\ttime"
+# Tiny but real: LeNet on Fashion-MNIST test images.
+TINY = dict(n0=20, n=100, batch_size=200, alpha=0.01)
+# TensorFlow's C++ runtime logs a few lines on import whatever the log level.
+_TF_LOG_PREFIXES = ("I0000", "W0000", "E0000", "WARNING: All log messages")
+_TIME = re.compile(r"^\d+:\d\d:\d\d(\.\d{6})?$")
+
+
+def make_model_dir(directory: str, sigma: float = 0.25) -> str:
+    """A training run directory with an untrained LeNet and its train_config.json."""
+    model_dir = os.path.join(directory, "run")
+    os.makedirs(model_dir)
+    keras_seed = 0
+    tf.keras.utils.set_random_seed(keras_seed)
+    models.get_architecture("lenet", "fashion_mnist").save(os.path.join(model_dir, models.BASE_MODEL_FILE))
+    train = config_lib.TrainConfig(model_dir=model_dir, dataset="fashion_mnist", sigma=sigma)
+    with open(os.path.join(model_dir, config_lib.TRAIN_CONFIG_FILE), "w", encoding="utf-8") as f:
+        f.write(train.to_json())
+    return model_dir
+
+
+def read_rows(path):
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    assert lines[-1] == "", "the file must end with a newline"
+    return lines[0], [line.split("\t") for line in lines[1:-1]]
+
+
+def without_time(rows):
+    return [row[:-1] for row in rows]
+
+
+def error_lines(stderr):
+    return [line for line in stderr.splitlines() if line.strip() and not line.startswith(_TF_LOG_PREFIXES)]
+
+
+def run_binary(name, *args):
+    return subprocess.run([sys.executable, os.path.join(REPO, "bin", name), *args], capture_output=True, text=True,
+                          check=False)
+
+
+class CertifyDatasetTest(tf.test.TestCase, parameterized.TestCase):
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.dir = tempfile.mkdtemp()
+        cls.model_dir = make_model_dir(cls.dir)
+        _, cls.labels = data.load_arrays("fashion_mnist", "test", limit=20)
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.dir, ignore_errors=True)
+        super().tearDownClass()
+
+    def _config(self, output, **overrides):
+        args = dict(output=output, model_dir=self.model_dir, **TINY)
+        args.update(overrides)
+        return smoothing.CertifyConfig(**args)
+
+    def _output(self, name="certify.tsv"):
+        return os.path.join(tempfile.mkdtemp(dir=self.dir), name)
+
+    def test_rows_in_the_authors_format(self):
+        output = self._output()
+        self.assertEqual(smoothing.certify_dataset(self._config(output, max=8), verbose=0), 8)
+        header, rows = read_rows(output)
+        self.assertEqual(header, HEADER)
+        self.assertEqual([int(r[0]) for r in rows], list(range(8)))
+        for idx, label, predict, radius, correct, elapsed in rows:
+            self.assertEqual(int(label), self.labels[int(idx)])
+            self.assertEqual(int(correct), int(predict == label))
+            self.assertGreaterEqual(int(predict), -1)
+            # The authors print radii with "{:.3}" (0.0 when abstaining).
+            self.assertEqual(radius, "{:.3}".format(float(radius)))
+            if predict == "-1":
+                self.assertEqual(radius, "0.0")
+            self.assertRegex(elapsed, _TIME)
+        with open(output + ".json", encoding="utf-8") as f:
+            settings = f.read()
+        for expected in ('"sigma": 0.25', '"n": 100', '"n0": 20', '"seed": 0', '"dataset": "fashion_mnist"',
+                         '"split": "test"', '"batch_size": 200'):
+            self.assertIn(expected, settings)
+
+    def test_skip_and_max(self):
+        output = self._output()
+        smoothing.certify_dataset(self._config(output, skip=3, max=10), verbose=0)
+        self.assertEqual([int(r[0]) for r in read_rows(output)[1]], [0, 3, 6, 9])
+
+    def test_sigma_and_dataset_default_to_the_training_run(self):
+        config = self._config(self._output())
+        self.assertEqual((config.sigma, config.dataset), (0.25, "fashion_mnist"))
+        self.assertEqual(config.model, os.path.join(self.model_dir, models.BASE_MODEL_FILE))
+        self.assertEqual(self._config(self._output(), sigma=0.5).sigma, 0.5)
+
+    def test_resumed_run_equals_uninterrupted_run(self):
+        whole = self._output()
+        smoothing.certify_dataset(self._config(whole, max=9), verbose=0)
+
+        pieces = self._output()
+        smoothing.certify_dataset(self._config(pieces, max=4), verbose=0)
+        with open(pieces, "a", encoding="utf-8") as f:
+            f.write("4\t7\t")  # Killed while writing row 4.
+        self.assertEqual(smoothing.certify_dataset(self._config(pieces, max=6), verbose=0), 2)
+        # Killed in the middle of row 6 after its bytes partly reached disk.
+        with open(pieces, "rb+") as f:
+            f.seek(0, os.SEEK_END)
+            f.truncate(f.tell() - 5)
+        self.assertEqual(smoothing.certify_dataset(self._config(pieces, max=9), verbose=0), 4)
+        self.assertEqual(without_time(read_rows(pieces)[1]), without_time(read_rows(whole)[1]))
+
+        # Nothing left to do: nothing written, nothing duplicated.
+        with open(pieces, "rb") as f:
+            before = f.read()
+        self.assertEqual(smoothing.certify_dataset(self._config(pieces, max=9), verbose=0), 0)
+        with open(pieces, "rb") as f:
+            self.assertEqual(f.read(), before)
+
+    def test_refuses_an_output_with_another_header(self):
+        foreign = self._output()
+        with open(foreign, "w", encoding="utf-8") as f:
+            f.write("epoch\tloss\n1\t0.5\n")
+        with self.assertRaisesRegex(ConfigError, "not written by this tool"):
+            smoothing.certify_dataset(self._config(foreign, max=2), verbose=0)
+        with open(foreign, encoding="utf-8") as f:
+            self.assertEqual(f.read(), "epoch\tloss\n1\t0.5\n")
+        # Even next to a matching settings file, another header is refused.
+        other = self._output()
+        smoothing.certify_dataset(self._config(other, max=1), verbose=0)
+        with open(other, "w", encoding="utf-8") as f:
+            f.write("idx\tlabel\tpredict\tcorrect\ttime\n")
+        with self.assertRaisesRegex(ConfigError, "header"):
+            smoothing.certify_dataset(self._config(other, max=2), verbose=0)
+
+    @parameterized.named_parameters(
+        ("sigma", dict(sigma=0.5), "sigma: 0.25 there, 0.5 now"),
+        ("n", dict(n=200), "n: 100 there, 200 now"),
+        ("seed", dict(seed=1), "seed"),
+        ("skip", dict(skip=2), "skip"),
+        ("batch_size", dict(batch_size=100), "batch_size"),
+        ("split", dict(split="train"), "split"),
+    )
+    def test_refuses_an_output_of_other_settings(self, overrides, message):
+        output = self._output()
+        smoothing.certify_dataset(self._config(output, max=2), verbose=0)
+        with open(output, "rb") as f:
+            before = f.read()
+        with self.assertRaisesRegex(ConfigError, message):
+            smoothing.certify_dataset(self._config(output, max=4, **overrides), verbose=0)
+        with open(output, "rb") as f:
+            self.assertEqual(f.read(), before)
+
+    def test_refuses_a_corrupt_row(self):
+        output = self._output()
+        smoothing.certify_dataset(self._config(output, max=3), verbose=0)
+        with open(output, encoding="utf-8") as f:
+            lines = f.readlines()
+        lines[2] = "7" + lines[2][1:]
+        with open(output, "w", encoding="utf-8") as f:
+            f.writelines(lines)
+        with self.assertRaisesRegex(ConfigError, r"certify.tsv:3: expected a row for example 1"):
+            smoothing.certify_dataset(self._config(output, max=5), verbose=0)
+
+    @parameterized.named_parameters(
+        ("n0", dict(n0=0), "--n0 must be >= 1"),
+        ("n", dict(n=0), "--n must be >= 1"),
+        ("alpha", dict(alpha=1.0), "--alpha must be in"),
+        ("batch_size", dict(batch_size=0), "--batch_size must be >= 1"),
+        ("skip", dict(skip=0), "--skip must be >= 1"),
+        ("max", dict(max=-2), "--max"),
+        ("sigma", dict(sigma=0.0), "--sigma must be > 0"),
+        ("split", dict(split="valid"), "--split"),
+        ("dataset", dict(dataset="imagenet"), "--dataset"),
+        ("both_models", dict(model="x.keras"), "exactly one of --model_dir"),
+        ("no_model", dict(model_dir=None), "exactly one of --model_dir"),
+        ("no_output", dict(output=""), "--output is required"),
+        ("missing_model_dir", dict(model_dir="/nonexistent/run"), "--model_dir"),
+    )
+    def test_bad_config(self, overrides, message):
+        args = dict(output=self._output())
+        args.update(overrides)
+        with self.assertRaisesRegex(ConfigError, message):
+            self._config(**args)
+
+    def test_model_file_needs_sigma_and_dataset(self):
+        model = os.path.join(self.model_dir, models.BASE_MODEL_FILE)
+        with self.assertRaisesRegex(ConfigError, "--sigma is required with --model"):
+            smoothing.CertifyConfig(output=self._output(), model=model, dataset="fashion_mnist")
+        with self.assertRaisesRegex(ConfigError, "--dataset is required with --model"):
+            smoothing.CertifyConfig(output=self._output(), model=model, sigma=0.5)
+        config = smoothing.CertifyConfig(output=self._output(), model=model, dataset="fashion_mnist", sigma=0.5,
+                                         max=2, **TINY)
+        self.assertEqual(smoothing.certify_dataset(config, verbose=0), 2)
+
+    def test_model_that_does_not_fit_the_dataset(self):
+        model = os.path.join(self.dir, "cifar.keras")
+        tf.keras.Sequential([tf.keras.Input((32, 32, 3)), tf.keras.layers.Flatten(),
+                             tf.keras.layers.Dense(10)]).save(model)
+        output = self._output()
+        config = smoothing.CertifyConfig(output=output, model=model, dataset="fashion_mnist", sigma=0.5, max=2)
+        with self.assertRaisesRegex(ConfigError, "takes images of shape"):
+            smoothing.certify_dataset(config, verbose=0)
+        self.assertFalse(os.path.exists(output))
+
+
+@pytest.mark.slow  # Each case starts a fresh interpreter that imports TensorFlow.
+class CertifyBinaryTest(parameterized.TestCase):
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.dir = tempfile.mkdtemp()
+        cls.model_dir = make_model_dir(cls.dir)
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.dir, ignore_errors=True)
+        super().tearDownClass()
+
+    def test_end_to_end(self):
+        output = os.path.join(self.dir, "e2e", "certify.tsv")
+        result = run_binary("certify.py", f"--model_dir={self.model_dir}", "--max=5", "--n0=20", "--n=100",
+                            "--batch_size=100", f"--output={output}")
+        self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+        header, rows = read_rows(output)
+        self.assertEqual(header, HEADER)
+        self.assertEqual([r[0] for r in rows], ["0", "1", "2", "3", "4"])
+        self.assertIn(f"certified 5 examples into {output}", result.stdout)
+
+    @parameterized.named_parameters(
+        ("n", ["--n=0"], "certify.py: error: --n must be >= 1, got 0"),
+        ("alpha", ["--alpha=1.5"], "certify.py: error: --alpha must be in (0, 1), got 1.5"),
+        ("model_without_sigma", ["--model=/tmp/x.keras", "--dataset=fashion_mnist"],
+         "certify.py: error: --sigma is required with --model"),
+    )
+    def test_errors_are_one_line(self, args, expected):
+        output = os.path.join(self.dir, "errors", "certify.tsv")
+        if not any(a.startswith("--model") for a in args):
+            args = [f"--model_dir={self.model_dir}", *args]
+        result = run_binary("certify.py", *args, f"--output={output}")
+        self.assertEqual(result.returncode, 2)
+        lines = error_lines(result.stderr)
+        self.assertLen(lines, 1, result.stderr)
+        self.assertStartsWith(lines[0], expected)
+        self.assertFalse(os.path.exists(output))
+
+
+if __name__ == "__main__":
+    tf.test.main()
