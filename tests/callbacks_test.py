@@ -1,0 +1,180 @@
+"""CertifyCallback against an independent run of Smooth.certify_batch, and holdout_split."""
+
+import glob
+import os
+import shutil
+import tempfile
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl.testing import parameterized
+
+from tf_consreg import analysis
+from tf_consreg import callbacks
+from tf_consreg import smoothing
+from tf_consreg import training
+from tf_consreg.errors import ConfigError
+
+SIGMA = 0.25
+SIDE = 4
+CERTIFY = dict(n0=32, n=100, alpha=0.001, batch_size=256)
+
+
+def _brightness_model(scale: float = 4.0) -> keras.Model:
+    """Two classes by mean brightness: logits (s * (sum(x) - 8), -s * (sum(x) - 8)) on 4x4 images.
+
+    Under noise sum(x + d) - 8 ~ N(16 b - 8, (4 sigma)^2) for a flat image of
+    brightness b, so images far from b = 0.5 are certified with large radii,
+    images near it abstain: the certificates cover every case.
+    """
+    inputs = keras.Input((SIDE, SIDE, 1))
+    flat = keras.layers.Flatten()(inputs)
+    dense = keras.layers.Dense(2)
+    outputs = dense(flat)
+    model = keras.Model(inputs, outputs)
+    pixels = SIDE * SIDE
+    dense.set_weights([np.stack([np.full(pixels, scale), np.full(pixels, -scale)], axis=1).astype(np.float32),
+                       np.array([-scale * pixels / 2, scale * pixels / 2], np.float32)])
+    return model
+
+
+def _validation_set():
+    brightness = np.array([0.05, 0.15, 0.3, 0.42, 0.48, 0.5, 0.52, 0.58, 0.7, 0.85, 0.95, 0.99], np.float32)
+    images = np.broadcast_to(brightness[:, None, None, None], (12, SIDE, SIDE, 1)).copy()
+    labels = (brightness < 0.5).astype(np.int64)  # class 0 = bright
+    labels[[0, 11]] = 1 - labels[[0, 11]]  # two confidently wrong images
+    return images, labels
+
+
+def _scalars(log_dir):
+    values = {}
+    for path in glob.glob(os.path.join(log_dir, "validation", "events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                if value.metadata.plugin_data.plugin_name == "scalars":
+                    values.setdefault(value.tag, {})[event.step] = float(tf.make_ndarray(value.tensor))
+                else:
+                    values.setdefault(value.tag, {})[event.step] = value.metadata.plugin_data.plugin_name
+    return values
+
+
+class CertifyCallbackTest(tf.test.TestCase, parameterized.TestCase):
+
+    def test_reports_what_certify_batch_and_analysis_give(self):
+        images, labels = _validation_set()
+        base = _brightness_model()
+        log_dir = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, log_dir)
+        seed = 7
+
+        # Reference, computed here: the library's CERTIFY on the same images and seed.
+        classes, radii = smoothing.Smooth(base, 2, SIGMA).certify_batch(images, seed=seed, **CERTIFY)
+        correct = classes == labels
+        expected_acr = float(np.mean(radii * correct))
+        self.assertGreater(expected_acr, 0.1)
+        self.assertTrue(np.any(classes == smoothing.Smooth.ABSTAIN))  # every case occurs
+        self.assertTrue(np.any((classes != labels) & (classes != smoothing.Smooth.ABSTAIN)))
+        summary = analysis.summarize(
+            analysis.CertifyLog("ref", np.arange(12), labels, classes, radii, correct), callbacks.DEFAULT_RADII)
+
+        # Training with lr = 0 keeps the weights: every certification sees the reference model.
+        model = training.ConsistencyModel(base, sigma=SIGMA, num_noise=2, lbd=1.0, eta=0.5)
+        model.compile(optimizer=keras.optimizers.SGD(0.0),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        certify = callbacks.CertifyCallback(images, labels, sigma=SIGMA, num_classes=2, every=2, log_dir=log_dir,
+                                            seed=seed, verbose=False, **CERTIFY)
+        history = model.fit(images, labels, batch_size=6, epochs=3, callbacks=[certify], verbose=0)
+
+        # Certified after epoch 2 (every=2) and after the last one (3).
+        self.assertEqual(certify.last_result.epoch, 3)
+        self.assertAllClose(history.history["val_acr"], [expected_acr] * 2, rtol=0, atol=1e-12)
+        self.assertAllClose(history.history["val_acr"], [summary.acr] * 2, rtol=0, atol=1e-12)
+        self.assertAllClose(history.history["val_smoothed_accuracy"], [np.mean(correct)] * 2, atol=1e-12)
+        self.assertAllClose(history.history["val_abstain_rate"], [np.mean(classes == -1)] * 2, atol=1e-12)
+        for r in callbacks.DEFAULT_RADII:
+            expected = np.mean(correct & (radii >= r))
+            self.assertAllClose(history.history[f"val_certified_accuracy_{callbacks.radius_name(r)}"],
+                                [expected] * 2, atol=1e-12)
+
+        scalars = _scalars(log_dir)
+        self.assertEqual(set(scalars["val/acr"]), {2, 3})
+        self.assertAllClose(scalars["val/acr"][3], expected_acr, atol=1e-6)
+        self.assertAllClose(scalars["val/certified_accuracy_r0.5"][2], np.mean(correct & (radii >= 0.5)),
+                            atol=1e-6)
+        self.assertIn("val/abstain_rate", scalars)
+        self.assertIn("val/certify_seconds", scalars)
+        self.assertEqual(scalars["val/certified_accuracy_curve"], {2: "images", 3: "images"})
+
+    def test_later_callbacks_see_val_acr(self):
+        images, labels = _validation_set()
+        model = training.ConsistencyModel(_brightness_model(), sigma=SIGMA, num_noise=1, method="gaussian")
+        model.compile(optimizer=keras.optimizers.SGD(0.0),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        seen = []
+        recorder = keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: seen.append(logs.get("val_acr")))
+        certify = callbacks.CertifyCallback(images, labels, sigma=SIGMA, num_classes=2, seed=1, verbose=False,
+                                            **CERTIFY)
+        model.fit(images, labels, batch_size=12, epochs=2, callbacks=[certify, recorder], verbose=0)
+        self.assertLen(seen, 2)
+        self.assertTrue(all(v is not None and v > 0 for v in seen))
+        self.assertEqual(seen[0], seen[1])  # same weights, same noise
+
+    def test_evaluate_takes_uint8_images_and_a_plain_model(self):
+        images, labels = _validation_set()
+        base = _brightness_model()
+        as_uint8 = np.round(images * 255).astype(np.uint8)
+        certify = callbacks.CertifyCallback(as_uint8, labels, sigma=SIGMA, num_classes=2, seed=3, verbose=False,
+                                            **CERTIFY)
+        result = certify.evaluate(base)
+        classes, radii = smoothing.Smooth(base, 2, SIGMA).certify_batch(as_uint8 / np.float32(255), seed=3,
+                                                                        **CERTIFY)
+        self.assertAllClose(result.summary.acr, np.mean(radii * (classes == labels)), atol=1e-12)
+        self.assertEqual(result.epoch, 0)
+
+    @parameterized.named_parameters(
+        ("every", dict(every=0), "every"),
+        ("n", dict(n=0), "n must"),
+        ("alpha", dict(alpha=1.0), "alpha"),
+        ("sigma", dict(sigma=0.0), "sigma"),
+        ("radii", dict(radii=()), "radii"),
+        ("ids", dict(image_ids=[1, 2]), "image_ids"),
+    )
+    def test_bad_arguments(self, override, message):
+        images, labels = _validation_set()
+        kwargs = dict(sigma=SIGMA, num_classes=2, **CERTIFY)
+        kwargs.update(override)
+        with self.assertRaisesRegex(ValueError, message):
+            callbacks.CertifyCallback(images, labels, **kwargs)
+
+    def test_radius_name(self):
+        self.assertEqual([callbacks.radius_name(r) for r in (0.0, 0.25, 0.5, 1.0, 2.5)],
+                         ["r0", "r0.25", "r0.5", "r1", "r2.5"])
+
+
+class HoldoutSplitTest(tf.test.TestCase, parameterized.TestCase):
+
+    def test_holds_out_the_last_examples(self):
+        images, labels = np.arange(10) * 10, np.arange(10)
+        train_x, train_y, val_x, val_y = callbacks.holdout_split(images, labels, 3)
+        self.assertAllEqual(train_y, np.arange(7))
+        self.assertAllEqual(val_y, [7, 8, 9])
+        self.assertAllEqual(val_x, [70, 80, 90])
+        # The held-out examples do not depend on how many are trained on.
+        _, train_y, _, val_y = callbacks.holdout_split(images, labels, 3, train_examples=4)
+        self.assertAllEqual(train_y, np.arange(4))
+        self.assertAllEqual(val_y, [7, 8, 9])
+
+    @parameterized.named_parameters(
+        ("zero", 0, 0, "--certify_examples must be >= 1"),
+        ("larger", 11, 0, "--certify_examples=11 is larger than the training split \\(10 images\\)"),
+        ("all", 10, 0, "leaving nothing to train on"),
+        ("train_examples", 3, 8, "--train_examples=8 with --certify_examples=3: .* at most 7"),
+    )
+    def test_refuses(self, num, train_examples, message):
+        with self.assertRaisesRegex(ConfigError, message):
+            callbacks.holdout_split(np.zeros(10), np.zeros(10), num, train_examples=train_examples)
+
+
+if __name__ == "__main__":
+    tf.test.main()

@@ -1,0 +1,283 @@
+"""Live certification of a held-out validation subset while a model trains.
+
+`CertifyCallback` runs CERTIFY (`Smooth.certify_batch`) on a fixed subset of
+the training split every few epochs and reports what the paper reports - the
+average certified radius (ACR) and certified accuracy at a few radii, from
+`tf_consreg.analysis` - plus the abstention rate, to TensorBoard and to the
+epoch logs (`val_acr`, ...), where ModelCheckpoint, EarlyStopping or
+keras-tuner can use them. `holdout_split` carves that subset out of the
+training split, so the test set is never looked at while choosing a model.
+"""
+
+import dataclasses
+import math
+import os
+import tempfile
+import time
+from typing import Dict, Optional, Sequence, Tuple
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tf_consreg import analysis
+from tf_consreg import smoothing
+from tf_consreg.errors import ConfigError
+
+# Radii of the logged certified accuracies: every other radius of the paper's
+# tables (0, 0.5, ..., 2.5), enough to see the trade-off without clutter.
+DEFAULT_RADII = analysis.DEFAULT_RADII[::2]
+# TensorBoard run (under the log directory) the callback writes to; the one
+# where training.ScalarLogger writes the other validation curves.
+VALIDATION_RUN = "validation"
+
+
+def radius_name(radius: float) -> str:
+    """The suffix of a radius in metric names: 0.5 -> "r0.5", 1.0 -> "r1"."""
+    return f"r{radius:g}"
+
+
+def holdout_split(images: np.ndarray, labels: np.ndarray, num: int, *,
+                  train_examples: int = 0) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Holds the last `num` examples of a training split out for validation.
+
+    The held-out examples are the same whatever `train_examples` is, so runs
+    that train on different amounts of data are validated on the same images.
+
+    Args:
+      images: the whole training split, [S, ...].
+      labels: its labels, [S].
+      num: examples to hold out (`--certify_examples`), >= 1.
+      train_examples: train on the first this many of the remaining S - num
+        examples (`--train_examples`); 0 = all of them.
+
+    Returns:
+      (train_images, train_labels, holdout_images, holdout_labels); the first
+      two are the first `train_examples` (or S - num) examples, the last two
+      the last `num`.
+
+    Raises:
+      ConfigError: `num` < 1, `num` >= S (no training images left), or
+        `train_examples` > S - num.
+    """
+    size = len(images)
+    if len(labels) != size:
+        raise ValueError(f"{size} images but {len(labels)} labels")
+    if num < 1:
+        raise ConfigError(f"--certify_examples must be >= 1, got {num}")
+    if num > size:
+        raise ConfigError(f"--certify_examples={num} is larger than the training split ({size} images); "
+                          "hold out fewer")
+    if num == size:
+        raise ConfigError(f"--certify_examples={num} holds out the whole training split ({size} images), "
+                          "leaving nothing to train on; hold out fewer")
+    if train_examples < 0:
+        raise ConfigError(f"--train_examples must be >= 0 (0 = all), got {train_examples}")
+    rest = size - num
+    if train_examples > rest:
+        raise ConfigError(f"--train_examples={train_examples} with --certify_examples={num}: the training split "
+                          f"has {size} images, so at most {rest} are left to train on")
+    stop = train_examples or rest
+    return images[:stop], labels[:stop], images[rest:], labels[rest:]
+
+
+@dataclasses.dataclass(frozen=True)
+class ValidationCertificate:
+    """One certification of the validation subset.
+
+    Attributes:
+      epoch: 1-based epoch after which it was computed (0: not during training).
+      summary: ACR, smoothed accuracy and certified accuracies (analysis.summarize).
+      abstain_rate: fraction of images where CERTIFY abstained.
+      seconds: wall time of the certification.
+      log: the per-image results, as a certification log.
+    """
+
+    epoch: int
+    summary: analysis.Summary
+    abstain_rate: float
+    seconds: float
+    log: analysis.CertifyLog
+
+    def metrics(self) -> Dict[str, float]:
+        """The numbers as epoch-log entries: `val_acr`, `val_certified_accuracy_r0.5`, ...
+
+        `val_smoothed_accuracy` is the accuracy of the smoothed classifier g
+        (abstentions count as wrong): the "clean accuracy" of certification
+        tables, i.e. certified accuracy at radius 0.
+        """
+        values = {
+            "val_acr": self.summary.acr,
+            "val_smoothed_accuracy": self.summary.clean_accuracy,
+            "val_abstain_rate": self.abstain_rate,
+        }
+        for radius, accuracy in self.summary.certified_accuracy.items():
+            values[f"val_certified_accuracy_{radius_name(radius)}"] = accuracy
+        return values
+
+
+def _check_positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)
+
+
+class CertifyCallback(keras.callbacks.Callback):
+    """Certifies a held-out subset every `every` epochs and reports ACR and certified accuracy.
+
+    After every `every`-th epoch and after the last one, it runs CERTIFY
+    (Cohen et al., 2019; `Smooth.certify_batch`) with the current base
+    classifier on `images` and:
+
+    * adds `ValidationCertificate.metrics()` to the epoch logs (`val_acr`,
+      `val_smoothed_accuracy`, `val_abstain_rate`,
+      `val_certified_accuracy_r<radius>`), so callbacks that come after it in
+      the list (ModelCheckpoint, EarlyStopping, a logger) and `History` see them;
+    * writes them to TensorBoard as `val/acr`, `val/smoothed_accuracy`,
+      `val/abstain_rate`, `val/certified_accuracy_r<radius>`, with its cost
+      `val/certify_seconds` and the curve of certified accuracy against radius
+      as the image `val/certified_accuracy_curve`, at step = epoch (1-based);
+    * prints one line with the numbers and the seconds it took.
+
+    The same `seed` is used at every evaluation: each image gets the same
+    noise every time, so changes between epochs come from the model, not
+    from the Monte Carlo draw.
+
+    The base classifier is `model.base_model` when the trained model is a
+    `training.ConsistencyModel` (or any wrapper with that attribute), else
+    the trained model itself.
+
+    Args:
+      images: the validation images, float32 in [0, 1] or uint8, [N, H, W, C].
+      labels: their int labels, [N].
+      sigma: noise standard deviation of the smoothed classifier.
+      num_classes: number of classes.
+      every: certify after every this many epochs (and after the last), >= 1.
+      n0: CERTIFY's selection samples per image.
+      n: CERTIFY's estimation samples per image.
+      alpha: CERTIFY's failure probability.
+      batch_size: most noisy copies per forward pass.
+      log_dir: TensorBoard directory (a run's `logs/`); events go to its
+        `validation/` run. None: no TensorBoard output.
+      seed: seed of the certification noise.
+      radii: radii of the logged certified accuracies.
+      image_ids: ids that key each image's noise (e.g. its index in the
+        dataset; default: 0..N-1), see `Smooth.certify_batch`.
+      verbose: print one line per certification.
+
+    Raises:
+      ValueError: bad arguments (checked here, before training starts).
+    """
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, *, sigma: float, num_classes: int, every: int = 1,
+                 n0: int = 100, n: int = 1000, alpha: float = 0.001, batch_size: int = 1000,
+                 log_dir: Optional[str] = None, seed: int = 0, radii: Sequence[float] = DEFAULT_RADII,
+                 image_ids: Optional[Sequence[int]] = None, verbose: bool = True):
+        super().__init__()
+        images = np.asarray(images)
+        if images.dtype == np.uint8:
+            images = images.astype(np.float32) / 255.0
+        labels = np.asarray(labels, dtype=np.int64)
+        if images.ndim != 4 or len(images) < 1 or labels.shape != (len(images),):
+            raise ValueError(f"need images [N >= 1, H, W, C] and labels [N], got shapes {images.shape} "
+                             f"and {labels.shape}")
+        radii = tuple(float(r) for r in radii)
+        if not radii or not all(math.isfinite(r) and r >= 0 for r in radii):
+            raise ValueError(f"radii must be one or more finite numbers >= 0, got {radii}")
+        if not 0.0 < alpha < 1.0:
+            raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
+        if not sigma > 0:
+            raise ValueError(f"sigma must be > 0, got {sigma!r}")
+        self.images = images.astype(np.float32, copy=False)
+        self.labels = labels
+        self.image_ids = np.arange(len(images)) if image_ids is None else np.asarray(image_ids, dtype=np.int64)
+        if self.image_ids.shape != labels.shape:
+            raise ValueError(f"image_ids must have shape {labels.shape}, got {self.image_ids.shape}")
+        self.sigma = float(sigma)
+        self.num_classes = _check_positive_int("num_classes", num_classes)
+        self.every = _check_positive_int("every", every)
+        self.n0 = _check_positive_int("n0", n0)
+        self.n = _check_positive_int("n", n)
+        self.batch_size = _check_positive_int("batch_size", batch_size)
+        self.alpha = float(alpha)
+        self.seed = int(seed)
+        self.radii = radii
+        self.log_dir = log_dir
+        self.verbose = verbose
+        self.last_result: Optional[ValidationCertificate] = None
+        self._smooth: Optional[smoothing.Smooth] = None
+        self._writer = None
+
+    def _base_model(self) -> keras.Model:
+        return getattr(self.model, "base_model", self.model)
+
+    def evaluate(self, base_model: keras.Model, epoch: int = 0) -> ValidationCertificate:
+        """Certifies the validation subset with `base_model` and summarizes it.
+
+        Args:
+          base_model: maps images in [0, 1] to logits.
+          epoch: 1-based epoch to record in the result (0: outside training).
+
+        Returns:
+          The `ValidationCertificate`; it is also kept as `last_result`.
+        """
+        # One Smooth per base model: its tf.function is traced once and reads
+        # the current weights at every call.
+        if self._smooth is None or self._smooth.base_model is not base_model:
+            self._smooth = smoothing.Smooth(base_model, self.num_classes, self.sigma)
+        start = time.perf_counter()
+        classes, radii = self._smooth.certify_batch(self.images, self.n0, self.n, self.alpha, self.batch_size,
+                                                    seed=self.seed, image_ids=self.image_ids)
+        seconds = time.perf_counter() - start
+        log = analysis.CertifyLog(path=VALIDATION_RUN, idx=self.image_ids, label=self.labels, predict=classes,
+                                  radius=radii, correct=classes == self.labels)
+        self.last_result = ValidationCertificate(
+            epoch=epoch, summary=analysis.summarize(log, self.radii),
+            abstain_rate=float(np.mean(classes == smoothing.Smooth.ABSTAIN)), seconds=seconds, log=log)
+        return self.last_result
+
+    def _due(self, epoch: int) -> bool:
+        done = epoch + 1
+        return done % self.every == 0 or done == (self.params or {}).get("epochs")
+
+    def on_epoch_end(self, epoch, logs=None):
+        if not self._due(epoch):
+            return
+        result = self.evaluate(self._base_model(), epoch=epoch + 1)
+        metrics = result.metrics()
+        if logs is not None:
+            logs.update(metrics)
+        if self.verbose:
+            radius = 0.5 if 0.5 in self.radii else self.radii[-1]
+            print(f"Epoch {epoch + 1}: certified {len(self.images)} validation images (n={self.n}) in "
+                  f"{result.seconds:.1f} s: ACR {result.summary.acr:.3f}, smoothed accuracy "
+                  f"{result.summary.clean_accuracy:.3f}, certified accuracy at r={radius:g} "
+                  f"{result.summary.certified_accuracy[radius]:.3f}, abstained {result.abstain_rate:.3f}",
+                  flush=True)
+        if self.log_dir is not None:
+            self._write_summaries(result, metrics, step=epoch + 1)
+
+    def _write_summaries(self, result: ValidationCertificate, metrics: Dict[str, float], step: int) -> None:
+        if self._writer is None:
+            self._writer = tf.summary.create_file_writer(os.path.join(self.log_dir, VALIDATION_RUN))
+        with self._writer.as_default(step=step):
+            for name, value in metrics.items():
+                tf.summary.scalar("val/" + name[len("val_"):], value)
+            tf.summary.scalar("val/certify_seconds", result.seconds)
+            png = _curve_png(result.log, title=f"epoch {step}, sigma={self.sigma:g}, n={self.n}")
+            tf.summary.image("val/certified_accuracy_curve", tf.image.decode_png(png)[tf.newaxis], max_outputs=1)
+        self._writer.flush()
+
+    def on_train_end(self, logs=None):
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+def _curve_png(log: analysis.CertifyLog, title: str) -> bytes:
+    """The certified-accuracy curve of one log, as PNG bytes (analysis's plot)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "curve.png")
+        analysis.plot_certified_accuracy([log], path, labels=["validation"], title=title)
+        with open(path, "rb") as f:
+            return f.read()
