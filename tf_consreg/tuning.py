@@ -93,11 +93,12 @@ def parse_integers(flag: str, values: Sequence[str]) -> Tuple[int, ...]:
     return tuple(numbers)
 
 
-def _check_range(flag: str, values: Sequence[float], minimum: float, *, inclusive: bool, symbol: str) -> None:
+def _check_range(flag: str, values: Sequence[float], minimum: float, *, inclusive: bool, symbol: str,
+                 example: str) -> None:
     """A range is `lo,hi` with lo < hi, or one value that fixes the hyperparameter."""
     text = ",".join(f"{v:g}" for v in values)
     if not values:
-        raise ConfigError(f"--{flag} is empty; give lo,hi (e.g. --{flag}=1,20) or one value to fix {symbol}")
+        raise ConfigError(f"--{flag} is empty; give lo,hi (e.g. --{flag}={example}) or one value to fix {symbol}")
     if len(values) > 2:
         raise ConfigError(f"--{flag}={text}: give lo,hi or one value, not {len(values)} numbers")
     for v in values:
@@ -174,8 +175,8 @@ class TuneConfig:
             raise ConfigError(f"--epochs_per_trial must be >= 1, got {self.epochs_per_trial}")
         for name in ("lbd_range", "eta_range", "num_noise_choices"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
-        _check_range("lbd_range", self.lbd_range, 0.0, inclusive=False, symbol="lambda")
-        _check_range("eta_range", self.eta_range, 0.0, inclusive=True, symbol="eta")
+        _check_range("lbd_range", self.lbd_range, 0.0, inclusive=False, symbol="lambda", example="1,20")
+        _check_range("eta_range", self.eta_range, 0.0, inclusive=True, symbol="eta", example="0.1,1")
         choices = self.num_noise_choices
         if not choices:
             raise ConfigError("--num_noise_choices is empty; give the values of m to try, e.g. 2,4")

@@ -1,0 +1,179 @@
+"""bin/tune.py end to end: a 2-trial search, bin/train.py accepting its best.flags, resuming, bad input.
+
+bin/tune.py runs in subprocesses here: it defines flags with the same names
+as bin/train.py (--sigma, --dataset, ...), and absl refuses to define a flag
+twice in one process, so the two binaries cannot both be imported into the
+pytest process. bin/train.py is imported, to parse best.flags with its flags.
+"""
+
+import csv
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import tensorflow as tf
+from absl import flags
+from absl.testing import flagsaver
+
+from tf_consreg.config import read_train_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "bin"))
+import train as train_bin  # noqa: E402  pylint: disable=wrong-import-position
+
+FLAGS = flags.FLAGS
+TUNE = os.path.join(REPO, "bin", "tune.py")
+# A few hundred Fashion-MNIST images, one epoch, a tiny certification.
+TINY = ["--max_trials=2", "--epochs_per_trial=1", "--train_examples=256", "--batch_size=64", "--sigma=0.5",
+        "--certify_examples=32", "--certify_n0=20", "--certify_n=100", "--certify_batch_size=800",
+        "--lbd_range=1,20", "--eta_range=0.1,1", "--num_noise_choices=2,4"]
+
+
+def setUpModule():
+    if not FLAGS.is_parsed():
+        FLAGS(["train"])
+
+
+def _tune(*args, timeout=600):
+    return subprocess.run([sys.executable, TUNE, *args], capture_output=True, text=True, timeout=timeout,
+                          check=False)
+
+
+def _table(tuning_dir):
+    with open(os.path.join(tuning_dir, "trials.tsv"), encoding="utf-8") as f:
+        return list(csv.DictReader(f, delimiter="\t"))
+
+
+def _error_lines(stderr):
+    return [line for line in stderr.splitlines()
+            if line.strip() and not line.startswith(("I0000", "W0000", "E0000", "WARNING:"))]
+
+
+class TuneBinaryTest(tf.test.TestCase):
+
+    @pytest.mark.slow
+    def test_search_writes_results_and_train_accepts_best_flags(self):
+        tuning_dir = os.path.join(self.create_tempdir().full_path, "search")
+        result = _tune(f"--tuning_dir={tuning_dir}", *TINY)
+        self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+
+        rows = _table(tuning_dir)
+        self.assertEqual([r["rank"] for r in rows], ["1", "2"])
+        self.assertEqual([r["status"] for r in rows], ["COMPLETED"] * 2)
+        self.assertGreaterEqual(float(rows[0]["val_acr"]), float(rows[1]["val_acr"]))
+        for row in rows:
+            self.assertTrue(1 <= float(row["lbd"]) <= 20 and 0.1 <= float(row["eta"]) <= 1, row)
+            self.assertIn(row["num_noise"], ("2", "4"))
+            self.assertTrue(0 <= float(row["val_smoothed_accuracy"]) <= 1)
+        markdown = open(os.path.join(tuning_dir, "trials.md"), encoding="utf-8").read()
+        self.assertIn("| rank | trial | λ | η | m | epochs | val ACR | clean acc. |", markdown)
+        self.assertIn(markdown, result.stdout)
+        for path in ("search/oracle.json", "search/trial_0/trial.json", "search/trial_1/trial.json",
+                     "trials/trial_0/base_model.keras", "trials/trial_1/checkpoints/checkpoint", "tune_config.json"):
+            self.assertTrue(os.path.isfile(os.path.join(tuning_dir, path)), path)
+        self.assertLen(glob.glob(os.path.join(tuning_dir, "hparams", "trial_*", "events.out.tfevents.*")), 2)
+        self.assertTrue(glob.glob(os.path.join(tuning_dir, "hparams", "events.out.tfevents.*")))
+        tags = {v.tag for p in glob.glob(os.path.join(tuning_dir, "trials", "trial_0", "logs", "validation", "ev*"))
+                for e in tf.compat.v1.train.summary_iterator(p) for v in e.summary.value}
+        self.assertContainsSubset({"val/acr", "val/abstain_rate", "val/certified_accuracy_r0.5",
+                                   "val/certified_accuracy_curve"}, tags)
+        # The trials never trained on the held-out images: the first 256 of 59968.
+        self.assertEqual(read_train_config(os.path.join(tuning_dir, "trials", "trial_0")).train_examples, 256)
+
+        # bin/train.py takes best.flags as it is: the best trial's config, to a new model_dir.
+        best = os.path.join(tuning_dir, "best.flags")
+        model_dir = os.path.join(self.create_tempdir().full_path, "best_run")
+        with flagsaver.flagsaver():
+            FLAGS(["train", f"--flagfile={best}", f"--model_dir={model_dir}"])
+            config = train_bin.make_config()
+        best_trial = read_train_config(os.path.join(tuning_dir, "trials", f"trial_{rows[0]['trial']}"))
+        self.assertEqual(config.differences(best_trial, ignore=("model_dir",)), {})
+        self.assertEqual((config.lbd, config.eta, config.num_noise),
+                         (float(rows[0]["lbd"]), float(rows[0]["eta"]), int(rows[0]["num_noise"])))
+        self.assertEqual(config.model_dir, model_dir)
+
+    @pytest.mark.slow
+    def test_killed_search_resumes_with_the_second_trial(self):
+        tuning_dir = os.path.join(self.create_tempdir().full_path, "search")
+        args = [f"--tuning_dir={tuning_dir}", *TINY]
+        table = os.path.join(tuning_dir, "trials.tsv")
+        proc = subprocess.Popen([sys.executable, TUNE, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.time() + 300
+            # The table is rewritten after each trial ends, once keras-tuner has saved its state.
+            while not os.path.exists(table):
+                self.assertIsNone(proc.poll(), "the search ended before its first trial did")
+                self.assertLess(time.time(), deadline, "no trial ended within 300 s")
+                time.sleep(0.1)
+            proc.send_signal(signal.SIGKILL)
+        finally:
+            proc.kill()
+            proc.wait()
+        self.assertEqual([r["status"] for r in _table(tuning_dir)], ["COMPLETED"])
+        first_model = os.path.join(tuning_dir, "trials", "trial_0", "base_model.keras")
+        first_mtime = os.stat(first_model).st_mtime_ns
+
+        result = _tune(*args)
+        self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+        self.assertIn("Reloading Tuner", result.stdout)
+        trained = [line.split(":")[0] for line in result.stdout.splitlines() if line.startswith("trial_")]
+        self.assertEqual(trained, ["trial_1"])
+        self.assertEqual(os.stat(first_model).st_mtime_ns, first_mtime)
+        self.assertEqual(sorted(r["trial"] for r in _table(tuning_dir)), ["0", "1"])
+        self.assertEqual([r["status"] for r in _table(tuning_dir)], ["COMPLETED"] * 2)
+
+    @pytest.mark.slow
+    def test_bad_input_is_one_line_before_any_work(self):
+        tuning_dir = os.path.join(self.create_tempdir().full_path, "search")
+        cases = {
+            "--lbd_range=20,1": "--lbd_range=20,1 is inverted; give lo,hi with lo < hi (--lbd_range=1,20)",
+            "--eta_range=": "--eta_range is empty; give lo,hi (e.g. --eta_range=0.1,1) or one value to fix eta",
+            "--max_trials=0": "--max_trials must be >= 1, got 0",
+            "--certify_examples=60001": "--certify_examples=60001 is larger than the training split (60000 images); "
+                                        "hold out fewer",
+            "--sigma_range=0.25,0.5": "--sigma_range: sigma is fixed per search, since certified radii at different "
+                                      "sigma are not comparable; run one search per --sigma",
+        }
+        # One process runs every case through tune.main (importing TensorFlow once), another the real
+        # command line for one of them; in parallel.
+        driver = subprocess.Popen([sys.executable, "-c", _DRIVER, TUNE, json.dumps([f"--tuning_dir={tuning_dir}",
+                                                                                    *TINY]), json.dumps(list(cases))],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        cli = subprocess.Popen([sys.executable, TUNE, f"--tuning_dir={tuning_dir}", *TINY, "--lbd_range=20,1"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        _, cli_stderr = cli.communicate(timeout=300)
+        stdout, stderr = driver.communicate(timeout=300)
+        self.assertEqual(driver.returncode, 0, stderr[-3000:])
+        self.assertEqual(json.loads(stdout.splitlines()[-1]), cases)
+        self.assertEqual(cli.returncode, 2, cli_stderr[-2000:])
+        self.assertEqual(_error_lines(cli_stderr), ["tune.py: error: " + cases["--lbd_range=20,1"]])
+        self.assertFalse(os.path.exists(tuning_dir))
+
+
+# Runs tune.main once per extra flag, in one process; prints {flag: ConfigError message} as JSON.
+_DRIVER = """
+import json, os, sys
+sys.path.insert(0, os.path.dirname(sys.argv[1]))
+import tune
+from absl import flags
+from tf_consreg.errors import ConfigError
+base, cases = json.loads(sys.argv[2]), json.loads(sys.argv[3])
+messages = {}
+for case in cases:
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(["tune", *base, case])
+    try:
+        tune.main(["tune"])
+        messages[case] = None
+    except ConfigError as e:
+        messages[case] = str(e)
+print(json.dumps(messages))
+"""
+
+if __name__ == "__main__":
+    tf.test.main()
