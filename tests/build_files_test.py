@@ -303,7 +303,8 @@ class Workspace:
                 init in self.closure(dep) for dep in deps):
             deps.add(init)
         if top == "tests" and path.endswith("_test.py"):
-            kind, attrs = "pytest_test", [f'    size = "medium",  # measure: small < 60 s, medium < 300 s']
+            kind, attrs = "pytest_test", ['    size = "medium",  # the smallest of small/medium/large (60/300/900 s) '
+                                          '>= 5x its run time']
         else:
             kind = "py_binary" if top in ("bin", "bench") else "py_library"
             attrs = [f'    srcs = ["{os.path.basename(path)}"],']
@@ -402,6 +403,11 @@ class BuildFilesTest(absltest.TestCase):
             closure = self._closure(label)
             direct = set(target.deps) | set(target.data) | {label}
             for src in target.srcs:
+                if label_path(src).split(os.sep)[0] in ("tests", "bench"):
+                    for script in sorted(run_scripts(label_path(src))):
+                        if not closure & set(self.owners.get(script, [])):
+                            problems.append(f"{label}: {label_path(src)} runs {script}; add "
+                                            f"{self.workspace.owner(script)} to its data")
                 for module in sorted(imported_files(label_path(src))):
                     owners = self.owners.get(module, [])
                     if owners and not direct & set(owners):
