@@ -147,6 +147,14 @@ class CertifyCallbackTest(tf.test.TestCase, parameterized.TestCase):
         with self.assertRaisesRegex(ValueError, message):
             callbacks.CertifyCallback(images, labels, **kwargs)
 
+    def test_is_certify_metric(self):
+        images, labels = _validation_set()
+        certify = callbacks.CertifyCallback(images, labels, sigma=SIGMA, num_classes=2, verbose=False, **CERTIFY)
+        names = certify.evaluate(_brightness_model()).metrics()
+        self.assertLen(names, 3 + len(callbacks.DEFAULT_RADII))
+        self.assertTrue(all(callbacks.is_certify_metric(name) for name in names))
+        self.assertFalse(any(callbacks.is_certify_metric(n) for n in ("val_accuracy", "val_clean_accuracy", "acr")))
+
     def test_radius_name(self):
         self.assertEqual([callbacks.radius_name(r) for r in (0.0, 0.25, 0.5, 1.0, 2.5)],
                          ["r0", "r0.25", "r0.5", "r1", "r2.5"])

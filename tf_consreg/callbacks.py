@@ -32,6 +32,17 @@ DEFAULT_RADII = analysis.DEFAULT_RADII[::2]
 VALIDATION_RUN = "validation"
 
 
+# Epoch-log keys the callback adds (see ValidationCertificate.metrics); it
+# writes them to TensorBoard itself, as val/<key without "val_">.
+_METRIC_NAMES = ("val_acr", "val_smoothed_accuracy", "val_abstain_rate")
+_RADIUS_METRIC_PREFIX = "val_certified_accuracy_"
+
+
+def is_certify_metric(name: str) -> bool:
+    """Whether an epoch-log key is one CertifyCallback adds (so other loggers can skip it)."""
+    return name in _METRIC_NAMES or name.startswith(_RADIUS_METRIC_PREFIX)
+
+
 def radius_name(radius: float) -> str:
     """The suffix of a radius in metric names: 0.5 -> "r0.5", 1.0 -> "r1"."""
     return f"r{radius:g}"
@@ -106,13 +117,9 @@ class ValidationCertificate:
         (abstentions count as wrong): the "clean accuracy" of certification
         tables, i.e. certified accuracy at radius 0.
         """
-        values = {
-            "val_acr": self.summary.acr,
-            "val_smoothed_accuracy": self.summary.clean_accuracy,
-            "val_abstain_rate": self.abstain_rate,
-        }
+        values = dict(zip(_METRIC_NAMES, (self.summary.acr, self.summary.clean_accuracy, self.abstain_rate)))
         for radius, accuracy in self.summary.certified_accuracy.items():
-            values[f"val_certified_accuracy_{radius_name(radius)}"] = accuracy
+            values[_RADIUS_METRIC_PREFIX + radius_name(radius)] = accuracy
         return values
 
 
