@@ -305,6 +305,19 @@ class MakeInputTest(tf.test.TestCase, parameterized.TestCase):
             self.assertEqual((pipeline.num_examples, len(xs)), (16, 2))
             self.assertEqual(xs[0].shape, (8, *shape))
 
+    def test_open_once_then_build_pipelines_with_other_seeds(self):
+        source = data.open_source("cifar10", "train", limit=32, mock=True)
+        self.assertEqual((source.num_examples, source.images.shape), (32, (32, 32, 32, 3)))
+        first = np.concatenate(_batches(source.make_input(8, training=True, seed=1).dataset)[1])
+        again = np.concatenate(_batches(source.make_input(8, training=True, seed=1).dataset)[1])
+        other = np.concatenate(_batches(source.make_input(8, training=True, seed=2).dataset)[1])
+        self.assertAllEqual(first, again)
+        self.assertNotAllEqual(first, other)
+        self.assertCountEqual(first, other)
+        streamed = data.open_source("imagenet2012", "test", limit=4, mock=True)
+        self.assertEqual(streamed.num_examples, 4)
+        self.assertIsNone(streamed.images)
+
     def test_per_replica_batches_split_each_global_batch_in_order(self):
         # conftest.py gives two logical CPUs.
         strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"],

@@ -29,9 +29,11 @@ Random choices are stateless ops seeded from `tf.data.Dataset.random(seed,
 rerandomize_each_iteration=True)`: a seeded pipeline is reproducible and
 still draws new crops in every epoch.
 
-`make_input` is the entry point for training and evaluation: it picks the
-source, the augmentation and the batching, and under a `tf.distribute`
-strategy batches per replica with `distribute_datasets_from_function`.
+`open_source` opens a split (checks it; loads it if it is held in memory)
+before any work, and `Source.make_input` builds its training or evaluation
+pipeline: augmentation, batching and, under a `tf.distribute` strategy,
+per-replica batching with `distribute_datasets_from_function`. `make_input`
+does both in one call.
 With `mock=True` every source is replaced by random data of the right shapes
 (a fixed seed), for smoke runs on machines without the dataset.
 """
@@ -710,73 +712,124 @@ class Input:
         return math.ceil(self.num_examples / self.batch_size)
 
 
-def make_input(name: str, split: str, batch_size: int, *, training: bool, data_dir: Optional[str] = None,
-               limit: Optional[int] = None, seed: Optional[int] = None, drop_remainder: bool = False,
-               mock: bool = False, strategy: Optional[tf.distribute.Strategy] = None) -> Input:
-    """The input pipeline of a dataset split, for training or for evaluation.
+@dataclasses.dataclass(frozen=True, eq=False)
+class Source:
+    """An opened dataset split: checked to exist, and loaded if it is held in memory.
 
-    Training pipelines shuffle every epoch and apply the dataset's training
-    augmentation; evaluation pipelines keep the order and apply the test-time
-    view. In-memory datasets are loaded (and checked) here, once; a streamed
-    dataset (imagenet2012) is opened here and read while iterating.
+    Open it before doing any work (it raises the data errors), then build
+    pipelines from it with `make_input`, e.g. once the seed of a resumed run
+    is known.
+
+    Attributes:
+      name: dataset name.
+      split: "train" or "test".
+      num_examples: examples in the split (after `limit`).
+      data_dir, limit, mock: as given to `open_source`.
+      images, labels: the uint8 images and int64 labels of an in-memory
+        dataset; None for a streamed one (imagenet2012).
+    """
+
+    name: str
+    split: str
+    num_examples: int
+    data_dir: Optional[str] = None
+    limit: Optional[int] = None
+    mock: bool = False
+    images: Optional[np.ndarray] = None
+    labels: Optional[np.ndarray] = None
+
+    def make_input(self, batch_size: int, *, training: bool, seed: Optional[int] = None,
+                   drop_remainder: bool = False, strategy: Optional[tf.distribute.Strategy] = None) -> Input:
+        """The input pipeline of this split, for training or for evaluation.
+
+        Training pipelines shuffle every epoch and apply the dataset's
+        training augmentation; evaluation pipelines keep the order and apply
+        the test-time view.
+
+        Args:
+          batch_size: GLOBAL batch size; under `strategy` each replica gets
+            batch_size / replicas examples.
+          training: shuffle and augment (True) or not.
+          seed: seed of shuffling and augmentation (None: nondeterministic).
+          drop_remainder: drop the last partial batch (static shapes; needed
+            for equal per-replica batches).
+          strategy: when given, the dataset is built with
+            `strategy.distribute_datasets_from_function`: one pipeline per
+            input worker, sharded, batched per replica, repeated endlessly
+            (see `Input`).
+
+        Returns:
+          An `Input`; its `dataset` yields (float32 images in [0, 1], int64 labels).
+
+        Raises:
+          ConfigError: a batch size below 1, or one that does not split
+            evenly over the strategy's replicas.
+        """
+        if batch_size < 1:
+            raise ConfigError(f"--batch_size must be >= 1, got {batch_size}")
+        replicas = strategy.num_replicas_in_sync if strategy is not None else 1
+        if batch_size % replicas:
+            raise ConfigError(f"--batch_size: {batch_size} images per step do not split evenly over {replicas} "
+                              "replicas")
+        repeat = strategy is not None
+
+        def build(local_batch, context):
+            if self.images is None:
+                return _streamed_dataset(self.name, self.split, local_batch, training=training,
+                                         data_dir=self.data_dir, limit=self.limit, seed=seed,
+                                         drop_remainder=drop_remainder, mock=self.mock, input_context=context,
+                                         repeat=repeat)
+            return make_dataset(self.images, self.labels, local_batch, shuffle=training, seed=seed,
+                                drop_remainder=drop_remainder, augment=self.name if training else None,
+                                input_context=context, repeat=repeat)
+
+        if strategy is None:
+            dataset = build(batch_size, None)
+        else:
+            dataset = strategy.distribute_datasets_from_function(
+                lambda context: build(context.get_per_replica_batch_size(batch_size), context))
+        return Input(dataset, self.num_examples, batch_size, drop_remainder)
+
+
+def open_source(name: str, split: str, *, data_dir: Optional[str] = None, limit: Optional[int] = None,
+                mock: bool = False) -> Source:
+    """Opens a dataset split: checks that it exists and loads it if it is held in memory.
 
     Args:
       name: dataset name (see DATASETS).
       split: "train" or "test".
-      batch_size: GLOBAL batch size; under `strategy` each replica gets
-        batch_size / replicas examples.
-      training: shuffle and augment (True) or not.
       data_dir: IDX directory (Fashion-MNIST) or tfds data directory.
       limit: use only the first `limit` examples (None or 0: all).
-      seed: seed of shuffling and augmentation (None: nondeterministic).
-      drop_remainder: drop the last partial batch (static shapes; needed for
-        equal per-replica batches).
       mock: random data of the right shapes instead of the dataset (see
         `load_uint8`), for smoke runs without the data.
-      strategy: when given, the dataset is built with
-        `strategy.distribute_datasets_from_function`: one pipeline per input
-        worker, sharded, batched per replica, repeated endlessly (see `Input`).
-
-    Returns:
-      An `Input`; its `dataset` yields (float32 images in [0, 1], int64 labels).
 
     Raises:
-      ConfigError: unknown dataset or split, missing data, or a batch size
-        that does not split evenly over the strategy's replicas.
+      ConfigError: unknown dataset or split, or missing or corrupt data.
     """
     get_dataset_info(name)
     _check_split(split)
-    if batch_size < 1:
-        raise ConfigError(f"--batch_size must be >= 1, got {batch_size}")
-    replicas = strategy.num_replicas_in_sync if strategy is not None else 1
-    if batch_size % replicas:
-        raise ConfigError(f"--batch_size: {batch_size} images per step do not split evenly over {replicas} replicas")
     limit = limit or None
-
     if name in STREAMED:
-        # Opening the whole split checks that it exists and gives its size.
-        source = _streamed_source(name, split, data_dir=data_dir, limit=limit, mock=mock, shuffle_files=False,
+        # Opening the split checks that it exists and gives its size; the
+        # pipelines open it again, sharded and shuffled as they need.
+        stream = _streamed_source(name, split, data_dir=data_dir, limit=limit, mock=mock, shuffle_files=False,
                                   seed=None, input_context=None)
-        num_examples = int(source.cardinality())
+        num_examples = int(stream.cardinality())
         if num_examples < 0:
             raise ConfigError(f"--dataset={name} ({split}): its size is unknown; rebuild it with tfds")
+        return Source(name, split, num_examples, data_dir, limit, mock)
+    images, labels = load_uint8(name, split, data_dir=data_dir, limit=limit, mock=mock)
+    return Source(name, split, len(images), data_dir, limit, mock, images, labels)
 
-        def build(local_batch, context):
-            return _streamed_dataset(name, split, local_batch, training=training, data_dir=data_dir, limit=limit,
-                                     seed=seed, drop_remainder=drop_remainder, mock=mock, input_context=context,
-                                     repeat=strategy is not None)
-    else:
-        images, labels = load_uint8(name, split, data_dir=data_dir, limit=limit, mock=mock)
-        num_examples = len(images)
 
-        def build(local_batch, context):
-            return make_dataset(images, labels, local_batch, shuffle=training, seed=seed,
-                                drop_remainder=drop_remainder, augment=name if training else None,
-                                input_context=context, repeat=strategy is not None)
+def make_input(name: str, split: str, batch_size: int, *, training: bool, data_dir: Optional[str] = None,
+               limit: Optional[int] = None, seed: Optional[int] = None, drop_remainder: bool = False,
+               mock: bool = False, strategy: Optional[tf.distribute.Strategy] = None) -> Input:
+    """`open_source(...).make_input(...)` in one call; see those for the arguments.
 
-    if strategy is None:
-        dataset = build(batch_size, None)
-    else:
-        dataset = strategy.distribute_datasets_from_function(
-            lambda context: build(context.get_per_replica_batch_size(batch_size), context))
-    return Input(dataset, num_examples, batch_size, drop_remainder)
+    Raises:
+      ConfigError: unknown dataset or split, missing data, or a bad batch size.
+    """
+    source = open_source(name, split, data_dir=data_dir, limit=limit, mock=mock)
+    return source.make_input(batch_size, training=training, seed=seed, drop_remainder=drop_remainder,
+                             strategy=strategy)
