@@ -78,6 +78,18 @@ _EVAL_EXAMPLES = flags.DEFINE_integer("eval_examples", 0, "Test images for the p
 _STRATEGY = flags.DEFINE_string("strategy", "auto", "auto, default or mirrored (see bin/train.py).")
 
 
+_HANDLES = (_TUNING_DIR, _TUNER, _MAX_TRIALS, _EPOCHS_PER_TRIAL, _LBD_RANGE, _ETA_RANGE, _NUM_NOISE_CHOICES,
+            _OBJECTIVE, _OBJECTIVE_RADIUS, _CERTIFY_EXAMPLES, _CERTIFY_N0, _CERTIFY_N, _CERTIFY_ALPHA,
+            _CERTIFY_BATCH_SIZE, _CERTIFY_EVERY, _DATASET, _DATA_DIR, _ARCH, _SIGMA, _CONSISTENCY_LOSS, _BATCH_SIZE,
+            _LR, _LR_STEP_SIZE, _LR_GAMMA, _MOMENTUM, _WEIGHT_DECAY, _SEED, _TRAIN_EXAMPLES, _EVAL_EXAMPLES,
+            _STRATEGY)
+
+
+def flags_text() -> str:
+    """The resolved flags as a flagfile (`--flagfile=` repeats the search)."""
+    return "".join(flags.FLAGS[h.name].serialize() + "\n" for h in _HANDLES if h.value is not None)
+
+
 def make_config() -> tuning.TuneConfig:
     """Builds the validated search config from the flags."""
     if _SIGMA_RANGE.value is not None:
@@ -106,7 +118,7 @@ def make_config() -> tuning.TuneConfig:
 def main(argv):
     del argv
     config = make_config()
-    rows = tuning.search(config)
+    rows = tuning.search(config, flags_text=flags_text())
     print(tuning.markdown_table(config, rows), end="")
     if rows and rows[0].rank is not None:
         print(f"Best trial's training flags: {config.tuning_dir}/{tuning.BEST_FLAGS}")

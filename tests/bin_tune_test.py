@@ -74,7 +74,8 @@ class TuneBinaryTest(tf.test.TestCase):
         self.assertIn("| rank | trial | λ | η | m | epochs | val ACR | clean acc. |", markdown)
         self.assertIn(markdown, result.stdout)
         for path in ("search/oracle.json", "search/trial_0/trial.json", "search/trial_1/trial.json",
-                     "trials/trial_0/base_model.keras", "trials/trial_1/checkpoints/checkpoint", "tune_config.json"):
+                     "trials/trial_0/base_model.keras", "trials/trial_1/checkpoints/checkpoint", "tune_config.json",
+                     "flags.txt"):
             self.assertTrue(os.path.isfile(os.path.join(tuning_dir, path)), path)
         self.assertLen(glob.glob(os.path.join(tuning_dir, "hparams", "trial_*", "events.out.tfevents.*")), 2)
         self.assertTrue(glob.glob(os.path.join(tuning_dir, "hparams", "events.out.tfevents.*")))
@@ -118,7 +119,8 @@ class TuneBinaryTest(tf.test.TestCase):
         first_model = os.path.join(tuning_dir, "trials", "trial_0", "base_model.keras")
         first_mtime = os.stat(first_model).st_mtime_ns
 
-        result = _tune(*args)
+        # The saved flags repeat the command.
+        result = _tune(f"--flagfile={os.path.join(tuning_dir, 'flags.txt')}")
         self.assertEqual(result.returncode, 0, result.stderr[-3000:])
         self.assertIn("Reloading Tuner", result.stdout)
         trained = [line.split(":")[0] for line in result.stdout.splitlines() if line.startswith("trial_")]

@@ -22,7 +22,7 @@ What a search writes to `tuning_dir`:
 * `trials.md`, `trials.tsv`: all trials, best first;
 * `best.flags`: the best trial's training flags, for `bin/train.py --flagfile=`;
 * `tune_config.json`: the search's settings; a search with other settings is
-  refused in the same directory.
+  refused in the same directory; `flags.txt`: the flags that started it.
 """
 
 import dataclasses
@@ -52,6 +52,7 @@ TABLE_MARKDOWN = "trials.md"
 TABLE_TSV = "trials.tsv"
 BEST_FLAGS = "best.flags"
 TUNE_CONFIG_FILE = "tune_config.json"
+FLAGS_FILE = "flags.txt"
 # The trial's training logs, where training.train writes them.
 LOGS_DIR = "logs"
 HYPERBAND_FACTOR = 3
@@ -615,11 +616,12 @@ def _run_trial(config: TuneConfig, holdout: _Holdout, trial) -> Dict[str, float]
     return result.metrics()
 
 
-def search(config: TuneConfig) -> List[TrialRow]:
+def search(config: TuneConfig, flags_text: Optional[str] = None) -> List[TrialRow]:
     """Runs (or resumes) the search and writes its results to `config.tuning_dir`.
 
     Args:
       config: the validated search.
+      flags_text: the resolved flags of bin/tune.py, saved as `flags.txt`.
 
     Returns:
       All trials, best first.
@@ -632,6 +634,9 @@ def search(config: TuneConfig) -> List[TrialRow]:
 
     holdout = _load_holdout(config)
     _prepare_tuning_dir(config)
+    if flags_text is not None:
+        with atomic_output(os.path.join(config.tuning_dir, FLAGS_FILE)) as f:
+            f.write(flags_text)
     write_hparams_config(config)
     tuner = _make_tuner(config, holdout)
     try:
