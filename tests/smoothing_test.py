@@ -50,6 +50,36 @@ def _true_margin(model_w, b, images):
     return (images.reshape(len(images), -1) @ model_w + b) / np.linalg.norm(model_w)
 
 
+class StandardNormalTest(tf.test.TestCase, parameterized.TestCase):
+
+    def test_is_standard_normal(self):
+        z = smoothing.standard_normal(tf.constant([50, 28, 28, 1]), tf.constant([1, 2], tf.int64)).numpy()
+        self.assertEqual(z.shape, (50, 28, 28, 1))
+        self.assertEqual(z.dtype, np.float32)
+        flat = z.ravel().astype(np.float64)
+        self.assertGreater(scipy_stats.kstest(flat, "norm").pvalue, 1e-4)
+        # Mean and variance within 5 standard errors (n = 39,200).
+        self.assertLess(abs(flat.mean()), 5 / np.sqrt(flat.size))
+        self.assertLess(abs(flat.var() - 1), 5 * np.sqrt(2 / flat.size))
+        # The two halves come from the cosine and sine of the same pairs:
+        # independent, so uncorrelated.
+        half = flat.size // 2
+        self.assertLess(abs(np.corrcoef(flat[:half], flat[half:])[0, 1]), 5 / np.sqrt(half))
+
+    @parameterized.parameters(1, 7, 784)
+    def test_any_size(self, size):
+        z = smoothing.standard_normal(tf.constant([size]), tf.constant([3, 4], tf.int64))
+        self.assertEqual(z.shape, (size,))
+        self.assertTrue(np.all(np.isfinite(z.numpy())))
+
+    def test_deterministic_per_seed(self):
+        shape = tf.constant([1000])
+        a, b, c = (smoothing.standard_normal(shape, tf.constant(s, tf.int64)).numpy()
+                   for s in ([5, 6], [5, 6], [5, 7]))
+        self.assertAllEqual(a, b)
+        self.assertGreater(np.abs(a - c).min(), 0)
+
+
 class SampleCountsTest(tf.test.TestCase, parameterized.TestCase):
 
     def _counts(self, model, images, n, batch_size, seed, num_classes=64):
@@ -206,16 +236,17 @@ class SmoothTest(tf.test.TestCase, parameterized.TestCase):
                          predicted[0])
 
     def test_reproducible_with_seed(self):
-        smooth = smoothing.Smooth(_argmax_pixel_model(), 64, 0.5)
-        images = np.full((3, 8, 8, 1), 0.5, np.float32)
-        first = smooth.certify_batch(images, 100, 200, 0.4, 150, seed=5)
-        again = smooth.certify_batch(images, 100, 200, 0.4, 150, seed=5)
+        smooth = smoothing.Smooth(self.model, 2, 0.5)
+        images = self._images(3)
+        first = smooth.certify_batch(images, 100, 2000, 0.01, 500, seed=5)
+        again = smooth.certify_batch(images, 100, 2000, 0.01, 500, seed=5)
+        other = smooth.certify_batch(images, 100, 2000, 0.01, 500, seed=6)
         self.assertAllEqual(first[0], again[0])
         self.assertAllEqual(first[1], again[1])
-        # The argmax-pixel classes are uniform: a different seed moves the counts.
-        predictions = [smooth.predict_batch(images, 2000, 0.5, 1000, seed=s) for s in (6, 6, 7)]
-        self.assertAllEqual(predictions[0], predictions[1])
-        self.assertNotAllEqual(predictions[0], predictions[2])
+        # Radii come from counts of 2000 samples: another seed moves them.
+        self.assertNotAllEqual(first[1], other[1])
+        self.assertAllEqual(smooth.predict_batch(images, 500, 0.01, 100, seed=7),
+                            smooth.predict_batch(images, 500, 0.01, 100, seed=7))
 
     def test_result_independent_of_batch(self):
         # What makes resumed certification runs equal uninterrupted ones.
