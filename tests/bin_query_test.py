@@ -10,6 +10,8 @@ import sys
 import numpy as np
 import tensorflow as tf
 from absl import flags
+
+import binaries  # tests/binaries.py
 from absl.testing import flagsaver
 from absl.testing import parameterized
 
@@ -18,13 +20,16 @@ from tf_consreg import models
 from tf_consreg.errors import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "bin"))
-import query as query_bin  # noqa: E402  pylint: disable=wrong-import-position
+query_bin = None  # bin/query.py, loaded by setUpModule.
 
 
 def setUpModule():
-    if not flags.FLAGS.is_parsed():
-        flags.FLAGS(["query"])
+    global query_bin
+    query_bin = binaries.load("query")
+
+
+def tearDownModule():
+    binaries.unload(query_bin)
 
 
 class QueryBinaryTest(tf.test.TestCase, parameterized.TestCase):

@@ -11,6 +11,8 @@ import time
 import pytest
 import tensorflow as tf
 from absl import flags
+
+import binaries  # tests/binaries.py
 from absl.testing import flagsaver
 from absl.testing import parameterized
 
@@ -19,16 +21,19 @@ import keras
 from tf_consreg.errors import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "bin"))
-import train as train_bin  # noqa: E402  pylint: disable=wrong-import-position
+train_bin = None  # bin/train.py, loaded by setUpModule.
 
 FLAGS = flags.FLAGS
 TINY = dict(train_examples=256, eval_examples=128, batch_size=64, epochs=2, sigma=0.5, lbd=5.0)
 
 
 def setUpModule():
-    if not FLAGS.is_parsed():
-        FLAGS(["train"])
+    global train_bin
+    train_bin = binaries.load("train")
+
+
+def tearDownModule():
+    binaries.unload(train_bin)
 
 
 def _run_bin(*args, timeout=300):

@@ -5,13 +5,23 @@ import os
 import sys
 
 from absl import flags
+
+import binaries  # tests/binaries.py
 from absl.testing import absltest
 from absl.testing import flagsaver
 from absl.testing import parameterized
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "bin"))
-import train as train_bin  # noqa: E402  pylint: disable=wrong-import-position
+train_bin = None  # bin/train.py, loaded by setUpModule.
+
+
+def setUpModule():
+    global train_bin
+    train_bin = binaries.load("train")
+
+
+def tearDownModule():
+    binaries.unload(train_bin)
 
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.flags")))
 
