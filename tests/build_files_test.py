@@ -244,16 +244,23 @@ def _buildifier_order(label: str):
 
 
 def run_scripts(path: str) -> Set[str]:
-    """bin/ scripts that `path` names as "<script>.py" (tests run them in subprocesses)."""
+    """bin/ scripts that `path` runs or loads by path.
+
+    That is, those it names as "<script>.py" (to run them in a subprocess) or
+    loads with tests/binaries.py's `binaries.load("<script>")`.
+    """
     with open(os.path.join(REPO, path), encoding="utf-8") as f:
         tree = ast.parse(f.read(), path)
-    found = set()
+    names = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.endswith(".py"):
-            script = os.path.join("bin", os.path.basename(node.value))
-            if os.path.isfile(os.path.join(REPO, script)) and script != path:
-                found.add(script)
-    return found
+            names.add(os.path.basename(node.value))
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load"
+              and isinstance(node.func.value, ast.Name) and node.func.value.id == "binaries" and node.args
+              and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+            names.add(node.args[0].value + ".py")
+    scripts = {os.path.join("bin", name) for name in names}
+    return {s for s in scripts if os.path.isfile(os.path.join(REPO, s)) and s != path}
 
 
 class Workspace:
@@ -403,6 +410,8 @@ class BuildFilesTest(absltest.TestCase):
             closure = self._closure(label)
             direct = set(target.deps) | set(target.data) | {label}
             for src in target.srcs:
+                if not os.path.isfile(os.path.join(REPO, label_path(src))):
+                    continue  # test_listed_files_exist reports it
                 if label_path(src).split(os.sep)[0] in ("tests", "bench"):
                     for script in sorted(run_scripts(label_path(src))):
                         if not closure & set(self.owners.get(script, [])):
