@@ -12,7 +12,8 @@ is never overwritten.
 Example:
 
   python bin/export.py --model_dir=runs/fmnist_consistency_0.50 \
-      --export_dir=serving/fmnist_smoothed --n0=100 --n=10000 --alpha=0.001
+      --export_dir=serving/fmnist_smoothed --n0=100 --n=10000 --alpha=0.001 \
+      --check_images=2
 
   python bin/export.py --model=base_model.keras --sigma=0.25 \
       --export_dir=serving/smoothed --version=3
@@ -35,21 +36,31 @@ _N = flags.DEFINE_integer("n", 10000, "CERTIFY's estimation samples per image (a
 _ALPHA = flags.DEFINE_float("alpha", 0.001, "Failure probability of each certificate.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 1000, "Most noisy copies per forward pass in the server.")
 _VERSION = flags.DEFINE_integer("version", None, "TF Serving version number (default: the current Unix time).")
+_CHECK_IMAGES = flags.DEFINE_integer("check_images", 0, "After exporting, load the version back from disk and "
+                                     "certify this many test images of the run's dataset through serving_default, "
+                                     "printing class and radius (needs --model_dir).")
 
 
 def make_config() -> export.VersionExportConfig:
     """Builds the validated config from the flags."""
     return export.VersionExportConfig(
         export_dir=_EXPORT_DIR.value, model_dir=_MODEL_DIR.value, model=_MODEL.value, sigma=_SIGMA.value,
-        n0=_N0.value, n=_N.value, alpha=_ALPHA.value, batch_size=_BATCH_SIZE.value, version=_VERSION.value)
+        n0=_N0.value, n=_N.value, alpha=_ALPHA.value, batch_size=_BATCH_SIZE.value, version=_VERSION.value,
+        check_images=_CHECK_IMAGES.value)
 
 
 def main(argv):
     del argv
     config = make_config()
-    path = export.export_version(config)
+    exported = export.export_version(config)
     print(f"Exported the smoothed classifier (sigma={config.sigma}, n0={config.n0}, n={config.n}, "
-          f"alpha={config.alpha}) to {path}")
+          f"alpha={config.alpha}) to {exported.path}")
+    if exported.check:
+        names = export.read_metadata(exported.path)["class_names"]
+        print(f"serving_default of the reloaded export on {len(exported.check['label'])} test image(s):")
+        for i, (label, cls, radius) in enumerate(zip(*(exported.check[k] for k in ("label", "class", "radius")))):
+            answer = "abstain" if cls == export.ABSTAIN else f"class {cls} ({names[cls]}), radius {radius:.3f}"
+            print(f"  image {i}: label {label} ({names[label]}) -> {answer}")
 
 
 if __name__ == "__main__":

@@ -53,9 +53,13 @@ class ExportBinaryTest(parameterized.TestCase):
     @pytest.mark.slow
     def test_writes_a_servable_version_and_never_overwrites_it(self):
         export_dir = self._export_dir("serving")
-        result = _run_bin(f"--model_dir={self.model_dir}", f"--export_dir={export_dir}", "--version=7", *_TINY)
+        result = _run_bin(f"--model_dir={self.model_dir}", f"--export_dir={export_dir}", "--version=7",
+                          "--check_images=2", *_TINY)
         self.assertEqual(result.returncode, 0, result.stderr[-3000:])
         self.assertIn(os.path.join(export_dir, "7"), result.stdout)
+        # The check answers one request through the reloaded serving_default.
+        self.assertRegex(result.stdout, r"image 0: label 9 \(Ankle boot\) -> (abstain|class \d \(.*\), radius \d)")
+        self.assertIn("image 1: label 2 (Pullover) ->", result.stdout)
         self.assertEqual(os.listdir(export_dir), ["7"])
         version_dir = os.path.join(export_dir, "7")
         for name in ("saved_model.pb", "variables", "assets.extra/tf_serving_warmup_requests",

@@ -15,6 +15,7 @@ import numpy as np
 from scipy import stats as scipy_stats
 import tensorflow as tf
 
+from tf_consreg import data
 from tf_consreg import export
 from tf_consreg import models
 from tf_consreg.errors import ConfigError
@@ -199,7 +200,8 @@ class VersionExportTest(parameterized.TestCase):
         config = export.VersionExportConfig(export_dir=self._export_dir(), model_dir=self.model_dir, n0=4, n=16,
                                             batch_size=16, version=3)
         self.assertEqual(config.sigma, 0.5)  # from train_config.json
-        path = export.export_version(config)
+        path, check = export.export_version(config)
+        self.assertIsNone(check)
         self.assertEqual(path, os.path.join(config.export_dir, "3"))
         self.assertEqual(os.listdir(config.export_dir), ["3"])  # no staging directory left
         meta = export.read_metadata(path)
@@ -210,6 +212,16 @@ class VersionExportTest(parameterized.TestCase):
         self.assertEqual(meta["seed"], -1)
         with self.assertRaisesRegex(ConfigError, "exists; exports are never overwritten"):
             export.VersionExportConfig(export_dir=config.export_dir, model_dir=self.model_dir, version=3)
+
+    def test_check_images_answers_from_the_reloaded_export(self):
+        config = export.VersionExportConfig(export_dir=self._export_dir(), model_dir=self.model_dir, n0=4, n=16,
+                                            batch_size=16, version=2, check_images=3)
+        _, check = export.export_version(config)
+        _, labels = data.load_arrays("fashion_mnist", "test", limit=3)
+        np.testing.assert_array_equal(check["label"], labels)
+        self.assertCountEqual(check, ["label", "class", "radius", "p_lower"])
+        for value in check.values():
+            self.assertEqual(value.shape, (3,))
 
     def test_default_version_is_the_time(self):
         before = int(time.time())
@@ -243,7 +255,7 @@ class VersionExportTest(parameterized.TestCase):
         model_file = os.path.join(self.model_dir, models.BASE_MODEL_FILE)
         config = export.VersionExportConfig(export_dir=self._export_dir(), model=model_file, sigma=0.3, n0=2, n=8,
                                             batch_size=8, version=9)
-        meta = export.read_metadata(export.export_version(config))
+        meta = export.read_metadata(export.export_version(config).path)
         self.assertEqual(meta["sigma"], 0.3)
         self.assertEqual(meta["class_names"], [str(i) for i in range(10)])
 
@@ -263,6 +275,9 @@ class VersionExportTest(parameterized.TestCase):
         ("batch_size", dict(model_dir="MODEL_DIR", batch_size=0), "--batch_size"),
         ("version", dict(model_dir="MODEL_DIR", version=0), "--version"),
         ("export_dir", dict(model_dir="MODEL_DIR", export_dir=""), "--export_dir is required"),
+        ("check_images_negative", dict(model_dir="MODEL_DIR", check_images=-1), "--check_images"),
+        ("check_images_without_run", dict(model="MODEL_FILE", sigma=0.2, check_images=1),
+         "--check_images needs --model_dir"),
     )
     def test_bad_values_fail_before_any_work(self, values, message):
         empty = self._tempdir()

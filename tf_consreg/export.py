@@ -46,7 +46,7 @@ import os
 import shutil
 import tempfile
 import time
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, NamedTuple, Optional, Sequence, Tuple
 
 import keras
 import numpy as np
@@ -486,7 +486,9 @@ class VersionExportConfig:
       sigma: noise level; default: the training run's.
       n0, n, alpha, batch_size: as for `export_smoothed`.
       version: the TF Serving version number; default `int(time.time())`.
-      dataset: filled from the training run (None with `model`).
+      check_images: after exporting, certify this many test images of the
+        run's dataset through the reloaded SavedModel (needs `model_dir`).
+      dataset, data_dir: filled from the training run (None with `model`).
     """
 
     export_dir: str
@@ -498,7 +500,9 @@ class VersionExportConfig:
     alpha: float = 0.001
     batch_size: int = 1000
     version: Optional[int] = None
+    check_images: int = 0
     dataset: Optional[str] = dataclasses.field(default=None, init=False)
+    data_dir: Optional[str] = dataclasses.field(default=None, init=False)
 
     def __post_init__(self):
         from tf_consreg import config as config_lib  # pylint: disable=import-outside-toplevel
@@ -515,6 +519,7 @@ class VersionExportConfig:
                    "is the training run finished?")
             train_config = config_lib.read_train_config(self.model_dir)
             object.__setattr__(self, "dataset", train_config.dataset)
+            object.__setattr__(self, "data_dir", train_config.data_dir)
             if self.sigma is None:
                 object.__setattr__(self, "sigma", train_config.sigma)
         else:
@@ -522,6 +527,10 @@ class VersionExportConfig:
                    f"--model={self.model} is not a .keras file")
             _check(self.sigma is not None, "--sigma is required with --model (there is no training config to read)")
         _check_sampling(self.sigma, self.n0, self.n, self.alpha, self.batch_size)
+        _check(_is_int(self.check_images) and self.check_images >= 0,
+               f"--check_images must be an integer >= 0, got {self.check_images}")
+        _check(not self.check_images or self.model_dir,
+               "--check_images needs --model_dir: the test images come from the training run's dataset")
         if self.version is None:
             object.__setattr__(self, "version", int(time.time()))
         _check(_is_int(self.version) and self.version >= 1,
@@ -536,18 +545,34 @@ class VersionExportConfig:
         return os.path.join(self.export_dir, str(self.version))
 
 
-def export_version(config: VersionExportConfig) -> str:
+class ExportedVersion(NamedTuple):
+    """What `export_version` did.
+
+    Attributes:
+      path: the version directory.
+      check: None, or the answers of the reloaded `serving_default` for
+        `check_images` test images: int64 `label`, `class`, and float32
+        `radius`, `p_lower`, each [check_images].
+    """
+
+    path: str
+    check: Optional[Dict[str, np.ndarray]]
+
+
+def export_version(config: VersionExportConfig) -> ExportedVersion:
     """Exports a TF Serving version `<export_dir>/<version>/` of the smoothed classifier.
 
     Like every `export_smoothed` call, the version is staged in a hidden
     directory and renamed into place when complete, so TF Serving (which
-    polls `export_dir`) never sees a partial version.
+    polls `export_dir`) never sees a partial version. With `check_images`,
+    the version is then loaded back from disk, as a server would, and answers
+    one request of that many test images.
 
     Args:
       config: the validated export.
 
     Returns:
-      The version directory.
+      The version directory and the check's answers.
 
     Raises:
       ConfigError: the model does not fit the training run's dataset, or the
@@ -566,6 +591,13 @@ def export_version(config: VersionExportConfig) -> str:
                f"--model_dir={config.model_dir}: the model takes {input_shape} and gives {num_classes} classes, "
                f"but dataset {config.dataset} has {tuple(info.input_shape)} images and {info.num_classes} classes")
         class_names = info.class_names
-    return export_smoothed(base_model, config.version_dir, sigma=config.sigma, num_classes=num_classes,
+    if config.check_images:  # Read before writing anything: missing data files stop here.
+        images, labels = data.load_arrays(config.dataset, "test", data_dir=config.data_dir,
+                                          limit=config.check_images)
+    path = export_smoothed(base_model, config.version_dir, sigma=config.sigma, num_classes=num_classes,
                            n0=config.n0, n=config.n, alpha=config.alpha, batch_size=config.batch_size,
                            class_names=class_names)
+    if not config.check_images:
+        return ExportedVersion(path, None)
+    answers = tf.saved_model.load(path).signatures[SERVING_SIGNATURE](images=tf.constant(images))
+    return ExportedVersion(path, {"label": labels, **{k: v.numpy() for k, v in answers.items()}})
