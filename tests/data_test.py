@@ -363,7 +363,6 @@ def _add(tar, name, payload):
     tar.addfile(info, io.BytesIO(payload))
 
 
-@pytest.mark.slow
 class ImagenetPrepareTest(tf.test.TestCase):
     """From the two archives in <data_dir>/downloads/manual to batches, offline."""
 
