@@ -17,7 +17,9 @@ setuptools.setup(
     install_requires=[
         "tensorflow>=2.21,<2.22",
         "tensorflow-datasets>=4.9",
+        "importlib_resources",  # tensorflow-datasets needs it to prepare datasets.
         "keras-tuner>=1.4",
+        "scikit-learn>=1.3",  # keras-tuner's Bayesian optimization.
         "scipy>=1.11",
         "absl-py>=2.1",
         "tensorboard>=2.21",

@@ -25,10 +25,14 @@ from tf_consreg import config as config_lib
 
 _MODEL_DIR = flags.DEFINE_string("model_dir", None, "Run directory: flags, checkpoints, TensorBoard logs, "
                                  "base_model.keras. An existing run with the same flags resumes.")
-_DATASET = flags.DEFINE_string("dataset", "fashion_mnist", "Dataset: fashion_mnist, mnist or cifar10.")
+_DATASET = flags.DEFINE_string("dataset", "fashion_mnist", "Dataset: fashion_mnist, mnist, cifar10 or "
+                               "imagenet2012.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Directory with the Fashion-MNIST IDX files, or a "
-                                "tensorflow-datasets data directory. Default: Debian's dataset-fashion-mnist "
-                                "files, then ~/tensorflow_datasets.")
+                                "tensorflow-datasets data directory (ImageNet: the archives go in "
+                                "<data_dir>/downloads/manual). Default: Debian's dataset-fashion-mnist files, then "
+                                "~/tensorflow_datasets.")
+_MOCK_DATA = flags.DEFINE_bool("mock_data", False, "Train and evaluate on random images of the dataset's shape "
+                               "instead of the dataset: smoke runs on machines without the data.")
 _ARCH = flags.DEFINE_string("arch", "lenet", "Architecture (see tf_consreg.models.ARCHITECTURES).")
 _METHOD = flags.DEFINE_string(
     "method", "consistency", "consistency: cross-entropy + consistency term (Jeong & Shin 2020); gaussian: "
@@ -73,9 +77,24 @@ _LR_GAMMA = flags.DEFINE_float("lr_gamma", 0.1, "Learning-rate decay factor.")
 _MOMENTUM = flags.DEFINE_float("momentum", 0.9, "SGD momentum.")
 _WEIGHT_DECAY = flags.DEFINE_float("weight_decay", 1e-4, "L2 weight decay, coupled as in PyTorch's SGD.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the noise, the shuffling and the initialization.")
-_TRAIN_EXAMPLES = flags.DEFINE_integer("train_examples", 0, "Use only the first N training images (0 = all).")
+_TRAIN_EXAMPLES = flags.DEFINE_integer("train_examples", 0, "Use only the first N training images (0 = all; "
+                                       "with --certify_every, all but the held-out ones).")
 _EVAL_EXAMPLES = flags.DEFINE_integer("eval_examples", 10000, "Test images for the per-epoch noisy accuracy "
                                       "(0 = no evaluation).")
+_CERTIFY_EVERY = flags.DEFINE_integer(
+    "certify_every", 0, "Every this many epochs (and after the last), certify --certify_examples images held "
+    "out of the END of the training split (never trained on) and log val/acr, certified accuracy, the "
+    "abstention rate and the certified-accuracy curve to TensorBoard, and val_acr to the epoch logs. 0 = off.")
+_CERTIFY_EXAMPLES = flags.DEFINE_integer("certify_examples", None, "With --certify_every: images held out of "
+                                         "the end of the training split (default 200).")
+_CERTIFY_N0 = flags.DEFINE_integer("certify_n0", None, "With --certify_every: CERTIFY's selection samples "
+                                   "(default 100).")
+_CERTIFY_N = flags.DEFINE_integer("certify_n", None, "With --certify_every: CERTIFY's estimation samples "
+                                  "(default 1000).")
+_CERTIFY_ALPHA = flags.DEFINE_float("certify_alpha", None, "With --certify_every: CERTIFY's failure "
+                                    "probability (default 0.001).")
+_CERTIFY_BATCH_SIZE = flags.DEFINE_integer("certify_batch_size", None, "With --certify_every: noisy copies "
+                                           "per forward pass (default 1000).")
 _STRATEGY = flags.DEFINE_string("strategy", "auto", "auto, default or mirrored. auto: MirroredStrategy when "
                                 "more than one GPU is visible, else one device.")
 _STEPS_PER_EXECUTION = flags.DEFINE_integer("steps_per_execution", 1, "Training steps per compiled call.")
@@ -83,7 +102,8 @@ _STEPS_PER_EXECUTION = flags.DEFINE_integer("steps_per_execution", 1, "Training 
 _HANDLES = (_MODEL_DIR, _DATASET, _DATA_DIR, _ARCH, _METHOD, _SIGMA, _NUM_NOISE, _LBD, _ETA, _CONSISTENCY_LOSS,
             _BETA, _GAMMA, _DEFERRED, _ADV_TRAINING, _EPSILON, _NUM_STEPS, _WARMUP,
             _EPOCHS, _BATCH_SIZE, _BATCH_SPLIT, _LR, _LR_STEP_SIZE, _LR_GAMMA, _MOMENTUM, _WEIGHT_DECAY, _SEED,
-            _TRAIN_EXAMPLES, _EVAL_EXAMPLES, _STRATEGY, _STEPS_PER_EXECUTION)
+            _TRAIN_EXAMPLES, _EVAL_EXAMPLES, _CERTIFY_EVERY, _CERTIFY_EXAMPLES, _CERTIFY_N0, _CERTIFY_N, _CERTIFY_ALPHA,
+            _CERTIFY_BATCH_SIZE, _MOCK_DATA, _STRATEGY, _STEPS_PER_EXECUTION)
 
 
 def flags_text() -> str:
@@ -103,7 +123,10 @@ def make_config() -> config_lib.TrainConfig:
         epochs=_EPOCHS.value, batch_size=_BATCH_SIZE.value,
         batch_split=_BATCH_SPLIT.value, lr=_LR.value, lr_step_size=_LR_STEP_SIZE.value, lr_gamma=_LR_GAMMA.value,
         momentum=_MOMENTUM.value, weight_decay=_WEIGHT_DECAY.value, seed=_SEED.value,
-        train_examples=_TRAIN_EXAMPLES.value, eval_examples=_EVAL_EXAMPLES.value, data_dir=_DATA_DIR.value,
+        train_examples=_TRAIN_EXAMPLES.value, eval_examples=_EVAL_EXAMPLES.value, certify_every=_CERTIFY_EVERY.value,
+        certify_examples=_CERTIFY_EXAMPLES.value, certify_n0=_CERTIFY_N0.value, certify_n=_CERTIFY_N.value,
+        certify_alpha=_CERTIFY_ALPHA.value, certify_batch_size=_CERTIFY_BATCH_SIZE.value,
+        data_dir=_DATA_DIR.value, mock_data=_MOCK_DATA.value,
         strategy=_STRATEGY.value, steps_per_execution=_STEPS_PER_EXECUTION.value)
 
 

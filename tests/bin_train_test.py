@@ -2,6 +2,7 @@
 
 import glob
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -92,6 +93,38 @@ class TrainBinaryTest(tf.test.TestCase, parameterized.TestCase):
         self.assertEqual(epoch_steps, [1, 2, 3])
 
     @pytest.mark.slow
+    def test_cifar10_config_runs_offline_on_mock_data(self):
+        model_dir = self.create_tempdir().full_path
+        config = os.path.join(REPO, "configs", "cifar10_consistency_sigma0.25.flags")
+        # The config's ResNet-110 takes minutes on 2 cores; ResNet-20 exercises the same path.
+        with flagsaver.flagsaver():
+            FLAGS(["train", f"--flagfile={config}", f"--model_dir={model_dir}", "--arch=cifar_resnet20",
+                   "--train_examples=128", "--eval_examples=64", "--epochs=1", "--batch_size=32", "--mock_data"])
+            train_bin.main(["train"])
+        import tf_consreg  # noqa: F401  Registers the custom layers.
+        model = keras.models.load_model(os.path.join(model_dir, "base_model.keras"))
+        self.assertEqual(model.input_shape, (None, 32, 32, 3))
+
+    @pytest.mark.slow
+    def test_mirrored_strategy_and_live_certification(self):
+        model_dir = self.create_tempdir().full_path
+        with flagsaver.flagsaver(model_dir=model_dir, strategy="mirrored", certify_every=1, certify_examples=16,
+                                 certify_n=20, certify_n0=5, certify_batch_size=200,
+                                 **{**TINY, "train_examples": 128, "batch_size": 32}):
+            train_bin.main(["train"])
+        tags = _event_tags(os.path.join(model_dir, "logs"))
+        self.assertIn(("validation", "val/acr"), tags)
+        self.assertIn(("validation", "epoch/accuracy"), tags)
+        self.assertNotIn(("validation", "epoch/acr"), tags)  # Each number is written once.
+        config = json.load(open(os.path.join(model_dir, "train_config.json")))
+        self.assertEqual(config["certify_examples"], 16)
+        # 128 training images at 32 per step on 2 replicas: 4 steps an epoch, 2 epochs.
+        reader = tf.train.load_checkpoint(os.path.join(model_dir, "checkpoints"))
+        iterations = [reader.get_tensor(k) for k in reader.get_variable_to_shape_map()
+                      if k.startswith("optimizer/_iterations/")]
+        self.assertEqual(iterations, [8])
+
+    @pytest.mark.slow
     def test_killed_run_resumes_from_last_checkpoint(self):
         model_dir = self.create_tempdir().full_path
         args = [f"--model_dir={model_dir}", "--train_examples=2048", "--eval_examples=0", "--batch_size=32",
@@ -140,6 +173,9 @@ class TrainBinaryTest(tf.test.TestCase, parameterized.TestCase):
         ("macer_beta", dict(method="macer", beta=0.0), "--beta must be > 0"),
         ("macer_gamma", dict(method="macer", gamma=-1.0), "--gamma must be >= 0"),
         ("stability_m", dict(method="stability", num_noise=2), "--num_noise must be 1"),
+        ("arch_dataset", dict(arch="cifar_resnet20"), "--arch=cifar_resnet20 does not fit --dataset=fashion_mnist"),
+        ("certify_off", dict(certify_n=100), "--certify_n is used only with --certify_every"),
+        ("certify_too_many", dict(certify_every=1, certify_examples=70000), "--certify_examples"),
         ("data_dir", dict(data_dir="/nonexistent/dir"), "--data_dir"),
     )
     def test_bad_flags_fail_before_any_work(self, overrides, message):

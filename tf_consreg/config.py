@@ -31,6 +31,9 @@ _METHOD_DEFAULTS = {
 }
 # SmoothAdv inside --method=consistency --adv_training (train_consistency.py).
 _ADV_CONSISTENCY_DEFAULTS = {"epsilon": 512 / 256, "num_steps": 4, "warmup": 10}
+# Live certification of a held-out training subset (tf_consreg.callbacks.CertifyCallback).
+_CERTIFY_DEFAULTS = {"certify_examples": 200, "certify_n0": 100, "certify_n": 1000, "certify_alpha": 0.001,
+                     "certify_batch_size": 1000}
 _OPTIONAL_FIELDS = ("lbd", "eta", "consistency_loss", "beta", "gamma", "deferred", "epsilon", "num_steps", "warmup")
 
 
@@ -79,7 +82,14 @@ class TrainConfig:
     seed: int = 0
     train_examples: int = 0
     eval_examples: int = 10000
+    certify_every: int = 0
+    certify_examples: Optional[int] = None
+    certify_n0: Optional[int] = None
+    certify_n: Optional[int] = None
+    certify_alpha: Optional[float] = None
+    certify_batch_size: Optional[int] = None
     data_dir: Optional[str] = None
+    mock_data: bool = False
     strategy: str = "auto"
     steps_per_execution: int = 1
 
@@ -92,6 +102,7 @@ class TrainConfig:
                f"--dataset={self.dataset!r} is unknown; choose one of {', '.join(data.DATASETS)}")
         _check(self.arch in models.ARCHITECTURES,
                f"--arch={self.arch!r} is unknown; choose one of {', '.join(models.ARCHITECTURES)}")
+        models.check_architecture(self.arch, self.dataset)
         _check(self.method in METHODS, f"--method={self.method!r} is unknown; choose one of {', '.join(METHODS)}")
         _check(self.sigma > 0, f"--sigma must be > 0, got {self.sigma}")
         self._resolve_method_fields()
@@ -115,6 +126,29 @@ class TrainConfig:
         _check(self.clean_batch_size >= 1, "--batch_size is smaller than --num_noise with --batch_split")
 
         self._check_method_fields()
+        self._resolve_certify_fields()
+
+    def _resolve_certify_fields(self) -> None:
+        """Live certification's fields: defaults when it is on, refused when it is off."""
+        from tf_consreg import data  # pylint: disable=import-outside-toplevel
+
+        _check(self.certify_every >= 0, f"--certify_every must be >= 0 (0 = off), got {self.certify_every}")
+        if not self.certify_every:
+            for name in _CERTIFY_DEFAULTS:
+                _check(getattr(self, name) is None,
+                       f"--{name} is used only with --certify_every; add --certify_every=N or remove it")
+            return
+        _check(self.dataset not in data.STREAMED,
+               f"--certify_every holds images out of the training split in memory; --dataset={self.dataset} "
+               "is streamed")
+        for name, default in _CERTIFY_DEFAULTS.items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, default)
+        _check(self.certify_examples >= 1, f"--certify_examples must be >= 1, got {self.certify_examples}")
+        _check(self.certify_n0 >= 1, f"--certify_n0 must be >= 1, got {self.certify_n0}")
+        _check(self.certify_n >= 1, f"--certify_n must be >= 1, got {self.certify_n}")
+        _check(0 < self.certify_alpha < 1, f"--certify_alpha must be in (0, 1), got {self.certify_alpha}")
+        _check(self.certify_batch_size >= 1, f"--certify_batch_size must be >= 1, got {self.certify_batch_size}")
 
     def _resolve_method_fields(self) -> None:
         """Fills the method's defaults; refuses fields the method would ignore."""

@@ -7,6 +7,7 @@ loss is the mean cross-entropy over all copies plus the consistency term of
 saves, certifies and exports.
 """
 
+import dataclasses
 import math
 import os
 import sys
@@ -18,6 +19,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_consreg import attacks
+from tf_consreg import callbacks as callbacks_lib
 from tf_consreg import data as data_lib
 from tf_consreg import distribute
 from tf_consreg import losses
@@ -27,6 +29,7 @@ from tf_consreg.config import TRAIN_CONFIG_FILE, TrainConfig
 from tf_consreg.errors import ConfigError
 
 CHECKPOINT_DIR = "checkpoints"
+LOGS_DIR = "logs"
 FLAGS_FILE = "flags.txt"
 
 # Independent random streams of one run.
@@ -277,7 +280,8 @@ class ScalarLogger(keras.callbacks.Callback):
             tf.summary.scalar("epoch/learning_rate", self._learning_rate())
         with self._val.as_default(step=step):
             for name, value in logs.items():
-                if name.startswith("val_"):
+                # CertifyCallback writes its own numbers; show each number once.
+                if name.startswith("val_") and not callbacks_lib.is_certify_metric(name):
                     tf.summary.scalar(f"epoch/{name[4:]}", float(value))
         self._train.flush()
         self._val.flush()
@@ -392,20 +396,36 @@ def train(config: TrainConfig, flags_text: Optional[str] = None,
     _prepare_model_dir(config)
     strategy = distribute.get_strategy(config.strategy)
     replicas = strategy.num_replicas_in_sync
-    train_images, train_labels = data_lib.load_uint8(config.dataset, "train", data_dir=config.data_dir,
-                                                     limit=config.train_examples or None)
-    eval_images = eval_labels = None
+    info = data_lib.get_dataset_info(config.dataset)
+    certify = None
+    if config.certify_every:
+        # The held-out images are the LAST certify_examples of the whole
+        # training split, whatever --train_examples is; they are never trained on.
+        full = data_lib.open_source(config.dataset, "train", data_dir=config.data_dir, mock=config.mock_data)
+        train_x, train_y, val_x, val_y = callbacks_lib.holdout_split(
+            full.images, full.labels, config.certify_examples, train_examples=config.train_examples)
+        train_source = dataclasses.replace(full, num_examples=len(train_x), images=train_x, labels=train_y)
+        certify = callbacks_lib.CertifyCallback(
+            val_x, val_y, sigma=config.sigma, num_classes=info.num_classes, every=config.certify_every,
+            n0=config.certify_n0, n=config.certify_n, alpha=config.certify_alpha,
+            batch_size=config.certify_batch_size, log_dir=os.path.join(config.model_dir, LOGS_DIR), seed=config.seed,
+            image_ids=np.arange(full.num_examples - len(val_x), full.num_examples))
+    else:
+        train_source = data_lib.open_source(config.dataset, "train", data_dir=config.data_dir,
+                                            limit=config.train_examples or None, mock=config.mock_data)
+    eval_source = None
     if config.eval_examples:
-        eval_images, eval_labels = data_lib.load_uint8(config.dataset, "test", data_dir=config.data_dir,
-                                                       limit=config.eval_examples)
+        eval_source = data_lib.open_source(config.dataset, "test", data_dir=config.data_dir,
+                                           limit=config.eval_examples, mock=config.mock_data)
     batch = config.clean_batch_size
     if replicas > 1 and batch % replicas:
         raise ConfigError(f"--batch_size: {batch} clean images per step do not split evenly over {replicas} replicas")
     # Equal local batches under several replicas (see distribute.example_seeds).
     drop_remainder = replicas > 1
-    steps_per_epoch = (len(train_images) // batch if drop_remainder else math.ceil(len(train_images) / batch))
+    num_train = train_source.num_examples
+    steps_per_epoch = num_train // batch if drop_remainder else math.ceil(num_train / batch)
     if steps_per_epoch < 1:
-        raise ConfigError(f"--train_examples: {len(train_images)} images make no full batch of {batch}")
+        raise ConfigError(f"--train_examples: {num_train} images make no full batch of {batch}")
 
     os.makedirs(config.model_dir, exist_ok=True)
     with atomic_output(os.path.join(config.model_dir, TRAIN_CONFIG_FILE)) as f:
@@ -417,7 +437,7 @@ def train(config: TrainConfig, flags_text: Optional[str] = None,
 
     with strategy.scope():
         model = build(config, steps_per_epoch)
-        model.build((None, *train_images.shape[1:]))
+        model.build((None, *info.input_shape))
         model.optimizer.build(model.base_model.trainable_weights)
         epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
         checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer, epoch=epoch)
@@ -428,23 +448,32 @@ def train(config: TrainConfig, flags_text: Optional[str] = None,
             print(f"Resuming from {manager.latest_checkpoint} (epoch {int(epoch.numpy())} of {config.epochs})")
     initial_epoch = int(epoch.numpy())
 
-    # Reshuffle differently after a resume, as the run would have.
-    train_ds = data_lib.make_dataset(train_images, train_labels, batch, shuffle=True,
-                                     seed=config.seed + initial_epoch, drop_remainder=drop_remainder)
-    eval_ds = None
-    if eval_images is not None:
-        eval_ds = data_lib.make_dataset(eval_images, eval_labels, batch, shuffle=False,
-                                        drop_remainder=drop_remainder)
+    # Reshuffle differently after a resume, as the run would have. Under
+    # several replicas each gets its share of every global batch, in order.
+    input_strategy = strategy if replicas > 1 else None
+    train_input = train_source.make_input(batch, training=True, seed=config.seed + initial_epoch,
+                                          drop_remainder=drop_remainder, strategy=input_strategy)
+    eval_input = None
+    if eval_source is not None:
+        eval_input = eval_source.make_input(batch, training=False, drop_remainder=drop_remainder,
+                                            strategy=input_strategy)
     callbacks = [
         EpochSchedule(),
         Throughput(batch),
+        # Adds val_acr & co. to the epoch logs: before everything that reads them.
+        *([certify] if certify else []),
+        # After it: a kill during certification redoes that epoch.
         EpochCheckpoint(manager, epoch),
-        ScalarLogger(os.path.join(config.model_dir, "logs"), update_freq=max(1, steps_per_epoch // 20)),
+        ScalarLogger(os.path.join(config.model_dir, LOGS_DIR), update_freq=max(1, steps_per_epoch // 20)),
         *(extra_callbacks or []),
     ]
     history = keras.callbacks.History()
     if initial_epoch < config.epochs:
-        history = model.fit(train_ds, epochs=config.epochs, initial_epoch=initial_epoch, validation_data=eval_ds,
+        # A distributed input repeats endlessly: its epoch length must be given.
+        history = model.fit(train_input.dataset, epochs=config.epochs, initial_epoch=initial_epoch,
+                            steps_per_epoch=train_input.steps_per_epoch if input_strategy else None,
+                            validation_data=eval_input.dataset if eval_input else None,
+                            validation_steps=eval_input.steps_per_epoch if eval_input and input_strategy else None,
                             callbacks=callbacks, shuffle=False, verbose=1 if sys.stdout.isatty() else 2)
     else:
         print(f"{config.model_dir} is already trained for {initial_epoch} epochs; nothing to do")
