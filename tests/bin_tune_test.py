@@ -1,9 +1,7 @@
 """bin/tune.py end to end: a 2-trial search, bin/train.py accepting its best.flags, resuming, bad input.
 
-bin/tune.py runs in subprocesses here: it defines flags with the same names
-as bin/train.py (--sigma, --dataset, ...), and absl refuses to define a flag
-twice in one process, so the two binaries cannot both be imported into the
-pytest process. bin/train.py is imported, to parse best.flags with its flags.
+bin/tune.py runs in subprocesses here: the kill test needs a process to kill, and bin/train.py, whose flags
+parse best.flags in this process (loaded with tests/binaries.py), defines flags of the same names.
 """
 
 import csv
@@ -20,11 +18,11 @@ import tensorflow as tf
 from absl import flags
 from absl.testing import flagsaver
 
+import binaries  # tests/binaries.py
 from tf_consreg.config import read_train_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "bin"))
-import train as train_bin  # noqa: E402  pylint: disable=wrong-import-position
+train_bin = None  # bin/train.py, loaded by setUpModule.
 
 FLAGS = flags.FLAGS
 TUNE = os.path.join(REPO, "bin", "tune.py")
@@ -35,8 +33,12 @@ TINY = ["--max_trials=2", "--epochs_per_trial=1", "--train_examples=256", "--bat
 
 
 def setUpModule():
-    if not FLAGS.is_parsed():
-        FLAGS(["train"])
+    global train_bin
+    train_bin = binaries.load("train")
+
+
+def tearDownModule():
+    binaries.unload(train_bin)
 
 
 def _tune(*args, timeout=600):
