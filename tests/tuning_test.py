@@ -136,11 +136,11 @@ class TuneConfigTest(parameterized.TestCase):
         oracle = tuning._make_oracle(_config(tuner="hyperband", max_trials=5, epochs_per_trial=9))
         self.assertIsInstance(oracle, kt.oracles.HyperbandOracle)
         self.assertEqual((oracle.max_trials, oracle.max_epochs), (5, 9))
-        if importlib_has_sklearn():
+        if _has_sklearn():
             self.assertIsInstance(tuning._make_oracle(_config(tuner="bayesian")), kt.oracles.BayesianOptimizationOracle)
 
 
-def importlib_has_sklearn():
+def _has_sklearn():
     import importlib.util  # pylint: disable=import-outside-toplevel
     return importlib.util.find_spec("sklearn") is not None
 
