@@ -98,12 +98,22 @@ _CERTIFY_BATCH_SIZE = flags.DEFINE_integer("certify_batch_size", None, "With --c
 _STRATEGY = flags.DEFINE_string("strategy", "auto", "auto, default or mirrored. auto: MirroredStrategy when "
                                 "more than one GPU is visible, else one device.")
 _STEPS_PER_EXECUTION = flags.DEFINE_integer("steps_per_execution", 1, "Training steps per compiled call.")
+_MIXED_PRECISION = flags.DEFINE_string(
+    "mixed_precision", "none", "none, mixed_float16 (with dynamic loss scaling) or mixed_bfloat16: layers "
+    "compute in 16 bits, variables, logits and every loss term stay float32. For GPUs and TPUs; on a CPU it is "
+    "slower.")
+_JIT_COMPILE = flags.DEFINE_bool("jit_compile", False, "Compile the train step with XLA. Measure first: on CPUs "
+                                 "it made LeNet slower, and Keras turns it off under tf.distribute.")
+_PRETRAINED_MODEL = flags.DEFINE_string(
+    "pretrained_model", None, "Start from this base_model.keras of the same --arch (fine-tuning); when its "
+    "class count differs from --dataset's, the classifier layer is replaced by a fresh one.")
 
 _HANDLES = (_MODEL_DIR, _DATASET, _DATA_DIR, _ARCH, _METHOD, _SIGMA, _NUM_NOISE, _LBD, _ETA, _CONSISTENCY_LOSS,
             _BETA, _GAMMA, _DEFERRED, _ADV_TRAINING, _EPSILON, _NUM_STEPS, _WARMUP,
             _EPOCHS, _BATCH_SIZE, _BATCH_SPLIT, _LR, _LR_STEP_SIZE, _LR_GAMMA, _MOMENTUM, _WEIGHT_DECAY, _SEED,
             _TRAIN_EXAMPLES, _EVAL_EXAMPLES, _CERTIFY_EVERY, _CERTIFY_EXAMPLES, _CERTIFY_N0, _CERTIFY_N, _CERTIFY_ALPHA,
-            _CERTIFY_BATCH_SIZE, _MOCK_DATA, _STRATEGY, _STEPS_PER_EXECUTION)
+            _CERTIFY_BATCH_SIZE, _MOCK_DATA, _STRATEGY, _STEPS_PER_EXECUTION, _MIXED_PRECISION, _JIT_COMPILE,
+            _PRETRAINED_MODEL)
 
 
 def flags_text() -> str:
@@ -127,7 +137,9 @@ def make_config() -> config_lib.TrainConfig:
         certify_examples=_CERTIFY_EXAMPLES.value, certify_n0=_CERTIFY_N0.value, certify_n=_CERTIFY_N.value,
         certify_alpha=_CERTIFY_ALPHA.value, certify_batch_size=_CERTIFY_BATCH_SIZE.value,
         data_dir=_DATA_DIR.value, mock_data=_MOCK_DATA.value,
-        strategy=_STRATEGY.value, steps_per_execution=_STEPS_PER_EXECUTION.value)
+        strategy=_STRATEGY.value, steps_per_execution=_STEPS_PER_EXECUTION.value,
+        mixed_precision=_MIXED_PRECISION.value, jit_compile=_JIT_COMPILE.value,
+        pretrained_model=_PRETRAINED_MODEL.value)
 
 
 def main(argv):

@@ -7,6 +7,8 @@ SGD step (lr, no momentum) must then move the weights by -lr * gradient, and
 the reported metrics must equal the numpy values.
 """
 
+import os
+
 import numpy as np
 import scipy.special
 import scipy.stats
@@ -205,6 +207,65 @@ class AdversarialAndScheduleTest(tf.test.TestCase):
             macer.set_epoch(epoch)
             weights.append(float(macer._robust_weight.numpy()))  # pylint: disable=protected-access
         self.assertAllClose(weights, [0.0, 0.0, 0.0, 6.0, 6.0])
+
+
+class BuildOptionsTest(tf.test.TestCase, parameterized.TestCase):
+
+    @parameterized.parameters("mixed_float16", "mixed_bfloat16")
+    def test_mixed_precision_keeps_losses_and_logits_float32(self, policy):
+        from tf_consreg.config import TrainConfig
+
+        config = TrainConfig(model_dir="/unused", mixed_precision=policy, sigma=0.5, lbd=5.0)
+        model = training.build(config, steps_per_epoch=10)
+        self.assertEqual(keras.config.dtype_policy().name, "float32")  # Not leaked to other models.
+        layers = training._leaf_layers(model.base_model)  # pylint: disable=protected-access
+        self.assertEqual(layers[2].compute_dtype, policy[6:])  # The first conv computes in 16 bits ...
+        self.assertEqual(layers[-1].compute_dtype, "float32")  # ... the logits in float32.
+        self.assertEqual(isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer),
+                         policy == "mixed_float16")
+        images = np.random.default_rng(0).uniform(size=(8, 28, 28, 1)).astype(np.float32)
+        terms = model.compute_terms(tf.constant(images), tf.constant(np.arange(8) % 10), training=False, step=0)
+        for name in ("loss", "cross_entropy", "consistency", "kl", "entropy"):
+            self.assertEqual(terms[name].dtype, tf.float32, name)
+        logs = model.train_on_batch(images, np.arange(8) % 10, return_dict=True)
+        self.assertTrue(np.isfinite(logs["loss"]))
+
+    def test_pretrained_model_keeps_body_and_replaces_head(self):
+        from tf_consreg import models
+        from tf_consreg.config import TrainConfig
+
+        path = os.path.join(self.get_temp_dir(), "pretrained.keras")
+        source = models.get_architecture("lenet", "mnist")
+        source.save(path)
+        model = training.build(TrainConfig(model_dir="/unused", dataset="fashion_mnist", pretrained_model=path), 10)
+        for new, old in zip(model.base_model.weights, source.weights):
+            self.assertAllEqual(new, old)
+
+        # A 5-class head cannot take the 10-class weights: it stays freshly initialized.
+        inputs = keras.Input((28, 28, 1))
+        other = keras.Model(inputs, models.lenet(5)(models.Normalization((0.5,), (0.5,))(inputs)))
+        leaf = training._leaf_layers  # pylint: disable=protected-access
+        for target, weights in zip(leaf(other)[:-1], leaf(source)[:-1]):
+            target.set_weights(weights.get_weights())
+        other_path = os.path.join(self.get_temp_dir(), "five.keras")
+        other.save(other_path)
+        model = training.build(TrainConfig(model_dir="/unused", pretrained_model=other_path), 10)
+        new_layers = training._leaf_layers(model.base_model)  # pylint: disable=protected-access
+        self.assertAllEqual(new_layers[2].weights[0], source.weights[0])  # conv1 copied
+        self.assertEqual(model.base_model.output_shape, (None, 10))
+        self.assertNotAllClose(new_layers[-1].weights[0][:, :5], other.weights[-2])  # head not copied
+
+    def test_pretrained_model_of_another_architecture_is_refused(self):
+        from tf_consreg import models
+        from tf_consreg.config import TrainConfig
+        from tf_consreg.errors import ConfigError
+
+        inputs = keras.Input((28, 28, 1))
+        path = os.path.join(self.get_temp_dir(), "dense.keras")
+        keras.Model(inputs, keras.layers.Dense(10)(keras.layers.Flatten()(inputs))).save(path)
+        with self.assertRaisesRegex(ConfigError, "--pretrained_model=.*same --arch"):
+            training.build(TrainConfig(model_dir="/unused", pretrained_model=path), 10)
+        del models
 
 
 class LearningRateTest(tf.test.TestCase):

@@ -16,6 +16,7 @@ from tf_consreg.errors import ConfigError
 METHODS = ("gaussian", "consistency", "stability", "smoothadv", "macer")
 CONSISTENCY_LOSSES = ("default", "xent", "kl", "mse")
 STRATEGIES = ("auto", "default", "mirrored")
+MIXED_PRECISION = ("none", "mixed_float16", "mixed_bfloat16")
 
 TRAIN_CONFIG_FILE = "train_config.json"
 
@@ -92,6 +93,9 @@ class TrainConfig:
     mock_data: bool = False
     strategy: str = "auto"
     steps_per_execution: int = 1
+    mixed_precision: str = "none"
+    jit_compile: bool = False
+    pretrained_model: Optional[str] = None
 
     def __post_init__(self):
         from tf_consreg import data  # pylint: disable=import-outside-toplevel
@@ -119,6 +123,11 @@ class TrainConfig:
         _check(self.strategy in STRATEGIES,
                f"--strategy={self.strategy!r} is unknown; choose one of {', '.join(STRATEGIES)}")
         _check(self.steps_per_execution >= 1, f"--steps_per_execution must be >= 1, got {self.steps_per_execution}")
+        _check(self.mixed_precision in MIXED_PRECISION,
+               f"--mixed_precision={self.mixed_precision!r} is unknown; choose one of {', '.join(MIXED_PRECISION)}")
+        if self.pretrained_model is not None:
+            _check(os.path.isfile(self.pretrained_model),
+                   f"--pretrained_model={self.pretrained_model} is not a file; give a base_model.keras")
         if self.batch_split:
             _check(self.batch_size % self.num_noise == 0,
                    f"--batch_size={self.batch_size} must be divisible by --num_noise={self.num_noise} "

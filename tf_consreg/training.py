@@ -356,7 +356,17 @@ def _learning_rate(config: TrainConfig, steps_per_epoch: int):
 
 def build(config: TrainConfig, steps_per_epoch: int) -> ConsistencyModel:
     """Builds and compiles the wrapper for `config`, in the current strategy's scope."""
-    base = models.get_architecture(config.arch, config.dataset)
+    # Layers take their dtype policy when they are created: set it for this
+    # model only, so other models of the process keep theirs.
+    previous_policy = keras.config.dtype_policy()
+    if config.mixed_precision != "none":
+        keras.config.set_dtype_policy(config.mixed_precision)
+    try:
+        base = models.get_architecture(config.arch, config.dataset)
+        if config.pretrained_model:
+            load_pretrained(base, config.pretrained_model)
+    finally:
+        keras.config.set_dtype_policy(previous_policy)
     model = ConsistencyModel(base, sigma=config.sigma, num_noise=config.num_noise, method=config.method,
                              lbd=config.lbd, eta=config.eta, consistency_loss=config.consistency_loss,
                              beta=config.beta, gamma=config.gamma, deferred_epochs=config.deferred_epochs,
@@ -367,9 +377,51 @@ def build(config: TrainConfig, steps_per_epoch: int) -> ConsistencyModel:
     # as PyTorch applies it, rather than Keras's decoupled `weight_decay`).
     optimizer = keras.optimizers.SGD(learning_rate=_learning_rate(config, steps_per_epoch),
                                      momentum=config.momentum)
+    if config.mixed_precision == "mixed_float16":
+        # float16 gradients underflow without loss scaling; train_step calls
+        # optimizer.scale_loss and `apply` unscales (and skips non-finite steps).
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  steps_per_execution=config.steps_per_execution, jit_compile=False)
+                  steps_per_execution=config.steps_per_execution, jit_compile=config.jit_compile)
     return model
+
+
+def _leaf_layers(model: keras.Model) -> List[keras.layers.Layer]:
+    layers = []
+    for layer in model.layers:
+        layers.extend(_leaf_layers(layer) if isinstance(layer, keras.Model) else [layer])
+    return layers
+
+
+def load_pretrained(base: keras.Model, path: str) -> None:
+    """Copies a saved base model's weights into `base`, layer by layer.
+
+    Both must be the same architecture. When their class counts differ, the
+    classifier (the last Dense layer) keeps its fresh initialization, as the
+    authors' fine-tuning replaces the `fc` layer.
+
+    Raises:
+      ConfigError: the saved model is not of `base`'s architecture.
+    """
+    pretrained = models.load_base_model(path)
+    new_layers, old_layers = _leaf_layers(base), _leaf_layers(pretrained)
+    heads = [i for i, layer in enumerate(new_layers) if isinstance(layer, keras.layers.Dense)]
+    replaced = None
+    if len(new_layers) != len(old_layers) or not heads:
+        raise ConfigError(f"--pretrained_model={path}: its layers do not match --arch's; use a model trained with "
+                          "the same --arch")
+    for i, (target, source) in enumerate(zip(new_layers, old_layers)):
+        target_shapes = [tuple(w.shape) for w in target.weights]
+        source_shapes = [tuple(w.shape) for w in source.weights]
+        if target_shapes == source_shapes:
+            target.set_weights(source.get_weights())
+        elif i == heads[-1] and target_shapes[0][0] == source_shapes[0][0]:
+            replaced = (source_shapes[-1][0], target_shapes[-1][0])
+        else:
+            raise ConfigError(f"--pretrained_model={path}: layer {source.name} has weights {source_shapes}, "
+                              f"--arch's has {target_shapes}; use a model trained with the same --arch")
+    print(f"Initialized from {path}" + (f" (new classifier: {replaced[0]} -> {replaced[1]} classes)"
+                                        if replaced else ""))
 
 
 def train(config: TrainConfig, flags_text: Optional[str] = None,

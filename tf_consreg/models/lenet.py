@@ -16,8 +16,8 @@ def lenet(num_classes: int, input_shape=(28, 28, 1), name: str = "lenet") -> ker
     def conv(filters):
         return keras.layers.Conv2D(filters, 5, activation="relu", kernel_initializer=init())
 
-    def dense(units, activation=None):
-        return keras.layers.Dense(units, activation=activation, kernel_initializer=init())
+    def dense(units, activation=None, **kwargs):
+        return keras.layers.Dense(units, activation=activation, kernel_initializer=init(), **kwargs)
 
     return keras.Sequential([
         keras.Input(input_shape),
@@ -27,5 +27,5 @@ def lenet(num_classes: int, input_shape=(28, 28, 1), name: str = "lenet") -> ker
         keras.layers.MaxPooling2D(2),
         keras.layers.Flatten(),
         dense(500, "relu"),
-        dense(num_classes),
+        dense(num_classes, dtype="float32"),  # float32 logits under mixed precision.
     ], name=name)
