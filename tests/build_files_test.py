@@ -1,11 +1,13 @@
 """The Bazel BUILD files match the source tree: one target per file, real deps.
 
-Checks, without Bazel, that every `.py` under tf_consreg/, bin/, tests/, bench/
-and tools/ is a source of exactly one py_library / py_binary / py_test, that no BUILD file
-names a file or target that does not exist, and that each target's deps name
-every tf_consreg module its sources import (at module level or inside a
-function). The BUILD files are Starlark, whose syntax is Python's: they are
-executed here with stand-ins for the few rules they use.
+Checks, without Bazel, that every `.py` under tf_consreg/, bin/, tests/,
+bench/ and tools/ is a source of exactly one py_library / py_binary / py_test,
+that no BUILD file names a file or target that does not exist, that each
+target's deps name every tf_consreg module its sources import (at module level
+or inside a function), and that a test's data holds the bin/ scripts it runs.
+A file without a target fails with a stanza to paste into its BUILD file. The
+BUILD files are Starlark, whose syntax is Python's: they are executed here
+with stand-ins for the few rules they use.
 
 Under `bazel test` the test reads the source tree (found through its own
 file's real path), not its runfiles, so files that no BUILD file declares
@@ -28,7 +30,7 @@ PACKAGE = "tf_consreg"
 PY_RULES = ("py_library", "py_binary", "py_test")
 TEST_SIZES = ("small", "medium", "large", "enormous")
 BUILD_FILE_NAMES = ("BUILD", "BUILD.bazel")
-# Directories Bazel never reads as packages of this workspace.
+# Never Bazel packages nor sources (bazel-* output links are skipped too).
 _SKIP_DIRS = {".git", "__pycache__"}
 
 

@@ -5,9 +5,9 @@ def pytest_test(name, src = None, deps = [], data = [], **kwargs):
 
     The test's main is a copy of tests/pytest_runner.py, which runs pytest on
     `src` with the workspace's pytest.ini and tests/conftest.py, as the
-    README's test command does. The test file is the target's only source
-    file, so tests/build_files_test.py can check that each file belongs to
-    exactly one target.
+    README's test command does. The test file is the target's only
+    checked-in source file, so tests/build_files_test.py can check that each
+    file belongs to exactly one target.
 
     Args:
       name: target name, by convention the test file's name without `.py`.
