@@ -76,11 +76,12 @@ def main() -> None:
     parser.add_argument("--no_cpp", action="store_true", help="skip the C++ loader")
     args = parser.parse_args()
 
-    import tensorflow as tf  # pylint: disable=import-outside-toplevel
-
+    # tf_consreg first: it chooses TF_ENABLE_ONEDNN_OPTS before TensorFlow loads,
+    # and the C++ program inherits the same environment, so all paths match.
     from tf_consreg import export  # pylint: disable=import-outside-toplevel
     from tf_consreg import models  # pylint: disable=import-outside-toplevel
     from tf_consreg import smoothing  # pylint: disable=import-outside-toplevel
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
 
     model = (models.load_base_model(args.model_dir) if args.model_dir
              else models.get_architecture("lenet", "fashion_mnist"))
