@@ -72,7 +72,8 @@ class ServingCheckTest(tf.test.TestCase):
         cls.rng = rng
         cls.linear = linear_model(cls.w, cls.b)
         cls.linear_dir = os.path.join(cls._tmp.name, "linear")
-        cls.n0, cls.n, cls.alpha = 100, 4000, 0.001
+        # alpha = 1e-6: the images at p = 1/2 must abstain, which fails with probability <= alpha.
+        cls.n0, cls.n, cls.alpha = 100, 4000, 1e-6
         # seed=None: the C++ run draws its own noise, as a deployed model does.
         export.export_smoothed(cls.linear, cls.linear_dir, sigma=cls.SIGMA, num_classes=2, n0=cls.n0, n=cls.n,
                                alpha=cls.alpha, batch_size=1000, class_names=("pos", "neg"))
