@@ -7,10 +7,11 @@ each radius (correct with radius >= r), as a Markdown table or JSON.
 
 Example:
 
-  python bin/analyze.py --tsv='../shared/reference-certify/mnist_*.tsv' \
+  python bin/analyze.py ../shared/reference-certify/mnist_*.tsv \
       --radii=0,0.5,1,1.5,2 --plot=mnist.png
 
-  python bin/analyze.py --tsv=runs/fmnist/certify.tsv --format=json
+  python bin/analyze.py runs/fmnist/certify.tsv --format=json
+  python bin/analyze.py --tsv='runs/*/certify.tsv'    # the same files as a flag
 """
 
 from absl import flags
@@ -19,8 +20,8 @@ from tf_consreg import analysis
 from tf_consreg import cli
 from tf_consreg.errors import ConfigError
 
-_TSV = flags.DEFINE_list("tsv", None, "Certification TSV files, comma-separated; glob patterns (quoted) are "
-                         "expanded, e.g. --tsv='runs/*/certify.tsv'.")
+_TSV = flags.DEFINE_list("tsv", None, "Certification TSV files, comma-separated, besides those given as "
+                         "arguments; glob patterns (quoted) are expanded, e.g. --tsv='runs/*/certify.tsv'.")
 _RADII = flags.DEFINE_list("radii", [f"{r:g}" for r in analysis.DEFAULT_RADII],
                            "Radii of the certified-accuracy columns, comma-separated.")
 _FORMAT = flags.DEFINE_string("format", "markdown", "Output format: markdown or json.")
@@ -29,7 +30,7 @@ _PLOT = flags.DEFINE_string("plot", None, "Also draw certified accuracy against 
 _LABELS = flags.DEFINE_list("labels", None, "Names of the files in the table and the plot legend, one per file.")
 
 
-def make_config() -> analysis.AnalyzeConfig:
+def make_config(files=()) -> analysis.AnalyzeConfig:
     """Builds the validated config from the flags."""
     radii = []
     for text in _RADII.value:
@@ -37,14 +38,13 @@ def make_config() -> analysis.AnalyzeConfig:
             radii.append(float(text))
         except ValueError as e:
             raise ConfigError(f"--radii: {text!r} is not a number") from e
-    return analysis.AnalyzeConfig(tsv=_TSV.value or (), radii=radii, format=_FORMAT.value, plot=_PLOT.value,
+    return analysis.AnalyzeConfig(tsv=tuple(files) + tuple(_TSV.value or ()), radii=radii, format=_FORMAT.value, plot=_PLOT.value,
                                   labels=_LABELS.value)
 
 
 def main(argv):
-    del argv
-    print(analysis.analyze(make_config()), end="")
+    print(analysis.analyze(make_config(argv[1:])), end="")
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    cli.run(main, positional=True)

@@ -52,11 +52,17 @@ class AnalyzeBinaryTest(absltest.TestCase):
         with open(self.tsv, "w", encoding="utf-8") as f:
             f.write(TSV)
 
-    def _main(self, **flag_values):
+    def _main(self, *files, **flag_values):
         out = io.StringIO()
         with flagsaver.flagsaver(**flag_values), contextlib.redirect_stdout(out):
-            analyze_bin.main(["analyze"])
+            analyze_bin.main(["analyze", *files])
         return out.getvalue()
+
+    def test_files_as_arguments_come_before_the_flag_list(self):
+        other = os.path.join(self.dir, "other.tsv")
+        shutil.copy(self.tsv, other)
+        report = json.loads(self._main(other, tsv=[self.tsv], format="json"))
+        self.assertEqual([r["file"] for r in report], [other, self.tsv])
 
     def test_json(self):
         report = json.loads(self._main(tsv=[self.tsv, self.tsv], format="json", radii=["0", "1"]))

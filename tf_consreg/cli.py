@@ -17,7 +17,7 @@ from absl import logging
 from tf_consreg.errors import ConfigError
 
 
-def run(main: Callable[[Sequence[str]], None]) -> None:
+def run(main: Callable[[Sequence[str]], None], positional: bool = False) -> None:
     """Runs an absl `main`, turning `ConfigError` into one line on stderr.
 
     absl already reports unknown or malformed flags itself. Every check the
@@ -27,12 +27,13 @@ def run(main: Callable[[Sequence[str]], None]) -> None:
 
     Args:
       main: the binary's main function, as for `absl.app.run`.
+      positional: the binary takes positional arguments (otherwise any is an error).
     """
 
     def _main(argv):
         if not flags.FLAGS["verbosity"].present:
             logging.set_verbosity(logging.WARNING)  # TensorFlow's INFO lines drown the progress bar.
-        if len(argv) > 1:
+        if len(argv) > 1 and not positional:
             raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
         try:
             main(argv)
