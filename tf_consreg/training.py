@@ -262,10 +262,20 @@ class ScalarLogger(keras.callbacks.Callback):
     def _learning_rate(self) -> float:
         return float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
 
+    def on_train_begin(self, logs=None):
+        # Count steps on the host: reading the optimizer's counter every step
+        # would wait for each step to finish before dispatching the next.
+        self._step = int(self.model.optimizer.iterations.numpy())
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch_start = self._step
+
     def on_train_batch_end(self, batch, logs=None):
-        step = int(self.model.optimizer.iterations.numpy())
-        if logs and step % self._update_freq == 0:
-            with self._train.as_default(step=step):
+        # `batch` is the epoch's last finished step (several per call with
+        # steps_per_execution > 1).
+        previous, self._step = self._step, self._epoch_start + batch + 1
+        if logs and self._step // self._update_freq > previous // self._update_freq:
+            with self._train.as_default(step=self._step):
                 for name, value in logs.items():
                     tf.summary.scalar(f"step/{name}", float(value))
                 tf.summary.scalar("step/learning_rate", self._learning_rate())
