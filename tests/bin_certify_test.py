@@ -194,6 +194,7 @@ class CertifyDatasetTest(tf.test.TestCase, parameterized.TestCase):
         ("n", dict(n=0), "--n must be >= 1"),
         ("alpha", dict(alpha=1.0), "--alpha must be in"),
         ("batch_size", dict(batch_size=0), "--batch_size must be >= 1"),
+        ("huge_n", dict(n=2**31), "--n must be < 2"),
         ("skip", dict(skip=0), "--skip must be >= 1"),
         ("max", dict(max=-2), "--max"),
         ("sigma", dict(sigma=0.0), "--sigma must be > 0"),

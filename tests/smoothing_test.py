@@ -280,6 +280,7 @@ class SmoothTest(tf.test.TestCase, parameterized.TestCase):
         ("alpha_one", dict(alpha=1.0), "alpha"),
         ("batch_size", dict(batch_size=0), "batch_size"),
         ("float_n", dict(n=10.5), "^n must"),
+        ("huge_n", dict(n=2**31), "^n must"),
         ("seed", dict(seed="x"), "seed"),
     )
     def test_bad_certify_arguments(self, override, word):

@@ -181,9 +181,14 @@ def sample_counts(
 _SELECTION, _ESTIMATION, _PREDICTION = 0, 1, 2
 
 
+_MAX_INT32 = 2**31 - 1
+
+
 def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    # Sample counts and batch sizes are int32 in the sampling graph.
+    if (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum
+            or value > _MAX_INT32):
+        raise ValueError(f"{name} must be an integer in [{minimum}, 2^31), got {value!r}")
     return int(value)
 
 
@@ -441,6 +446,8 @@ class CertifyConfig:
         check(self.n >= 1, f"--n must be >= 1, got {self.n}")
         check(0.0 < self.alpha < 1.0, f"--alpha must be in (0, 1), got {self.alpha}")
         check(self.batch_size >= 1, f"--batch_size must be >= 1, got {self.batch_size}")
+        for name in ("n0", "n", "batch_size"):
+            check(getattr(self, name) <= _MAX_INT32, f"--{name} must be < 2^31, got {getattr(self, name)}")
         check(self.skip >= 1, f"--skip must be >= 1, got {self.skip}")
         check(self.max >= -1, f"--max must be -1 (no limit) or an index >= 0, got {self.max}")
         check(0 <= self.seed < 2**63, f"--seed must be in [0, 2^63), got {self.seed}")
