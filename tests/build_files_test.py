@@ -30,6 +30,7 @@ PACKAGE = "tf_consreg"
 PY_RULES = ("py_library", "py_binary", "py_test")
 TEST_SIZES = ("small", "medium", "large", "enormous")
 BUILD_FILE_NAMES = ("BUILD", "BUILD.bazel")
+CONFIGS_LABEL = "//:configs"  # the flagfiles in configs/
 # Never Bazel packages nor sources (bazel-* output links are skipped too).
 _SKIP_DIRS = {".git", "__pycache__"}
 
@@ -265,6 +266,16 @@ def run_scripts(path: str) -> Set[str]:
     return {s for s in scripts if os.path.isfile(os.path.join(REPO, s)) and s != path}
 
 
+def reads_configs(path: str) -> bool:
+    """Whether `path` names the configs/ directory (the flagfiles), as in os.path.join(REPO, "configs", ...)."""
+    if os.path.join(REPO, path) == os.path.realpath(__file__):
+        return False  # this file names it to look for it
+    with open(os.path.join(REPO, path), encoding="utf-8") as f:
+        tree = ast.parse(f.read(), path)
+    return any(isinstance(node, ast.Constant) and isinstance(node.value, str)
+               and (node.value == "configs" or node.value.startswith("configs/")) for node in ast.walk(tree))
+
+
 class Workspace:
     """The targets of every BUILD file, and which target owns each source file."""
 
@@ -302,6 +313,8 @@ class Workspace:
         top = path.split(os.sep)[0]
         if top in ("tests", "bench"):
             data.update(self.owner(script) for script in run_scripts(path))
+            if reads_configs(path):
+                data.add(CONFIGS_LABEL)
         # See tf_consreg/BUILD: libraries name the package __init__ directly,
         # other targets need it somewhere in their dependencies.
         init = self.owner(os.path.join(PACKAGE, "__init__.py"))
@@ -419,6 +432,8 @@ class BuildFilesTest(absltest.TestCase):
                         if not closure & set(self.owners.get(script, [])):
                             problems.append(f"{label}: {label_path(src)} runs {script}; add "
                                             f"{self.workspace.owner(script)} to its data")
+                    if reads_configs(label_path(src)) and CONFIGS_LABEL not in closure:
+                        problems.append(f"{label}: {label_path(src)} reads configs/; add {CONFIGS_LABEL} to its data")
                 for module in sorted(imported_files(label_path(src))):
                     owners = self.owners.get(module, [])
                     if owners and not direct & set(owners):
