@@ -1,8 +1,8 @@
 r"""Certifies a smoothed classifier on a dataset split (Cohen et al.'s CERTIFY).
 
-For every --skip-th test example below --max, draws --n0 noisy samples to
-guess the top class and --n fresh ones to lower-bound its probability; writes
-one row per example to --output, in the authors' format
+For every --skip-th example of --split below index --max, draws --n0 noisy
+samples to guess the top class and --n fresh ones to lower-bound its
+probability; writes one row per example to --output, in the authors' format
 `idx label predict radius correct time` (predict = -1: abstain, radius 0).
 Rows are flushed as they are written; running the same command again resumes
 after the last complete row. Summarize the TSV with bin/analyze.py.
