@@ -29,7 +29,7 @@ def _child(args) -> None:
     with tempfile.TemporaryDirectory() as model_dir:
         config = TrainConfig(model_dir=model_dir, epochs=args.epochs, train_examples=args.examples,
                              eval_examples=0, num_noise=args.num_noise, batch_size=args.batch_size,
-                             method=args.method, sigma=0.5,
+                             method=args.method, sigma=0.5, steps_per_execution=args.steps_per_execution,
                              **({"lbd": 5.0, "eta": 0.5} if args.method == "consistency" else {}))
         history = training.train(config)
     speeds = history.history["images_per_second"]
@@ -43,6 +43,7 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--num_noise", type=int, default=2)
     parser.add_argument("--method", default="consistency")
+    parser.add_argument("--steps_per_execution", type=int, default=1)
     parser.add_argument("--onednn", choices=["both", "0", "1"], default="both")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -58,7 +59,8 @@ def main() -> None:
     for onednn in settings:
         env = {**os.environ, "TF_ENABLE_ONEDNN_OPTS": onednn, "TF_CPP_MIN_LOG_LEVEL": "2"}
         child = [sys.executable, __file__, "--child", f"--examples={args.examples}", f"--epochs={args.epochs}",
-                 f"--batch_size={args.batch_size}", f"--num_noise={args.num_noise}", f"--method={args.method}"]
+                 f"--batch_size={args.batch_size}", f"--num_noise={args.num_noise}", f"--method={args.method}",
+                 f"--steps_per_execution={args.steps_per_execution}"]
         out = subprocess.run(child, env=env, capture_output=True, text=True, check=True).stdout
         result = json.loads(out.strip().splitlines()[-1])
         print(f"TF_ENABLE_ONEDNN_OPTS={onednn}: {result['images_per_second']:8.0f} clean images/s "
