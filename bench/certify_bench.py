@@ -1,0 +1,155 @@
+r"""Certification throughput: noise samples per second through bin/certify.py's code path.
+
+Certifies the first --examples Fashion-MNIST test images with LeNet exactly as
+`bin/certify.py --model=... --max=<examples>` does with its defaults (n0 = 100,
+n = 100,000, the default --batch_size), via `smoothing.certify_dataset`, and
+reads the time of each row from the TSV it writes. The first row, which pays
+for tracing, is reported apart from the steady state. The same run measures
+the machine's float32 matmul rate (tf.linalg.matmul of 2048 x 2048 matrices)
+and reports the throughput as a fraction of it, counting LeNet's forward
+pass as 4.58 MFLOP per sample.
+
+Other processes share the CPU on a busy machine: the script also reports how
+many cores they used during each measurement (from /proc/stat), so numbers
+taken under load can be told apart.
+
+Example:
+
+  python bench/certify_bench.py                 # defaults of bin/certify.py
+  python bench/certify_bench.py --batch_size=4000 --examples=4
+  python bench/certify_bench.py --model_dir=runs/fmnist_consistency_0.25
+"""
+
+import datetime
+import os
+import re
+import shutil
+import tempfile
+import time
+
+from absl import app
+from absl import flags
+
+import tf_consreg  # pylint: disable=unused-import  Sets TensorFlow's environment (oneDNN) first.
+import tensorflow as tf
+
+from tf_consreg import data
+from tf_consreg import models
+from tf_consreg import smoothing
+
+LENET_FLOPS_PER_SAMPLE = 4.58e6
+
+_EXAMPLES = flags.DEFINE_integer("examples", 4, "Test images to certify (the first one also traces).")
+_N = flags.DEFINE_integer("n", 100000, "Estimation samples per image (bin/certify.py's default).")
+_N0 = flags.DEFINE_integer("n0", 100, "Selection samples per image (bin/certify.py's default).")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", smoothing.DEFAULT_BATCH_SIZE,
+                                   "Noisy copies per forward pass (bin/certify.py's default).")
+_MODEL_DIR = flags.DEFINE_string("model_dir", None, "A trained run to certify (default: an untrained LeNet; "
+                                 "the speed does not depend on the weights).")
+_MATMUL_SIZE = flags.DEFINE_integer("matmul_size", 2048, "Side of the square matrices of the matmul rate.")
+
+
+class OtherLoad:
+    """Cores used by other processes between enter and exit, from /proc/stat (None if unavailable)."""
+
+    def __enter__(self):
+        self.cores = None
+        self._start = self._read()
+        return self
+
+    def __exit__(self, *exc):
+        end = self._read()
+        if self._start and end:
+            total = end[0] - self._start[0]
+            busy = total - (end[1] - self._start[1])
+            mine = end[2] - self._start[2]
+            self.cores = max(0.0, busy - mine) / max(total, 1) * os.cpu_count()
+
+    @staticmethod
+    def _read():
+        try:
+            with open("/proc/stat", encoding="ascii") as f:
+                values = [int(v) for v in f.readline().split()[1:]]
+            with open("/proc/self/stat", encoding="ascii") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        return sum(values[:8]), values[3] + values[4], int(fields[11]) + int(fields[12])
+
+
+def matmul_gflops(size: int, repeats: int = 10) -> float:
+    """Best-of-3 float32 matmul rate in GFLOP/s."""
+    a = tf.random.uniform([size, size])
+    b = tf.random.uniform([size, size])
+    step = tf.function(lambda: tf.linalg.matmul(a, b))
+    step().numpy()
+    best = float("inf")
+    for _ in range(3):
+        began = time.perf_counter()
+        for _ in range(repeats):
+            result = step()
+        result.numpy()
+        best = min(best, (time.perf_counter() - began) / repeats)
+    return 2 * size**3 / best / 1e9
+
+
+def _seconds(text: str) -> float:
+    match = re.fullmatch(r"(\d+):(\d\d):(\d\d(?:\.\d+)?)", text)
+    hours, minutes, seconds = match.groups()
+    return datetime.timedelta(hours=int(hours), minutes=int(minutes), seconds=float(seconds)).total_seconds()
+
+
+def certify_rows(directory: str):
+    """Runs certify_dataset like bin/certify.py; returns the per-row seconds and the others' load."""
+    if _MODEL_DIR.value:
+        source = dict(model_dir=_MODEL_DIR.value, dataset="fashion_mnist")
+    else:
+        model = os.path.join(directory, "lenet.keras")
+        models.get_architecture("lenet", "fashion_mnist").save(model)
+        source = dict(model=model, dataset="fashion_mnist", sigma=0.25)
+    config = smoothing.CertifyConfig(output=os.path.join(directory, "certify.tsv"), max=_EXAMPLES.value,
+                                     n0=_N0.value, n=_N.value, batch_size=_BATCH_SIZE.value, **source)
+    data.load_arrays(config.dataset, config.split)  # Warm the file cache; not part of certification.
+    with OtherLoad() as load:
+        smoothing.certify_dataset(config, verbose=0)
+    with open(config.output, encoding="utf-8") as f:
+        rows = [line.split("\t") for line in f.read().splitlines()[1:]]
+    return [_seconds(row[-1]) for row in rows], load.cores
+
+
+def main(argv):
+    del argv
+    directory = tempfile.mkdtemp()
+    try:
+        # The matmul rate before and after certification; the best counts.
+        with OtherLoad() as before:
+            gflops = matmul_gflops(_MATMUL_SIZE.value)
+        seconds, certify_load = certify_rows(directory)
+        with OtherLoad() as after:
+            gflops = max(gflops, matmul_gflops(_MATMUL_SIZE.value))
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+    loads = [load.cores for load in (before, after) if load.cores is not None]
+    matmul_load = max(loads) if loads else None
+
+    samples = _N0.value + _N.value
+    steady = seconds[1:] or seconds
+    rate = samples * len(steady) / sum(steady)
+    fraction = rate * LENET_FLOPS_PER_SAMPLE / (gflops * 1e9)
+
+    def load_text(cores):
+        return "unknown" if cores is None else f"{cores:.2f} of {os.cpu_count()} cores"
+
+    print(f"TensorFlow {tf.__version__}, oneDNN {os.environ.get('TF_ENABLE_ONEDNN_OPTS')}, "
+          f"{os.cpu_count()} CPU cores")
+    print(f"float32 matmul ({_MATMUL_SIZE.value}^2): {gflops:.1f} GFLOP/s "
+          f"(other processes: {load_text(matmul_load)})")
+    print(f"certify: LeNet, Fashion-MNIST, n0={_N0.value} n={_N.value} batch_size={_BATCH_SIZE.value}, "
+          f"{len(seconds)} images (other processes: {load_text(certify_load)})")
+    print(f"  first image (traces): {samples / seconds[0]:,.0f} samples/s")
+    print(f"  steady state: {rate:,.0f} samples/s = {rate * LENET_FLOPS_PER_SAMPLE / 1e9:.1f} GFLOP/s "
+          f"= {fraction:.0%} of the matmul rate")
+
+
+if __name__ == "__main__":
+    app.run(main)
