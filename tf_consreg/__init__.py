@@ -26,17 +26,25 @@ from tf_consreg import models  # noqa: E402  pylint: disable=wrong-import-positi
 
 __version__ = "0.1.0"
 
-# Public API, loaded lazily (PEP 562) so that `import tf_consreg.stats` and the
-# analysis tools do not pay for modules they do not use.
+# Public API, loaded lazily (PEP 562): importing the package loads TensorFlow
+# and Keras (for the model registry) but not training, export or tuning.
 _LAZY = {
-      "consistency_loss": "tf_consreg.losses",
-      "get_architecture": "tf_consreg.models",
-      "load_base_model": "tf_consreg.models",
-      "Smooth": "tf_consreg.smoothing",
-      "export_smoothed": "tf_consreg.export",
-      "TrainConfig": "tf_consreg.config",
-      "train": "tf_consreg.training",
-      "ConsistencyModel": "tf_consreg.training",
+    "CertifyCallback": "tf_consreg.callbacks",
+    "ConsistencyModel": "tf_consreg.training",
+    "Smooth": "tf_consreg.smoothing",
+    "TrainConfig": "tf_consreg.config",
+    "TuneConfig": "tf_consreg.tuning",
+    "consistency_loss": "tf_consreg.losses",
+    "export_smoothed": "tf_consreg.export",
+    "get_architecture": "tf_consreg.models",
+    "get_dataset_info": "tf_consreg.data",
+    "load_base_model": "tf_consreg.models",
+    "macer_loss": "tf_consreg.losses",
+    "sample_counts": "tf_consreg.smoothing",
+    "search": "tf_consreg.tuning",
+    "smoothadv_pgd": "tf_consreg.attacks",
+    "stability_loss": "tf_consreg.losses",
+    "train": "tf_consreg.training",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]
@@ -44,5 +52,5 @@ __all__ = sorted(_LAZY) + ["__version__"]
 
 def __getattr__(name):
     if name in _LAZY:
-      return getattr(importlib.import_module(_LAZY[name]), name)
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'tf_consreg' has no attribute {name!r}")
