@@ -10,8 +10,11 @@ import tensorflow as tf
 
 from tf_consreg import losses
 
+# ../shared beside the repository (and beside the workspace in Bazel's runfiles).
 _FIXTURES = os.environ.get(
-    "TF_CONSREG_FIXTURES", "/work/shared/fixtures/reference_losses.json")
+    "TF_CONSREG_FIXTURES",
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "fixtures",
+                 "reference_losses.json"))
 
 
 def _load_cases():
@@ -64,7 +67,7 @@ def _macer_reference(logits, labels, sigma, lbd, beta, gamma):
 
 
 class FixtureTest(tf.test.TestCase, parameterized.TestCase):
-    """Outputs of the authors' PyTorch functions (float64) in /work/shared/fixtures."""
+    """Outputs of the authors' PyTorch functions (float64) in ../shared/fixtures."""
 
     @parameterized.named_parameters(_CASES)
     def test_matches_authors_float64(self, case):
