@@ -14,6 +14,15 @@ Example (the README's demo: 100 Fashion-MNIST test images, n = 10,000):
 
   python bin/certify.py --model=base_model.keras --dataset=fashion_mnist \
       --sigma=0.5 --skip=20 --output=certify.tsv
+
+Sharded over 3 hosts or array tasks (i = 0, 1, 2; each shard resumes on its
+own), then summarized as one run:
+
+  python bin/certify.py --model_dir=runs/fmnist_consistency_0.25 --n=10000 \
+      --num_shards=3 --shard_index=$i --output=runs/fmnist_consistency_0.25/certify_n10k.shard$i.tsv
+  python bin/analyze.py runs/fmnist_consistency_0.25/certify_n10k.shard*.tsv
+
+--strategy=mirrored splits each example's samples across the local GPUs.
 """
 
 from absl import flags
@@ -42,6 +51,13 @@ _SKIP = flags.DEFINE_integer("skip", 1, "Certify every skip-th example (idx = 0,
 _MAX = flags.DEFINE_integer("max", -1, "Stop before example index max (-1: the whole split).")
 _OUTPUT = flags.DEFINE_string("output", None, "TSV file to write, or to resume if it holds the same run.")
 _SEED = flags.DEFINE_integer("seed", 0, "Noise seed; example idx uses the noise of (seed, idx).")
+_NUM_SHARDS = flags.DEFINE_integer("num_shards", 1, "Split the selected examples into this many shards, one "
+                                   "per process or host; bin/analyze.py reports the shard files as one run.")
+_SHARD_INDEX = flags.DEFINE_integer("shard_index", 0, "Which shard to certify, 0 <= shard_index < num_shards: "
+                                    "the j-th selected example belongs to shard j mod num_shards.")
+_STRATEGY = flags.DEFINE_string("strategy", "default", "default: one device. mirrored: each example's samples "
+                                "are split across the local GPUs (or logical CPU devices), with other noise "
+                                "than default, so the strategy and device count are part of the run's settings.")
 
 
 def make_config() -> smoothing.CertifyConfig:
@@ -50,7 +66,7 @@ def make_config() -> smoothing.CertifyConfig:
         output=_OUTPUT.value, model_dir=_MODEL_DIR.value, model=_MODEL.value, dataset=_DATASET.value,
         data_dir=_DATA_DIR.value, split=_SPLIT.value, sigma=_SIGMA.value, n0=_N0.value, n=_N.value,
         alpha=_ALPHA.value, batch_size=_BATCH_SIZE.value, skip=_SKIP.value, max=_MAX.value, seed=_SEED.value,
-        mode="certify")
+        num_shards=_NUM_SHARDS.value, shard_index=_SHARD_INDEX.value, strategy=_STRATEGY.value, mode="certify")
 
 
 def main(argv):

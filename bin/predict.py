@@ -10,6 +10,10 @@ Example:
 
   python bin/predict.py --model_dir=runs/fmnist_consistency_0.25 --n=1000 \
       --alpha=0.001 --output=runs/fmnist_consistency_0.25/predict.tsv
+
+--num_shards=K --shard_index=i evaluates every K-th selected example from the
+i-th on (one shard per host or array task), --strategy=mirrored splits each
+example's samples across the local GPUs, as for bin/certify.py.
 """
 
 from absl import flags
@@ -38,6 +42,13 @@ _SKIP = flags.DEFINE_integer("skip", 1, "Evaluate every skip-th example (idx = 0
 _MAX = flags.DEFINE_integer("max", -1, "Stop before example index max (-1: the whole split).")
 _OUTPUT = flags.DEFINE_string("output", None, "TSV file to write, or to resume if it holds the same run.")
 _SEED = flags.DEFINE_integer("seed", 0, "Noise seed; example idx uses the noise of (seed, idx).")
+_NUM_SHARDS = flags.DEFINE_integer("num_shards", 1, "Split the selected examples into this many shards, one "
+                                   "per process or host; bin/analyze.py reports the shard files as one run.")
+_SHARD_INDEX = flags.DEFINE_integer("shard_index", 0, "Which shard to evaluate, 0 <= shard_index < num_shards: "
+                                    "the j-th selected example belongs to shard j mod num_shards.")
+_STRATEGY = flags.DEFINE_string("strategy", "default", "default: one device. mirrored: each example's samples "
+                                "are split across the local GPUs (or logical CPU devices), with other noise "
+                                "than default, so the strategy and device count are part of the run's settings.")
 
 
 def make_config() -> smoothing.CertifyConfig:
@@ -45,7 +56,8 @@ def make_config() -> smoothing.CertifyConfig:
     return smoothing.CertifyConfig(
         output=_OUTPUT.value, model_dir=_MODEL_DIR.value, model=_MODEL.value, dataset=_DATASET.value,
         data_dir=_DATA_DIR.value, split=_SPLIT.value, sigma=_SIGMA.value, n=_N.value, alpha=_ALPHA.value,
-        batch_size=_BATCH_SIZE.value, skip=_SKIP.value, max=_MAX.value, seed=_SEED.value, mode="predict")
+        batch_size=_BATCH_SIZE.value, skip=_SKIP.value, max=_MAX.value, seed=_SEED.value,
+        num_shards=_NUM_SHARDS.value, shard_index=_SHARD_INDEX.value, strategy=_STRATEGY.value, mode="predict")
 
 
 def main(argv):

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tf_consreg import analysis
 from tf_consreg import config as config_lib
 from tf_consreg import data
 from tf_consreg import models
@@ -45,6 +46,26 @@ def make_model_dir(directory: str, sigma: float = 0.25) -> str:
     with open(os.path.join(model_dir, config_lib.TRAIN_CONFIG_FILE), "w", encoding="utf-8") as f:
         f.write(train.to_json())
     return model_dir
+
+
+def make_nearest_mean_model(directory: str) -> str:
+    """A linear Fashion-MNIST classifier built without training, saved as .keras.
+
+    Logits 2 mu_c.x - |mu_c|^2 = |x|^2 - |x - mu_c|^2: the nearest class mean
+    of 2,000 training images. Right on most test images and confident enough
+    under noise to certify nonzero radii, so certification results are not
+    all abstentions.
+    """
+    images, labels = data.load_arrays("fashion_mnist", "train", limit=2000)
+    flat = images.reshape(len(images), -1)
+    means = np.stack([flat[labels == c].mean(axis=0) for c in range(10)])
+    inputs = tf.keras.Input((28, 28, 1))
+    dense = tf.keras.layers.Dense(10)
+    model = tf.keras.Model(inputs, dense(tf.keras.layers.Flatten()(inputs)))
+    dense.set_weights([2 * means.T.astype(np.float32), -(means ** 2).sum(axis=1).astype(np.float32)])
+    path = os.path.join(directory, "nearest_mean.keras")
+    model.save(path)
+    return path
 
 
 def read_rows(path):
@@ -232,6 +253,121 @@ class CertifyDatasetTest(tf.test.TestCase, parameterized.TestCase):
         self.assertFalse(os.path.exists(output))
 
 
+class ShardedCertifyTest(tf.test.TestCase, parameterized.TestCase):
+    """K = 3 shards over the first 30 test images against one unsharded run."""
+
+    SHARDED = dict(n0=10, n=100, batch_size=200, alpha=0.001, sigma=0.25, dataset="fashion_mnist", max=30)
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.dir = tempfile.mkdtemp()
+        cls.model = make_nearest_mean_model(cls.dir)
+        cls.whole = os.path.join(cls.dir, "whole", "certify.tsv")
+        smoothing.certify_dataset(smoothing.CertifyConfig(output=cls.whole, model=cls.model, **cls.SHARDED),
+                                  verbose=0)
+        cls.whole_rows = without_time(read_rows(cls.whole)[1])
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.dir, ignore_errors=True)
+        super().tearDownClass()
+
+    def _config(self, output, **overrides):
+        args = dict(output=output, model=self.model, **self.SHARDED)
+        args.update(overrides)
+        return smoothing.CertifyConfig(**args)
+
+    def _shard_path(self, index):
+        return os.path.join(tempfile.mkdtemp(dir=self.dir), f"certify.shard{index}.tsv")
+
+    def test_shards_give_the_rows_of_one_run_and_analyze_as_one(self):
+        # Not vacuous: the model certifies nonzero radii and makes mistakes.
+        radii = [float(r[3]) for r in self.whole_rows]
+        self.assertGreater(max(radii), 0.2)
+        self.assertIn("0", [r[4] for r in self.whole_rows])
+
+        shards = []
+        for index in range(3):
+            shards.append(self._shard_path(index))
+            self.assertEqual(smoothing.certify_dataset(
+                self._config(shards[-1], num_shards=3, shard_index=index), verbose=0), 10)
+            header, rows = read_rows(shards[-1])
+            self.assertEqual(header, HEADER)
+            self.assertEqual([int(r[0]) for r in rows], list(range(index, 30, 3)))
+            self.assertEqual(without_time(rows), self.whole_rows[index::3])
+            with open(shards[-1] + smoothing.SETTINGS_SUFFIX, encoding="utf-8") as f:
+                settings = f.read()
+            self.assertIn('"num_shards": 3', settings)
+            self.assertIn(f'"shard_index": {index}', settings)
+
+        self.assertEqual(analysis.SETTINGS_SUFFIX, smoothing.SETTINGS_SUFFIX)
+        report = analysis.analyze(analysis.AnalyzeConfig(tsv=shards + [self.whole], format="json"))
+        import json  # pylint: disable=import-outside-toplevel
+        merged, whole = json.loads(report)
+        self.assertEqual(merged["files"], shards)
+        self.assertEqual((merged["n"], whole["n"]), (30, 30))
+        self.assertGreater(whole["acr"], 0.0)
+        self.assertEqual(merged["acr"], whole["acr"])
+        self.assertEqual(merged["certified_accuracy"], whole["certified_accuracy"])
+
+    def test_skip(self):
+        shard = self._shard_path(1)
+        smoothing.certify_dataset(self._config(shard, num_shards=2, shard_index=1, skip=4), verbose=0)
+        # Selected 0, 4, ..., 28; shard 1 of 2 holds every other one from the second on.
+        self.assertEqual([r[0] for r in read_rows(shard)[1]], ["4", "12", "20", "28"])
+
+    def test_each_shard_resumes_on_its_own(self):
+        shard = self._shard_path(1)
+        # Cut after examples 1, 4, 7 (--max=10), then while writing example 10.
+        self.assertEqual(smoothing.certify_dataset(
+            self._config(shard, num_shards=3, shard_index=1, max=10), verbose=0), 3)
+        with open(shard, "a", encoding="utf-8") as f:
+            f.write("10\t")
+        self.assertEqual(smoothing.certify_dataset(self._config(shard, num_shards=3, shard_index=1), verbose=0), 7)
+        self.assertEqual(without_time(read_rows(shard)[1]), self.whole_rows[1::3])
+
+    @parameterized.named_parameters(
+        ("shard_index", dict(num_shards=3, shard_index=1), "shard_index: 0 there, 1 now"),
+        ("num_shards", dict(num_shards=2, shard_index=0), "num_shards: 3 there, 2 now"),
+        ("unsharded", dict(), "num_shards: 3 there, 1 now"),
+    )
+    def test_refuses_to_resume_with_other_shard_settings(self, overrides, message):
+        shard = self._shard_path(0)
+        smoothing.certify_dataset(self._config(shard, num_shards=3, shard_index=0, max=4), verbose=0)
+        with open(shard, "rb") as f:
+            before = f.read()
+        with self.assertRaisesRegex(ConfigError, message):
+            smoothing.certify_dataset(self._config(shard, **overrides), verbose=0)
+        with open(shard, "rb") as f:
+            self.assertEqual(f.read(), before)
+
+    def test_resumes_an_output_from_before_sharding(self):
+        # Settings files written before --num_shards and --strategy lack them.
+        output = self._shard_path(0)
+        smoothing.certify_dataset(self._config(output, max=2), verbose=0)
+        sidecar = output + smoothing.SETTINGS_SUFFIX
+        import json  # pylint: disable=import-outside-toplevel
+        with open(sidecar, encoding="utf-8") as f:
+            settings = json.load(f)
+        for key in ("num_shards", "shard_index", "strategy", "replicas"):
+            del settings[key]
+        with open(sidecar, "w", encoding="utf-8") as f:
+            json.dump(settings, f)
+        self.assertEqual(smoothing.certify_dataset(self._config(output, max=5), verbose=0), 3)
+        self.assertEqual(without_time(read_rows(output)[1]), self.whole_rows[:5])
+
+    @parameterized.named_parameters(
+        ("index_too_large", dict(num_shards=3, shard_index=3), r"--shard_index must be in \[0, --num_shards=3\), got 3"),
+        ("negative_index", dict(num_shards=3, shard_index=-1), r"--shard_index must be in \[0, --num_shards=3\)"),
+        ("no_shards", dict(num_shards=0), "--num_shards must be >= 1, got 0"),
+        ("strategy", dict(strategy="tpu"), "--strategy='tpu' is unknown; choose one of default, mirrored"),
+    )
+    def test_bad_shard_config(self, overrides, message):
+        with self.assertRaisesRegex(ConfigError, message):
+            self._config(self._shard_path(0), **overrides)
+
+
 @pytest.mark.slow  # Each case starts a fresh interpreter that imports TensorFlow.
 class CertifyBinaryTest(parameterized.TestCase):
 
@@ -261,6 +397,12 @@ class CertifyBinaryTest(parameterized.TestCase):
         ("alpha", ["--alpha=1.5"], "certify.py: error: --alpha must be in (0, 1), got 1.5"),
         ("model_without_sigma", ["--model=/tmp/x.keras", "--dataset=fashion_mnist"],
          "certify.py: error: --sigma is required with --model"),
+        ("shard_index_too_large", ["--num_shards=3", "--shard_index=3"],
+         "certify.py: error: --shard_index must be in [0, --num_shards=3), got 3"),
+        ("negative_shard_index", ["--num_shards=3", "--shard_index=-1"],
+         "certify.py: error: --shard_index must be in [0, --num_shards=3), got -1"),
+        ("no_shards", ["--num_shards=0"], "certify.py: error: --num_shards must be >= 1, got 0"),
+        ("strategy", ["--strategy=tpu"], "certify.py: error: --strategy='tpu' is unknown"),
     )
     def test_errors_are_one_line(self, args, expected):
         output = os.path.join(self.dir, "errors", "certify.tsv")
@@ -272,6 +414,24 @@ class CertifyBinaryTest(parameterized.TestCase):
         self.assertLen(lines, 1, result.stderr)
         self.assertStartsWith(lines[0], expected)
         self.assertFalse(os.path.exists(output))
+
+    def test_resumed_shard_with_other_shard_settings_is_one_line(self):
+        output = os.path.join(self.dir, "resume", "certify.shard0.tsv")
+        smoothing.certify_dataset(smoothing.CertifyConfig(output=output, model_dir=self.model_dir, max=2,
+                                                          num_shards=3, shard_index=0, **TINY), verbose=0)
+        with open(output, "rb") as f:
+            before = f.read()
+        result = run_binary("certify.py", f"--model_dir={self.model_dir}", "--n0=20", "--n=100", "--alpha=0.01",
+                            "--batch_size=200", "--num_shards=3", "--shard_index=1", f"--output={output}")
+        self.assertEqual(result.returncode, 2)
+        lines = error_lines(result.stderr)
+        self.assertLen(lines, 1, result.stderr)
+        self.assertStartsWith(lines[0], f"certify.py: error: --output={output} holds a run with other settings "
+                              "(shard_index: 0 there, 1 now)")
+        with open(output, "rb") as f:
+            self.assertEqual(f.read(), before)
+        self.assertEqual(sorted(os.listdir(os.path.dirname(output))), ["certify.shard0.tsv",
+                                                                       "certify.shard0.tsv.json"])
 
 
 if __name__ == "__main__":

@@ -74,6 +74,26 @@ class PredictDatasetTest(tf.test.TestCase):
         self.assertEqual(smoothing.certify_dataset(self._config(pieces, max=6), verbose=0), 3)
         self.assertEqual(without_time(read_rows(pieces)[1]), without_time(read_rows(whole)[1]))
 
+    def test_shards_give_the_rows_of_one_run(self):
+        whole = self._output()
+        smoothing.certify_dataset(self._config(whole, max=7), verbose=0)
+        rows = without_time(read_rows(whole)[1])
+        for index in range(2):
+            shard = self._output()
+            self.assertEqual(smoothing.certify_dataset(
+                self._config(shard, max=7, num_shards=2, shard_index=index), verbose=0), 4 - index)
+            self.assertEqual(without_time(read_rows(shard)[1]), rows[index::2])
+
+    def test_mirrored(self):
+        # 2 logical CPU devices (conftest.py) share each example's samples.
+        output = self._output()
+        smoothing.certify_dataset(self._config(output, max=3, strategy="mirrored"), verbose=0)
+        self.assertEqual([r[0] for r in read_rows(output)[1]], ["0", "1", "2"])
+        with open(output + smoothing.SETTINGS_SUFFIX, encoding="utf-8") as f:
+            settings = f.read()
+        self.assertIn('"strategy": "mirrored"', settings)
+        self.assertIn('"replicas": 2', settings)
+
     def test_refuses_a_certify_output(self):
         output = self._output()
         smoothing.certify_dataset(
@@ -100,6 +120,13 @@ class PredictBinaryTest(tf.test.TestCase):
         result = run_binary("predict.py", f"--model_dir={model_dir}", "--skip=0", f"--output={bad}")
         self.assertEqual(result.returncode, 2)
         self.assertEqual(error_lines(result.stderr), ["predict.py: error: --skip must be >= 1, got 0"])
+        self.assertFalse(os.path.exists(bad))
+
+        result = run_binary("predict.py", f"--model_dir={model_dir}", "--num_shards=2", "--shard_index=2",
+                            f"--output={bad}")
+        self.assertEqual(result.returncode, 2)
+        self.assertEqual(error_lines(result.stderr),
+                         ["predict.py: error: --shard_index must be in [0, --num_shards=2), got 2"])
         self.assertFalse(os.path.exists(bad))
 
 

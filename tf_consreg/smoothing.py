@@ -18,6 +18,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tf_consreg import distribute
 from tf_consreg import stats
 from tf_consreg.errors import ConfigError
 
@@ -176,6 +177,72 @@ def sample_counts(
     return tf.reshape(counts, [num_images, num_classes])
 
 
+def mirrored_sample_counts(
+    strategy: tf.distribute.Strategy,
+    model: keras.Model,
+    images: tf.Tensor,
+    num_samples: _IntLike,
+    *,
+    sigma: Union[float, tf.Tensor],
+    num_classes: int,
+    batch_size: _IntLike,
+    seed: tf.Tensor,
+) -> tf.Tensor:
+    """`sample_counts` with each image's samples split across the strategy's replicas.
+
+    Every replica gets all the images and draws its share of each image's
+    `num_samples` (n // G, the first n % G replicas one more) by calling
+    `sample_counts`; the per-replica counts are summed, so each row still sums
+    to `num_samples` and one image's samples take about 1/G of the time.
+
+    Replica r draws image i's noise from the seed `fold_in(seed_i, r)`, so the
+    replicas' noise is independent (the seeds `fold_in(seed_i, j)` of
+    `sample_counts`' blocks differ from replica to replica) and the result is
+    reproducible for a given seed and replica count G. It is NOT the noise of
+    `sample_counts(..., seed)`: the counts follow the same distribution as the
+    single-device ones but are not equal to them, and they change with G.
+
+    Build the model's variables under `strategy.scope()` (mirrored), so each
+    replica reads its own copy instead of copying weights for every chunk.
+
+    Args:
+      strategy: a `tf.distribute` strategy with local replicas (MirroredStrategy);
+        G = `strategy.num_replicas_in_sync`.
+      model, images, num_samples, sigma, num_classes, batch_size, seed: as for
+        `sample_counts`.
+
+    Returns:
+      int64 [B, num_classes] counts; each row sums to `num_samples`.
+
+    Raises:
+      ValueError: as `sample_counts`.
+    """
+    images = tf.convert_to_tensor(images, tf.float32)
+    if images.shape.rank != 4:
+        raise ValueError(f"images must be [B, H, W, C], got shape {images.shape}")
+    seed = tf.convert_to_tensor(seed)
+    if seed.shape.rank not in (1, 2) or seed.shape[-1] != 2:
+        raise ValueError(f"seed must have shape [2] or [B, 2], got {seed.shape}")
+    if isinstance(num_samples, int) and num_samples < 0:
+        raise ValueError(f"num_samples must be >= 0, got {num_samples}")
+    seeds = _per_image_seeds(seed, tf.shape(images)[0])
+    n = tf.cast(num_samples, tf.int32)
+    replicas = strategy.num_replicas_in_sync
+
+    def replica_counts():
+        replica = distribute.replica_id()
+        share = n // replicas + tf.cast(replica < n % replicas, tf.int32)
+        replica_seeds = tf.map_fn(lambda s: tf.random.fold_in(s, tf.cast(replica, tf.int64)), seeds,
+                                  fn_output_signature=tf.TensorSpec([2], tf.int64))
+        return sample_counts(model, images, share, sigma=sigma, num_classes=num_classes,
+                             batch_size=batch_size, seed=replica_seeds)
+
+    per_replica = strategy.run(replica_counts)
+    # The counts are a few integers per image: add them on one device rather
+    # than all-reduce them (NCCL and friends are for gradients).
+    return tf.add_n(list(strategy.experimental_local_results(per_replica)))
+
+
 # Noise streams of one image: selection and estimation samples of CERTIFY and
 # the samples of PREDICT never share noise.
 _SELECTION, _ESTIMATION, _PREDICTION = 0, 1, 2
@@ -223,11 +290,17 @@ class Smooth:
     is certified alone or in a batch with others, and selection, estimation
     and prediction samples never share noise.
 
+    With a `strategy` (MirroredStrategy), each image's samples are split
+    across its replicas (`mirrored_sample_counts`): same distribution, other
+    noise than without one, reproducible for a given seed and replica count.
+
     Args:
       base_model: Keras classifier from float32 [N, H, W, C] images in [0, 1]
-        to logits [N, num_classes].
+        to logits [N, num_classes]; under a strategy, built or loaded in its
+        scope.
       num_classes: number of classes, >= 2.
       sigma: noise standard deviation in [0, 1] pixel units, > 0.
+      strategy: None (one device) or a strategy whose replicas share the samples.
 
     Raises:
       ValueError: num_classes < 2 or sigma not > 0.
@@ -235,13 +308,15 @@ class Smooth:
 
     ABSTAIN = stats.ABSTAIN
 
-    def __init__(self, base_model: keras.Model, num_classes: int, sigma: float):
+    def __init__(self, base_model: keras.Model, num_classes: int, sigma: float, *,
+                 strategy: Optional[tf.distribute.Strategy] = None):
         _check_int("num_classes", num_classes, 2)
         if not isinstance(sigma, (float, int, np.floating)) or not 0 < sigma < float("inf"):
             raise ValueError(f"sigma must be > 0, got {sigma!r}")
         self.base_model = base_model
         self.num_classes = int(num_classes)
         self.sigma = float(sigma)
+        self.strategy = strategy
         self._image_shape = _model_image_shape(base_model)
         image_spec = [None, *self._image_shape] if self._image_shape else [None, None, None, None]
         self._counts_fn = tf.function(
@@ -258,6 +333,9 @@ class Smooth:
     def _counts_graph(self, images, num_samples, batch_size, keys, stream):
         seeds = tf.map_fn(lambda key: tf.random.fold_in(key, stream), keys,
                           fn_output_signature=tf.TensorSpec([2], tf.int64))
+        if self.strategy is not None:
+            return mirrored_sample_counts(self.strategy, self.base_model, images, num_samples, sigma=self.sigma,
+                                          num_classes=self.num_classes, batch_size=batch_size, seed=seeds)
         return sample_counts(self.base_model, images, num_samples, sigma=self.sigma,
                              num_classes=self.num_classes, batch_size=batch_size, seed=seeds)
 
@@ -397,6 +475,10 @@ DEFAULT_BATCH_SIZE = 1000
 # when n is small; one image at a time when n is large, so rows (and the
 # progress bar) advance every few seconds.
 _SAMPLES_PER_CALL_IN_BATCHES = 16
+STRATEGIES = ("default", "mirrored")
+# Settings of the fields added with sharding and --strategy, as an older
+# settings file (which lacks them) implies: it can still be resumed.
+_SETTINGS_DEFAULTS = {"num_shards": 1, "shard_index": 0, "strategy": "default", "replicas": 1}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -409,6 +491,14 @@ class CertifyConfig:
     the .keras file, `dataset` and `sigma` are set).
 
     Attributes mirror the flags of bin/certify.py; see its --help.
+
+    Sharding: the selected examples idx = 0, skip, 2 skip, ... (below `max`)
+    are dealt out round-robin, the j-th to shard j mod num_shards, so shard i
+    holds idx = (i + t num_shards) skip for t = 0, 1, ...: a fixed set that
+    does not depend on `max` (a resumed shard may go further), balanced to
+    one example, and spread evenly over the split, so an unfinished shard
+    leaves scattered gaps rather than a missing block of (possibly sorted)
+    examples.
     """
 
     output: str
@@ -426,6 +516,9 @@ class CertifyConfig:
     max: int = -1
     seed: int = 0
     mode: str = "certify"
+    num_shards: int = 1
+    shard_index: int = 0
+    strategy: str = "default"
 
     def __post_init__(self):
         from tf_consreg import config as config_lib  # pylint: disable=import-outside-toplevel
@@ -451,6 +544,11 @@ class CertifyConfig:
         check(self.skip >= 1, f"--skip must be >= 1, got {self.skip}")
         check(self.max >= -1, f"--max must be -1 (no limit) or an index >= 0, got {self.max}")
         check(0 <= self.seed < 2**63, f"--seed must be in [0, 2^63), got {self.seed}")
+        check(self.num_shards >= 1, f"--num_shards must be >= 1, got {self.num_shards}")
+        check(0 <= self.shard_index < self.num_shards,
+              f"--shard_index must be in [0, --num_shards={self.num_shards}), got {self.shard_index}")
+        check(self.strategy in STRATEGIES,
+              f"--strategy={self.strategy!r} is unknown; choose one of {', '.join(STRATEGIES)}")
         check(self.sigma is None or 0.0 < self.sigma < float("inf"), f"--sigma must be > 0, got {self.sigma}")
         check(self.split in data.SPLITS, f"--split={self.split!r} is unknown; choose one of {', '.join(data.SPLITS)}")
         if self.dataset is not None:
@@ -476,24 +574,41 @@ class CertifyConfig:
     def header(self) -> str:
         return HEADERS[self.mode]
 
-    def settings(self) -> Dict[str, Any]:
+    def settings(self, replicas: int = 1) -> Dict[str, Any]:
         """What determines the rows of the TSV; a resumed run must match it.
 
         `max` is left out (a resumed run may go further), and so is `data_dir`
         (the same dataset may live elsewhere). `batch_size` is in: it sets the
-        noise blocks, so it changes the noise drawn.
+        noise blocks, so it changes the noise drawn; so do `strategy` and the
+        number of `replicas` sharing each image's samples (1 without
+        --strategy=mirrored). All shards of one run have the same settings
+        but `shard_index`.
+
+        Args:
+          replicas: replicas of the run's strategy (`num_replicas_in_sync`).
         """
         settings = {
             "mode": self.mode, "model": os.path.abspath(self.model), "dataset": self.dataset,
             "split": self.split, "sigma": self.sigma, "n0": self.n0, "n": self.n, "alpha": self.alpha,
             "seed": self.seed, "skip": self.skip, "batch_size": self.batch_size,
+            "num_shards": self.num_shards, "shard_index": self.shard_index,
+            "strategy": self.strategy, "replicas": int(replicas),
         }
         if self.mode == "predict":
             del settings["n0"]
         return settings
 
+    def row_index(self, row: int) -> int:
+        """The example index of this shard's row number `row` (0 = first row after the header)."""
+        return (self.shard_index + row * self.num_shards) * self.skip
 
-def _read_existing_rows(config: CertifyConfig) -> Tuple[int, int]:
+    def shard_indices(self, num_examples: int) -> np.ndarray:
+        """This shard's example indices, in order, in a split of `num_examples`."""
+        stop = num_examples if self.max < 0 else min(self.max, num_examples)
+        return np.arange(0, stop, self.skip)[self.shard_index::self.num_shards]
+
+
+def _read_existing_rows(config: CertifyConfig, wanted: Dict[str, Any]) -> Tuple[int, int]:
     """Checks an existing --output belongs to this run; returns (complete rows, their byte length).
 
     A last line without its newline (a run killed while writing) is not
@@ -511,7 +626,7 @@ def _read_existing_rows(config: CertifyConfig) -> Tuple[int, int]:
             stored = json.load(f)
     except (OSError, ValueError) as e:
         raise ConfigError(f"{sidecar} is unreadable ({e}); refusing to append to --output={output}") from e
-    wanted = config.settings()
+    stored = {**_SETTINGS_DEFAULTS, **stored} if isinstance(stored, dict) else {}
     differences = [f"{k}: {stored.get(k)!r} there, {wanted.get(k)!r} now" for k in sorted(set(stored) | set(wanted))
                    if stored.get(k) != wanted.get(k)]
     if differences:
@@ -531,7 +646,7 @@ def _read_existing_rows(config: CertifyConfig) -> Tuple[int, int]:
     num_fields = len(config.header.split("\t"))
     for number, line in enumerate(lines[1:], start=2):
         fields = line.split("\t")
-        expected_idx = (number - 2) * config.skip
+        expected_idx = config.row_index(number - 2)
         if len(fields) != num_fields or fields[0] != str(expected_idx):
             raise ConfigError(f"{output}:{number}: expected a row for example {expected_idx}, got {line!r}; "
                               "the file is corrupt, choose a new --output")
@@ -549,12 +664,17 @@ def _format_row(mode: str, idx: int, label: int, prediction: int, radius: float,
 def certify_dataset(config: CertifyConfig, *, verbose: int = 1) -> int:
     """Certifies (or predicts) the examples of a split and appends rows to the TSV.
 
-    Examples idx = 0, skip, 2 skip, ... below `max` (-1: all) are processed in
-    order. Each row is written after its batch of images, flushed and synced,
+    Examples idx = 0, skip, 2 skip, ... below `max` (-1: all), or this
+    shard's share of them (see `CertifyConfig`), are processed in order. Each
+    row is written after its batch of images, flushed and synced,
     with the authors' columns; `time` is the batch's wall time divided by its
     images. An existing output of the same settings is resumed after its last
     complete row. The noise of example idx is keyed by (seed, idx), so a
-    resumed run writes the same rows as an uninterrupted one.
+    resumed run writes the same rows as an uninterrupted one, and a shard the
+    same rows as an unsharded run. With `strategy="mirrored"` the samples of
+    each image are split across the local devices (`mirrored_sample_counts`):
+    other noise, so other rows than the default strategy's, reproducible for a
+    given seed and device count, which the settings record.
 
     Args:
       config: the validated run.
@@ -571,14 +691,16 @@ def certify_dataset(config: CertifyConfig, *, verbose: int = 1) -> int:
     from tf_consreg import data  # pylint: disable=import-outside-toplevel
     from tf_consreg import models  # pylint: disable=import-outside-toplevel
 
+    strategy = distribute.get_strategy(config.strategy)
+    settings = config.settings(strategy.num_replicas_in_sync)
     resuming = os.path.exists(config.output)
-    done, valid_bytes = _read_existing_rows(config) if resuming else (0, 0)
+    done, valid_bytes = _read_existing_rows(config, settings) if resuming else (0, 0)
     info = data.get_dataset_info(config.dataset)
     images, labels = data.load_arrays(config.dataset, config.split, data_dir=config.data_dir)
-    stop = len(images) if config.max < 0 else min(config.max, len(images))
-    indices = np.arange(0, stop, config.skip)[done:]
+    indices = config.shard_indices(len(images))[done:]
 
-    base_model = models.load_base_model(config.model)
+    with strategy.scope():  # Mirrored variables: each replica reads its own copy.
+        base_model = models.load_base_model(config.model)
     model_shape = _model_image_shape(base_model)
     if model_shape is not None and tuple(model_shape) != tuple(info.input_shape):
         raise ConfigError(f"{config.model} takes images of shape {model_shape}, but --dataset={config.dataset} "
@@ -587,14 +709,15 @@ def certify_dataset(config: CertifyConfig, *, verbose: int = 1) -> int:
     if outputs is not None and outputs != info.num_classes:
         raise ConfigError(f"{config.model} has {outputs} outputs, but --dataset={config.dataset} has "
                           f"{info.num_classes} classes")
-    smooth = Smooth(base_model, info.num_classes, config.sigma)
+    smooth = Smooth(base_model, info.num_classes, config.sigma,
+                    strategy=strategy if config.strategy == "mirrored" else None)
 
     if resuming:
         with open(config.output, "r+b") as f:
             f.truncate(valid_bytes)  # Drops a torn last line.
     else:
         with cli.atomic_output(config.output + SETTINGS_SUFFIX) as f:
-            json.dump(config.settings(), f, indent=2, sort_keys=True)
+            json.dump(settings, f, indent=2, sort_keys=True)
             f.write("\n")
         with cli.atomic_output(config.output) as f:
             f.write(config.header + "\n")
