@@ -12,7 +12,18 @@ Example:
 
   python bin/analyze.py runs/fmnist/certify.tsv --format=json
   python bin/analyze.py --tsv='runs/*/certify.tsv'    # the same files as a flag
+
+The shard files of a sharded run (bin/certify.py --num_shards=K) are reported
+as one run, found by the settings file bin/certify.py writes beside each TSV:
+
+  python bin/analyze.py runs/fmnist/certify.shard*.tsv
+
+Shards that overlap or come from runs of other settings are refused; so is a
+run with missing or unfinished shards, unless --allow_incomplete (then it is
+reported with a warning on stderr and marked incomplete).
 """
+
+import sys
 
 from absl import flags
 
@@ -27,7 +38,10 @@ _RADII = flags.DEFINE_list("radii", [f"{r:g}" for r in analysis.DEFAULT_RADII],
 _FORMAT = flags.DEFINE_string("format", "markdown", "Output format: markdown or json.")
 _PLOT = flags.DEFINE_string("plot", None, "Also draw certified accuracy against radius for all files into "
                             "this PNG.")
-_LABELS = flags.DEFINE_list("labels", None, "Names of the files in the table and the plot legend, one per file.")
+_LABELS = flags.DEFINE_list("labels", None, "Names of the runs in the table and the plot legend, one per file "
+                            "(the shards of a sharded run count as one).")
+_ALLOW_INCOMPLETE = flags.DEFINE_bool("allow_incomplete", False, "Report sharded runs with missing or unfinished "
+                                      "shards (marked incomplete, with a warning) instead of refusing them.")
 
 
 def make_config(files=()) -> analysis.AnalyzeConfig:
@@ -38,12 +52,16 @@ def make_config(files=()) -> analysis.AnalyzeConfig:
             radii.append(float(text))
         except ValueError as e:
             raise ConfigError(f"--radii: {text!r} is not a number") from e
-    return analysis.AnalyzeConfig(tsv=tuple(files) + tuple(_TSV.value or ()), radii=radii, format=_FORMAT.value, plot=_PLOT.value,
-                                  labels=_LABELS.value)
+    return analysis.AnalyzeConfig(tsv=tuple(files) + tuple(_TSV.value or ()), radii=radii, format=_FORMAT.value,
+                                  plot=_PLOT.value, labels=_LABELS.value, allow_incomplete=_ALLOW_INCOMPLETE.value)
+
+
+def _warn(message: str) -> None:
+    print(f"analyze.py: warning: {message}", file=sys.stderr)
 
 
 def main(argv):
-    print(analysis.analyze(make_config(argv[1:])), end="")
+    print(analysis.analyze(make_config(argv[1:]), warn=_warn), end="")
 
 
 if __name__ == "__main__":

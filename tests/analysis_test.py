@@ -174,5 +174,178 @@ class AnalyzeConfigTest(parameterized.TestCase):
         self.assertEqual([r["file"] for r in report], [first, self.path])
 
 
+# The settings bin/certify.py writes beside a shard (smoothing.CertifyConfig.settings).
+_SHARD_SETTINGS = {"mode": "certify", "model": "/runs/a/base_model.keras", "dataset": "fashion_mnist",
+                   "split": "test", "sigma": 0.25, "n0": 100, "n": 1000, "alpha": 0.001, "seed": 0, "skip": 1,
+                   "batch_size": 1000, "strategy": "default", "replicas": 1}
+
+
+def _hand_rows():
+    return HAND_TSV.split("\n")[1:-1]
+
+
+def _write_shard(directory, name, shard_index, num_shards=3, rows=None, **settings):
+    """A shard of HAND_TSV's run: its rows j = shard_index, shard_index + K, ... and a settings file."""
+    rows = _hand_rows()[shard_index::num_shards] if rows is None else rows
+    path = _write(directory, name, HEADER + "".join(row + "\n" for row in rows))
+    values = dict(_SHARD_SETTINGS, num_shards=num_shards, shard_index=shard_index)
+    values.update(settings)
+    import json  # pylint: disable=import-outside-toplevel
+    _write(directory, name + analysis.SETTINGS_SUFFIX, json.dumps(values))
+    return path
+
+
+class ShardedRunTest(parameterized.TestCase):
+    """HAND_TSV's five rows dealt round-robin to 3 shards: {0, 3}, {1, 4}, {2}."""
+
+    def setUp(self):
+        super().setUp()
+        self.dir = _tempdir(self)
+        self.shards = [_write_shard(self.dir, f"certify.shard{i}.tsv", i) for i in range(3)]
+        self.whole = _write(self.dir, "whole.tsv", HAND_TSV)  # No settings file: as the authors' logs.
+
+    def _report(self, files, **kwargs):
+        import json  # pylint: disable=import-outside-toplevel
+        warnings = []
+        text = analysis.analyze(analysis.AnalyzeConfig(tsv=files, format="json", **kwargs), warn=warnings.append)
+        return json.loads(text), warnings
+
+    def test_shards_are_one_run_with_the_hand_computed_numbers(self):
+        # Given in any order, and next to a file of no run of ours.
+        report, warnings = self._report([self.shards[2], self.whole, self.shards[0], self.shards[1]],
+                                        radii=(0, 0.25, 1))
+        self.assertEqual(warnings, [])
+        self.assertLen(report, 2)
+        merged, whole = report
+        self.assertEqual(merged["file"], os.path.join(self.dir, "certify.shard{0,1,2}.tsv"))
+        self.assertEqual(merged["files"], self.shards)
+        self.assertTrue(merged["complete"])
+        self.assertEqual(merged["n"], 5)
+        self.assertAlmostEqual(merged["clean_accuracy"], 0.6)
+        self.assertAlmostEqual(merged["acr"], 0.39)
+        self.assertEqual(merged["certified_accuracy"], {"0.0": 0.6, "0.25": 0.6, "1.0": 0.2})
+        # The file without a settings file is reported as before: same keys, own row.
+        self.assertEqual(set(whole), {"file", "n", "clean_accuracy", "acr", "certified_accuracy"})
+        self.assertEqual({k: v for k, v in merged.items() if k not in ("file", "files", "complete")},
+                         {k: v for k, v in whole.items() if k != "file"})
+
+    def test_merged_log_in_index_order(self):
+        run, = analysis.group_runs(self.shards)
+        log, complete = analysis.read_run(run)
+        self.assertTrue(complete)
+        np.testing.assert_array_equal(log.idx, [0, 1, 2, 3, 4])
+        np.testing.assert_array_equal(log.predict, [3, 2, -1, 7, 5])
+
+    def test_markdown_and_labels_count_runs(self):
+        table = analysis.analyze(analysis.AnalyzeConfig(tsv=self.shards + [self.whole], labels=["sharded", "whole"],
+                                                        radii=(0, 0.5)))
+        self.assertIn("| sharded | 5 | 0.600 | 0.3900 | 0.600 | 0.400 |", table)
+        self.assertIn("| whole | 5 | 0.600 | 0.3900 | 0.600 | 0.400 |", table)
+        with self.assertRaisesRegex(ConfigError, "--labels: got 4 labels for 2 runs"):
+            analysis.AnalyzeConfig(tsv=self.shards + [self.whole], labels=["a", "b", "c", "d"])
+
+    def test_two_sharded_runs_of_other_settings_are_two_rows(self):
+        other = [_write_shard(self.dir, f"sigma050.shard{i}.tsv", i, sigma=0.5) for i in range(3)]
+        report, _ = self._report(self.shards + other)
+        self.assertEqual([r["files"] for r in report], [self.shards, other])
+
+    def test_unsharded_and_older_settings_files_are_single_runs(self):
+        single = _write_shard(self.dir, "single.tsv", 0, num_shards=1, rows=_hand_rows())
+        older = _write(self.dir, "older.tsv", HAND_TSV)
+        _write(self.dir, "older.tsv" + analysis.SETTINGS_SUFFIX, '{"mode": "certify", "n": 1000}')
+        report, _ = self._report([single, older, single])
+        self.assertEqual([r["file"] for r in report], [single, older, single])
+        self.assertTrue(all("files" not in r for r in report))
+
+    def test_overlapping_shards_are_refused(self):
+        copy = os.path.join(self.dir, "copy_of_shard1.tsv")
+        shutil.copy(self.shards[1], copy)
+        shutil.copy(self.shards[1] + analysis.SETTINGS_SUFFIX, copy + analysis.SETTINGS_SUFFIX)
+        with self.assertRaisesRegex(ConfigError, f"^{self.shards[1]} and {copy} are both shard 1 of 3 of one run: "
+                                    "they overlap, the same examples twice; give each shard once$"):
+            analysis.AnalyzeConfig(tsv=self.shards + [copy])
+        with self.assertRaisesRegex(ConfigError, f"^{self.shards[0]} is given twice \\(shard 0 of 3\\)"):
+            analysis.AnalyzeConfig(tsv=self.shards + [self.shards[0]])
+
+    @parameterized.named_parameters(
+        ("sigma", dict(sigma=0.5), "sigma: 0.25 vs 0.5"),
+        ("n", dict(n=100), "n: 1000 vs 100"),
+        ("n0", dict(n0=10), "n0: 100 vs 10"),
+        ("alpha", dict(alpha=0.01), "alpha"),
+        ("model", dict(model="/runs/b/base_model.keras"), "model: '/runs/a/base_model.keras' vs '/runs/b/"),
+        ("seed", dict(seed=1), "seed"),
+        ("batch_size", dict(batch_size=500), "batch_size"),
+        ("strategy", dict(strategy="mirrored", replicas=2), "replicas: 1 vs 2, strategy: 'default' vs 'mirrored'"),
+    )
+    def test_shards_of_other_settings_are_refused(self, settings, difference):
+        odd = _write_shard(self.dir, "odd.shard2.tsv", 2, **settings)
+        with self.assertRaisesRegex(ConfigError, f"^{self.shards[0]} \\(shard 0 of 3\\) and {odd} \\(shard 2 of 3\\) "
+                                    f"come from runs with different settings \\({difference}"):
+            analysis.AnalyzeConfig(tsv=self.shards[:2] + [odd])
+
+    def test_missing_shard_is_refused_unless_allowed(self):
+        with self.assertRaisesRegex(ConfigError, r"certify.shard\{0,1\}.tsv: incomplete sharded run: shard 2 of 3 "
+                                    r"is missing; .* --allow_incomplete to report the 4 examples there are$"):
+            self._report(self.shards[:2])
+        report, warnings = self._report(self.shards[:2], allow_incomplete=True)
+        self.assertEqual((report[0]["n"], report[0]["complete"]), (4, False))
+        # Rows 0, 1, 3, 4: correct with radii 0.5, 1.2, 0.25 -> ACR 1.95 / 4.
+        self.assertAlmostEqual(report[0]["acr"], 1.95 / 4)
+        self.assertLen(warnings, 1)
+        self.assertIn("shard 2 of 3 is missing); reporting its 4 examples", warnings[0])
+        table = analysis.analyze(analysis.AnalyzeConfig(tsv=self.shards[:2], allow_incomplete=True),
+                                 warn=lambda _: None)
+        self.assertIn("certify.shard{0,1}.tsv (incomplete) | 4 |", table)
+
+    def test_unfinished_shard_is_refused_unless_allowed(self):
+        # Shard 0 was cut after its first row (example 0) while shard 1 reached example 4.
+        _write_shard(self.dir, "certify.shard0.tsv", 0, rows=_hand_rows()[:1])
+        with self.assertRaisesRegex(ConfigError, f"incomplete sharded run: {self.shards[0]} is unfinished \\(1 of its "
+                                    "2 rows up to example 4, where other shards are\\);"):
+            self._report(self.shards)
+        report, warnings = self._report(self.shards, allow_incomplete=True)
+        self.assertEqual(report[0]["n"], 4)
+        self.assertLen(warnings, 1)
+
+    def test_all_shards_stopped_together_is_complete(self):
+        # Examples 0-3 only (as with --max=4): shard 0 {0, 3}, shard 1 {1}, shard 2 {2}.
+        _write_shard(self.dir, "certify.shard1.tsv", 1, rows=_hand_rows()[1:2])
+        report, warnings = self._report(self.shards)
+        self.assertEqual((report[0]["n"], report[0]["complete"], warnings), (4, True, []))
+
+    def test_row_of_another_shard_is_refused(self):
+        rows = _hand_rows()
+        path = _write_shard(self.dir, "certify.shard1.tsv", 1, rows=[rows[1], rows[2]])
+        with self.assertRaisesRegex(ConfigError, f"{path}:3: example 2 where shard 1 of 3 \\(skip 1\\) has example 4"):
+            self._report(self.shards)
+
+    def test_skip(self):
+        rows = [row.split("\t", 1)[1] for row in _hand_rows()]
+        shards = [_write_shard(self.dir, f"skip.shard{i}.tsv", i, num_shards=2, skip=10,
+                               rows=[f"{10 * j}\t{rows[j]}" for j in range(i, 5, 2)]) for i in range(2)]
+        report, _ = self._report(shards)
+        self.assertEqual(report[0]["n"], 5)
+        self.assertAlmostEqual(report[0]["acr"], 0.39)
+
+    @parameterized.named_parameters(
+        ("not_json", "{", "unreadable settings file"),
+        ("not_an_object", "[1]", "not a JSON object"),
+        ("index_out_of_range", '{"num_shards": 3, "shard_index": 3}', "are not a shard of a run"),
+    )
+    def test_bad_settings_file(self, text, message):
+        _write(self.dir, "certify.shard0.tsv" + analysis.SETTINGS_SUFFIX, text)
+        with self.assertRaisesRegex(ConfigError, "certify.shard0.tsv.json: .*" + message):
+            analysis.AnalyzeConfig(tsv=self.shards)
+
+    @parameterized.parameters(
+        (["a/c.shard0.tsv", "a/c.shard1.tsv"], "a/c.shard{0,1}.tsv"),
+        (["s1.tsv", "s10.tsv", "s11.tsv"], "s{1,10,11}.tsv"),
+        (["x/a.tsv", "y/a.tsv"], "{x,y}/a.tsv"),
+    )
+    def test_run_name(self, files, name):
+        self.assertEqual(analysis.Run(files=tuple(files), num_shards=len(files),
+                                      shard_indices=tuple(range(len(files)))).name, name)
+
+
 if __name__ == "__main__":
     absltest.main()

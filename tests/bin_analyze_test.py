@@ -80,6 +80,38 @@ class AnalyzeBinaryTest(absltest.TestCase):
         with open(plot, "rb") as f:
             self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
 
+    def _shards(self, num_shards=2, **settings):
+        """TSV's rows dealt to shards, with the settings files bin/certify.py writes."""
+        rows = TSV.split("\n")[1:-1]
+        paths = []
+        for index in range(num_shards):
+            path = os.path.join(self.dir, f"certify.shard{index}.tsv")
+            with open(path, "w", encoding="utf-8") as f:
+                f.write("".join(line + "\n" for line in [TSV.split("\n")[0]] + rows[index::num_shards]))
+            with open(path + ".json", "w", encoding="utf-8") as f:
+                json.dump(dict({"n": 100, "sigma": 0.5, "skip": 1}, num_shards=num_shards, shard_index=index,
+                               **settings), f)
+            paths.append(path)
+        return paths
+
+    def test_shards_are_one_run(self):
+        shards = self._shards()
+        report = json.loads(self._main(*shards, self.tsv, format="json"))
+        self.assertEqual([r["n"] for r in report], [3, 3])
+        self.assertEqual(report[0]["files"], shards)
+        self.assertAlmostEqual(report[0]["acr"], report[1]["acr"])
+
+    def test_incomplete_run_only_with_the_flag(self):
+        shards = self._shards(num_shards=3)
+        with self.assertRaisesRegex(ConfigError, "shard 2 of 3 is missing"):
+            self._main(*shards[:2])
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            table = self._main(*shards[:2], allow_incomplete=True)
+        self.assertIn("(incomplete) | 2 |", table)
+        self.assertRegex(err.getvalue(), r"^analyze.py: warning: .*shard\{0,1\}.tsv: incomplete sharded run "
+                         r"\(shard 2 of 3 is missing\); reporting its 2 examples\n$")
+
     def test_bad_radii_flag(self):
         with self.assertRaisesRegex(ConfigError, "--radii"):
             self._main(tsv=[self.tsv], radii=["zero"])
@@ -89,9 +121,12 @@ class AnalyzeBinaryTest(absltest.TestCase):
         bad = os.path.join(self.dir, "bad.tsv")
         with open(bad, "w", encoding="utf-8") as f:
             f.write(TSV + "3\t1\t1\n")
+        shards = self._shards()
         for args, expected in (
                 (["--tsv=" + self.tsv, "--format=yaml"], "analyze.py: error: --format='yaml' is unknown"),
                 (["--tsv=" + bad], f"analyze.py: error: {bad}:5: expected 6 tab-separated fields, got 3"),
+                ([*shards, shards[1]], f"analyze.py: error: {shards[1]} is given twice (shard 1 of 2)"),
+                ([shards[0]], "analyze.py: error: " + os.path.join(self.dir, "certify.shard0.tsv: incomplete")),
         ):
             result = subprocess.run([sys.executable, os.path.join(REPO, "bin", "analyze.py"), *args],
                                     capture_output=True, text=True, check=False)
