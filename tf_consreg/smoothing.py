@@ -711,6 +711,10 @@ def certify_dataset(config: CertifyConfig, *, verbose: int = 1) -> int:
                           f"{info.num_classes} classes")
     smooth = Smooth(base_model, info.num_classes, config.sigma,
                     strategy=strategy if config.strategy == "mirrored" else None)
+    if config.strategy == "mirrored" and verbose:
+        devices = strategy.extended.worker_devices
+        print(f"--strategy=mirrored: each example's samples are split over {len(devices)} device(s), "
+              f"{', '.join(devices)}" + (" (one device: no speed-up)" if len(devices) == 1 else ""))
 
     if resuming:
         with open(config.output, "r+b") as f:
