@@ -132,6 +132,10 @@ class MirroredSmoothTest(tf.test.TestCase):
         # (say, both replicas drawing all 51) would give a larger one.
         self.assertAllClose(np.max(radii), sigma * scipy_stats.norm.ppf(alpha ** (1 / 51)), rtol=1e-5)
 
+        # One trace for every batch size, sample count and mode, as on one device.
+        smooth.predict_batch(images[:3], 30, 0.01, 16, seed=3)
+        self.assertEqual(smooth._counts_fn.experimental_get_tracing_count(), 1)  # pylint: disable=protected-access
+
 
 class MirroredCertifyDatasetTest(tf.test.TestCase):
 
