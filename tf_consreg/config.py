@@ -15,7 +15,8 @@ from tf_consreg.errors import ConfigError
 
 METHODS = ("gaussian", "consistency", "stability", "smoothadv", "macer")
 CONSISTENCY_LOSSES = ("default", "xent", "kl", "mse")
-STRATEGIES = ("auto", "default", "mirrored")
+# The same as tf_consreg.distribute.STRATEGIES (checked by a test; config.py stays free of TensorFlow).
+STRATEGIES = ("auto", "default", "mirrored", "multi_worker")
 MIXED_PRECISION = ("none", "mixed_float16", "mixed_bfloat16")
 
 TRAIN_CONFIG_FILE = "train_config.json"
