@@ -16,6 +16,13 @@ Example (the paper's MNIST setting at sigma = 0.50, on Fashion-MNIST):
 
   python bin/train.py --flagfile=configs/mnist_consistency_sigma0.50.flags \
       --model_dir=runs/mnist_consistency_0.50
+
+On several machines (the same command on each; TF_CONFIG gives each its index,
+see the README's "Running on a cluster"):
+
+  TF_CONFIG='{"cluster": {"worker": ["host0:12345", "host1:12345"]}, "task": {"type": "worker", "index": 0}}' \
+  python bin/train.py --strategy=multi_worker --flagfile=configs/mnist_consistency_sigma0.50.flags \
+      --model_dir=runs/mnist_consistency_0.50
 """
 
 from absl import flags
@@ -95,8 +102,10 @@ _CERTIFY_ALPHA = flags.DEFINE_float("certify_alpha", None, "With --certify_every
                                     "probability (default 0.001).")
 _CERTIFY_BATCH_SIZE = flags.DEFINE_integer("certify_batch_size", None, "With --certify_every: noisy copies "
                                            "per forward pass (default 1000).")
-_STRATEGY = flags.DEFINE_string("strategy", "auto", "auto, default or mirrored. auto: MirroredStrategy when "
-                                "more than one GPU is visible, else one device.")
+_STRATEGY = flags.DEFINE_string(
+    "strategy", "auto", "auto, default, mirrored or multi_worker. auto: MirroredStrategy when more than one GPU is "
+    "visible, else one device. multi_worker: MultiWorkerMirroredStrategy over the cluster in the TF_CONFIG "
+    "environment variable; run the same command on every worker (the chief writes --model_dir).")
 _STEPS_PER_EXECUTION = flags.DEFINE_integer("steps_per_execution", 1, "Training steps per compiled call.")
 _MIXED_PRECISION = flags.DEFINE_string(
     "mixed_precision", "none", "none, mixed_float16 (with dynamic loss scaling) or mixed_bfloat16: layers "
