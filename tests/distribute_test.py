@@ -5,7 +5,14 @@ Two traps of data-parallel smoothing training:
     make the same update as 1 device on the same data and noise;
 (b) each replica must draw its own noise (a Keras SeedGenerator has the same
     state on every replica).
+
+Also the pieces of multi-worker training that run in one process: TF_CONFIG
+checking, the broadcast of the chief's state, and `fit_distributed` (the
+loop multi-worker training uses instead of `fit`) against `fit`. The
+multi-process tests are in multi_worker_test.py.
 """
+
+import json
 
 import numpy as np
 import tensorflow as tf
@@ -13,8 +20,10 @@ from absl.testing import parameterized
 
 import keras
 
+from tf_consreg import config as config_lib
 from tf_consreg import distribute
 from tf_consreg import training
+from tf_consreg.errors import ConfigError
 
 
 def _mirrored():
@@ -106,6 +115,161 @@ class StrategyFactoryTest(tf.test.TestCase):
         self.assertEqual(distribute.get_strategy("mirrored").num_replicas_in_sync, 2)  # 2 logical CPUs.
         with self.assertRaisesRegex(ValueError, "--strategy"):
             distribute.get_strategy("tpu")
+
+    def test_config_accepts_the_factorys_names(self):
+        self.assertEqual(config_lib.STRATEGIES, distribute.STRATEGIES)
+
+    def test_multi_worker_without_tf_config_is_refused(self):
+        with self.assertRaisesRegex(ConfigError, "--strategy=multi_worker needs the TF_CONFIG environment variable"):
+            distribute.cluster_task_from_env({})
+
+
+def _tf_config(cluster, task_type="worker", index=0):
+    return json.dumps({"cluster": cluster, "task": {"type": task_type, "index": index}})
+
+
+class ClusterTaskTest(parameterized.TestCase):
+
+    @parameterized.named_parameters(
+        ("worker0", {"worker": ["a:1", "b:2"]}, "worker", 0, (2, 0, True)),
+        ("worker1", {"worker": ["a:1", "b:2"]}, "worker", 1, (2, 1, False)),
+        ("one_worker", {"worker": ["a:1"]}, "worker", 0, (1, 0, True)),
+        # With a chief job the chief is worker 0 and the workers follow, as
+        # MultiWorkerMirroredStrategy numbers its input pipelines.
+        ("chief", {"chief": ["c:1"], "worker": ["a:1", "b:2"]}, "chief", 0, (3, 0, True)),
+        ("after_chief", {"chief": ["c:1"], "worker": ["a:1", "b:2"]}, "worker", 1, (3, 2, False)),
+    )
+    def test_locates_the_task(self, cluster, task_type, index, expected):
+        task = distribute.cluster_task(_tf_config(cluster, task_type, index))
+        self.assertEqual((task.num_workers, task.worker_index, task.is_chief), expected)
+        self.assertEqual((task.task_type, task.task_index), (task_type, index))
+
+    @parameterized.named_parameters(
+        ("unset", None, "needs the TF_CONFIG environment variable"),
+        ("empty", "  ", "needs the TF_CONFIG environment variable"),
+        ("not_json", "{cluster: [}", "TF_CONFIG is not valid JSON"),
+        ("not_object", "[1, 2]", "must be a JSON object"),
+        ("no_cluster", json.dumps({"task": {"type": "worker", "index": 0}}), 'has no "cluster"'),
+        ("no_task", json.dumps({"cluster": {"worker": ["a:1"]}}), 'has no "task"'),
+        ("index_out", _tf_config({"worker": ["a:1", "b:2"]}, index=2), "task index 2 is outside the cluster"),
+        ("index_negative", _tf_config({"worker": ["a:1", "b:2"]}, index=-1), "task index -1 is outside"),
+        ("index_not_int", _tf_config({"worker": ["a:1", "b:2"]}, index="1"), "task index '1' is outside"),
+        ("type", _tf_config({"worker": ["a:1"]}, task_type="evaluator"), "task type 'evaluator' is not a job"),
+        ("ps", _tf_config({"worker": ["a:1"], "ps": ["p:1"]}), "job\\(s\\) ps .* are not used"),
+        ("address", _tf_config({"worker": ["a:1", "hostonly"]}), 'must be a list of "host:port" strings'),
+        ("addresses_not_list", _tf_config({"worker": "a:1"}), 'must be a list of "host:port" strings'),
+        ("duplicate", _tf_config({"worker": ["a:1", "a:1"]}), "a:1 listed twice"),
+        ("two_chiefs", _tf_config({"chief": ["c:1", "d:1"], "worker": ["a:1"]}), "cluster.chief has 2 tasks"),
+    )
+    def test_bad_tf_config_names_the_problem(self, value, message):
+        with self.assertRaisesRegex(ConfigError, message):
+            distribute.cluster_task(value)
+
+
+class BroadcastTest(tf.test.TestCase):
+
+    def test_every_replica_gets_replica_zeros_values(self):
+        strategy = _mirrored()
+        with strategy.scope():
+            weights = tf.Variable([[1.5, -2.0], [0.25, 3.0]])
+            counter = tf.Variable(7, dtype=tf.int64)
+        # Make replica 1's copies differ, as a worker that restored nothing would.
+        strategy.experimental_local_results(weights)[1].assign(tf.zeros([2, 2]))
+        strategy.experimental_local_results(counter)[1].assign(0)
+        distribute.broadcast_from_first_replica(strategy, [weights, counter])
+        for copy in strategy.experimental_local_results(weights):
+            self.assertAllEqual(copy, [[1.5, -2.0], [0.25, 3.0]])
+        for copy in strategy.experimental_local_results(counter):
+            self.assertEqual(int(copy), 7)
+
+
+class _Recorder(keras.callbacks.Callback):
+    """Records the callback hooks a training loop calls, in order."""
+
+    def __init__(self):
+        super().__init__()
+        self.events = []
+
+    def _record(self, name, index, logs):
+        self.events.append((name, index, tuple(sorted(logs or {}))))
+
+    def on_train_begin(self, logs=None):
+        self._record("train_begin", None, logs)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._record("epoch_begin", epoch, logs)
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._record("train_batch_begin", batch, logs)
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._record("train_batch_end", batch, logs)
+
+    def on_test_begin(self, logs=None):
+        self._record("test_begin", None, logs)
+
+    def on_test_batch_end(self, batch, logs=None):
+        self._record("test_batch_end", batch, logs)
+
+    def on_test_end(self, logs=None):
+        self._record("test_end", None, logs)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._record("epoch_end", epoch, logs)
+
+    def on_train_end(self, logs=None):
+        self._record("train_end", None, logs)
+
+
+class FitDistributedTest(tf.test.TestCase):
+    """The loop multi-worker training runs instead of fit, checked against fit on one device."""
+
+    def _model(self, strategy, init):
+        with strategy.scope():
+            inputs = keras.Input((6, 6, 1))
+            base = keras.Model(inputs, keras.layers.Dense(4)(keras.layers.Flatten()(inputs)))
+            base.set_weights(init)
+            model = training.ConsistencyModel(base, sigma=0.5, num_noise=2, lbd=10.0, eta=0.5, weight_decay=0.01,
+                                              seed=3)
+            model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9),
+                          loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        return model
+
+    def test_same_weights_logs_and_callback_sequence_as_fit(self):
+        rng = np.random.default_rng(1)
+        images = rng.uniform(size=(32, 6, 6, 1)).astype(np.float32)
+        labels = rng.integers(0, 4, size=32)
+        test_images = rng.uniform(size=(16, 6, 6, 1)).astype(np.float32)
+        test_labels = rng.integers(0, 4, size=16)
+        init = [rng.normal(size=(36, 4)).astype(np.float32) * 0.3, np.zeros(4, np.float32)]
+
+        def batches(x, y):
+            return tf.data.Dataset.from_tensor_slices((x, y)).batch(8, drop_remainder=True)
+
+        one = self._model(tf.distribute.get_strategy(), init)
+        one_recorder = _Recorder()
+        one_history = one.fit(batches(images, labels), epochs=3, initial_epoch=1,
+                              validation_data=batches(test_images, test_labels), callbacks=[one_recorder],
+                              shuffle=False, verbose=0)
+
+        strategy = _mirrored()
+        two = self._model(strategy, init)
+        two_recorder = _Recorder()
+        two_history = training.fit_distributed(
+            two, strategy, lambda epoch: strategy.experimental_distribute_dataset(batches(images, labels)),
+            epochs=3, initial_epoch=1, steps_per_epoch=4,
+            validation_data=strategy.experimental_distribute_dataset(batches(test_images, test_labels)),
+            validation_steps=2, callbacks=[two_recorder], verbose=0)
+
+        self.assertGreater(np.abs(one.base_model.get_weights()[0] - init[0]).max(), 1e-2)  # Not vacuous.
+        for a, b in zip(one.base_model.get_weights(), two.base_model.get_weights()):
+            self.assertAllClose(a, b, atol=2e-6, rtol=1e-5)
+        self.assertEqual(one_recorder.events, two_recorder.events)
+        self.assertEqual(sorted(one_history.history), sorted(two_history.history))
+        for name, values in one_history.history.items():
+            self.assertAllClose(values, two_history.history[name], rtol=1e-4, atol=1e-5, msg=name)
+        self.assertIn("val_clean_accuracy", two_history.history)
+        self.assertEqual(int(two.optimizer.iterations.numpy()), 8)
 
 
 if __name__ == "__main__":
