@@ -283,6 +283,20 @@ class ShardedRunTest(parameterized.TestCase):
                                     f"come from runs with different settings \\({difference}"):
             analysis.AnalyzeConfig(tsv=self.shards[:2] + [odd])
 
+    def test_shards_with_one_model_digest_at_other_paths_are_one_run(self):
+        digest = "ab" * 32
+        shards = [_write_shard(self.dir, f"moved.shard{i}.tsv", i, model=f"/host{i}/base_model.keras",
+                               model_sha256=digest) for i in range(3)]
+        report, _ = self._report(shards)
+        self.assertLen(report, 1)
+        self.assertEqual(report[0]["n"], 5)
+
+    def test_shards_of_other_model_digests_at_one_path_are_refused(self):
+        shards = [_write_shard(self.dir, f"retrained.shard{i}.tsv", i, model_sha256=("ab" if i else "cd") * 32)
+                  for i in range(3)]
+        with self.assertRaisesRegex(ConfigError, "different settings \\(model_sha256: 'cdcd"):
+            analysis.AnalyzeConfig(tsv=shards)
+
     def test_missing_shard_is_refused_unless_allowed(self):
         with self.assertRaisesRegex(ConfigError, r"certify.shard\{0,1\}.tsv: incomplete sharded run: shard 2 of 3 "
                                     r"is missing; .* --allow_incomplete to report the 4 examples there are$"):

@@ -165,6 +165,35 @@ class CertifyDatasetTest(tf.test.TestCase, parameterized.TestCase):
         with open(pieces, "rb") as f:
             self.assertEqual(f.read(), before)
 
+    def test_model_is_named_by_the_digest_of_its_file(self):
+        moved = os.path.join(tempfile.mkdtemp(dir=self.dir), "moved.keras")
+        shutil.copy(os.path.join(self.model_dir, models.BASE_MODEL_FILE), moved)
+        output = self._output()
+        by_path = dict(model_dir=None, model=moved, dataset="fashion_mnist", sigma=0.25)
+        smoothing.certify_dataset(self._config(output, max=2, **by_path), verbose=0)
+        import hashlib  # pylint: disable=import-outside-toplevel
+        import json  # pylint: disable=import-outside-toplevel
+        with open(moved, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
+        with open(output + smoothing.SETTINGS_SUFFIX, encoding="utf-8") as f:
+            self.assertEqual(json.load(f)["model_sha256"], digest)
+
+        # The same bytes elsewhere (another host's path) continue the run ...
+        elsewhere = os.path.join(tempfile.mkdtemp(dir=self.dir), "base_model.keras")
+        shutil.copy(moved, elsewhere)
+        self.assertEqual(smoothing.certify_dataset(
+            self._config(output, max=3, **dict(by_path, model=elsewhere)), verbose=0), 1)
+        # ... other weights at the same path do not.
+        model = models.load_base_model(moved)
+        model.layers[-1].set_weights([w + 1.0 for w in model.layers[-1].get_weights()])
+        model.save(moved)
+        with open(output, "rb") as f:
+            before = f.read()
+        with self.assertRaisesRegex(ConfigError, "holds a run with other settings \\(model_sha256: "):
+            smoothing.certify_dataset(self._config(output, max=4, **by_path), verbose=0)
+        with open(output, "rb") as f:
+            self.assertEqual(f.read(), before)
+
     def test_refuses_an_output_with_another_header(self):
         foreign = self._output()
         with open(foreign, "w", encoding="utf-8") as f:
@@ -350,7 +379,7 @@ class ShardedCertifyTest(tf.test.TestCase, parameterized.TestCase):
         import json  # pylint: disable=import-outside-toplevel
         with open(sidecar, encoding="utf-8") as f:
             settings = json.load(f)
-        for key in ("num_shards", "shard_index", "strategy", "replicas"):
+        for key in ("num_shards", "shard_index", "strategy", "replicas", "model_sha256"):
             del settings[key]
         with open(sidecar, "w", encoding="utf-8") as f:
             json.dump(settings, f)

@@ -226,6 +226,19 @@ class Run:
         return f"{prefix}{{{','.join(middles)}}}{suffix}"
 
 
+def comparable_settings(settings: Dict[str, Any]) -> Dict[str, Any]:
+    """The settings two runs must share to be one run (or for one to resume the other).
+
+    The model is compared by the SHA-256 of its file when the settings hold
+    it, not by its path: shards certified on hosts that keep the model at
+    other paths belong together. Settings files written before the digest
+    was recorded are compared by path.
+    """
+    if "model_sha256" in settings:
+        return {k: v for k, v in settings.items() if k != "model"}
+    return settings
+
+
 def _settings_differences(a: Dict[str, Any], b: Dict[str, Any]) -> str:
     keys = sorted(k for k in set(a) | set(b) if k != "shard_index" and a.get(k) != b.get(k))
     return ", ".join(f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in keys)
@@ -252,7 +265,7 @@ def group_runs(paths: Sequence[str]) -> List[Run]:
         if settings is None:
             order.append(path)
             continue
-        key = {k: v for k, v in settings.items() if k != "shard_index"}
+        key = {k: v for k, v in comparable_settings(settings).items() if k != "shard_index"}
         for group_key, members in groups:
             if group_key == key:
                 break

@@ -8,6 +8,7 @@ inside the exported SavedModel (export.py) alike. `Smooth` runs Cohen et al.'s
 
 import dataclasses
 import datetime
+import hashlib
 import json
 import math
 import os
@@ -18,6 +19,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tf_consreg import analysis
 from tf_consreg import distribute
 from tf_consreg import stats
 from tf_consreg.errors import ConfigError
@@ -588,7 +590,8 @@ class CertifyConfig:
           replicas: replicas of the run's strategy (`num_replicas_in_sync`).
         """
         settings = {
-            "mode": self.mode, "model": os.path.abspath(self.model), "dataset": self.dataset,
+            "mode": self.mode, "model": os.path.abspath(self.model), "model_sha256": file_sha256(self.model),
+            "dataset": self.dataset,
             "split": self.split, "sigma": self.sigma, "n0": self.n0, "n": self.n, "alpha": self.alpha,
             "seed": self.seed, "skip": self.skip, "batch_size": self.batch_size,
             "num_shards": self.num_shards, "shard_index": self.shard_index,
@@ -606,6 +609,15 @@ class CertifyConfig:
         """This shard's example indices, in order, in a split of `num_examples`."""
         stop = num_examples if self.max < 0 else min(self.max, num_examples)
         return np.arange(0, stop, self.skip)[self.shard_index::self.num_shards]
+
+
+def file_sha256(path: str) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _read_existing_rows(config: CertifyConfig, wanted: Dict[str, Any]) -> Tuple[int, int]:
@@ -627,6 +639,9 @@ def _read_existing_rows(config: CertifyConfig, wanted: Dict[str, Any]) -> Tuple[
     except (OSError, ValueError) as e:
         raise ConfigError(f"{sidecar} is unreadable ({e}); refusing to append to --output={output}") from e
     stored = {**_SETTINGS_DEFAULTS, **stored} if isinstance(stored, dict) else {}
+    if "model_sha256" not in stored:  # Written before the digest was recorded: compare paths.
+        wanted = {k: v for k, v in wanted.items() if k != "model_sha256"}
+    stored, wanted = analysis.comparable_settings(stored), analysis.comparable_settings(wanted)
     differences = [f"{k}: {stored.get(k)!r} there, {wanted.get(k)!r} now" for k in sorted(set(stored) | set(wanted))
                    if stored.get(k) != wanted.get(k)]
     if differences:
