@@ -371,6 +371,56 @@ class ShardedCertifyTest(tf.test.TestCase, parameterized.TestCase):
         with open(shard, "rb") as f:
             self.assertEqual(f.read(), before)
 
+    def test_an_output_another_process_writes_is_refused(self):
+        output = self._shard_path(0)
+        smoothing.certify_dataset(self._config(output, max=2), verbose=0)
+        with open(output, "rb") as f:
+            before = f.read()
+        import fcntl  # pylint: disable=import-outside-toplevel
+        with open(output, "rb") as held:  # Another open file description: flock conflicts as across processes.
+            fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+            with self.assertRaisesRegex(ConfigError, f"--output={output} is being written by another process"):
+                smoothing.certify_dataset(self._config(output, max=5), verbose=0)
+        with open(output, "rb") as f:
+            self.assertEqual(f.read(), before)
+        self.assertEqual(smoothing.certify_dataset(self._config(output, max=5), verbose=0), 3)
+
+    @pytest.mark.slow  # Three interpreters importing TensorFlow at once.
+    def test_processes_started_together_on_one_output_never_lose_or_duplicate_rows(self):
+        # A job array whose tasks were all given the same --output: every
+        # task starts at once; one writes, the others are refused in one line
+        # (another process holds it, or it holds another shard), whatever the timing.
+        output = os.path.join(tempfile.mkdtemp(dir=self.dir), "certify.tsv")
+        flags = [f"--model={self.model}", "--dataset=fashion_mnist", "--sigma=0.25", "--n0=10", "--n=100",
+                 "--batch_size=200", "--alpha=0.001", "--max=30", "--num_shards=3", f"--output={output}"]
+        processes = [subprocess.Popen([sys.executable, os.path.join(REPO, "bin", "certify.py"), *flags,
+                                       f"--shard_index={i}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True) for i in range(3)]
+        try:
+            results = [(p.wait(timeout=300), p.stderr.read()) for p in processes]
+        finally:
+            for p in processes:
+                p.kill()
+                p.wait()
+                p.stdout.close()
+                p.stderr.close()
+        winners = [i for i, (code, _) in enumerate(results) if code == 0]
+        self.assertLen(winners, 1, results)
+        for i, (code, stderr) in enumerate(results):
+            if i in winners:
+                continue
+            self.assertEqual(code, 2, stderr)
+            lines = error_lines(stderr)
+            self.assertLen(lines, 1, stderr)
+            self.assertRegex(lines[0], f"^certify.py: error: --output={re.escape(output)} "
+                             "(is being written by another process|holds a run with other settings "
+                             f"\\(shard_index: {winners[0]} there, {i} now\\))")
+        import json  # pylint: disable=import-outside-toplevel
+        with open(output + smoothing.SETTINGS_SUFFIX, encoding="utf-8") as f:
+            self.assertEqual(json.load(f)["shard_index"], winners[0])
+        self.assertEqual(without_time(read_rows(output)[1]), self.whole_rows[winners[0]::3])
+        self.assertEqual(sorted(os.listdir(os.path.dirname(output))), ["certify.tsv", "certify.tsv.json"])
+
     def test_resumes_an_output_from_before_sharding(self):
         # Settings files written before --num_shards and --strategy lack them.
         output = self._shard_path(0)

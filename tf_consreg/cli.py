@@ -46,7 +46,7 @@ def run(main: Callable[[Sequence[str]], None], positional: bool = False) -> None
 
 
 @contextlib.contextmanager
-def atomic_output(path: str, mode: str = "w") -> Iterator:
+def atomic_output(path: str, mode: str = "w", replace: bool = True) -> Iterator:
     """Writes a file atomically: a temporary file renamed into place on success.
 
     A failure leaves no partial file at `path`, and an existing file at `path`
@@ -55,9 +55,15 @@ def atomic_output(path: str, mode: str = "w") -> Iterator:
     Args:
       path: destination file.
       mode: "w" for text or "wb" for bytes.
+      replace: False to never replace an existing `path`: the complete file
+        is hard-linked into place, which fails when `path` exists, so of
+        several processes creating `path` at once exactly one succeeds.
 
     Yields:
       The open temporary file.
+
+    Raises:
+      FileExistsError: `replace` is False and `path` exists (nothing written).
     """
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
@@ -70,8 +76,10 @@ def atomic_output(path: str, mode: str = "w") -> Iterator:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual mode.
-        os.replace(tmp, path)
-    except BaseException:
+        if replace:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)  # Atomic, and never replaces.
+    finally:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
-        raise

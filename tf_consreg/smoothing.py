@@ -6,14 +6,17 @@ inside the exported SavedModel (export.py) alike. `Smooth` runs Cohen et al.'s
 (2019) CERTIFY and PREDICT on top of it, with the statistics of `stats.py`.
 """
 
+import contextlib
 import dataclasses
 import datetime
+import fcntl
 import hashlib
 import json
 import math
 import os
+import sys
 import time
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import IO, Any, Dict, Optional, Sequence, Tuple, Union
 
 import keras
 import numpy as np
@@ -620,14 +623,11 @@ def file_sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def _read_existing_rows(config: CertifyConfig, wanted: Dict[str, Any]) -> Tuple[int, int]:
-    """Checks an existing --output belongs to this run; returns (complete rows, their byte length).
-
-    A last line without its newline (a run killed while writing) is not
-    counted, so it is redone.
+def _check_settings_file(config: CertifyConfig, wanted: Dict[str, Any]) -> None:
+    """Checks that --output's settings file holds the settings `wanted` of this run.
 
     Raises:
-      ConfigError: the output or its settings file belongs to another run or is corrupt.
+      ConfigError: the settings file is missing, unreadable or of another run.
     """
     output, sidecar = config.output, config.output + SETTINGS_SUFFIX
     if not os.path.exists(sidecar):
@@ -647,6 +647,19 @@ def _read_existing_rows(config: CertifyConfig, wanted: Dict[str, Any]) -> Tuple[
     if differences:
         raise ConfigError(f"--output={output} holds a run with other settings ({'; '.join(differences)}); "
                           "rerun with the same flags to resume, or choose a new --output")
+
+
+def _read_existing_rows(config: CertifyConfig, wanted: Dict[str, Any]) -> Tuple[int, int]:
+    """Checks an existing --output belongs to this run; returns (complete rows, their byte length).
+
+    A last line without its newline (a run killed while writing) is not
+    counted, so it is redone.
+
+    Raises:
+      ConfigError: the output or its settings file belongs to another run or is corrupt.
+    """
+    _check_settings_file(config, wanted)
+    output = config.output
     try:
         with open(output, "rb") as f:
             raw = f.read()
@@ -666,6 +679,55 @@ def _read_existing_rows(config: CertifyConfig, wanted: Dict[str, Any]) -> Tuple[
             raise ConfigError(f"{output}:{number}: expected a row for example {expected_idx}, got {line!r}; "
                               "the file is corrupt, choose a new --output")
     return len(lines) - 1, len(complete)
+
+
+def _claim_output(config: CertifyConfig, settings: Dict[str, Any]) -> Tuple[IO[bytes], int]:
+    """Opens --output for this process alone, creating it if needed; returns (file, rows already there).
+
+    Several processes may start on one --output at once (say, the tasks of
+    a job array given the same file). The settings file and the header are
+    created without replacing anything, so exactly one process creates each,
+    and the TSV is then locked (`flock`) for as long as this run writes it:
+    a second process is refused instead of writing rows that would be lost
+    or duplicated. The rows are counted under the lock.
+
+    Returns:
+      The TSV, opened for appending after its last complete row (a torn last
+      line is cut off), and locked; and the number of complete rows.
+
+    Raises:
+      ConfigError: another process holds the output, or it belongs to another run.
+    """
+    from tf_consreg import cli  # pylint: disable=import-outside-toplevel
+
+    output, sidecar = config.output, config.output + SETTINGS_SUFFIX
+    try:
+        with cli.atomic_output(sidecar, replace=False) as f:
+            json.dump(settings, f, indent=2, sort_keys=True)
+            f.write("\n")
+    except FileExistsError:
+        _check_settings_file(config, settings)  # Before creating the TSV: nothing written for another run.
+    with contextlib.suppress(FileExistsError):
+        with cli.atomic_output(output, replace=False) as f:
+            f.write(config.header + "\n")
+    f = open(output, "r+b")  # pylint: disable=consider-using-with  Held, locked, for the whole run.
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise ConfigError(f"--output={output} is being written by another process (its lock is held); "
+                          "wait for it, or give this run another --output") from None
+    except OSError as e:  # A file system without locks: run unguarded.
+        print(f"warning: cannot lock --output={output} ({e}); make sure no other process writes it",
+              file=sys.stderr)
+    try:
+        done, valid_bytes = _read_existing_rows(config, settings)
+        f.truncate(valid_bytes)  # Drops a torn last line.
+        f.seek(0, os.SEEK_END)
+    except BaseException:
+        f.close()
+        raise
+    return f, done
 
 
 def _format_row(mode: str, idx: int, label: int, prediction: int, radius: float, seconds: float) -> str:
@@ -702,17 +764,15 @@ def certify_dataset(config: CertifyConfig, *, verbose: int = 1) -> int:
       ConfigError: an output of another run, missing data, or a model that
         does not fit the dataset (all before any row is written).
     """
-    from tf_consreg import cli  # pylint: disable=import-outside-toplevel
     from tf_consreg import data  # pylint: disable=import-outside-toplevel
     from tf_consreg import models  # pylint: disable=import-outside-toplevel
 
     strategy = distribute.get_strategy(config.strategy)
     settings = config.settings(strategy.num_replicas_in_sync)
-    resuming = os.path.exists(config.output)
-    done, valid_bytes = _read_existing_rows(config, settings) if resuming else (0, 0)
+    if os.path.exists(config.output):
+        _read_existing_rows(config, settings)  # Refuses another run's output before any work.
     info = data.get_dataset_info(config.dataset)
     images, labels = data.load_arrays(config.dataset, config.split, data_dir=config.data_dir)
-    indices = config.shard_indices(len(images))[done:]
 
     with strategy.scope():  # Mirrored variables: each replica reads its own copy.
         base_model = models.load_base_model(config.model)
@@ -731,20 +791,15 @@ def certify_dataset(config: CertifyConfig, *, verbose: int = 1) -> int:
         print(f"--strategy=mirrored: each example's samples are split over {len(devices)} device(s), "
               f"{', '.join(devices)}" + (" (one device: no speed-up)" if len(devices) == 1 else ""))
 
-    if resuming:
-        with open(config.output, "r+b") as f:
-            f.truncate(valid_bytes)  # Drops a torn last line.
-    else:
-        with cli.atomic_output(config.output + SETTINGS_SUFFIX) as f:
-            json.dump(settings, f, indent=2, sort_keys=True)
-            f.write("\n")
-        with cli.atomic_output(config.output) as f:
-            f.write(config.header + "\n")
+    # The rows are counted under the lock: another process may have added
+    # some since the check above.
+    out, done = _claim_output(config, settings)
+    indices = config.shard_indices(len(images))[done:]
 
     samples = (config.n0 + config.n) if config.mode == "certify" else config.n
     per_call = max(1, _SAMPLES_PER_CALL_IN_BATCHES * config.batch_size // samples)
     progress = keras.utils.Progbar(len(indices), verbose=verbose, unit_name="example")
-    with open(config.output, "a", encoding="utf-8") as f:
+    with out:
         for start in range(0, len(indices), per_call):
             batch = indices[start:start + per_call]
             began = time.time()
@@ -756,9 +811,9 @@ def certify_dataset(config: CertifyConfig, *, verbose: int = 1) -> int:
                                                    seed=config.seed, image_ids=batch)
                 radii = np.zeros(len(batch))
             seconds = (time.time() - began) / len(batch)
-            f.write("".join(_format_row(config.mode, int(i), int(labels[i]), int(p), r, seconds)
-                            for i, p, r in zip(batch, predictions, radii)))
-            f.flush()
-            os.fsync(f.fileno())
+            out.write("".join(_format_row(config.mode, int(i), int(labels[i]), int(p), r, seconds)
+                              for i, p, r in zip(batch, predictions, radii)).encode("utf-8"))
+            out.flush()
+            os.fsync(out.fileno())
             progress.add(len(batch))
     return len(indices)
