@@ -54,7 +54,11 @@ def tearDownModule():
 
 def readme_cluster_example():
     """(TF_CONFIG as a dict, the command as argv) from the README's cluster section, as printed there."""
-    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+    # Under `bazel test`, README.md is in the runfiles only once the root BUILD
+    # exports it; until then read it beside the source file this one links to.
+    candidates = [os.path.join(d, "README.md")
+                  for d in (REPO, os.path.dirname(os.path.dirname(os.path.realpath(__file__))))]
+    with open(next((p for p in candidates if os.path.isfile(p)), candidates[0]), encoding="utf-8") as f:
         readme = f.read()
     section = readme.split("\n## Running on a cluster\n", 1)[1].split("\n## ", 1)[0]
     block = section.split("```sh\n", 1)[1].split("```", 1)[0]
