@@ -40,6 +40,7 @@ _LAZY = {
     "get_dataset_info": "tf_consreg.data",
     "load_base_model": "tf_consreg.models",
     "macer_loss": "tf_consreg.losses",
+    "mirrored_sample_counts": "tf_consreg.smoothing",
     "sample_counts": "tf_consreg.smoothing",
     "search": "tf_consreg.tuning",
     "smoothadv_pgd": "tf_consreg.attacks",
