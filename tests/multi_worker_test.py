@@ -54,8 +54,7 @@ def tearDownModule():
 
 def readme_cluster_example():
     """(TF_CONFIG as a dict, the command as argv) from the README's cluster section, as printed there."""
-    # Under `bazel test`, README.md is in the runfiles only once the root BUILD
-    # exports it; until then read it beside the source file this one links to.
+    # Under `bazel test` README.md is in the runfiles (//:README.md); else beside tests/.
     candidates = [os.path.join(d, "README.md")
                   for d in (REPO, os.path.dirname(os.path.dirname(os.path.realpath(__file__))))]
     with open(next((p for p in candidates if os.path.isfile(p)), candidates[0]), encoding="utf-8") as f:
