@@ -20,9 +20,7 @@ Example:
   python bench/certify_bench.py --model_dir=runs/fmnist_consistency_0.25
 """
 
-import datetime
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -37,6 +35,9 @@ from tf_consreg import data
 from tf_consreg import models
 from tf_consreg import smoothing
 
+from measure import OtherLoad
+from measure import row_seconds
+
 LENET_FLOPS_PER_SAMPLE = 4.58e6
 
 _EXAMPLES = flags.DEFINE_integer("examples", 4, "Test images to certify (the first one also traces).")
@@ -47,34 +48,6 @@ _BATCH_SIZE = flags.DEFINE_integer("batch_size", smoothing.DEFAULT_BATCH_SIZE,
 _MODEL_DIR = flags.DEFINE_string("model_dir", None, "A trained run to certify (default: an untrained LeNet; "
                                  "the speed does not depend on the weights).")
 _MATMUL_SIZE = flags.DEFINE_integer("matmul_size", 2048, "Side of the square matrices of the matmul rate.")
-
-
-class OtherLoad:
-    """Cores used by other processes between enter and exit, from /proc/stat (None if unavailable)."""
-
-    def __enter__(self):
-        self.cores = None
-        self._start = self._read()
-        return self
-
-    def __exit__(self, *exc):
-        end = self._read()
-        if self._start and end:
-            total = end[0] - self._start[0]
-            busy = total - (end[1] - self._start[1])
-            mine = end[2] - self._start[2]
-            self.cores = max(0.0, busy - mine) / max(total, 1) * os.cpu_count()
-
-    @staticmethod
-    def _read():
-        try:
-            with open("/proc/stat", encoding="ascii") as f:
-                values = [int(v) for v in f.readline().split()[1:]]
-            with open("/proc/self/stat", encoding="ascii") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            return None
-        return sum(values[:8]), values[3] + values[4], int(fields[11]) + int(fields[12])
 
 
 def matmul_gflops(size: int, repeats: int = 10) -> float:
@@ -93,12 +66,6 @@ def matmul_gflops(size: int, repeats: int = 10) -> float:
     return 2 * size**3 / best / 1e9
 
 
-def _seconds(text: str) -> float:
-    match = re.fullmatch(r"(\d+):(\d\d):(\d\d(?:\.\d+)?)", text)
-    hours, minutes, seconds = match.groups()
-    return datetime.timedelta(hours=int(hours), minutes=int(minutes), seconds=float(seconds)).total_seconds()
-
-
 def certify_rows(directory: str):
     """Runs certify_dataset like bin/certify.py; returns the per-row seconds and the others' load."""
     if _MODEL_DIR.value:
@@ -112,9 +79,7 @@ def certify_rows(directory: str):
     data.load_arrays(config.dataset, config.split)  # Warm the file cache; not part of certification.
     with OtherLoad() as load:
         smoothing.certify_dataset(config, verbose=0)
-    with open(config.output, encoding="utf-8") as f:
-        rows = [line.split("\t") for line in f.read().splitlines()[1:]]
-    return [_seconds(row[-1]) for row in rows], load.cores
+    return row_seconds(config.output), load.cores
 
 
 def main(argv):

@@ -28,7 +28,6 @@ Example:
 """
 
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -46,6 +45,9 @@ import tensorflow as tf
 from tf_consreg import models
 from tf_consreg import smoothing
 
+from measure import OtherLoad
+from measure import row_seconds
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _EXAMPLES = flags.DEFINE_integer("examples", 24, "Test images certified by each configuration of part 1.")
@@ -55,45 +57,6 @@ _N = flags.DEFINE_integer("n", 10000, "Estimation samples per image (the README 
 _N0 = flags.DEFINE_integer("n0", 100, "Selection samples per image (bin/certify.py's default).")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", smoothing.DEFAULT_BATCH_SIZE, "Noisy copies per forward pass.")
 _PARTS = flags.DEFINE_list("parts", ["processes", "mirrored"], "Which comparisons to run.")
-
-
-class Load:
-    """Cores used by processes other than this one and its finished children, from /proc/stat."""
-
-    def __enter__(self):
-        self.cores = None
-        self._start = self._read()
-        return self
-
-    def __exit__(self, *exc):
-        end = self._read()
-        if self._start and end:
-            total = end[0] - self._start[0]
-            busy = total - (end[1] - self._start[1])
-            mine = end[2] - self._start[2]
-            self.cores = max(0.0, busy - mine) / max(total, 1) * os.cpu_count()
-
-    @staticmethod
-    def _read():
-        try:
-            with open("/proc/stat", encoding="ascii") as f:
-                values = [int(v) for v in f.readline().split()[1:]]
-        except OSError:
-            return None
-        ticks = os.sysconf("SC_CLK_TCK")
-        own = sum(getattr(resource.getrusage(who), field) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
-                  for field in ("ru_utime", "ru_stime"))
-        return sum(values[:8]), values[3] + values[4], own * ticks
-
-
-def _row_seconds(path: str) -> List[float]:
-    """The time column of a certification TSV, in seconds."""
-    seconds = []
-    with open(path, encoding="utf-8") as f:
-        for line in f.read().split("\n")[1:-1]:
-            h, m, s = line.split("\t")[-1].split(":")
-            seconds.append(int(h) * 3600 + int(m) * 60 + float(s))
-    return seconds
 
 
 def _count_rows(path: str) -> int:
@@ -144,7 +107,7 @@ def _certify_processes(model: str, outputs: Sequence[str], shards: int) -> Tuple
     for output, times in zip(outputs, appeared):
         times.extend([time.time()] * (_count_rows(output) - len(times)))
     # Row k of a process ran over [appeared - its time column, appeared].
-    spans = [[(end - seconds, end) for end, seconds in zip(times, _row_seconds(output))]
+    spans = [[(end - seconds, end) for end, seconds in zip(times, row_seconds(output))]
              for output, times in zip(outputs, appeared)]
     start, stop = max(s[0][1] for s in spans), min(s[-1][1] for s in spans)
     if stop <= start:  # Rows written in one batch (small n): no steady window.
@@ -155,7 +118,7 @@ def _certify_processes(model: str, outputs: Sequence[str], shards: int) -> Tuple
 
 def _steady_rate(path: str) -> float:
     """Samples/s of one run without its first row (tracing)."""
-    seconds = _row_seconds(path)[1:]
+    seconds = row_seconds(path)[1:]
     return len(seconds) * (_N0.value + _N.value) / sum(seconds)
 
 
@@ -164,12 +127,12 @@ def compare_processes(model: str, directory: str) -> List[Tuple[str, float, floa
     total = _EXAMPLES.value * (_N0.value + _N.value)
     results = []
     single = os.path.join(directory, "single.tsv")
-    with Load() as load:
+    with OtherLoad() as load:
         steady, wall = _certify_processes(model, [single], 1)
     results.append(("1 process", steady, total / wall, load.cores))
 
     shards = [os.path.join(directory, f"shard{i}.tsv") for i in range(_SHARDS.value)]
-    with Load() as load:
+    with OtherLoad() as load:
         steady, wall = _certify_processes(model, shards, _SHARDS.value)
     results.append((f"{_SHARDS.value} shard processes side by side", steady, total / wall, load.cores))
 
@@ -187,7 +150,7 @@ def compare_strategies(model: str, directory: str) -> List[Tuple[str, float, flo
         config = smoothing.CertifyConfig(output=output, model=model, dataset="fashion_mnist", sigma=0.25,
                                          n0=_N0.value, n=_N.value, batch_size=_BATCH_SIZE.value,
                                          max=_MIRRORED_EXAMPLES.value, strategy=strategy)
-        with Load() as load:
+        with OtherLoad() as load:
             smoothing.certify_dataset(config, verbose=0)
         results.append((strategy, _steady_rate(output), load.cores))
     return results

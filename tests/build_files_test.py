@@ -177,9 +177,10 @@ def _module_file(dotted: str) -> Optional[str]:
 
 
 def _script_dirs(path: str) -> List[str]:
-    """Directories whose scripts a file in `path` imports by bare name (tests put bin/ on sys.path)."""
+    """Directories whose scripts a file in `path` imports by bare name (tests put bin/ on sys.path;
+    a script's own directory is on it)."""
     top = path.split(os.sep)[0]
-    return ["tests", "bin"] if top in ("tests", "bench", "bin") else []
+    return ["tests", "bin", top] if top in ("tests", "bench", "bin") else []
 
 
 def imported_files(path: str) -> Set[str]:
@@ -401,6 +402,8 @@ class BuildFilesTest(absltest.TestCase):
             expected = {"bin": "py_binary", "bench": "py_binary", "tf_consreg": "py_library"}.get(path.split(os.sep)[0])
             if path.startswith("tests" + os.sep):
                 expected = "py_test" if path.endswith("_test.py") else "py_library"
+            if path.startswith("bench" + os.sep) and not path.endswith("_bench.py"):
+                expected = "py_library"  # What the benchmarks share.
             if expected is None:  # tools/: libraries or binaries
                 continue
             for label in self.owners.get(path, []):
