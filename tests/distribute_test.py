@@ -20,7 +20,6 @@ from absl.testing import parameterized
 
 import keras
 
-from tf_consreg import config as config_lib
 from tf_consreg import distribute
 from tf_consreg import training
 from tf_consreg.errors import ConfigError
@@ -115,9 +114,6 @@ class StrategyFactoryTest(tf.test.TestCase):
         self.assertEqual(distribute.get_strategy("mirrored").num_replicas_in_sync, 2)  # 2 logical CPUs.
         with self.assertRaisesRegex(ValueError, "--strategy"):
             distribute.get_strategy("tpu")
-
-    def test_config_accepts_the_factorys_names(self):
-        self.assertEqual(config_lib.STRATEGIES, distribute.STRATEGIES)
 
     def test_multi_worker_without_tf_config_is_refused(self):
         with self.assertRaisesRegex(ConfigError, "--strategy=multi_worker needs the TF_CONFIG environment variable"):

@@ -15,7 +15,7 @@ from tf_consreg.errors import ConfigError
 
 METHODS = ("gaussian", "consistency", "stability", "smoothadv", "macer")
 CONSISTENCY_LOSSES = ("default", "xent", "kl", "mse")
-# The same as tf_consreg.distribute.STRATEGIES (checked by a test; config.py stays free of TensorFlow).
+# The --strategy names tf_consreg.distribute.get_strategy accepts (here, free of TensorFlow).
 STRATEGIES = ("auto", "default", "mirrored", "multi_worker")
 MIXED_PRECISION = ("none", "mixed_float16", "mixed_bfloat16")
 

@@ -27,10 +27,10 @@ from typing import Mapping, Optional, Sequence
 
 import tensorflow as tf
 
+from tf_consreg.config import STRATEGIES  # The --strategy names, defined free of TensorFlow there.
 from tf_consreg.errors import ConfigError
 
 
-STRATEGIES = ("auto", "default", "mirrored", "multi_worker")
 TF_CONFIG = "TF_CONFIG"
 _CLUSTER_JOBS = ("chief", "worker")
 
