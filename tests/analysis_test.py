@@ -11,9 +11,8 @@ import numpy as np
 from tf_consreg import analysis
 from tf_consreg.errors import ConfigError
 
-REFERENCE_DIR = os.environ.get(
-    "TF_CONSREG_REFERENCE_CERTIFY",
-    os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference-certify"))
+# The authors' published certification logs (see testdata/SOURCE.md).
+REFERENCE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "testdata", "reference_certify")
 
 # ACRs the authors report for their published logs (SOURCE.md, paper Tables).
 _REFERENCE_ACR = {

@@ -10,11 +10,8 @@ import tensorflow as tf
 
 from tf_consreg import losses
 
-# ../shared beside the repository (and beside the workspace in Bazel's runfiles).
-_FIXTURES = os.environ.get(
-    "TF_CONSREG_FIXTURES",
-    os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "fixtures",
-                 "reference_losses.json"))
+# The authors' PyTorch outputs (see testdata/SOURCE.md).
+_FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "testdata", "reference_losses.json")
 
 
 def _load_cases():
@@ -67,7 +64,7 @@ def _macer_reference(logits, labels, sigma, lbd, beta, gamma):
 
 
 class FixtureTest(tf.test.TestCase, parameterized.TestCase):
-    """Outputs of the authors' PyTorch functions (float64) in ../shared/fixtures."""
+    """Outputs of the authors' PyTorch functions (float64) in testdata/reference_losses.json."""
 
     @parameterized.named_parameters(_CASES)
     def test_matches_authors_float64(self, case):
