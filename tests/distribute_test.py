@@ -71,41 +71,6 @@ class ReplicaScalingTest(tf.test.TestCase, parameterized.TestCase):
             self.assertAllClose(one_logs[name], two_logs[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
-class ReplicaNoiseTest(tf.test.TestCase):
-
-    def test_replicas_draw_different_noise_for_identical_inputs(self):
-        strategy = _mirrored()
-        seed = distribute.step_seed(0, 1, 0)
-
-        def draw():
-            images = tf.zeros([4, 5, 5, 1])  # Identical on both replicas.
-            seeds = distribute.example_seeds(seed, tf.shape(images)[0])
-            return distribute.gaussian_copies(images, 2, 1.0, seeds)
-
-        per_replica = strategy.experimental_local_results(strategy.run(tf.function(draw)))
-        self.assertLen(per_replica, 2)
-        first, second = (t.numpy() for t in per_replica)
-        self.assertGreater(np.abs(first - second).min(), 0.0)
-        self.assertLess(abs(np.corrcoef(first.ravel(), second.ravel())[0, 1]), 0.2)
-
-    def test_noise_of_an_example_does_not_depend_on_the_replica_count(self):
-        # The basis of the update test: the global batch's noise is the same
-        # whether one device or two replicas draw it.
-        strategy = _mirrored()
-        seed = distribute.step_seed(5, 1, 2)
-        images = tf.zeros([8, 3, 3, 1])
-        single = distribute.gaussian_copies(images, 2, 1.0, distribute.example_seeds(seed, 8)).numpy()
-
-        def draw(local):
-            return distribute.gaussian_copies(local, 2, 1.0, distribute.example_seeds(seed, tf.shape(local)[0]))
-
-        ds = strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensors(images).unbatch().batch(8))
-        local = strategy.experimental_local_results(strategy.run(tf.function(draw), args=(next(iter(ds)),)))
-        # Each replica returns its 4 examples copy-major: [copy0 x4, copy1 x4].
-        halves = [t.numpy().reshape(2, 4, 3, 3, 1) for t in local]
-        self.assertAllClose(single.reshape(2, 8, 3, 3, 1), np.concatenate(halves, axis=1))
-
-
 class StrategyFactoryTest(tf.test.TestCase):
 
     def test_names(self):

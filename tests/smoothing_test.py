@@ -50,36 +50,6 @@ def _true_margin(model_w, b, images):
     return (images.reshape(len(images), -1) @ model_w + b) / np.linalg.norm(model_w)
 
 
-class StandardNormalTest(tf.test.TestCase, parameterized.TestCase):
-
-    def test_is_standard_normal(self):
-        z = smoothing.standard_normal(tf.constant([50, 28, 28, 1]), tf.constant([1, 2], tf.int64)).numpy()
-        self.assertEqual(z.shape, (50, 28, 28, 1))
-        self.assertEqual(z.dtype, np.float32)
-        flat = z.ravel().astype(np.float64)
-        self.assertGreater(scipy_stats.kstest(flat, "norm").pvalue, 1e-4)
-        # Mean and variance within 5 standard errors (n = 39,200).
-        self.assertLess(abs(flat.mean()), 5 / np.sqrt(flat.size))
-        self.assertLess(abs(flat.var() - 1), 5 * np.sqrt(2 / flat.size))
-        # The two halves come from the cosine and sine of the same pairs:
-        # independent, so uncorrelated.
-        half = flat.size // 2
-        self.assertLess(abs(np.corrcoef(flat[:half], flat[half:])[0, 1]), 5 / np.sqrt(half))
-
-    @parameterized.parameters(1, 7, 784)
-    def test_any_size(self, size):
-        z = smoothing.standard_normal(tf.constant([size]), tf.constant([3, 4], tf.int64))
-        self.assertEqual(z.shape, (size,))
-        self.assertTrue(np.all(np.isfinite(z.numpy())))
-
-    def test_deterministic_per_seed(self):
-        shape = tf.constant([1000])
-        a, b, c = (smoothing.standard_normal(shape, tf.constant(s, tf.int64)).numpy()
-                   for s in ([5, 6], [5, 6], [5, 7]))
-        self.assertAllEqual(a, b)
-        self.assertGreater(np.abs(a - c).min(), 0)
-
-
 class SampleCountsTest(tf.test.TestCase, parameterized.TestCase):
 
     def _counts(self, model, images, n, batch_size, seed, num_classes=64):

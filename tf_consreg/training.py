@@ -28,6 +28,7 @@ from tf_consreg import data as data_lib
 from tf_consreg import distribute
 from tf_consreg import losses
 from tf_consreg import models
+from tf_consreg import noise as noise_lib
 from tf_consreg.cli import atomic_output
 from tf_consreg.config import TRAIN_CONFIG_FILE, TrainConfig
 from tf_consreg.errors import ConfigError
@@ -44,7 +45,7 @@ class ConsistencyModel(keras.Model):
     """Wraps a base classifier to train it on noisy copies, with any of the paper's methods.
 
     Each step draws m = `num_noise` noisy copies x + N(0, sigma^2 I) of every
-    clean image (noise seeded per example, see distribute.py) and minimizes:
+    clean image (noise seeded per example, see noise.py) and minimizes:
 
     * "gaussian": mean cross-entropy over the copies (Cohen et al., 2019);
     * "consistency": that plus `losses.consistency_loss` (Jeong & Shin, 2020);
@@ -150,17 +151,17 @@ class ConsistencyModel(keras.Model):
           `_term_names`), and "logits" [m * B, C] of the noisy copies, copy-major.
         """
         m = self.num_noise
-        seeds = distribute.example_seeds(
-            distribute.step_seed(self.seed, _TRAIN_NOISE if training else _EVAL_NOISE, step), tf.shape(images)[0])
-        noise = distribute.gaussian_noise(images, m, self.sigma, seeds)
+        seeds = noise_lib.example_seeds(
+            noise_lib.step_seed(self.seed, _TRAIN_NOISE if training else _EVAL_NOISE, step), tf.shape(images)[0])
+        noise = noise_lib.gaussian_noise(images, m, self.sigma, seeds)
         if self.adversarial and training:
             # The attack sees the model in inference mode and the same noise the
             # copies get below; no gradient reaches the weights through it.
             images = attacks.smoothadv_pgd(self.base_model, images, labels, tf.split(noise, m),
                                            epsilon=self._attack_radius, num_steps=self.num_steps)
-        noisy = distribute.tile_copies(images, m) + noise
+        noisy = noise_lib.tile_copies(images, m) + noise
         logits = self.base_model(noisy, training=training)
-        labels_c = distribute.tile_copies(labels, m)
+        labels_c = noise_lib.tile_copies(labels, m)
         terms = {"logits": logits}
 
         if self.method in ("gaussian", "smoothadv", "consistency"):
@@ -193,7 +194,7 @@ class ConsistencyModel(keras.Model):
     def _update_metrics(self, terms, labels, clean_logits=None):
         for name, tracker in self._trackers.items():
             tracker.update_state(terms[name])
-        self._accuracy.update_state(distribute.tile_copies(labels, self.num_noise), terms["logits"])
+        self._accuracy.update_state(noise_lib.tile_copies(labels, self.num_noise), terms["logits"])
         reported = self.metrics
         if clean_logits is None:  # Clean accuracy is measured in evaluation only.
             reported = [m for m in reported if m is not self._clean_accuracy]
@@ -516,7 +517,7 @@ def train(config: TrainConfig, flags_text: Optional[str] = None,
                                            limit=config.eval_examples, mock=config.mock_data)
     if replicas > 1 and batch % replicas:
         raise ConfigError(f"--batch_size: {batch} clean images per step do not split evenly over {replicas} replicas")
-    # Equal local batches under several replicas (see distribute.example_seeds).
+    # Equal local batches under several replicas (see noise.example_seeds).
     drop_remainder = replicas > 1
     num_train = train_source.num_examples
     steps_per_epoch = num_train // batch if drop_remainder else math.ceil(num_train / batch)
