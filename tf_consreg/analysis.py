@@ -26,6 +26,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from tf_consreg import files
 from tf_consreg.errors import ConfigError
 
 CERTIFY_HEADER = ("idx", "label", "predict", "radius", "correct", "time")
@@ -438,7 +439,6 @@ def plot_certified_accuracy(logs: Sequence[CertifyLog], path: str, labels: Optio
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt  # pylint: disable=import-outside-toplevel
 
-    from tf_consreg import cli  # pylint: disable=import-outside-toplevel
 
     labels = list(labels) if labels else [os.path.basename(log.path) for log in logs]
     max_radius = max(float(log.radius.max()) for log in logs) if logs else 1.0
@@ -456,7 +456,7 @@ def plot_certified_accuracy(logs: Sequence[CertifyLog], path: str, labels: Optio
         ax.set_title(title)
     ax.legend(loc="upper right", fontsize="small")
     fig.tight_layout()
-    with cli.atomic_output(path, "wb") as f:
+    with files.atomic_output(path, "wb") as f:
         fig.savefig(f, format="png")
     plt.close(fig)
 

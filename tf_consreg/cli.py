@@ -1,14 +1,12 @@
-"""Helpers shared by the absl binaries in bin/: one-line errors, safe writes.
+"""What the absl binaries in bin/ share: their runner, which turns errors into one line.
 
 Nothing here reads flags: binaries read their own flag handles and pass plain
 values to the library.
 """
 
-import contextlib
 import os
 import sys
-import tempfile
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 from absl import app
 from absl import flags
@@ -43,43 +41,3 @@ def run(main: Callable[[Sequence[str]], None], positional: bool = False) -> None
             sys.exit(2)
 
     app.run(_main)
-
-
-@contextlib.contextmanager
-def atomic_output(path: str, mode: str = "w", replace: bool = True) -> Iterator:
-    """Writes a file atomically: a temporary file renamed into place on success.
-
-    A failure leaves no partial file at `path`, and an existing file at `path`
-    is only replaced once the new content is complete.
-
-    Args:
-      path: destination file.
-      mode: "w" for text or "wb" for bytes.
-      replace: False to never replace an existing `path`: the complete file
-        is hard-linked into place, which fails when `path` exists, so of
-        several processes creating `path` at once exactly one succeeds.
-
-    Yields:
-      The open temporary file.
-
-    Raises:
-      FileExistsError: `replace` is False and `path` exists (nothing written).
-    """
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".")
-    try:
-        with os.fdopen(fd, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual mode.
-        if replace:
-            os.replace(tmp, path)
-        else:
-            os.link(tmp, path)  # Atomic, and never replaces.
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)

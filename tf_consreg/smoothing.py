@@ -10,7 +10,6 @@ import contextlib
 import dataclasses
 import datetime
 import fcntl
-import hashlib
 import json
 import math
 import os
@@ -24,6 +23,7 @@ import tensorflow as tf
 
 from tf_consreg import analysis
 from tf_consreg import distribute
+from tf_consreg import files
 from tf_consreg import noise as noise_lib
 from tf_consreg import stats
 from tf_consreg.errors import ConfigError
@@ -552,7 +552,7 @@ class CertifyConfig:
           replicas: replicas of the run's strategy (`num_replicas_in_sync`).
         """
         settings = {
-            "mode": self.mode, "model": os.path.abspath(self.model), "model_sha256": file_sha256(self.model),
+            "mode": self.mode, "model": os.path.abspath(self.model), "model_sha256": files.file_sha256(self.model),
             "dataset": self.dataset,
             "split": self.split, "sigma": self.sigma, "n0": self.n0, "n": self.n, "alpha": self.alpha,
             "seed": self.seed, "skip": self.skip, "batch_size": self.batch_size,
@@ -571,15 +571,6 @@ class CertifyConfig:
         """This shard's example indices, in order, in a split of `num_examples`."""
         stop = num_examples if self.max < 0 else min(self.max, num_examples)
         return np.arange(0, stop, self.skip)[self.shard_index::self.num_shards]
-
-
-def file_sha256(path: str) -> str:
-    """Hex SHA-256 of a file's bytes, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _check_settings_file(config: CertifyConfig, wanted: Dict[str, Any]) -> None:
@@ -657,17 +648,15 @@ def _claim_output(config: CertifyConfig, settings: Dict[str, Any]) -> Tuple[IO[b
     Raises:
       ConfigError: another process holds the output, or it belongs to another run.
     """
-    from tf_consreg import cli  # pylint: disable=import-outside-toplevel
-
     output, sidecar = config.output, config.output + SETTINGS_SUFFIX
     try:
-        with cli.atomic_output(sidecar, replace=False) as f:
+        with files.atomic_output(sidecar, replace=False) as f:
             json.dump(settings, f, indent=2, sort_keys=True)
             f.write("\n")
     except FileExistsError:
         _check_settings_file(config, settings)  # Before creating the TSV: nothing written for another run.
     with contextlib.suppress(FileExistsError):
-        with cli.atomic_output(output, replace=False) as f:
+        with files.atomic_output(output, replace=False) as f:
             f.write(config.header + "\n")
     f = open(output, "r+b")  # pylint: disable=consider-using-with  Held, locked, for the whole run.
     try:

@@ -29,7 +29,7 @@ from tf_consreg import distribute
 from tf_consreg import losses
 from tf_consreg import models
 from tf_consreg import noise as noise_lib
-from tf_consreg.cli import atomic_output
+from tf_consreg.files import atomic_output
 from tf_consreg.config import TRAIN_CONFIG_FILE, TrainConfig
 from tf_consreg.errors import ConfigError
 

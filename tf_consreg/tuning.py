@@ -38,7 +38,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from tf_consreg import callbacks
-from tf_consreg.cli import atomic_output
+from tf_consreg.files import atomic_output
 from tf_consreg.config import TRAIN_CONFIG_FILE, TrainConfig, read_train_config
 from tf_consreg.errors import ConfigError
 

@@ -1,12 +1,13 @@
-"""Tests of tf_consreg.cli: atomic outputs (the one-line errors are tested with each binary)."""
+"""Tests of tf_consreg.files: atomic outputs and file digests."""
 
+import hashlib
 import os
 import tempfile
 import threading
 
 from absl.testing import absltest
 
-from tf_consreg import cli
+from tf_consreg import files
 
 
 class AtomicOutputTest(absltest.TestCase):
@@ -17,25 +18,25 @@ class AtomicOutputTest(absltest.TestCase):
         self.path = os.path.join(self.dir, "out.txt")
 
     def test_replaces_only_when_complete(self):
-        with cli.atomic_output(self.path) as f:
+        with files.atomic_output(self.path) as f:
             f.write("first\n")
         with self.assertRaises(RuntimeError):
-            with cli.atomic_output(self.path) as f:
+            with files.atomic_output(self.path) as f:
                 f.write("half")
                 raise RuntimeError("killed")
         with open(self.path, encoding="utf-8") as f:
             self.assertEqual(f.read(), "first\n")
-        with cli.atomic_output(self.path) as f:
+        with files.atomic_output(self.path) as f:
             f.write("second\n")
         with open(self.path, encoding="utf-8") as f:
             self.assertEqual(f.read(), "second\n")
         self.assertEqual(os.listdir(self.dir), ["out.txt"])  # No temporary file left.
 
     def test_without_replace_an_existing_file_is_kept(self):
-        with cli.atomic_output(self.path, replace=False) as f:
+        with files.atomic_output(self.path, replace=False) as f:
             f.write("first\n")
         with self.assertRaises(FileExistsError):
-            with cli.atomic_output(self.path, replace=False) as f:
+            with files.atomic_output(self.path, replace=False) as f:
                 f.write("second\n")
         with open(self.path, encoding="utf-8") as f:
             self.assertEqual(f.read(), "first\n")
@@ -47,7 +48,7 @@ class AtomicOutputTest(absltest.TestCase):
         def create(i):
             start.wait()
             try:
-                with cli.atomic_output(self.path, replace=False) as f:
+                with files.atomic_output(self.path, replace=False) as f:
                     f.write(f"writer {i}\n" * 1000)
                 outcomes.append(i)
             except FileExistsError:
@@ -62,6 +63,27 @@ class AtomicOutputTest(absltest.TestCase):
         with open(self.path, encoding="utf-8") as f:
             self.assertEqual(f.read(), f"writer {outcomes[0]}\n" * 1000)
         self.assertEqual(os.listdir(self.dir), ["out.txt"])
+
+
+class FileSha256Test(absltest.TestCase):
+
+    def test_known_digests(self):
+        # FIPS 180-2's example: SHA-256("abc"); and the digest of no bytes.
+        directory = tempfile.mkdtemp(dir=absltest.get_default_test_tmpdir())
+        for content, digest in ((b"abc", "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"),
+                                (b"", "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855")):
+            path = os.path.join(directory, "f")
+            with open(path, "wb") as f:
+                f.write(content)
+            self.assertEqual(files.file_sha256(path), digest)
+
+    def test_reads_in_blocks(self):
+        # 2.5 MiB: three 1 MiB blocks, the last one partial.
+        path = os.path.join(tempfile.mkdtemp(dir=absltest.get_default_test_tmpdir()), "big")
+        content = bytes(range(256)) * (10 * 1024)
+        with open(path, "wb") as f:
+            f.write(content)
+        self.assertEqual(files.file_sha256(path), hashlib.sha256(content).hexdigest())
 
 
 if __name__ == "__main__":
