@@ -23,6 +23,7 @@ from absl import flags
 
 from tf_consreg import cli  # Sets TensorFlow's environment before TensorFlow loads.
 from tf_consreg import export
+from tf_consreg import stats
 
 _MODEL_DIR = flags.DEFINE_string("model_dir", None, "Training run directory (base_model.keras and "
                                  "train_config.json, from bin/train.py).")
@@ -59,7 +60,7 @@ def main(argv):
         names = export.read_metadata(exported.path)["class_names"]
         print(f"serving_default of the reloaded export on {len(exported.check['label'])} test image(s):")
         for i, (label, cls, radius) in enumerate(zip(*(exported.check[k] for k in ("label", "class", "radius")))):
-            answer = "abstain" if cls == export.ABSTAIN else f"class {cls} ({names[cls]}), radius {radius:.3f}"
+            answer = "abstain" if cls == stats.ABSTAIN else f"class {cls} ({names[cls]}), radius {radius:.3f}"
             print(f"  image {i}: label {label} ({names[label]}) -> {answer}")
 
 

@@ -18,6 +18,7 @@ import tensorflow as tf
 from tf_consreg import data
 from tf_consreg import export
 from tf_consreg import models
+from tf_consreg import signatures
 from tf_consreg.errors import ConfigError
 
 _PYTHON_FUNCTION_OPS = {"PyFunc", "PyFuncStateless", "EagerPyFunc"}
@@ -72,7 +73,7 @@ def make_model_dir(root: str, sigma: float = 0.5) -> str:
     return model_dir
 
 
-def _signature_outputs(loaded, images, name=export.SERVING_SIGNATURE):
+def _signature_outputs(loaded, images, name=signatures.SERVING_SIGNATURE):
     return {k: v.numpy() for k, v in loaded.signatures[name](images=tf.constant(images)).items()}
 
 
@@ -354,7 +355,7 @@ class LenetExportTest(tf.test.TestCase):
             self.assertEqual(value.shape, (0,))
 
     def test_metadata_signature_and_file(self):
-        meta = {k: v.numpy() for k, v in self.loaded.signatures[export.METADATA_SIGNATURE]().items()}
+        meta = {k: v.numpy() for k, v in self.loaded.signatures[signatures.METADATA_SIGNATURE]().items()}
         self.assertEqual(meta["sigma"], 0.25)
         self.assertEqual(meta["n0"], 8)
         self.assertEqual(meta["n"], 64)
@@ -374,7 +375,7 @@ class LenetExportTest(tf.test.TestCase):
         cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
         result = subprocess.run([cli, "show", "--dir", self.export_dir, "--all"], capture_output=True, text=True,
                                 timeout=120, check=True)
-        for name in (export.SERVING_SIGNATURE, export.PREDICT_SIGNATURE, export.METADATA_SIGNATURE):
+        for name in (signatures.SERVING_SIGNATURE, signatures.PREDICT_SIGNATURE, signatures.METADATA_SIGNATURE):
             self.assertIn(f"signature_def['{name}']", result.stdout)
         for key in ("inputs['images']", "outputs['class']", "outputs['radius']", "outputs['p_lower']"):
             self.assertIn(key, result.stdout)
@@ -430,7 +431,7 @@ class LenetExportTest(tf.test.TestCase):
             self.assertEqual(images.shape, (1, 28, 28, 1))
             out = self.loaded.signatures[request.model_spec.signature_name](images=tf.constant(images))
             self.assertEqual(out["class"].shape, (1,))
-        self.assertEqual(signatures, [export.SERVING_SIGNATURE, export.PREDICT_SIGNATURE])
+        self.assertEqual(signatures, [signatures.SERVING_SIGNATURE, signatures.PREDICT_SIGNATURE])
 
     def test_bad_requests_fail_with_clear_messages(self):
         good = np.full((1, 28, 28, 1), 0.5, np.float32)
@@ -446,7 +447,7 @@ class LenetExportTest(tf.test.TestCase):
             "above_one": (good * 2.5, r"images must be in \[0, 1\]"),
             "negative": (good - 0.6, r"images must be in \[0, 1\]"),
         }
-        for signature in (export.SERVING_SIGNATURE, export.PREDICT_SIGNATURE):
+        for signature in (signatures.SERVING_SIGNATURE, signatures.PREDICT_SIGNATURE):
             for name, (images, message) in cases.items():
                 with self.subTest(signature=signature, case=name):
                     with self.assertRaisesRegex(tf.errors.InvalidArgumentError, message):
@@ -507,7 +508,7 @@ class LinearClosedFormTest(tf.test.TestCase):
             loaded, w, b, rng = self._export(root, n0=50, n=1000, alpha=0.001, batch_size=1000, seed=3)
             # p = 0.95, 0.05: clear; p = 0.5: H0 holds, so abstain except with probability <= alpha.
             margins = self.SIGMA * scipy_stats.norm.ppf([0.95, 0.05, 0.5, 0.5])
-            out = _signature_outputs(loaded, images_at_margins(w, b, margins, rng), export.PREDICT_SIGNATURE)
+            out = _signature_outputs(loaded, images_at_margins(w, b, margins, rng), signatures.PREDICT_SIGNATURE)
         np.testing.assert_array_equal(out["class"], [0, 1, -1, -1])
 
     def test_fresh_noise_per_request_without_seed(self):

@@ -26,6 +26,7 @@ from export_test import images_at_margins  # tests/ is on sys.path under pytest
 from export_test import linear_model
 from tf_consreg import export
 from tf_consreg import serving_client
+from tf_consreg import signatures
 
 _MODEL_NAME = "smoothed"
 _TIMEOUT = 60.0
@@ -76,7 +77,7 @@ class _RestHandler(http.server.BaseHTTPRequestHandler):
             return self._reply(400, {"error": "Missing 'inputs' or 'instances' key"})
         inputs = request["inputs"]
         if not isinstance(inputs, dict):
-            inputs = {export.INPUT_KEY: inputs}
+            inputs = {signatures.INPUT_KEY: inputs}
         inputs = {k: np.asarray(v, np.float32) for k, v in inputs.items()}
         outputs, error = _run_signature(self.loaded, request.get("signature_name", "serving_default"), inputs)
         if error:

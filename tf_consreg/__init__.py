@@ -19,15 +19,13 @@ import os
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
-# Importing the model package registers the custom layers, so that
-# `keras.models.load_model` can read `base_model.keras` once tf_consreg is
-# imported.
-from tf_consreg import models  # noqa: E402  pylint: disable=wrong-import-position
-
 __version__ = "0.1.0"
 
-# Public API, loaded lazily (PEP 562): importing the package loads TensorFlow
-# and Keras (for the model registry) but not training, export or tuning.
+# Public API, loaded lazily (PEP 562): importing the package loads neither
+# TensorFlow nor Keras, so `tf_consreg.analysis` and `tf_consreg.stats` run
+# without them. `base_model.keras` holds the project's custom layers: load it
+# with `load_base_model`, or import `tf_consreg.models` (which registers them)
+# before `keras.models.load_model`.
 _LAZY = {
     "CertifyCallback": "tf_consreg.callbacks",
     "ConsistencyModel": "tf_consreg.training",

@@ -53,13 +53,9 @@ import numpy as np
 import tensorflow as tf
 
 from tf_consreg import smoothing
+from tf_consreg import stats
 from tf_consreg.errors import ConfigError
-
-SERVING_SIGNATURE = "serving_default"
-PREDICT_SIGNATURE = "predict"
-METADATA_SIGNATURE = "metadata"
-INPUT_KEY = "images"
-ABSTAIN = -1
+from tf_consreg.signatures import INPUT_KEY, METADATA_SIGNATURE, PREDICT_SIGNATURE, SERVING_SIGNATURE
 
 ASSETS_EXTRA = "assets.extra"
 WARMUP_FILE = "tf_serving_warmup_requests"
@@ -359,7 +355,7 @@ def build_archive(base_model: keras.Model,
         certified = p_lower >= 0.5
         radius = tf.where(certified, certified_radius(p_lower, config.sigma), 0.0)
         return {
-            "class": tf.where(certified, guess, tf.constant(ABSTAIN, tf.int64)),
+            "class": tf.where(certified, guess, tf.constant(stats.ABSTAIN, tf.int64)),
             "radius": tf.cast(radius, tf.float32),
             "p_lower": tf.cast(p_lower, tf.float32),
         }
@@ -369,7 +365,7 @@ def build_archive(base_model: keras.Model,
         top = tf.math.top_k(counts(images, config.n, _request_seeds(config.seed)[0]), k=2)
         p_value = binomial_test_two_sided(top.values[:, 0], top.values[:, 0] + top.values[:, 1])
         top_class = tf.cast(top.indices[:, 0], tf.int64)
-        return {"class": tf.where(p_value <= config.alpha, top_class, tf.constant(ABSTAIN, tf.int64))}
+        return {"class": tf.where(p_value <= config.alpha, top_class, tf.constant(stats.ABSTAIN, tf.int64))}
 
     def describe():
         return {key: _metadata_tensor(value) for key, value in metadata.items()}

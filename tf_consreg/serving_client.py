@@ -30,10 +30,10 @@ import urllib.request
 
 import numpy as np
 
-from tf_consreg.export import INPUT_KEY
-from tf_consreg.export import METADATA_SIGNATURE
-from tf_consreg.export import PREDICT_SIGNATURE
-from tf_consreg.export import SERVING_SIGNATURE
+from tf_consreg.signatures import INPUT_KEY
+from tf_consreg.signatures import METADATA_SIGNATURE
+from tf_consreg.signatures import PREDICT_SIGNATURE
+from tf_consreg.signatures import SERVING_SIGNATURE
 
 
 class Certificate(NamedTuple):
