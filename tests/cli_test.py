@@ -1,0 +1,154 @@
+"""Tests of tf_consreg.cli: flags made from a config's fields, and the binaries' one-line failures."""
+
+import dataclasses
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+from typing import Optional, Sequence, Tuple
+
+from absl import flags
+from absl.testing import absltest
+
+from tf_consreg import cli
+from tf_consreg.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    output: str
+    count: int = 3
+    rate: float = 0.5
+    name: str = "x"
+    on: bool = False
+    limit: Optional[int] = None
+    radii: Sequence[float] = (0.25, 0.5)
+    labels: Optional[Tuple[str, ...]] = None
+
+    def __post_init__(self):
+        if self.count < 0:
+            raise ConfigError(f"--count must be >= 0, got {self.count}")
+
+
+_HELPS = {name: f"help of {name}" for name in ("output", "count", "rate", "name", "on", "limit", "radii", "labels")}
+
+
+class DefineFlagsTest(absltest.TestCase):
+
+    def setUp(self):
+        super().setUp()
+        self.values = flags.FlagValues()
+
+    def _define(self, helps=None, **kwargs):
+        return cli.define_flags(_Config, helps or _HELPS, flag_values=self.values, **kwargs)
+
+    def test_types_and_defaults_come_from_the_fields(self):
+        holders = self._define()
+        self.values(["prog"])
+        self.assertEqual({k: h.value for k, h in holders.items()},
+                         {"output": None, "count": 3, "rate": 0.5, "name": "x", "on": False, "limit": None,
+                          "radii": ["0.25", "0.5"], "labels": None})
+        self.assertEqual(self.values["count"].help, "help of count")
+
+    def test_parsed_values_build_the_config(self):
+        holders = self._define()
+        self.values(["prog", "--output=o.tsv", "--count=7", "--rate=1e-3", "--on", "--limit=4", "--radii=1,2.5",
+                     "--labels=a,b"])
+        self.assertEqual(cli.config_from_flags(_Config, holders),
+                         _Config(output="o.tsv", count=7, rate=1e-3, on=True, limit=4, radii=(1.0, 2.5),
+                                 labels=("a", "b")))
+
+    def test_binary_fields_and_other_defaults(self):
+        holders = self._define({"count": "c"}, defaults={"count": 0})
+        self.values(["prog"])
+        self.assertEqual(cli.config_from_flags(_Config, holders, output="fixed"), _Config(output="fixed", count=0))
+
+    def test_list_element_of_the_wrong_type_names_the_flag(self):
+        holders = self._define()
+        self.values(["prog", "--radii=1,abc"])
+        with self.assertRaisesRegex(ConfigError, r"^--radii: '1,abc' is not a list of float values"):
+            cli.config_from_flags(_Config, holders, output="o")
+
+    def test_unknown_field_and_stray_default(self):
+        with self.assertRaisesRegex(TypeError, "no field 'nope'"):
+            self._define({"nope": "?"})
+        with self.assertRaisesRegex(TypeError, "defaults for fields without a flag: rate"):
+            self._define({"count": "c"}, defaults={"rate": 1.0})
+
+
+_PROGRAM = textwrap.dedent('''
+    import dataclasses
+    from tf_consreg import cli
+    from tf_consreg.errors import ConfigError
+
+    @dataclasses.dataclass(frozen=True)
+    class Config:
+        n: int = 1
+
+        def __post_init__(self):
+            if self.n < 1:
+                raise ConfigError(f"--n must be >= 1, got {self.n}")
+
+    HOLDERS = cli.define_flags(Config, {"n": "a number"})
+
+    def main(argv):
+        print("ran with", cli.config_from_flags(Config, HOLDERS).n)
+
+    if __name__ == "__main__":
+        cli.run(main)
+''')
+
+
+class RunTest(absltest.TestCase):
+    """Every way a command line can be wrong ends in one line and exit status 2."""
+
+    def setUp(self):
+        super().setUp()
+        self.dir = tempfile.mkdtemp(dir=absltest.get_default_test_tmpdir())
+        self.program = os.path.join(self.dir, "prog.py")
+        with open(self.program, "w", encoding="utf-8") as f:
+            f.write(_PROGRAM)
+
+    def _run(self, *args):
+        repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        return subprocess.run([sys.executable, self.program, *args], capture_output=True, text=True, env=env,
+                              timeout=120, check=False)
+
+    def assertFailsWithOneLine(self, result, pattern):
+        self.assertEqual(result.returncode, 2, result.stderr)
+        self.assertEqual(result.stdout, "")
+        lines = result.stderr.strip().splitlines()
+        self.assertLen(lines, 1, result.stderr)
+        self.assertRegex(lines[0], r"^prog\.py: error: " + pattern)
+
+    def test_runs(self):
+        result = self._run("--n=4")
+        self.assertEqual((result.returncode, result.stdout), (0, "ran with 4\n"), result.stderr)
+
+    def test_config_error(self):
+        self.assertFailsWithOneLine(self._run("--n=0"), "--n must be >= 1, got 0")
+
+    def test_malformed_value(self):
+        self.assertFailsWithOneLine(self._run("--n=abc"), ".*--n.*abc")
+
+    def test_unknown_flag(self):
+        self.assertFailsWithOneLine(self._run("--nope=1"), ".*nope")
+
+    def test_missing_flagfile(self):
+        self.assertFailsWithOneLine(self._run("--flagfile=" + os.path.join(self.dir, "missing.flags")),
+                                    ".*missing.flags")
+
+    def test_flagfile_that_is_not_text(self):
+        path = os.path.join(self.dir, "binary.flags")
+        with open(path, "wb") as f:
+            f.write(b"--n=2\n\xff\xfe\x00\x81\n")
+        self.assertFailsWithOneLine(self._run("--flagfile=" + path), "a --flagfile is not UTF-8 text")
+
+    def test_unexpected_argument(self):
+        self.assertFailsWithOneLine(self._run("extra"), "unexpected arguments: extra")
+
+
+if __name__ == "__main__":
+    absltest.main()
