@@ -11,12 +11,11 @@ import json
 import os
 from typing import Any, Dict, Optional
 
+from tf_consreg import distribute
+from tf_consreg import losses
 from tf_consreg.errors import ConfigError
 
 METHODS = ("gaussian", "consistency", "stability", "smoothadv", "macer")
-CONSISTENCY_LOSSES = ("default", "xent", "kl", "mse")
-# The --strategy names tf_consreg.distribute.get_strategy accepts (here, free of TensorFlow).
-STRATEGIES = ("auto", "default", "mirrored", "multi_worker")
 MIXED_PRECISION = ("none", "mixed_float16", "mixed_bfloat16")
 
 TRAIN_CONFIG_FILE = "train_config.json"
@@ -121,8 +120,8 @@ class TrainConfig:
         _check(self.weight_decay >= 0, f"--weight_decay must be >= 0, got {self.weight_decay}")
         _check(self.train_examples >= 0, f"--train_examples must be >= 0 (0 = all), got {self.train_examples}")
         _check(self.eval_examples >= 0, f"--eval_examples must be >= 0 (0 = no evaluation), got {self.eval_examples}")
-        _check(self.strategy in STRATEGIES,
-               f"--strategy={self.strategy!r} is unknown; choose one of {', '.join(STRATEGIES)}")
+        _check(self.strategy in distribute.STRATEGIES,
+               f"--strategy={self.strategy!r} is unknown; choose one of {', '.join(distribute.STRATEGIES)}")
         _check(self.steps_per_execution >= 1, f"--steps_per_execution must be >= 1, got {self.steps_per_execution}")
         _check(self.mixed_precision in MIXED_PRECISION,
                f"--mixed_precision={self.mixed_precision!r} is unknown; choose one of {', '.join(MIXED_PRECISION)}")
@@ -185,9 +184,9 @@ class TrainConfig:
         if self.eta is not None:
             _check(self.eta >= 0, f"--eta must be >= 0, got {self.eta}")
         if self.consistency_loss is not None:
-            _check(self.consistency_loss in CONSISTENCY_LOSSES,
+            _check(self.consistency_loss in losses.CONSISTENCY_LOSSES,
                    f"--consistency_loss={self.consistency_loss!r} is unknown; "
-                   f"choose one of {', '.join(CONSISTENCY_LOSSES)}")
+                   f"choose one of {', '.join(losses.CONSISTENCY_LOSSES)}")
             if self.consistency_loss == "mse":
                 _check(self.num_noise == 2, f"--consistency_loss=mse needs --num_noise=2, got {self.num_noise}")
         if self.method == "stability":

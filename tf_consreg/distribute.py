@@ -22,11 +22,15 @@ from typing import Mapping, Optional, Sequence
 
 import tensorflow as tf
 
-from tf_consreg.config import STRATEGIES  # The --strategy names, defined free of TensorFlow there.
 from tf_consreg.errors import ConfigError
 
 
 TF_CONFIG = "TF_CONFIG"
+# The --strategy names `get_strategy` accepts.
+STRATEGIES = ("auto", "default", "mirrored", "multi_worker")
+# The strategies that split work over the devices of one process, which is
+# what certification can use (each image's samples over the replicas).
+LOCAL_STRATEGIES = ("default", "mirrored")
 _CLUSTER_JOBS = ("chief", "worker")
 
 

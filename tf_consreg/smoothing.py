@@ -439,7 +439,6 @@ DEFAULT_BATCH_SIZE = 1000
 # when n is small; one image at a time when n is large, so rows (and the
 # progress bar) advance every few seconds.
 _SAMPLES_PER_CALL_IN_BATCHES = 16
-STRATEGIES = ("default", "mirrored")
 # Settings of the fields added with sharding and --strategy, as an older
 # settings file (which lacks them) implies: it can still be resumed.
 _SETTINGS_DEFAULTS = {"num_shards": 1, "shard_index": 0, "strategy": "default", "replicas": 1}
@@ -511,8 +510,8 @@ class CertifyConfig:
         check(self.num_shards >= 1, f"--num_shards must be >= 1, got {self.num_shards}")
         check(0 <= self.shard_index < self.num_shards,
               f"--shard_index must be in [0, --num_shards={self.num_shards}), got {self.shard_index}")
-        check(self.strategy in STRATEGIES,
-              f"--strategy={self.strategy!r} is unknown; choose one of {', '.join(STRATEGIES)}")
+        check(self.strategy in distribute.LOCAL_STRATEGIES,
+              f"--strategy={self.strategy!r} is unknown; choose one of {', '.join(distribute.LOCAL_STRATEGIES)}")
         check(self.sigma is None or 0.0 < self.sigma < float("inf"), f"--sigma must be > 0, got {self.sigma}")
         check(self.split in data.SPLITS, f"--split={self.split!r} is unknown; choose one of {', '.join(data.SPLITS)}")
         if self.dataset is not None:
