@@ -119,7 +119,8 @@ class SampleCountsTest(tf.test.TestCase, parameterized.TestCase):
                                     seed=[1, 2, 3])
 
 
-class SmoothTest(tf.test.TestCase, parameterized.TestCase):
+class _LinearModelMixin:
+    """Test case set-up: the linear two-class model of `_linear_model`, and images for it."""
 
     def setUp(self):
         super().setUp()
@@ -132,6 +133,25 @@ class SmoothTest(tf.test.TestCase, parameterized.TestCase):
 
     def _images(self, count):
         return self.rng.uniform(size=(count, *_SHAPE)).astype(np.float32)
+
+    def _images_at(self, margins):
+        """Images in [0, 1] whose signed exact radius (w.x + b) / |w| is margins[i], up to float32 rounding.
+
+        Points near the centre of the cube, moved along w to the wanted distance.
+        """
+        unit = self.w.astype(np.float64) / np.linalg.norm(self.w)
+        images = []
+        for margin in margins:
+            while True:
+                x = 0.5 + self.rng.uniform(-0.15, 0.15, size=_DIM)
+                x += (margin - _true_margin(self.w, self.b, x[None])[0]) * unit
+                if np.all((x >= 0) & (x <= 1)):
+                    images.append(x.reshape(_SHAPE))
+                    break
+        return np.asarray(images, np.float32)
+
+
+class SmoothTest(_LinearModelMixin, tf.test.TestCase, parameterized.TestCase):
 
     def test_certified_radius_valid_beyond_alpha_rate(self):
         # CERTIFY's guarantee: with probability >= 1 - alpha the returned class
@@ -278,6 +298,164 @@ class SmoothTest(tf.test.TestCase, parameterized.TestCase):
     def test_bad_construction(self, sigma, num_classes):
         with self.assertRaises(ValueError):
             smoothing.Smooth(self.model, num_classes, sigma)
+
+
+class StagedTest(_LinearModelMixin, tf.test.TestCase, parameterized.TestCase):
+    """certify_staged_batch and predict_staged_batch on the closed-form linear model."""
+
+    def test_radius_outside_true_radius_certified_at_most_alpha(self):
+        # Every image has the exact radius m = 0.25 (sigma = 0.5: p_A =
+        # Phi(0.5) = 0.6915), of either class. Asked about 0.9 m (threshold
+        # Phi(0.45) = 0.6736) and 1.02 m (Phi(0.51) = 0.6950), the guarantee
+        # is: per image, with probability >= 1 - alpha, no wrong class and no
+        # certificate at 1.02 m. Failures are Binomial(count, q), q <= alpha:
+        # allowed, the 1 - 1e-6 quantile of Binomial(count, alpha).
+        sigma, alpha, count, m = 0.5, 0.05, 300, 0.25
+        smooth = smoothing.Smooth(self.model, 2, sigma)
+        margins = np.where(np.arange(count) % 2 == 0, m, -m)
+        images = self._images_at(margins)
+        true_radius = _true_margin(self.w, self.b, images)
+        self.assertAllClose(true_radius, margins, atol=1e-5)
+        result = smooth.certify_staged_batch(images, 100, 10000, alpha, 10000, radii=[0.9 * m, 1.02 * m],
+                                             stages=(100, 1000, 10000), seed=10)
+        wrong_class = (result.classes >= 0) & (result.classes != (true_radius > 0))
+        failures = int((wrong_class | result.certified[:, 1]).sum())
+        self.assertLessEqual(failures, scipy_stats.binom.isf(1e-6, count, alpha))
+        # A reported radius above the true one is a failure too (the same event as above, radius-wise).
+        self.assertLessEqual(int((result.radii > np.abs(true_radius) + 1e-5).sum()),
+                             scipy_stats.binom.isf(1e-6, count, alpha))
+        # Not vacuous: at 10,000 samples, level alpha / 3, the bound is about
+        # 0.6915 - 2.13 * 0.0046 = 0.6817 > 0.6736, so 0.9 m is certified
+        # for most images (about 95%).
+        self.assertGreater(result.certified[:, 0].mean(), 0.8)
+        self.assertTrue(np.all(np.isin(result.samples, (100, 1000, 10000))))
+
+    def test_agrees_with_certify_when_clearly_separated(self):
+        # sigma = 0.5, radius 0.25 asked. Exact radii 0.6 (p_A = Phi(1.2) =
+        # 0.885: fixed-n certifies 0.5 Phi^-1(0.875) = 0.58 >= 0.25) and 0.1
+        # (p_A = Phi(0.2) = 0.579: a class with radius about 0.08 < 0.25),
+        # each several standard errors away from the thresholds at n = 10^4.
+        # n0 = 1000 picks the right class but with probability about 1e-6
+        # (P(Binomial(1000, 0.579) <= 500)).
+        smooth = smoothing.Smooth(self.model, 2, 0.5)
+        margins = np.tile([0.6, -0.6, 0.1, -0.1], 10)
+        images = self._images_at(margins)
+        classes, radii = smooth.certify_batch(images, 1000, 10000, 0.001, 2000, seed=11)
+        result = smooth.certify_staged_batch(images, 1000, 10000, 0.001, 2000, radii=[0.25], seed=11)
+        self.assertAllEqual(classes, (margins > 0).astype(int))
+        self.assertAllEqual(result.classes, classes)
+        self.assertAllEqual(result.certified[:, 0], radii >= 0.25)
+        self.assertAllEqual(result.certified[:, 0], np.abs(margins) > 0.25)
+        # Default stages from n0: 1000, 3000, 5000, 10000. All stop early; at
+        # radius 0.6 at the first stage, whose bound (level alpha / 4) is about
+        # 0.885 - 3.48 * 0.0101 = 0.85 > Phi(0.5) = 0.69.
+        self.assertTrue(np.all(result.samples < 10000))
+        self.assertAllEqual(result.samples[np.abs(margins) == 0.6], [1000] * 20)
+        self.assertAllEqual(result.radii[result.classes >= 0] > 0, [True] * 40)
+
+    def test_samples_are_stage_counts_and_batch_does_not_matter(self):
+        smooth = smoothing.Smooth(self.model, 2, 0.5)
+        images, ids, stages = self._images(8), np.arange(100, 108), (100, 400, 2000)
+        batch = smooth.certify_staged_batch(images, 100, 2000, 0.01, 256, radii=[0.1, 0.3], stages=stages, seed=12,
+                                            image_ids=ids)
+        self.assertTrue(np.all(np.isin(batch.samples, stages)))
+        self.assertGreater(len(set(batch.samples.tolist())), 1)  # Images stop at different stages.
+        for i in (2, 5):
+            alone = smooth.certify_staged_batch(images[i:i + 1], 100, 2000, 0.01, 256, radii=[0.1, 0.3],
+                                                stages=stages, seed=12, image_ids=ids[i:i + 1])
+            for field in batch._fields:
+                self.assertAllEqual(getattr(alone, field)[0], getattr(batch, field)[i], msg=field)
+        predicted = smooth.predict_staged_batch(images, 2000, 0.01, 256, stages=stages, seed=12, image_ids=ids)
+        self.assertTrue(np.all(np.isin(predicted.samples, stages)))
+        alone = smooth.predict_staged_batch(images[3:4], 2000, 0.01, 256, stages=stages, seed=12, image_ids=ids[3:4])
+        self.assertEqual((alone.classes[0], alone.samples[0]), (predicted.classes[3], predicted.samples[3]))
+
+    def test_selection_as_certify_and_fresh_noise_per_stage(self):
+        recorded = []
+        smooth = smoothing.Smooth(_argmax_pixel_model(), 64, 0.5)
+        real = smooth._counts  # pylint: disable=protected-access
+
+        def spy(images, num_samples, batch_size, keys, stream):
+            counts = real(images, num_samples, batch_size, keys, stream)
+            recorded.append((num_samples, stream, counts))
+            return counts
+
+        self.enter_context(tf.compat.v1.test.mock.patch.object(smooth, "_counts", spy))
+        image = np.full((1, 8, 8, 1), 0.5, np.float32)
+        # On a constant image the 64 classes are equally likely: no tie is
+        # ever rejected, so PREDICT runs every stage and abstains.
+        result = smooth.predict_staged_batch(image, 2000, 0.01, 250, stages=(500, 1000, 2000), seed=13)
+        self.assertAllEqual(result.classes, [-1])
+        self.assertAllEqual(result.samples, [2000])
+        self.assertEqual([(n, stream) for n, stream, _ in recorded], [(500, 4), (500, 6), (1000, 8)])
+        self.assertNotAllEqual(recorded[0][2], recorded[1][2])  # Same size, other noise.
+        self.assertGreater(scipy_stats.chisquare(sum(c for _, _, c in recorded)[0]).pvalue, 1e-4)
+        # CERTIFY's selection samples are certify_batch's own (stream 0);
+        # estimation stage k uses stream 3 + 2 k.
+        recorded.clear()
+        smooth.certify_staged_batch(image, 500, 2000, 0.01, 250, radii=[0.5], stages=(500, 2000), seed=13)
+        self.assertEqual([(n, stream) for n, stream, _ in recorded][:2], [(500, 0), (500, 3)])
+        selection = recorded[0][2]
+        recorded.clear()
+        smooth.certify_batch(image, 500, 2000, 0.01, 250, seed=13)
+        self.assertAllEqual(recorded[0][2], selection)
+
+    def test_streams_distinct(self):
+        streams = [smoothing.staged_stream(kind, k) for kind in (smoothing._ESTIMATION, smoothing._PREDICTION)  # pylint: disable=protected-access
+                   for k in range(1000)]
+        self.assertLen(set(streams), 2000)
+        self.assertEmpty(set(streams) & {smoothing._SELECTION, smoothing._ESTIMATION, smoothing._PREDICTION})  # pylint: disable=protected-access
+        with self.assertRaises(ValueError):
+            smoothing.staged_stream(smoothing._SELECTION, 0)  # pylint: disable=protected-access
+
+    def test_traced_once(self):
+        smooth = smoothing.Smooth(self.model, 2, 0.5)
+        smooth.certify_batch(self._images(3), 10, 100, 0.01, 64, seed=1)
+        smooth.certify_staged_batch(self._images(5), 20, 2000, 0.01, 512, radii=[0.2, 0.4], seed=2)
+        smooth.predict_staged_batch(self._images(2), 300, 0.01, 16, stages=(100, 300), seed=3)
+        self.assertEqual(smooth._counts_fn.experimental_get_tracing_count(), 1)  # pylint: disable=protected-access
+
+    def test_stage_rules(self):
+        smooth = smoothing.Smooth(self.model, 2, 0.5)
+        images = self._images(2)
+        # One stage below n0 is fixed-n CERTIFY: allowed, as certify_batch allows n < n0.
+        result = smooth.certify_staged_batch(images, 100, 50, 0.01, 64, radii=[0.1], stages=(50,), seed=4)
+        self.assertAllEqual(result.samples, [50, 50])
+        # The default stages start at max(n0, 100).
+        result = smooth.certify_staged_batch(images, 300, 1000, 0.01, 512, radii=[5.0], seed=4)
+        self.assertTrue(np.all(np.isin(result.samples, (300, 500, 1000))))
+
+    @parameterized.named_parameters(
+        ("radius_zero", dict(radii=[0.0]), "^radii must"),
+        ("radius_negative", dict(radii=[0.5, -0.5]), "^radii must"),
+        ("radius_inf", dict(radii=[float("inf")]), "^radii must"),
+        ("radius_nan", dict(radii=[float("nan")]), "^radii must"),
+        ("no_radii", dict(radii=[]), "^radii must"),
+        ("stages_not_increasing", dict(stages=(200, 100, 1000)), "^stages must strictly increase"),
+        ("stages_not_ending_at_n", dict(stages=(100, 500)), "^stages must end at n=1000"),
+        ("stage_below_n0", dict(stages=(50, 1000)), "^stages must start at n0=100"),
+        ("stage_zero", dict(stages=(0, 1000)), "^stages must be integers >= 1"),
+        ("n0", dict(n0=0), "^n0 must"),
+        ("n", dict(n=0), "^n must"),
+    )
+    def test_bad_certify_arguments(self, override, word):
+        smooth = smoothing.Smooth(self.model, 2, 0.25)
+        args = dict(n0=100, n=1000, alpha=0.01, batch_size=100, radii=[0.25], stages=None, seed=0)
+        args.update(override)
+        with self.assertRaisesRegex(ValueError, word):
+            smooth.certify_staged_batch(self._images(1), **args)
+
+    @parameterized.named_parameters(
+        ("stages_not_ending_at_n", dict(stages=(100, 500)), "^stages must end at n=1000"),
+        ("stages_not_increasing", dict(stages=(500, 500, 1000)), "^stages must strictly increase"),
+        ("alpha", dict(alpha=1.5), "^alpha must"),
+    )
+    def test_bad_predict_arguments(self, override, word):
+        smooth = smoothing.Smooth(self.model, 2, 0.25)
+        args = dict(n=1000, alpha=0.01, batch_size=100, stages=None, seed=0)
+        args.update(override)
+        with self.assertRaisesRegex(ValueError, word):
+            smooth.predict_staged_batch(self._images(1), **args)
 
 
 if __name__ == "__main__":

@@ -95,11 +95,19 @@ class RadiusTest(parameterized.TestCase):
 
 class BinomialTestTest(parameterized.TestCase):
 
-    def test_symmetric_closed_form(self):
-        # For p = 1/2 the two-sided p-value is min(1, 2 P(X <= min(k, n - k))).
+    def test_symmetric_matches_scipy_binomtest(self):
+        # p = 1/2 takes a vectorized closed form; scipy's exact test is the reference.
         for k, n, _ in _grid():
-            expected = min(1.0, 2 * scipy_stats.binom.cdf(min(k, n - k), n, 0.5))
+            expected = scipy_stats.binomtest(k, n, 0.5).pvalue
             self.assertAlmostEqual(stats.binomial_test_pvalue(k, n), expected, places=10, msg=f"k={k} n={n}")
+        ks = np.arange(0, 1001, 7)
+        np.testing.assert_allclose(stats.binomial_test_pvalue(ks, 1000),
+                                   [scipy_stats.binomtest(int(k), 1000, 0.5).pvalue for k in ks],
+                                   rtol=1e-9, atol=1e-300)
+
+    def test_other_p_matches_scipy_binomtest(self):
+        self.assertAlmostEqual(stats.binomial_test_pvalue(3, 20, 0.3), scipy_stats.binomtest(3, 20, 0.3).pvalue,
+                               places=12)
 
     def test_vectorized_shape(self):
         got = stats.binomial_test_pvalue(np.array([[0, 5], [10, 3]]), 10)
@@ -150,6 +158,326 @@ class DecisionsTest(absltest.TestCase):
                 "sys.exit('tensorflow' in sys.modules or 'keras' in sys.modules)")
         result = subprocess.run([sys.executable, "-c", code, stats.__file__], check=False)
         self.assertEqual(result.returncode, 0)
+
+class ClopperPearsonUpperTest(parameterized.TestCase):
+
+    def test_matches_statsmodels_beta_interval_on_grid(self):
+        for k, n, alpha in _grid():
+            expected = proportion_confint(k, n, alpha=2 * alpha, method="beta")[1]
+            self.assertAlmostEqual(stats.clopper_pearson_upper(k, n, alpha), expected, places=12,
+                                   msg=f"k={k} n={n} alpha={alpha}")
+
+    def test_mirrors_lower_bound(self):
+        for k, n, alpha in _grid():
+            self.assertAlmostEqual(stats.clopper_pearson_upper(k, n, alpha),
+                                   1 - stats.clopper_pearson_lower(n - k, n, alpha), places=12)
+
+    def test_defining_tail_property(self):
+        # The exact bound p_U solves P(Binomial(n, p_U) <= k) = alpha for k < n.
+        for k, n, alpha in _grid():
+            if k == n:
+                continue
+            p_u = stats.clopper_pearson_upper(k, n, alpha)
+            self.assertAlmostEqual(scipy_stats.binom.cdf(k, n, p_u), alpha, delta=1e-9 + 1e-6 * alpha)
+
+    def test_edges_in_closed_form(self):
+        # k = n: nothing to bound; k = 0: P(no success) = (1 - p)^n = alpha.
+        self.assertEqual(stats.clopper_pearson_upper(50, 50, 0.01), 1.0)
+        self.assertAlmostEqual(stats.clopper_pearson_upper(0, 50, 0.01), 1 - 0.01 ** (1 / 50), places=12)
+        # k = n - 1: P(X <= n - 1) = 1 - p^n = alpha, so p_U = (1 - alpha)^(1/n), about 1 - 1e-8 here.
+        self.assertAlmostEqual(stats.clopper_pearson_upper(99999, 100000, 0.001), 0.999 ** (1 / 100000),
+                               places=14)
+
+    def test_vectorized(self):
+        got = stats.clopper_pearson_upper(np.array([0, 3, 10]), 10, 0.05)
+        self.assertEqual(got.shape, (3,))
+        self.assertEqual(got[2], 1.0)
+        self.assertEqual(got[1], stats.clopper_pearson_upper(3, 10, 0.05))
+
+    @parameterized.named_parameters(
+        ("alpha_zero", 5, 10, 0.0, "alpha"),
+        ("alpha_nan", 5, 10, float("nan"), "alpha"),
+        ("no_trials", 0, 0, 0.01, "trials"),
+        ("too_many_successes", 11, 10, 0.01, "successes"),
+    )
+    def test_bad_arguments(self, k, n, alpha, word):
+        with self.assertRaisesRegex(ValueError, word):
+            stats.clopper_pearson_upper(k, n, alpha)
+
+
+class ScheduleTest(parameterized.TestCase):
+
+    def test_check_stages_accepts_increasing_counts(self):
+        self.assertEqual(stats.check_stages([100, 1000, 10000], 10000), (100, 1000, 10000))
+        self.assertEqual(stats.check_stages(np.array([5, 7]), None), (5, 7))
+        self.assertEqual(stats.check_stages((1,), 1), (1,))
+        self.assertIsInstance(stats.check_stages(np.array([5, 7]))[0], int)
+
+    @parameterized.named_parameters(
+        ("empty", [], None, "non-empty"),
+        ("not_a_sequence", 100, None, "sequence"),
+        ("string", "100", None, "sequence"),
+        ("zero", [0, 10], None, ">= 1"),
+        ("negative", [-5, 10], None, ">= 1"),
+        ("float", [10.0, 100], None, "integers"),
+        ("bool", [True, 10], None, "integers"),
+        ("equal", [10, 10, 100], None, "strictly increase"),
+        ("decreasing", [100, 10], None, "strictly increase"),
+        ("wrong_end", [10, 100], 1000, "end at n=1000"),
+    )
+    def test_check_stages_rejects(self, stages, n, word):
+        with self.assertRaisesRegex(ValueError, f"^stages must.*{word}"):
+            stats.check_stages(stages, n)
+
+    def test_check_radii(self):
+        np.testing.assert_array_equal(stats.check_radii([0.5, 0.25]), [0.5, 0.25])
+        self.assertEqual(stats.check_radii((1,)).dtype, np.float64)
+
+    @parameterized.named_parameters(
+        ("empty", []), ("zero", [0.0]), ("negative", [0.5, -0.25]), ("inf", [float("inf")]),
+        ("nan", [float("nan")]), ("matrix", [[0.5]]), ("scalar", 0.5), ("text", ["a"]),
+    )
+    def test_check_radii_rejects(self, radii):
+        with self.assertRaisesRegex(ValueError, "^radii must"):
+            stats.check_radii(radii)
+
+    def test_default_stages(self):
+        self.assertEqual(stats.default_stages(100000), (100, 300, 1000, 3000, 10000, 30000, 50000, 100000))
+        self.assertEqual(stats.default_stages(10000), (100, 300, 1000, 3000, 5000, 10000))
+        self.assertEqual(stats.default_stages(100000, smallest=1000), (1000, 3000, 10000, 30000, 50000, 100000))
+        self.assertEqual(stats.default_stages(50), (50,))
+        self.assertEqual(stats.default_stages(100), (100,))
+        for n in (1, 99, 101, 777, 12345, 10**6, 2**31 - 1):
+            stages = stats.default_stages(n)
+            self.assertEqual(stats.check_stages(stages, n), stages)
+            self.assertGreaterEqual(stages[0], min(n, 100))
+
+    @parameterized.parameters((0, 100), (10.0, 100), (100, 0), (True, 100))
+    def test_default_stages_rejects(self, n, smallest):
+        with self.assertRaises(ValueError):
+            stats.default_stages(n, smallest)
+
+
+class SettledTest(parameterized.TestCase):
+
+    @parameterized.parameters(
+        # sigma = 1, radius 1: the threshold is Phi(1) = 0.8413.
+        (0.6, 0.9, False),  # Phi(1) inside: certified at 1 or not is open.
+        (0.85, 0.99, True),  # Certified.
+        (0.55, 0.8, True),  # A class, not certified at 1.
+        (0.45, 0.6, False),  # 1/2 inside: a class or ABSTAIN is open.
+        (0.1, 0.4, True),  # ABSTAIN.
+        (0.0, 1.0, False),
+        (0.5, 0.7, True),  # Bounds on a threshold: not strictly between.
+        (0.3, 0.5, True),
+    )
+    def test_hand_cases(self, lower, upper, expected):
+        self.assertEqual(bool(stats.settled(np.array([lower]), np.array([upper]), [1.0], 1.0)[0]), expected)
+
+    def test_matches_thresholds_in_probability(self):
+        # The same rule written with the thresholds Phi(r / sigma) and 1/2.
+        rng = np.random.default_rng(0)
+        bounds = np.sort(rng.uniform(size=(2, 5000)), axis=0)
+        radii, sigma = [0.25, 0.5, 1.0], 0.5
+        thresholds = np.append(scipy_stats.norm.cdf(np.array(radii) / sigma), 0.5)
+        expected = ~np.any((bounds[0][:, None] < thresholds) & (thresholds < bounds[1][:, None]), axis=1)
+        np.testing.assert_array_equal(stats.settled(bounds[0], bounds[1], radii, sigma), expected)
+        self.assertGreater(expected.sum(), 100)
+        self.assertGreater((~expected).sum(), 100)
+
+    def test_bad_arguments(self):
+        with self.assertRaisesRegex(ValueError, "radii"):
+            stats.settled(np.array([0.5]), np.array([0.6]), [0.0], 1.0)
+        with self.assertRaisesRegex(ValueError, "sigma"):
+            stats.settled(np.array([0.5]), np.array([0.6]), [1.0], 0.0)
+
+
+def _scripted(successes_by_stage):
+    """A draw function returning given counts: successes_by_stage[k][i] for image i at stage k."""
+    calls = []
+
+    def draw(active, stage, num_new):
+        calls.append((active.tolist(), stage, num_new))
+        return np.asarray(successes_by_stage[stage])[active]
+
+    return draw, calls
+
+
+class StagedCertifyTest(parameterized.TestCase):
+
+    def test_scripted_run(self):
+        # Stages (50, 200), alpha = 0.02: each bound at level 0.01. sigma = 1,
+        # radius 0.5: threshold Phi(0.5) = 0.691.
+        # Image 0: 50/50 -> lower 0.01^(1/50) = 0.912: settled, certified, stops at 50.
+        # Image 1: 0/50 -> upper 1 - 0.912 = 0.088 < 1/2: settled, ABSTAIN at 50.
+        # Image 2: 30/50 (bounds about 0.42, 0.76, both 1/2 and 0.691 inside)
+        #   -> 120/200: lower about 0.51 -> a class, not certified at 0.5.
+        # Image 3: 40/50 (bounds about 0.63, 0.90: 0.691 inside)
+        #   -> 160/200: lower about 0.73 -> certified at 0.5.
+        draw, calls = _scripted([[50, 0, 30, 40], [0, 0, 90, 120]])
+        result = stats.staged_certify(np.array([3, 4, 5, 6]), draw, (50, 200), alpha=0.02, sigma=1.0, radii=[0.5])
+        self.assertEqual(calls, [([0, 1, 2, 3], 0, 50), ([2, 3], 1, 150)])
+        np.testing.assert_array_equal(result.samples, [50, 50, 200, 200])
+        expected_lower = [proportion_confint(k, n, alpha=0.02, method="beta")[0]
+                          for k, n in ((50, 50), (0, 50), (120, 200), (160, 200))]
+        expected_lower[1] = 0.0
+        np.testing.assert_allclose(result.p_lower, expected_lower, rtol=1e-10)
+        self.assertAlmostEqual(result.p_lower[0], 0.01 ** (1 / 50), places=12)
+        np.testing.assert_array_equal(result.classes, [3, -1, 5, 6])
+        np.testing.assert_allclose(result.radii, [scipy_stats.norm.ppf(expected_lower[0]), 0.0,
+                                                  scipy_stats.norm.ppf(expected_lower[2]),
+                                                  scipy_stats.norm.ppf(expected_lower[3])], rtol=1e-10)
+        np.testing.assert_array_equal(result.certified, [[True], [False], [False], [True]])
+        self.assertTrue(0.5 < result.p_lower[2] < scipy_stats.norm.cdf(0.5) < result.p_lower[3])
+
+    def test_certified_means_radius_at_least_r(self):
+        # One image whose radius is exactly 0.5 in floating point: certified
+        # at 0.5 (>=, as analysis.certified_accuracy counts), not above.
+        draw, _ = _scripted([[7000], [0]])
+        result = stats.staged_certify(np.array([0]), draw, (10000,), alpha=0.001, sigma=1.0, radii=[0.4, 0.6])
+        radius = result.radii[0]
+        again = stats.staged_certify(np.array([0]), _scripted([[7000]])[0], (10000,), alpha=0.001, sigma=1.0,
+                                     radii=[radius, np.nextafter(radius, 1.0)])
+        np.testing.assert_array_equal(again.certified, [[True, False]])
+
+    def test_one_stage_is_certify(self):
+        rng = np.random.default_rng(1)
+        selection = rng.multinomial(100, [0.6, 0.3, 0.1], size=50)
+        estimation = rng.multinomial(1000, [0.6, 0.3, 0.1], size=50)
+        guesses = np.argmax(selection, axis=1)
+        classes, radii, p_lower = stats.certify_from_counts(selection, estimation, alpha=0.001, sigma=0.5)
+        result = stats.staged_certify(guesses, lambda active, k, m: estimation[active, guesses[active]], (1000,),
+                                      alpha=0.001, sigma=0.5, radii=[0.1, 0.2])
+        np.testing.assert_array_equal(result.classes, classes)
+        np.testing.assert_array_equal(result.radii, radii)
+        np.testing.assert_array_equal(result.p_lower, p_lower)
+        np.testing.assert_array_equal(result.certified, radii[:, None] >= [0.1, 0.2])
+        np.testing.assert_array_equal(result.samples, [1000] * 50)
+
+    def test_empty_batch(self):
+        draw, calls = _scripted([[]])
+        result = stats.staged_certify(np.zeros(0, int), draw, (10, 20), alpha=0.01, sigma=1.0, radii=[0.5, 1.0])
+        self.assertEqual(calls, [])
+        self.assertEqual(result.certified.shape, (0, 2))
+        self.assertEqual(result.samples.shape, (0,))
+
+    def test_soundness_monte_carlo(self):
+        # Images with a known p_A, asked about a radius just above their true
+        # radius sigma Phi^-1(p_A): the threshold sits at p_A, so an image
+        # never settles but by a bound failing, and "certified" happens iff
+        # some stage's lower bound exceeded p_A, the union of events the
+        # union bound pays for. The guarantee: per image, P(failure) <= alpha.
+        #
+        # Tolerance: the failures F_g of a group of N_g images are
+        # Binomial(N_g, q_g) with q_g <= alpha, so P(F_g > c_g) <= 1e-6 for
+        # c_g = the (1 - 1e-6) quantile of Binomial(N_g, alpha); a correct
+        # procedure fails one of the 6 checks with probability < 6e-6.
+        # Power: the same run with every stage at the full alpha (no union
+        # bound) fails 7-14% of images here, far above the tolerance (6.5%).
+        alpha, sigma, stages, count = 0.05, 0.5, (20, 50, 100, 200, 500), 5000
+        rng = np.random.default_rng(2)
+        total, naive_total = 0, 0
+        for p in (0.55, 0.6, 0.7, 0.8, 0.9, 0.95):
+            radius = sigma * scipy_stats.norm.ppf(p) + 1e-12
+            draw = lambda active, k, m, p=p: rng.binomial(m, p, size=len(active))
+            result = stats.staged_certify(np.zeros(count, int), draw, stages, alpha=alpha, sigma=sigma,
+                                          radii=[radius])
+            failures = int(result.certified[:, 0].sum())
+            self.assertEqual(failures, int((result.p_lower > p).sum()))
+            self.assertLessEqual(failures, scipy_stats.binom.isf(1e-6, count, alpha), msg=f"p_A={p}")
+            naive = stats.staged_certify(np.zeros(count, int), draw, stages, alpha=alpha * len(stages),
+                                         sigma=sigma, radii=[radius])
+            total += failures
+            naive_total += int(naive.certified[:, 0].sum())
+        # Not vacuous: the bounds are tight enough to fail, and the test
+        # catches a procedure that drops the alpha / K split.
+        self.assertGreater(total, 0)
+        self.assertGreater(naive_total, scipy_stats.binom.isf(1e-6, 6 * count, alpha))
+
+    def test_stops_early_when_far_from_thresholds(self):
+        # p_A = 1 and 0 settle at the first stage; p_A near Phi(r / sigma) runs on.
+        p = np.array([1.0, 0.0, scipy_stats.norm.cdf(1.0)])
+        rng = np.random.default_rng(3)
+        result = stats.staged_certify(np.zeros(3, int), lambda active, k, m: rng.binomial(m, p[active]),
+                                      (100, 1000, 10000), alpha=0.001, sigma=1.0, radii=[1.0])
+        np.testing.assert_array_equal(result.samples, [100, 100, 10000])
+
+    @parameterized.named_parameters(
+        ("alpha", dict(alpha=0.0), "alpha"),
+        ("sigma", dict(sigma=-1.0), "sigma"),
+        ("radii", dict(radii=[0.0]), "radii"),
+        ("stages", dict(stages=(10, 5)), "stages"),
+        ("guesses", dict(guesses=np.zeros((2, 2), int)), "guesses"),
+        ("draw_shape", dict(draw=lambda active, k, m: np.zeros(len(active) + 1, int)), "shape"),
+        ("draw_float", dict(draw=lambda active, k, m: np.zeros(len(active))), "integer"),
+        ("draw_too_many", dict(draw=lambda active, k, m: np.full(len(active), m + 1)), "samples asked"),
+    )
+    def test_bad_arguments(self, override, word):
+        args = dict(guesses=np.zeros(2, int), draw=lambda active, k, m: np.zeros(len(active), int),
+                    stages=(10, 20), alpha=0.01, sigma=1.0, radii=[0.5])
+        args.update(override)
+        with self.assertRaisesRegex(ValueError, word):
+            stats.staged_certify(args.pop("guesses"), args.pop("draw"), args.pop("stages"), **args)
+
+
+class StagedPredictTest(parameterized.TestCase):
+
+    def test_scripted_run(self):
+        # Stages (20, 100), alpha = 0.02: each test at 0.01.
+        # Image 0: 20 vs 0: p = 2^-19 -> class 0 at 20.
+        # Image 1: 10 vs 10 -> on; then 50 vs 50 in all -> ABSTAIN at 100.
+        # Image 2: 12 vs 8 -> on; then 70 vs 30: p = 1e-4 -> class 0... of its counts.
+        stage0 = np.array([[20, 0, 0], [10, 10, 0], [8, 0, 12]])
+        stage1 = np.array([[0, 0, 0], [40, 40, 0], [22, 0, 58]])
+        draw, calls = _scripted([stage0, stage1])
+        result = stats.staged_predict(3, draw, (20, 100), alpha=0.02)
+        self.assertEqual(calls, [([0, 1, 2], 0, 20), ([1, 2], 1, 80)])
+        np.testing.assert_array_equal(result.classes, [0, -1, 2])
+        np.testing.assert_array_equal(result.samples, [20, 100, 100])
+        self.assertLess(scipy_stats.binomtest(70, 100, 0.5).pvalue, 0.01)
+        self.assertGreater(scipy_stats.binomtest(12, 20, 0.5).pvalue, 0.01)
+
+    def test_one_stage_is_predict(self):
+        rng = np.random.default_rng(4)
+        counts = rng.multinomial(200, [0.4, 0.35, 0.25], size=100)
+        result = stats.staged_predict(100, lambda active, k, m: counts[active], (200,), alpha=0.01)
+        np.testing.assert_array_equal(result.classes, stats.predict_from_counts(counts, alpha=0.01))
+        self.assertIn(-1, result.classes)
+        self.assertGreater((result.classes >= 0).sum(), 0)
+
+    def test_soundness_monte_carlo(self):
+        # PREDICT's guarantee: P(a class other than g(x)) <= alpha. Under an
+        # exact tie every answer but ABSTAIN is a type I error of the test,
+        # so the union over stages must keep P(any answer) <= alpha; near a
+        # tie, the wrong class must come out at most alpha of the time.
+        # Tolerance as in StagedCertifyTest: the (1 - 1e-6) quantile of
+        # Binomial(count, alpha). Power: every stage at the full alpha
+        # answers about 14% of tied images.
+        alpha, stages, count = 0.05, (20, 50, 100, 200, 500), 20000
+        rng = np.random.default_rng(5)
+        limit = scipy_stats.binom.isf(1e-6, count, alpha)
+        for p, wrong in (((0.5, 0.5), (0, 1)), ((0.505, 0.495), (1,)), ((0.45, 0.44, 0.11), (1, 2))):
+            draw = lambda active, k, m, p=p: rng.multinomial(m, p, size=len(active))
+            result = stats.staged_predict(count, draw, stages, alpha=alpha)
+            self.assertLessEqual(int(np.isin(result.classes, wrong).sum()), limit, msg=f"p={p}")
+        tied = lambda active, k, m: rng.multinomial(m, (0.5, 0.5), size=len(active))
+        naive = stats.staged_predict(count, tied, stages, alpha=alpha * len(stages))
+        self.assertGreater(int((naive.classes >= 0).sum()), limit)
+
+    @parameterized.named_parameters(
+        ("alpha", dict(alpha=1.0), "alpha"),
+        ("stages", dict(stages=(10, 10)), "stages"),
+        ("num_images", dict(num_images=-1), "num_images"),
+        ("one_class", dict(draw=lambda active, k, m: np.full((len(active), 1), m)), "num_classes >= 2"),
+        ("counts_sum", dict(draw=lambda active, k, m: np.zeros((len(active), 3), int)), "samples asked"),
+    )
+    def test_bad_arguments(self, override, word):
+        args = dict(num_images=2, draw=lambda active, k, m: np.tile([m, 0], (len(active), 1)), stages=(10, 20),
+                    alpha=0.01)
+        args.update(override)
+        with self.assertRaisesRegex(ValueError, word):
+            stats.staged_predict(args.pop("num_images"), args.pop("draw"), args.pop("stages"), **args)
+
 
 if __name__ == "__main__":
     absltest.main()
