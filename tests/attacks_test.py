@@ -84,7 +84,8 @@ def _smoothed_nll(model, images, labels, noises):
     return -np.log(np.maximum(probs[np.arange(len(labels)), labels], 1e-20))
 
 
-class LinearClosedFormTest(tf.test.TestCase, parameterized.TestCase):
+class _LinearFixture(tf.test.TestCase, parameterized.TestCase):
+    """_LinearModel with fixed weights and 3 noise draws for a batch of 2."""
 
     def setUp(self):
         super().setUp()
@@ -92,6 +93,9 @@ class LinearClosedFormTest(tf.test.TestCase, parameterized.TestCase):
         self.w = np.array([0.3, -0.5, 0.8, 0.1])
         self.noises = rng.normal(scale=0.25, size=(3, 2) + _SHAPE)
         self.model = _LinearModel(self.w)
+
+
+class LinearClosedFormTest(_LinearFixture):
 
     @parameterized.product(num_steps=[1, 2, 5], label=[0, 1])
     def test_moves_along_w_by_epsilon(self, num_steps, label):
@@ -315,15 +319,11 @@ class SmoothMixFiniteDifferenceTest(tf.test.TestCase, parameterized.TestCase):
         self.assertAllEqual(start, images)  # mix_step=0: the mixup starts at x
 
 
-class SmoothMixLinearTest(tf.test.TestCase, parameterized.TestCase):
+class SmoothMixLinearTest(_LinearFixture):
     """smoothmix_pgd on _LinearModel: the authors' loop in numpy, and closed forms."""
 
     def setUp(self):
         super().setUp()
-        rng = np.random.default_rng(0)
-        self.w = np.array([0.3, -0.5, 0.8, 0.1])
-        self.noises = rng.normal(scale=0.25, size=(3, 2) + _SHAPE)
-        self.model = _LinearModel(self.w)
         self.images = np.full((2,) + _SHAPE, 0.5)  # interior: the clip does not bind
         self.labels = np.array([0, 1])
         # Label 0 walks along -w/||w||, label 1 along +w/||w||.

@@ -49,6 +49,18 @@ def _check_rank(tensor: tf.Tensor, rank: int, name: str, layout: str) -> None:
         raise ValueError(f"{name}: expected rank {rank} {layout}, got shape {tensor.shape}")
 
 
+def _batch_vector(value, name: str, batch: tf.TensorShape, *, integer: bool) -> tf.Tensor:
+    """`value` as a [B] tensor of integer (labels) or floating dtype, B compatible with `batch`."""
+    tensor = tf.convert_to_tensor(value)
+    if not (tensor.dtype.is_integer if integer else tensor.dtype.is_floating):
+        kind = "an integer" if integer else "a floating-point"
+        raise ValueError(f"{name}: expected {kind} tensor, got dtype {tensor.dtype.name}")
+    _check_rank(tensor, 1, name, "[B]")
+    if not tensor.shape.is_compatible_with(batch):
+        raise ValueError(f"{name}: shape {tensor.shape} does not match the logits' batch {batch}")
+    return tensor
+
+
 def _check_scalar_hparam(value, name: str, *, positive: bool = False) -> None:
     """Raises ValueError if a hyperparameter known at trace time is out of range.
 
@@ -314,12 +326,7 @@ def macer_loss(
     _check_scalar_hparam(gamma, "gamma")
     logits = _as_float_tensor(logits, "logits")
     _check_rank(logits, 3, "logits", "[B, K, C]")
-    labels = tf.convert_to_tensor(labels)
-    if not labels.dtype.is_integer:
-        raise ValueError(f"labels: expected an integer tensor, got dtype {labels.dtype.name}")
-    _check_rank(labels, 1, "labels", "[B]")
-    if not labels.shape.is_compatible_with(logits.shape[:1]):
-        raise ValueError(f"labels: shape {labels.shape} does not match logits' batch {logits.shape[:1]}")
+    labels = _batch_vector(labels, "labels", logits.shape[:1], integer=True)
     dtype = logits.dtype
     labels = tf.cast(labels, tf.int32)
 
@@ -411,19 +418,9 @@ def smoothmix_loss(
     if mixed.dtype != start.dtype or not mixed.shape.is_compatible_with(start.shape):
         raise ValueError(f"mixed_logits: expected tensors {start.shape[1:]} of dtype {start.dtype.name} "
                          f"like start_logits, got {mixed.shape[1:]} of dtype {mixed.dtype.name}")
-    labels = tf.convert_to_tensor(labels)
-    if not labels.dtype.is_integer:
-        raise ValueError(f"labels: expected an integer tensor, got dtype {labels.dtype.name}")
-    _check_rank(labels, 1, "labels", "[B]")
-    if not labels.shape.is_compatible_with(start.shape[1:2]):
-        raise ValueError(f"labels: shape {labels.shape} does not match the logits' batch {start.shape[1:2]}")
+    labels = _batch_vector(labels, "labels", start.shape[1:2], integer=True)
+    weights = _batch_vector(mix_weights, "mix_weights", start.shape[1:2], integer=False)
     dtype = start.dtype
-    weights = tf.convert_to_tensor(mix_weights)
-    if not weights.dtype.is_floating:
-        raise ValueError(f"mix_weights: expected a floating-point tensor, got dtype {weights.dtype.name}")
-    _check_rank(weights, 1, "mix_weights", "[B]")
-    if not weights.shape.is_compatible_with(start.shape[1:2]):
-        raise ValueError(f"mix_weights: shape {weights.shape} does not match the logits' batch {start.shape[1:2]}")
     static = tf.get_static_value(weights)
     if static is not None and not np.all((static >= 0) & (static <= 1)):
         raise ValueError(f"mix_weights: must lie in [0, 1], got values in [{np.min(static)}, {np.max(static)}]")
