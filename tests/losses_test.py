@@ -1,4 +1,4 @@
-"""Tests for tf_consreg.losses against the authors' outputs and closed forms."""
+"""Tests for tf_consreg.losses against the authors' outputs, float64 numpy references and closed forms."""
 
 import json
 import os
@@ -289,6 +289,213 @@ class MacerTest(tf.test.TestCase, parameterized.TestCase):
             losses.macer_loss(self._LOGITS, self._LABELS[:3], **self._HPARAMS)
         with self.assertRaisesRegex(ValueError, "^labels:"):
             losses.macer_loss(self._LOGITS, self._LABELS.astype(np.float32), **self._HPARAMS)
+
+
+def _smoothmix_reference(start_logits, mixed_logits, labels, mix_weights, eta):
+    """SmoothMix's objective per example from its formulas with numpy/scipy (float64).
+
+    Arrays [m, B, C]; returns (cross_entropy, mixup, total, correct), each [B]:
+    CE averaged over the m copies; p_bar the copies' mean softmax; the target
+    (1 - lam) p_bar + lam / C; KL(target || softmax(mixed)) as scipy's
+    rel_entr summed over classes, averaged over copies, kept where
+    argmax p_bar is the label.
+    """
+    _, batch, num_classes = start_logits.shape
+    cross_entropy = -special.log_softmax(start_logits, axis=2)[:, np.arange(batch), labels].mean(axis=0)
+    p_bar = special.softmax(start_logits, axis=2).mean(axis=0)
+    correct = (np.argmax(p_bar, axis=1) == labels).astype(np.float64)
+    lam = mix_weights[:, None]
+    target = (1 - lam) * p_bar + lam / num_classes
+    kl = special.rel_entr(target[None], special.softmax(mixed_logits, axis=2)).sum(axis=2).mean(axis=0)
+    mixup = correct * kl
+    return cross_entropy, mixup, cross_entropy + eta * mixup, correct
+
+
+class _OneHiddenLayer:
+    """f(x) = tanh(x W1 + b1) W2 + b2 with fixed float64 weights, in numpy and in TensorFlow."""
+
+    def __init__(self, rng, dim, hidden, classes):
+        self.weights = [rng.normal(size=(dim, hidden)), 0.1 * rng.normal(size=hidden),
+                        rng.normal(size=(hidden, classes)), 0.1 * rng.normal(size=classes)]
+
+    def numpy(self, x, weights=None):
+        w1, b1, w2, b2 = self.weights if weights is None else weights
+        return np.tanh(x @ w1 + b1) @ w2 + b2
+
+    @staticmethod
+    def tf(x, weights):
+        w1, b1, w2, b2 = weights
+        return tf.tanh(x @ w1 + b1) @ w2 + b2
+
+
+class SmoothMixTest(tf.test.TestCase, parameterized.TestCase):
+    """smoothmix_loss on a one-hidden-layer model against the float64 numpy objective."""
+
+    M, B, DIM, CLASSES = 3, 8, 6, 4
+
+    def setUp(self):
+        super().setUp()
+        rng = np.random.default_rng(7)
+        self.model = _OneHiddenLayer(rng, self.DIM, 5, self.CLASSES)
+        self.images = rng.uniform(size=(self.B, self.DIM))  # the start points s
+        self.ends = rng.uniform(size=(self.B, self.DIM))  # the walk's ends
+        self.noises = rng.normal(scale=0.5, size=(self.M, self.B, self.DIM))
+        self.mix_weights = rng.uniform(0, 0.5, size=self.B)  # the authors' U[0, 1/2)
+        p_bar = special.softmax(self._start_logits(self.model.weights), axis=2).mean(axis=0)
+        top2 = np.sort(p_bar, axis=1)[:, -2:]
+        # The mask must not flip under the finite differences' perturbations (~1e-5).
+        self.assertGreater((top2[:, 1] - top2[:, 0]).min(), 1e-3)
+        predicted = np.argmax(p_bar, axis=1)
+        # Half the examples predicted right (in the mixup's mask), half wrong.
+        self.labels = np.where(np.arange(self.B) % 2 == 0, predicted, (predicted + 1) % self.CLASSES)
+        self.eta = 5.0
+
+    def _mixed(self):
+        lam = self.mix_weights[:, None]
+        return (1 - lam) * self.images + lam * self.ends
+
+    def _start_logits(self, weights):
+        return np.stack([self.model.numpy(self.images + n, weights) for n in self.noises])
+
+    def _mixed_logits(self, weights):
+        return np.stack([self.model.numpy(self._mixed() + n, weights) for n in self.noises])
+
+    def _reference_total(self, weights):
+        return _smoothmix_reference(self._start_logits(weights), self._mixed_logits(weights), self.labels,
+                                    self.mix_weights, self.eta)[2].mean()
+
+    def _ours(self, weights, reduction="mean"):
+        start = [self.model.tf(tf.constant(self.images + n), weights) for n in self.noises]
+        mixed = [self.model.tf(tf.constant(self._mixed() + n), weights) for n in self.noises]
+        return losses.smoothmix_loss(start, mixed, self.labels, self.mix_weights, eta=self.eta,
+                                     reduction=reduction)
+
+    @parameterized.parameters("mean", "none")
+    def test_matches_numpy_objective(self, reduction):
+        expected = _smoothmix_reference(self._start_logits(self.model.weights),
+                                        self._mixed_logits(self.model.weights), self.labels,
+                                        self.mix_weights, self.eta)
+        got = self._ours([tf.constant(w) for w in self.model.weights], reduction)
+        # Both sides compute the same float64 quantities in other orders (rel_entr
+        # vs xlogy, log_softmax vs sparse cross-entropy): a few ulps of terms of size
+        # <= |log q| ~ 5 over C = 4 classes and m = 3 copies, <= 1e-14; eta = 5 scales
+        # the mixup's error in the total. 1e-12 leaves a 10x margin and would catch
+        # any float32 step (1e-7).
+        for key, value in zip(("cross_entropy", "mixup", "total", "correct"), expected):
+            self.assertEqual(got[key].dtype, tf.float64)
+            self.assertAllClose(got[key], value.mean() if reduction == "mean" else value, rtol=0, atol=1e-12)
+        in_mask = (np.arange(self.B) % 2 == 0).astype(np.float64)
+        self.assertAllEqual(got["correct"], in_mask if reduction == "none" else in_mask.mean())
+
+    def test_weight_gradient_matches_finite_differences(self):
+        weights = [tf.Variable(w) for w in self.model.weights]
+        with tf.GradientTape() as tape:
+            total = self._ours(weights)["total"]
+        grads = tape.gradient(total, weights)
+        h = 1e-5
+        for index, (value, grad) in enumerate(zip(self.model.weights, grads)):
+            numeric = np.zeros_like(value)
+            for position in np.ndindex(value.shape):
+                shifted = [w.copy() for w in self.model.weights]
+                shifted[index][position] += h
+                up = self._reference_total(shifted)
+                shifted[index][position] -= 2 * h
+                numeric[position] = (up - self._reference_total(shifted)) / (2 * h)
+            # Central differences: rounding ~ 10 ulps of the objective (~3) / h
+            # = 10 * 2.2e-16 * 3 / 1e-5 ~ 7e-10, truncation h^2 |J'''| / 6 ~ 2e-10 for
+            # |J'''| <= 10; 1e-8 leaves a 10x margin. A gradient that stopped at the
+            # target (the authors' is not detached) is off by up to 0.2 here.
+            self.assertAllClose(grad, numeric, rtol=0, atol=1e-8)
+
+    def test_target_passes_gradient_to_the_start_logits(self):
+        start = [tf.constant(z) for z in self._start_logits(self.model.weights)]
+        mixed = [tf.constant(z) for z in self._mixed_logits(self.model.weights)]
+        with tf.GradientTape() as tape:
+            tape.watch(start)
+            mixup = losses.smoothmix_loss(start, mixed, self.labels, self.mix_weights, eta=1.0,
+                                          reduction="none")["mixup"]
+            total = tf.reduce_sum(mixup)
+        grad = np.stack(tape.gradient(total, start))  # [m, B, C]
+        per_example = np.linalg.norm(grad, axis=(0, 2))
+        in_mask = np.arange(self.B) % 2 == 0
+        self.assertAllGreater(per_example[in_mask], 1e-3)
+        self.assertAllEqual(per_example[~in_mask], np.zeros((~in_mask).sum()))
+
+    def test_identical_copies_without_mixing_give_zero_mixup(self):
+        logits = [tf.constant(self._start_logits(self.model.weights)[0])]
+        out = losses.smoothmix_loss(logits, logits, self.labels, np.zeros(self.B), eta=3.0, reduction="none")
+        # lam = 0 and one copy: target = softmax(z) = q, so KL = 0 up to rounding.
+        self.assertAllClose(out["mixup"], np.zeros(self.B), rtol=0, atol=1e-15)
+        self.assertAllClose(out["total"], out["cross_entropy"], rtol=0, atol=1e-15)
+
+    def test_full_mixing_towards_uniform_predictions_gives_zero_mixup(self):
+        start = list(self._start_logits(self.model.weights))
+        uniform = [np.zeros((self.B, self.CLASSES))] * self.M
+        out = losses.smoothmix_loss(start, uniform, self.labels, np.ones(self.B), eta=1.0, reduction="none")
+        self.assertAllClose(out["mixup"], np.zeros(self.B), rtol=0, atol=1e-15)
+
+    def test_masked_examples_count_in_the_mean(self):
+        start = list(self._start_logits(self.model.weights))
+        mixed = list(self._mixed_logits(self.model.weights))
+        per_example = losses.smoothmix_loss(start, mixed, self.labels, self.mix_weights, eta=2.0,
+                                            reduction="none")
+        mean = losses.smoothmix_loss(start, mixed, self.labels, self.mix_weights, eta=2.0)
+        for key in ("cross_entropy", "mixup", "total", "correct"):
+            self.assertAllClose(mean[key], np.mean(per_example[key]), rtol=1e-15, atol=0)
+        # Only the correctly predicted half gets the mixup term; the mean divides by all B.
+        self.assertAllEqual(np.asarray(per_example["mixup"])[1::2], np.zeros(self.B // 2))
+        self.assertAllGreater(np.asarray(per_example["mixup"])[0::2], 0.0)
+
+    def test_half_precision_is_computed_in_float32(self):
+        start = [tf.constant(z, tf.float16) for z in self._start_logits(self.model.weights)]
+        mixed = [tf.constant(z, tf.float16) for z in self._mixed_logits(self.model.weights)]
+        out = losses.smoothmix_loss(start, mixed, self.labels, self.mix_weights.astype(np.float16), eta=1.0)
+        self.assertEqual(out["total"].dtype, tf.float32)
+        expected = _smoothmix_reference(self._start_logits(self.model.weights),
+                                        self._mixed_logits(self.model.weights), self.labels,
+                                        self.mix_weights, 1.0)[2].mean()
+        # float16 rounding of logits (~5e-4 relative on values ~3) and weights: ~1e-2.
+        self.assertAllClose(out["total"], expected, rtol=0, atol=2e-2)
+
+    def test_traces_once_with_tensor_eta_and_unknown_batch(self):
+        spec = tf.TensorSpec([None, self.CLASSES], tf.float64)
+
+        @tf.function(input_signature=[[spec] * self.M, [spec] * self.M, tf.TensorSpec([None], tf.int64),
+                                      tf.TensorSpec([None], tf.float64), tf.TensorSpec([], tf.float64)])
+        def fn(start, mixed, labels, weights, eta):
+            return losses.smoothmix_loss(start, mixed, labels, weights, eta=eta)["total"]
+
+        start = list(self._start_logits(self.model.weights))
+        mixed = list(self._mixed_logits(self.model.weights))
+        for eta in (0.0, 1.0, 5.0):
+            expected = _smoothmix_reference(np.stack(start), np.stack(mixed), self.labels, self.mix_weights,
+                                            eta)[2].mean()
+            self.assertAllClose(fn(start, mixed, self.labels, self.mix_weights, eta), expected, rtol=0,
+                                atol=1e-12)
+        self.assertEqual(fn.experimental_get_tracing_count(), 1)
+
+    @parameterized.named_parameters(
+        ("negative_eta", dict(eta=-1.0), "^eta:"),
+        ("reduction", dict(reduction="sum"), "^reduction:"),
+        ("empty_start", dict(start_logits=[]), "^start_logits:"),
+        ("stacked_mixed", dict(mixed_logits=tf.zeros((2, 3, 4))), "^mixed_logits:"),
+        ("m_mismatch", dict(mixed_logits=[np.zeros((3, 4))] * 3), "^mixed_logits:.*m=2"),
+        ("class_mismatch", dict(mixed_logits=[np.zeros((3, 5))] * 2), "^mixed_logits:"),
+        ("dtype_mismatch", dict(mixed_logits=[np.zeros((3, 4), np.float32)] * 2), "^mixed_logits:"),
+        ("start_rank", dict(start_logits=[np.zeros((3, 4, 1))] * 2), r"^start_logits\[0\]:"),
+        ("float_labels", dict(labels=np.zeros(3)), "^labels:"),
+        ("label_batch", dict(labels=np.zeros(4, np.int64)), "^labels:"),
+        ("weights_batch", dict(mix_weights=np.zeros(4)), "^mix_weights:"),
+        ("integer_weights", dict(mix_weights=np.zeros(3, np.int32)), "^mix_weights:"),
+        ("weights_above_one", dict(mix_weights=np.array([0.1, 1.5, 0.2])), r"^mix_weights: must lie in \[0, 1\]"),
+        ("negative_weights", dict(mix_weights=np.array([-0.1, 0.5, 0.2])), r"^mix_weights: must lie in \[0, 1\]"),
+    )
+    def test_bad_arguments_raise(self, override, pattern):
+        kwargs = dict(start_logits=[np.zeros((3, 4))] * 2, mixed_logits=[np.ones((3, 4))] * 2,
+                      labels=np.zeros(3, np.int64), mix_weights=np.full(3, 0.25), eta=1.0)
+        kwargs.update(override)
+        with self.assertRaisesRegex(ValueError, pattern):
+            losses.smoothmix_loss(**kwargs)
 
 
 class BadArgumentsTest(tf.test.TestCase, parameterized.TestCase):

@@ -42,6 +42,9 @@ _LAZY = {
     "sample_counts": "tf_consreg.smoothing",
     "search": "tf_consreg.tuning",
     "smoothadv_pgd": "tf_consreg.attacks",
+    "smoothmix_inputs": "tf_consreg.attacks",
+    "smoothmix_loss": "tf_consreg.losses",
+    "smoothmix_pgd": "tf_consreg.attacks",
     "stability_loss": "tf_consreg.losses",
     "train": "tf_consreg.training",
 }

@@ -1,10 +1,11 @@
-"""Regularizers for training smoothed classifiers: consistency, stability, MACER.
+"""Objectives for training smoothed classifiers: consistency, stability, MACER, SmoothMix.
 
 Plain functions, tensors in and tensors out, so the Keras `train_step` and the
 tests share one implementation. Each follows the semantics of the paper
 authors' PyTorch code (Jeong & Shin, 2020, `code/consistency.py`,
-`code/train_stab.py`, `code/third_party/macer.py`), including its clamps, so
-that numbers are comparable with theirs.
+`code/train_stab.py`, `code/third_party/macer.py`; Jeong et al., 2021,
+SmoothMix's `code/train.py`), including its clamps, so that numbers are
+comparable with theirs.
 
 Every function takes `reduction`: "mean" averages over the examples it is
 given (the authors' convention), "none" returns one value per example, for
@@ -46,6 +47,18 @@ def _as_float_tensor(value, name: str) -> tf.Tensor:
 def _check_rank(tensor: tf.Tensor, rank: int, name: str, layout: str) -> None:
     if tensor.shape.rank is not None and tensor.shape.rank != rank:
         raise ValueError(f"{name}: expected rank {rank} {layout}, got shape {tensor.shape}")
+
+
+def _batch_vector(value, name: str, batch: tf.TensorShape, *, integer: bool) -> tf.Tensor:
+    """`value` as a [B] tensor of integer (labels) or floating dtype, B compatible with `batch`."""
+    tensor = tf.convert_to_tensor(value)
+    if not (tensor.dtype.is_integer if integer else tensor.dtype.is_floating):
+        kind = "an integer" if integer else "a floating-point"
+        raise ValueError(f"{name}: expected {kind} tensor, got dtype {tensor.dtype.name}")
+    _check_rank(tensor, 1, name, "[B]")
+    if not tensor.shape.is_compatible_with(batch):
+        raise ValueError(f"{name}: shape {tensor.shape} does not match the logits' batch {batch}")
+    return tensor
 
 
 def _check_scalar_hparam(value, name: str, *, positive: bool = False) -> None:
@@ -90,26 +103,26 @@ def _reduce(per_example: tf.Tensor, reduction: str) -> tf.Tensor:
     return tf.reduce_mean(per_example) if reduction == "mean" else per_example
 
 
-def _stack_logits(logits: Sequence[tf.Tensor]) -> tf.Tensor:
-    """Validates m logit batches of one shape [B, C] and stacks them to [m, B, C]."""
+def _stack_logits(logits: Sequence[tf.Tensor], name: str = "logits") -> tf.Tensor:
+    """Validates m logit batches of one shape [B, C] and stacks them to [m, B, C]; errors name `name`."""
     if not isinstance(logits, (list, tuple)):
         raise ValueError(
-            "logits: expected a list or tuple of m tensors [B, C], got "
+            f"{name}: expected a list or tuple of m tensors [B, C], got "
             f"{type(logits).__name__}; split a stacked tensor with tf.unstack")
     if len(logits) < 1:
-        raise ValueError("logits: need at least one logit batch (m >= 1), got an empty sequence")
-    tensors = [_as_float_tensor(z, f"logits[{i}]") for i, z in enumerate(logits)]
+        raise ValueError(f"{name}: need at least one logit batch (m >= 1), got an empty sequence")
+    tensors = [_as_float_tensor(z, f"{name}[{i}]") for i, z in enumerate(logits)]
     first = tensors[0]
-    _check_rank(first, 2, "logits[0]", "[B, C]")
+    _check_rank(first, 2, f"{name}[0]", "[B, C]")
     for i, tensor in enumerate(tensors[1:], start=1):
         if tensor.dtype != first.dtype:
             raise ValueError(
-                f"logits: all m tensors must share one dtype; logits[0] is {first.dtype.name}, "
-                f"logits[{i}] is {tensor.dtype.name}")
+                f"{name}: all m tensors must share one dtype; {name}[0] is {first.dtype.name}, "
+                f"{name}[{i}] is {tensor.dtype.name}")
         if not tensor.shape.is_compatible_with(first.shape):
             raise ValueError(
-                f"logits: all m tensors must share one shape [B, C]; logits[0] has shape "
-                f"{first.shape}, logits[{i}] has shape {tensor.shape}")
+                f"{name}: all m tensors must share one shape [B, C]; {name}[0] has shape "
+                f"{first.shape}, {name}[{i}] has shape {tensor.shape}")
     return tf.stack(tensors, axis=0)
 
 
@@ -313,12 +326,7 @@ def macer_loss(
     _check_scalar_hparam(gamma, "gamma")
     logits = _as_float_tensor(logits, "logits")
     _check_rank(logits, 3, "logits", "[B, K, C]")
-    labels = tf.convert_to_tensor(labels)
-    if not labels.dtype.is_integer:
-        raise ValueError(f"labels: expected an integer tensor, got dtype {labels.dtype.name}")
-    _check_rank(labels, 1, "labels", "[B]")
-    if not labels.shape.is_compatible_with(logits.shape[:1]):
-        raise ValueError(f"labels: shape {labels.shape} does not match logits' batch {logits.shape[:1]}")
+    labels = _batch_vector(labels, "labels", logits.shape[:1], integer=True)
     dtype = logits.dtype
     labels = tf.cast(labels, tf.int32)
 
@@ -346,4 +354,93 @@ def macer_loss(
         "classification": _reduce(classification, reduction),
         "robustness": _reduce(robustness, reduction),
         "total": _reduce(total, reduction),
+    }
+
+
+def smoothmix_loss(
+    start_logits: Sequence[tf.Tensor],
+    mixed_logits: Sequence[tf.Tensor],
+    labels: tf.Tensor,
+    mix_weights: tf.Tensor,
+    *,
+    eta: float | tf.Tensor,
+    reduction: str = "mean",
+) -> dict[str, tf.Tensor]:
+    """SmoothMix objective (Jeong et al., 2021) as in the authors' `code/train.py`.
+
+    For m noisy copies of B start points (logits z_i = f(s + n_i)) and of
+    their mixes with the attack's end points (logits w_i = f(x_mix + n_i),
+    the same noises; see `attacks.smoothmix_pgd` and
+    `attacks.smoothmix_inputs`), per example:
+      - cross_entropy: mean_i CE(z_i, y);
+      - p_bar = mean_i softmax(z_i); correct = [argmax p_bar == y] (ties go
+        to the lowest class);
+      - target t = (1 - lam) * p_bar + lam / C, lam = the example's mixing
+        weight (the authors draw it uniformly in [0, 1/2));
+      - mixup: correct * mean_i KL(t || softmax(w_i)), with 0 log 0 = 0;
+      - total: cross_entropy + eta * mixup.
+    The target is not detached: as in the authors' code (`F.kl_div`
+    differentiates its target), the mixup term also sends gradient into the
+    start logits through p_bar; `correct` gets none. With reduction "mean"
+    each term is averaged over the B examples, which equals the authors'
+    mean over the m * B copies (every example has m); examples outside the
+    mask count in the mixup's denominator with 0, as theirs.
+
+    Args:
+        start_logits: list or tuple of m >= 1 tensors [B, C], the logits of
+            the start points' noisy copies.
+        mixed_logits: list or tuple of m tensors [B, C] of the mixed points'
+            copies, with the same noises in the same order.
+        labels: [B] integer labels.
+        mix_weights: [B] mixing weights lam in [0, 1].
+        eta: weight of the mixup term, >= 0 (the authors' eta times their
+            warm-up factor min(1, (epoch + 1) / warmup)).
+        reduction: "mean" (scalars) or "none" ([B] each).
+
+    Returns:
+        Dict with "cross_entropy", "mixup", "total" and "correct" (the
+        fraction, or per-example 0/1, of examples in the mixup's mask), in
+        the logits' dtype (float32 for half-precision logits).
+
+    Raises:
+        ValueError: naming the argument, for mismatched or non-[B, C] logits,
+            m differing between the two lists, non-integer or mis-shaped
+            labels, mis-shaped weights or weights known to leave [0, 1], a
+            negative `eta`, or a bad `reduction`.
+    """
+    _check_reduction(reduction)
+    _check_scalar_hparam(eta, "eta")
+    start = _stack_logits(start_logits, "start_logits")  # [m, B, C]
+    mixed = _stack_logits(mixed_logits, "mixed_logits")
+    if len(start_logits) != len(mixed_logits):
+        raise ValueError(f"mixed_logits: expected m={len(start_logits)} tensors like start_logits, "
+                         f"got {len(mixed_logits)}")
+    if mixed.dtype != start.dtype or not mixed.shape.is_compatible_with(start.shape):
+        raise ValueError(f"mixed_logits: expected tensors {start.shape[1:]} of dtype {start.dtype.name} "
+                         f"like start_logits, got {mixed.shape[1:]} of dtype {mixed.dtype.name}")
+    labels = _batch_vector(labels, "labels", start.shape[1:2], integer=True)
+    weights = _batch_vector(mix_weights, "mix_weights", start.shape[1:2], integer=False)
+    dtype = start.dtype
+    static = tf.get_static_value(weights)
+    if static is not None and not np.all((static >= 0) & (static <= 1)):
+        raise ValueError(f"mix_weights: must lie in [0, 1], got values in [{np.min(static)}, {np.max(static)}]")
+    weights = tf.cast(weights, dtype)[:, None]
+    labels = tf.cast(labels, tf.int32)
+
+    cross_entropy = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
+        labels=tf.broadcast_to(labels[None], tf.shape(start)[:2]), logits=start), axis=0)
+    avg = tf.reduce_mean(tf.nn.softmax(start, axis=-1), axis=0)  # [B, C]
+    correct = tf.cast(tf.equal(tf.argmax(avg, axis=-1, output_type=tf.int32), labels), dtype)
+    num_classes = tf.cast(tf.shape(avg)[-1], dtype)
+    target = (1 - weights) * avg + weights / num_classes
+    # xlogy gives 0 (and zero gradients) where the target underflows to 0.
+    kl_each = tf.reduce_sum(tf.math.xlogy(target, target)[None] - target[None] * tf.nn.log_softmax(mixed, axis=-1),
+                            axis=-1)  # [m, B]
+    mixup = correct * tf.reduce_mean(kl_each, axis=0)
+    total = cross_entropy + _cast_hparam(eta, dtype) * mixup
+    return {
+        "cross_entropy": _reduce(cross_entropy, reduction),
+        "mixup": _reduce(mixup, reduction),
+        "total": _reduce(total, reduction),
+        "correct": _reduce(correct, reduction),
     }
