@@ -28,7 +28,7 @@ own), then summarized as one run:
 from absl import flags
 
 from tf_consreg import cli  # Sets TensorFlow's environment before TensorFlow loads.
-from tf_consreg import smoothing
+from tf_consreg import certify_run
 
 _MODEL_DIR = flags.DEFINE_string("model_dir", None, "A bin/train.py run directory: its base_model.keras is "
                                  "certified, and its train_config.json gives --dataset, --sigma, --data_dir.")
@@ -44,7 +44,7 @@ _SIGMA = flags.DEFINE_float("sigma", None, "Noise level of the smoothed classifi
 _N0 = flags.DEFINE_integer("n0", 100, "Selection samples per example (guess the top class).")
 _N = flags.DEFINE_integer("n", 100000, "Estimation samples per example (bound the top class's probability).")
 _ALPHA = flags.DEFINE_float("alpha", 0.001, "Failure probability of each certificate.")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", smoothing.DEFAULT_BATCH_SIZE,
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", certify_run.DEFAULT_BATCH_SIZE,
                                    "Noisy copies per forward pass. Part of the run's settings: it fixes how the "
                                    "noise is drawn, so a resumed run must use the same value.")
 _SKIP = flags.DEFINE_integer("skip", 1, "Certify every skip-th example (idx = 0, skip, 2 skip, ...).")
@@ -60,9 +60,9 @@ _STRATEGY = flags.DEFINE_string("strategy", "default", "default: one device. mir
                                 "than default, so the strategy and device count are part of the run's settings.")
 
 
-def make_config() -> smoothing.CertifyConfig:
+def make_config() -> certify_run.CertifyConfig:
     """Builds the validated config from the flags."""
-    return smoothing.CertifyConfig(
+    return certify_run.CertifyConfig(
         output=_OUTPUT.value, model_dir=_MODEL_DIR.value, model=_MODEL.value, dataset=_DATASET.value,
         data_dir=_DATA_DIR.value, split=_SPLIT.value, sigma=_SIGMA.value, n0=_N0.value, n=_N.value,
         alpha=_ALPHA.value, batch_size=_BATCH_SIZE.value, skip=_SKIP.value, max=_MAX.value, seed=_SEED.value,
@@ -72,7 +72,7 @@ def make_config() -> smoothing.CertifyConfig:
 def main(argv):
     del argv
     config = make_config()
-    written = smoothing.certify_dataset(config)
+    written = certify_run.certify_dataset(config)
     print(f"certified {written} examples into {config.output}")
 
 
