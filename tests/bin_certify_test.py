@@ -9,12 +9,27 @@ import os
 import shutil
 import tempfile
 
+from absl.testing import absltest
 from absl.testing import parameterized
 import pytest
 import tensorflow as tf
 
+import binaries  # tests/binaries.py
 from certify_run_test import HEADER, TINY, error_lines, make_model_dir, read_rows, run_binary
 from tf_consreg import certify_run
+
+# Every flag of bin/certify.py and its default, as users rely on them.
+FLAG_DEFAULTS = {
+    "model_dir": None, "model": None, "dataset": None, "data_dir": None, "split": "test", "sigma": None, "n0": 100,
+    "n": 100000, "alpha": 0.001, "batch_size": 1000, "skip": 1, "max": -1, "output": None, "seed": 0,
+    "num_shards": 1, "shard_index": 0, "strategy": "default",
+}
+
+
+class FlagsTest(absltest.TestCase):
+
+    def test_flags_and_defaults(self):
+        self.assertEqual(binaries.flag_defaults("certify"), FLAG_DEFAULTS)
 
 
 @pytest.mark.slow  # Each case starts a fresh interpreter that imports TensorFlow.

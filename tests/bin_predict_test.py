@@ -9,10 +9,19 @@ import os
 import shutil
 import tempfile
 
+from absl.testing import absltest
 import pytest
 import tensorflow as tf
 
+import binaries  # tests/binaries.py
+from bin_certify_test import FLAG_DEFAULTS
 from certify_run_test import PREDICT_HEADER, error_lines, make_model_dir, read_rows, run_binary
+
+
+class FlagsTest(absltest.TestCase):
+
+    def test_the_flags_of_certify_but_n0(self):
+        self.assertEqual(binaries.flag_defaults("predict"), {k: v for k, v in FLAG_DEFAULTS.items() if k != "n0"})
 
 
 @pytest.mark.slow  # Fresh interpreters importing TensorFlow.
