@@ -6,8 +6,6 @@ twice in one process. The run it calls is tested in certify_run_test.py.
 """
 
 import os
-import shutil
-import tempfile
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -15,7 +13,7 @@ import pytest
 import tensorflow as tf
 
 import binaries  # tests/binaries.py
-from certify_run_test import HEADER, TINY, error_lines, make_model_dir, read_rows, run_binary
+from certify_run_test import HEADER, TINY, RunFixture, error_lines, make_model_dir, read_rows, run_binary
 from tf_consreg import certify_run
 
 # Every flag of bin/certify.py and its default, as users rely on them.
@@ -33,18 +31,12 @@ class FlagsTest(absltest.TestCase):
 
 
 @pytest.mark.slow  # Each case starts a fresh interpreter that imports TensorFlow.
-class CertifyBinaryTest(parameterized.TestCase):
+class CertifyBinaryTest(RunFixture, parameterized.TestCase):
 
     @classmethod
     def setUpClass(cls):
         super().setUpClass()
-        cls.dir = tempfile.mkdtemp()
         cls.model_dir = make_model_dir(cls.dir)
-
-    @classmethod
-    def tearDownClass(cls):
-        shutil.rmtree(cls.dir, ignore_errors=True)
-        super().tearDownClass()
 
     def test_end_to_end(self):
         output = os.path.join(self.dir, "e2e", "certify.tsv")

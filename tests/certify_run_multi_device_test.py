@@ -6,39 +6,23 @@ sharded, and refused when resumed with another strategy.
 """
 
 import json
-import os
-import shutil
-import tempfile
 
 import tensorflow as tf
 
-from certify_run_test import make_nearest_mean_model, read_rows, without_time
+from certify_run_test import RunFixture, make_nearest_mean_model, read_rows, without_time
 from tf_consreg import certify_log
 from tf_consreg import certify_run
 from tf_consreg.errors import ConfigError
 
 
-class MirroredCertifyDatasetTest(tf.test.TestCase):
+class MirroredCertifyDatasetTest(RunFixture, tf.test.TestCase):
 
     @classmethod
     def setUpClass(cls):
         super().setUpClass()
-        cls.dir = tempfile.mkdtemp()
         cls.model = make_nearest_mean_model(cls.dir)
-
-    @classmethod
-    def tearDownClass(cls):
-        shutil.rmtree(cls.dir, ignore_errors=True)
-        super().tearDownClass()
-
-    def _config(self, output, **overrides):
-        args = dict(output=output, model=self.model, dataset="fashion_mnist", sigma=0.25, n0=10, n=101,
-                    batch_size=200, alpha=0.001, max=6, strategy="mirrored")
-        args.update(overrides)
-        return certify_run.CertifyConfig(**args)
-
-    def _output(self):
-        return os.path.join(tempfile.mkdtemp(dir=self.dir), "certify.tsv")
+        cls.config = dict(model=cls.model, dataset="fashion_mnist", sigma=0.25, n0=10, n=101, batch_size=200,
+                          alpha=0.001, max=6, strategy="mirrored")
 
     def test_settings_reproducible_rows_and_resume(self):
         output = self._output()

@@ -93,14 +93,19 @@ def run_binary(name, *args):
                           check=False)
 
 
-class CertifyDatasetTest(tf.test.TestCase, parameterized.TestCase):
+class RunFixture:
+    """A test class's own directory (`cls.dir`) and runs configured by `cls.config` (set in setUpClass).
+
+    A mixin, not a TestCase, so that test modules importing it do not
+    collect it. List it before the TestCase base.
+    """
+
+    config: dict = {}
 
     @classmethod
     def setUpClass(cls):
         super().setUpClass()
         cls.dir = tempfile.mkdtemp()
-        cls.model_dir = make_model_dir(cls.dir)
-        _, cls.labels = data.load_arrays("fashion_mnist", "test", limit=20)
 
     @classmethod
     def tearDownClass(cls):
@@ -108,12 +113,20 @@ class CertifyDatasetTest(tf.test.TestCase, parameterized.TestCase):
         super().tearDownClass()
 
     def _config(self, output, **overrides):
-        args = dict(output=output, model_dir=self.model_dir, **TINY)
-        args.update(overrides)
-        return certify_run.CertifyConfig(**args)
+        return certify_run.CertifyConfig(**{"output": output, **self.config, **overrides})
 
     def _output(self, name="certify.tsv"):
         return os.path.join(tempfile.mkdtemp(dir=self.dir), name)
+
+
+class CertifyDatasetTest(RunFixture, tf.test.TestCase, parameterized.TestCase):
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.model_dir = make_model_dir(cls.dir)
+        cls.config = dict(model_dir=cls.model_dir, **TINY)
+        _, cls.labels = data.load_arrays("fashion_mnist", "test", limit=20)
 
     def test_rows_in_the_authors_format(self):
         output = self._output()
@@ -285,33 +298,21 @@ class CertifyDatasetTest(tf.test.TestCase, parameterized.TestCase):
         self.assertFalse(os.path.exists(output))
 
 
-class ShardedCertifyTest(tf.test.TestCase, parameterized.TestCase):
+class ShardedCertifyTest(RunFixture, tf.test.TestCase, parameterized.TestCase):
     """K = 3 shards over the first 30 test images against one unsharded run."""
-
-    SHARDED = dict(n0=10, n=100, batch_size=200, alpha=0.001, sigma=0.25, dataset="fashion_mnist", max=30)
 
     @classmethod
     def setUpClass(cls):
         super().setUpClass()
-        cls.dir = tempfile.mkdtemp()
         cls.model = make_nearest_mean_model(cls.dir)
+        cls.config = dict(model=cls.model, n0=10, n=100, batch_size=200, alpha=0.001, sigma=0.25,
+                          dataset="fashion_mnist", max=30)
         cls.whole = os.path.join(cls.dir, "whole", "certify.tsv")
-        certify_run.certify_dataset(certify_run.CertifyConfig(output=cls.whole, model=cls.model, **cls.SHARDED),
-                                    verbose=0)
+        certify_run.certify_dataset(certify_run.CertifyConfig(output=cls.whole, **cls.config), verbose=0)
         cls.whole_rows = without_time(read_rows(cls.whole)[1])
 
-    @classmethod
-    def tearDownClass(cls):
-        shutil.rmtree(cls.dir, ignore_errors=True)
-        super().tearDownClass()
-
-    def _config(self, output, **overrides):
-        args = dict(output=output, model=self.model, **self.SHARDED)
-        args.update(overrides)
-        return certify_run.CertifyConfig(**args)
-
     def _shard_path(self, index):
-        return os.path.join(tempfile.mkdtemp(dir=self.dir), f"certify.shard{index}.tsv")
+        return self._output(f"certify.shard{index}.tsv")
 
     def test_shards_give_the_rows_of_one_run_and_analyze_as_one(self):
         # Not vacuous: the model certifies nonzero radii and makes mistakes.
@@ -431,27 +432,17 @@ class ShardedCertifyTest(tf.test.TestCase, parameterized.TestCase):
             self._config(self._shard_path(0), **overrides)
 
 
-class PredictDatasetTest(tf.test.TestCase):
+class PredictDatasetTest(RunFixture, tf.test.TestCase):
 
     @classmethod
     def setUpClass(cls):
         super().setUpClass()
-        cls.dir = tempfile.mkdtemp()
         cls.model_dir = make_model_dir(cls.dir)
+        cls.config = dict(model_dir=cls.model_dir, mode="predict", **PREDICT_TINY)
         _, cls.labels = data.load_arrays("fashion_mnist", "test", limit=10)
 
-    @classmethod
-    def tearDownClass(cls):
-        shutil.rmtree(cls.dir, ignore_errors=True)
-        super().tearDownClass()
-
-    def _config(self, output, **overrides):
-        args = dict(output=output, model_dir=self.model_dir, mode="predict", **PREDICT_TINY)
-        args.update(overrides)
-        return certify_run.CertifyConfig(**args)
-
-    def _output(self):
-        return os.path.join(tempfile.mkdtemp(dir=self.dir), "predict.tsv")
+    def _output(self, name="predict.tsv"):
+        return super()._output(name)
 
     def test_rows_in_the_authors_format(self):
         output = self._output()
