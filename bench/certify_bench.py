@@ -2,7 +2,7 @@ r"""Certification throughput: noise samples per second through bin/certify.py's 
 
 Certifies the first --examples Fashion-MNIST test images with LeNet exactly as
 `bin/certify.py --model=... --max=<examples>` does with its defaults (n0 = 100,
-n = 100,000, the default --batch_size), via `smoothing.certify_dataset`, and
+n = 100,000, the default --batch_size), via `certify_run.certify_dataset`, and
 reads the time of each row from the TSV it writes. The first row, which pays
 for tracing, is reported apart from the steady state. The same run measures
 the machine's float32 matmul rate (tf.linalg.matmul of 2048 x 2048 matrices)
@@ -31,9 +31,9 @@ from absl import flags
 import tf_consreg  # pylint: disable=unused-import  Sets TensorFlow's environment (oneDNN) first.
 import tensorflow as tf
 
+from tf_consreg import certify_run
 from tf_consreg import data
 from tf_consreg import models
-from tf_consreg import smoothing
 
 from measure import OtherLoad
 from measure import row_seconds
@@ -43,7 +43,7 @@ LENET_FLOPS_PER_SAMPLE = 4.58e6
 _EXAMPLES = flags.DEFINE_integer("examples", 4, "Test images to certify (the first one also traces).")
 _N = flags.DEFINE_integer("n", 100000, "Estimation samples per image (bin/certify.py's default).")
 _N0 = flags.DEFINE_integer("n0", 100, "Selection samples per image (bin/certify.py's default).")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", smoothing.DEFAULT_BATCH_SIZE,
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", certify_run.DEFAULT_BATCH_SIZE,
                                    "Noisy copies per forward pass (bin/certify.py's default).")
 _MODEL_DIR = flags.DEFINE_string("model_dir", None, "A trained run to certify (default: an untrained LeNet; "
                                  "the speed does not depend on the weights).")
@@ -74,11 +74,11 @@ def certify_rows(directory: str):
         model = os.path.join(directory, "lenet.keras")
         models.get_architecture("lenet", "fashion_mnist").save(model)
         source = dict(model=model, dataset="fashion_mnist", sigma=0.25)
-    config = smoothing.CertifyConfig(output=os.path.join(directory, "certify.tsv"), max=_EXAMPLES.value,
-                                     n0=_N0.value, n=_N.value, batch_size=_BATCH_SIZE.value, **source)
+    config = certify_run.CertifyConfig(output=os.path.join(directory, "certify.tsv"), max=_EXAMPLES.value,
+                                       n0=_N0.value, n=_N.value, batch_size=_BATCH_SIZE.value, **source)
     data.load_arrays(config.dataset, config.split)  # Warm the file cache; not part of certification.
     with OtherLoad() as load:
-        smoothing.certify_dataset(config, verbose=0)
+        certify_run.certify_dataset(config, verbose=0)
     return row_seconds(config.output), load.cores
 
 

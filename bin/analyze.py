@@ -7,7 +7,7 @@ each radius (correct with radius >= r), as a Markdown table or JSON.
 
 Example:
 
-  python bin/analyze.py ../shared/reference-certify/mnist_*.tsv \
+  python bin/analyze.py tests/testdata/reference_certify/mnist_*.tsv \
       --radii=0,0.5,1,1.5,2 --plot=mnist.png
 
   python bin/analyze.py runs/fmnist/certify.tsv --format=json
@@ -25,35 +25,27 @@ reported with a warning on stderr and marked incomplete).
 
 import sys
 
-from absl import flags
-
 from tf_consreg import analysis
 from tf_consreg import cli
-from tf_consreg.errors import ConfigError
 
-_TSV = flags.DEFINE_list("tsv", None, "Certification TSV files, comma-separated, besides those given as "
-                         "arguments; glob patterns (quoted) are expanded, e.g. --tsv='runs/*/certify.tsv'.")
-_RADII = flags.DEFINE_list("radii", [f"{r:g}" for r in analysis.DEFAULT_RADII],
-                           "Radii of the certified-accuracy columns, comma-separated.")
-_FORMAT = flags.DEFINE_string("format", "markdown", "Output format: markdown or json.")
-_PLOT = flags.DEFINE_string("plot", None, "Also draw certified accuracy against radius for all files into "
-                            "this PNG.")
-_LABELS = flags.DEFINE_list("labels", None, "Names of the runs in the table and the plot legend, one per file "
-                            "(the shards of a sharded run count as one).")
-_ALLOW_INCOMPLETE = flags.DEFINE_bool("allow_incomplete", False, "Report sharded runs with missing or unfinished "
-                                      "shards (marked incomplete, with a warning) instead of refusing them.")
+_FLAGS = cli.define_flags(analysis.AnalyzeConfig, {
+    "tsv": "Certification TSV files, comma-separated, besides those given as arguments; glob patterns (quoted) "
+           "are expanded, e.g. --tsv='runs/*/certify.tsv'.",
+    "radii": "Radii of the certified-accuracy columns, comma-separated.",
+    "format": "Output format: markdown or json.",
+    "plot": "Also draw certified accuracy against radius for all files into this PNG.",
+    "labels": "Names of the runs in the table and the plot legend, one per file (the shards of a sharded run "
+              "count as one).",
+    "allow_incomplete": "Report sharded runs with missing or unfinished shards (marked incomplete, with a "
+                        "warning) instead of refusing them.",
+})
 
 
 def make_config(files=()) -> analysis.AnalyzeConfig:
-    """Builds the validated config from the flags."""
-    radii = []
-    for text in _RADII.value:
-        try:
-            radii.append(float(text))
-        except ValueError as e:
-            raise ConfigError(f"--radii: {text!r} is not a number") from e
-    return analysis.AnalyzeConfig(tsv=tuple(files) + tuple(_TSV.value or ()), radii=radii, format=_FORMAT.value,
-                                  plot=_PLOT.value, labels=_LABELS.value, allow_incomplete=_ALLOW_INCOMPLETE.value)
+    """Builds the validated config from the flags; `files` (the arguments) come before --tsv's."""
+    values = cli.flag_values(analysis.AnalyzeConfig, _FLAGS)
+    values["tsv"] = tuple(files) + (values["tsv"] or ())
+    return analysis.AnalyzeConfig(**values)
 
 
 def _warn(message: str) -> None:

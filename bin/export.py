@@ -19,40 +19,28 @@ Example:
       --export_dir=serving/smoothed --version=3
 """
 
-from absl import flags
-
-from tf_consreg import cli  # Sets TensorFlow's environment before TensorFlow loads.
+from tf_consreg import cli
 from tf_consreg import export
 from tf_consreg import stats
 
-_MODEL_DIR = flags.DEFINE_string("model_dir", None, "Training run directory (base_model.keras and "
-                                 "train_config.json, from bin/train.py).")
-_MODEL = flags.DEFINE_string("model", None, "A .keras base model file, instead of --model_dir (needs --sigma).")
-_EXPORT_DIR = flags.DEFINE_string("export_dir", None, "TF Serving's base path for the model: the version is "
-                                  "written to <export_dir>/<version>/.")
-_SIGMA = flags.DEFINE_float("sigma", None, "Noise standard deviation in [0, 1] pixel units (default: the "
-                            "training run's).")
-_N0 = flags.DEFINE_integer("n0", 100, "CERTIFY's selection samples per image.")
-_N = flags.DEFINE_integer("n", 10000, "CERTIFY's estimation samples per image (and PREDICT's samples).")
-_ALPHA = flags.DEFINE_float("alpha", 0.001, "Failure probability of each certificate.")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 1000, "Most noisy copies per forward pass in the server.")
-_VERSION = flags.DEFINE_integer("version", None, "TF Serving version number (default: the current Unix time).")
-_CHECK_IMAGES = flags.DEFINE_integer("check_images", 0, "After exporting, load the version back from disk and "
-                                     "certify this many test images of the run's dataset through serving_default, "
-                                     "printing class and radius (needs --model_dir).")
-
-
-def make_config() -> export.VersionExportConfig:
-    """Builds the validated config from the flags."""
-    return export.VersionExportConfig(
-        export_dir=_EXPORT_DIR.value, model_dir=_MODEL_DIR.value, model=_MODEL.value, sigma=_SIGMA.value,
-        n0=_N0.value, n=_N.value, alpha=_ALPHA.value, batch_size=_BATCH_SIZE.value, version=_VERSION.value,
-        check_images=_CHECK_IMAGES.value)
+_FLAGS = cli.define_flags(export.VersionExportConfig, {
+    "model_dir": "Training run directory (base_model.keras and train_config.json, from bin/train.py).",
+    "model": "A .keras base model file, instead of --model_dir (needs --sigma).",
+    "export_dir": "TF Serving's base path for the model: the version is written to <export_dir>/<version>/.",
+    "sigma": "Noise standard deviation in [0, 1] pixel units (default: the training run's).",
+    "n0": "CERTIFY's selection samples per image.",
+    "n": "CERTIFY's estimation samples per image (and PREDICT's samples).",
+    "alpha": "Failure probability of each certificate.",
+    "batch_size": "Most noisy copies per forward pass in the server.",
+    "version": "TF Serving version number (default: the current Unix time).",
+    "check_images": "After exporting, load the version back from disk and certify this many test images of the "
+                    "run's dataset through serving_default, printing class and radius (needs --model_dir).",
+})
 
 
 def main(argv):
     del argv
-    config = make_config()
+    config = cli.config_from_flags(export.VersionExportConfig, _FLAGS)
     exported = export.export_version(config)
     print(f"Exported the smoothed classifier (sigma={config.sigma}, n0={config.n0}, n={config.n}, "
           f"alpha={config.alpha}) to {exported.path}")

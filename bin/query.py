@@ -19,7 +19,8 @@ import time
 
 from absl import flags
 
-from tf_consreg import cli  # Sets TensorFlow's environment before TensorFlow loads.
+from tf_consreg import cli
+from tf_consreg import serving_client
 from tf_consreg.errors import ConfigError
 
 _EXPORT_DIR = flags.DEFINE_string("export_dir", None, "A SavedModel, or a TF Serving base path holding "
@@ -66,7 +67,9 @@ def main(argv):
     rest = _host_port(_REST.value, "rest") if _REST.value else None
     grpc_target = ":".join(map(str, _host_port(_GRPC.value, "grpc"))) if _GRPC.value else None
 
+    # TensorFlow (which data.py loads) only after the flags are checked: a bad flag fails at once.
     from tf_consreg import data  # pylint: disable=import-outside-toplevel
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
 
     images, labels = data.load_arrays(_DATASET.value, _SPLIT.value, data_dir=_DATA_DIR.value)
     bad = [i for i in indices if not 0 <= i < len(images)]
@@ -76,16 +79,12 @@ def main(argv):
 
     start = time.perf_counter()
     if local_dir:
-        import tensorflow as tf  # pylint: disable=import-outside-toplevel
-
         loaded = tf.saved_model.load(local_dir)
         signature = "serving_default" if _SIGNATURE.value == "certify" else "predict"
         outputs = {k: v.numpy() for k, v in loaded.signatures[signature](images=tf.constant(batch)).items()}
         classes, radii, p_lower = outputs["class"], outputs.get("radius"), outputs.get("p_lower")
         where = local_dir
     else:
-        from tf_consreg import serving_client  # pylint: disable=import-outside-toplevel
-
         if rest:
             client = serving_client.RestClient(*rest, _MODEL_NAME.value)
         else:

@@ -1,14 +1,19 @@
-"""Tests for tf_consreg.analysis: the authors' published ACRs, a hand-computed log, errors, plots."""
+"""Tests for tf_consreg.analysis: the authors' published ACRs, a hand-computed log, sharded runs, plots.
 
+The logs are written with certify_log_test.py's fixtures.
+"""
+
+import json
 import os
 import shutil
-import tempfile
 
 from absl.testing import absltest
 from absl.testing import parameterized
 import numpy as np
 
+from certify_log_test import HAND_TSV, hand_rows, tempdir, write, write_shard
 from tf_consreg import analysis
+from tf_consreg import certify_log
 from tf_consreg.errors import ConfigError
 
 # The authors' published certification logs (see testdata/SOURCE.md).
@@ -45,41 +50,12 @@ _SMOOTHMIX_TABLE = {
         (0.736, (63.5, 57.2, 50.5, 43.4, 36.7, 30.6, 24.7, 19.1, 0, 0, 0)),
 }
 
-HEADER = "idx\tlabel\tpredict\tradius\tcorrect\ttime\n"
-
-# Five rows. Correct: rows 0, 1, 4 (radii 0.5, 1.2, 0.25); row 2 abstains;
-# row 3 is wrong with radius 0.9, which must not count.
-#   n = 5, clean accuracy = 3/5 = 0.6
-#   ACR = (0.5 + 1.2 + 0.25) / 5 = 1.95 / 5 = 0.39
-#   certified accuracy (correct and radius >= r):
-#     r = 0: 3/5; r = 0.25: rows 0, 1, 4 -> 3/5 (>= keeps row 4);
-#     r = 0.5: rows 0, 1 -> 2/5; r = 1: row 1 -> 1/5; r = 1.25: none -> 0.
-HAND_TSV = HEADER + (
-    "0\t3\t3\t0.5\t1\t0:00:01.000000\n"
-    "1\t2\t2\t1.2\t1\t0:00:01.000000\n"
-    "2\t1\t-1\t0.0\t0\t0:00:01.000000\n"
-    "3\t0\t7\t0.9\t0\t0:00:01.000000\n"
-    "4\t5\t5\t0.25\t1\t0:00:01.000000\n")
-
-
-def _tempdir(test):
-    directory = tempfile.mkdtemp()
-    test.addCleanup(shutil.rmtree, directory, ignore_errors=True)
-    return directory
-
-
-def _write(directory, name, text):
-    path = os.path.join(directory, name)
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
-    return path
-
 
 class ReferenceLogsTest(parameterized.TestCase):
 
     @parameterized.named_parameters(*[(name.replace(".", "_"), name, acr) for name, acr in _REFERENCE_ACR.items()])
     def test_reproduces_authors_acr(self, name, expected_acr):
-        summary = analysis.summarize(analysis.read_certify_tsv(os.path.join(REFERENCE_DIR, name)))
+        summary = analysis.summarize(certify_log.read_certify_tsv(os.path.join(REFERENCE_DIR, name)))
         self.assertEqual(summary.n, 10000)
         self.assertEqual(round(summary.acr, 4), expected_acr)
         # Certified accuracy at radius 0 is the clean accuracy (radius >= 0 always).
@@ -92,7 +68,7 @@ class SmoothMixLogsTest(parameterized.TestCase):
     @parameterized.named_parameters(
         *[(name.replace(".", "_"), name, acr, accuracies) for name, (acr, accuracies) in _SMOOTHMIX_TABLE.items()])
     def test_gives_the_tables_numbers(self, name, acr, accuracies):
-        summary = analysis.summarize(analysis.read_certify_tsv(os.path.join(REFERENCE_DIR, name)))
+        summary = analysis.summarize(certify_log.read_certify_tsv(os.path.join(REFERENCE_DIR, name)))
         self.assertEqual(summary.n, 10000)
         # A table entry is its value rounded to the printed digit, so it is off by at
         # most half a unit of that digit: 0.0005 for the ACR, 0.05 points for the
@@ -109,35 +85,35 @@ class HandLogTest(absltest.TestCase):
 
     def setUp(self):
         super().setUp()
-        self.path = _write(_tempdir(self), "hand.tsv", HAND_TSV)
+        self.path = write(tempdir(self), "hand.tsv", HAND_TSV)
 
     def test_summary(self):
-        summary = analysis.summarize(analysis.read_certify_tsv(self.path), radii=(0, 0.25, 0.5, 1.0, 1.25))
+        summary = analysis.summarize(certify_log.read_certify_tsv(self.path), radii=(0, 0.25, 0.5, 1.0, 1.25))
         self.assertEqual(summary.n, 5)
         self.assertAlmostEqual(summary.clean_accuracy, 0.6)
         self.assertAlmostEqual(summary.acr, 0.39)
         np.testing.assert_allclose(list(summary.certified_accuracy.values()), [0.6, 0.6, 0.4, 0.2, 0.0])
 
     def test_default_radii_are_the_papers(self):
-        summary = analysis.summarize(analysis.read_certify_tsv(self.path))
+        summary = analysis.summarize(certify_log.read_certify_tsv(self.path))
         self.assertEqual(list(summary.certified_accuracy), [0.25 * i for i in range(11)])
 
     def test_json_keys(self):
-        summary = analysis.summarize(analysis.read_certify_tsv(self.path), radii=(0, 0.25, 1))
+        summary = analysis.summarize(certify_log.read_certify_tsv(self.path), radii=(0, 0.25, 1))
         self.assertEqual(summary.to_json_dict(), {
             "file": self.path, "n": 5, "clean_accuracy": 0.6, "acr": summary.acr,
             "certified_accuracy": {"0.0": 0.6, "0.25": 0.6, "1.0": 0.2}})
 
     def test_markdown_table(self):
-        summary = analysis.summarize(analysis.read_certify_tsv(self.path), radii=(0, 0.5))
+        summary = analysis.summarize(certify_log.read_certify_tsv(self.path), radii=(0, 0.5))
         self.assertEqual(analysis.markdown_table([summary], ["hand"]),
                          "| file | n | clean acc. | ACR | r=0 | r=0.5 |\n"
                          "|---|---:|---:|---:|---:|---:|\n"
                          "| hand | 5 | 0.600 | 0.3900 | 0.600 | 0.400 |\n")
 
     def test_plot_is_a_png(self):
-        out = os.path.join(_tempdir(self), "curves.png")
-        log = analysis.read_certify_tsv(self.path)
+        out = os.path.join(tempdir(self), "curves.png")
+        log = certify_log.read_certify_tsv(self.path)
         analysis.plot_certified_accuracy([log, log], out, labels=["a", "b"])
         with open(out, "rb") as f:
             self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
@@ -145,45 +121,15 @@ class HandLogTest(absltest.TestCase):
         self.assertEqual(image.imread(out).ndim, 3)
 
 
-class BadLogTest(parameterized.TestCase):
-
-    @parameterized.named_parameters(
-        ("empty", "", ":1: empty"),
-        ("other_header", "a\tb\n1\t2\n", ":1: header"),
-        ("predict_log", "idx\tlabel\tpredict\tcorrect\ttime\n0\t1\t1\t1\t0:00:01\n", ":1: .*predict.py"),
-        ("no_rows", HEADER, ": no rows"),
-        ("few_fields", HEADER + "0\t1\t1\t0.5\t1\t0:00:01\n1\t1\t1\n", ":3: expected 6"),
-        ("torn_last_line", HEADER + "0\t1\t1\t0.5\t1\t0:00:01\n1\t1\t1\t0.", ":3: expected 6"),
-        ("not_a_number", HEADER + "0\t1\t1\tabc\t1\t0:00:01\n", ":2: malformed"),
-        ("negative_radius", HEADER + "0\t1\t1\t-0.5\t1\t0:00:01\n", ":2: radius"),
-        ("nan_radius", HEADER + "0\t1\t1\tnan\t1\t0:00:01\n", ":2: radius"),
-        ("inconsistent", HEADER + "0\t1\t2\t0.5\t1\t0:00:01\n", ":2: correct=1 contradicts"),
-    )
-    def test_names_file_and_line(self, text, message):
-        path = _write(_tempdir(self), "bad.tsv", text)
-        with self.assertRaisesRegex(ConfigError, "bad.tsv" + message):
-            analysis.read_certify_tsv(path)
-
-    def test_unreadable(self):
-        directory = _tempdir(self)
-        with self.assertRaisesRegex(ConfigError, "missing.tsv: cannot read"):
-            analysis.read_certify_tsv(os.path.join(directory, "missing.tsv"))
-        path = os.path.join(directory, "binary.tsv")
-        with open(path, "wb") as f:
-            f.write(b"\xff\xfe\x00garbage")
-        with self.assertRaisesRegex(ConfigError, "binary.tsv: cannot read"):
-            analysis.read_certify_tsv(path)
-
-
 class AnalyzeConfigTest(parameterized.TestCase):
 
     def setUp(self):
         super().setUp()
-        self.dir = _tempdir(self)
-        self.path = _write(self.dir, "hand.tsv", HAND_TSV)
+        self.dir = tempdir(self)
+        self.path = write(self.dir, "hand.tsv", HAND_TSV)
 
     def test_glob_expansion_sorted(self):
-        other = _write(self.dir, "another.tsv", HAND_TSV)
+        other = write(self.dir, "another.tsv", HAND_TSV)
         config = analysis.AnalyzeConfig(tsv=[os.path.join(self.dir, "*.tsv")])
         self.assertEqual(config.tsv, (other, self.path))
 
@@ -204,31 +150,9 @@ class AnalyzeConfigTest(parameterized.TestCase):
             analysis.AnalyzeConfig(**args)
 
     def test_analyze_json_in_order(self):
-        import json  # pylint: disable=import-outside-toplevel
-        first = _write(self.dir, "z.tsv", HAND_TSV)
+        first = write(self.dir, "z.tsv", HAND_TSV)
         report = json.loads(analysis.analyze(analysis.AnalyzeConfig(tsv=[first, self.path], format="json")))
         self.assertEqual([r["file"] for r in report], [first, self.path])
-
-
-# The settings bin/certify.py writes beside a shard (smoothing.CertifyConfig.settings).
-_SHARD_SETTINGS = {"mode": "certify", "model": "/runs/a/base_model.keras", "dataset": "fashion_mnist",
-                   "split": "test", "sigma": 0.25, "n0": 100, "n": 1000, "alpha": 0.001, "seed": 0, "skip": 1,
-                   "batch_size": 1000, "strategy": "default", "replicas": 1}
-
-
-def _hand_rows():
-    return HAND_TSV.split("\n")[1:-1]
-
-
-def _write_shard(directory, name, shard_index, num_shards=3, rows=None, **settings):
-    """A shard of HAND_TSV's run: its rows j = shard_index, shard_index + K, ... and a settings file."""
-    rows = _hand_rows()[shard_index::num_shards] if rows is None else rows
-    path = _write(directory, name, HEADER + "".join(row + "\n" for row in rows))
-    values = dict(_SHARD_SETTINGS, num_shards=num_shards, shard_index=shard_index)
-    values.update(settings)
-    import json  # pylint: disable=import-outside-toplevel
-    _write(directory, name + analysis.SETTINGS_SUFFIX, json.dumps(values))
-    return path
 
 
 class ShardedRunTest(parameterized.TestCase):
@@ -236,12 +160,11 @@ class ShardedRunTest(parameterized.TestCase):
 
     def setUp(self):
         super().setUp()
-        self.dir = _tempdir(self)
-        self.shards = [_write_shard(self.dir, f"certify.shard{i}.tsv", i) for i in range(3)]
-        self.whole = _write(self.dir, "whole.tsv", HAND_TSV)  # No settings file: as the authors' logs.
+        self.dir = tempdir(self)
+        self.shards = [write_shard(self.dir, f"certify.shard{i}.tsv", i) for i in range(3)]
+        self.whole = write(self.dir, "whole.tsv", HAND_TSV)  # No settings file: as the authors' logs.
 
     def _report(self, files, **kwargs):
-        import json  # pylint: disable=import-outside-toplevel
         warnings = []
         text = analysis.analyze(analysis.AnalyzeConfig(tsv=files, format="json", **kwargs), warn=warnings.append)
         return json.loads(text), warnings
@@ -265,13 +188,6 @@ class ShardedRunTest(parameterized.TestCase):
         self.assertEqual({k: v for k, v in merged.items() if k not in ("file", "files", "complete")},
                          {k: v for k, v in whole.items() if k != "file"})
 
-    def test_merged_log_in_index_order(self):
-        run, = analysis.group_runs(self.shards)
-        log, complete = analysis.read_run(run)
-        self.assertTrue(complete)
-        np.testing.assert_array_equal(log.idx, [0, 1, 2, 3, 4])
-        np.testing.assert_array_equal(log.predict, [3, 2, -1, 7, 5])
-
     def test_markdown_and_labels_count_runs(self):
         table = analysis.analyze(analysis.AnalyzeConfig(tsv=self.shards + [self.whole], labels=["sharded", "whole"],
                                                         radii=(0, 0.5)))
@@ -281,22 +197,20 @@ class ShardedRunTest(parameterized.TestCase):
             analysis.AnalyzeConfig(tsv=self.shards + [self.whole], labels=["a", "b", "c", "d"])
 
     def test_two_sharded_runs_of_other_settings_are_two_rows(self):
-        other = [_write_shard(self.dir, f"sigma050.shard{i}.tsv", i, sigma=0.5) for i in range(3)]
+        other = [write_shard(self.dir, f"sigma050.shard{i}.tsv", i, sigma=0.5) for i in range(3)]
         report, _ = self._report(self.shards + other)
         self.assertEqual([r["files"] for r in report], [self.shards, other])
 
-    def test_unsharded_and_older_settings_files_are_single_runs(self):
-        single = _write_shard(self.dir, "single.tsv", 0, num_shards=1, rows=_hand_rows())
-        older = _write(self.dir, "older.tsv", HAND_TSV)
-        _write(self.dir, "older.tsv" + analysis.SETTINGS_SUFFIX, '{"mode": "certify", "n": 1000}')
-        report, _ = self._report([single, older, single])
-        self.assertEqual([r["file"] for r in report], [single, older, single])
+    def test_unsharded_runs_are_single_runs(self):
+        single = write_shard(self.dir, "single.tsv", 0, num_shards=1, rows=hand_rows())
+        report, _ = self._report([single, self.whole, single])
+        self.assertEqual([r["file"] for r in report], [single, self.whole, single])
         self.assertTrue(all("files" not in r for r in report))
 
     def test_overlapping_shards_are_refused(self):
         copy = os.path.join(self.dir, "copy_of_shard1.tsv")
         shutil.copy(self.shards[1], copy)
-        shutil.copy(self.shards[1] + analysis.SETTINGS_SUFFIX, copy + analysis.SETTINGS_SUFFIX)
+        shutil.copy(self.shards[1] + certify_log.SETTINGS_SUFFIX, copy + certify_log.SETTINGS_SUFFIX)
         with self.assertRaisesRegex(ConfigError, f"^{self.shards[1]} and {copy} are both shard 1 of 3 of one run: "
                                     "they overlap, the same examples twice; give each shard once$"):
             analysis.AnalyzeConfig(tsv=self.shards + [copy])
@@ -308,27 +222,26 @@ class ShardedRunTest(parameterized.TestCase):
         ("n", dict(n=100), "n: 1000 vs 100"),
         ("n0", dict(n0=10), "n0: 100 vs 10"),
         ("alpha", dict(alpha=0.01), "alpha"),
-        ("model", dict(model="/runs/b/base_model.keras"), "model: '/runs/a/base_model.keras' vs '/runs/b/"),
         ("seed", dict(seed=1), "seed"),
         ("batch_size", dict(batch_size=500), "batch_size"),
         ("strategy", dict(strategy="mirrored", replicas=2), "replicas: 1 vs 2, strategy: 'default' vs 'mirrored'"),
     )
     def test_shards_of_other_settings_are_refused(self, settings, difference):
-        odd = _write_shard(self.dir, "odd.shard2.tsv", 2, **settings)
+        odd = write_shard(self.dir, "odd.shard2.tsv", 2, **settings)
         with self.assertRaisesRegex(ConfigError, f"^{self.shards[0]} \\(shard 0 of 3\\) and {odd} \\(shard 2 of 3\\) "
                                     f"come from runs with different settings \\({difference}"):
             analysis.AnalyzeConfig(tsv=self.shards[:2] + [odd])
 
     def test_shards_with_one_model_digest_at_other_paths_are_one_run(self):
         digest = "ab" * 32
-        shards = [_write_shard(self.dir, f"moved.shard{i}.tsv", i, model=f"/host{i}/base_model.keras",
-                               model_sha256=digest) for i in range(3)]
+        shards = [write_shard(self.dir, f"moved.shard{i}.tsv", i, model=f"/host{i}/base_model.keras",
+                              model_sha256=digest) for i in range(3)]
         report, _ = self._report(shards)
         self.assertLen(report, 1)
         self.assertEqual(report[0]["n"], 5)
 
     def test_shards_of_other_model_digests_at_one_path_are_refused(self):
-        shards = [_write_shard(self.dir, f"retrained.shard{i}.tsv", i, model_sha256=("ab" if i else "cd") * 32)
+        shards = [write_shard(self.dir, f"retrained.shard{i}.tsv", i, model_sha256=("ab" if i else "cd") * 32)
                   for i in range(3)]
         with self.assertRaisesRegex(ConfigError, "different settings \\(model_sha256: 'cdcd"):
             analysis.AnalyzeConfig(tsv=shards)
@@ -349,7 +262,7 @@ class ShardedRunTest(parameterized.TestCase):
 
     def test_unfinished_shard_is_refused_unless_allowed(self):
         # Shard 0 was cut after its first row (example 0) while shard 1 reached example 4.
-        _write_shard(self.dir, "certify.shard0.tsv", 0, rows=_hand_rows()[:1])
+        write_shard(self.dir, "certify.shard0.tsv", 0, rows=hand_rows()[:1])
         with self.assertRaisesRegex(ConfigError, f"incomplete sharded run: {self.shards[0]} is unfinished \\(1 of its "
                                     "2 rows up to example 4, where other shards are\\);"):
             self._report(self.shards)
@@ -359,42 +272,23 @@ class ShardedRunTest(parameterized.TestCase):
 
     def test_all_shards_stopped_together_is_complete(self):
         # Examples 0-3 only (as with --max=4): shard 0 {0, 3}, shard 1 {1}, shard 2 {2}.
-        _write_shard(self.dir, "certify.shard1.tsv", 1, rows=_hand_rows()[1:2])
+        write_shard(self.dir, "certify.shard1.tsv", 1, rows=hand_rows()[1:2])
         report, warnings = self._report(self.shards)
         self.assertEqual((report[0]["n"], report[0]["complete"], warnings), (4, True, []))
 
     def test_row_of_another_shard_is_refused(self):
-        rows = _hand_rows()
-        path = _write_shard(self.dir, "certify.shard1.tsv", 1, rows=[rows[1], rows[2]])
+        rows = hand_rows()
+        path = write_shard(self.dir, "certify.shard1.tsv", 1, rows=[rows[1], rows[2]])
         with self.assertRaisesRegex(ConfigError, f"{path}:3: example 2 where shard 1 of 3 \\(skip 1\\) has example 4"):
             self._report(self.shards)
 
     def test_skip(self):
-        rows = [row.split("\t", 1)[1] for row in _hand_rows()]
-        shards = [_write_shard(self.dir, f"skip.shard{i}.tsv", i, num_shards=2, skip=10,
-                               rows=[f"{10 * j}\t{rows[j]}" for j in range(i, 5, 2)]) for i in range(2)]
+        rows = [row.split("\t", 1)[1] for row in hand_rows()]
+        shards = [write_shard(self.dir, f"skip.shard{i}.tsv", i, num_shards=2, skip=10,
+                              rows=[f"{10 * j}\t{rows[j]}" for j in range(i, 5, 2)]) for i in range(2)]
         report, _ = self._report(shards)
         self.assertEqual(report[0]["n"], 5)
         self.assertAlmostEqual(report[0]["acr"], 0.39)
-
-    @parameterized.named_parameters(
-        ("not_json", "{", "unreadable settings file"),
-        ("not_an_object", "[1]", "not a JSON object"),
-        ("index_out_of_range", '{"num_shards": 3, "shard_index": 3}', "are not a shard of a run"),
-    )
-    def test_bad_settings_file(self, text, message):
-        _write(self.dir, "certify.shard0.tsv" + analysis.SETTINGS_SUFFIX, text)
-        with self.assertRaisesRegex(ConfigError, "certify.shard0.tsv.json: .*" + message):
-            analysis.AnalyzeConfig(tsv=self.shards)
-
-    @parameterized.parameters(
-        (["a/c.shard0.tsv", "a/c.shard1.tsv"], "a/c.shard{0,1}.tsv"),
-        (["s1.tsv", "s10.tsv", "s11.tsv"], "s{1,10,11}.tsv"),
-        (["x/a.tsv", "y/a.tsv"], "{x,y}/a.tsv"),
-    )
-    def test_run_name(self, files, name):
-        self.assertEqual(analysis.Run(files=tuple(files), num_shards=len(files),
-                                      shard_indices=tuple(range(len(files)))).name, name)
 
 
 if __name__ == "__main__":

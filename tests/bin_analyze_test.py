@@ -116,6 +116,11 @@ class AnalyzeBinaryTest(absltest.TestCase):
         with self.assertRaisesRegex(ConfigError, "--radii"):
             self._main(tsv=[self.tsv], radii=["zero"])
 
+    def test_flags_and_defaults(self):
+        expected = {"tsv": None, "radii": ["0", "0.25", "0.5", "0.75", "1", "1.25", "1.5", "1.75", "2", "2.25", "2.5"],
+                    "format": "markdown", "plot": None, "labels": None, "allow_incomplete": False}
+        self.assertEqual({name: flags.FLAGS[name].default for name in expected}, expected)
+
     @pytest.mark.slow  # Two fresh interpreters importing TensorFlow.
     def test_errors_are_one_line(self):
         bad = os.path.join(self.dir, "bad.tsv")

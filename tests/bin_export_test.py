@@ -13,11 +13,13 @@ import sys
 import tempfile
 import time
 
+from absl.testing import absltest
 from absl.testing import parameterized
 import numpy as np
 import pytest
 import tensorflow as tf
 
+import binaries  # tests/binaries.py
 from export_test import make_model_dir  # tests/ is on sys.path under pytest
 from tf_consreg import export
 
@@ -32,6 +34,14 @@ def _run_bin(*args, timeout=300):
 
 def _error_lines(result):
     return [line for line in result.stderr.splitlines() if line.startswith("export.py: error:")]
+
+
+class FlagsTest(absltest.TestCase):
+
+    def test_flags_and_defaults(self):
+        self.assertEqual(binaries.flag_defaults("export"), {
+            "model_dir": None, "model": None, "export_dir": None, "sigma": None, "n0": 100, "n": 10000,
+            "alpha": 0.001, "batch_size": 1000, "version": None, "check_images": 0})
 
 
 class ExportBinaryTest(parameterized.TestCase):

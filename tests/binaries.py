@@ -33,3 +33,12 @@ def unload(module: types.ModuleType) -> None:
     """Removes the flags `load` registered for `module`."""
     for name in module.defined_flags:
         delattr(flags.FLAGS, name)
+
+
+def flag_defaults(name: str) -> dict:
+    """The flags bin/<name>.py defines, with their defaults (loaded and unloaded again)."""
+    module = load(name)
+    try:
+        return {flag: flags.FLAGS[flag].default for flag in module.defined_flags}
+    finally:
+        unload(module)

@@ -19,6 +19,7 @@ from tf_consreg import data
 from tf_consreg import export
 from tf_consreg import models
 from tf_consreg import signatures
+from tf_consreg import stats
 from tf_consreg.errors import ConfigError
 
 _PYTHON_FUNCTION_OPS = {"PyFunc", "PyFuncStateless", "EagerPyFunc"}
@@ -343,7 +344,7 @@ class LenetExportTest(tf.test.TestCase):
         self.assertEqual(out["p_lower"].dtype, np.float32)
         for value in out.values():
             self.assertEqual(value.shape, (3,))
-        abstain = out["class"] == export.ABSTAIN
+        abstain = out["class"] == stats.ABSTAIN
         np.testing.assert_array_equal(abstain, out["p_lower"] < 0.5)
         np.testing.assert_array_equal(out["radius"][abstain], 0.0)
         np.testing.assert_allclose(out["radius"][~abstain], 0.25 * scipy_stats.norm.ppf(out["p_lower"][~abstain]),
@@ -422,16 +423,16 @@ class LenetExportTest(tf.test.TestCase):
         from tensorflow_serving.apis import prediction_log_pb2  # pylint: disable=import-outside-toplevel
 
         path = os.path.join(self.export_dir, export.ASSETS_EXTRA, export.WARMUP_FILE)
-        signatures = []
+        names = []
         for record in tf.data.TFRecordDataset(path):
             log = prediction_log_pb2.PredictionLog.FromString(record.numpy())
             request = log.predict_log.request
-            signatures.append(request.model_spec.signature_name)
+            names.append(request.model_spec.signature_name)
             images = tf.make_ndarray(request.inputs["images"])
             self.assertEqual(images.shape, (1, 28, 28, 1))
             out = self.loaded.signatures[request.model_spec.signature_name](images=tf.constant(images))
             self.assertEqual(out["class"].shape, (1,))
-        self.assertEqual(signatures, [signatures.SERVING_SIGNATURE, signatures.PREDICT_SIGNATURE])
+        self.assertEqual(names, [signatures.SERVING_SIGNATURE, signatures.PREDICT_SIGNATURE])
 
     def test_bad_requests_fail_with_clear_messages(self):
         good = np.full((1, 28, 28, 1), 0.5, np.float32)
@@ -475,7 +476,7 @@ class LinearClosedFormTest(tf.test.TestCase):
             out = _signature_outputs(loaded, images_at_margins(w, b, margins, rng))
         true_class = np.where(margins > 0, 0, 1)
         true_radius = np.abs(margins)
-        certified = out["class"] != export.ABSTAIN
+        certified = out["class"] != stats.ABSTAIN
         # A certificate fails when it names the wrong class or claims too large a radius;
         # CERTIFY guarantees P(failure) <= alpha per image.
         failures = certified & ((out["class"] != true_class) | (out["radius"] > true_radius + 1e-5))

@@ -34,10 +34,16 @@ class PublicApiTest(parameterized.TestCase):
 class ImportHygieneTest(parameterized.TestCase):
     """A laptop analyzes logs, and a client queries TF Serving, without TensorFlow."""
 
-    @parameterized.parameters("tf_consreg", "tf_consreg.analysis", "tf_consreg.stats", "tf_consreg.files",
-                              "tf_consreg.signatures", "tf_consreg.serving_client", "tf_consreg.errors")
+    @parameterized.parameters("tf_consreg", "tf_consreg.analysis", "tf_consreg.certify_log", "tf_consreg.stats",
+                              "tf_consreg.files", "tf_consreg.signatures", "tf_consreg.serving_client",
+                              "tf_consreg.errors")
     def test_loads_neither_tensorflow_nor_keras(self, module):
         loaded = _modules_loaded_by(f"import {module}")
+        self.assertNotIn("tensorflow", loaded)
+        self.assertNotIn("keras", loaded)
+
+    def test_the_public_analysis_entry_points_load_neither(self):
+        loaded = _modules_loaded_by("from tf_consreg import AnalyzeConfig, analyze, read_certify_tsv, summarize")
         self.assertNotIn("tensorflow", loaded)
         self.assertNotIn("keras", loaded)
 

@@ -5,22 +5,14 @@ is known in closed form; expected values come from formulas, not from the
 code under test.
 """
 
-import json
-import os
-import shutil
-import tempfile
-
 from absl.testing import parameterized
-import keras
 import numpy as np
 from scipy import stats as scipy_stats
 import tensorflow as tf
 
-from bin_certify_test import make_nearest_mean_model, read_rows, without_time
 from smoothing_test import _SHAPE, _DIM, _argmax_pixel_model, _linear_model, _true_margin
 from tf_consreg import distribute
 from tf_consreg import smoothing
-from tf_consreg.errors import ConfigError
 
 
 def _mirrored():
@@ -135,52 +127,6 @@ class MirroredSmoothTest(tf.test.TestCase):
         # One trace for every batch size, sample count and mode, as on one device.
         smooth.predict_batch(images[:3], 30, 0.01, 16, seed=3)
         self.assertEqual(smooth._counts_fn.experimental_get_tracing_count(), 1)  # pylint: disable=protected-access
-
-
-class MirroredCertifyDatasetTest(tf.test.TestCase):
-
-    @classmethod
-    def setUpClass(cls):
-        super().setUpClass()
-        cls.dir = tempfile.mkdtemp()
-        cls.model = make_nearest_mean_model(cls.dir)
-
-    @classmethod
-    def tearDownClass(cls):
-        shutil.rmtree(cls.dir, ignore_errors=True)
-        super().tearDownClass()
-
-    def _config(self, output, **overrides):
-        args = dict(output=output, model=self.model, dataset="fashion_mnist", sigma=0.25, n0=10, n=101,
-                    batch_size=200, alpha=0.001, max=6, strategy="mirrored")
-        args.update(overrides)
-        return smoothing.CertifyConfig(**args)
-
-    def _output(self):
-        return os.path.join(tempfile.mkdtemp(dir=self.dir), "certify.tsv")
-
-    def test_settings_reproducible_rows_and_resume(self):
-        output = self._output()
-        self.assertEqual(smoothing.certify_dataset(self._config(output, max=3), verbose=0), 3)
-        with open(output + smoothing.SETTINGS_SUFFIX, encoding="utf-8") as f:
-            settings = json.load(f)
-        self.assertEqual((settings["strategy"], settings["replicas"]), ("mirrored", 2))
-        self.assertEqual(smoothing.certify_dataset(self._config(output), verbose=0), 3)
-        rows = without_time(read_rows(output)[1])
-        self.assertEqual([r[0] for r in rows], ["0", "1", "2", "3", "4", "5"])
-        self.assertGreater(max(float(r[3]) for r in rows), 0.2)  # Certifies, not only abstains.
-
-        again = self._output()
-        smoothing.certify_dataset(self._config(again), verbose=0)
-        self.assertEqual(without_time(read_rows(again)[1]), rows)
-        # Shards of a mirrored run are its rows too.
-        shard = self._output()
-        smoothing.certify_dataset(self._config(shard, num_shards=2, shard_index=1), verbose=0)
-        self.assertEqual(without_time(read_rows(shard)[1]), rows[1::2])
-
-        with self.assertRaisesRegex(ConfigError, "replicas: 2 there, 1 now; strategy: 'mirrored' there, "
-                                    "'default' now"):
-            smoothing.certify_dataset(self._config(output, max=8, strategy="default"), verbose=0)
 
 
 if __name__ == "__main__":

@@ -22,23 +22,31 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 __version__ = "0.1.0"
 
 # Public API, loaded lazily (PEP 562): importing the package loads neither
-# TensorFlow nor Keras, so `tf_consreg.analysis` and `tf_consreg.stats` run
-# without them. `base_model.keras` holds the project's custom layers: load it
+# TensorFlow nor Keras, so `tf_consreg.analysis`, `tf_consreg.certify_log`
+# and `tf_consreg.stats` (and `tf_consreg.analyze`, `read_certify_tsv`, ...)
+# run without them. `base_model.keras` holds the project's custom layers: load it
 # with `load_base_model`, or import `tf_consreg.models` (which registers them)
 # before `keras.models.load_model`.
 _LAZY = {
+    "AnalyzeConfig": "tf_consreg.analysis",
     "CertifyCallback": "tf_consreg.callbacks",
+    "CertifyConfig": "tf_consreg.certify_run",
     "ConsistencyModel": "tf_consreg.training",
     "Smooth": "tf_consreg.smoothing",
     "TrainConfig": "tf_consreg.config",
     "TuneConfig": "tf_consreg.tuning",
+    "VersionExportConfig": "tf_consreg.export",
+    "analyze": "tf_consreg.analysis",
+    "certify_dataset": "tf_consreg.certify_run",
     "consistency_loss": "tf_consreg.losses",
     "export_smoothed": "tf_consreg.export",
+    "export_version": "tf_consreg.export",
     "get_architecture": "tf_consreg.models",
     "get_dataset_info": "tf_consreg.data",
     "load_base_model": "tf_consreg.models",
     "macer_loss": "tf_consreg.losses",
     "mirrored_sample_counts": "tf_consreg.smoothing",
+    "read_certify_tsv": "tf_consreg.certify_log",
     "sample_counts": "tf_consreg.smoothing",
     "search": "tf_consreg.tuning",
     "smoothadv_pgd": "tf_consreg.attacks",
@@ -46,6 +54,7 @@ _LAZY = {
     "smoothmix_loss": "tf_consreg.losses",
     "smoothmix_pgd": "tf_consreg.attacks",
     "stability_loss": "tf_consreg.losses",
+    "summarize": "tf_consreg.analysis",
     "train": "tf_consreg.training",
 }
 

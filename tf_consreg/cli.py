@@ -28,6 +28,38 @@ from tf_consreg.errors import ConfigError
 
 FlagHolders = Dict[str, flags.FlagHolder]
 
+# The flags of bin/certify.py and bin/predict.py: the fields of
+# certify_run.CertifyConfig but `mode`, which each binary sets.
+CERTIFY_HELP = {
+    "model_dir": "A bin/train.py run directory: its base_model.keras is smoothed, and its train_config.json gives "
+                 "--dataset, --sigma, --data_dir.",
+    "model": "A saved base model (.keras) instead of --model_dir; needs --dataset and --sigma.",
+    "dataset": "Dataset: fashion_mnist, mnist or cifar10 (default: the training run's).",
+    "data_dir": "Directory with the dataset files (default: the training run's, else the standard locations).",
+    "split": "Split whose examples are taken: test or train.",
+    "sigma": "Noise level of the smoothed classifier (default: the sigma the model was trained with).",
+    "n0": "Selection samples per example (guess the top class).",
+    "n": "Samples per example: certify.py bounds the top class's probability with them (after --n0 selection "
+         "samples); predict.py tests the top class against the runner-up with them.",
+    "alpha": "Failure probability of each certificate (certify.py), or of each prediction, which abstains unless "
+             "the top class wins the binomial test at this level (predict.py).",
+    "batch_size": "Noisy copies per forward pass. Part of the run's settings: it fixes how the noise is drawn, so "
+                  "a resumed run must use the same value.",
+    "skip": "Take every skip-th example (idx = 0, skip, 2 skip, ...).",
+    "max": "Stop before example index max (-1: the whole split).",
+    "output": "TSV file to write, or to resume if it holds the same run.",
+    "seed": "Noise seed; example idx uses the noise of (seed, idx).",
+    "num_shards": "Split the selected examples into this many shards, one per process or host; bin/analyze.py "
+                  "reports the shard files as one run.",
+    "shard_index": "Which shard to take, 0 <= shard_index < num_shards: the j-th selected example belongs to shard "
+                   "j mod num_shards.",
+    "strategy": "default: one device. mirrored: each example's samples are split across the local GPUs (or logical "
+                "CPU devices), with other noise than default, so the strategy and device count are part of the "
+                "run's settings.",
+}
+# PREDICT draws no selection samples: bin/predict.py has no --n0.
+PREDICT_HELP = {name: text for name, text in CERTIFY_HELP.items() if name != "n0"}
+
 # What a flag's value is parsed as, by the (unwrapped) type of its field.
 _DEFINE = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer, float: flags.DEFINE_float, str: flags.DEFINE_string}
 

@@ -52,9 +52,13 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tf_consreg import __version__
+from tf_consreg import config as config_lib
+from tf_consreg import data
+from tf_consreg import models
 from tf_consreg import smoothing
 from tf_consreg import stats
-from tf_consreg.errors import ConfigError
+from tf_consreg.errors import ConfigError, check
 from tf_consreg.signatures import INPUT_KEY, METADATA_SIGNATURE, PREDICT_SIGNATURE, SERVING_SIGNATURE
 
 ASSETS_EXTRA = "assets.extra"
@@ -150,24 +154,19 @@ def binomial_test_two_sided(successes: tf.Tensor, trials: tf.Tensor) -> tf.Tenso
 # Export.
 
 
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise ConfigError(message)
-
-
 def _is_int(value) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 def _check_sampling(sigma, n0, n, alpha, batch_size) -> None:
     """The checks shared by ExportConfig and VersionExportConfig, naming the flags."""
-    _check(isinstance(sigma, (int, float, np.floating)) and np.isfinite(sigma) and sigma > 0,
-           f"--sigma must be > 0, got {sigma}")
+    check(isinstance(sigma, (int, float, np.floating)) and np.isfinite(sigma) and sigma > 0,
+          f"--sigma must be > 0, got {sigma}")
     # n and n0 index tf.int32 sample loops.
-    _check(_is_int(n0) and 1 <= n0 < 2**31, f"--n0 must be an integer in [1, 2^31), got {n0}")
-    _check(_is_int(n) and 1 <= n < 2**31, f"--n must be an integer in [1, 2^31), got {n}")
-    _check(isinstance(alpha, (int, float, np.floating)) and 0 < alpha < 1, f"--alpha must be in (0, 1), got {alpha}")
-    _check(_is_int(batch_size) and batch_size >= 1, f"--batch_size must be an integer >= 1, got {batch_size}")
+    check(_is_int(n0) and 1 <= n0 < 2**31, f"--n0 must be an integer in [1, 2^31), got {n0}")
+    check(_is_int(n) and 1 <= n < 2**31, f"--n must be an integer in [1, 2^31), got {n}")
+    check(isinstance(alpha, (int, float, np.floating)) and 0 < alpha < 1, f"--alpha must be in (0, 1), got {alpha}")
+    check(_is_int(batch_size) and batch_size >= 1, f"--batch_size must be an integer >= 1, got {batch_size}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,19 +196,17 @@ class ExportConfig:
 
     def __post_init__(self):
         _check_sampling(self.sigma, self.n0, self.n, self.alpha, self.batch_size)
-        _check(_is_int(self.num_classes) and self.num_classes >= 2,
-               f"num_classes must be an integer >= 2, got {self.num_classes}")
+        check(_is_int(self.num_classes) and self.num_classes >= 2,
+              f"num_classes must be an integer >= 2, got {self.num_classes}")
         if self.class_names is not None:
             object.__setattr__(self, "class_names", tuple(str(c) for c in self.class_names))
-            _check(len(self.class_names) == self.num_classes,
-                   f"class_names has {len(self.class_names)} names for {self.num_classes} classes")
-        _check(self.seed is None or (_is_int(self.seed) and 0 <= self.seed < 2**63),
-               f"--seed must be None or an integer in [0, 2^63), got {self.seed}")
+            check(len(self.class_names) == self.num_classes,
+                  f"class_names has {len(self.class_names)} names for {self.num_classes} classes")
+        check(self.seed is None or (_is_int(self.seed) and 0 <= self.seed < 2**63),
+              f"--seed must be None or an integer in [0, 2^63), got {self.seed}")
 
     def metadata(self, input_shape: Sequence[int]) -> dict:
         """The JSON-able description that the `metadata` signature returns."""
-        from tf_consreg import __version__  # pylint: disable=import-outside-toplevel
-
         names = self.class_names or tuple(str(i) for i in range(self.num_classes))
         return {
             "sigma": float(self.sigma),
@@ -501,40 +498,37 @@ class VersionExportConfig:
     data_dir: Optional[str] = dataclasses.field(default=None, init=False)
 
     def __post_init__(self):
-        from tf_consreg import config as config_lib  # pylint: disable=import-outside-toplevel
-        from tf_consreg import models  # pylint: disable=import-outside-toplevel
-
-        _check(bool(self.export_dir), "--export_dir is required: TF Serving's base path for the model versions")
-        _check(bool(self.model_dir) != bool(self.model), "give exactly one of --model_dir (a training run) "
-               "or --model (a .keras file)")
+        check(bool(self.export_dir), "--export_dir is required: TF Serving's base path for the model versions")
+        check(bool(self.model_dir) != bool(self.model), "give exactly one of --model_dir (a training run) "
+              "or --model (a .keras file)")
         if self.model_dir:
-            _check(os.path.isdir(self.model_dir),
-                   f"--model_dir={self.model_dir} is not a directory; pass a run directory of bin/train.py")
+            check(os.path.isdir(self.model_dir),
+                  f"--model_dir={self.model_dir} is not a directory; pass a run directory of bin/train.py")
             model_file = os.path.join(self.model_dir, models.BASE_MODEL_FILE)
-            _check(os.path.isfile(model_file), f"--model_dir={self.model_dir} holds no {models.BASE_MODEL_FILE}; "
-                   "is the training run finished?")
+            check(os.path.isfile(model_file), f"--model_dir={self.model_dir} holds no {models.BASE_MODEL_FILE}; "
+                  "is the training run finished?")
             train_config = config_lib.read_train_config(self.model_dir)
             object.__setattr__(self, "dataset", train_config.dataset)
             object.__setattr__(self, "data_dir", train_config.data_dir)
             if self.sigma is None:
                 object.__setattr__(self, "sigma", train_config.sigma)
         else:
-            _check(os.path.isfile(self.model) and self.model.endswith(".keras"),
-                   f"--model={self.model} is not a .keras file")
-            _check(self.sigma is not None, "--sigma is required with --model (there is no training config to read)")
+            check(os.path.isfile(self.model) and self.model.endswith(".keras"),
+                  f"--model={self.model} is not a .keras file")
+            check(self.sigma is not None, "--sigma is required with --model (there is no training config to read)")
         _check_sampling(self.sigma, self.n0, self.n, self.alpha, self.batch_size)
-        _check(_is_int(self.check_images) and self.check_images >= 0,
-               f"--check_images must be an integer >= 0, got {self.check_images}")
-        _check(not self.check_images or self.model_dir,
-               "--check_images needs --model_dir: the test images come from the training run's dataset")
+        check(_is_int(self.check_images) and self.check_images >= 0,
+              f"--check_images must be an integer >= 0, got {self.check_images}")
+        check(not self.check_images or self.model_dir,
+              "--check_images needs --model_dir: the test images come from the training run's dataset")
         if self.version is None:
             object.__setattr__(self, "version", int(time.time()))
-        _check(_is_int(self.version) and self.version >= 1,
-               f"--version must be a positive integer (TF Serving's version number), got {self.version}")
-        _check(not os.path.exists(self.version_dir),
-               f"--export_dir: {self.version_dir} exists; exports are never overwritten, choose another --version")
-        _check(not os.path.exists(self.export_dir) or os.path.isdir(self.export_dir),
-               f"--export_dir={self.export_dir} is not a directory")
+        check(_is_int(self.version) and self.version >= 1,
+              f"--version must be a positive integer (TF Serving's version number), got {self.version}")
+        check(not os.path.exists(self.version_dir),
+              f"--export_dir: {self.version_dir} exists; exports are never overwritten, choose another --version")
+        check(not os.path.exists(self.export_dir) or os.path.isdir(self.export_dir),
+              f"--export_dir={self.export_dir} is not a directory")
 
     @property
     def version_dir(self) -> str:
@@ -574,18 +568,15 @@ def export_version(config: VersionExportConfig) -> ExportedVersion:
       ConfigError: the model does not fit the training run's dataset, or the
         version directory appeared meanwhile.
     """
-    from tf_consreg import data  # pylint: disable=import-outside-toplevel
-    from tf_consreg import models  # pylint: disable=import-outside-toplevel
-
     base_model = models.load_base_model(config.model_dir or config.model)
     input_shape = _input_shape(base_model)
     num_classes = base_model.outputs[0].shape[-1]
     class_names = None
     if config.dataset is not None:
         info = data.get_dataset_info(config.dataset)
-        _check(tuple(info.input_shape) == input_shape and info.num_classes == num_classes,
-               f"--model_dir={config.model_dir}: the model takes {input_shape} and gives {num_classes} classes, "
-               f"but dataset {config.dataset} has {tuple(info.input_shape)} images and {info.num_classes} classes")
+        check(tuple(info.input_shape) == input_shape and info.num_classes == num_classes,
+              f"--model_dir={config.model_dir}: the model takes {input_shape} and gives {num_classes} classes, "
+              f"but dataset {config.dataset} has {tuple(info.input_shape)} images and {info.num_classes} classes")
         class_names = info.class_names
     if config.check_images:  # Read before writing anything: missing data files stop here.
         images, labels = data.load_arrays(config.dataset, "test", data_dir=config.data_dir,

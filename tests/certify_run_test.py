@@ -1,0 +1,507 @@
+"""Tests for tf_consreg.certify_run: the rows a run writes, resuming, shards, locking and refusals.
+
+`CertifyConfig` + `certify_dataset` (the one library call of bin/certify.py
+and bin/predict.py) run in-process on untrained or hand-built models; the
+binaries themselves are tested in bin_certify_test.py and bin_predict_test.py.
+"""
+
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+from absl.testing import parameterized
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tf_consreg import analysis
+from tf_consreg import certify_log
+from tf_consreg import certify_run
+from tf_consreg import config as config_lib
+from tf_consreg import data
+from tf_consreg import models
+from tf_consreg import smoothing
+from tf_consreg.errors import ConfigError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HEADER = "idx\tlabel\tpredict\tradius\tcorrect\ttime"
+PREDICT_HEADER = "idx\tlabel\tpredict\tcorrect\ttime"
+# Tiny but real: LeNet on Fashion-MNIST test images.
+TINY = dict(n0=20, n=100, batch_size=200, alpha=0.01)
+PREDICT_TINY = dict(n=100, batch_size=200, alpha=0.01)
+# TensorFlow's C++ runtime logs a few lines on import whatever the log level.
+_TF_LOG_PREFIXES = ("I0000", "W0000", "E0000", "WARNING: All log messages")
+_TIME = re.compile(r"^\d+:\d\d:\d\d(\.\d{6})?$")
+
+
+def make_model_dir(directory: str, sigma: float = 0.25) -> str:
+    """A training run directory with an untrained LeNet and its train_config.json."""
+    model_dir = os.path.join(directory, "run")
+    os.makedirs(model_dir)
+    keras_seed = 0
+    tf.keras.utils.set_random_seed(keras_seed)
+    models.get_architecture("lenet", "fashion_mnist").save(os.path.join(model_dir, models.BASE_MODEL_FILE))
+    train = config_lib.TrainConfig(model_dir=model_dir, dataset="fashion_mnist", sigma=sigma)
+    with open(os.path.join(model_dir, config_lib.TRAIN_CONFIG_FILE), "w", encoding="utf-8") as f:
+        f.write(train.to_json())
+    return model_dir
+
+
+def make_nearest_mean_model(directory: str) -> str:
+    """A linear Fashion-MNIST classifier built without training, saved as .keras.
+
+    Logits 2 mu_c.x - |mu_c|^2 = |x|^2 - |x - mu_c|^2: the nearest class mean
+    of 2,000 training images. Right on most test images and confident enough
+    under noise to certify nonzero radii, so certification results are not
+    all abstentions.
+    """
+    images, labels = data.load_arrays("fashion_mnist", "train", limit=2000)
+    flat = images.reshape(len(images), -1)
+    means = np.stack([flat[labels == c].mean(axis=0) for c in range(10)])
+    inputs = tf.keras.Input((28, 28, 1))
+    dense = tf.keras.layers.Dense(10)
+    model = tf.keras.Model(inputs, dense(tf.keras.layers.Flatten()(inputs)))
+    dense.set_weights([2 * means.T.astype(np.float32), -(means ** 2).sum(axis=1).astype(np.float32)])
+    path = os.path.join(directory, "nearest_mean.keras")
+    model.save(path)
+    return path
+
+
+def read_rows(path):
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    assert lines[-1] == "", "the file must end with a newline"
+    return lines[0], [line.split("\t") for line in lines[1:-1]]
+
+
+def without_time(rows):
+    return [row[:-1] for row in rows]
+
+
+def error_lines(stderr):
+    return [line for line in stderr.splitlines() if line.strip() and not line.startswith(_TF_LOG_PREFIXES)]
+
+
+def run_binary(name, *args):
+    return subprocess.run([sys.executable, os.path.join(REPO, "bin", name), *args], capture_output=True, text=True,
+                          check=False)
+
+
+class RunFixture:
+    """A test class's own directory (`cls.dir`) and runs configured by `cls.config` (set in setUpClass).
+
+    A mixin, not a TestCase, so that test modules importing it do not
+    collect it. List it before the TestCase base.
+    """
+
+    config: dict = {}
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.dir = tempfile.mkdtemp()
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.dir, ignore_errors=True)
+        super().tearDownClass()
+
+    def _config(self, output, **overrides):
+        return certify_run.CertifyConfig(**{"output": output, **self.config, **overrides})
+
+    def _output(self, name="certify.tsv"):
+        return os.path.join(tempfile.mkdtemp(dir=self.dir), name)
+
+
+class CertifyDatasetTest(RunFixture, tf.test.TestCase, parameterized.TestCase):
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.model_dir = make_model_dir(cls.dir)
+        cls.config = dict(model_dir=cls.model_dir, **TINY)
+        _, cls.labels = data.load_arrays("fashion_mnist", "test", limit=20)
+
+    def test_rows_in_the_authors_format(self):
+        output = self._output()
+        self.assertEqual(certify_run.certify_dataset(self._config(output, max=8), verbose=0), 8)
+        header, rows = read_rows(output)
+        self.assertEqual(header, HEADER)
+        self.assertEqual([int(r[0]) for r in rows], list(range(8)))
+        for idx, label, predict, radius, correct, elapsed in rows:
+            self.assertEqual(int(label), self.labels[int(idx)])
+            self.assertEqual(int(correct), int(predict == label))
+            self.assertGreaterEqual(int(predict), -1)
+            # The authors print radii with "{:.3}" (0.0 when abstaining).
+            self.assertEqual(radius, "{:.3}".format(float(radius)))
+            if predict == "-1":
+                self.assertEqual(radius, "0.0")
+            self.assertRegex(elapsed, _TIME)
+        with open(output + ".json", encoding="utf-8") as f:
+            settings = f.read()
+        for expected in ('"sigma": 0.25', '"n": 100', '"n0": 20', '"seed": 0', '"dataset": "fashion_mnist"',
+                         '"split": "test"', '"batch_size": 200'):
+            self.assertIn(expected, settings)
+
+    def test_skip_and_max(self):
+        output = self._output()
+        certify_run.certify_dataset(self._config(output, skip=3, max=10), verbose=0)
+        self.assertEqual([int(r[0]) for r in read_rows(output)[1]], [0, 3, 6, 9])
+
+    def test_sigma_and_dataset_default_to_the_training_run(self):
+        config = self._config(self._output())
+        self.assertEqual((config.sigma, config.dataset), (0.25, "fashion_mnist"))
+        self.assertEqual(config.model, os.path.join(self.model_dir, models.BASE_MODEL_FILE))
+        self.assertEqual(self._config(self._output(), sigma=0.5).sigma, 0.5)
+
+    def test_resumed_run_equals_uninterrupted_run(self):
+        whole = self._output()
+        certify_run.certify_dataset(self._config(whole, max=9), verbose=0)
+
+        pieces = self._output()
+        certify_run.certify_dataset(self._config(pieces, max=4), verbose=0)
+        with open(pieces, "a", encoding="utf-8") as f:
+            f.write("4\t7\t")  # Killed while writing row 4.
+        self.assertEqual(certify_run.certify_dataset(self._config(pieces, max=6), verbose=0), 2)
+        # Killed in the middle of row 6 after its bytes partly reached disk.
+        with open(pieces, "rb+") as f:
+            f.seek(0, os.SEEK_END)
+            f.truncate(f.tell() - 5)
+        self.assertEqual(certify_run.certify_dataset(self._config(pieces, max=9), verbose=0), 4)
+        self.assertEqual(without_time(read_rows(pieces)[1]), without_time(read_rows(whole)[1]))
+
+        # Nothing left to do: nothing written, nothing duplicated.
+        with open(pieces, "rb") as f:
+            before = f.read()
+        self.assertEqual(certify_run.certify_dataset(self._config(pieces, max=9), verbose=0), 0)
+        with open(pieces, "rb") as f:
+            self.assertEqual(f.read(), before)
+
+    def test_model_is_named_by_the_digest_of_its_file(self):
+        moved = os.path.join(tempfile.mkdtemp(dir=self.dir), "moved.keras")
+        shutil.copy(os.path.join(self.model_dir, models.BASE_MODEL_FILE), moved)
+        output = self._output()
+        by_path = dict(model_dir=None, model=moved, dataset="fashion_mnist", sigma=0.25)
+        certify_run.certify_dataset(self._config(output, max=2, **by_path), verbose=0)
+        with open(moved, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
+        with open(output + certify_log.SETTINGS_SUFFIX, encoding="utf-8") as f:
+            self.assertEqual(json.load(f)["model_sha256"], digest)
+
+        # The same bytes elsewhere (another host's path) continue the run ...
+        elsewhere = os.path.join(tempfile.mkdtemp(dir=self.dir), "base_model.keras")
+        shutil.copy(moved, elsewhere)
+        self.assertEqual(certify_run.certify_dataset(
+            self._config(output, max=3, **dict(by_path, model=elsewhere)), verbose=0), 1)
+        # ... other weights at the same path do not.
+        model = models.load_base_model(moved)
+        model.layers[-1].set_weights([w + 1.0 for w in model.layers[-1].get_weights()])
+        model.save(moved)
+        with open(output, "rb") as f:
+            before = f.read()
+        with self.assertRaisesRegex(ConfigError, "holds a run with other settings \\(model_sha256: "):
+            certify_run.certify_dataset(self._config(output, max=4, **by_path), verbose=0)
+        with open(output, "rb") as f:
+            self.assertEqual(f.read(), before)
+
+    def test_refuses_an_output_with_another_header(self):
+        foreign = self._output()
+        with open(foreign, "w", encoding="utf-8") as f:
+            f.write("epoch\tloss\n1\t0.5\n")
+        with self.assertRaisesRegex(ConfigError, "not written by this tool"):
+            certify_run.certify_dataset(self._config(foreign, max=2), verbose=0)
+        with open(foreign, encoding="utf-8") as f:
+            self.assertEqual(f.read(), "epoch\tloss\n1\t0.5\n")
+        # Even next to a matching settings file, another header is refused.
+        other = self._output()
+        certify_run.certify_dataset(self._config(other, max=1), verbose=0)
+        with open(other, "w", encoding="utf-8") as f:
+            f.write("idx\tlabel\tpredict\tcorrect\ttime\n")
+        with self.assertRaisesRegex(ConfigError, "header"):
+            certify_run.certify_dataset(self._config(other, max=2), verbose=0)
+
+    @parameterized.named_parameters(
+        ("sigma", dict(sigma=0.5), "sigma: 0.25 there, 0.5 now"),
+        ("n", dict(n=200), "n: 100 there, 200 now"),
+        ("seed", dict(seed=1), "seed"),
+        ("skip", dict(skip=2), "skip"),
+        ("batch_size", dict(batch_size=100), "batch_size"),
+        ("split", dict(split="train"), "split"),
+    )
+    def test_refuses_an_output_of_other_settings(self, overrides, message):
+        output = self._output()
+        certify_run.certify_dataset(self._config(output, max=2), verbose=0)
+        with open(output, "rb") as f:
+            before = f.read()
+        with self.assertRaisesRegex(ConfigError, message):
+            certify_run.certify_dataset(self._config(output, max=4, **overrides), verbose=0)
+        with open(output, "rb") as f:
+            self.assertEqual(f.read(), before)
+
+    def test_refuses_a_corrupt_row(self):
+        output = self._output()
+        certify_run.certify_dataset(self._config(output, max=3), verbose=0)
+        with open(output, encoding="utf-8") as f:
+            lines = f.readlines()
+        lines[2] = "7" + lines[2][1:]
+        with open(output, "w", encoding="utf-8") as f:
+            f.writelines(lines)
+        with self.assertRaisesRegex(ConfigError, r"certify.tsv:3: expected a row for example 1"):
+            certify_run.certify_dataset(self._config(output, max=5), verbose=0)
+
+    @parameterized.named_parameters(
+        ("n0", dict(n0=0), "--n0 must be >= 1"),
+        ("n", dict(n=0), "--n must be >= 1"),
+        ("alpha", dict(alpha=1.0), "--alpha must be in"),
+        ("batch_size", dict(batch_size=0), "--batch_size must be >= 1"),
+        ("huge_n", dict(n=2**31), "--n must be < 2"),
+        ("skip", dict(skip=0), "--skip must be >= 1"),
+        ("max", dict(max=-2), "--max"),
+        ("sigma", dict(sigma=0.0), "--sigma must be > 0"),
+        ("split", dict(split="valid"), "--split"),
+        ("dataset", dict(dataset="imagenet"), "--dataset"),
+        ("both_models", dict(model="x.keras"), "exactly one of --model_dir"),
+        ("no_model", dict(model_dir=None), "exactly one of --model_dir"),
+        ("no_output", dict(output=""), "--output is required"),
+        ("missing_model_dir", dict(model_dir="/nonexistent/run"), "--model_dir"),
+    )
+    def test_bad_config(self, overrides, message):
+        args = dict(output=self._output())
+        args.update(overrides)
+        with self.assertRaisesRegex(ConfigError, message):
+            self._config(**args)
+
+    def test_model_file_needs_sigma_and_dataset(self):
+        model = os.path.join(self.model_dir, models.BASE_MODEL_FILE)
+        with self.assertRaisesRegex(ConfigError, "--sigma is required with --model"):
+            certify_run.CertifyConfig(output=self._output(), model=model, dataset="fashion_mnist")
+        with self.assertRaisesRegex(ConfigError, "--dataset is required with --model"):
+            certify_run.CertifyConfig(output=self._output(), model=model, sigma=0.5)
+        config = certify_run.CertifyConfig(output=self._output(), model=model, dataset="fashion_mnist", sigma=0.5,
+                                           max=2, **TINY)
+        self.assertEqual(certify_run.certify_dataset(config, verbose=0), 2)
+
+    def test_model_that_does_not_fit_the_dataset(self):
+        model = os.path.join(self.dir, "cifar.keras")
+        tf.keras.Sequential([tf.keras.Input((32, 32, 3)), tf.keras.layers.Flatten(),
+                             tf.keras.layers.Dense(10)]).save(model)
+        output = self._output()
+        config = certify_run.CertifyConfig(output=output, model=model, dataset="fashion_mnist", sigma=0.5, max=2)
+        with self.assertRaisesRegex(ConfigError, "takes images of shape"):
+            certify_run.certify_dataset(config, verbose=0)
+        self.assertFalse(os.path.exists(output))
+
+
+class ShardedCertifyTest(RunFixture, tf.test.TestCase, parameterized.TestCase):
+    """K = 3 shards over the first 30 test images against one unsharded run."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.model = make_nearest_mean_model(cls.dir)
+        cls.config = dict(model=cls.model, n0=10, n=100, batch_size=200, alpha=0.001, sigma=0.25,
+                          dataset="fashion_mnist", max=30)
+        cls.whole = os.path.join(cls.dir, "whole", "certify.tsv")
+        certify_run.certify_dataset(certify_run.CertifyConfig(output=cls.whole, **cls.config), verbose=0)
+        cls.whole_rows = without_time(read_rows(cls.whole)[1])
+
+    def _shard_path(self, index):
+        return self._output(f"certify.shard{index}.tsv")
+
+    def test_shards_give_the_rows_of_one_run_and_analyze_as_one(self):
+        # Not vacuous: the model certifies nonzero radii and makes mistakes.
+        radii = [float(r[3]) for r in self.whole_rows]
+        self.assertGreater(max(radii), 0.2)
+        self.assertIn("0", [r[4] for r in self.whole_rows])
+
+        shards = []
+        for index in range(3):
+            shards.append(self._shard_path(index))
+            self.assertEqual(certify_run.certify_dataset(
+                self._config(shards[-1], num_shards=3, shard_index=index), verbose=0), 10)
+            header, rows = read_rows(shards[-1])
+            self.assertEqual(header, HEADER)
+            self.assertEqual([int(r[0]) for r in rows], list(range(index, 30, 3)))
+            self.assertEqual(without_time(rows), self.whole_rows[index::3])
+            with open(shards[-1] + certify_log.SETTINGS_SUFFIX, encoding="utf-8") as f:
+                settings = f.read()
+            self.assertIn('"num_shards": 3', settings)
+            self.assertIn(f'"shard_index": {index}', settings)
+
+        report = analysis.analyze(analysis.AnalyzeConfig(tsv=shards + [self.whole], format="json"))
+        merged, whole = json.loads(report)
+        self.assertEqual(merged["files"], shards)
+        self.assertEqual((merged["n"], whole["n"]), (30, 30))
+        self.assertGreater(whole["acr"], 0.0)
+        self.assertEqual(merged["acr"], whole["acr"])
+        self.assertEqual(merged["certified_accuracy"], whole["certified_accuracy"])
+
+    def test_skip(self):
+        shard = self._shard_path(1)
+        certify_run.certify_dataset(self._config(shard, num_shards=2, shard_index=1, skip=4), verbose=0)
+        # Selected 0, 4, ..., 28; shard 1 of 2 holds every other one from the second on.
+        self.assertEqual([r[0] for r in read_rows(shard)[1]], ["4", "12", "20", "28"])
+
+    def test_each_shard_resumes_on_its_own(self):
+        shard = self._shard_path(1)
+        # Cut after examples 1, 4, 7 (--max=10), then while writing example 10.
+        self.assertEqual(certify_run.certify_dataset(
+            self._config(shard, num_shards=3, shard_index=1, max=10), verbose=0), 3)
+        with open(shard, "a", encoding="utf-8") as f:
+            f.write("10\t")
+        self.assertEqual(certify_run.certify_dataset(self._config(shard, num_shards=3, shard_index=1), verbose=0), 7)
+        self.assertEqual(without_time(read_rows(shard)[1]), self.whole_rows[1::3])
+
+    @parameterized.named_parameters(
+        ("shard_index", dict(num_shards=3, shard_index=1), "shard_index: 0 there, 1 now"),
+        ("num_shards", dict(num_shards=2, shard_index=0), "num_shards: 3 there, 2 now"),
+        ("unsharded", dict(), "num_shards: 3 there, 1 now"),
+    )
+    def test_refuses_to_resume_with_other_shard_settings(self, overrides, message):
+        shard = self._shard_path(0)
+        certify_run.certify_dataset(self._config(shard, num_shards=3, shard_index=0, max=4), verbose=0)
+        with open(shard, "rb") as f:
+            before = f.read()
+        with self.assertRaisesRegex(ConfigError, message):
+            certify_run.certify_dataset(self._config(shard, **overrides), verbose=0)
+        with open(shard, "rb") as f:
+            self.assertEqual(f.read(), before)
+
+    def test_an_output_another_process_writes_is_refused(self):
+        output = self._shard_path(0)
+        certify_run.certify_dataset(self._config(output, max=2), verbose=0)
+        with open(output, "rb") as f:
+            before = f.read()
+        with open(output, "rb") as held:  # Another open file description: flock conflicts as across processes.
+            fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+            with self.assertRaisesRegex(ConfigError, f"--output={output} is being written by another process"):
+                certify_run.certify_dataset(self._config(output, max=5), verbose=0)
+        with open(output, "rb") as f:
+            self.assertEqual(f.read(), before)
+        self.assertEqual(certify_run.certify_dataset(self._config(output, max=5), verbose=0), 3)
+
+    @pytest.mark.slow  # Three interpreters importing TensorFlow at once.
+    def test_processes_started_together_on_one_output_never_lose_or_duplicate_rows(self):
+        # A job array whose tasks were all given the same --output: every
+        # task starts at once; one writes, the others are refused in one line
+        # (another process holds it, or it holds another shard), whatever the timing.
+        output = os.path.join(tempfile.mkdtemp(dir=self.dir), "certify.tsv")
+        flags = [f"--model={self.model}", "--dataset=fashion_mnist", "--sigma=0.25", "--n0=10", "--n=100",
+                 "--batch_size=200", "--alpha=0.001", "--max=30", "--num_shards=3", f"--output={output}"]
+        processes = [subprocess.Popen([sys.executable, os.path.join(REPO, "bin", "certify.py"), *flags,
+                                       f"--shard_index={i}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True) for i in range(3)]
+        try:
+            results = [(p.wait(timeout=300), p.stderr.read()) for p in processes]
+        finally:
+            for p in processes:
+                p.kill()
+                p.wait()
+                p.stdout.close()
+                p.stderr.close()
+        winners = [i for i, (code, _) in enumerate(results) if code == 0]
+        self.assertLen(winners, 1, results)
+        for i, (code, stderr) in enumerate(results):
+            if i in winners:
+                continue
+            self.assertEqual(code, 2, stderr)
+            lines = error_lines(stderr)
+            self.assertLen(lines, 1, stderr)
+            self.assertRegex(lines[0], f"^certify.py: error: --output={re.escape(output)} "
+                             "(is being written by another process|holds a run with other settings "
+                             f"\\(shard_index: {winners[0]} there, {i} now\\))")
+        with open(output + certify_log.SETTINGS_SUFFIX, encoding="utf-8") as f:
+            self.assertEqual(json.load(f)["shard_index"], winners[0])
+        self.assertEqual(without_time(read_rows(output)[1]), self.whole_rows[winners[0]::3])
+        self.assertEqual(sorted(os.listdir(os.path.dirname(output))), ["certify.tsv", "certify.tsv.json"])
+
+    @parameterized.named_parameters(
+        ("index_too_large", dict(num_shards=3, shard_index=3), r"--shard_index must be in \[0, --num_shards=3\), got 3"),
+        ("negative_index", dict(num_shards=3, shard_index=-1), r"--shard_index must be in \[0, --num_shards=3\)"),
+        ("no_shards", dict(num_shards=0), "--num_shards must be >= 1, got 0"),
+        ("strategy", dict(strategy="tpu"), "--strategy='tpu' is unknown; choose one of default, mirrored"),
+    )
+    def test_bad_shard_config(self, overrides, message):
+        with self.assertRaisesRegex(ConfigError, message):
+            self._config(self._shard_path(0), **overrides)
+
+
+class PredictDatasetTest(RunFixture, tf.test.TestCase):
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.model_dir = make_model_dir(cls.dir)
+        cls.config = dict(model_dir=cls.model_dir, mode="predict", **PREDICT_TINY)
+        _, cls.labels = data.load_arrays("fashion_mnist", "test", limit=10)
+
+    def _output(self, name="predict.tsv"):
+        return super()._output(name)
+
+    def test_rows_in_the_authors_format(self):
+        output = self._output()
+        self.assertEqual(certify_run.certify_dataset(self._config(output, max=6), verbose=0), 6)
+        header, rows = read_rows(output)
+        self.assertEqual(header, PREDICT_HEADER)
+        self.assertEqual([int(r[0]) for r in rows], list(range(6)))
+        for idx, label, predict, correct, _ in rows:
+            self.assertEqual(int(label), self.labels[int(idx)])
+            self.assertEqual(int(correct), int(predict == label))
+        with open(output + ".json", encoding="utf-8") as f:
+            self.assertNotIn('"n0"', f.read())
+
+    def test_matches_smooth_predict(self):
+        # The rows are Smooth.predict_batch keyed by (seed, idx).
+        output = self._output()
+        certify_run.certify_dataset(self._config(output, max=4, seed=3), verbose=0)
+        images, _ = data.load_arrays("fashion_mnist", "test", limit=4)
+        smooth = smoothing.Smooth(tf.keras.models.load_model(os.path.join(self.model_dir, "base_model.keras")),
+                                  10, 0.25)
+        expected = smooth.predict_batch(images, 100, 0.01, 200, seed=3, image_ids=np.arange(4))
+        self.assertEqual([int(r[2]) for r in read_rows(output)[1]], list(expected))
+
+    def test_resume_after_a_torn_row(self):
+        whole, pieces = self._output(), self._output()
+        certify_run.certify_dataset(self._config(whole, max=6), verbose=0)
+        certify_run.certify_dataset(self._config(pieces, max=3), verbose=0)
+        with open(pieces, "a", encoding="utf-8") as f:
+            f.write("3\t1")
+        self.assertEqual(certify_run.certify_dataset(self._config(pieces, max=6), verbose=0), 3)
+        self.assertEqual(without_time(read_rows(pieces)[1]), without_time(read_rows(whole)[1]))
+
+    def test_shards_give_the_rows_of_one_run(self):
+        whole = self._output()
+        certify_run.certify_dataset(self._config(whole, max=7), verbose=0)
+        rows = without_time(read_rows(whole)[1])
+        for index in range(2):
+            shard = self._output()
+            self.assertEqual(certify_run.certify_dataset(
+                self._config(shard, max=7, num_shards=2, shard_index=index), verbose=0), 4 - index)
+            self.assertEqual(without_time(read_rows(shard)[1]), rows[index::2])
+
+    def test_mirrored(self):
+        # 2 logical CPU devices (conftest.py) share each example's samples.
+        output = self._output()
+        certify_run.certify_dataset(self._config(output, max=3, strategy="mirrored"), verbose=0)
+        self.assertEqual([r[0] for r in read_rows(output)[1]], ["0", "1", "2"])
+        with open(output + certify_log.SETTINGS_SUFFIX, encoding="utf-8") as f:
+            settings = f.read()
+        self.assertIn('"strategy": "mirrored"', settings)
+        self.assertIn('"replicas": 2', settings)
+
+    def test_refuses_a_certify_output(self):
+        output = self._output()
+        certify_run.certify_dataset(
+            certify_run.CertifyConfig(output=output, model_dir=self.model_dir, max=1, n0=10, **PREDICT_TINY), verbose=0)
+        with self.assertRaisesRegex(ConfigError, "other settings.*mode: 'certify' there, 'predict' now"):
+            certify_run.certify_dataset(self._config(output, max=2), verbose=0)
+
+
+if __name__ == "__main__":
+    tf.test.main()

@@ -1,0 +1,340 @@
+"""The certification run: CERTIFY or PREDICT over a dataset split, into a certification log.
+
+What bin/certify.py and bin/predict.py run. `CertifyConfig` is one run,
+validated at construction; `certify_dataset` certifies (or predicts) its
+examples with `smoothing.Smooth` and appends one row per example to the log
+(format: `certify_log`). A run is
+
+- resumable: an existing log of the same settings is continued after its
+  last complete row, and the noise of example idx is keyed by (seed, idx),
+  so a resumed run writes the rows of an uninterrupted one;
+- shardable: `num_shards` processes or hosts each certify their share of
+  the examples into their own log (`CertifyConfig.shard_indices`), which
+  `analysis` reports as one run;
+- locked: a log is written by one process at a time (`_claim_output`).
+"""
+
+import contextlib
+import dataclasses
+import fcntl
+import os
+import sys
+import time
+from typing import IO, Any, Dict, Optional, Tuple
+
+import keras
+import numpy as np
+
+from tf_consreg import certify_log
+from tf_consreg import config as config_lib
+from tf_consreg import data
+from tf_consreg import distribute
+from tf_consreg import files
+from tf_consreg import models
+from tf_consreg import smoothing
+from tf_consreg.errors import ConfigError, check
+
+DEFAULT_BATCH_SIZE = 1000
+# Samples per `certify_batch` call: enough images to fill the forward batches
+# when n is small; one image at a time when n is large, so rows (and the
+# progress bar) advance every few seconds.
+_SAMPLES_PER_CALL_IN_BATCHES = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class CertifyConfig:
+    """One run of CERTIFY (or PREDICT) over a dataset split, checked at construction.
+
+    Flag values are checked first, then files: a training `model_dir` supplies
+    the defaults of `dataset`, `sigma` and `data_dir` from its
+    train_config.json. After construction every field is resolved (`model` is
+    the .keras file, `dataset` and `sigma` are set).
+
+    Each field but `mode` is a flag of bin/certify.py and bin/predict.py
+    (PREDICT has no `n0`); see their --help.
+
+    Sharding: the selected examples idx = 0, skip, 2 skip, ... (below `max`)
+    are dealt out round-robin, the j-th to shard j mod num_shards, so shard i
+    holds idx = (i + t num_shards) skip for t = 0, 1, ...: a fixed set that
+    does not depend on `max` (a resumed shard may go further), balanced to
+    one example, and spread evenly over the split, so an unfinished shard
+    leaves scattered gaps rather than a missing block of (possibly sorted)
+    examples.
+    """
+
+    output: str
+    model_dir: Optional[str] = None
+    model: Optional[str] = None
+    dataset: Optional[str] = None
+    data_dir: Optional[str] = None
+    split: str = "test"
+    sigma: Optional[float] = None
+    n0: int = 100
+    n: int = 100000
+    alpha: float = 0.001
+    batch_size: int = DEFAULT_BATCH_SIZE
+    skip: int = 1
+    max: int = -1
+    seed: int = 0
+    mode: str = "certify"
+    num_shards: int = 1
+    shard_index: int = 0
+    strategy: str = "default"
+
+    def __post_init__(self):
+        # Flags first.
+        check(self.mode in certify_log.MODES,
+              f"mode={self.mode!r} is unknown; choose one of {', '.join(certify_log.MODES)}")
+        check(bool(self.output), "--output is required: the TSV file to write (or to resume)")
+        check(not os.path.isdir(self.output), f"--output={self.output} is a directory; give a file name")
+        check(bool(self.model_dir) != bool(self.model),
+              "give exactly one of --model_dir (a training run) and --model (a saved .keras base model)")
+        check(self.n0 >= 1, f"--n0 must be >= 1, got {self.n0}")
+        check(self.n >= 1, f"--n must be >= 1, got {self.n}")
+        check(0.0 < self.alpha < 1.0, f"--alpha must be in (0, 1), got {self.alpha}")
+        check(self.batch_size >= 1, f"--batch_size must be >= 1, got {self.batch_size}")
+        for name in ("n0", "n", "batch_size"):
+            # Sample counts and batch sizes are int32 in the sampling graph.
+            check(getattr(self, name) < 2**31, f"--{name} must be < 2^31, got {getattr(self, name)}")
+        check(self.skip >= 1, f"--skip must be >= 1, got {self.skip}")
+        check(self.max >= -1, f"--max must be -1 (no limit) or an index >= 0, got {self.max}")
+        check(0 <= self.seed < 2**63, f"--seed must be in [0, 2^63), got {self.seed}")
+        check(self.num_shards >= 1, f"--num_shards must be >= 1, got {self.num_shards}")
+        check(0 <= self.shard_index < self.num_shards,
+              f"--shard_index must be in [0, --num_shards={self.num_shards}), got {self.shard_index}")
+        check(self.strategy in distribute.LOCAL_STRATEGIES,
+              f"--strategy={self.strategy!r} is unknown; choose one of {', '.join(distribute.LOCAL_STRATEGIES)}")
+        check(self.sigma is None or 0.0 < self.sigma < float("inf"), f"--sigma must be > 0, got {self.sigma}")
+        check(self.split in data.SPLITS, f"--split={self.split!r} is unknown; choose one of {', '.join(data.SPLITS)}")
+        if self.dataset is not None:
+            data.get_dataset_info(self.dataset)
+        if self.model is not None:
+            check(self.sigma is not None, "--sigma is required with --model (a run's --model_dir supplies it)")
+            check(self.dataset is not None, "--dataset is required with --model (a run's --model_dir supplies it)")
+
+        # Then files.
+        if self.model_dir:
+            check(os.path.isdir(self.model_dir), f"--model_dir={self.model_dir} is not a directory")
+            train = config_lib.read_train_config(self.model_dir)
+            for name in ("dataset", "sigma", "data_dir"):
+                if getattr(self, name) is None:
+                    object.__setattr__(self, name, getattr(train, name))
+            object.__setattr__(self, "model", os.path.join(self.model_dir, models.BASE_MODEL_FILE))
+            check(os.path.isfile(self.model),
+                  f"{self.model} not found: has the training run in --model_dir finished?")
+        else:
+            check(os.path.isfile(self.model), f"--model={self.model} is not a file; give a saved .keras model")
+
+    @property
+    def header(self) -> str:
+        """The first line of the TSV, without its newline."""
+        return certify_log.header_line(self.mode)
+
+    def settings(self, replicas: int = 1) -> Dict[str, Any]:
+        """What determines the rows of the TSV; a resumed run must match it.
+
+        `max` is left out (a resumed run may go further), and so is `data_dir`
+        (the same dataset may live elsewhere). `batch_size` is in: it sets the
+        noise blocks, so it changes the noise drawn; so do `strategy` and the
+        number of `replicas` sharing each image's samples (1 without
+        --strategy=mirrored). All shards of one run have the same settings
+        but `shard_index`.
+
+        Args:
+          replicas: replicas of the run's strategy (`num_replicas_in_sync`).
+        """
+        settings = {
+            "mode": self.mode, "model": os.path.abspath(self.model), "model_sha256": files.file_sha256(self.model),
+            "dataset": self.dataset,
+            "split": self.split, "sigma": self.sigma, "n0": self.n0, "n": self.n, "alpha": self.alpha,
+            "seed": self.seed, "skip": self.skip, "batch_size": self.batch_size,
+            "num_shards": self.num_shards, "shard_index": self.shard_index,
+            "strategy": self.strategy, "replicas": int(replicas),
+        }
+        if self.mode == "predict":
+            del settings["n0"]
+        return settings
+
+    def row_index(self, row: int) -> int:
+        """The example index of this shard's row number `row` (0 = first row after the header)."""
+        return (self.shard_index + row * self.num_shards) * self.skip
+
+    def shard_indices(self, num_examples: int) -> np.ndarray:
+        """This shard's example indices, in order, in a split of `num_examples`."""
+        stop = num_examples if self.max < 0 else min(self.max, num_examples)
+        return np.arange(0, stop, self.skip)[self.shard_index::self.num_shards]
+
+
+def _check_settings_file(config: CertifyConfig, wanted: Dict[str, Any]) -> None:
+    """Checks that --output's settings file holds the settings `wanted` of this run.
+
+    Raises:
+      ConfigError: the settings file is missing, unreadable or of another run.
+    """
+    output = config.output
+    try:
+        stored = certify_log.read_settings(output)
+    except ConfigError as e:
+        raise ConfigError(f"{e}; refusing to append to --output={output}") from e
+    if stored is None:
+        raise ConfigError(f"--output={output} exists but {certify_log.settings_path(output)} (the run's settings) "
+                          "does not: it was not written by this tool; refusing to append. Choose a new --output")
+    differences = certify_log.settings_differences(stored, wanted, labels=("there", "now"))
+    if differences:
+        raise ConfigError(f"--output={output} holds a run with other settings ({differences}); "
+                          "rerun with the same flags to resume, or choose a new --output")
+
+
+def _read_existing_rows(config: CertifyConfig, wanted: Dict[str, Any]) -> Tuple[int, int]:
+    """Checks an existing --output belongs to this run; returns (complete rows, their byte length).
+
+    A last line without its newline (a run killed while writing) is not
+    counted, so it is redone.
+
+    Raises:
+      ConfigError: the output or its settings file belongs to another run or is corrupt.
+    """
+    _check_settings_file(config, wanted)
+    output = config.output
+    try:
+        with open(output, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise ConfigError(f"--output={output} is unreadable ({e})") from e
+    complete = raw[:raw.rfind(b"\n") + 1]
+    lines = complete.decode("utf-8", errors="replace").split("\n")[:-1]
+    if not lines or lines[0] != config.header:
+        found = lines[0] if lines else raw[:80].decode("utf-8", errors="replace")
+        raise ConfigError(f"--output={output} has the header {found!r}, not {config.header!r}; "
+                          "refusing to append. Choose a new --output")
+    num_fields = len(certify_log.HEADERS[config.mode])
+    for number, line in enumerate(lines[1:], start=2):
+        fields = line.split("\t")
+        expected_idx = config.row_index(number - 2)
+        if len(fields) != num_fields or fields[0] != str(expected_idx):
+            raise ConfigError(f"{output}:{number}: expected a row for example {expected_idx}, got {line!r}; "
+                              "the file is corrupt, choose a new --output")
+    return len(lines) - 1, len(complete)
+
+
+def _claim_output(config: CertifyConfig, settings: Dict[str, Any]) -> Tuple[IO[bytes], int]:
+    """Opens --output for this process alone, creating it if needed; returns (file, rows already there).
+
+    Several processes may start on one --output at once (say, the tasks of
+    a job array given the same file). The settings file and the header are
+    created without replacing anything, so exactly one process creates each,
+    and the TSV is then locked (`flock`) for as long as this run writes it:
+    a second process is refused instead of writing rows that would be lost
+    or duplicated. The rows are counted under the lock.
+
+    Returns:
+      The TSV, opened for appending after its last complete row (a torn last
+      line is cut off), and locked; and the number of complete rows.
+
+    Raises:
+      ConfigError: another process holds the output, or it belongs to another run.
+    """
+    output = config.output
+    try:
+        certify_log.write_settings(output, settings)
+    except FileExistsError:
+        _check_settings_file(config, settings)  # Before creating the TSV: nothing written for another run.
+    with contextlib.suppress(FileExistsError):
+        certify_log.write_header(output, config.mode)
+    f = open(output, "r+b")  # pylint: disable=consider-using-with  Held, locked, for the whole run.
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise ConfigError(f"--output={output} is being written by another process (its lock is held); "
+                          "wait for it, or give this run another --output") from None
+    except OSError as e:  # A file system without locks: run unguarded.
+        print(f"warning: cannot lock --output={output} ({e}); make sure no other process writes it",
+              file=sys.stderr)
+    try:
+        done, valid_bytes = _read_existing_rows(config, settings)
+        f.truncate(valid_bytes)  # Drops a torn last line.
+        f.seek(0, os.SEEK_END)
+    except BaseException:
+        f.close()
+        raise
+    return f, done
+
+
+def certify_dataset(config: CertifyConfig, *, verbose: int = 1) -> int:
+    """Certifies (or predicts) the examples of a split and appends rows to the TSV.
+
+    Examples idx = 0, skip, 2 skip, ... below `max` (-1: all), or this
+    shard's share of them (see `CertifyConfig`), are processed in order. Each
+    row is written after its batch of images, flushed and synced,
+    with the authors' columns; `time` is the batch's wall time divided by its
+    images. An existing output of the same settings is resumed after its last
+    complete row. The noise of example idx is keyed by (seed, idx), so a
+    resumed run writes the same rows as an uninterrupted one, and a shard the
+    same rows as an unsharded run. With `strategy="mirrored"` the samples of
+    each image are split across the local devices
+    (`smoothing.mirrored_sample_counts`):
+    other noise, so other rows than the default strategy's, reproducible for a
+    given seed and device count, which the settings record.
+
+    Args:
+      config: the validated run.
+      verbose: 1 shows a progress bar with ETA, 0 is silent.
+
+    Returns:
+      The number of rows written by this call.
+
+    Raises:
+      ConfigError: an output of another run, missing data, or a model that
+        does not fit the dataset (all before any row is written).
+    """
+    strategy = distribute.get_strategy(config.strategy)
+    settings = config.settings(strategy.num_replicas_in_sync)
+    if os.path.exists(config.output):
+        _read_existing_rows(config, settings)  # Refuses another run's output before any work.
+    info = data.get_dataset_info(config.dataset)
+    images, labels = data.load_arrays(config.dataset, config.split, data_dir=config.data_dir)
+
+    with strategy.scope():  # Mirrored variables: each replica reads its own copy.
+        base_model = models.load_base_model(config.model)
+    model_shape = smoothing.model_image_shape(base_model)
+    if model_shape is not None and tuple(model_shape) != tuple(info.input_shape):
+        raise ConfigError(f"{config.model} takes images of shape {model_shape}, but --dataset={config.dataset} "
+                          f"has {info.input_shape}")
+    outputs = base_model.outputs[0].shape[-1] if getattr(base_model, "outputs", None) else None
+    if outputs is not None and outputs != info.num_classes:
+        raise ConfigError(f"{config.model} has {outputs} outputs, but --dataset={config.dataset} has "
+                          f"{info.num_classes} classes")
+    smooth = smoothing.Smooth(base_model, info.num_classes, config.sigma,
+                              strategy=strategy if config.strategy == "mirrored" else None)
+    if config.strategy == "mirrored" and verbose:
+        devices = strategy.extended.worker_devices
+        print(f"--strategy=mirrored: each example's samples are split over {len(devices)} device(s), "
+              f"{', '.join(devices)}" + (" (one device: no speed-up)" if len(devices) == 1 else ""))
+
+    # The rows are counted under the lock: another process may have added
+    # some since the check above.
+    out, done = _claim_output(config, settings)
+    indices = config.shard_indices(len(images))[done:]
+
+    samples = (config.n0 + config.n) if config.mode == "certify" else config.n
+    per_call = max(1, _SAMPLES_PER_CALL_IN_BATCHES * config.batch_size // samples)
+    progress = keras.utils.Progbar(len(indices), verbose=verbose, unit_name="example")
+    with out:
+        for start in range(0, len(indices), per_call):
+            batch = indices[start:start + per_call]
+            began = time.time()
+            if config.mode == "certify":
+                predictions, radii = smooth.certify_batch(images[batch], config.n0, config.n, config.alpha,
+                                                          config.batch_size, seed=config.seed, image_ids=batch)
+            else:
+                predictions = smooth.predict_batch(images[batch], config.n, config.alpha, config.batch_size,
+                                                   seed=config.seed, image_ids=batch)
+                radii = np.zeros(len(batch))
+            seconds = (time.time() - began) / len(batch)
+            out.write("".join(certify_log.format_row(config.mode, int(i), int(labels[i]), int(p), r, seconds)
+                              for i, p, r in zip(batch, predictions, radii)).encode("utf-8"))
+            out.flush()
+            os.fsync(out.fileno())
+            progress.add(len(batch))
+    return len(indices)
