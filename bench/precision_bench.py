@@ -25,6 +25,7 @@ certification speed from the TSV's per-example times.
 Timings are only comparable when nothing else runs on the machine.
 """
 
+import fcntl
 import glob
 import json
 import os
@@ -121,31 +122,39 @@ def train_all() -> None:
 
 
 def certify_one(run_dir: str, compute_dtype: str, images: np.ndarray, labels: np.ndarray) -> None:
-    """Certifies the selected test images into a TSV, resuming after its last row."""
+    """Certifies the selected test images into a TSV, resuming after its last row.
+
+    The TSV is locked while it is written, so several copies of this script
+    (say, one per seed) can run at once: a TSV another one holds is skipped.
+    """
     path = certify_tsv(run_dir, compute_dtype)
     indices = np.arange(0, min(_MAX.value, len(images)), _SKIP.value)
-    done = 0
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            done = max(0, len(f.read().splitlines()) - 1)
-    if done >= len(indices):
-        print(f"{path}: certified already", flush=True)
-        return
-    base = models.load_base_model(run_dir, compute_dtype=compute_dtype)
-    info = data.get_dataset_info("fashion_mnist")
-    smooth = smoothing.Smooth(base, info.num_classes, SIGMA)
-    print(f"certifying {len(indices) - done} images of {run_dir} in {compute_dtype} ...", flush=True)
-    with open(path, "a", encoding="utf-8") as out, OtherLoad() as load:
-        if done == 0:
-            out.write(smoothing.HEADERS["certify"] + "\n")
-        for idx in indices[done:]:
-            began = time.time()
-            classes, radii = smooth.certify_batch(images[idx:idx + 1], _N0.value, _N.value, _ALPHA.value,
-                                                  _CERTIFY_BATCH_SIZE.value, seed=_CERTIFY_SEED.value,
-                                                  image_ids=[idx])
-            seconds = time.time() - began
-            out.write(format_row(int(idx), int(labels[idx]), int(classes[0]), float(radii[0]), seconds))
-            out.flush()
+    with open(path, "a+", encoding="utf-8") as out:
+        try:
+            fcntl.flock(out.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"{path}: being certified by another process; skipped", flush=True)
+            return
+        out.seek(0)
+        done = max(0, len(out.read().splitlines()) - 1)
+        if done >= len(indices):
+            print(f"{path}: certified already", flush=True)
+            return
+        base = models.load_base_model(run_dir, compute_dtype=compute_dtype)
+        info = data.get_dataset_info("fashion_mnist")
+        smooth = smoothing.Smooth(base, info.num_classes, SIGMA)
+        print(f"certifying {len(indices) - done} images of {run_dir} in {compute_dtype} ...", flush=True)
+        with OtherLoad() as load:
+            if done == 0:
+                out.write(smoothing.HEADERS["certify"] + "\n")
+            for idx in indices[done:]:
+                began = time.time()
+                classes, radii = smooth.certify_batch(images[idx:idx + 1], _N0.value, _N.value, _ALPHA.value,
+                                                      _CERTIFY_BATCH_SIZE.value, seed=_CERTIFY_SEED.value,
+                                                      image_ids=[idx])
+                seconds = time.time() - began
+                out.write(format_row(int(idx), int(labels[idx]), int(classes[0]), float(radii[0]), seconds))
+                out.flush()
     print(f"  other processes used {load.cores if load.cores is None else round(load.cores, 2)} cores",
           flush=True)
 
@@ -187,7 +196,7 @@ def report() -> None:
           f"epochs, lr 0.01 x0.1 every {_LR_STEP_SIZE.value}, batch 256; certified on every {_SKIP.value}th test "
           f"image, n0={_N0.value} n={_N.value} alpha={_ALPHA.value}")
     header = (["trained in", "seed", "certified in", "ACR", "clean acc."] + [f"cert. acc. @{r:g}" for r in RADII[1:]]
-              + ["noisy test acc. (last epoch)", "train clean img/s (median epoch)", "certify samples/s"])
+              + ["noisy test acc. (last epoch)", "train clean img/s (median epoch)", "certify samples/s (median image)"])
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * 3 + "---:|" * (len(header) - 3))
     rows = []
@@ -198,11 +207,14 @@ def report() -> None:
             path = certify_tsv(run_dir, compute_dtype)
             if not os.path.exists(path):
                 continue
-            summary = analysis.summarize(analysis.read_certify_tsv(path), RADII)
-            seconds = row_seconds(path)
-            rate = (_N0.value + _N.value) * (len(seconds) - 1) / sum(seconds[1:])  # The first row traces.
+            log = analysis.read_certify_tsv(path)
+            summary = analysis.summarize(log, RADII)
+            # The ACR is a mean over the images: its sampling error over test images, for comparing runs.
+            acr_standard_error = float(np.std(log.radius * log.correct, ddof=1) / np.sqrt(len(log.idx)))
+            # The median row: rows that trace (the first of each resumed run) or meet a load spike do not count.
+            rate = (_N0.value + _N.value) / float(np.median(row_seconds(path)))
             rows.append({"trained_in": TRAINED_IN[train_precision], "seed": seed, "certified_in": compute_dtype,
-                         "n": summary.n, "acr": summary.acr, "clean_accuracy": summary.clean_accuracy,
+                         "n": summary.n, "acr": summary.acr, "acr_standard_error": acr_standard_error, "clean_accuracy": summary.clean_accuracy,
                          "certified_accuracy": {f"{r:g}": summary.certified_accuracy[r] for r in RADII},
                          "noisy_test_accuracy": noisy[-1] if noisy else None,
                          "train_images_per_second": speeds, "certify_samples_per_second": rate,
@@ -213,6 +225,20 @@ def report() -> None:
             cells += [f"{noisy[-1]:.4f}" if noisy else "-", f"{np.median(speeds):,.0f}" if speeds else "-",
                       f"{rate:,.0f}"]
             print("| " + " | ".join(cells) + " |")
+    print("ACR standard errors over the images, sd(radius x correct) / sqrt(n): "
+          + "; ".join(f"{r['trained_in']} seed {r['seed']} in {r['certified_in']}: {r['acr_standard_error']:.4f}"
+                      for r in rows))
+    # One model certified in both dtypes, image by image (the same noise keys): how much the dtype moves a certificate.
+    for train_precision, seed, run_dir in runs():
+        paths = [certify_tsv(run_dir, dtype) for dtype in compute_dtypes(train_precision)]
+        if len(paths) == 2 and all(os.path.exists(p) for p in paths):
+            a, b = (analysis.read_certify_tsv(p) for p in paths)
+            n = min(len(a.idx), len(b.idx))
+            gain = b.radius[:n] * b.correct[:n] - a.radius[:n] * a.correct[:n]
+            print(f"{TRAINED_IN[train_precision]} seed {seed}, bfloat16 - float32 certification on the same "
+                  f"{n} images: same prediction on {np.mean(a.predict[:n] == b.predict[:n]):.1%}, ACR difference "
+                  f"{gain.mean():+.4f} (paired standard error {gain.std(ddof=1) / np.sqrt(n):.4f}), "
+                  f"|radius difference| median {np.median(np.abs(b.radius[:n] - a.radius[:n])):.3f}")
     for row in rows:
         speeds = row["train_images_per_second"]
         if row["certified_in"] == "float32" and speeds:
