@@ -9,6 +9,11 @@ the machine's float32 matmul rate (tf.linalg.matmul of 2048 x 2048 matrices)
 and reports the throughput as a fraction of it, counting LeNet's forward
 pass as 4.58 MFLOP per sample.
 
+Each dtype of --compute_dtypes is certified in turn, by certifying a copy of
+the model saved with that compute dtype (`models.load_base_model(...,
+compute_dtype=...)`), and reported with its ratio to float32; the script
+first prints the CPU's bfloat16 capability (tf_consreg.precision).
+
 Other processes share the CPU on a busy machine: the script also reports how
 many cores they used during each measurement (from /proc/stat), so numbers
 taken under load can be told apart.
@@ -18,6 +23,7 @@ Example:
   python bench/certify_bench.py                 # defaults of bin/certify.py
   python bench/certify_bench.py --batch_size=4000 --examples=4
   python bench/certify_bench.py --model_dir=runs/fmnist_consistency_0.25
+  python bench/certify_bench.py --compute_dtypes=float32
 """
 
 import os
@@ -33,7 +39,9 @@ import tensorflow as tf
 
 from tf_consreg import certify_run
 from tf_consreg import data
+from tf_consreg import config as config_lib
 from tf_consreg import models
+from tf_consreg import precision
 
 from measure import OtherLoad
 from measure import row_seconds
@@ -47,6 +55,8 @@ _BATCH_SIZE = flags.DEFINE_integer("batch_size", certify_run.DEFAULT_BATCH_SIZE,
                                    "Noisy copies per forward pass (bin/certify.py's default).")
 _MODEL_DIR = flags.DEFINE_string("model_dir", None, "A trained run to certify (default: an untrained LeNet; "
                                  "the speed does not depend on the weights).")
+_COMPUTE_DTYPES = flags.DEFINE_list("compute_dtypes", list(precision.COMPUTE_DTYPES),
+                                    "Compute dtypes to certify in, in turn; float32 is the ratios' base.")
 _MATMUL_SIZE = flags.DEFINE_integer("matmul_size", 2048, "Side of the square matrices of the matmul rate.")
 
 
@@ -66,16 +76,21 @@ def matmul_gflops(size: int, repeats: int = 10) -> float:
     return 2 * size**3 / best / 1e9
 
 
-def certify_rows(directory: str):
-    """Runs certify_dataset like bin/certify.py; returns the per-row seconds and the others' load."""
+def certify_rows(directory: str, compute_dtype: str):
+    """Runs certify_dataset like bin/certify.py on the model in `compute_dtype`; returns the row seconds and load."""
     if _MODEL_DIR.value:
-        source = dict(model_dir=_MODEL_DIR.value, dataset="fashion_mnist")
+        base = models.load_base_model(_MODEL_DIR.value, compute_dtype=compute_dtype)
+        sigma = config_lib.read_train_config(_MODEL_DIR.value).sigma
     else:
-        model = os.path.join(directory, "lenet.keras")
-        models.get_architecture("lenet", "fashion_mnist").save(model)
-        source = dict(model=model, dataset="fashion_mnist", sigma=0.25)
-    config = certify_run.CertifyConfig(output=os.path.join(directory, "certify.tsv"), max=_EXAMPLES.value,
-                                       n0=_N0.value, n=_N.value, batch_size=_BATCH_SIZE.value, **source)
+        base = models.with_compute_policy(models.get_architecture("lenet", "fashion_mnist"),
+                                          precision.compute_policy(compute_dtype))
+        sigma = 0.25
+    # Saved with the compute dtype in its layers, the copy computes in it when certify_dataset loads it.
+    model = os.path.join(directory, f"lenet_{compute_dtype}.keras")
+    base.save(model)
+    config = certify_run.CertifyConfig(output=os.path.join(directory, f"certify_{compute_dtype}.tsv"),
+                                       max=_EXAMPLES.value, n0=_N0.value, n=_N.value, batch_size=_BATCH_SIZE.value,
+                                       model=model, dataset="fashion_mnist", sigma=sigma)
     data.load_arrays(config.dataset, config.split)  # Warm the file cache; not part of certification.
     with OtherLoad() as load:
         certify_run.certify_dataset(config, verbose=0)
@@ -84,12 +99,16 @@ def certify_rows(directory: str):
 
 def main(argv):
     del argv
+    for compute_dtype in _COMPUTE_DTYPES.value:
+        precision.compute_policy(compute_dtype)  # Refuses an unknown dtype before any work.
     directory = tempfile.mkdtemp()
+    runs = {}
     try:
         # The matmul rate before and after certification; the best counts.
         with OtherLoad() as before:
             gflops = matmul_gflops(_MATMUL_SIZE.value)
-        seconds, certify_load = certify_rows(directory)
+        for compute_dtype in _COMPUTE_DTYPES.value:
+            runs[compute_dtype] = certify_rows(directory, compute_dtype)
         with OtherLoad() as after:
             gflops = max(gflops, matmul_gflops(_MATMUL_SIZE.value))
     finally:
@@ -97,24 +116,26 @@ def main(argv):
     loads = [load.cores for load in (before, after) if load.cores is not None]
     matmul_load = max(loads) if loads else None
 
-    samples = _N0.value + _N.value
-    steady = seconds[1:] or seconds
-    rate = samples * len(steady) / sum(steady)
-    fraction = rate * LENET_FLOPS_PER_SAMPLE / (gflops * 1e9)
-
     def load_text(cores):
         return "unknown" if cores is None else f"{cores:.2f} of {os.cpu_count()} cores"
 
     print(f"TensorFlow {tf.__version__}, oneDNN {os.environ.get('TF_ENABLE_ONEDNN_OPTS')}, "
           f"{os.cpu_count()} CPU cores")
+    print(f"bfloat16: {precision.probe().describe()}")
     print(f"float32 matmul ({_MATMUL_SIZE.value}^2): {gflops:.1f} GFLOP/s "
           f"(other processes: {load_text(matmul_load)})")
-    print(f"certify: LeNet, Fashion-MNIST, n0={_N0.value} n={_N.value} batch_size={_BATCH_SIZE.value}, "
-          f"{len(seconds)} images (other processes: {load_text(certify_load)})")
-    print(f"  first image (traces): {samples / seconds[0]:,.0f} samples/s")
-    print(f"  steady state: {rate:,.0f} samples/s = {rate * LENET_FLOPS_PER_SAMPLE / 1e9:.1f} GFLOP/s "
-          f"= {fraction:.0%} of the matmul rate")
-
+    samples = _N0.value + _N.value
+    rates = {}
+    for compute_dtype, (seconds, certify_load) in runs.items():
+        steady = seconds[1:] or seconds
+        rates[compute_dtype] = rate = samples * len(steady) / sum(steady)
+        fraction = rate * LENET_FLOPS_PER_SAMPLE / (gflops * 1e9)
+        ratio = f" = {rate / rates['float32']:.2f} x float32" if "float32" in rates else ""
+        print(f"certify in {compute_dtype}: LeNet, Fashion-MNIST, n0={_N0.value} n={_N.value} "
+              f"batch_size={_BATCH_SIZE.value}, {len(seconds)} images (other processes: {load_text(certify_load)})")
+        print(f"  first image (traces): {samples / seconds[0]:,.0f} samples/s")
+        print(f"  steady state: {rate:,.0f} samples/s{ratio} = {rate * LENET_FLOPS_PER_SAMPLE / 1e9:.1f} GFLOP/s "
+              f"= {fraction:.0%} of the float32 matmul rate")
 
 if __name__ == "__main__":
     app.run(main)

@@ -18,6 +18,8 @@ from absl.testing import parameterized
 
 from tf_consreg import data
 from tf_consreg import models
+from tf_consreg import training
+from tf_consreg.config import TrainConfig
 from tf_consreg.errors import ConfigError
 from tf_consreg.models import layers
 
@@ -215,6 +217,117 @@ class MixedPrecisionTest(tf.test.TestCase, parameterized.TestCase):
         logits = model(np.random.default_rng(3).random((2, 32, 32, 3), dtype=np.float32), training=True)
         self.assertEqual(logits.dtype, tf.float32)
         self.assertTrue(np.all(np.isfinite(logits.numpy())))
+
+
+def _leaves(model):
+    leaves = []
+    for layer in model.layers:
+        leaves.extend(_leaves(layer) if isinstance(layer, keras.Model) else [layer])
+    return leaves
+
+
+class LoadComputeDtypeTest(tf.test.TestCase, parameterized.TestCase):
+    """load_base_model(..., compute_dtype=...): the function certified, whatever the training policy.
+
+    The models are built by `training.build`, as bin/train.py builds them under
+    --mixed_precision, and saved as training saves them. The reference of each
+    check is the architecture built afresh under the policy in question and
+    given the same weights: the same layers on the same inputs and device, so
+    the logits must be equal bit for bit.
+    """
+
+    def tearDown(self):
+        keras.config.set_dtype_policy("float32")
+        super().tearDown()
+
+    def _trained(self, directory, arch, dataset, mixed_precision):
+        config = TrainConfig(model_dir=directory, arch=arch, dataset=dataset, mixed_precision=mixed_precision)
+        keras.utils.set_random_seed(8)
+        base = training.build(config, steps_per_epoch=1).base_model
+        info = data.get_dataset_info(dataset)
+        x = np.random.default_rng(9).random((4, *info.input_shape), dtype=np.float32)
+        base(x, training=True)  # Moves BN running statistics (ResNet) off their initial values.
+        base.save(os.path.join(directory, models.BASE_MODEL_FILE))
+        return base, x
+
+    def _reference(self, arch, dataset, policy, weights):
+        keras.config.set_dtype_policy(policy)
+        try:
+            model = models.get_architecture(arch, dataset)
+        finally:
+            keras.config.set_dtype_policy("float32")
+        model.set_weights(weights)
+        return model
+
+    @parameterized.parameters(("lenet", "fashion_mnist"), ("cifar_resnet20", "cifar10"))
+    def test_bfloat16_trained_model_loads_as_float32(self, arch, dataset):
+        with tempfile.TemporaryDirectory() as directory:
+            trained, x = self._trained(directory, arch, dataset, "mixed_bfloat16")
+            as_saved = models.load_base_model(directory)
+            loaded = models.load_base_model(directory, compute_dtype="float32")
+        # The saved model is a bfloat16 one: loaded as is, it computes in bfloat16.
+        first_conv = next(layer for layer in _leaves(as_saved) if isinstance(layer, keras.layers.Conv2D))
+        self.assertEqual(first_conv.compute_dtype, "bfloat16")
+        for layer in _leaves(loaded):
+            self.assertEqual(layer.compute_dtype, "float32", layer.name)
+        for variable in loaded.weights:
+            self.assertEqual(variable.dtype, "float32", variable.path)
+        reference = self._reference(arch, dataset, "float32", trained.get_weights())
+        logits = loaded(x, training=False)
+        self.assertEqual(logits.dtype, tf.float32)
+        self.assertAllEqual(logits, reference(x, training=False))
+        # And that is another function than the bfloat16 one it was trained as.
+        self.assertNotAllClose(logits, as_saved(x, training=False), atol=0, rtol=0)
+
+    @parameterized.parameters(
+        ("lenet", "fashion_mnist", "mixed_bfloat16"), ("lenet", "fashion_mnist", "none"),
+        ("cifar_resnet20", "cifar10", "none"))
+    def test_bfloat16_loading_computes_in_bfloat16(self, arch, dataset, mixed_precision):
+        with tempfile.TemporaryDirectory() as directory:
+            trained, x = self._trained(directory, arch, dataset, mixed_precision)
+            loaded = models.load_base_model(directory, compute_dtype="bfloat16")
+        leaves = _leaves(loaded)
+        head = leaves[-1]
+        self.assertIsInstance(head, keras.layers.Dense)
+        self.assertEqual(head.compute_dtype, "float32")  # float32 logits, as the architectures build them.
+        for layer in leaves[:-1]:
+            if not isinstance(layer, keras.layers.InputLayer):
+                self.assertEqual(layer.compute_dtype, "bfloat16", layer.name)
+        for variable in loaded.weights:
+            self.assertEqual(variable.dtype, "float32", variable.path)
+        # The layer before the classifier really returns bfloat16 (its matmul runs in bfloat16).
+        penultimate = leaves[-2]
+        features = penultimate(tf.zeros([1, *penultimate.input.shape[1:]]))
+        self.assertEqual(features.dtype, tf.bfloat16)
+        reference = self._reference(arch, dataset, "mixed_bfloat16", trained.get_weights())
+        logits = loaded(x, training=False)
+        self.assertEqual(logits.dtype, tf.float32)
+        self.assertAllEqual(logits, reference(x, training=False))
+        float32 = self._reference(arch, dataset, "float32", trained.get_weights())
+        self.assertNotAllClose(logits, float32(x, training=False), atol=0, rtol=0)
+
+    def test_default_keeps_the_saved_policies(self):
+        with tempfile.TemporaryDirectory() as directory:
+            trained, x = self._trained(directory, "lenet", "fashion_mnist", "mixed_bfloat16")
+            loaded = models.load_base_model(directory)
+        def policies(model):
+            return [(layer.name, layer.dtype_policy.name) for layer in _leaves(model)
+                    if not isinstance(layer, keras.layers.InputLayer)]  # An input layer computes nothing.
+
+        self.assertEqual(policies(loaded), policies(trained))
+        self.assertAllEqual(loaded(x, training=False), trained(x, training=False))
+
+    def test_unknown_compute_dtype(self):
+        with tempfile.TemporaryDirectory() as directory:
+            self._trained(directory, "lenet", "fashion_mnist", "none")
+            with self.assertRaisesRegex(ConfigError, "^--compute_dtype='float16' is unknown"):
+                models.load_base_model(directory, compute_dtype="float16")
+
+    def test_the_global_policy_is_left_as_it_was(self):
+        with tempfile.TemporaryDirectory() as directory:
+            self._trained(directory, "lenet", "fashion_mnist", "none")
+            models.load_base_model(directory, compute_dtype="bfloat16")
+        self.assertEqual(keras.config.dtype_policy().name, "float32")
 
 
 class RegistryTest(tf.test.TestCase, parameterized.TestCase):

@@ -12,10 +12,11 @@ are the authors' (`code/architectures.py`):
 """
 
 import os
-from typing import Dict
+from typing import Dict, List, Optional
 
 import keras
 
+from tf_consreg import precision
 from tf_consreg.errors import ConfigError
 from tf_consreg.models.cifar_resnet import cifar_resnet20, cifar_resnet110
 from tf_consreg.models.densenet import cifar_densenet40
@@ -83,24 +84,83 @@ def get_architecture(name: str, dataset: str) -> keras.Model:
     return keras.Model(inputs, outputs, name=f"{name}_{dataset}")
 
 
-def load_base_model(path: str) -> keras.Model:
-    """Loads a saved base classifier.
+def load_base_model(path: str, compute_dtype: Optional[str] = None) -> keras.Model:
+    """Loads a saved base classifier, computing in the dtype it was saved with or in `compute_dtype`.
+
+    A model trained under a mixed policy is saved with that policy in its
+    layers: loaded as is, it computes in bfloat16 (or float16). Certification
+    must know which function it samples, so it names the dtype:
+
+    * "float32": every layer computes in float32, whatever the training
+      policy: the model trained in float32 would compute the same function
+      with these weights.
+    * "bfloat16": every layer computes in bfloat16 (the mixed_bfloat16
+      policy) but the ones that produce the model's outputs, which compute in
+      float32 as every architecture builds its classifier; this is the
+      network a model trained under mixed_bfloat16 computes, whatever the
+      training policy.
+
+    Variables are float32 under both, and the logits are float32. The model
+    is rebuilt with the new policies and given the saved weights.
 
     Args:
       path: a `.keras` file, or a training `--model_dir` holding `base_model.keras`.
+      compute_dtype: None (as saved) or one of `tf_consreg.precision.COMPUTE_DTYPES`.
 
     Raises:
-      ConfigError: nothing loadable at `path`.
+      ConfigError: nothing loadable at `path`, or an unknown `compute_dtype`.
     """
+    policy = None if compute_dtype is None else precision.compute_policy(compute_dtype)
     if os.path.isdir(path):
         path = os.path.join(path, BASE_MODEL_FILE)
     if not os.path.isfile(path):
         raise ConfigError(f"{path} not found: train a model with bin/train.py first, or pass a .keras file")
     try:
-        return keras.models.load_model(path, compile=False)
+        model = keras.models.load_model(path, compile=False)
     except Exception as e:  # Keras raises many types for a bad archive.
         raise ConfigError(f"{path}: not a loadable Keras model ({type(e).__name__}: {e})") from e
+    return model if policy is None else with_compute_policy(model, policy)
+
+
+def _output_layers(model: keras.Model) -> List[keras.layers.Layer]:
+    """The layers, inside nested models too, whose outputs are `model`'s outputs."""
+    if isinstance(model, keras.Sequential):
+        heads = model.layers[-1:]
+    else:
+        heads = [model.get_layer(name) for name in model.output_names]
+    found = []
+    for layer in heads:
+        found.extend(_output_layers(layer) if isinstance(layer, keras.Model) else [layer])
+    return found
+
+
+def with_compute_policy(model: keras.Model, policy: str) -> keras.Model:
+    """A copy of `model`, with its weights, whose layers compute under the Keras dtype policy `policy`.
+
+    The layers producing the outputs (the classifier) compute in float32
+    under any policy, so the logits stay float32.
+
+    Args:
+      model: a built functional or sequential model (nested models are rebuilt too).
+      policy: a Keras dtype policy name with float32 variables: "float32" or "mixed_bfloat16".
+    """
+    heads = {id(layer) for layer in _output_layers(model)}
+
+    def rebuild(layer):
+        config = layer.get_config()
+        config["dtype"] = "float32" if id(layer) in heads else policy
+        return layer.__class__.from_config(config)
+
+    # The containers clone_model creates take the global policy.
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(policy)
+    try:
+        clone = keras.models.clone_model(model, clone_function=rebuild, recursive=True)
+    finally:
+        keras.config.set_dtype_policy(previous)
+    clone.set_weights(model.get_weights())
+    return clone
 
 
 __all__ = ["ARCHITECTURES", "BASE_MODEL_FILE", "Normalization", "check_architecture", "get_architecture",
-           "load_base_model"]
+           "load_base_model", "with_compute_policy"]
