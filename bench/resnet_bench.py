@@ -30,6 +30,7 @@ def main() -> None:
     parser.add_argument("--steps_per_execution", type=int, default=1)
     args = parser.parse_args()
 
+    from tf_consreg import callbacks  # pylint: disable=import-outside-toplevel
     from tf_consreg import data  # pylint: disable=import-outside-toplevel
     from tf_consreg import training  # pylint: disable=import-outside-toplevel
     from tf_consreg.config import TrainConfig  # pylint: disable=import-outside-toplevel
@@ -44,7 +45,7 @@ def main() -> None:
         pipeline = data.make_input("cifar10", "train", args.batch_size, training=True, limit=args.examples,
                                    seed=0, drop_remainder=True, mock=True)
         model = training.build(config, pipeline.steps_per_epoch)
-        history = model.fit(pipeline.dataset, epochs=args.epochs, callbacks=[training.Throughput(args.batch_size)],
+        history = model.fit(pipeline.dataset, epochs=args.epochs, callbacks=[callbacks.Throughput(args.batch_size)],
                             shuffle=False, verbose=0)
     speeds = history.history["images_per_second"]
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "

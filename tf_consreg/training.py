@@ -15,7 +15,6 @@ import os
 import shutil
 import sys
 import tempfile
-import time
 from typing import Callable, Dict, List, Optional
 
 import keras
@@ -222,125 +221,6 @@ class ConsistencyModel(keras.Model):
 
 
 # --------------------------------------------------------------------------
-# Callbacks.
-
-
-class EpochSchedule(keras.callbacks.Callback):
-    """Tells the wrapper the epoch, for SmoothAdv's warm-up and MACER's deferral."""
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.model.set_epoch(epoch)
-
-
-class EpochCheckpoint(keras.callbacks.Callback):
-    """Saves model, optimizer and the finished epoch count after every epoch.
-
-    `tf.train.CheckpointManager` writes the new checkpoint completely before it
-    updates its index file, so a run killed at any moment resumes from the
-    last complete epoch.
-
-    Args:
-      manager: writes the checkpoints.
-      epoch_var: the checkpointed count of finished epochs.
-      keep: False for a multi-worker non-chief, which must take part in
-        every save (saving reads variables through collectives) but whose
-        copy nobody reads: it is deleted at once.
-    """
-
-    def __init__(self, manager: tf.train.CheckpointManager, epoch_var: tf.Variable, keep: bool = True):
-        super().__init__()
-        self._manager = manager
-        self._epoch = epoch_var
-        self._keep = keep
-
-    def on_epoch_end(self, epoch, logs=None):
-        self._epoch.assign(epoch + 1)
-        self._manager.save(checkpoint_number=epoch + 1)
-        if not self._keep:
-            shutil.rmtree(self._manager.directory, ignore_errors=True)
-
-
-class ScalarLogger(keras.callbacks.Callback):
-    """Writes every reported term to TensorBoard: per step and per epoch.
-
-    Steps are the optimizer's iteration count, and epochs the true epoch
-    numbers, so curves continue where they stopped when a run resumes (Keras's
-    own TensorBoard callback restarts its step counter at every `fit`).
-    """
-
-    def __init__(self, log_dir: str, update_freq: int):
-        super().__init__()
-        self._update_freq = max(1, update_freq)
-        self._train = tf.summary.create_file_writer(os.path.join(log_dir, "train"))
-        self._val = tf.summary.create_file_writer(os.path.join(log_dir, "validation"))
-
-    def _learning_rate(self) -> float:
-        return float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
-
-    def on_train_begin(self, logs=None):
-        # Count steps on the host: reading the optimizer's counter every step
-        # would wait for each step to finish before dispatching the next.
-        self._step = int(self.model.optimizer.iterations.numpy())
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._epoch_start = self._step
-
-    def on_train_batch_end(self, batch, logs=None):
-        # `batch` is the epoch's last finished step (several per call with
-        # steps_per_execution > 1).
-        previous, self._step = self._step, self._epoch_start + batch + 1
-        if logs and self._step // self._update_freq > previous // self._update_freq:
-            with self._train.as_default(step=self._step):
-                for name, value in logs.items():
-                    tf.summary.scalar(f"step/{name}", float(value))
-                tf.summary.scalar("step/learning_rate", self._learning_rate())
-
-    def on_epoch_end(self, epoch, logs=None):
-        logs = logs or {}
-        step = epoch + 1
-        with self._train.as_default(step=step):
-            for name, value in logs.items():
-                if not name.startswith("val_"):
-                    tf.summary.scalar(f"epoch/{name}", float(value))
-            tf.summary.scalar("epoch/learning_rate", self._learning_rate())
-        with self._val.as_default(step=step):
-            for name, value in logs.items():
-                # CertifyCallback writes its own numbers; show each number once.
-                if name.startswith("val_") and not callbacks_lib.is_certify_metric(name):
-                    tf.summary.scalar(f"epoch/{name[4:]}", float(value))
-        self._train.flush()
-        self._val.flush()
-
-
-class Throughput(keras.callbacks.Callback):
-    """Adds the epoch's training speed, in clean images per second, to the logs.
-
-    Timed from the end of the epoch's first step (which pays for tracing) to
-    the end of its last, so validation is not counted.
-    """
-
-    def __init__(self, clean_images_per_step: int):
-        super().__init__()
-        self._per_step = clean_images_per_step
-        self._start = self._end = None
-        self._steps = 0
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._start = self._end = None
-        self._steps = 0
-
-    def on_train_batch_end(self, batch, logs=None):
-        now = time.perf_counter()
-        if self._start is None:
-            self._start, self._first = now, batch
-        self._end, self._steps = now, batch - self._first
-
-    def on_epoch_end(self, epoch, logs=None):
-        if logs is not None and self._steps:
-            logs["images_per_second"] = self._steps * self._per_step / max(self._end - self._start, 1e-9)
-
-
-# --------------------------------------------------------------------------
 # The training run.
 
 
@@ -497,7 +377,7 @@ def train(config: TrainConfig, flags_text: Optional[str] = None,
         # The held-out images are the LAST certify_examples of the whole
         # training split, whatever --train_examples is; they are never trained on.
         full = data_lib.open_source(config.dataset, "train", data_dir=config.data_dir, mock=config.mock_data)
-        train_x, train_y, val_x, val_y = callbacks_lib.holdout_split(
+        train_x, train_y, val_x, val_y = data_lib.holdout_split(
             full.images, full.labels, config.certify_examples, train_examples=config.train_examples)
         train_source = dataclasses.replace(full, num_examples=len(train_x), images=train_x, labels=train_y)
         if is_chief:
@@ -588,13 +468,13 @@ def _train_in(config: TrainConfig, strategy: tf.distribute.Strategy, task: Optio
             eval_input = eval_source.make_input(batch, training=False, drop_remainder=drop_remainder,
                                                 strategy=input_strategy)
     callbacks = [
-        EpochSchedule(),
-        Throughput(batch),
+        callbacks_lib.EpochSchedule(),
+        callbacks_lib.Throughput(batch),
         # Adds val_acr & co. to the epoch logs: before everything that reads them.
         *certify,
         # After it: a kill during certification redoes that epoch.
-        EpochCheckpoint(manager, epoch, keep=task is None or task.is_chief),
-        ScalarLogger(os.path.join(work_dir, LOGS_DIR), update_freq=max(1, steps_per_epoch // 20)),
+        callbacks_lib.EpochCheckpoint(manager, epoch, keep=task is None or task.is_chief),
+        callbacks_lib.ScalarLogger(os.path.join(work_dir, LOGS_DIR), update_freq=max(1, steps_per_epoch // 20)),
         *extra_callbacks,
     ]
     verbose = 1 if sys.stdout.isatty() else 2

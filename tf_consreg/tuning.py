@@ -470,7 +470,7 @@ def _load_holdout(config: TuneConfig) -> _Holdout:
     from tf_consreg import data as data_lib  # pylint: disable=import-outside-toplevel
 
     images, labels = data_lib.load_uint8(config.train.dataset, "train", data_dir=config.train.data_dir)
-    train_images, _, val_images, val_labels = callbacks.holdout_split(
+    train_images, _, val_images, val_labels = data_lib.holdout_split(
         images, labels, config.certify_examples, train_examples=config.train.train_examples)
     return _Holdout(images=val_images.astype(np.float32) / 255.0, labels=val_labels,
                     ids=np.arange(len(images) - len(val_images), len(images)), train_examples=len(train_images))
