@@ -9,13 +9,12 @@ saves, certifies and exports.
 
 import contextlib
 import dataclasses
-import hashlib
 import math
 import os
 import shutil
 import sys
 import tempfile
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List, Optional
 
 import keras
 import numpy as np
@@ -27,6 +26,7 @@ from tf_consreg import data as data_lib
 from tf_consreg import distribute
 from tf_consreg import losses
 from tf_consreg import models
+from tf_consreg import multi_worker
 from tf_consreg import noise as noise_lib
 from tf_consreg.files import atomic_output
 from tf_consreg.config import TRAIN_CONFIG_FILE, TrainConfig
@@ -341,7 +341,8 @@ def train(config: TrainConfig, flags_text: Optional[str] = None,
     With `strategy="multi_worker"`, every worker of the `TF_CONFIG` cluster
     calls this with the same config. The chief writes the files above; the
     other workers write theirs to a temporary directory they delete at the
-    end, and start from the chief's checkpoint (see `_restore`). Each worker
+    end, and start from the chief's checkpoint (see
+    `multi_worker.share_chief_state`). Each worker
     prints a fingerprint of its final weights, equal on all of them.
 
     Args:
@@ -360,12 +361,7 @@ def train(config: TrainConfig, flags_text: Optional[str] = None,
     task = distribute.cluster_task_from_env() if config.strategy == "multi_worker" else None
     batch = config.clean_batch_size
     if task is not None:
-        # Checked before the strategy waits for the cluster.
-        replicas = task.num_workers * distribute.multi_worker_local_replicas()
-        if batch % replicas:
-            raise ConfigError(f"--batch_size: {batch} clean images per step do not split evenly over {replicas} "
-                              f"replicas ({task.num_workers} workers in TF_CONFIG x "
-                              f"{replicas // task.num_workers} device(s) each)")
+        multi_worker.check_batch_size(task, batch)
     # Every worker checks (read only): on a shared file system they all see the chief's directory.
     _prepare_model_dir(config)
     is_chief = task is None or task.is_chief
@@ -432,7 +428,6 @@ def _train_in(config: TrainConfig, strategy: tf.distribute.Strategy, task: Optio
     """`train` once the run's directory (`work_dir`: the model_dir, or a non-chief's own) is set up."""
     info = data_lib.get_dataset_info(config.dataset)
     batch = config.clean_batch_size
-    replicas = strategy.num_replicas_in_sync
     with strategy.scope():
         model = build(config, steps_per_epoch)
         model.build((None, *info.input_shape))
@@ -446,27 +441,6 @@ def _train_in(config: TrainConfig, strategy: tf.distribute.Strategy, task: Optio
         _restore(model, checkpoint, manager, epoch, strategy, task, config.epochs)
     initial_epoch = int(epoch.numpy())
 
-    # Under several replicas each gets its share of every global batch, in order.
-    if task is not None:
-        # Each epoch is drawn as a run resumed at that epoch would draw it (a
-        # new pipeline seeded seed + epoch), the same on every worker whatever
-        # their iterators' history: the cluster trains on the batches one
-        # device, resumed after every epoch, trains on.
-        def train_data(epoch):
-            return _worker_slices(train_source, batch, training=True, seed=config.seed + epoch, strategy=strategy)
-
-        eval_data = _worker_slices(eval_source, batch, training=False, seed=None, strategy=strategy) \
-            if eval_source is not None else None
-        eval_steps = eval_source.num_examples // batch if eval_source is not None else 0
-    else:
-        # Reshuffle differently after a resume, as the run would have.
-        input_strategy = strategy if replicas > 1 else None
-        train_input = train_source.make_input(batch, training=True, seed=config.seed + initial_epoch,
-                                              drop_remainder=drop_remainder, strategy=input_strategy)
-        eval_input = None
-        if eval_source is not None:
-            eval_input = eval_source.make_input(batch, training=False, drop_remainder=drop_remainder,
-                                                strategy=input_strategy)
     callbacks = [
         callbacks_lib.EpochSchedule(),
         callbacks_lib.Throughput(batch),
@@ -482,10 +456,19 @@ def _train_in(config: TrainConfig, strategy: tf.distribute.Strategy, task: Optio
     if initial_epoch >= config.epochs:
         print(f"{config.model_dir} is already trained for {initial_epoch} epochs; nothing to do")
     elif task is not None:
-        history = fit_distributed(model, strategy, train_data, epochs=config.epochs, initial_epoch=initial_epoch,
-                                  steps_per_epoch=steps_per_epoch, validation_data=eval_data,
-                                  validation_steps=eval_steps, callbacks=callbacks, verbose=verbose)
+        history = multi_worker.fit_cluster(model, strategy, train_source, eval_source, batch_size=batch,
+                                           seed=config.seed, epochs=config.epochs, initial_epoch=initial_epoch,
+                                           steps_per_epoch=steps_per_epoch, callbacks=callbacks, verbose=verbose)
     else:
+        # Under several replicas each gets its share of every global batch, in
+        # order; reshuffled differently after a resume, as the run would have.
+        input_strategy = strategy if strategy.num_replicas_in_sync > 1 else None
+        train_input = train_source.make_input(batch, training=True, seed=config.seed + initial_epoch,
+                                              drop_remainder=drop_remainder, strategy=input_strategy)
+        eval_input = None
+        if eval_source is not None:
+            eval_input = eval_source.make_input(batch, training=False, drop_remainder=drop_remainder,
+                                                strategy=input_strategy)
         # A distributed input repeats endlessly: its epoch length must be given.
         history = model.fit(train_input.dataset, epochs=config.epochs, initial_epoch=initial_epoch,
                             steps_per_epoch=train_input.steps_per_epoch if input_strategy else None,
@@ -493,8 +476,7 @@ def _train_in(config: TrainConfig, strategy: tf.distribute.Strategy, task: Optio
                             validation_steps=eval_input.steps_per_epoch if eval_input and input_strategy else None,
                             callbacks=callbacks, shuffle=False, verbose=verbose)
     if task is not None:
-        print(f"Worker {task.worker_index} of {task.num_workers}: final weights sha256 "
-              f"{weights_fingerprint(model.base_model)}", flush=True)
+        multi_worker.print_final_weights(task, model.base_model)
     if task is None or task.is_chief:
         save_base_model(model.base_model, config.model_dir)
     return history
@@ -505,148 +487,14 @@ def _restore(model: "ConsistencyModel", checkpoint: tf.train.Checkpoint, manager
              epochs: int) -> None:
     """Restores the last checkpoint; under multi_worker, the chief's, on every worker.
 
-    Only the chief's directory holds the run (the others may not see it at
-    all), so the chief restores and every worker then takes the chief's
-    weights, optimizer state and epoch: a cluster restarted after losing a
-    worker continues from the last epoch the chief saved.
+    See `multi_worker.share_chief_state`.
     """
     if manager.latest_checkpoint:
         checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
         print(f"Resuming from {manager.latest_checkpoint} (epoch {int(epoch.numpy())} of {epochs})")
     if task is not None:
-        distribute.broadcast_from_first_replica(strategy, [
-            *model.base_model.weights, *model.optimizer.variables, epoch, model._eval_steps])
-        if not task.is_chief and int(epoch.numpy()):
-            print(f"Resuming from the chief's checkpoint (epoch {int(epoch.numpy())} of {epochs})")
-
-
-def _worker_slices(source: data_lib.Source, batch_size: int, *, training: bool, seed: Optional[int],
-                   strategy: tf.distribute.Strategy):
-    """A multi-worker input: each worker reads its slice of every global batch, in order.
-
-    Every worker builds the same global pipeline (same shuffle, same
-    augmentation seeds) and keeps the rows of its own replicas, so a global
-    batch is split over the cluster exactly as one process splits it over
-    its replicas, and an example's noise (seeded by its global position) does
-    not depend on how the replicas are spread over machines. Streamed
-    datasets (ImageNet) would be read in full by every worker this way: they
-    are sharded by file per worker instead (`Source.make_input`), so their
-    global batches differ from a single process's, while positions and noise
-    stay distinct per replica.
-    """
-    if source.images is None:
-        return source.make_input(batch_size, training=training, seed=seed, drop_remainder=True,
-                                 strategy=strategy).dataset
-
-    def dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
-        per_replica = context.get_per_replica_batch_size(batch_size)
-        local = per_replica * (context.num_replicas_in_sync // context.num_input_pipelines)
-        start = context.input_pipeline_id * local
-        ds = data_lib.make_dataset(source.images, source.labels, batch_size, shuffle=training, seed=seed,
-                                   drop_remainder=True, augment=source.name if training else None)
-        ds = ds.map(lambda x, y: (x[start:start + local], y[start:start + local]))
-        return ds.rebatch(per_replica) if local != per_replica else ds
-
-    return strategy.distribute_datasets_from_function(dataset_fn)
-
-
-def fit_distributed(model: keras.Model, strategy: tf.distribute.Strategy,
-                    train_data: Callable[[int], tf.distribute.DistributedDataset], *, epochs: int,
-                    initial_epoch: int, steps_per_epoch: int, validation_data=None, validation_steps: int = 0,
-                    callbacks: Optional[List[keras.callbacks.Callback]] = None,
-                    verbose: int = 2) -> keras.callbacks.History:
-    """`model.fit` for a distributed dataset, as a loop over the model's own `train_step`.
-
-    Keras 3's `fit` fails under `MultiWorkerMirroredStrategy` ("Attempt to
-    convert a value (PerReplica:{...}) ... to a Tensor": keras-team/keras#20585,
-    tensorflow/tensorflow#72388, open with TF 2.21 / Keras 3.15). This loop
-    does what `fit` does around the step, in the same order, so the same
-    callbacks (checkpoints, TensorBoard, progress bar, epoch schedule)
-    behave the same: metrics reset per epoch; per-step logs are the mean over
-    replicas of each replica's metrics (Keras's "auto" reduction); epoch logs
-    are the last step's; validation resets the metrics, runs `test_step` and
-    reports the metrics' global values with a `val_` prefix. Every worker
-    runs it in lockstep, so no callback may stop training on one worker only.
-
-    Args:
-      model: a compiled Keras model built under `strategy`'s scope.
-      strategy: the strategy.
-      train_data: epoch -> a distributed dataset of that epoch's
-        `steps_per_epoch` batches (or more).
-      epochs, initial_epoch, steps_per_epoch: as for `fit`.
-      validation_data: a distributed dataset of `validation_steps` batches
-        (or more), read from its start at every evaluation; or None.
-      validation_steps: batches of `validation_data` per evaluation.
-      callbacks: Keras callbacks.
-      verbose: 0 silent, 1 progress bar, 2 one line per epoch.
-
-    Returns:
-      The `History` of the run.
-    """
-    per_call = max(1, int(model.steps_per_execution))
-    train_step, test_step = model.train_step, model.test_step
-    if model.jit_compile:
-        train_step = tf.function(train_step, jit_compile=True, reduce_retracing=True)
-        test_step = tf.function(test_step, jit_compile=True, reduce_retracing=True)
-
-    def run_steps(step_fn):
-        @tf.function
-        def steps(iterator, count):  # count: a Python int (one trace for each of at most two values)
-            for _ in range(count):
-                outputs = strategy.run(step_fn, args=(next(iterator),))
-            return {name: strategy.reduce(tf.distribute.ReduceOp.MEAN, value, axis=None)
-                    for name, value in outputs.items()}
-        return steps
-
-    train_steps, test_steps = run_steps(train_step), run_steps(test_step)
-    callbacks = keras.callbacks.CallbackList(callbacks, add_history=True, add_progbar=verbose != 0, model=model,
-                                             verbose=verbose, epochs=epochs, steps=steps_per_epoch)
-    model.stop_training = False
-    callbacks.on_train_begin()
-    epoch_logs = None
-    for epoch in range(initial_epoch, epochs):
-        model.reset_metrics()
-        callbacks.on_epoch_begin(epoch)
-        train_iterator = iter(train_data(epoch))
-        logs = {}
-        for begin in range(0, steps_per_epoch, per_call):
-            count = min(per_call, steps_per_epoch - begin)
-            callbacks.on_train_batch_begin(begin)
-            logs = train_steps(train_iterator, count)
-            callbacks.on_train_batch_end(begin + count - 1, logs)
-            if model.stop_training:
-                break
-        epoch_logs = dict(logs)
-        if validation_data is not None:
-            eval_iterator = iter(validation_data)
-            model.reset_metrics()
-            callbacks.on_test_begin()
-            for begin in range(0, validation_steps, per_call):
-                count = min(per_call, validation_steps - begin)
-                callbacks.on_test_batch_begin(begin)
-                callbacks.on_test_batch_end(begin + count - 1, test_steps(eval_iterator, count))
-            # Read in cross-replica context: the metrics summed over every replica.
-            val_logs = {name: float(value) for name, value in model.get_metrics_result().items()}
-            callbacks.on_test_end(val_logs)
-            epoch_logs.update({f"val_{name}": value for name, value in val_logs.items()})
-        callbacks.on_epoch_end(epoch, epoch_logs)
-        if model.stop_training:
-            break
-    model.optimizer.finalize_variable_values(model.trainable_weights)
-    callbacks.on_train_end(logs=epoch_logs)
-    return model.history
-
-
-def weights_fingerprint(model: keras.Model) -> str:
-    """SHA-256 of a model's weights (their float bytes, in `model.weights` order).
-
-    Workers of a synchronous run end with identical weights, so they print
-    the same fingerprint; it also matches the saved `base_model.keras`.
-    """
-    digest = hashlib.sha256()
-    for value in model.get_weights():
-        digest.update(np.ascontiguousarray(value).tobytes())
-    return digest.hexdigest()
+        multi_worker.share_chief_state(strategy, task, [*model.base_model.weights, *model.optimizer.variables,
+                                                        model._eval_steps], epoch, epochs)
 
 
 def save_base_model(base_model: keras.Model, model_dir: str) -> str:
