@@ -28,7 +28,7 @@ see the README's "Running on a cluster"):
 from absl import flags
 
 from tf_consreg import cli  # Sets TensorFlow's environment before TensorFlow loads.
-from tf_consreg import config as config_lib
+from tf_consreg import training as config_lib
 
 _MODEL_DIR = flags.DEFINE_string("model_dir", None, "Run directory: flags, checkpoints, TensorBoard logs, "
                                  "base_model.keras. An existing run with the same flags resumes.")
@@ -154,11 +154,7 @@ def make_config() -> config_lib.TrainConfig:
 def main(argv):
     del argv
     config = make_config()
-    from tf_consreg import training  # pylint: disable=import-outside-toplevel
-
-    import keras  # pylint: disable=import-outside-toplevel
-    keras.utils.set_random_seed(config.seed)
-    training.train(config, flags_text=flags_text())
+    config_lib.train(config, flags_text=flags_text())
 
 
 if __name__ == "__main__":

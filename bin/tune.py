@@ -28,7 +28,7 @@ Example (a tiny search on Fashion-MNIST at sigma = 0.5):
 from absl import flags
 
 from tf_consreg import cli  # Sets TensorFlow's environment before TensorFlow loads.
-from tf_consreg import config as config_lib
+from tf_consreg import training as config_lib
 from tf_consreg import tuning
 
 _TUNING_DIR = flags.DEFINE_string("tuning_dir", None, "Directory of the search: keras-tuner project, trials, "

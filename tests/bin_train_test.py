@@ -20,6 +20,7 @@ from absl.testing import parameterized
 import keras
 
 from tf_consreg.errors import ConfigError
+from tf_consreg.training import TrainConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 train_bin = None  # bin/train.py, loaded by setUpModule.
@@ -208,8 +209,6 @@ class TrainBinaryTest(tf.test.TestCase, parameterized.TestCase):
 
     def test_model_dir_of_another_run_is_refused_and_untouched(self):
         model_dir = self.create_tempdir().full_path
-        from tf_consreg.config import TrainConfig
-
         with open(os.path.join(model_dir, "train_config.json"), "w") as f:
             f.write(TrainConfig(model_dir=model_dir, arch="lenet", dataset="mnist", sigma=0.25).to_json())
         with open(os.path.join(model_dir, "base_model.keras"), "w") as f:

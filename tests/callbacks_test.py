@@ -78,7 +78,8 @@ class CertifyCallbackTest(tf.test.TestCase, parameterized.TestCase):
             analysis.CertifyLog("ref", np.arange(12), labels, classes, radii, correct), callbacks.DEFAULT_RADII)
 
         # Training with lr = 0 keeps the weights: every certification sees the reference model.
-        model = training.ConsistencyModel(base, sigma=SIGMA, num_noise=2, lbd=1.0, eta=0.5)
+        model = training.ConsistencyModel(
+            base, training.ObjectiveConfig(method="consistency", sigma=SIGMA, num_noise=2, lbd=1.0, eta=0.5))
         model.compile(optimizer=keras.optimizers.SGD(0.0),
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         certify = callbacks.CertifyCallback(images, labels, sigma=SIGMA, num_classes=2, every=2, log_dir=log_dir,
@@ -107,7 +108,8 @@ class CertifyCallbackTest(tf.test.TestCase, parameterized.TestCase):
 
     def test_later_callbacks_see_val_acr(self):
         images, labels = _validation_set()
-        model = training.ConsistencyModel(_brightness_model(), sigma=SIGMA, num_noise=1, method="gaussian")
+        model = training.ConsistencyModel(_brightness_model(),
+                                          training.ObjectiveConfig(method="gaussian", sigma=SIGMA, num_noise=1))
         model.compile(optimizer=keras.optimizers.SGD(0.0),
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         seen = []

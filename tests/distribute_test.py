@@ -30,18 +30,20 @@ def _mirrored():
     return tf.distribute.MirroredStrategy(cpus[:2], cross_device_ops=tf.distribute.ReductionToOneDevice())
 
 
+# The settings of each method's terms.
+_METHOD_FIELDS = {"consistency": dict(lbd=10.0, eta=0.5), "gaussian": {}, "stability": dict(lbd=10.0),
+                  "smoothadv": dict(epsilon=0.5, num_steps=2), "macer": dict(lbd=10.0, beta=2.0, gamma=8.0)}
+
+
 def _train(strategy, method, weights, images, labels, epochs=2):
     with strategy.scope():
         inputs = keras.Input((6, 6, 1))
         hidden = keras.layers.Dense(8, activation="tanh")(keras.layers.Flatten()(inputs))
         base = keras.Model(inputs, keras.layers.Dense(4)(hidden))
         base.set_weights(weights)
-        model = training.ConsistencyModel(base, sigma=0.5, num_noise=1 if method == "stability" else 3,
-                                          method=method, lbd=10.0, eta=0.5, beta=2.0, gamma=8.0, epsilon=0.5,
-                                          num_steps=2, adv_training=method == "consistency_adv",
-                                          weight_decay=0.01, seed=3)
-        if method == "consistency_adv":
-            model.method = "consistency"
+        objective = training.ObjectiveConfig(method=method, sigma=0.5, num_noise=1 if method == "stability" else 3,
+                                             weight_decay=0.01, **_METHOD_FIELDS[method])
+        model = training.ConsistencyModel(base, objective, seed=3)
         model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9),
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     ds = tf.data.Dataset.from_tensor_slices((images, labels)).batch(8, drop_remainder=True)

@@ -397,8 +397,9 @@ class FitDistributedTest(tf.test.TestCase):
             inputs = keras.Input((6, 6, 1))
             base = keras.Model(inputs, keras.layers.Dense(4)(keras.layers.Flatten()(inputs)))
             base.set_weights(init)
-            model = training.ConsistencyModel(base, sigma=0.5, num_noise=2, lbd=10.0, eta=0.5, weight_decay=0.01,
-                                              seed=3)
+            objective = training.ObjectiveConfig(method="consistency", sigma=0.5, num_noise=2, lbd=10.0, eta=0.5,
+                                                 weight_decay=0.01)
+            model = training.ConsistencyModel(base, objective, seed=3)
             model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9),
                           loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         return model

@@ -16,7 +16,7 @@ from absl.testing import parameterized
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from tf_consreg import tuning
-from tf_consreg.config import TrainConfig, read_train_config
+from tf_consreg.training import TrainConfig, read_train_config
 from tf_consreg.errors import ConfigError
 
 TINY_TRAIN = dict(sigma=0.5, batch_size=64, train_examples=128, eval_examples=0)

@@ -1,20 +1,23 @@
-"""Training of smoothed classifiers: the `ConsistencyModel` wrapper and `train`.
+"""Training of smoothed classifiers: its configs, the `ConsistencyModel` wrapper, and `train`.
 
 `ConsistencyModel` holds a base classifier and overrides `train_step` and
 `test_step`: every clean image becomes m noisy copies x + N(0, sigma^2 I), the
-loss is the mean cross-entropy over all copies plus the consistency term of
-`tf_consreg.losses`. The base classifier, not the wrapper, is what `train`
-saves, certifies and exports.
+loss is the mean cross-entropy over all copies plus the method's term from
+`tf_consreg.losses`, as its `ObjectiveConfig` says. `train` runs what a
+`TrainConfig` (bin/train.py's flags) says and writes a run directory. The
+base classifier, not the wrapper, is what `train` saves, certifies and
+exports.
 """
 
 import contextlib
 import dataclasses
+import json
 import math
 import os
 import shutil
 import sys
 import tempfile
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import keras
 import numpy as np
@@ -28,13 +31,321 @@ from tf_consreg import losses
 from tf_consreg import models
 from tf_consreg import multi_worker
 from tf_consreg import noise as noise_lib
-from tf_consreg.files import atomic_output
-from tf_consreg.config import TRAIN_CONFIG_FILE, TrainConfig
 from tf_consreg.errors import ConfigError
+from tf_consreg.files import atomic_output
 
+METHODS = ("gaussian", "consistency", "stability", "smoothadv", "macer")
+MIXED_PRECISION = ("none", "mixed_float16", "mixed_bfloat16")
+
+# What a run directory holds (besides models.BASE_MODEL_FILE).
+TRAIN_CONFIG_FILE = "train_config.json"
+FLAGS_FILE = "flags.txt"
 CHECKPOINT_DIR = "checkpoints"
 LOGS_DIR = "logs"
-FLAGS_FILE = "flags.txt"
+
+# Each method's fields and their defaults, from the authors' train_*.py
+# (epsilon in [0, 1] pixel units: their --epsilon divided by 256). A field
+# that is not in a method's row must stay None, so a flag is never silently
+# ignored. A new method is a row here and its terms in ConsistencyModel.
+_METHOD_FIELDS = {
+    "gaussian": {"num_noise": 1},
+    "consistency": {"num_noise": 2, "lbd": 10.0, "eta": 0.5, "consistency_loss": "default"},
+    "stability": {"num_noise": 1, "lbd": 2.0},
+    "smoothadv": {"num_noise": 1, "epsilon": 64 / 256, "num_steps": 10, "warmup": 1},
+    "macer": {"num_noise": 16, "lbd": 16.0, "beta": 16.0, "gamma": 8.0, "deferred_epochs": 0},
+}
+# SmoothAdv before the consistency objective: --method=consistency
+# --adv_training, the paper's "SmoothAdv + Consistency" (train_consistency.py).
+_ADV_TRAINING_METHOD = "consistency"
+_ADV_TRAINING_FIELDS = {"epsilon": 512 / 256, "num_steps": 4, "warmup": 10}
+# Live certification of a held-out training subset (callbacks.CertifyCallback).
+_CERTIFY_DEFAULTS = {"certify_examples": 200, "certify_n0": 100, "certify_n": 1000, "certify_alpha": 0.001,
+                     "certify_batch_size": 1000}
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def _used_by(name: str) -> str:
+    """The methods that use a method field, as flags: "--method=a or --method=b"."""
+    users = [f"--method={method}" for method, fields in _METHOD_FIELDS.items() if name in fields]
+    if name in _ADV_TRAINING_FIELDS:
+        users.append(f"--method={_ADV_TRAINING_METHOD} --adv_training")
+    return " or ".join(users)
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectiveConfig:
+    """What `ConsistencyModel` minimizes: the method and its settings, checked at construction.
+
+    The method fields (`num_noise` and those after it up to `warmup`) are
+    None when not given: they get the authors' defaults for the methods that
+    use them, and must stay None for the methods that do not, so a setting
+    that would be silently ignored is refused instead.
+
+    Attributes:
+      method: "gaussian", "consistency", "stability", "smoothadv" or "macer"
+        (see `ConsistencyModel`).
+      sigma: noise standard deviation, in [0, 1] pixel units.
+      num_noise: m, noisy copies per clean image (MACER's K).
+      lbd: weight of the regularizer (consistency, stability, MACER's robustness term).
+      eta: weight of the consistency term's entropy.
+      consistency_loss: form of the consistency term (`losses.CONSISTENCY_LOSSES`).
+      beta, gamma: MACER's inverse temperature and hinge margin.
+      deferred_epochs: MACER trains with its robustness weight at 0 for this
+        many epochs first.
+      adv_training: attack before the consistency objective.
+      epsilon, num_steps, warmup: SmoothAdv's L2 radius, PGD steps, and the
+        epochs over which the radius grows linearly to `epsilon`.
+      weight_decay: coupled L2 weight decay (PyTorch SGD's `weight_decay`):
+        the loss gains weight_decay / 2 * ||w||^2 over the trainable weights.
+    """
+
+    method: str
+    sigma: float
+    num_noise: Optional[int] = None
+    lbd: Optional[float] = None
+    eta: Optional[float] = None
+    consistency_loss: Optional[str] = None
+    beta: Optional[float] = None
+    gamma: Optional[float] = None
+    deferred_epochs: Optional[int] = None
+    adv_training: bool = False
+    epsilon: Optional[float] = None
+    num_steps: Optional[int] = None
+    warmup: Optional[int] = None
+    weight_decay: float = 0.0
+
+    def __post_init__(self):
+        _check(self.method in METHODS, f"--method={self.method!r} is unknown; choose one of {', '.join(METHODS)}")
+        _check(self.sigma > 0, f"--sigma must be > 0, got {self.sigma}")
+        _check(not self.adv_training or self.method == _ADV_TRAINING_METHOD,
+               f"--adv_training combines SmoothAdv with --method={_ADV_TRAINING_METHOD}; for "
+               f"--method={self.method} use --method=smoothadv or drop --adv_training")
+        fields = dict(_METHOD_FIELDS[self.method], **(_ADV_TRAINING_FIELDS if self.adv_training else {}))
+        for name in _METHOD_FIELD_NAMES:
+            if name in fields:
+                if getattr(self, name) is None:
+                    object.__setattr__(self, name, fields[name])
+            elif getattr(self, name) is not None:
+                raise ConfigError(f"--{name} is used only by {_used_by(name)}; remove it for --method={self.method}")
+        _check(self.num_noise >= 1, f"--num_noise must be >= 1, got {self.num_noise}")
+        if self.method == "stability":
+            _check(self.num_noise == 1, "--method=stability draws one noise per image: --num_noise must be 1, "
+                   f"got {self.num_noise}")
+        if self.lbd is not None:
+            _check(self.lbd >= 0, f"--lbd must be >= 0, got {self.lbd}")
+        if self.eta is not None:
+            _check(self.eta >= 0, f"--eta must be >= 0, got {self.eta}")
+        if self.consistency_loss is not None:
+            _check(self.consistency_loss in losses.CONSISTENCY_LOSSES,
+                   f"--consistency_loss={self.consistency_loss!r} is unknown; "
+                   f"choose one of {', '.join(losses.CONSISTENCY_LOSSES)}")
+            if self.consistency_loss == "mse":
+                _check(self.num_noise == 2, f"--consistency_loss=mse needs --num_noise=2, got {self.num_noise}")
+        if self.beta is not None:
+            _check(self.beta > 0, f"--beta must be > 0, got {self.beta}")
+        if self.gamma is not None:
+            _check(self.gamma >= 0, f"--gamma must be >= 0, got {self.gamma}")
+        if self.deferred_epochs is not None:
+            _check(self.deferred_epochs >= 0, f"deferred_epochs must be >= 0, got {self.deferred_epochs}")
+        if self.epsilon is not None:
+            _check(self.epsilon >= 0, "--epsilon must be >= 0 (an L2 radius in [0, 1] pixel units), "
+                   f"got {self.epsilon}")
+        if self.num_steps is not None:
+            _check(self.num_steps >= 1, f"--num_steps must be >= 1, got {self.num_steps}")
+        if self.warmup is not None:
+            _check(self.warmup >= 1, f"--warmup must be >= 1, got {self.warmup}")
+        _check(self.weight_decay >= 0, f"--weight_decay must be >= 0, got {self.weight_decay}")
+
+    @property
+    def adversarial(self) -> bool:
+        """Whether each training step first attacks the inputs (SmoothAdv)."""
+        return self.method == "smoothadv" or self.adv_training
+
+
+# The fields a method may use or refuse, in the order they are checked.
+_METHOD_FIELD_NAMES = tuple(f.name for f in dataclasses.fields(ObjectiveConfig)
+                            if any(f.name in fields for fields in (*_METHOD_FIELDS.values(), _ADV_TRAINING_FIELDS)))
+# ObjectiveConfig's fields that are flags, and fields of TrainConfig too.
+# deferred_epochs is not: TrainConfig's --deferred sets it from the
+# learning-rate schedule.
+_OBJECTIVE_FLAGS = tuple(f.name for f in dataclasses.fields(ObjectiveConfig) if f.name != "deferred_epochs")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run needs, checked at construction.
+
+    Its fields are bin/train.py's flags (see its --help); a run directory
+    records them (`train_config.json`, `flags.txt`). The objective's fields
+    are checked, and the method fields given their defaults, by the
+    `ObjectiveConfig` it builds (`objective`), which is what the model takes.
+
+    `deferred` (MACER) defers the robustness term as the authors'
+    train_macer.py does: while epoch <= lr_step_size (0-based), i.e. for the
+    first lr_step_size + 1 epochs (`objective.deferred_epochs`).
+    """
+
+    model_dir: str
+    dataset: str = "fashion_mnist"
+    arch: str = "lenet"
+    method: str = "consistency"
+    sigma: float = 0.25
+    num_noise: Optional[int] = None
+    lbd: Optional[float] = None
+    eta: Optional[float] = None
+    consistency_loss: Optional[str] = None
+    beta: Optional[float] = None
+    gamma: Optional[float] = None
+    deferred: Optional[bool] = None
+    adv_training: bool = False
+    epsilon: Optional[float] = None
+    num_steps: Optional[int] = None
+    warmup: Optional[int] = None
+    epochs: int = 90
+    batch_size: int = 256
+    batch_split: bool = False
+    lr: float = 0.01
+    lr_step_size: int = 30
+    lr_gamma: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    seed: int = 0
+    train_examples: int = 0
+    eval_examples: int = 10000
+    certify_every: int = 0
+    certify_examples: Optional[int] = None
+    certify_n0: Optional[int] = None
+    certify_n: Optional[int] = None
+    certify_alpha: Optional[float] = None
+    certify_batch_size: Optional[int] = None
+    data_dir: Optional[str] = None
+    mock_data: bool = False
+    strategy: str = "auto"
+    steps_per_execution: int = 1
+    mixed_precision: str = "none"
+    jit_compile: bool = False
+    pretrained_model: Optional[str] = None
+    objective: ObjectiveConfig = dataclasses.field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        _check(bool(self.model_dir), "--model_dir is required: the directory for checkpoints, logs and the model")
+        _check(self.dataset in data_lib.DATASETS,
+               f"--dataset={self.dataset!r} is unknown; choose one of {', '.join(data_lib.DATASETS)}")
+        _check(self.arch in models.ARCHITECTURES,
+               f"--arch={self.arch!r} is unknown; choose one of {', '.join(models.ARCHITECTURES)}")
+        models.check_architecture(self.arch, self.dataset)
+        self._build_objective()
+        _check(self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")
+        _check(self.batch_size >= 1, f"--batch_size must be >= 1, got {self.batch_size}")
+        _check(self.lr > 0, f"--lr must be > 0, got {self.lr}")
+        _check(self.lr_step_size >= 1, f"--lr_step_size must be >= 1, got {self.lr_step_size}")
+        _check(0 < self.lr_gamma <= 1, f"--lr_gamma must be in (0, 1], got {self.lr_gamma}")
+        _check(0 <= self.momentum < 1, f"--momentum must be in [0, 1), got {self.momentum}")
+        _check(self.train_examples >= 0, f"--train_examples must be >= 0 (0 = all), got {self.train_examples}")
+        _check(self.eval_examples >= 0, f"--eval_examples must be >= 0 (0 = no evaluation), got {self.eval_examples}")
+        _check(self.strategy in distribute.STRATEGIES,
+               f"--strategy={self.strategy!r} is unknown; choose one of {', '.join(distribute.STRATEGIES)}")
+        _check(self.steps_per_execution >= 1, f"--steps_per_execution must be >= 1, got {self.steps_per_execution}")
+        _check(self.mixed_precision in MIXED_PRECISION,
+               f"--mixed_precision={self.mixed_precision!r} is unknown; choose one of {', '.join(MIXED_PRECISION)}")
+        if self.pretrained_model is not None:
+            _check(os.path.isfile(self.pretrained_model),
+                   f"--pretrained_model={self.pretrained_model} is not a file; give a base_model.keras")
+        if self.batch_split:
+            _check(self.batch_size % self.num_noise == 0,
+                   f"--batch_size={self.batch_size} must be divisible by --num_noise={self.num_noise} "
+                   "with --batch_split")
+        _check(self.clean_batch_size >= 1, "--batch_size is smaller than --num_noise with --batch_split")
+        self._resolve_certify_fields()
+
+    def _build_objective(self) -> None:
+        """Builds `objective` from the flags, and takes its resolved method fields back."""
+        deferred_epochs = None
+        if self.deferred is not None:
+            _check(self.method not in _METHOD_FIELDS or "deferred_epochs" in _METHOD_FIELDS[self.method],
+                   f"--deferred is used only by {_used_by('deferred_epochs')}; remove it for --method={self.method}")
+            deferred_epochs = self.lr_step_size + 1 if self.deferred else 0
+        objective = ObjectiveConfig(**{name: getattr(self, name) for name in _OBJECTIVE_FLAGS},
+                                    deferred_epochs=deferred_epochs)
+        for name in _OBJECTIVE_FLAGS:
+            object.__setattr__(self, name, getattr(objective, name))
+        if objective.deferred_epochs is not None:
+            object.__setattr__(self, "deferred", bool(objective.deferred_epochs))
+        object.__setattr__(self, "objective", objective)
+
+    def _resolve_certify_fields(self) -> None:
+        """Live certification's fields: defaults when it is on, refused when it is off."""
+        _check(self.certify_every >= 0, f"--certify_every must be >= 0 (0 = off), got {self.certify_every}")
+        if not self.certify_every:
+            for name in _CERTIFY_DEFAULTS:
+                _check(getattr(self, name) is None,
+                       f"--{name} is used only with --certify_every; add --certify_every=N or remove it")
+            return
+        _check(self.dataset not in data_lib.STREAMED,
+               f"--certify_every holds images out of the training split in memory; --dataset={self.dataset} "
+               "is streamed")
+        for name, default in _CERTIFY_DEFAULTS.items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, default)
+        _check(self.certify_examples >= 1, f"--certify_examples must be >= 1, got {self.certify_examples}")
+        _check(self.certify_n0 >= 1, f"--certify_n0 must be >= 1, got {self.certify_n0}")
+        _check(self.certify_n >= 1, f"--certify_n must be >= 1, got {self.certify_n}")
+        _check(0 < self.certify_alpha < 1, f"--certify_alpha must be in (0, 1), got {self.certify_alpha}")
+        _check(self.certify_batch_size >= 1, f"--certify_batch_size must be >= 1, got {self.certify_batch_size}")
+
+    @property
+    def clean_batch_size(self) -> int:
+        """Clean images per optimizer step (each step sees m times as many noisy copies)."""
+        return self.batch_size // self.num_noise if self.batch_split else self.batch_size
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The flags' values, by name."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, values: Dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls) if f.init}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown training config fields: {', '.join(unknown)}")
+        return cls(**values)
+
+    def differences(self, other: "TrainConfig", ignore=("epochs", "model_dir")) -> Dict[str, tuple]:
+        """Fields (other than `ignore`) whose values differ: name -> (self, other)."""
+        mine, theirs = self.to_dict(), other.to_dict()
+        return {k: (mine[k], theirs[k]) for k in mine if k not in ignore and mine[k] != theirs[k]}
+
+
+def read_train_config(model_dir: str) -> TrainConfig:
+    """Reads the config a training run saved in its model directory.
+
+    Args:
+      model_dir: a `--model_dir` written by bin/train.py.
+
+    Returns:
+      The run's TrainConfig (its `model_dir` field set to `model_dir`).
+
+    Raises:
+      ConfigError: the directory or its train_config.json is missing or unreadable.
+    """
+    path = os.path.join(model_dir, TRAIN_CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise ConfigError(f"{path} not found: is --model_dir a directory written by bin/train.py?")
+    try:
+        with open(path, encoding="utf-8") as f:
+            values = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path} is unreadable: {e}") from e
+    values["model_dir"] = model_dir
+    return TrainConfig.from_dict(values)
+
 
 # Independent random streams of one run.
 _TRAIN_NOISE, _EVAL_NOISE = 1, 2
@@ -58,39 +369,16 @@ class ConsistencyModel(keras.Model):
 
     Args:
       base_model: maps images in [0, 1] to logits.
-      sigma: noise standard deviation, in pixel units.
-      num_noise: m, noisy copies per clean image.
-      method: one of the methods above.
-      lbd, eta, consistency_loss: weights and form of the method's regularizer
-        (see tf_consreg.losses); unused values are ignored.
-      beta, gamma: MACER's inverse temperature and hinge margin.
-      deferred_epochs: MACER trains with the robustness weight at 0 for this
-        many epochs first.
-      adv_training: attack before the consistency objective.
-      epsilon, num_steps, warmup: the attack's L2 radius, PGD steps, and the
-        epochs over which the radius grows linearly to `epsilon`.
-      weight_decay: coupled L2 weight decay (PyTorch SGD's `weight_decay`): the
-        loss gains weight_decay / 2 * ||w||^2 over all trainable weights.
+      objective: the method and its settings (validated, with the method's
+        defaults filled in).
       seed: seed of the noise; with the optimizer's step it fixes every draw.
+      **kwargs: for `keras.Model` (name, ...).
     """
 
-    def __init__(self, base_model: keras.Model, *, sigma: float, num_noise: int, method: str = "consistency",
-                 lbd: float = 0.0, eta: float = 0.0, consistency_loss: str = "default", beta: float = 16.0,
-                 gamma: float = 8.0, deferred_epochs: int = 0, adv_training: bool = False, epsilon: float = 0.0,
-                 num_steps: int = 1, warmup: int = 1, weight_decay: float = 0.0, seed: int = 0, **kwargs):
+    def __init__(self, base_model: keras.Model, objective: ObjectiveConfig, *, seed: int = 0, **kwargs):
         super().__init__(**kwargs)
         self.base_model = base_model
-        self.sigma = float(sigma)
-        self.num_noise = int(num_noise)
-        self.method = method
-        self.lbd = float(lbd or 0.0)
-        self.eta = float(eta or 0.0)
-        self.consistency_loss_name = consistency_loss or "default"
-        self.beta, self.gamma = float(beta or 0.0), float(gamma or 0.0)
-        self.deferred_epochs = int(deferred_epochs or 0)
-        self.adversarial = method == "smoothadv" or bool(adv_training)
-        self.epsilon, self.num_steps, self.warmup = float(epsilon or 0.0), int(num_steps or 1), int(warmup or 1)
-        self.weight_decay = float(weight_decay)
+        self.objective = objective
         self.seed = int(seed)
         self._trackers = {name: keras.metrics.Mean(name=name) for name in self._term_names()}
         self._accuracy = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
@@ -98,10 +386,14 @@ class ConsistencyModel(keras.Model):
         # Counts evaluation batches, to seed evaluation noise; one per replica set.
         self._eval_steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="eval_steps",
                                        aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
-        # Epoch-dependent values, set by `set_epoch` (variables: no retracing).
-        self._attack_radius = tf.Variable(self.epsilon, dtype=tf.float32, trainable=False, name="attack_radius",
+        # Epoch-dependent values, set by `set_epoch` (variables: no retracing);
+        # until then, their values after warm-up and deferral. Each is read
+        # only by the methods that have it.
+        self._attack_radius = tf.Variable(objective.epsilon if objective.adversarial else 0.0, dtype=tf.float32,
+                                          trainable=False, name="attack_radius",
                                           aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
-        self._robust_weight = tf.Variable(self.lbd, dtype=tf.float32, trainable=False, name="robust_weight",
+        self._robust_weight = tf.Variable(objective.lbd if objective.method == "macer" else 0.0, dtype=tf.float32,
+                                          trainable=False, name="robust_weight",
                                           aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
 
     def _term_names(self) -> List[str]:
@@ -111,7 +403,7 @@ class ConsistencyModel(keras.Model):
             "consistency": ["cross_entropy", "consistency", "kl", "entropy"],
             "stability": ["cross_entropy", "stability"],
             "macer": ["classification", "robustness"],
-        }[self.method]
+        }[self.objective.method]
 
     @property
     def metrics(self):
@@ -126,8 +418,11 @@ class ConsistencyModel(keras.Model):
         SmoothAdv's radius grows as min(epsilon, (epoch + 1) * epsilon / warmup);
         deferred MACER keeps its robustness weight at 0 for `deferred_epochs`.
         """
-        self._attack_radius.assign(min(self.epsilon, (epoch + 1) * self.epsilon / self.warmup))
-        self._robust_weight.assign(0.0 if epoch < self.deferred_epochs else self.lbd)
+        objective = self.objective
+        if objective.adversarial:
+            self._attack_radius.assign(min(objective.epsilon, (epoch + 1) * objective.epsilon / objective.warmup))
+        if objective.method == "macer":
+            self._robust_weight.assign(0.0 if epoch < objective.deferred_epochs else objective.lbd)
 
     def _cross_entropy(self, x, labels, logits, training):
         # compute_loss applies Keras's rule (local mean / replicas, see
@@ -149,51 +444,53 @@ class ConsistencyModel(keras.Model):
           dict with "loss" (the objective), the method's terms (see
           `_term_names`), and "logits" [m * B, C] of the noisy copies, copy-major.
         """
-        m = self.num_noise
+        objective = self.objective
+        m = objective.num_noise
         seeds = noise_lib.example_seeds(
             noise_lib.step_seed(self.seed, _TRAIN_NOISE if training else _EVAL_NOISE, step), tf.shape(images)[0])
-        noise = noise_lib.gaussian_noise(images, m, self.sigma, seeds)
-        if self.adversarial and training:
+        noise = noise_lib.gaussian_noise(images, m, objective.sigma, seeds)
+        if objective.adversarial and training:
             # The attack sees the model in inference mode and the same noise the
             # copies get below; no gradient reaches the weights through it.
             images = attacks.smoothadv_pgd(self.base_model, images, labels, tf.split(noise, m),
-                                           epsilon=self._attack_radius, num_steps=self.num_steps)
+                                           epsilon=self._attack_radius, num_steps=objective.num_steps)
         noisy = noise_lib.tile_copies(images, m) + noise
         logits = self.base_model(noisy, training=training)
         labels_c = noise_lib.tile_copies(labels, m)
         terms = {"logits": logits}
 
-        if self.method in ("gaussian", "smoothadv", "consistency"):
+        if objective.method in ("gaussian", "smoothadv", "consistency"):
             terms["cross_entropy"] = terms["loss"] = self._cross_entropy(noisy, labels_c, logits, training)
-        if self.method == "consistency":
+        if objective.method == "consistency":
             chunks = tf.split(tf.cast(logits, tf.float32), m, axis=0)
             parts = losses.consistency_terms(chunks)
-            consistency = losses.combine_consistency_terms(parts, self.lbd, self.eta, loss=self.consistency_loss_name)
+            consistency = losses.combine_consistency_terms(parts, objective.lbd, objective.eta,
+                                                           loss=objective.consistency_loss)
             terms.update(consistency=consistency, kl=tf.reduce_mean(parts["kl"]),
                          entropy=tf.reduce_mean(parts["entropy"]), loss=terms["loss"] + consistency)
-        elif self.method == "stability":
+        elif objective.method == "stability":
             clean_logits = self.base_model(images, training=training)
             terms["cross_entropy"] = self._cross_entropy(images, labels, clean_logits, training)
             terms["stability"] = losses.stability_loss(clean_logits, tf.cast(logits, clean_logits.dtype))
-            terms["loss"] = terms["cross_entropy"] + self.lbd * terms["stability"]
-        elif self.method == "macer":
+            terms["loss"] = terms["cross_entropy"] + objective.lbd * terms["stability"]
+        elif objective.method == "macer":
             per_copy = tf.reshape(tf.cast(logits, tf.float32), [m, -1, tf.shape(logits)[-1]])
-            parts = losses.macer_loss(tf.transpose(per_copy, [1, 0, 2]), labels, sigma=self.sigma,
-                                      lbd=1.0, beta=self.beta, gamma=self.gamma)
+            parts = losses.macer_loss(tf.transpose(per_copy, [1, 0, 2]), labels, sigma=objective.sigma,
+                                      lbd=1.0, beta=objective.beta, gamma=objective.gamma)
             terms.update(classification=parts["classification"], robustness=parts["robustness"],
                          loss=parts["classification"] + self._robust_weight * parts["robustness"])
         return terms
 
     def _weight_decay_term(self) -> tf.Tensor:
-        if not self.weight_decay:
+        if not self.objective.weight_decay:
             return tf.constant(0.0)
-        return 0.5 * self.weight_decay * tf.add_n(
+        return 0.5 * self.objective.weight_decay * tf.add_n(
             [tf.reduce_sum(tf.square(tf.cast(w, tf.float32))) for w in self.base_model.trainable_weights])
 
     def _update_metrics(self, terms, labels, clean_logits=None):
         for name, tracker in self._trackers.items():
             tracker.update_state(terms[name])
-        self._accuracy.update_state(noise_lib.tile_copies(labels, self.num_noise), terms["logits"])
+        self._accuracy.update_state(noise_lib.tile_copies(labels, self.objective.num_noise), terms["logits"])
         reported = self.metrics
         if clean_logits is None:  # Clean accuracy is measured in evaluation only.
             reported = [m for m in reported if m is not self._clean_accuracy]
@@ -234,8 +531,6 @@ def _prepare_model_dir(config: TrainConfig) -> None:
     if os.path.exists(config.model_dir) and not os.path.isdir(config.model_dir):
         raise ConfigError(f"--model_dir={config.model_dir} exists and is not a directory")
     if os.path.isfile(path):
-        from tf_consreg.config import read_train_config  # pylint: disable=import-outside-toplevel
-
         previous = read_train_config(config.model_dir)
         diff = config.differences(previous)
         if diff:
@@ -272,12 +567,7 @@ def build(config: TrainConfig, steps_per_epoch: int) -> ConsistencyModel:
             load_pretrained(base, config.pretrained_model)
     finally:
         keras.config.set_dtype_policy(previous_policy)
-    model = ConsistencyModel(base, sigma=config.sigma, num_noise=config.num_noise, method=config.method,
-                             lbd=config.lbd, eta=config.eta, consistency_loss=config.consistency_loss,
-                             beta=config.beta, gamma=config.gamma, deferred_epochs=config.deferred_epochs,
-                             adv_training=config.adv_training, epsilon=config.epsilon, num_steps=config.num_steps,
-                             warmup=config.warmup, weight_decay=config.weight_decay, seed=config.seed,
-                             name="consistency_model")
+    model = ConsistencyModel(base, config.objective, seed=config.seed, name="consistency_model")
     # SGD with momentum as torch.optim.SGD (weight decay is in the loss, coupled
     # as PyTorch applies it, rather than Keras's decoupled `weight_decay`).
     optimizer = keras.optimizers.SGD(learning_rate=_learning_rate(config, steps_per_epoch),
@@ -342,8 +632,12 @@ def train(config: TrainConfig, flags_text: Optional[str] = None,
     calls this with the same config. The chief writes the files above; the
     other workers write theirs to a temporary directory they delete at the
     end, and start from the chief's checkpoint (see
-    `multi_worker.share_chief_state`). Each worker
-    prints a fingerprint of its final weights, equal on all of them.
+    `multi_worker.share_chief_state`). Each worker prints a fingerprint of
+    its final weights, equal on all of them.
+
+    It first seeds Python, NumPy and TensorFlow with `config.seed`
+    (`keras.utils.set_random_seed`), so the same config starts from the same
+    initialization, in a fresh process or after other runs in this one.
 
     Args:
       config: the validated run configuration.
@@ -358,6 +652,7 @@ def train(config: TrainConfig, flags_text: Optional[str] = None,
       ConfigError: bad data files, an invalid `TF_CONFIG`, or a `model_dir`
         that holds another run; raised before anything is written.
     """
+    keras.utils.set_random_seed(config.seed)
     task = distribute.cluster_task_from_env() if config.strategy == "multi_worker" else None
     batch = config.clean_batch_size
     if task is not None:
@@ -504,25 +799,3 @@ def save_base_model(base_model: keras.Model, model_dir: str) -> str:
     base_model.save(tmp)
     os.replace(tmp, path)
     return path
-
-
-def evaluate_noisy_accuracy(base_model: keras.Model, images: np.ndarray, labels: np.ndarray, sigma: float,
-                            seed: int = 0, batch_size: int = 1000) -> float:
-    """Accuracy of the base classifier on one noisy copy of each image.
-
-    Args:
-      base_model: maps images in [0, 1] to logits.
-      images: float32 images in [0, 1].
-      labels: int labels.
-      sigma: noise standard deviation.
-      seed: noise seed.
-      batch_size: images per forward pass.
-    """
-    rng = np.random.default_rng(seed)
-    correct = 0
-    for start in range(0, len(images), batch_size):
-        x = images[start:start + batch_size]
-        noisy = x + sigma * rng.standard_normal(x.shape, dtype=np.float32)
-        logits = base_model(noisy, training=False)
-        correct += int(np.sum(np.argmax(logits, axis=1) == labels[start:start + batch_size]))
-    return correct / len(images)

@@ -35,12 +35,19 @@ import shutil
 import traceback
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
+import keras
+import keras_tuner as kt
 import numpy as np
+import tensorflow as tf
+from tensorboard.plugins.hparams import api as hp_api
 
 from tf_consreg import callbacks
-from tf_consreg.files import atomic_output
-from tf_consreg.config import TRAIN_CONFIG_FILE, TrainConfig, read_train_config
+from tf_consreg import data as data_lib
+from tf_consreg import models
+from tf_consreg import training
 from tf_consreg.errors import ConfigError
+from tf_consreg.files import atomic_output
+from tf_consreg.training import TrainConfig
 
 TUNERS = ("random", "bayesian", "hyperband")
 OBJECTIVES = ("acr", "certified_accuracy")
@@ -238,8 +245,10 @@ class TuneConfig:
         return os.path.join(self.tuning_dir, TRIALS_DIR, f"trial_{trial_id}")
 
     def to_dict(self) -> Dict[str, Any]:
-        """JSON-ready settings (tuples as lists)."""
-        return json.loads(json.dumps(dataclasses.asdict(self)))
+        """JSON-ready settings (tuples as lists; `train` as its flags)."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        values["train"] = self.train.to_dict()
+        return json.loads(json.dumps(values))
 
 
 def trial_config(config: TuneConfig, values: Mapping[str, Any], trial_id: str, train_examples: int) -> TrainConfig:
@@ -369,7 +378,7 @@ def markdown_table(config: TuneConfig, rows: Sequence[TrialRow]) -> str:
 
 def best_flags_text(config: TuneConfig, best: TrialRow, num_trials: int) -> str:
     """The flagfile of the best trial: its training flags without --model_dir, after a comment."""
-    trial = read_train_config(config.trial_dir(best.trial_id))
+    trial = training.read_train_config(config.trial_dir(best.trial_id))
     metric = config.objective_metric
     return (
         f"# Best of {num_trials} trial(s) in {config.tuning_dir}: trial {best.trial_id}, "
@@ -387,9 +396,6 @@ def best_flags_text(config: TuneConfig, best: TrialRow, num_trials: int) -> str:
 
 def write_hparams_config(config: TuneConfig) -> None:
     """Writes the HParams experiment (space and metrics) once, to `<tuning_dir>/hparams`."""
-    from tensorboard.plugins.hparams import api as hp_api  # pylint: disable=import-outside-toplevel
-    import tensorflow as tf  # pylint: disable=import-outside-toplevel
-
     directory = os.path.join(config.tuning_dir, HPARAMS_DIR)
     if glob.glob(os.path.join(directory, "events.out.tfevents.*")):
         return
@@ -414,9 +420,6 @@ def write_hparams_config(config: TuneConfig) -> None:
 
 def write_hparams_session(config: TuneConfig, row: TrialRow) -> None:
     """Writes one completed trial as an HParams run `<tuning_dir>/hparams/trial_<id>` (once)."""
-    from tensorboard.plugins.hparams import api as hp_api  # pylint: disable=import-outside-toplevel
-    import tensorflow as tf  # pylint: disable=import-outside-toplevel
-
     run_dir = os.path.join(config.tuning_dir, HPARAMS_DIR, f"trial_{row.trial_id}")
     if os.path.isdir(run_dir):
         return
@@ -467,8 +470,6 @@ class _Holdout:
 
 def _load_holdout(config: TuneConfig) -> _Holdout:
     """The held-out validation images; ConfigError when the split is too small."""
-    from tf_consreg import data as data_lib  # pylint: disable=import-outside-toplevel
-
     images, labels = data_lib.load_uint8(config.train.dataset, "train", data_dir=config.train.data_dir)
     train_images, _, val_images, val_labels = data_lib.holdout_split(
         images, labels, config.certify_examples, train_examples=config.train.train_examples)
@@ -519,10 +520,8 @@ def _warm_start(parent_dir: str, child_dir: str) -> None:
     on to the child's epochs. Copied under a temporary name and renamed, so
     an interrupted copy is never mistaken for a run.
     """
-    if os.path.isfile(os.path.join(child_dir, TRAIN_CONFIG_FILE)):
+    if os.path.isfile(os.path.join(child_dir, training.TRAIN_CONFIG_FILE)):
         return  # An interrupted child: its own run resumes.
-    from tf_consreg import models  # pylint: disable=import-outside-toplevel
-
     tmp = child_dir + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(parent_dir, tmp)
@@ -535,8 +534,6 @@ def _warm_start(parent_dir: str, child_dir: str) -> None:
 
 
 def _make_oracle(config: TuneConfig):
-    import keras_tuner as kt  # pylint: disable=import-outside-toplevel
-
     hp = kt.HyperParameters()
     if len(config.lbd_range) == 2:
         hp.Float("lbd", config.lbd_range[0], config.lbd_range[1], sampling="log")
@@ -564,8 +561,6 @@ def _make_oracle(config: TuneConfig):
 
 
 def _make_tuner(config: TuneConfig, holdout: _Holdout):
-    import keras_tuner as kt  # pylint: disable=import-outside-toplevel
-
     class ConsistencyTuner(kt.engine.base_tuner.BaseTuner):
         """Runs each trial as a `training.train` run and scores it on the held-out images."""
 
@@ -587,12 +582,6 @@ def _make_tuner(config: TuneConfig, holdout: _Holdout):
 
 
 def _run_trial(config: TuneConfig, holdout: _Holdout, trial) -> Dict[str, float]:
-    import keras  # pylint: disable=import-outside-toplevel
-
-    from tf_consreg import data as data_lib  # pylint: disable=import-outside-toplevel
-    from tf_consreg import models  # pylint: disable=import-outside-toplevel
-    from tf_consreg import training  # pylint: disable=import-outside-toplevel
-
     values = trial.hyperparameters.values
     run = trial_config(config, values, trial.trial_id, holdout.train_examples)
     parent = values.get("tuner/trial_id")
@@ -600,9 +589,9 @@ def _run_trial(config: TuneConfig, holdout: _Holdout, trial) -> Dict[str, float]
         _warm_start(config.trial_dir(parent), run.model_dir)
     print(f"trial_{trial.trial_id}: lbd={run.lbd:.4g} eta={run.eta:.3f} num_noise={run.num_noise} "
           f"epochs={run.epochs} in {run.model_dir}", flush=True)
-    # Every trial starts from the same initialization, as bin/train.py would.
+    # A fresh Keras state per trial; training.train seeds it, so every trial
+    # starts from the same initialization, as bin/train.py would.
     keras.backend.clear_session()
-    keras.utils.set_random_seed(run.seed)
     certify = callbacks.CertifyCallback(
         holdout.images, holdout.labels, sigma=run.sigma, num_classes=data_lib.get_dataset_info(run.dataset).num_classes,
         every=config.certify_every or run.epochs, n0=config.certify_n0, n=config.certify_n,
@@ -630,8 +619,6 @@ def search(config: TuneConfig, flags_text: Optional[str] = None) -> List[TrialRo
       ConfigError: the held-out subset does not fit the training split, or
         `tuning_dir` holds something else; raised before anything is written.
     """
-    import keras_tuner as kt  # pylint: disable=import-outside-toplevel
-
     holdout = _load_holdout(config)
     _prepare_tuning_dir(config)
     if flags_text is not None:
