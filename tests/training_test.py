@@ -9,15 +9,19 @@ the reported metrics must equal the numpy values.
 
 import dataclasses
 import os
+import shutil
+import tempfile
 
 import numpy as np
 import scipy.special
 import scipy.stats
 import tensorflow as tf
+from absl import flags
 from absl.testing import parameterized
 
 import keras
 
+from tf_consreg import cli
 from tf_consreg import models
 from tf_consreg import noise
 from tf_consreg import training
@@ -321,6 +325,54 @@ class TrainConfigTest(parameterized.TestCase):
         config = training.TrainConfig(model_dir="/m", sigma=0.5)
         tuned = dataclasses.replace(config, lbd=7.0, num_noise=4)
         self.assertEqual((tuned.objective.lbd, tuned.objective.num_noise), (7.0, 4))
+
+
+class FlagsTest(parameterized.TestCase):
+    """TrainConfig.to_flags, the one way training flags are written (flags.txt, best.flags)."""
+
+    def test_one_help_per_flag(self):
+        self.assertEqual(set(cli.TRAIN_HELP), {f.name for f in dataclasses.fields(training.TrainConfig) if f.init})
+
+    @parameterized.named_parameters(
+        ("gaussian", dict(method="gaussian")),
+        ("consistency", dict(method="consistency", lbd=2.5, eta=0.1, consistency_loss="xent")),
+        ("stability", dict(method="stability", weight_decay=0.0)),
+        ("smoothadv", dict(method="smoothadv", epsilon=255 / 256, num_steps=2)),
+        ("macer", dict(method="macer", num_noise=4)),
+        ("macer_deferred", dict(method="macer", deferred=True, lr_step_size=7)),
+        ("adv_consistency", dict(method="consistency", adv_training=True, sigma=1 / 3)),
+        ("everything_else", dict(dataset="cifar10", arch="cifar_resnet20", batch_split=True, certify_every=2,
+                                 certify_alpha=1e-5, data_dir="/data dir/x", mock_data=True, strategy="mirrored",
+                                 steps_per_execution=4, mixed_precision="mixed_bfloat16", jit_compile=True)),
+    )
+    def test_to_flags_parses_back_to_the_same_config(self, fields):
+        config = training.TrainConfig(model_dir="/runs/a run", **fields)
+        values = flags.FlagValues()
+        holders = cli.define_flags(training.TrainConfig, cli.TRAIN_HELP, flag_values=values)
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        path = os.path.join(directory, "flags.txt")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(config.to_flags())
+        values(["train", f"--flagfile={path}"])
+        parsed = cli.config_from_flags(training.TrainConfig, holders)
+        self.assertEqual(parsed.to_dict(), config.to_dict())
+        self.assertEqual(parsed.objective, config.objective)
+
+    def test_to_flags_lines(self):
+        text = training.TrainConfig(model_dir="/m", lbd=2.5, sigma=0.5, batch_size=64, train_examples=128,
+                                    eval_examples=0).to_flags(exclude=("model_dir",))
+        lines = text.splitlines()
+        self.assertIn("--lbd=2.5", lines)
+        self.assertIn("--noadv_training", lines)
+        self.assertIn("--train_examples=128", lines)
+        self.assertNotIn("--model_dir=/m", lines)
+        self.assertFalse(any(line.startswith("--beta") for line in lines))  # None: not a flag of this method
+        self.assertIn("--model_dir=/m", training.TrainConfig(model_dir="/m").to_flags().splitlines())
+
+    def test_a_line_break_cannot_be_written(self):
+        with self.assertRaisesRegex(ValueError, "--data_dir: .* holds a line break"):
+            training.format_flags({"data_dir": "a\nb"})
 
 
 class LearningRateTest(tf.test.TestCase):

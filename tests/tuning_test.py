@@ -12,9 +12,11 @@ import tempfile
 import keras_tuner as kt
 import pytest
 import tensorflow as tf
+from absl import flags
 from absl.testing import parameterized
 from tensorboard.plugins.hparams import plugin_data_pb2
 
+from tf_consreg import cli
 from tf_consreg import tuning
 from tf_consreg.training import TrainConfig, read_train_config
 from tf_consreg.errors import ConfigError
@@ -96,14 +98,6 @@ class TuneConfigTest(parameterized.TestCase):
         with self.assertRaisesRegex(ConfigError, "tunes --method=consistency"):
             _config(train=TrainConfig(model_dir="x", method="gaussian"))
 
-    def test_parse(self):
-        self.assertEqual(tuning.parse_numbers("lbd_range", ["1", "2.5"]), (1.0, 2.5))
-        self.assertEqual(tuning.parse_integers("num_noise_choices", ["2", "8"]), (2, 8))
-        with self.assertRaisesRegex(ConfigError, "--lbd_range: 'x' is not a number"):
-            tuning.parse_numbers("lbd_range", ["1", "x"])
-        with self.assertRaisesRegex(ConfigError, "--num_noise_choices: '2.5' is not an integer"):
-            tuning.parse_integers("num_noise_choices", ["2.5"])
-
     def test_objective_and_trial_config(self):
         config = _config(objective="certified_accuracy", objective_radius=0.75, epochs_per_trial=4)
         self.assertEqual(config.objective_metric, "val_certified_accuracy_r0.75")
@@ -116,15 +110,22 @@ class TuneConfigTest(parameterized.TestCase):
         run = tuning.trial_config(config, {"lbd": 3.0, "eta": 0.25, "num_noise": 4, "tuner/epochs": 2}, "8", 100)
         self.assertEqual(run.epochs, 2)
 
-    def test_train_flags(self):
-        text = tuning.train_flags(TrainConfig(model_dir="/m", lbd=2.5, **TINY_TRAIN), model_dir=False)
-        lines = text.splitlines()
-        self.assertIn("--lbd=2.5", lines)
-        self.assertIn("--noadv_training", lines)
-        self.assertIn("--train_examples=128", lines)
-        self.assertNotIn("--model_dir=/m", lines)
-        self.assertFalse(any(line.startswith("--beta") for line in lines))  # None: not a flag of this method
-        self.assertIn("--model_dir=/m", tuning.train_flags(TrainConfig(model_dir="/m")).splitlines())
+    def test_to_flags_parses_back_with_bin_tune_flags(self):
+        config = _config(lbd_range=(0.5, 30.0), eta_range=(0.25,), num_noise_choices=(2, 8), tuner="hyperband",
+                         objective="certified_accuracy", objective_radius=0.75,
+                         train=TrainConfig(model_dir="x", consistency_loss="xent", data_dir="/data", **TINY_TRAIN))
+        values = flags.FlagValues()
+        # bin/tune.py's flags: TuneConfig's fields, and the training flags a search shares.
+        tune_holders = cli.define_flags(tuning.TuneConfig, {f.name: "" for f in dataclasses.fields(tuning.TuneConfig)
+                                                            if f.name != "train"}, flag_values=values)
+        train_holders = cli.define_flags(TrainConfig, {name: "" for name in tuning.TRAIN_FLAGS},
+                                         defaults={"eval_examples": 0}, flag_values=values)
+        path = os.path.join(_tempdir(self), "flags.txt")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(config.to_flags())
+        values(["tune", f"--flagfile={path}"])
+        train = cli.config_from_flags(TrainConfig, train_holders, model_dir=tuning.TRIALS_DIR)
+        self.assertEqual(cli.config_from_flags(tuning.TuneConfig, tune_holders, train=train), config)
 
     def test_search_space(self):
         space = {hp.name: hp for hp in tuning._make_oracle(_config(lbd_range=(1.0, 50.0), eta_range=(0.5,),

@@ -32,6 +32,96 @@ FlagHolders = Dict[str, flags.FlagHolder]
 _DEFINE = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer, float: flags.DEFINE_float, str: flags.DEFINE_string}
 
 
+# The help of every training flag: bin/train.py defines all of them, bin/tune.py
+# those a search shares (tuning.TRAIN_FLAGS). Each is a field of
+# training.TrainConfig, which states its type and default.
+TRAIN_HELP = {
+    "model_dir": (
+        "Run directory: flags, checkpoints, TensorBoard logs, base_model.keras. An existing run with the same "
+        "flags resumes."),
+    "dataset": "Dataset: fashion_mnist, mnist, cifar10 or imagenet2012.",
+    "arch": "Architecture (see tf_consreg.models.ARCHITECTURES).",
+    "method": (
+        "consistency: cross-entropy + consistency term (Jeong & Shin 2020); gaussian: cross-entropy on noisy "
+        "copies (Cohen et al. 2019); stability: clean cross-entropy + lbd * stability term (Li et al. 2019); "
+        "smoothadv: cross-entropy on SmoothAdv attacks (Salman et al. 2019); macer: MACER (Zhai et al. 2020). "
+        "Flags a method does not use are refused."),
+    "sigma": "Noise standard deviation, in [0, 1] pixel units.",
+    "num_noise": (
+        "m: noisy copies per clean image (K for macer). Default: 2 for consistency, 16 for macer, 1 otherwise "
+        "(stability needs 1)."),
+    "lbd": (
+        "lambda, weight of the regularizer: consistency (default 10), stability (default 2) or macer's "
+        "robustness term (default 16)."),
+    "eta": "eta, weight of the entropy term (consistency only; default 0.5).",
+    "consistency_loss": (
+        "Form of the consistency term (consistency only; default 'default'): default = lbd*KL + eta*H, xent = "
+        "lbd*(KL + H), kl = lbd*KL, mse = lbd*||p2 - p1||^2 (m = 2)."),
+    "beta": "MACER's inverse softmax temperature (macer only; default 16).",
+    "gamma": "MACER's hinge margin (macer only; default 8).",
+    "deferred": (
+        "MACER: keep the robustness weight at 0 until the first learning-rate drop, as the authors' MNIST runs "
+        "(macer only)."),
+    "adv_training": (
+        "With --method=consistency: attack each batch with SmoothAdv first (the paper's 'SmoothAdv + "
+        "Consistency')."),
+    "epsilon": (
+        "SmoothAdv's L2 radius in [0, 1] pixel units (the authors' --epsilon divided by 256: 255 -> 0.996). "
+        "Default 0.25 for smoothadv, 2.0 with --adv_training."),
+    "num_steps": "SmoothAdv's PGD steps (default 10 for smoothadv, 4 with --adv_training).",
+    "warmup": (
+        "Epochs over which SmoothAdv's radius grows linearly to --epsilon (default 1 for smoothadv, 10 with "
+        "--adv_training)."),
+    "epochs": "Training epochs.",
+    "batch_size": (
+        "CLEAN images per optimizer step; each step trains on m times as many noisy copies. With --batch_split, "
+        "the images loaded per step of the authors' loader instead (see there)."),
+    "batch_split": (
+        "The authors' batching: split each loaded batch of --batch_size images into m chunks and take one "
+        "optimizer step per chunk, so a step sees batch_size/m clean images and batch_size noisy copies. Use it "
+        "to reproduce the paper's settings."),
+    "lr": "Initial learning rate of SGD.",
+    "lr_step_size": "Multiply the learning rate by --lr_gamma every this many epochs.",
+    "lr_gamma": "Learning-rate decay factor.",
+    "momentum": "SGD momentum.",
+    "weight_decay": "L2 weight decay, coupled as in PyTorch's SGD.",
+    "seed": "Seed of the noise, the shuffling and the initialization.",
+    "train_examples": (
+        "Use only the first N training images (0 = all; with --certify_every, all but the held-out ones)."),
+    "eval_examples": "Test images for the per-epoch noisy accuracy (0 = no evaluation).",
+    "certify_every": (
+        "Every this many epochs (and after the last), certify --certify_examples images held out of the END of "
+        "the training split (never trained on) and log val/acr, certified accuracy, the abstention rate and the "
+        "certified-accuracy curve to TensorBoard, and val_acr to the epoch logs. 0 = off."),
+    "certify_examples": "With --certify_every: images held out of the end of the training split (default 200).",
+    "certify_n0": "With --certify_every: CERTIFY's selection samples (default 100).",
+    "certify_n": "With --certify_every: CERTIFY's estimation samples (default 1000).",
+    "certify_alpha": "With --certify_every: CERTIFY's failure probability (default 0.001).",
+    "certify_batch_size": "With --certify_every: noisy copies per forward pass (default 1000).",
+    "data_dir": (
+        "Directory with the Fashion-MNIST IDX files, or a tensorflow-datasets data directory (ImageNet: the "
+        "archives go in <data_dir>/downloads/manual). Default: Debian's dataset-fashion-mnist files, then "
+        "~/tensorflow_datasets."),
+    "mock_data": (
+        "Train and evaluate on random images of the dataset's shape instead of the dataset: smoke runs on "
+        "machines without the data."),
+    "strategy": (
+        "auto, default, mirrored or multi_worker. auto: MirroredStrategy when more than one GPU is visible, "
+        "else one device. multi_worker: MultiWorkerMirroredStrategy over the cluster in the TF_CONFIG "
+        "environment variable; run the same command on every worker (the chief writes --model_dir)."),
+    "steps_per_execution": "Training steps per compiled call.",
+    "mixed_precision": (
+        "none, mixed_float16 (with dynamic loss scaling) or mixed_bfloat16: layers compute in 16 bits, "
+        "variables, logits and every loss term stay float32. For GPUs and TPUs; on a CPU it is slower."),
+    "jit_compile": (
+        "Compile the train step with XLA. Measure first: on CPUs it made LeNet slower, and Keras turns it off "
+        "under tf.distribute."),
+    "pretrained_model": (
+        "Start from this base_model.keras of the same --arch (fine-tuning); when its class count differs from "
+        "--dataset's, the classifier layer is replaced by a fresh one."),
+}
+
+
 def _unwrap(annotation) -> Any:
     """Optional[X] -> X; sequence and tuple annotations -> (list, element type)."""
     args = [a for a in typing.get_args(annotation) if a is not type(None)]

@@ -17,7 +17,7 @@ import os
 import shutil
 import sys
 import tempfile
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import keras
 import numpy as np
@@ -61,6 +61,38 @@ _ADV_TRAINING_FIELDS = {"epsilon": 512 / 256, "num_steps": 4, "warmup": 10}
 # Live certification of a held-out training subset (callbacks.CertifyCallback).
 _CERTIFY_DEFAULTS = {"certify_examples": 200, "certify_n0": 100, "certify_n": 1000, "certify_alpha": 0.001,
                      "certify_batch_size": 1000}
+
+
+def format_flags(values: Mapping[str, Any]) -> str:
+    """Flag values as a flagfile that absl's `--flagfile=` parses back to the same values.
+
+    The one way the project writes flags: a run's `flags.txt`, tuning's
+    `best.flags` and a search's `flags.txt`.
+
+    Args:
+      values: flag name -> value (bool, int, float, str, or a sequence for a
+        list flag); None values are left out (the flag keeps its default).
+
+    Returns:
+      One line per flag: `--name=value`, `--name` or `--noname` for bools,
+      floats in their exact `repr`, sequences comma-separated.
+
+    Raises:
+      ValueError: a value holds a line break (it would not parse back).
+    """
+    lines = []
+    for name, value in values.items():
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            lines.append(f"--{name}" if value else f"--no{name}")
+            continue
+        items = value if isinstance(value, (tuple, list)) else (value,)
+        text = ",".join(repr(v) if isinstance(v, float) else str(v) for v in items)
+        if "\n" in text or "\r" in text:
+            raise ValueError(f"--{name}: {text!r} holds a line break; a flagfile cannot hold it")
+        lines.append(f"--{name}={text}")
+    return "".join(line + "\n" for line in lines)
 
 
 def _check(condition: bool, message: str) -> None:
@@ -305,6 +337,13 @@ class TrainConfig:
     def to_dict(self) -> Dict[str, Any]:
         """The flags' values, by name."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+
+    def to_flags(self, exclude: Sequence[str] = ()) -> str:
+        """The config as a flagfile of bin/train.py (`format_flags`), without the flags in `exclude`.
+
+        `--flagfile=` gives back this config (with `exclude` set as given).
+        """
+        return format_flags({name: value for name, value in self.to_dict().items() if name not in exclude})
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
@@ -619,11 +658,12 @@ def load_pretrained(base: keras.Model, path: str) -> None:
                                         if replaced else ""))
 
 
-def train(config: TrainConfig, flags_text: Optional[str] = None,
+def train(config: TrainConfig,
           extra_callbacks: Optional[List[keras.callbacks.Callback]] = None) -> keras.callbacks.History:
     """Trains a base classifier as `config` says and saves it in `config.model_dir`.
 
-    Writes `train_config.json`, `flags.txt` (when given), TensorBoard events
+    Writes `train_config.json`, `flags.txt` (`config.to_flags()`, for
+    `bin/train.py --flagfile=`), TensorBoard events
     (`logs/`), a checkpoint per epoch (`checkpoints/`) and, at the end,
     `base_model.keras`. A second call with the same config resumes from the
     last checkpoint, and trains on when `epochs` grew.
@@ -641,7 +681,6 @@ def train(config: TrainConfig, flags_text: Optional[str] = None,
 
     Args:
       config: the validated run configuration.
-      flags_text: the resolved flags, as a flagfile, to save beside the run.
       extra_callbacks: more Keras callbacks (under multi_worker they run on
         every worker and must not stop training on one worker only).
 
@@ -705,9 +744,8 @@ def train(config: TrainConfig, flags_text: Optional[str] = None,
             os.makedirs(config.model_dir, exist_ok=True)
             with atomic_output(os.path.join(config.model_dir, TRAIN_CONFIG_FILE)) as f:
                 f.write(config.to_json())
-            if flags_text is not None:
-                with atomic_output(os.path.join(config.model_dir, FLAGS_FILE)) as f:
-                    f.write(flags_text)
+            with atomic_output(os.path.join(config.model_dir, FLAGS_FILE)) as f:
+                f.write(config.to_flags())
         else:
             work_dir = tempfile.mkdtemp(prefix=f"tf_consreg_worker{task.worker_index}_")
             cleanup.callback(shutil.rmtree, work_dir, ignore_errors=True)

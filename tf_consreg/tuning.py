@@ -59,46 +59,17 @@ TABLE_MARKDOWN = "trials.md"
 TABLE_TSV = "trials.tsv"
 BEST_FLAGS = "best.flags"
 TUNE_CONFIG_FILE = "tune_config.json"
-FLAGS_FILE = "flags.txt"
-# The trial's training logs, where training.train writes them.
-LOGS_DIR = "logs"
 HYPERBAND_FACTOR = 3
+# bin/train.py's flags a search takes, shared by every trial; the method is
+# consistency, and lbd, eta and num_noise are searched.
+TRAIN_FLAGS = ("dataset", "data_dir", "arch", "sigma", "consistency_loss", "batch_size", "lr", "lr_step_size",
+               "lr_gamma", "momentum", "weight_decay", "seed", "train_examples", "eval_examples", "strategy")
 # Settings that may change when a search is resumed.
 _RESUMABLE_CHANGES = ("max_trials",)
 
 
 # --------------------------------------------------------------------------
 # Settings.
-
-
-def parse_numbers(flag: str, values: Sequence[str]) -> Tuple[float, ...]:
-    """Parses a comma-separated flag's items (absl DEFINE_list) into floats.
-
-    Raises:
-      ConfigError: an item is not a number; naming `flag`.
-    """
-    numbers = []
-    for value in values:
-        try:
-            numbers.append(float(value))
-        except ValueError:
-            raise ConfigError(f"--{flag}: {value!r} is not a number") from None
-    return tuple(numbers)
-
-
-def parse_integers(flag: str, values: Sequence[str]) -> Tuple[int, ...]:
-    """Parses a comma-separated flag's items into integers.
-
-    Raises:
-      ConfigError: an item is not an integer; naming `flag`.
-    """
-    numbers = []
-    for value in values:
-        try:
-            numbers.append(int(value))
-        except ValueError:
-            raise ConfigError(f"--{flag}: {value!r} is not an integer") from None
-    return tuple(numbers)
 
 
 def _check_range(flag: str, values: Sequence[float], minimum: float, *, inclusive: bool, symbol: str,
@@ -244,6 +215,12 @@ class TuneConfig:
         """The training run directory of a trial."""
         return os.path.join(self.tuning_dir, TRIALS_DIR, f"trial_{trial_id}")
 
+    def to_flags(self) -> str:
+        """The search as a flagfile of bin/tune.py (`training.format_flags`); `--flagfile=` repeats it."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "train"}
+        values.update({name: getattr(self.train, name) for name in TRAIN_FLAGS})
+        return training.format_flags(values)
+
     def to_dict(self) -> Dict[str, Any]:
         """JSON-ready settings (tuples as lists; `train` as its flags)."""
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -265,30 +242,6 @@ def trial_config(config: TuneConfig, values: Mapping[str, Any], trial_id: str, t
                                eta=float(values["eta"]), num_noise=int(values["num_noise"]),
                                epochs=int(values.get("tuner/epochs", config.epochs_per_trial)),
                                train_examples=train_examples)
-
-
-def train_flags(config: TrainConfig, *, model_dir: bool = True) -> str:
-    """A training config as a flagfile of bin/train.py (its fields are that binary's flags).
-
-    Args:
-      config: the training config.
-      model_dir: include `--model_dir`.
-
-    Returns:
-      One `--name=value` line per set field, as absl serializes them.
-    """
-    lines = []
-    for field in dataclasses.fields(config):
-        value = getattr(config, field.name)
-        if value is None or (field.name == "model_dir" and not model_dir):
-            continue
-        if isinstance(value, bool):
-            lines.append(f"--{field.name}" if value else f"--no{field.name}")
-        elif isinstance(value, float):
-            lines.append(f"--{field.name}={value!r}")
-        else:
-            lines.append(f"--{field.name}={value}")
-    return "".join(line + "\n" for line in lines)
 
 
 # --------------------------------------------------------------------------
@@ -387,7 +340,7 @@ def best_flags_text(config: TuneConfig, best: TrialRow, num_trials: int) -> str:
         "# Its training flags without --model_dir; flags after --flagfile override them, e.g.\n"
         f"#   python bin/train.py --flagfile={os.path.join(config.tuning_dir, BEST_FLAGS)} --model_dir=runs/best "
         "--epochs=90 --train_examples=0\n"
-        + train_flags(trial, model_dir=False))
+        + trial.to_flags(exclude=("model_dir",)))
 
 
 # --------------------------------------------------------------------------
@@ -596,8 +549,9 @@ def _run_trial(config: TuneConfig, holdout: _Holdout, trial) -> Dict[str, float]
         holdout.images, holdout.labels, sigma=run.sigma, num_classes=data_lib.get_dataset_info(run.dataset).num_classes,
         every=config.certify_every or run.epochs, n0=config.certify_n0, n=config.certify_n,
         alpha=config.certify_alpha, batch_size=config.certify_batch_size,
-        log_dir=os.path.join(run.model_dir, LOGS_DIR), seed=run.seed, radii=config.radii, image_ids=holdout.ids)
-    training.train(run, flags_text=train_flags(run), extra_callbacks=[certify])
+        log_dir=os.path.join(run.model_dir, training.LOGS_DIR), seed=run.seed, radii=config.radii,
+        image_ids=holdout.ids)
+    training.train(run, extra_callbacks=[certify])
     result = certify.last_result
     if result is None or result.epoch != run.epochs:
         # The run had already finished (interrupted after training): score the saved model.
@@ -605,12 +559,11 @@ def _run_trial(config: TuneConfig, holdout: _Holdout, trial) -> Dict[str, float]
     return result.metrics()
 
 
-def search(config: TuneConfig, flags_text: Optional[str] = None) -> List[TrialRow]:
+def search(config: TuneConfig) -> List[TrialRow]:
     """Runs (or resumes) the search and writes its results to `config.tuning_dir`.
 
     Args:
       config: the validated search.
-      flags_text: the resolved flags of bin/tune.py, saved as `flags.txt`.
 
     Returns:
       All trials, best first.
@@ -621,9 +574,8 @@ def search(config: TuneConfig, flags_text: Optional[str] = None) -> List[TrialRo
     """
     holdout = _load_holdout(config)
     _prepare_tuning_dir(config)
-    if flags_text is not None:
-        with atomic_output(os.path.join(config.tuning_dir, FLAGS_FILE)) as f:
-            f.write(flags_text)
+    with atomic_output(os.path.join(config.tuning_dir, training.FLAGS_FILE)) as f:
+        f.write(config.to_flags())
     write_hparams_config(config)
     tuner = _make_tuner(config, holdout)
     try:
