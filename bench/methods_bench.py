@@ -87,8 +87,9 @@ def main() -> None:
             base = models.load_base_model(model_dir)
             accuracy = _noisy_accuracy(base, test_x, test_y, config.sigma)
         speed = history.get("images_per_second", [float("nan")])[-1]
-        shown = (f"m={config.num_noise}" + (f" lbd={config.lbd:g}" if config.lbd is not None else "")
-                 + (f" eps={config.epsilon:.3g} steps={config.num_steps}" if config.objective.adversarial else ""))
+        objective = config.objective
+        shown = (f"m={objective.num_noise}" + (f" lbd={objective.lbd:g}" if objective.lbd is not None else "")
+                 + (f" eps={objective.epsilon:.3g} steps={objective.num_steps}" if objective.adversarial else ""))
         print(f"| {method} | {shown} | {speed:.0f} | {history['loss'][0]:.3f} -> {history['loss'][-1]:.3f} "
               f"| {accuracy:.3f} |", flush=True)
 

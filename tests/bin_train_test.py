@@ -20,7 +20,7 @@ from absl.testing import parameterized
 import keras
 
 from tf_consreg.errors import ConfigError
-from tf_consreg.training import TrainConfig
+from tf_consreg.training import ObjectiveConfig, TrainConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 train_bin = None  # bin/train.py, loaded by setUpModule.
@@ -210,7 +210,8 @@ class TrainBinaryTest(tf.test.TestCase, parameterized.TestCase):
     def test_model_dir_of_another_run_is_refused_and_untouched(self):
         model_dir = self.create_tempdir().full_path
         with open(os.path.join(model_dir, "train_config.json"), "w") as f:
-            f.write(TrainConfig(model_dir=model_dir, arch="lenet", dataset="mnist", sigma=0.25).to_json())
+            f.write(TrainConfig(model_dir=model_dir, arch="lenet", dataset="mnist",
+                                objective=ObjectiveConfig(sigma=0.25)).to_json())
         with open(os.path.join(model_dir, "base_model.keras"), "w") as f:
             f.write("previous result")
         before = _digest(model_dir)

@@ -67,7 +67,8 @@ def make_model_dir(root: str, sigma: float = 0.5) -> str:
     model_dir = os.path.join(root, "run")
     os.makedirs(model_dir)
     models.get_architecture("lenet", "fashion_mnist").save(os.path.join(model_dir, models.BASE_MODEL_FILE))
-    train_config = config_lib.TrainConfig(model_dir=model_dir, dataset="fashion_mnist", sigma=sigma)
+    train_config = config_lib.TrainConfig.from_dict({"model_dir": model_dir, "dataset": "fashion_mnist",
+                                                     "sigma": sigma})
     with open(os.path.join(model_dir, config_lib.TRAIN_CONFIG_FILE), "w", encoding="utf-8") as f:
         f.write(train_config.to_json())
     return model_dir

@@ -18,7 +18,7 @@ import dataclasses
 import os
 import sys
 import typing
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Type
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Type
 
 from absl import app
 from absl import flags
@@ -34,7 +34,8 @@ _DEFINE = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer, float: flags.DEFI
 
 # The help of every training flag: bin/train.py defines all of them, bin/tune.py
 # those a search shares (tuning.TRAIN_FLAGS). Each is a field of
-# training.TrainConfig, which states its type and default.
+# training.TrainConfig or of its objective (training.ObjectiveConfig), which
+# states its type and default.
 TRAIN_HELP = {
     "model_dir": (
         "Run directory: flags, checkpoints, TensorBoard logs, base_model.keras. An existing run with the same "
@@ -141,13 +142,37 @@ def _field_default(field: dataclasses.Field) -> Any:
     return None  # A required field: the config says what is missing.
 
 
+def _flag_fields(config_cls: Type) -> Dict[str, Tuple[Optional[str], dataclasses.Field, Any]]:
+    """The fields that can be flags: name -> (the field of the nested config holding it, or None; field; type).
+
+    The fields of a field whose type is itself a dataclass (a nested config)
+    can be flags too, under their own names, unless `config_cls` has a field
+    of that name.
+
+    Raises:
+      TypeError: two nested configs have a field of the same name.
+    """
+    hints = typing.get_type_hints(config_cls)
+    own = {field.name: (None, field, hints[field.name]) for field in dataclasses.fields(config_cls)}
+    nested = {}
+    for name, (_, _, hint) in own.items():
+        if dataclasses.is_dataclass(hint):
+            nested_hints = typing.get_type_hints(hint)
+            for field in dataclasses.fields(hint):
+                if field.name in nested:
+                    raise TypeError(f"{config_cls.__name__}: two nested fields named {field.name!r}")
+                nested[field.name] = (name, field, nested_hints[field.name])
+    return {**nested, **own}
+
+
 def define_flags(config_cls: Type, helps: Mapping[str, str], *, defaults: Optional[Mapping[str, Any]] = None,
                  flag_values: flags.FlagValues = flags.FLAGS) -> FlagHolders:
     """Defines one absl flag per field of `config_cls` named in `helps`.
 
     The flag has the field's name, the type of its annotation (bool, int,
     float, str, or a comma-separated list for sequence fields) and the
-    field's default, so the default is stated once, in the config.
+    field's default, so the default is stated once, in the config. The fields
+    of a nested config (a field whose type is a dataclass) are flags too.
 
     Args:
       config_cls: a dataclass config.
@@ -162,39 +187,39 @@ def define_flags(config_cls: Type, helps: Mapping[str, str], *, defaults: Option
     Raises:
       TypeError: a name is not a field, or its type has no flag type.
     """
-    fields = {f.name: f for f in dataclasses.fields(config_cls)}
-    hints = typing.get_type_hints(config_cls)
+    fields = _flag_fields(config_cls)
     defaults = dict(defaults or {})
     holders = {}
     for name, help_text in helps.items():
         if name not in fields:
             raise TypeError(f"{config_cls.__name__} has no field {name!r}")
-        kind = _unwrap(hints[name])
-        default = defaults.pop(name) if name in defaults else _field_default(fields[name])
+        _, field, hint = fields[name]
+        kind = _unwrap(hint)
+        default = defaults.pop(name) if name in defaults else _field_default(field)
         if isinstance(kind, tuple):
             default = None if default is None else [f"{v:g}" if isinstance(v, float) else str(v) for v in default]
             holders[name] = flags.DEFINE_list(name, default, help_text, flag_values=flag_values)
         elif kind in _DEFINE:
             holders[name] = _DEFINE[kind](name, default, help_text, flag_values=flag_values)
         else:
-            raise TypeError(f"{config_cls.__name__}.{name}: no flag type for {hints[name]}")
+            raise TypeError(f"{config_cls.__name__}.{name}: no flag type for {hint}")
     if defaults:
         raise TypeError(f"defaults for fields without a flag: {', '.join(sorted(defaults))}")
     return holders
 
 
 def flag_values(config_cls: Type, holders: FlagHolders) -> Dict[str, Any]:
-    """The flags' values as the config's field values.
+    """The flags' values as the (nested) config's field values, by flag name.
 
     List flags are converted element by element to the field's element type.
 
     Raises:
       ConfigError: a list element is not of its type (the message names the flag).
     """
-    hints = typing.get_type_hints(config_cls)
+    fields = _flag_fields(config_cls)
     values = {}
     for name, holder in holders.items():
-        value, kind = holder.value, _unwrap(hints[name])
+        value, kind = holder.value, _unwrap(fields[name][2])
         if isinstance(kind, tuple) and value is not None:
             element = kind[1]
             try:
@@ -209,10 +234,23 @@ def flag_values(config_cls: Type, holders: FlagHolders) -> Dict[str, Any]:
 def config_from_flags(config_cls: Type, holders: FlagHolders, **fields) -> Any:
     """Builds the validated `config_cls` from its flags, plus `fields` set by the binary.
 
+    The flags of a nested config build it first (so its checks run first).
+
     Raises:
-      ConfigError: a bad value (raised by the config's own checks).
+      ConfigError: a bad value (raised by the configs' own checks).
     """
-    return config_cls(**flag_values(config_cls, holders), **fields)
+    flag_fields = _flag_fields(config_cls)
+    hints = typing.get_type_hints(config_cls)
+    values, nested = {}, {}
+    for name, value in flag_values(config_cls, holders).items():
+        parent = flag_fields[name][0]
+        if parent is None:
+            values[name] = value
+        else:
+            nested.setdefault(parent, {})[name] = value
+    for parent, nested_values in nested.items():
+        values[parent] = hints[parent](**nested_values)
+    return config_cls(**values, **fields)
 
 
 def _program() -> str:

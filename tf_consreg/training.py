@@ -27,12 +27,12 @@ from tf_consreg import attacks
 from tf_consreg import callbacks as callbacks_lib
 from tf_consreg import data as data_lib
 from tf_consreg import distribute
+from tf_consreg import files
 from tf_consreg import losses
 from tf_consreg import models
 from tf_consreg import multi_worker
 from tf_consreg import noise as noise_lib
-from tf_consreg.errors import ConfigError
-from tf_consreg.files import atomic_output
+from tf_consreg.errors import ConfigError, check
 
 METHODS = ("gaussian", "consistency", "stability", "smoothadv", "macer")
 MIXED_PRECISION = ("none", "mixed_float16", "mixed_bfloat16")
@@ -58,8 +58,9 @@ _METHOD_FIELDS = {
 # --adv_training, the paper's "SmoothAdv + Consistency" (train_consistency.py).
 _ADV_TRAINING_METHOD = "consistency"
 _ADV_TRAINING_FIELDS = {"epsilon": 512 / 256, "num_steps": 4, "warmup": 10}
-# Live certification of a held-out training subset (callbacks.CertifyCallback).
-_CERTIFY_DEFAULTS = {"certify_examples": 200, "certify_n0": 100, "certify_n": 1000, "certify_alpha": 0.001,
+# Live certification of a held-out training subset (callbacks.CertifyCallback),
+# by --certify_every and in every trial of a search.
+CERTIFY_DEFAULTS = {"certify_examples": 200, "certify_n0": 100, "certify_n": 1000, "certify_alpha": 0.001,
                      "certify_batch_size": 1000}
 
 
@@ -95,11 +96,6 @@ def format_flags(values: Mapping[str, Any]) -> str:
     return "".join(line + "\n" for line in lines)
 
 
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise ConfigError(message)
-
-
 def _used_by(name: str) -> str:
     """The methods that use a method field, as flags: "--method=a or --method=b"."""
     users = [f"--method={method}" for method, fields in _METHOD_FIELDS.items() if name in fields]
@@ -115,7 +111,8 @@ class ObjectiveConfig:
     The method fields (`num_noise` and those after it up to `warmup`) are
     None when not given: they get the authors' defaults for the methods that
     use them, and must stay None for the methods that do not, so a setting
-    that would be silently ignored is refused instead.
+    that would be silently ignored is refused instead. Its fields but
+    `deferred_epochs` are flags of bin/train.py (the defaults are theirs).
 
     Attributes:
       method: "gaussian", "consistency", "stability", "smoothadv" or "macer"
@@ -135,8 +132,8 @@ class ObjectiveConfig:
         the loss gains weight_decay / 2 * ||w||^2 over the trainable weights.
     """
 
-    method: str
-    sigma: float
+    method: str = "consistency"
+    sigma: float = 0.25
     num_noise: Optional[int] = None
     lbd: Optional[float] = None
     eta: Optional[float] = None
@@ -148,49 +145,49 @@ class ObjectiveConfig:
     epsilon: Optional[float] = None
     num_steps: Optional[int] = None
     warmup: Optional[int] = None
-    weight_decay: float = 0.0
+    weight_decay: float = 1e-4
 
     def __post_init__(self):
-        _check(self.method in METHODS, f"--method={self.method!r} is unknown; choose one of {', '.join(METHODS)}")
-        _check(self.sigma > 0, f"--sigma must be > 0, got {self.sigma}")
-        _check(not self.adv_training or self.method == _ADV_TRAINING_METHOD,
-               f"--adv_training combines SmoothAdv with --method={_ADV_TRAINING_METHOD}; for "
-               f"--method={self.method} use --method=smoothadv or drop --adv_training")
-        fields = dict(_METHOD_FIELDS[self.method], **(_ADV_TRAINING_FIELDS if self.adv_training else {}))
+        check(self.method in METHODS, f"--method={self.method!r} is unknown; choose one of {', '.join(METHODS)}")
+        check(self.sigma > 0, f"--sigma must be > 0, got {self.sigma}")
+        check(not self.adv_training or self.method == _ADV_TRAINING_METHOD,
+              f"--adv_training combines SmoothAdv with --method={_ADV_TRAINING_METHOD}; for "
+              f"--method={self.method} use --method=smoothadv or drop --adv_training")
+        method_fields = dict(_METHOD_FIELDS[self.method], **(_ADV_TRAINING_FIELDS if self.adv_training else {}))
         for name in _METHOD_FIELD_NAMES:
-            if name in fields:
+            if name in method_fields:
                 if getattr(self, name) is None:
-                    object.__setattr__(self, name, fields[name])
+                    object.__setattr__(self, name, method_fields[name])
             elif getattr(self, name) is not None:
                 raise ConfigError(f"--{name} is used only by {_used_by(name)}; remove it for --method={self.method}")
-        _check(self.num_noise >= 1, f"--num_noise must be >= 1, got {self.num_noise}")
+        check(self.num_noise >= 1, f"--num_noise must be >= 1, got {self.num_noise}")
         if self.method == "stability":
-            _check(self.num_noise == 1, "--method=stability draws one noise per image: --num_noise must be 1, "
-                   f"got {self.num_noise}")
+            check(self.num_noise == 1, "--method=stability draws one noise per image: --num_noise must be 1, "
+                  f"got {self.num_noise}")
         if self.lbd is not None:
-            _check(self.lbd >= 0, f"--lbd must be >= 0, got {self.lbd}")
+            check(self.lbd >= 0, f"--lbd must be >= 0, got {self.lbd}")
         if self.eta is not None:
-            _check(self.eta >= 0, f"--eta must be >= 0, got {self.eta}")
+            check(self.eta >= 0, f"--eta must be >= 0, got {self.eta}")
         if self.consistency_loss is not None:
-            _check(self.consistency_loss in losses.CONSISTENCY_LOSSES,
-                   f"--consistency_loss={self.consistency_loss!r} is unknown; "
-                   f"choose one of {', '.join(losses.CONSISTENCY_LOSSES)}")
+            check(self.consistency_loss in losses.CONSISTENCY_LOSSES,
+                  f"--consistency_loss={self.consistency_loss!r} is unknown; "
+                  f"choose one of {', '.join(losses.CONSISTENCY_LOSSES)}")
             if self.consistency_loss == "mse":
-                _check(self.num_noise == 2, f"--consistency_loss=mse needs --num_noise=2, got {self.num_noise}")
+                check(self.num_noise == 2, f"--consistency_loss=mse needs --num_noise=2, got {self.num_noise}")
         if self.beta is not None:
-            _check(self.beta > 0, f"--beta must be > 0, got {self.beta}")
+            check(self.beta > 0, f"--beta must be > 0, got {self.beta}")
         if self.gamma is not None:
-            _check(self.gamma >= 0, f"--gamma must be >= 0, got {self.gamma}")
+            check(self.gamma >= 0, f"--gamma must be >= 0, got {self.gamma}")
         if self.deferred_epochs is not None:
-            _check(self.deferred_epochs >= 0, f"deferred_epochs must be >= 0, got {self.deferred_epochs}")
+            check(self.deferred_epochs >= 0, f"deferred_epochs must be >= 0, got {self.deferred_epochs}")
         if self.epsilon is not None:
-            _check(self.epsilon >= 0, "--epsilon must be >= 0 (an L2 radius in [0, 1] pixel units), "
-                   f"got {self.epsilon}")
+            check(self.epsilon >= 0, "--epsilon must be >= 0 (an L2 radius in [0, 1] pixel units), "
+                  f"got {self.epsilon}")
         if self.num_steps is not None:
-            _check(self.num_steps >= 1, f"--num_steps must be >= 1, got {self.num_steps}")
+            check(self.num_steps >= 1, f"--num_steps must be >= 1, got {self.num_steps}")
         if self.warmup is not None:
-            _check(self.warmup >= 1, f"--warmup must be >= 1, got {self.warmup}")
-        _check(self.weight_decay >= 0, f"--weight_decay must be >= 0, got {self.weight_decay}")
+            check(self.warmup >= 1, f"--warmup must be >= 1, got {self.warmup}")
+        check(self.weight_decay >= 0, f"--weight_decay must be >= 0, got {self.weight_decay}")
 
     @property
     def adversarial(self) -> bool:
@@ -201,9 +198,8 @@ class ObjectiveConfig:
 # The fields a method may use or refuse, in the order they are checked.
 _METHOD_FIELD_NAMES = tuple(f.name for f in dataclasses.fields(ObjectiveConfig)
                             if any(f.name in fields for fields in (*_METHOD_FIELDS.values(), _ADV_TRAINING_FIELDS)))
-# ObjectiveConfig's fields that are flags, and fields of TrainConfig too.
-# deferred_epochs is not: TrainConfig's --deferred sets it from the
-# learning-rate schedule.
+# ObjectiveConfig's fields that are flags. deferred_epochs is not: TrainConfig's
+# --deferred sets it from the learning-rate schedule.
 _OBJECTIVE_FLAGS = tuple(f.name for f in dataclasses.fields(ObjectiveConfig) if f.name != "deferred_epochs")
 
 
@@ -211,32 +207,20 @@ _OBJECTIVE_FLAGS = tuple(f.name for f in dataclasses.fields(ObjectiveConfig) if 
 class TrainConfig:
     """Everything a training run needs, checked at construction.
 
-    Its fields are bin/train.py's flags (see its --help); a run directory
-    records them (`train_config.json`, `flags.txt`). The objective's fields
-    are checked, and the method fields given their defaults, by the
-    `ObjectiveConfig` it builds (`objective`), which is what the model takes.
+    Its fields, and those of its `objective`, are bin/train.py's flags (see
+    its --help); a run directory records them (`train_config.json`,
+    `flags.txt`, flat, by flag name: `to_dict`, `to_flags`).
 
     `deferred` (MACER) defers the robustness term as the authors'
     train_macer.py does: while epoch <= lr_step_size (0-based), i.e. for the
-    first lr_step_size + 1 epochs (`objective.deferred_epochs`).
+    first lr_step_size + 1 epochs. It sets `objective.deferred_epochs`.
     """
 
     model_dir: str
     dataset: str = "fashion_mnist"
     arch: str = "lenet"
-    method: str = "consistency"
-    sigma: float = 0.25
-    num_noise: Optional[int] = None
-    lbd: Optional[float] = None
-    eta: Optional[float] = None
-    consistency_loss: Optional[str] = None
-    beta: Optional[float] = None
-    gamma: Optional[float] = None
+    objective: ObjectiveConfig = dataclasses.field(default_factory=ObjectiveConfig)
     deferred: Optional[bool] = None
-    adv_training: bool = False
-    epsilon: Optional[float] = None
-    num_steps: Optional[int] = None
-    warmup: Optional[int] = None
     epochs: int = 90
     batch_size: int = 256
     batch_split: bool = False
@@ -244,7 +228,6 @@ class TrainConfig:
     lr_step_size: int = 30
     lr_gamma: float = 0.1
     momentum: float = 0.9
-    weight_decay: float = 1e-4
     seed: int = 0
     train_examples: int = 0
     eval_examples: int = 10000
@@ -261,82 +244,90 @@ class TrainConfig:
     mixed_precision: str = "none"
     jit_compile: bool = False
     pretrained_model: Optional[str] = None
-    objective: ObjectiveConfig = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
-        _check(bool(self.model_dir), "--model_dir is required: the directory for checkpoints, logs and the model")
-        _check(self.dataset in data_lib.DATASETS,
-               f"--dataset={self.dataset!r} is unknown; choose one of {', '.join(data_lib.DATASETS)}")
-        _check(self.arch in models.ARCHITECTURES,
-               f"--arch={self.arch!r} is unknown; choose one of {', '.join(models.ARCHITECTURES)}")
+        check(bool(self.model_dir), "--model_dir is required: the directory for checkpoints, logs and the model")
+        check(self.dataset in data_lib.DATASETS,
+              f"--dataset={self.dataset!r} is unknown; choose one of {', '.join(data_lib.DATASETS)}")
+        check(self.arch in models.ARCHITECTURES,
+              f"--arch={self.arch!r} is unknown; choose one of {', '.join(models.ARCHITECTURES)}")
         models.check_architecture(self.arch, self.dataset)
-        self._build_objective()
-        _check(self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")
-        _check(self.batch_size >= 1, f"--batch_size must be >= 1, got {self.batch_size}")
-        _check(self.lr > 0, f"--lr must be > 0, got {self.lr}")
-        _check(self.lr_step_size >= 1, f"--lr_step_size must be >= 1, got {self.lr_step_size}")
-        _check(0 < self.lr_gamma <= 1, f"--lr_gamma must be in (0, 1], got {self.lr_gamma}")
-        _check(0 <= self.momentum < 1, f"--momentum must be in [0, 1), got {self.momentum}")
-        _check(self.train_examples >= 0, f"--train_examples must be >= 0 (0 = all), got {self.train_examples}")
-        _check(self.eval_examples >= 0, f"--eval_examples must be >= 0 (0 = no evaluation), got {self.eval_examples}")
-        _check(self.strategy in distribute.STRATEGIES,
-               f"--strategy={self.strategy!r} is unknown; choose one of {', '.join(distribute.STRATEGIES)}")
-        _check(self.steps_per_execution >= 1, f"--steps_per_execution must be >= 1, got {self.steps_per_execution}")
-        _check(self.mixed_precision in MIXED_PRECISION,
-               f"--mixed_precision={self.mixed_precision!r} is unknown; choose one of {', '.join(MIXED_PRECISION)}")
+        check(isinstance(self.objective, ObjectiveConfig),
+              f"objective must be an ObjectiveConfig, got {type(self.objective).__name__}")
+        check(self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")
+        check(self.batch_size >= 1, f"--batch_size must be >= 1, got {self.batch_size}")
+        check(self.lr > 0, f"--lr must be > 0, got {self.lr}")
+        check(self.lr_step_size >= 1, f"--lr_step_size must be >= 1, got {self.lr_step_size}")
+        check(0 < self.lr_gamma <= 1, f"--lr_gamma must be in (0, 1], got {self.lr_gamma}")
+        check(0 <= self.momentum < 1, f"--momentum must be in [0, 1), got {self.momentum}")
+        self._set_deferral()
+        check(self.train_examples >= 0, f"--train_examples must be >= 0 (0 = all), got {self.train_examples}")
+        check(self.eval_examples >= 0, f"--eval_examples must be >= 0 (0 = no evaluation), got {self.eval_examples}")
+        check(self.strategy in distribute.STRATEGIES,
+              f"--strategy={self.strategy!r} is unknown; choose one of {', '.join(distribute.STRATEGIES)}")
+        check(self.steps_per_execution >= 1, f"--steps_per_execution must be >= 1, got {self.steps_per_execution}")
+        check(self.mixed_precision in MIXED_PRECISION,
+              f"--mixed_precision={self.mixed_precision!r} is unknown; choose one of {', '.join(MIXED_PRECISION)}")
         if self.pretrained_model is not None:
-            _check(os.path.isfile(self.pretrained_model),
-                   f"--pretrained_model={self.pretrained_model} is not a file; give a base_model.keras")
+            check(os.path.isfile(self.pretrained_model),
+                  f"--pretrained_model={self.pretrained_model} is not a file; give a base_model.keras")
         if self.batch_split:
-            _check(self.batch_size % self.num_noise == 0,
-                   f"--batch_size={self.batch_size} must be divisible by --num_noise={self.num_noise} "
-                   "with --batch_split")
-        _check(self.clean_batch_size >= 1, "--batch_size is smaller than --num_noise with --batch_split")
+            num_noise = self.objective.num_noise
+            check(self.batch_size % num_noise == 0,
+                  f"--batch_size={self.batch_size} must be divisible by --num_noise={num_noise} with --batch_split")
+        check(self.clean_batch_size >= 1, "--batch_size is smaller than --num_noise with --batch_split")
         self._resolve_certify_fields()
 
-    def _build_objective(self) -> None:
-        """Builds `objective` from the flags, and takes its resolved method fields back."""
-        deferred_epochs = None
-        if self.deferred is not None:
-            _check(self.method not in _METHOD_FIELDS or "deferred_epochs" in _METHOD_FIELDS[self.method],
-                   f"--deferred is used only by {_used_by('deferred_epochs')}; remove it for --method={self.method}")
-            deferred_epochs = self.lr_step_size + 1 if self.deferred else 0
-        objective = ObjectiveConfig(**{name: getattr(self, name) for name in _OBJECTIVE_FLAGS},
-                                    deferred_epochs=deferred_epochs)
-        for name in _OBJECTIVE_FLAGS:
-            object.__setattr__(self, name, getattr(objective, name))
-        if objective.deferred_epochs is not None:
-            object.__setattr__(self, "deferred", bool(objective.deferred_epochs))
-        object.__setattr__(self, "objective", objective)
+    def _set_deferral(self) -> None:
+        """MACER's `deferred`: False when not given; it sets `objective.deferred_epochs`."""
+        objective = self.objective
+        if objective.deferred_epochs is None:  # Not MACER.
+            check(self.deferred is None, f"--deferred is used only by {_used_by('deferred_epochs')}; remove it "
+                  f"for --method={objective.method}")
+            return
+        object.__setattr__(self, "deferred", bool(self.deferred))
+        object.__setattr__(self, "objective", dataclasses.replace(
+            objective, deferred_epochs=self.lr_step_size + 1 if self.deferred else 0))
 
     def _resolve_certify_fields(self) -> None:
         """Live certification's fields: defaults when it is on, refused when it is off."""
-        _check(self.certify_every >= 0, f"--certify_every must be >= 0 (0 = off), got {self.certify_every}")
+        check(self.certify_every >= 0, f"--certify_every must be >= 0 (0 = off), got {self.certify_every}")
         if not self.certify_every:
-            for name in _CERTIFY_DEFAULTS:
-                _check(getattr(self, name) is None,
-                       f"--{name} is used only with --certify_every; add --certify_every=N or remove it")
+            for name in CERTIFY_DEFAULTS:
+                check(getattr(self, name) is None,
+                      f"--{name} is used only with --certify_every; add --certify_every=N or remove it")
             return
-        _check(self.dataset not in data_lib.STREAMED,
-               f"--certify_every holds images out of the training split in memory; --dataset={self.dataset} "
-               "is streamed")
-        for name, default in _CERTIFY_DEFAULTS.items():
+        check(self.dataset not in data_lib.STREAMED,
+              f"--certify_every holds images out of the training split in memory; --dataset={self.dataset} "
+              "is streamed")
+        for name, default in CERTIFY_DEFAULTS.items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, default)
-        _check(self.certify_examples >= 1, f"--certify_examples must be >= 1, got {self.certify_examples}")
-        _check(self.certify_n0 >= 1, f"--certify_n0 must be >= 1, got {self.certify_n0}")
-        _check(self.certify_n >= 1, f"--certify_n must be >= 1, got {self.certify_n}")
-        _check(0 < self.certify_alpha < 1, f"--certify_alpha must be in (0, 1), got {self.certify_alpha}")
-        _check(self.certify_batch_size >= 1, f"--certify_batch_size must be >= 1, got {self.certify_batch_size}")
+        check(self.certify_examples >= 1, f"--certify_examples must be >= 1, got {self.certify_examples}")
+        check(self.certify_n0 >= 1, f"--certify_n0 must be >= 1, got {self.certify_n0}")
+        check(self.certify_n >= 1, f"--certify_n must be >= 1, got {self.certify_n}")
+        check(0 < self.certify_alpha < 1, f"--certify_alpha must be in (0, 1), got {self.certify_alpha}")
+        check(self.certify_batch_size >= 1, f"--certify_batch_size must be >= 1, got {self.certify_batch_size}")
+
+    @property
+    def sigma(self) -> float:
+        """The run's noise level (`objective.sigma`), which certifying or exporting the run defaults to."""
+        return self.objective.sigma
 
     @property
     def clean_batch_size(self) -> int:
         """Clean images per optimizer step (each step sees m times as many noisy copies)."""
-        return self.batch_size // self.num_noise if self.batch_split else self.batch_size
+        return self.batch_size // self.objective.num_noise if self.batch_split else self.batch_size
 
     def to_dict(self) -> Dict[str, Any]:
-        """The flags' values, by name."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+        """The flags' values, by name (the objective's among them)."""
+        values = {}
+        for field in dataclasses.fields(self):
+            if field.name == "objective":
+                values.update({name: getattr(self.objective, name) for name in _OBJECTIVE_FLAGS})
+            else:
+                values[field.name] = getattr(self, field.name)
+        return values
 
     def to_flags(self, exclude: Sequence[str] = ()) -> str:
         """The config as a flagfile of bin/train.py (`format_flags`), without the flags in `exclude`.
@@ -349,17 +340,14 @@ class TrainConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
     @classmethod
-    def from_dict(cls, values: Dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls) if f.init}
-        unknown = sorted(set(values) - known)
+    def from_dict(cls, values: Mapping[str, Any]) -> "TrainConfig":
+        """The config of `to_dict`'s values."""
+        known = {f.name for f in dataclasses.fields(cls)} - {"objective"}
+        unknown = sorted(set(values) - known - set(_OBJECTIVE_FLAGS))
         if unknown:
             raise ConfigError(f"unknown training config fields: {', '.join(unknown)}")
-        return cls(**values)
-
-    def differences(self, other: "TrainConfig", ignore=("epochs", "model_dir")) -> Dict[str, tuple]:
-        """Fields (other than `ignore`) whose values differ: name -> (self, other)."""
-        mine, theirs = self.to_dict(), other.to_dict()
-        return {k: (mine[k], theirs[k]) for k in mine if k not in ignore and mine[k] != theirs[k]}
+        objective = ObjectiveConfig(**{name: values[name] for name in _OBJECTIVE_FLAGS if name in values})
+        return cls(objective=objective, **{name: value for name, value in values.items() if name in known})
 
 
 def read_train_config(model_dir: str) -> TrainConfig:
@@ -560,25 +548,15 @@ class ConsistencyModel(keras.Model):
 # The training run.
 
 
-def _prepare_model_dir(config: TrainConfig) -> None:
-    """Refuses a model_dir of another run; records the config of this one.
+def _check_model_dir(config: TrainConfig) -> None:
+    """Refuses a model_dir that holds another run, or other files (see `files.check_run_dir`).
 
-    Raises:
-      ConfigError: `model_dir` is a file, or holds a run with other settings.
+    The same run, resumed, may train more epochs.
     """
-    path = os.path.join(config.model_dir, TRAIN_CONFIG_FILE)
-    if os.path.exists(config.model_dir) and not os.path.isdir(config.model_dir):
-        raise ConfigError(f"--model_dir={config.model_dir} exists and is not a directory")
-    if os.path.isfile(path):
-        previous = read_train_config(config.model_dir)
-        diff = config.differences(previous)
-        if diff:
-            details = "; ".join(f"--{k}: {new!r} here, {old!r} there" for k, (new, old) in sorted(diff.items()))
-            raise ConfigError(f"--model_dir={config.model_dir} holds a different run ({details}); "
-                              "use a new --model_dir or the same flags to resume")
-    elif os.path.isdir(config.model_dir) and os.listdir(config.model_dir):
-        raise ConfigError(f"--model_dir={config.model_dir} is not empty and holds no {TRAIN_CONFIG_FILE}; "
-                          "use a new or empty directory")
+    here = config.to_dict()
+    files.check_run_dir(config.model_dir, TRAIN_CONFIG_FILE,
+                        lambda there: files.differences(here, there, ignore=("epochs", "model_dir")),
+                        flag="model_dir", kind="run", resume="the same flags to resume")
 
 
 def _learning_rate(config: TrainConfig, steps_per_epoch: int):
@@ -697,7 +675,7 @@ def train(config: TrainConfig,
     if task is not None:
         multi_worker.check_batch_size(task, batch)
     # Every worker checks (read only): on a shared file system they all see the chief's directory.
-    _prepare_model_dir(config)
+    _check_model_dir(config)
     is_chief = task is None or task.is_chief
     strategy = distribute.get_strategy(config.strategy)
     replicas = strategy.num_replicas_in_sync
@@ -742,9 +720,9 @@ def train(config: TrainConfig,
         if is_chief:
             work_dir = config.model_dir
             os.makedirs(config.model_dir, exist_ok=True)
-            with atomic_output(os.path.join(config.model_dir, TRAIN_CONFIG_FILE)) as f:
+            with files.atomic_output(os.path.join(config.model_dir, TRAIN_CONFIG_FILE)) as f:
                 f.write(config.to_json())
-            with atomic_output(os.path.join(config.model_dir, FLAGS_FILE)) as f:
+            with files.atomic_output(os.path.join(config.model_dir, FLAGS_FILE)) as f:
                 f.write(config.to_flags())
         else:
             work_dir = tempfile.mkdtemp(prefix=f"tf_consreg_worker{task.worker_index}_")

@@ -43,10 +43,10 @@ from tensorboard.plugins.hparams import api as hp_api
 
 from tf_consreg import callbacks
 from tf_consreg import data as data_lib
+from tf_consreg import files
 from tf_consreg import models
 from tf_consreg import training
 from tf_consreg.errors import ConfigError
-from tf_consreg.files import atomic_output
 from tf_consreg.training import TrainConfig
 
 TUNERS = ("random", "bayesian", "hyperband")
@@ -133,11 +133,11 @@ class TuneConfig:
     num_noise_choices: Tuple[int, ...] = (2, 4)
     objective: str = "acr"
     objective_radius: Optional[float] = None
-    certify_examples: int = 200
-    certify_n0: int = 100
-    certify_n: int = 1000
-    certify_alpha: float = 0.001
-    certify_batch_size: int = 1000
+    certify_examples: int = training.CERTIFY_DEFAULTS["certify_examples"]
+    certify_n0: int = training.CERTIFY_DEFAULTS["certify_n0"]
+    certify_n: int = training.CERTIFY_DEFAULTS["certify_n"]
+    certify_alpha: float = training.CERTIFY_DEFAULTS["certify_alpha"]
+    certify_batch_size: int = training.CERTIFY_DEFAULTS["certify_batch_size"]
     certify_every: int = 0
 
     def __post_init__(self):
@@ -182,8 +182,8 @@ class TuneConfig:
         self._check_train()
 
     def _check_train(self) -> None:
-        if self.train.method != "consistency":
-            raise ConfigError(f"a search tunes --method=consistency; got --method={self.train.method}")
+        if self.train.objective.method != "consistency":
+            raise ConfigError(f"a search tunes --method=consistency; got --method={self.train.objective.method}")
         train = dataclasses.replace(self.train, model_dir=os.path.join(self.tuning_dir, TRIALS_DIR),
                                     epochs=self.epochs_per_trial)
         object.__setattr__(self, "train", train)
@@ -192,7 +192,7 @@ class TuneConfig:
             for lbd in self.lbd_range:
                 for eta in self.eta_range:
                     try:
-                        dataclasses.replace(train, num_noise=int(m), lbd=float(lbd), eta=float(eta))
+                        _tuned(train, num_noise=m, lbd=lbd, eta=eta)
                     except ConfigError as e:
                         raise ConfigError(f"--num_noise_choices={m}: {e}") from None
 
@@ -218,7 +218,8 @@ class TuneConfig:
     def to_flags(self) -> str:
         """The search as a flagfile of bin/tune.py (`training.format_flags`); `--flagfile=` repeats it."""
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "train"}
-        values.update({name: getattr(self.train, name) for name in TRAIN_FLAGS})
+        train = self.train.to_dict()
+        values.update({name: train[name] for name in TRAIN_FLAGS})
         return training.format_flags(values)
 
     def to_dict(self) -> Dict[str, Any]:
@@ -238,10 +239,15 @@ def trial_config(config: TuneConfig, values: Mapping[str, Any], trial_id: str, t
       trial_id: keras-tuner's trial id.
       train_examples: training images per trial (the split minus the held-out ones).
     """
-    return dataclasses.replace(config.train, model_dir=config.trial_dir(trial_id), lbd=float(values["lbd"]),
-                               eta=float(values["eta"]), num_noise=int(values["num_noise"]),
-                               epochs=int(values.get("tuner/epochs", config.epochs_per_trial)),
-                               train_examples=train_examples)
+    return _tuned(config.train, num_noise=values["num_noise"], lbd=values["lbd"], eta=values["eta"],
+                  model_dir=config.trial_dir(trial_id), train_examples=train_examples,
+                  epochs=int(values.get("tuner/epochs", config.epochs_per_trial)))
+
+
+def _tuned(train: TrainConfig, *, num_noise: int, lbd: float, eta: float, **fields) -> TrainConfig:
+    """`train` at one point of the search space, with `fields` replaced too."""
+    objective = dataclasses.replace(train.objective, num_noise=int(num_noise), lbd=float(lbd), eta=float(eta))
+    return dataclasses.replace(train, objective=objective, **fields)
 
 
 # --------------------------------------------------------------------------
@@ -396,15 +402,15 @@ def write_reports(config: TuneConfig, trials: Iterable[Any]) -> List[TrialRow]:
       The ranked rows.
     """
     rows = ranked_trials(config, trials)
-    with atomic_output(os.path.join(config.tuning_dir, TABLE_TSV)) as f:
+    with files.atomic_output(os.path.join(config.tuning_dir, TABLE_TSV)) as f:
         f.write(tsv_table(config, rows))
-    with atomic_output(os.path.join(config.tuning_dir, TABLE_MARKDOWN)) as f:
+    with files.atomic_output(os.path.join(config.tuning_dir, TABLE_MARKDOWN)) as f:
         f.write(markdown_table(config, rows))
     for row in rows:
         if row.rank is not None:
             write_hparams_session(config, row)
     if rows and rows[0].rank is not None:
-        with atomic_output(os.path.join(config.tuning_dir, BEST_FLAGS)) as f:
+        with files.atomic_output(os.path.join(config.tuning_dir, BEST_FLAGS)) as f:
             f.write(best_flags_text(config, rows[0], len(rows)))
     return rows
 
@@ -431,39 +437,25 @@ def _load_holdout(config: TuneConfig) -> _Holdout:
 
 
 def _prepare_tuning_dir(config: TuneConfig) -> None:
-    """Refuses a directory of another search or of something else; records this search's settings."""
-    path = os.path.join(config.tuning_dir, TUNE_CONFIG_FILE)
-    if os.path.exists(config.tuning_dir) and not os.path.isdir(config.tuning_dir):
-        raise ConfigError(f"--tuning_dir={config.tuning_dir} exists and is not a directory")
-    current = config.to_dict()
-    if os.path.isfile(path):
-        try:
-            with open(path, encoding="utf-8") as f:
-                previous = json.load(f)
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"{path} is unreadable: {e}") from e
-        diff = _differences(current, previous)
-        if diff:
-            details = "; ".join(f"--{k}: {new!r} here, {old!r} there" for k, (new, old) in sorted(diff.items()))
-            raise ConfigError(f"--tuning_dir={config.tuning_dir} holds a different search ({details}); use a new "
-                              "--tuning_dir, or the same flags to resume (only --max_trials may change)")
-    elif os.path.isdir(config.tuning_dir) and os.listdir(config.tuning_dir):
-        raise ConfigError(f"--tuning_dir={config.tuning_dir} is not empty and holds no {TUNE_CONFIG_FILE}; "
-                          "use a new or empty directory")
-    with atomic_output(path) as f:
-        f.write(json.dumps(current, indent=2, sort_keys=True) + "\n")
+    """Refuses a directory of another search or of something else; records this search's settings.
+
+    The same search, resumed, may run more trials (`_RESUMABLE_CHANGES`).
+    """
+    here = config.to_dict()
+    files.check_run_dir(config.tuning_dir, TUNE_CONFIG_FILE,
+                        lambda there: files.differences(_flat_settings(here), _flat_settings(there)),
+                        flag="tuning_dir", kind="search",
+                        resume="the same flags to resume (only --max_trials may change)")
+    with files.atomic_output(os.path.join(config.tuning_dir, TUNE_CONFIG_FILE)) as f:
+        f.write(json.dumps(here, indent=2, sort_keys=True) + "\n")
 
 
-def _differences(current: Dict[str, Any], previous: Dict[str, Any]) -> Dict[str, tuple]:
-    """Flag name -> (here, there) for the settings that differ (paths and max_trials aside)."""
-    def flat(values):
-        out = {k: v for k, v in values.items() if k not in ("train", "tuning_dir") + _RESUMABLE_CHANGES}
-        # The trials' model_dir and epochs derive from tuning_dir and epochs_per_trial.
-        out.update({k: v for k, v in values.get("train", {}).items() if k not in ("model_dir", "epochs")})
-        return out
-
-    mine, theirs = flat(current), flat(previous)
-    return {k: (mine.get(k), theirs.get(k)) for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)}
+def _flat_settings(values: Mapping[str, Any]) -> Dict[str, Any]:
+    """A search's settings by flag name, without those a resumed search may change or derives."""
+    flat = {k: v for k, v in values.items() if k not in ("train", "tuning_dir") + _RESUMABLE_CHANGES}
+    # The trials' model_dir and epochs derive from tuning_dir and epochs_per_trial.
+    flat.update({k: v for k, v in values.get("train", {}).items() if k not in ("model_dir", "epochs")})
+    return flat
 
 
 def _warm_start(parent_dir: str, child_dir: str) -> None:
@@ -540,8 +532,8 @@ def _run_trial(config: TuneConfig, holdout: _Holdout, trial) -> Dict[str, float]
     parent = values.get("tuner/trial_id")
     if parent is not None:
         _warm_start(config.trial_dir(parent), run.model_dir)
-    print(f"trial_{trial.trial_id}: lbd={run.lbd:.4g} eta={run.eta:.3f} num_noise={run.num_noise} "
-          f"epochs={run.epochs} in {run.model_dir}", flush=True)
+    print(f"trial_{trial.trial_id}: lbd={run.objective.lbd:.4g} eta={run.objective.eta:.3f} "
+          f"num_noise={run.objective.num_noise} epochs={run.epochs} in {run.model_dir}", flush=True)
     # A fresh Keras state per trial; training.train seeds it, so every trial
     # starts from the same initialization, as bin/train.py would.
     keras.backend.clear_session()
@@ -574,7 +566,7 @@ def search(config: TuneConfig) -> List[TrialRow]:
     """
     holdout = _load_holdout(config)
     _prepare_tuning_dir(config)
-    with atomic_output(os.path.join(config.tuning_dir, training.FLAGS_FILE)) as f:
+    with files.atomic_output(os.path.join(config.tuning_dir, training.FLAGS_FILE)) as f:
         f.write(config.to_flags())
     write_hparams_config(config)
     tuner = _make_tuner(config, holdout)
