@@ -40,6 +40,7 @@ from absl.testing import parameterized
 import binaries  # tests/binaries.py
 import keras
 
+from tf_consreg import models
 from tf_consreg import multi_worker
 from tf_consreg import training
 
@@ -98,11 +99,6 @@ def _printed_fingerprint(stdout):
     found = re.findall(r"^Worker (\d+) of 2: final weights sha256 ([0-9a-f]{64})$", stdout, re.MULTILINE)
     assert len(found) == 1, stdout[-3000:]
     return found[0]
-
-
-def _load_base_model(path):
-    import tf_consreg  # noqa: F401  pylint: disable=import-outside-toplevel  Registers the custom layers.
-    return keras.models.load_model(path)
 
 
 class Cluster:
@@ -199,7 +195,7 @@ class ReadmeClusterTest(tf.test.TestCase):
         printed = [_printed_fingerprint(out) for _, out, _ in self.results]
         self.assertEqual([index for index, _ in printed], ["0", "1"])
         self.assertEqual(printed[0][1], printed[1][1])  # Synchronous training: bit-identical weights.
-        base = _load_base_model(os.path.join(self.cluster.model_dirs[0], "base_model.keras"))
+        base = models.load_base_model(os.path.join(self.cluster.model_dirs[0], "base_model.keras"))
         self.assertEqual(_fingerprint(base), printed[1][1])  # The non-chief ends with the saved model's weights.
 
     def test_only_the_chief_writes_the_run(self):
@@ -248,8 +244,8 @@ class ReadmeClusterTest(tf.test.TestCase):
             with flagsaver.flagsaver():
                 FLAGS(["train", *flag_values, "--strategy=default", f"--epochs={epochs}", f"--model_dir={model_dir}"])
                 train_bin.main(["train"])
-            after[epochs] = _load_base_model(os.path.join(model_dir, "base_model.keras")).get_weights()
-        cluster = _load_base_model(os.path.join(self.cluster.model_dirs[0], "base_model.keras")).get_weights()
+            after[epochs] = models.load_base_model(os.path.join(model_dir, "base_model.keras")).get_weights()
+        cluster = models.load_base_model(os.path.join(self.cluster.model_dirs[0], "base_model.keras")).get_weights()
         moved = max(np.abs(a - b).max() for a, b in zip(after[2], after[1]))
         self.assertGreater(moved, 1e-4)  # Epoch 2 changed the weights far more than the tolerance.
         for a, b in zip(cluster, after[2]):
@@ -294,7 +290,7 @@ class FaultTest(tf.test.TestCase):
         self.assertEqual(_printed_fingerprint(results[0][1])[1], _printed_fingerprint(results[1][1])[1])
         # Nothing in the run is corrupt: the base model loads (with the
         # weights the workers ended with) and every checkpoint reads fully.
-        base = _load_base_model(os.path.join(chief_dir, "base_model.keras"))
+        base = models.load_base_model(os.path.join(chief_dir, "base_model.keras"))
         self.assertEqual(_fingerprint(base), _printed_fingerprint(results[0][1])[1])
         self.assertEqual(_checkpoint_values(chief_dir), ([3], [96]))  # 3 epochs x 32 steps, none lost or doubled.
         for number in (1, 2, 3):
