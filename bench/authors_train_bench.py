@@ -131,12 +131,13 @@ def _authors_child(args) -> None:
 def _ours_child(args) -> None:
     """Runs tf_consreg.training.train (bin/train.py's library call) under args.contender's policy."""
     from tf_consreg import training  # pylint: disable=import-outside-toplevel
-    from tf_consreg.config import TrainConfig  # pylint: disable=import-outside-toplevel
+    from tf_consreg.training import TrainConfig  # pylint: disable=import-outside-toplevel
 
     with tempfile.TemporaryDirectory() as model_dir:
-        config = TrainConfig(model_dir=model_dir, epochs=args.epochs, train_examples=args.examples, eval_examples=0,
-                             method="consistency", num_noise=args.num_noise, lbd=args.lbd, eta=args.eta,
-                             sigma=args.sigma, batch_size=args.batch_size, mixed_precision=args.contender)
+        config = TrainConfig.from_dict(dict(
+            model_dir=model_dir, epochs=args.epochs, train_examples=args.examples, eval_examples=0,
+            method="consistency", num_noise=args.num_noise, lbd=args.lbd, eta=args.eta, sigma=args.sigma,
+            batch_size=args.batch_size, mixed_precision=args.contender))
         history = training.train(config)
     print(json.dumps({"images_per_second": history.history["images_per_second"]}))
 

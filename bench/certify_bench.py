@@ -39,9 +39,9 @@ import tensorflow as tf
 
 from tf_consreg import certify_run
 from tf_consreg import data
-from tf_consreg import config as config_lib
 from tf_consreg import models
 from tf_consreg import precision
+from tf_consreg import training
 
 from measure import OtherLoad
 from measure import row_seconds
@@ -80,7 +80,7 @@ def certify_rows(directory: str, compute_dtype: str):
     """Runs certify_dataset like bin/certify.py on the model in `compute_dtype`; returns the row seconds and load."""
     if _MODEL_DIR.value:
         base = models.load_base_model(_MODEL_DIR.value, compute_dtype=compute_dtype)
-        sigma = config_lib.read_train_config(_MODEL_DIR.value).sigma
+        sigma = training.read_train_config(_MODEL_DIR.value).sigma
     else:
         base = models.with_compute_policy(models.get_architecture("lenet", "fashion_mnist"),
                                           precision.compute_policy(compute_dtype))

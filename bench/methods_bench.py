@@ -16,6 +16,8 @@ import platform
 import sys
 import tempfile
 
+import numpy as np
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = {
     "gaussian": "mnist_gaussian_sigma0.50.flags",
@@ -37,6 +39,28 @@ def _config_from_flagfile(path, model_dir, examples, epochs):
     flags.FLAGS(["train", f"--flagfile={path}", "--dataset=fashion_mnist", f"--model_dir={model_dir}",
                  f"--train_examples={examples}", f"--epochs={epochs}"])
     return train_bin.make_config()
+
+
+def _noisy_accuracy(base_model, images: np.ndarray, labels: np.ndarray, sigma: float, seed: int = 0,
+                    batch_size: int = 1000) -> float:
+    """Accuracy of the base classifier on one noisy copy of each image.
+
+    Args:
+      base_model: maps images in [0, 1] to logits.
+      images: float32 images in [0, 1].
+      labels: int labels.
+      sigma: noise standard deviation.
+      seed: noise seed.
+      batch_size: images per forward pass.
+    """
+    rng = np.random.default_rng(seed)
+    correct = 0
+    for start in range(0, len(images), batch_size):
+        x = images[start:start + batch_size]
+        noisy = x + sigma * rng.standard_normal(x.shape, dtype=np.float32)
+        logits = base_model(noisy, training=False)
+        correct += int(np.sum(np.argmax(logits, axis=1) == labels[start:start + batch_size]))
+    return correct / len(images)
 
 
 def main() -> None:
@@ -61,10 +85,11 @@ def main() -> None:
             config = _config_from_flagfile(path, model_dir, args.examples, args.epochs)
             history = training.train(config).history
             base = models.load_base_model(model_dir)
-            accuracy = training.evaluate_noisy_accuracy(base, test_x, test_y, config.sigma)
+            accuracy = _noisy_accuracy(base, test_x, test_y, config.sigma)
         speed = history.get("images_per_second", [float("nan")])[-1]
-        shown = (f"m={config.num_noise}" + (f" lbd={config.lbd:g}" if config.lbd is not None else "")
-                 + (f" eps={config.epsilon:.3g} steps={config.num_steps}" if config.adversarial else ""))
+        objective = config.objective
+        shown = (f"m={objective.num_noise}" + (f" lbd={objective.lbd:g}" if objective.lbd is not None else "")
+                 + (f" eps={objective.epsilon:.3g} steps={objective.num_steps}" if objective.adversarial else ""))
         print(f"| {method} | {shown} | {speed:.0f} | {history['loss'][0]:.3f} -> {history['loss'][-1]:.3f} "
               f"| {accuracy:.3f} |", flush=True)
 

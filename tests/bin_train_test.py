@@ -1,6 +1,7 @@
 """bin/train.py end to end: what it writes, resuming, and refusing bad input."""
 
 import glob
+import gzip
 import hashlib
 import json
 import os
@@ -17,9 +18,9 @@ import binaries  # tests/binaries.py
 from absl.testing import flagsaver
 from absl.testing import parameterized
 
-import keras
-
+from tf_consreg import models
 from tf_consreg.errors import ConfigError
+from tf_consreg.training import ObjectiveConfig, TrainConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 train_bin = None  # bin/train.py, loaded by setUpModule.
@@ -66,8 +67,7 @@ class TrainBinaryTest(tf.test.TestCase, parameterized.TestCase):
         for name in ("train_config.json", "flags.txt", "base_model.keras", "checkpoints/checkpoint"):
             self.assertTrue(os.path.isfile(os.path.join(model_dir, name)), name)
 
-        import tf_consreg  # noqa: F401  Registers the custom layers.
-        model = keras.models.load_model(os.path.join(model_dir, "base_model.keras"))
+        model = models.load_base_model(os.path.join(model_dir, "base_model.keras"))
         self.assertEqual(model.output_shape, (None, 10))
 
         tags = _event_tags(os.path.join(model_dir, "logs"))
@@ -101,8 +101,7 @@ class TrainBinaryTest(tf.test.TestCase, parameterized.TestCase):
             FLAGS(["train", f"--flagfile={config}", f"--model_dir={model_dir}", "--arch=cifar_resnet20",
                    "--train_examples=128", "--eval_examples=64", "--epochs=1", "--batch_size=32", "--mock_data"])
             train_bin.main(["train"])
-        import tf_consreg  # noqa: F401  Registers the custom layers.
-        model = keras.models.load_model(os.path.join(model_dir, "base_model.keras"))
+        model = models.load_base_model(os.path.join(model_dir, "base_model.keras"))
         self.assertEqual(model.input_shape, (None, 32, 32, 3))
 
     @pytest.mark.slow
@@ -197,7 +196,6 @@ class TrainBinaryTest(tf.test.TestCase, parameterized.TestCase):
                 train_bin.main(["train"])
         os.remove(os.path.join(data_dir, "train-images-idx3-ubyte.gz"))
         with open(os.path.join(src, "train-images-idx3-ubyte.gz"), "rb") as f:
-            import gzip
             raw = gzip.decompress(f.read())
         with open(os.path.join(data_dir, "train-images-idx3-ubyte"), "wb") as f:
             f.write(raw[:len(raw) // 2])
@@ -208,10 +206,9 @@ class TrainBinaryTest(tf.test.TestCase, parameterized.TestCase):
 
     def test_model_dir_of_another_run_is_refused_and_untouched(self):
         model_dir = self.create_tempdir().full_path
-        from tf_consreg.config import TrainConfig
-
         with open(os.path.join(model_dir, "train_config.json"), "w") as f:
-            f.write(TrainConfig(model_dir=model_dir, arch="lenet", dataset="mnist", sigma=0.25).to_json())
+            f.write(TrainConfig(model_dir=model_dir, arch="lenet", dataset="mnist",
+                                objective=ObjectiveConfig(sigma=0.25)).to_json())
         with open(os.path.join(model_dir, "base_model.keras"), "w") as f:
             f.write("previous result")
         before = _digest(model_dir)

@@ -1,4 +1,4 @@
-"""CertifyCallback against an independent run of Smooth.certify_batch, and holdout_split."""
+"""The project's Keras callbacks: CertifyCallback against an independent run of Smooth.certify_batch."""
 
 import glob
 import os
@@ -14,7 +14,6 @@ from tf_consreg import analysis
 from tf_consreg import callbacks
 from tf_consreg import smoothing
 from tf_consreg import training
-from tf_consreg.errors import ConfigError
 
 SIGMA = 0.25
 SIDE = 4
@@ -79,7 +78,8 @@ class CertifyCallbackTest(tf.test.TestCase, parameterized.TestCase):
             analysis.CertifyLog("ref", np.arange(12), labels, classes, radii, correct), callbacks.DEFAULT_RADII)
 
         # Training with lr = 0 keeps the weights: every certification sees the reference model.
-        model = training.ConsistencyModel(base, sigma=SIGMA, num_noise=2, lbd=1.0, eta=0.5)
+        model = training.ConsistencyModel(
+            base, training.ObjectiveConfig(method="consistency", sigma=SIGMA, num_noise=2, lbd=1.0, eta=0.5))
         model.compile(optimizer=keras.optimizers.SGD(0.0),
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         certify = callbacks.CertifyCallback(images, labels, sigma=SIGMA, num_classes=2, every=2, log_dir=log_dir,
@@ -108,7 +108,8 @@ class CertifyCallbackTest(tf.test.TestCase, parameterized.TestCase):
 
     def test_later_callbacks_see_val_acr(self):
         images, labels = _validation_set()
-        model = training.ConsistencyModel(_brightness_model(), sigma=SIGMA, num_noise=1, method="gaussian")
+        model = training.ConsistencyModel(_brightness_model(),
+                                          training.ObjectiveConfig(method="gaussian", sigma=SIGMA, num_noise=1))
         model.compile(optimizer=keras.optimizers.SGD(0.0),
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         seen = []
@@ -158,30 +159,6 @@ class CertifyCallbackTest(tf.test.TestCase, parameterized.TestCase):
     def test_radius_name(self):
         self.assertEqual([callbacks.radius_name(r) for r in (0.0, 0.25, 0.5, 1.0, 2.5)],
                          ["r0", "r0.25", "r0.5", "r1", "r2.5"])
-
-
-class HoldoutSplitTest(tf.test.TestCase, parameterized.TestCase):
-
-    def test_holds_out_the_last_examples(self):
-        images, labels = np.arange(10) * 10, np.arange(10)
-        train_x, train_y, val_x, val_y = callbacks.holdout_split(images, labels, 3)
-        self.assertAllEqual(train_y, np.arange(7))
-        self.assertAllEqual(val_y, [7, 8, 9])
-        self.assertAllEqual(val_x, [70, 80, 90])
-        # The held-out examples do not depend on how many are trained on.
-        _, train_y, _, val_y = callbacks.holdout_split(images, labels, 3, train_examples=4)
-        self.assertAllEqual(train_y, np.arange(4))
-        self.assertAllEqual(val_y, [7, 8, 9])
-
-    @parameterized.named_parameters(
-        ("zero", 0, 0, "--certify_examples must be >= 1"),
-        ("larger", 11, 0, "--certify_examples=11 is larger than the training split \\(10 images\\)"),
-        ("all", 10, 0, "leaving nothing to train on"),
-        ("train_examples", 3, 8, "--train_examples=8 with --certify_examples=3: .* at most 7"),
-    )
-    def test_refuses(self, num, train_examples, message):
-        with self.assertRaisesRegex(ConfigError, message):
-            callbacks.holdout_split(np.zeros(10), np.zeros(10), num, train_examples=train_examples)
 
 
 if __name__ == "__main__":

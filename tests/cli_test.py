@@ -34,6 +34,23 @@ class _Config:
 _HELPS = {name: f"help of {name}" for name in ("output", "count", "rate", "name", "on", "limit", "radii", "labels")}
 
 
+@dataclasses.dataclass(frozen=True)
+class _Inner:
+    scale: float = 2.0
+    mode: Optional[str] = None
+
+    def __post_init__(self):
+        if self.scale <= 0:
+            raise ConfigError(f"--scale must be > 0, got {self.scale}")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Outer:
+    output: str
+    inner: _Inner = dataclasses.field(default_factory=_Inner)
+    count: int = 3
+
+
 class DefineFlagsTest(absltest.TestCase):
 
     def setUp(self):
@@ -69,6 +86,20 @@ class DefineFlagsTest(absltest.TestCase):
         self.values(["prog", "--radii=1,abc"])
         with self.assertRaisesRegex(ConfigError, r"^--radii: '1,abc' is not a list of float values"):
             cli.config_from_flags(_Config, holders, output="o")
+
+    def test_a_nested_configs_fields_are_flags_too(self):
+        holders = cli.define_flags(_Outer, {"count": "c", "scale": "s", "mode": "m"}, defaults={"scale": 3.0},
+                                   flag_values=self.values)
+        self.values(["prog", "--mode=fast"])
+        self.assertEqual(cli.config_from_flags(_Outer, holders, output="o"),
+                         _Outer(output="o", inner=_Inner(scale=3.0, mode="fast")))
+        self.values(["prog", "--scale=-1"])
+        with self.assertRaisesRegex(ConfigError, "^--scale must be > 0"):
+            cli.config_from_flags(_Outer, holders, output="o")
+
+    def test_a_nested_config_is_not_a_flag(self):
+        with self.assertRaisesRegex(TypeError, "_Outer.inner: no flag type"):
+            cli.define_flags(_Outer, {"inner": "?"}, flag_values=self.values)
 
     def test_unknown_field_and_stray_default(self):
         with self.assertRaisesRegex(TypeError, "no field 'nope'"):

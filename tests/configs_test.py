@@ -38,7 +38,7 @@ class ConfigsTest(parameterized.TestCase):
             config = train_bin.make_config()
         name = os.path.basename(path)
         if "_sigma" in name:  # <dataset>_<method>_sigma<s>.flags says what it holds.
-            self.assertIn(config.method, name.replace("smoothadv_consistency", "consistency"))
+            self.assertIn(config.objective.method, name.replace("smoothadv_consistency", "consistency"))
             self.assertEqual(config.sigma, float(name.split("_sigma")[1][:4]))
 
 

@@ -392,3 +392,27 @@ class ImagenetPrepareTest(tf.test.TestCase):
             images, labels = data.load_uint8("imagenet2012", "test", data_dir=root, limit=100)
             self.assertEqual(images.shape, (4, 224, 224, 3))
             self.assertEqual(labels.dtype, np.int64)
+
+
+class HoldoutSplitTest(tf.test.TestCase, parameterized.TestCase):
+
+    def test_holds_out_the_last_examples(self):
+        images, labels = np.arange(10) * 10, np.arange(10)
+        train_x, train_y, val_x, val_y = data.holdout_split(images, labels, 3)
+        self.assertAllEqual(train_y, np.arange(7))
+        self.assertAllEqual(val_y, [7, 8, 9])
+        self.assertAllEqual(val_x, [70, 80, 90])
+        # The held-out examples do not depend on how many are trained on.
+        _, train_y, _, val_y = data.holdout_split(images, labels, 3, train_examples=4)
+        self.assertAllEqual(train_y, np.arange(4))
+        self.assertAllEqual(val_y, [7, 8, 9])
+
+    @parameterized.named_parameters(
+        ("zero", 0, 0, "--certify_examples must be >= 1"),
+        ("larger", 11, 0, "--certify_examples=11 is larger than the training split \\(10 images\\)"),
+        ("all", 10, 0, "leaving nothing to train on"),
+        ("train_examples", 3, 8, "--train_examples=8 with --certify_examples=3: .* at most 7"),
+    )
+    def test_refuses(self, num, train_examples, message):
+        with self.assertRaisesRegex(ConfigError, message):
+            data.holdout_split(np.zeros(10), np.zeros(10), num, train_examples=train_examples)

@@ -6,10 +6,9 @@ Two traps of data-parallel smoothing training:
 (b) each replica must draw its own noise (a Keras SeedGenerator has the same
     state on every replica).
 
-Also the pieces of multi-worker training that run in one process: TF_CONFIG
-checking, the broadcast of the chief's state, and `fit_distributed` (the
-loop multi-worker training uses instead of `fit`) against `fit`. The
-multi-process tests are in multi_worker_test.py.
+Also the pieces of multi-worker training that distribute.py holds: TF_CONFIG
+checking and the broadcast of the chief's state. The loop multi-worker
+training runs instead of `fit` is tested in multi_worker_test.py.
 """
 
 import json
@@ -31,18 +30,20 @@ def _mirrored():
     return tf.distribute.MirroredStrategy(cpus[:2], cross_device_ops=tf.distribute.ReductionToOneDevice())
 
 
+# The settings of each method's terms.
+_METHOD_FIELDS = {"consistency": dict(lbd=10.0, eta=0.5), "gaussian": {}, "stability": dict(lbd=10.0),
+                  "smoothadv": dict(epsilon=0.5, num_steps=2), "macer": dict(lbd=10.0, beta=2.0, gamma=8.0)}
+
+
 def _train(strategy, method, weights, images, labels, epochs=2):
     with strategy.scope():
         inputs = keras.Input((6, 6, 1))
         hidden = keras.layers.Dense(8, activation="tanh")(keras.layers.Flatten()(inputs))
         base = keras.Model(inputs, keras.layers.Dense(4)(hidden))
         base.set_weights(weights)
-        model = training.ConsistencyModel(base, sigma=0.5, num_noise=1 if method == "stability" else 3,
-                                          method=method, lbd=10.0, eta=0.5, beta=2.0, gamma=8.0, epsilon=0.5,
-                                          num_steps=2, adv_training=method == "consistency_adv",
-                                          weight_decay=0.01, seed=3)
-        if method == "consistency_adv":
-            model.method = "consistency"
+        objective = training.ObjectiveConfig(method=method, sigma=0.5, num_noise=1 if method == "stability" else 3,
+                                             weight_decay=0.01, **_METHOD_FIELDS[method])
+        model = training.ConsistencyModel(base, objective, seed=3)
         model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9),
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     ds = tf.data.Dataset.from_tensor_slices((images, labels)).batch(8, drop_remainder=True)
@@ -142,95 +143,6 @@ class BroadcastTest(tf.test.TestCase):
             self.assertAllEqual(copy, [[1.5, -2.0], [0.25, 3.0]])
         for copy in strategy.experimental_local_results(counter):
             self.assertEqual(int(copy), 7)
-
-
-class _Recorder(keras.callbacks.Callback):
-    """Records the callback hooks a training loop calls, in order."""
-
-    def __init__(self):
-        super().__init__()
-        self.events = []
-
-    def _record(self, name, index, logs):
-        self.events.append((name, index, tuple(sorted(logs or {}))))
-
-    def on_train_begin(self, logs=None):
-        self._record("train_begin", None, logs)
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._record("epoch_begin", epoch, logs)
-
-    def on_train_batch_begin(self, batch, logs=None):
-        self._record("train_batch_begin", batch, logs)
-
-    def on_train_batch_end(self, batch, logs=None):
-        self._record("train_batch_end", batch, logs)
-
-    def on_test_begin(self, logs=None):
-        self._record("test_begin", None, logs)
-
-    def on_test_batch_end(self, batch, logs=None):
-        self._record("test_batch_end", batch, logs)
-
-    def on_test_end(self, logs=None):
-        self._record("test_end", None, logs)
-
-    def on_epoch_end(self, epoch, logs=None):
-        self._record("epoch_end", epoch, logs)
-
-    def on_train_end(self, logs=None):
-        self._record("train_end", None, logs)
-
-
-class FitDistributedTest(tf.test.TestCase):
-    """The loop multi-worker training runs instead of fit, checked against fit on one device."""
-
-    def _model(self, strategy, init):
-        with strategy.scope():
-            inputs = keras.Input((6, 6, 1))
-            base = keras.Model(inputs, keras.layers.Dense(4)(keras.layers.Flatten()(inputs)))
-            base.set_weights(init)
-            model = training.ConsistencyModel(base, sigma=0.5, num_noise=2, lbd=10.0, eta=0.5, weight_decay=0.01,
-                                              seed=3)
-            model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9),
-                          loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-        return model
-
-    def test_same_weights_logs_and_callback_sequence_as_fit(self):
-        rng = np.random.default_rng(1)
-        images = rng.uniform(size=(32, 6, 6, 1)).astype(np.float32)
-        labels = rng.integers(0, 4, size=32)
-        test_images = rng.uniform(size=(16, 6, 6, 1)).astype(np.float32)
-        test_labels = rng.integers(0, 4, size=16)
-        init = [rng.normal(size=(36, 4)).astype(np.float32) * 0.3, np.zeros(4, np.float32)]
-
-        def batches(x, y):
-            return tf.data.Dataset.from_tensor_slices((x, y)).batch(8, drop_remainder=True)
-
-        one = self._model(tf.distribute.get_strategy(), init)
-        one_recorder = _Recorder()
-        one_history = one.fit(batches(images, labels), epochs=3, initial_epoch=1,
-                              validation_data=batches(test_images, test_labels), callbacks=[one_recorder],
-                              shuffle=False, verbose=0)
-
-        strategy = _mirrored()
-        two = self._model(strategy, init)
-        two_recorder = _Recorder()
-        two_history = training.fit_distributed(
-            two, strategy, lambda epoch: strategy.experimental_distribute_dataset(batches(images, labels)),
-            epochs=3, initial_epoch=1, steps_per_epoch=4,
-            validation_data=strategy.experimental_distribute_dataset(batches(test_images, test_labels)),
-            validation_steps=2, callbacks=[two_recorder], verbose=0)
-
-        self.assertGreater(np.abs(one.base_model.get_weights()[0] - init[0]).max(), 1e-2)  # Not vacuous.
-        for a, b in zip(one.base_model.get_weights(), two.base_model.get_weights()):
-            self.assertAllClose(a, b, atol=2e-6, rtol=1e-5)
-        self.assertEqual(one_recorder.events, two_recorder.events)
-        self.assertEqual(sorted(one_history.history), sorted(two_history.history))
-        for name, values in one_history.history.items():
-            self.assertAllClose(values, two_history.history[name], rtol=1e-4, atol=1e-5, msg=name)
-        self.assertIn("val_clean_accuracy", two_history.history)
-        self.assertEqual(int(two.optimizer.iterations.numpy()), 8)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from tf_consreg import export
 from tf_consreg import models
 from tf_consreg import signatures
 from tf_consreg import stats
+from tf_consreg import training
 from tf_consreg.errors import ConfigError
 
 _PYTHON_FUNCTION_OPS = {"PyFunc", "PyFuncStateless", "EagerPyFunc"}
@@ -63,13 +64,13 @@ def _linear_setup(shape=(4, 4, 1), seed=0):
 
 def make_model_dir(root: str, sigma: float = 0.5) -> str:
     """A finished training run as bin/train.py leaves it: base_model.keras + train_config.json."""
-    from tf_consreg import config as config_lib  # pylint: disable=import-outside-toplevel
 
     model_dir = os.path.join(root, "run")
     os.makedirs(model_dir)
     models.get_architecture("lenet", "fashion_mnist").save(os.path.join(model_dir, models.BASE_MODEL_FILE))
-    train_config = config_lib.TrainConfig(model_dir=model_dir, dataset="fashion_mnist", sigma=sigma)
-    with open(os.path.join(model_dir, config_lib.TRAIN_CONFIG_FILE), "w", encoding="utf-8") as f:
+    train_config = training.TrainConfig.from_dict({"model_dir": model_dir, "dataset": "fashion_mnist",
+                                                     "sigma": sigma})
+    with open(os.path.join(model_dir, training.TRAIN_CONFIG_FILE), "w", encoding="utf-8") as f:
         f.write(train_config.to_json())
     return model_dir
 

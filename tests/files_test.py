@@ -1,6 +1,7 @@
-"""Tests of tf_consreg.files: atomic outputs and file digests."""
+"""Tests of tf_consreg.files: atomic outputs, file digests and run directories."""
 
 import hashlib
+import json
 import os
 import tempfile
 import threading
@@ -8,6 +9,7 @@ import threading
 from absl.testing import absltest
 
 from tf_consreg import files
+from tf_consreg.errors import ConfigError
 
 
 class AtomicOutputTest(absltest.TestCase):
@@ -84,6 +86,49 @@ class FileSha256Test(absltest.TestCase):
         with open(path, "wb") as f:
             f.write(content)
         self.assertEqual(files.file_sha256(path), hashlib.sha256(content).hexdigest())
+
+
+class RunDirTest(absltest.TestCase):
+
+    def setUp(self):
+        super().setUp()
+        self.dir = os.path.join(tempfile.mkdtemp(dir=absltest.get_default_test_tmpdir()), "run")
+        self.here = {"lr": 0.1, "epochs": 3}
+
+    def _check(self):
+        files.check_run_dir(self.dir, "settings.json",
+                            lambda there: files.differences(self.here, there, ignore=("epochs",)),
+                            flag="run_dir", kind="run", resume="the same flags to resume")
+
+    def _write(self, name, text):
+        os.makedirs(self.dir, exist_ok=True)
+        with open(os.path.join(self.dir, name), "w", encoding="utf-8") as f:
+            f.write(text)
+
+    def test_new_empty_and_same_run_pass(self):
+        self._check()  # Not there yet.
+        os.makedirs(self.dir)
+        self._check()  # Empty.
+        self._write("settings.json", json.dumps({"lr": 0.1, "epochs": 1}))
+        self._check()  # The same run, with other epochs.
+
+    def test_another_run_is_refused_naming_what_differs(self):
+        self._write("settings.json", json.dumps({"lr": 0.5, "seed": 2}))
+        with self.assertRaisesRegex(ConfigError, r"^--run_dir=.*/run holds a different run \(--lr: 0.1 here, 0.5 "
+                                                 r"there; --seed: None here, 2 there\); use a new --run_dir, or "
+                                                 r"the same flags to resume$"):
+            self._check()
+
+    def test_other_files_unreadable_settings_and_a_file_are_refused(self):
+        self._write("notes.txt", "")
+        with self.assertRaisesRegex(ConfigError, "is not empty and holds no settings.json"):
+            self._check()
+        self._write("settings.json", "{")
+        with self.assertRaisesRegex(ConfigError, "settings.json is unreadable"):
+            self._check()
+        self.dir = os.path.join(self.dir, "notes.txt")
+        with self.assertRaisesRegex(ConfigError, "exists and is not a directory"):
+            self._check()
 
 
 if __name__ == "__main__":

@@ -1,4 +1,10 @@
-"""bin/train.py --strategy=multi_worker: worker processes on 127.0.0.1, each with its own TF_CONFIG.
+"""Multi-worker training: fit_distributed in one process, and bin/train.py --strategy=multi_worker.
+
+`fit_distributed`, the loop that replaces `fit` under
+MultiWorkerMirroredStrategy, is checked in this process against `fit` on
+2 logical CPU devices (set in conftest.py). The rest runs bin/train.py
+--strategy=multi_worker as worker processes on 127.0.0.1, each with its own
+TF_CONFIG.
 
 Every cluster here is started from the README's "Running on a cluster" block
 (TF_CONFIG and the command, with only hosts, ports, task index, interpreter
@@ -33,6 +39,10 @@ from absl.testing import parameterized
 
 import binaries  # tests/binaries.py
 import keras
+
+from tf_consreg import models
+from tf_consreg import multi_worker
+from tf_consreg import training
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS = flags.FLAGS
@@ -78,7 +88,7 @@ def _free_ports(count):
 
 
 def _fingerprint(model):
-    # The same definition as training.weights_fingerprint, written out again here.
+    # The same definition as multi_worker.weights_fingerprint, written out again here.
     digest = hashlib.sha256()
     for value in model.get_weights():
         digest.update(np.ascontiguousarray(value).tobytes())
@@ -89,11 +99,6 @@ def _printed_fingerprint(stdout):
     found = re.findall(r"^Worker (\d+) of 2: final weights sha256 ([0-9a-f]{64})$", stdout, re.MULTILINE)
     assert len(found) == 1, stdout[-3000:]
     return found[0]
-
-
-def _load_base_model(path):
-    import tf_consreg  # noqa: F401  pylint: disable=import-outside-toplevel  Registers the custom layers.
-    return keras.models.load_model(path)
 
 
 class Cluster:
@@ -190,7 +195,7 @@ class ReadmeClusterTest(tf.test.TestCase):
         printed = [_printed_fingerprint(out) for _, out, _ in self.results]
         self.assertEqual([index for index, _ in printed], ["0", "1"])
         self.assertEqual(printed[0][1], printed[1][1])  # Synchronous training: bit-identical weights.
-        base = _load_base_model(os.path.join(self.cluster.model_dirs[0], "base_model.keras"))
+        base = models.load_base_model(os.path.join(self.cluster.model_dirs[0], "base_model.keras"))
         self.assertEqual(_fingerprint(base), printed[1][1])  # The non-chief ends with the saved model's weights.
 
     def test_only_the_chief_writes_the_run(self):
@@ -239,8 +244,8 @@ class ReadmeClusterTest(tf.test.TestCase):
             with flagsaver.flagsaver():
                 FLAGS(["train", *flag_values, "--strategy=default", f"--epochs={epochs}", f"--model_dir={model_dir}"])
                 train_bin.main(["train"])
-            after[epochs] = _load_base_model(os.path.join(model_dir, "base_model.keras")).get_weights()
-        cluster = _load_base_model(os.path.join(self.cluster.model_dirs[0], "base_model.keras")).get_weights()
+            after[epochs] = models.load_base_model(os.path.join(model_dir, "base_model.keras")).get_weights()
+        cluster = models.load_base_model(os.path.join(self.cluster.model_dirs[0], "base_model.keras")).get_weights()
         moved = max(np.abs(a - b).max() for a, b in zip(after[2], after[1]))
         self.assertGreater(moved, 1e-4)  # Epoch 2 changed the weights far more than the tolerance.
         for a, b in zip(cluster, after[2]):
@@ -285,7 +290,7 @@ class FaultTest(tf.test.TestCase):
         self.assertEqual(_printed_fingerprint(results[0][1])[1], _printed_fingerprint(results[1][1])[1])
         # Nothing in the run is corrupt: the base model loads (with the
         # weights the workers ended with) and every checkpoint reads fully.
-        base = _load_base_model(os.path.join(chief_dir, "base_model.keras"))
+        base = models.load_base_model(os.path.join(chief_dir, "base_model.keras"))
         self.assertEqual(_fingerprint(base), _printed_fingerprint(results[0][1])[1])
         self.assertEqual(_checkpoint_values(chief_dir), ([3], [96]))  # 3 epochs x 32 steps, none lost or doubled.
         for number in (1, 2, 3):
@@ -334,6 +339,102 @@ class BadClusterInputTest(tf.test.TestCase, parameterized.TestCase):
         self.assertEqual(returncode, 2)
         self.assertEqual(lines, ["train.py: error: --batch_size: 64 clean images per step do not split evenly over 3 "
                                  "replicas (3 workers in TF_CONFIG x 1 device(s) each)"])
+
+
+def _mirrored():
+    cpus = [d.name for d in tf.config.list_logical_devices("CPU")]
+    assert len(cpus) >= 2, "conftest.py should have made 2 logical CPU devices"
+    return tf.distribute.MirroredStrategy(cpus[:2], cross_device_ops=tf.distribute.ReductionToOneDevice())
+
+
+class _Recorder(keras.callbacks.Callback):
+    """Records the callback hooks a training loop calls, in order."""
+
+    def __init__(self):
+        super().__init__()
+        self.events = []
+
+    def _record(self, name, index, logs):
+        self.events.append((name, index, tuple(sorted(logs or {}))))
+
+    def on_train_begin(self, logs=None):
+        self._record("train_begin", None, logs)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._record("epoch_begin", epoch, logs)
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._record("train_batch_begin", batch, logs)
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._record("train_batch_end", batch, logs)
+
+    def on_test_begin(self, logs=None):
+        self._record("test_begin", None, logs)
+
+    def on_test_batch_end(self, batch, logs=None):
+        self._record("test_batch_end", batch, logs)
+
+    def on_test_end(self, logs=None):
+        self._record("test_end", None, logs)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._record("epoch_end", epoch, logs)
+
+    def on_train_end(self, logs=None):
+        self._record("train_end", None, logs)
+
+
+class FitDistributedTest(tf.test.TestCase):
+    """The loop multi-worker training runs instead of fit, checked against fit on one device."""
+
+    def _model(self, strategy, init):
+        with strategy.scope():
+            inputs = keras.Input((6, 6, 1))
+            base = keras.Model(inputs, keras.layers.Dense(4)(keras.layers.Flatten()(inputs)))
+            base.set_weights(init)
+            objective = training.ObjectiveConfig(method="consistency", sigma=0.5, num_noise=2, lbd=10.0, eta=0.5,
+                                                 weight_decay=0.01)
+            model = training.ConsistencyModel(base, objective, seed=3)
+            model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9),
+                          loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        return model
+
+    def test_same_weights_logs_and_callback_sequence_as_fit(self):
+        rng = np.random.default_rng(1)
+        images = rng.uniform(size=(32, 6, 6, 1)).astype(np.float32)
+        labels = rng.integers(0, 4, size=32)
+        test_images = rng.uniform(size=(16, 6, 6, 1)).astype(np.float32)
+        test_labels = rng.integers(0, 4, size=16)
+        init = [rng.normal(size=(36, 4)).astype(np.float32) * 0.3, np.zeros(4, np.float32)]
+
+        def batches(x, y):
+            return tf.data.Dataset.from_tensor_slices((x, y)).batch(8, drop_remainder=True)
+
+        one = self._model(tf.distribute.get_strategy(), init)
+        one_recorder = _Recorder()
+        one_history = one.fit(batches(images, labels), epochs=3, initial_epoch=1,
+                              validation_data=batches(test_images, test_labels), callbacks=[one_recorder],
+                              shuffle=False, verbose=0)
+
+        strategy = _mirrored()
+        two = self._model(strategy, init)
+        two_recorder = _Recorder()
+        two_history = multi_worker.fit_distributed(
+            two, strategy, lambda epoch: strategy.experimental_distribute_dataset(batches(images, labels)),
+            epochs=3, initial_epoch=1, steps_per_epoch=4,
+            validation_data=strategy.experimental_distribute_dataset(batches(test_images, test_labels)),
+            validation_steps=2, callbacks=[two_recorder], verbose=0)
+
+        self.assertGreater(np.abs(one.base_model.get_weights()[0] - init[0]).max(), 1e-2)  # Not vacuous.
+        for a, b in zip(one.base_model.get_weights(), two.base_model.get_weights()):
+            self.assertAllClose(a, b, atol=2e-6, rtol=1e-5)
+        self.assertEqual(one_recorder.events, two_recorder.events)
+        self.assertEqual(sorted(one_history.history), sorted(two_history.history))
+        for name, values in one_history.history.items():
+            self.assertAllClose(values, two_history.history[name], rtol=1e-4, atol=1e-5, msg=name)
+        self.assertIn("val_clean_accuracy", two_history.history)
+        self.assertEqual(int(two.optimizer.iterations.numpy()), 8)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""ConsistencyModel's train_step/test_step against a numpy reference.
+"""training.py: its configs, and ConsistencyModel's train_step/test_step against a numpy reference.
 
 The base model is linear (logits = x W + b) with set weights, so the whole
 objective can be written again in float64 numpy, independently of
@@ -7,18 +7,25 @@ SGD step (lr, no momentum) must then move the weights by -lr * gradient, and
 the reported metrics must equal the numpy values.
 """
 
+import dataclasses
 import os
+import shutil
+import tempfile
 
 import numpy as np
 import scipy.special
 import scipy.stats
 import tensorflow as tf
+from absl import flags
 from absl.testing import parameterized
 
 import keras
 
+from tf_consreg import cli
+from tf_consreg import models
 from tf_consreg import noise
 from tf_consreg import training
+from tf_consreg.errors import ConfigError
 
 B, H, W_, C = 4, 2, 2, 3
 D = H * W_
@@ -103,8 +110,11 @@ class TrainStepTest(tf.test.TestCase, parameterized.TestCase):
         sigma, seed, lr = 0.5, 7, 0.1
 
         # beta = 1 keeps MACER's margins inside the hinge for these weights.
-        model = training.ConsistencyModel(_linear_base(weights, bias), sigma=sigma, num_noise=m, method=method,
-                                          lbd=lbd, eta=eta, beta=1.0, gamma=8.0, weight_decay=weight_decay, seed=seed)
+        method_fields = {"consistency": dict(lbd=lbd, eta=eta), "gaussian": {}, "stability": dict(lbd=lbd),
+                         "macer": dict(lbd=lbd, beta=1.0, gamma=8.0)}[method]
+        objective = training.ObjectiveConfig(method=method, sigma=sigma, num_noise=m, weight_decay=weight_decay,
+                                             **method_fields)
+        model = training.ConsistencyModel(_linear_base(weights, bias), objective, seed=seed)
         model.compile(optimizer=keras.optimizers.SGD(lr),
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         logs = model.train_on_batch(images, labels, return_dict=True)
@@ -139,7 +149,9 @@ class TrainStepTest(tf.test.TestCase, parameterized.TestCase):
     def test_test_step_reports_clean_and_noisy_accuracy(self):
         weights = np.zeros((D, C))
         bias = np.array([0.0, 5.0, 0.0])  # Predicts class 1 whatever the input.
-        model = training.ConsistencyModel(_linear_base(weights, bias), sigma=0.5, num_noise=2, lbd=1.0, eta=0.5)
+        model = training.ConsistencyModel(
+            _linear_base(weights, bias),
+            training.ObjectiveConfig(method="consistency", sigma=0.5, num_noise=2, lbd=1.0, eta=0.5))
         model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         images = np.zeros((B, H, W_, 1), np.float32)
         logs = model.test_on_batch(images, np.array([1, 1, 0, 2]), return_dict=True)
@@ -155,8 +167,8 @@ class AdversarialAndScheduleTest(tf.test.TestCase):
 
     def _model(self, **kwargs):
         rng = np.random.default_rng(1)
-        model = training.ConsistencyModel(_linear_base(rng.normal(size=(D, C)), np.zeros(C)), sigma=0.25, seed=4,
-                                          **kwargs)
+        model = training.ConsistencyModel(_linear_base(rng.normal(size=(D, C)), np.zeros(C)),
+                                          training.ObjectiveConfig(sigma=0.25, **kwargs), seed=4)
         model.compile(optimizer=keras.optimizers.SGD(0.5),
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         return model
@@ -193,9 +205,8 @@ class BuildOptionsTest(tf.test.TestCase, parameterized.TestCase):
 
     @parameterized.parameters("mixed_float16", "mixed_bfloat16")
     def test_mixed_precision_keeps_losses_and_logits_float32(self, policy):
-        from tf_consreg.config import TrainConfig
-
-        config = TrainConfig(model_dir="/unused", mixed_precision=policy, sigma=0.5, lbd=5.0)
+        config = training.TrainConfig(model_dir="/unused", mixed_precision=policy,
+                                      objective=training.ObjectiveConfig(sigma=0.5, lbd=5.0))
         model = training.build(config, steps_per_epoch=10)
         self.assertEqual(keras.config.dtype_policy().name, "float32")  # Not leaked to other models.
         layers = training._leaf_layers(model.base_model)  # pylint: disable=protected-access
@@ -211,13 +222,11 @@ class BuildOptionsTest(tf.test.TestCase, parameterized.TestCase):
         self.assertTrue(np.isfinite(logs["loss"]))
 
     def test_pretrained_model_keeps_body_and_replaces_head(self):
-        from tf_consreg import models
-        from tf_consreg.config import TrainConfig
-
         path = os.path.join(self.get_temp_dir(), "pretrained.keras")
         source = models.get_architecture("lenet", "mnist")
         source.save(path)
-        model = training.build(TrainConfig(model_dir="/unused", dataset="fashion_mnist", pretrained_model=path), 10)
+        config = training.TrainConfig(model_dir="/unused", dataset="fashion_mnist", pretrained_model=path)
+        model = training.build(config, 10)
         for new, old in zip(model.base_model.weights, source.weights):
             self.assertAllEqual(new, old)
 
@@ -229,31 +238,152 @@ class BuildOptionsTest(tf.test.TestCase, parameterized.TestCase):
             target.set_weights(weights.get_weights())
         other_path = os.path.join(self.get_temp_dir(), "five.keras")
         other.save(other_path)
-        model = training.build(TrainConfig(model_dir="/unused", pretrained_model=other_path), 10)
+        model = training.build(training.TrainConfig(model_dir="/unused", pretrained_model=other_path), 10)
         new_layers = training._leaf_layers(model.base_model)  # pylint: disable=protected-access
         self.assertAllEqual(new_layers[2].weights[0], source.weights[0])  # conv1 copied
         self.assertEqual(model.base_model.output_shape, (None, 10))
         self.assertNotAllClose(new_layers[-1].weights[0][:, :5], other.weights[-2])  # head not copied
 
     def test_pretrained_model_of_another_architecture_is_refused(self):
-        from tf_consreg import models
-        from tf_consreg.config import TrainConfig
-        from tf_consreg.errors import ConfigError
-
         inputs = keras.Input((28, 28, 1))
         path = os.path.join(self.get_temp_dir(), "dense.keras")
         keras.Model(inputs, keras.layers.Dense(10)(keras.layers.Flatten()(inputs))).save(path)
         with self.assertRaisesRegex(ConfigError, "--pretrained_model=.*same --arch"):
-            training.build(TrainConfig(model_dir="/unused", pretrained_model=path), 10)
-        del models
+            training.build(training.TrainConfig(model_dir="/unused", pretrained_model=path), 10)
+
+
+class ObjectiveConfigTest(parameterized.TestCase):
+
+    @parameterized.named_parameters(
+        ("gaussian", dict(method="gaussian"), dict(num_noise=1)),
+        ("consistency", dict(method="consistency"), dict(num_noise=2, lbd=10.0, eta=0.5, consistency_loss="default")),
+        ("stability", dict(method="stability"), dict(num_noise=1, lbd=2.0)),
+        ("smoothadv", dict(method="smoothadv"), dict(num_noise=1, epsilon=0.25, num_steps=10, warmup=1)),
+        ("macer", dict(method="macer"), dict(num_noise=16, lbd=16.0, beta=16.0, gamma=8.0, deferred_epochs=0)),
+        ("adv_consistency", dict(method="consistency", adv_training=True),
+         dict(num_noise=2, lbd=10.0, eta=0.5, consistency_loss="default", epsilon=2.0, num_steps=4, warmup=10)),
+        ("given", dict(method="consistency", num_noise=4, lbd=3.0),
+         dict(num_noise=4, lbd=3.0, eta=0.5, consistency_loss="default")),
+    )
+    def test_the_methods_defaults_and_nothing_else(self, given, expected):
+        objective = training.ObjectiveConfig(sigma=0.5, **given)
+        method_fields = ("num_noise", "lbd", "eta", "consistency_loss", "beta", "gamma", "deferred_epochs", "epsilon",
+                         "num_steps", "warmup")
+        self.assertEqual({name: getattr(objective, name) for name in method_fields
+                          if getattr(objective, name) is not None}, expected)
+
+    @parameterized.named_parameters(
+        ("unused", dict(method="gaussian", lbd=1.0), "^--lbd is used only by --method=consistency or "
+                                                     "--method=stability or --method=macer; remove it for "
+                                                     "--method=gaussian$"),
+        ("attack_field", dict(method="macer", num_steps=3), "--num_steps is used only by --method=smoothadv or "
+                                                            "--method=consistency --adv_training"),
+        ("adv_training", dict(method="stability", adv_training=True), "--adv_training combines SmoothAdv"),
+        ("method", dict(method="mixup"), "--method='mixup' is unknown"),
+        ("sigma", dict(method="gaussian", sigma=0.0), "--sigma must be > 0"),
+        ("weight_decay", dict(method="gaussian", weight_decay=-1.0), "--weight_decay must be >= 0"),
+        ("deferred", dict(method="macer", deferred_epochs=-1), "deferred_epochs must be >= 0"),
+    )
+    def test_refuses(self, fields, message):
+        with self.assertRaisesRegex(ConfigError, message):
+            training.ObjectiveConfig(**{"sigma": 0.5, **fields})
+
+    def test_adversarial_is_smoothadv_or_adv_training(self):
+        adversarial = {method: training.ObjectiveConfig(method=method, sigma=0.5).adversarial
+                       for method in training.METHODS}
+        self.assertEqual(adversarial, {"gaussian": False, "consistency": False, "stability": False,
+                                       "smoothadv": True, "macer": False})
+        self.assertTrue(training.ObjectiveConfig(method="consistency", sigma=0.5, adv_training=True).adversarial)
+
+
+class TrainConfigTest(parameterized.TestCase):
+
+    def test_records_its_objective_flat_by_flag_name(self):
+        config = training.TrainConfig(model_dir="/m", objective=training.ObjectiveConfig(sigma=0.5, lbd=3.0))
+        values = config.to_dict()
+        self.assertEqual((values["sigma"], values["num_noise"], values["lbd"], values["eta"], values["beta"]),
+                         (0.5, 2, 3.0, 0.5, None))
+        self.assertNotIn("objective", values)
+        self.assertNotIn("deferred_epochs", values)  # --deferred's, derived.
+        self.assertEqual(training.TrainConfig.from_dict(values), config)
+        with self.assertRaisesRegex(ConfigError, "unknown training config fields: nope"):
+            training.TrainConfig.from_dict({**values, "nope": 1})
+        self.assertEqual(config.sigma, 0.5)
+
+    def test_deferred_macer_waits_for_the_first_learning_rate_drop(self):
+        macer = training.ObjectiveConfig(method="macer")
+        config = training.TrainConfig(model_dir="/m", objective=macer, deferred=True, lr_step_size=5)
+        self.assertEqual(config.objective.deferred_epochs, 6)  # train_macer.py: while epoch <= lr_step_size
+        self.assertEqual(dataclasses.replace(config, lr_step_size=9).objective.deferred_epochs, 10)
+        self.assertEqual(training.TrainConfig(model_dir="/m", objective=macer).objective.deferred_epochs, 0)
+        self.assertFalse(training.TrainConfig(model_dir="/m", objective=macer).deferred)
+        with self.assertRaisesRegex(ConfigError, "^--deferred is used only by --method=macer; remove it for "
+                                                 "--method=gaussian$"):
+            training.TrainConfig(model_dir="/m", objective=training.ObjectiveConfig(method="gaussian"),
+                                 deferred=False)
+
+    def test_batch_split_needs_whole_chunks(self):
+        objective = training.ObjectiveConfig(num_noise=4)
+        self.assertEqual(training.TrainConfig(model_dir="/m", objective=objective, batch_size=64,
+                                              batch_split=True).clean_batch_size, 16)
+        with self.assertRaisesRegex(ConfigError, "^--batch_size=66 must be divisible by --num_noise=4 with "
+                                                 "--batch_split$"):
+            training.TrainConfig(model_dir="/m", objective=objective, batch_size=66, batch_split=True)
+
+
+class FlagsTest(parameterized.TestCase):
+    """TrainConfig.to_flags, the one way training flags are written (flags.txt, best.flags)."""
+
+    def test_one_help_per_flag(self):
+        names = {f.name for f in dataclasses.fields(training.TrainConfig) if f.name != "objective"}
+        names |= {f.name for f in dataclasses.fields(training.ObjectiveConfig) if f.name != "deferred_epochs"}
+        self.assertEqual(set(cli.TRAIN_HELP), names)
+
+    @parameterized.named_parameters(
+        ("gaussian", dict(method="gaussian"), {}),
+        ("consistency", dict(method="consistency", lbd=2.5, eta=0.1, consistency_loss="xent"), {}),
+        ("stability", dict(method="stability", weight_decay=0.0), {}),
+        ("smoothadv", dict(method="smoothadv", epsilon=255 / 256, num_steps=2), {}),
+        ("macer", dict(method="macer", num_noise=4), {}),
+        ("macer_deferred", dict(method="macer"), dict(deferred=True, lr_step_size=7)),
+        ("adv_consistency", dict(method="consistency", adv_training=True, sigma=1 / 3), {}),
+        ("everything_else", {}, dict(dataset="cifar10", arch="cifar_resnet20", batch_split=True, certify_every=2,
+                                     certify_alpha=1e-5, data_dir="/data dir/x", mock_data=True, strategy="mirrored",
+                                     steps_per_execution=4, mixed_precision="mixed_bfloat16", jit_compile=True)),
+    )
+    def test_to_flags_parses_back_to_the_same_config(self, objective, fields):
+        config = training.TrainConfig(model_dir="/runs/a run", objective=training.ObjectiveConfig(**objective),
+                                      **fields)
+        values = flags.FlagValues()
+        holders = cli.define_flags(training.TrainConfig, cli.TRAIN_HELP, flag_values=values)
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        path = os.path.join(directory, "flags.txt")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(config.to_flags())
+        values(["train", f"--flagfile={path}"])
+        self.assertEqual(cli.config_from_flags(training.TrainConfig, holders), config)
+
+    def test_to_flags_lines(self):
+        text = training.TrainConfig(model_dir="/m", objective=training.ObjectiveConfig(lbd=2.5, sigma=0.5),
+                                    batch_size=64, train_examples=128, eval_examples=0).to_flags(exclude=("model_dir",))
+        lines = text.splitlines()
+        self.assertIn("--lbd=2.5", lines)
+        self.assertIn("--noadv_training", lines)
+        self.assertIn("--train_examples=128", lines)
+        self.assertNotIn("--model_dir=/m", lines)
+        self.assertFalse(any(line.startswith("--beta") for line in lines))  # None: not a flag of this method
+        self.assertIn("--model_dir=/m", training.TrainConfig(model_dir="/m").to_flags().splitlines())
+
+    def test_a_line_break_cannot_be_written(self):
+        with self.assertRaisesRegex(ValueError, "--data_dir: .* holds a line break"):
+            training.format_flags({"data_dir": "a\nb"})
 
 
 class LearningRateTest(tf.test.TestCase):
 
     def test_step_schedule_like_torch_steplr(self):
-        from tf_consreg.config import TrainConfig
-
-        config = TrainConfig(model_dir="/unused", epochs=90, lr=0.01, lr_step_size=30, lr_gamma=0.1)
+        config = training.TrainConfig(model_dir="/unused", epochs=90, lr=0.01, lr_step_size=30, lr_gamma=0.1)
         schedule = training._learning_rate(config, steps_per_epoch=10)  # pylint: disable=protected-access
         # torch StepLR: lr * gamma ** (epoch // 30), epoch = step // 10.
         for step, expected in ((0, 0.01), (299, 0.01), (300, 0.001), (599, 0.001), (600, 1e-4), (899, 1e-4)):

@@ -12,14 +12,16 @@ import tempfile
 import keras_tuner as kt
 import pytest
 import tensorflow as tf
+from absl import flags
 from absl.testing import parameterized
 from tensorboard.plugins.hparams import plugin_data_pb2
 
+from tf_consreg import cli
 from tf_consreg import tuning
-from tf_consreg.config import TrainConfig, read_train_config
+from tf_consreg.training import ObjectiveConfig, TrainConfig, read_train_config
 from tf_consreg.errors import ConfigError
 
-TINY_TRAIN = dict(sigma=0.5, batch_size=64, train_examples=128, eval_examples=0)
+TINY_TRAIN = dict(batch_size=64, train_examples=128, eval_examples=0)
 TINY_SEARCH = dict(certify_examples=16, certify_n0=20, certify_n=50, certify_batch_size=500)
 
 
@@ -29,8 +31,14 @@ def _tempdir(test):
     return path
 
 
+def _train(model_dir="x", sigma=0.5, fields=None, **objective):
+    """A tiny training config: `objective` for its ObjectiveConfig, `fields` for its other fields."""
+    return TrainConfig(model_dir=model_dir, objective=ObjectiveConfig(sigma=sigma, **objective),
+                       **{**TINY_TRAIN, **(fields or {})})
+
+
 def _config(tuning_dir="/tmp/unused_tf_consreg_search", train=None, **kwargs):
-    train = train or TrainConfig(model_dir=tuning_dir or "unused", **TINY_TRAIN)
+    train = train or _train(tuning_dir or "unused")
     return tuning.TuneConfig(tuning_dir=tuning_dir, train=train, **kwargs)
 
 
@@ -90,19 +98,11 @@ class TuneConfigTest(parameterized.TestCase):
             _config(**overrides)
 
     def test_every_corner_of_the_space_must_train(self):
-        train = TrainConfig(model_dir="x", consistency_loss="mse", **TINY_TRAIN)
+        train = _train(consistency_loss="mse")
         with self.assertRaisesRegex(ConfigError, "--num_noise_choices=4: --consistency_loss=mse needs --num_noise=2"):
             _config(train=train, num_noise_choices=(2, 4))
         with self.assertRaisesRegex(ConfigError, "tunes --method=consistency"):
-            _config(train=TrainConfig(model_dir="x", method="gaussian"))
-
-    def test_parse(self):
-        self.assertEqual(tuning.parse_numbers("lbd_range", ["1", "2.5"]), (1.0, 2.5))
-        self.assertEqual(tuning.parse_integers("num_noise_choices", ["2", "8"]), (2, 8))
-        with self.assertRaisesRegex(ConfigError, "--lbd_range: 'x' is not a number"):
-            tuning.parse_numbers("lbd_range", ["1", "x"])
-        with self.assertRaisesRegex(ConfigError, "--num_noise_choices: '2.5' is not an integer"):
-            tuning.parse_integers("num_noise_choices", ["2.5"])
+            _config(train=TrainConfig(model_dir="x", objective=ObjectiveConfig(method="gaussian")))
 
     def test_objective_and_trial_config(self):
         config = _config(objective="certified_accuracy", objective_radius=0.75, epochs_per_trial=4)
@@ -110,21 +110,30 @@ class TuneConfigTest(parameterized.TestCase):
         self.assertIn(0.75, config.radii)
         self.assertEqual(_config().objective_metric, "val_acr")
         run = tuning.trial_config(config, {"lbd": 3.0, "eta": 0.25, "num_noise": 4}, "7", train_examples=100)
-        self.assertEqual((run.lbd, run.eta, run.num_noise, run.epochs, run.train_examples), (3.0, 0.25, 4, 4, 100))
+        objective = run.objective
+        self.assertEqual((objective.lbd, objective.eta, objective.num_noise, run.epochs, run.train_examples),
+                         (3.0, 0.25, 4, 4, 100))
         self.assertEqual(run.model_dir, os.path.join(config.tuning_dir, "trials", "trial_7"))
         # Hyperband says how many epochs a trial trains.
         run = tuning.trial_config(config, {"lbd": 3.0, "eta": 0.25, "num_noise": 4, "tuner/epochs": 2}, "8", 100)
         self.assertEqual(run.epochs, 2)
 
-    def test_train_flags(self):
-        text = tuning.train_flags(TrainConfig(model_dir="/m", lbd=2.5, **TINY_TRAIN), model_dir=False)
-        lines = text.splitlines()
-        self.assertIn("--lbd=2.5", lines)
-        self.assertIn("--noadv_training", lines)
-        self.assertIn("--train_examples=128", lines)
-        self.assertNotIn("--model_dir=/m", lines)
-        self.assertFalse(any(line.startswith("--beta") for line in lines))  # None: not a flag of this method
-        self.assertIn("--model_dir=/m", tuning.train_flags(TrainConfig(model_dir="/m")).splitlines())
+    def test_to_flags_parses_back_with_bin_tune_flags(self):
+        config = _config(lbd_range=(0.5, 30.0), eta_range=(0.25,), num_noise_choices=(2, 8), tuner="hyperband",
+                         objective="certified_accuracy", objective_radius=0.75,
+                         train=_train(consistency_loss="xent", fields={"data_dir": "/data"}))
+        values = flags.FlagValues()
+        # bin/tune.py's flags: TuneConfig's fields, and the training flags a search shares.
+        tune_holders = cli.define_flags(tuning.TuneConfig, {f.name: "" for f in dataclasses.fields(tuning.TuneConfig)
+                                                            if f.name != "train"}, flag_values=values)
+        train_holders = cli.define_flags(TrainConfig, {name: "" for name in tuning.TRAIN_FLAGS},
+                                         defaults={"eval_examples": 0}, flag_values=values)
+        path = os.path.join(_tempdir(self), "flags.txt")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(config.to_flags())
+        values(["tune", f"--flagfile={path}"])
+        train = cli.config_from_flags(TrainConfig, train_holders, model_dir=tuning.TRIALS_DIR)
+        self.assertEqual(cli.config_from_flags(tuning.TuneConfig, tune_holders, train=train), config)
 
     def test_search_space(self):
         space = {hp.name: hp for hp in tuning._make_oracle(_config(lbd_range=(1.0, 50.0), eta_range=(0.5,),
@@ -212,7 +221,7 @@ class TuningDirTest(tf.test.TestCase):
         with self.assertRaisesRegex(ConfigError, r"holds a different search \(--lbd_range: \[1.0, 50.0\] here, "
                                                  r"\[1.0, 20.0\] there; --sigma: 0.25 here, 0.5 there\)"):
             tuning._prepare_tuning_dir(_config(tuning_dir, lbd_range=(1.0, 50.0),
-                                               train=TrainConfig(model_dir="x", **{**TINY_TRAIN, "sigma": 0.25})))
+                                               train=_train(sigma=0.25)))
         self.assertEqual(json.loads(open(os.path.join(tuning_dir, "tune_config.json")).read())["max_trials"], 30)
 
     def test_directory_of_something_else_refused(self):
@@ -227,9 +236,7 @@ class TuningDirTest(tf.test.TestCase):
                                                  r"\(60000 images\)"):
             tuning.search(_config(tuning_dir, certify_examples=60001))
         with self.assertRaisesRegex(ConfigError, "--train_examples=59990 with --certify_examples=16"):
-            tuning.search(_config(tuning_dir, train=TrainConfig(model_dir="x", **{**TINY_TRAIN,
-                                                                                 "train_examples": 59990}),
-                                  **TINY_SEARCH))
+            tuning.search(_config(tuning_dir, train=_train(fields={"train_examples": 59990}), **TINY_SEARCH))
         self.assertFalse(os.path.exists(tuning_dir))
 
 

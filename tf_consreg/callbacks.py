@@ -1,20 +1,27 @@
-"""Live certification of a held-out validation subset while a model trains.
+"""The Keras callbacks of the project.
 
-`CertifyCallback` runs CERTIFY (`Smooth.certify_batch`) on a fixed subset of
-the training split every few epochs and reports what the paper reports - the
-average certified radius (ACR) and certified accuracy at a few radii, from
-`tf_consreg.analysis` - plus the abstention rate, to TensorBoard and to the
-epoch logs (`val_acr`, ...), where ModelCheckpoint, EarlyStopping or
-keras-tuner can use them. `holdout_split` carves that subset out of the
-training split, so the test set is never looked at while choosing a model.
+* `EpochSchedule` tells `training.ConsistencyModel` the epoch (SmoothAdv's
+  warm-up, MACER's deferred start);
+* `EpochCheckpoint` saves a resumable checkpoint after every epoch;
+* `ScalarLogger` writes every reported term to TensorBoard, per step and
+  per epoch, continuing its curves when a run resumes;
+* `Throughput` adds the training speed to the epoch logs;
+* `CertifyCallback` runs CERTIFY (`Smooth.certify_batch`) on a fixed subset
+  held out of the training split every few epochs and reports what the paper
+  reports - the average certified radius (ACR) and certified accuracy at a
+  few radii, from `tf_consreg.analysis` - plus the abstention rate, to
+  TensorBoard and to the epoch logs (`val_acr`, ...), where ModelCheckpoint,
+  EarlyStopping or keras-tuner can use them. `data.holdout_split` carves that
+  subset out, so the test set is never looked at while choosing a model.
 """
 
 import dataclasses
 import math
 import os
+import shutil
 import tempfile
 import time
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence
 
 import keras
 import numpy as np
@@ -22,17 +29,17 @@ import tensorflow as tf
 
 from tf_consreg import analysis
 from tf_consreg import smoothing
-from tf_consreg.errors import ConfigError
 
 # Radii of the logged certified accuracies: every other radius of the paper's
 # tables (0, 0.5, ..., 2.5), enough to see the trade-off without clutter.
 DEFAULT_RADII = analysis.DEFAULT_RADII[::2]
-# TensorBoard run (under the log directory) the callback writes to; the one
-# where training.ScalarLogger writes the other validation curves.
+# TensorBoard runs under a training run's log directory: CertifyCallback
+# writes to the validation run, ScalarLogger to both.
+TRAIN_RUN = "train"
 VALIDATION_RUN = "validation"
 
 
-# Epoch-log keys the callback adds (see ValidationCertificate.metrics); it
+# Epoch-log keys CertifyCallback adds (see ValidationCertificate.metrics); it
 # writes them to TensorBoard itself, as val/<key without "val_">.
 _METRIC_NAMES = ("val_acr", "val_smoothed_accuracy", "val_abstain_rate")
 _RADIUS_METRIC_PREFIX = "val_certified_accuracy_"
@@ -48,48 +55,119 @@ def radius_name(radius: float) -> str:
     return f"r{radius:g}"
 
 
-def holdout_split(images: np.ndarray, labels: np.ndarray, num: int, *,
-                  train_examples: int = 0) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Holds the last `num` examples of a training split out for validation.
+class EpochSchedule(keras.callbacks.Callback):
+    """Tells the wrapper the epoch, for SmoothAdv's warm-up and MACER's deferral."""
 
-    The held-out examples are the same whatever `train_examples` is, so runs
-    that train on different amounts of data are validated on the same images.
+    def on_epoch_begin(self, epoch, logs=None):
+        self.model.set_epoch(epoch)
+
+
+class EpochCheckpoint(keras.callbacks.Callback):
+    """Saves model, optimizer and the finished epoch count after every epoch.
+
+    `tf.train.CheckpointManager` writes the new checkpoint completely before it
+    updates its index file, so a run killed at any moment resumes from the
+    last complete epoch.
 
     Args:
-      images: the whole training split, [S, ...].
-      labels: its labels, [S].
-      num: examples to hold out (`--certify_examples`), >= 1.
-      train_examples: train on the first this many of the remaining S - num
-        examples (`--train_examples`); 0 = all of them.
-
-    Returns:
-      (train_images, train_labels, holdout_images, holdout_labels); the first
-      two are the first `train_examples` (or S - num) examples, the last two
-      the last `num`.
-
-    Raises:
-      ConfigError: `num` < 1, `num` >= S (no training images left), or
-        `train_examples` > S - num.
+      manager: writes the checkpoints.
+      epoch_var: the checkpointed count of finished epochs.
+      keep: False for a multi-worker non-chief, which must take part in
+        every save (saving reads variables through collectives) but whose
+        copy nobody reads: it is deleted at once.
     """
-    size = len(images)
-    if len(labels) != size:
-        raise ValueError(f"{size} images but {len(labels)} labels")
-    if num < 1:
-        raise ConfigError(f"--certify_examples must be >= 1, got {num}")
-    if num > size:
-        raise ConfigError(f"--certify_examples={num} is larger than the training split ({size} images); "
-                          "hold out fewer")
-    if num == size:
-        raise ConfigError(f"--certify_examples={num} holds out the whole training split ({size} images), "
-                          "leaving nothing to train on; hold out fewer")
-    if train_examples < 0:
-        raise ConfigError(f"--train_examples must be >= 0 (0 = all), got {train_examples}")
-    rest = size - num
-    if train_examples > rest:
-        raise ConfigError(f"--train_examples={train_examples} with --certify_examples={num}: the training split "
-                          f"has {size} images, so at most {rest} are left to train on")
-    stop = train_examples or rest
-    return images[:stop], labels[:stop], images[rest:], labels[rest:]
+
+    def __init__(self, manager: tf.train.CheckpointManager, epoch_var: tf.Variable, keep: bool = True):
+        super().__init__()
+        self._manager = manager
+        self._epoch = epoch_var
+        self._keep = keep
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._epoch.assign(epoch + 1)
+        self._manager.save(checkpoint_number=epoch + 1)
+        if not self._keep:
+            shutil.rmtree(self._manager.directory, ignore_errors=True)
+
+
+class ScalarLogger(keras.callbacks.Callback):
+    """Writes every reported term to TensorBoard: per step and per epoch.
+
+    Steps are the optimizer's iteration count, and epochs the true epoch
+    numbers, so curves continue where they stopped when a run resumes (Keras's
+    own TensorBoard callback restarts its step counter at every `fit`).
+    """
+
+    def __init__(self, log_dir: str, update_freq: int):
+        super().__init__()
+        self._update_freq = max(1, update_freq)
+        self._train = tf.summary.create_file_writer(os.path.join(log_dir, TRAIN_RUN))
+        self._val = tf.summary.create_file_writer(os.path.join(log_dir, VALIDATION_RUN))
+
+    def _learning_rate(self) -> float:
+        return float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+
+    def on_train_begin(self, logs=None):
+        # Count steps on the host: reading the optimizer's counter every step
+        # would wait for each step to finish before dispatching the next.
+        self._step = int(self.model.optimizer.iterations.numpy())
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch_start = self._step
+
+    def on_train_batch_end(self, batch, logs=None):
+        # `batch` is the epoch's last finished step (several per call with
+        # steps_per_execution > 1).
+        previous, self._step = self._step, self._epoch_start + batch + 1
+        if logs and self._step // self._update_freq > previous // self._update_freq:
+            with self._train.as_default(step=self._step):
+                for name, value in logs.items():
+                    tf.summary.scalar(f"step/{name}", float(value))
+                tf.summary.scalar("step/learning_rate", self._learning_rate())
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        step = epoch + 1
+        with self._train.as_default(step=step):
+            for name, value in logs.items():
+                if not name.startswith("val_"):
+                    tf.summary.scalar(f"epoch/{name}", float(value))
+            tf.summary.scalar("epoch/learning_rate", self._learning_rate())
+        with self._val.as_default(step=step):
+            for name, value in logs.items():
+                # CertifyCallback writes its own numbers; show each number once.
+                if name.startswith("val_") and not is_certify_metric(name):
+                    tf.summary.scalar(f"epoch/{name[4:]}", float(value))
+        self._train.flush()
+        self._val.flush()
+
+
+class Throughput(keras.callbacks.Callback):
+    """Adds the epoch's training speed, in clean images per second, to the logs.
+
+    Timed from the end of the epoch's first step (which pays for tracing) to
+    the end of its last, so validation is not counted.
+    """
+
+    def __init__(self, clean_images_per_step: int):
+        super().__init__()
+        self._per_step = clean_images_per_step
+        self._start = self._end = None
+        self._steps = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = self._end = None
+        self._steps = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        now = time.perf_counter()
+        if self._start is None:
+            self._start, self._first = now, batch
+        self._end, self._steps = now, batch - self._first
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None and self._steps:
+            logs["images_per_second"] = self._steps * self._per_step / max(self._end - self._start, 1e-9)
 
 
 @dataclasses.dataclass(frozen=True)

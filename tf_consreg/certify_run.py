@@ -26,7 +26,7 @@ import keras
 import numpy as np
 
 from tf_consreg import certify_log
-from tf_consreg import config as config_lib
+from tf_consreg import training
 from tf_consreg import data
 from tf_consreg import distribute
 from tf_consreg import files
@@ -115,7 +115,7 @@ class CertifyConfig:
         # Then files.
         if self.model_dir:
             check(os.path.isdir(self.model_dir), f"--model_dir={self.model_dir} is not a directory")
-            train = config_lib.read_train_config(self.model_dir)
+            train = training.read_train_config(self.model_dir)
             for name in ("dataset", "sigma", "data_dir"):
                 if getattr(self, name) is None:
                     object.__setattr__(self, name, getattr(train, name))

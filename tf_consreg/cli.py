@@ -18,7 +18,7 @@ import dataclasses
 import os
 import sys
 import typing
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Type
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Type
 
 from absl import app
 from absl import flags
@@ -64,6 +64,97 @@ PREDICT_HELP = {name: text for name, text in CERTIFY_HELP.items() if name != "n0
 _DEFINE = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer, float: flags.DEFINE_float, str: flags.DEFINE_string}
 
 
+# The help of every training flag: bin/train.py defines all of them, bin/tune.py
+# those a search shares (tuning.TRAIN_FLAGS). Each is a field of
+# training.TrainConfig or of its objective (training.ObjectiveConfig), which
+# states its type and default.
+TRAIN_HELP = {
+    "model_dir": (
+        "Run directory: flags, checkpoints, TensorBoard logs, base_model.keras. An existing run with the same "
+        "flags resumes."),
+    "dataset": "Dataset: fashion_mnist, mnist, cifar10 or imagenet2012.",
+    "arch": "Architecture (see tf_consreg.models.ARCHITECTURES).",
+    "method": (
+        "consistency: cross-entropy + consistency term (Jeong & Shin 2020); gaussian: cross-entropy on noisy "
+        "copies (Cohen et al. 2019); stability: clean cross-entropy + lbd * stability term (Li et al. 2019); "
+        "smoothadv: cross-entropy on SmoothAdv attacks (Salman et al. 2019); macer: MACER (Zhai et al. 2020). "
+        "Flags a method does not use are refused."),
+    "sigma": "Noise standard deviation, in [0, 1] pixel units.",
+    "num_noise": (
+        "m: noisy copies per clean image (K for macer). Default: 2 for consistency, 16 for macer, 1 otherwise "
+        "(stability needs 1)."),
+    "lbd": (
+        "lambda, weight of the regularizer: consistency (default 10), stability (default 2) or macer's "
+        "robustness term (default 16)."),
+    "eta": "eta, weight of the entropy term (consistency only; default 0.5).",
+    "consistency_loss": (
+        "Form of the consistency term (consistency only; default 'default'): default = lbd*KL + eta*H, xent = "
+        "lbd*(KL + H), kl = lbd*KL, mse = lbd*||p2 - p1||^2 (m = 2)."),
+    "beta": "MACER's inverse softmax temperature (macer only; default 16).",
+    "gamma": "MACER's hinge margin (macer only; default 8).",
+    "deferred": (
+        "MACER: keep the robustness weight at 0 until the first learning-rate drop, as the authors' MNIST runs "
+        "(macer only)."),
+    "adv_training": (
+        "With --method=consistency: attack each batch with SmoothAdv first (the paper's 'SmoothAdv + "
+        "Consistency')."),
+    "epsilon": (
+        "SmoothAdv's L2 radius in [0, 1] pixel units (the authors' --epsilon divided by 256: 255 -> 0.996). "
+        "Default 0.25 for smoothadv, 2.0 with --adv_training."),
+    "num_steps": "SmoothAdv's PGD steps (default 10 for smoothadv, 4 with --adv_training).",
+    "warmup": (
+        "Epochs over which SmoothAdv's radius grows linearly to --epsilon (default 1 for smoothadv, 10 with "
+        "--adv_training)."),
+    "epochs": "Training epochs.",
+    "batch_size": (
+        "CLEAN images per optimizer step; each step trains on m times as many noisy copies. With --batch_split, "
+        "the images loaded per step of the authors' loader instead (see there)."),
+    "batch_split": (
+        "The authors' batching: split each loaded batch of --batch_size images into m chunks and take one "
+        "optimizer step per chunk, so a step sees batch_size/m clean images and batch_size noisy copies. Use it "
+        "to reproduce the paper's settings."),
+    "lr": "Initial learning rate of SGD.",
+    "lr_step_size": "Multiply the learning rate by --lr_gamma every this many epochs.",
+    "lr_gamma": "Learning-rate decay factor.",
+    "momentum": "SGD momentum.",
+    "weight_decay": "L2 weight decay, coupled as in PyTorch's SGD.",
+    "seed": "Seed of the noise, the shuffling and the initialization.",
+    "train_examples": (
+        "Use only the first N training images (0 = all; with --certify_every, all but the held-out ones)."),
+    "eval_examples": "Test images for the per-epoch noisy accuracy (0 = no evaluation).",
+    "certify_every": (
+        "Every this many epochs (and after the last), certify --certify_examples images held out of the END of "
+        "the training split (never trained on) and log val/acr, certified accuracy, the abstention rate and the "
+        "certified-accuracy curve to TensorBoard, and val_acr to the epoch logs. 0 = off."),
+    "certify_examples": "With --certify_every: images held out of the end of the training split (default 200).",
+    "certify_n0": "With --certify_every: CERTIFY's selection samples (default 100).",
+    "certify_n": "With --certify_every: CERTIFY's estimation samples (default 1000).",
+    "certify_alpha": "With --certify_every: CERTIFY's failure probability (default 0.001).",
+    "certify_batch_size": "With --certify_every: noisy copies per forward pass (default 1000).",
+    "data_dir": (
+        "Directory with the Fashion-MNIST IDX files, or a tensorflow-datasets data directory (ImageNet: the "
+        "archives go in <data_dir>/downloads/manual). Default: Debian's dataset-fashion-mnist files, then "
+        "~/tensorflow_datasets."),
+    "mock_data": (
+        "Train and evaluate on random images of the dataset's shape instead of the dataset: smoke runs on "
+        "machines without the data."),
+    "strategy": (
+        "auto, default, mirrored or multi_worker. auto: MirroredStrategy when more than one GPU is visible, "
+        "else one device. multi_worker: MultiWorkerMirroredStrategy over the cluster in the TF_CONFIG "
+        "environment variable; run the same command on every worker (the chief writes --model_dir)."),
+    "steps_per_execution": "Training steps per compiled call.",
+    "mixed_precision": (
+        "none, mixed_float16 (with dynamic loss scaling) or mixed_bfloat16: layers compute in 16 bits, "
+        "variables, logits and every loss term stay float32. For GPUs and TPUs; on a CPU it is slower."),
+    "jit_compile": (
+        "Compile the train step with XLA. Measure first: on CPUs it made LeNet slower, and Keras turns it off "
+        "under tf.distribute."),
+    "pretrained_model": (
+        "Start from this base_model.keras of the same --arch (fine-tuning); when its class count differs from "
+        "--dataset's, the classifier layer is replaced by a fresh one."),
+}
+
+
 def _unwrap(annotation) -> Any:
     """Optional[X] -> X; sequence and tuple annotations -> (list, element type)."""
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
@@ -83,13 +174,37 @@ def _field_default(field: dataclasses.Field) -> Any:
     return None  # A required field: the config says what is missing.
 
 
+def _flag_fields(config_cls: Type) -> Dict[str, Tuple[Optional[str], dataclasses.Field, Any]]:
+    """The fields that can be flags: name -> (the field of the nested config holding it, or None; field; type).
+
+    The fields of a field whose type is itself a dataclass (a nested config)
+    can be flags too, under their own names, unless `config_cls` has a field
+    of that name.
+
+    Raises:
+      TypeError: two nested configs have a field of the same name.
+    """
+    hints = typing.get_type_hints(config_cls)
+    own = {field.name: (None, field, hints[field.name]) for field in dataclasses.fields(config_cls)}
+    nested = {}
+    for name, (_, _, hint) in own.items():
+        if dataclasses.is_dataclass(hint):
+            nested_hints = typing.get_type_hints(hint)
+            for field in dataclasses.fields(hint):
+                if field.name in nested:
+                    raise TypeError(f"{config_cls.__name__}: two nested fields named {field.name!r}")
+                nested[field.name] = (name, field, nested_hints[field.name])
+    return {**nested, **own}
+
+
 def define_flags(config_cls: Type, helps: Mapping[str, str], *, defaults: Optional[Mapping[str, Any]] = None,
                  flag_values: flags.FlagValues = flags.FLAGS) -> FlagHolders:
     """Defines one absl flag per field of `config_cls` named in `helps`.
 
     The flag has the field's name, the type of its annotation (bool, int,
     float, str, or a comma-separated list for sequence fields) and the
-    field's default, so the default is stated once, in the config.
+    field's default, so the default is stated once, in the config. The fields
+    of a nested config (a field whose type is a dataclass) are flags too.
 
     Args:
       config_cls: a dataclass config.
@@ -104,39 +219,39 @@ def define_flags(config_cls: Type, helps: Mapping[str, str], *, defaults: Option
     Raises:
       TypeError: a name is not a field, or its type has no flag type.
     """
-    fields = {f.name: f for f in dataclasses.fields(config_cls)}
-    hints = typing.get_type_hints(config_cls)
+    fields = _flag_fields(config_cls)
     defaults = dict(defaults or {})
     holders = {}
     for name, help_text in helps.items():
         if name not in fields:
             raise TypeError(f"{config_cls.__name__} has no field {name!r}")
-        kind = _unwrap(hints[name])
-        default = defaults.pop(name) if name in defaults else _field_default(fields[name])
+        _, field, hint = fields[name]
+        kind = _unwrap(hint)
+        default = defaults.pop(name) if name in defaults else _field_default(field)
         if isinstance(kind, tuple):
             default = None if default is None else [f"{v:g}" if isinstance(v, float) else str(v) for v in default]
             holders[name] = flags.DEFINE_list(name, default, help_text, flag_values=flag_values)
         elif kind in _DEFINE:
             holders[name] = _DEFINE[kind](name, default, help_text, flag_values=flag_values)
         else:
-            raise TypeError(f"{config_cls.__name__}.{name}: no flag type for {hints[name]}")
+            raise TypeError(f"{config_cls.__name__}.{name}: no flag type for {hint}")
     if defaults:
         raise TypeError(f"defaults for fields without a flag: {', '.join(sorted(defaults))}")
     return holders
 
 
 def flag_values(config_cls: Type, holders: FlagHolders) -> Dict[str, Any]:
-    """The flags' values as the config's field values.
+    """The flags' values as the (nested) config's field values, by flag name.
 
     List flags are converted element by element to the field's element type.
 
     Raises:
       ConfigError: a list element is not of its type (the message names the flag).
     """
-    hints = typing.get_type_hints(config_cls)
+    fields = _flag_fields(config_cls)
     values = {}
     for name, holder in holders.items():
-        value, kind = holder.value, _unwrap(hints[name])
+        value, kind = holder.value, _unwrap(fields[name][2])
         if isinstance(kind, tuple) and value is not None:
             element = kind[1]
             try:
@@ -151,10 +266,23 @@ def flag_values(config_cls: Type, holders: FlagHolders) -> Dict[str, Any]:
 def config_from_flags(config_cls: Type, holders: FlagHolders, **fields) -> Any:
     """Builds the validated `config_cls` from its flags, plus `fields` set by the binary.
 
+    The flags of a nested config build it first (so its checks run first).
+
     Raises:
-      ConfigError: a bad value (raised by the config's own checks).
+      ConfigError: a bad value (raised by the configs' own checks).
     """
-    return config_cls(**flag_values(config_cls, holders), **fields)
+    flag_fields = _flag_fields(config_cls)
+    hints = typing.get_type_hints(config_cls)
+    values, nested = {}, {}
+    for name, value in flag_values(config_cls, holders).items():
+        parent = flag_fields[name][0]
+        if parent is None:
+            values[name] = value
+        else:
+            nested.setdefault(parent, {})[name] = value
+    for parent, nested_values in nested.items():
+        values[parent] = hints[parent](**nested_values)
+    return config_cls(**values, **fields)
 
 
 def _program() -> str:

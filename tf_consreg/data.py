@@ -33,7 +33,8 @@ still draws new crops in every epoch.
 before any work, and `Source.make_input` builds its training or evaluation
 pipeline: augmentation, batching and, under a `tf.distribute` strategy,
 per-replica batching with `distribute_datasets_from_function`. `make_input`
-does both in one call.
+does both in one call. `holdout_split` holds the end of a training split out
+for validation.
 With `mock=True` every source is replaced by random data of the right shapes
 (a fixed seed), for smoke runs on machines without the dataset.
 """
@@ -402,6 +403,50 @@ def load_arrays(name: str, split: str, *, data_dir: Optional[str] = None, limit:
     """
     images, labels = load_uint8(name, split, data_dir=data_dir, limit=limit, mock=mock)
     return images.astype(np.float32) / 255.0, labels
+
+
+def holdout_split(images: np.ndarray, labels: np.ndarray, num: int, *,
+                  train_examples: int = 0) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Holds the last `num` examples of a training split out for validation.
+
+    The held-out examples are the same whatever `train_examples` is, so runs
+    that train on different amounts of data are validated on the same images.
+
+    Args:
+      images: the whole training split, [S, ...].
+      labels: its labels, [S].
+      num: examples to hold out (`--certify_examples`), >= 1.
+      train_examples: train on the first this many of the remaining S - num
+        examples (`--train_examples`); 0 = all of them.
+
+    Returns:
+      (train_images, train_labels, holdout_images, holdout_labels); the first
+      two are the first `train_examples` (or S - num) examples, the last two
+      the last `num`.
+
+    Raises:
+      ConfigError: `num` < 1, `num` >= S (no training images left), or
+        `train_examples` > S - num.
+    """
+    size = len(images)
+    if len(labels) != size:
+        raise ValueError(f"{size} images but {len(labels)} labels")
+    if num < 1:
+        raise ConfigError(f"--certify_examples must be >= 1, got {num}")
+    if num > size:
+        raise ConfigError(f"--certify_examples={num} is larger than the training split ({size} images); "
+                          "hold out fewer")
+    if num == size:
+        raise ConfigError(f"--certify_examples={num} holds out the whole training split ({size} images), "
+                          "leaving nothing to train on; hold out fewer")
+    if train_examples < 0:
+        raise ConfigError(f"--train_examples must be >= 0 (0 = all), got {train_examples}")
+    rest = size - num
+    if train_examples > rest:
+        raise ConfigError(f"--train_examples={train_examples} with --certify_examples={num}: the training split "
+                          f"has {size} images, so at most {rest} are left to train on")
+    stop = train_examples or rest
+    return images[:stop], labels[:stop], images[rest:], labels[rest:]
 
 
 # --------------------------------------------------------------------------

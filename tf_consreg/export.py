@@ -53,7 +53,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_consreg import __version__
-from tf_consreg import config as config_lib
+from tf_consreg import training
 from tf_consreg import data
 from tf_consreg import models
 from tf_consreg import smoothing
@@ -507,7 +507,7 @@ class VersionExportConfig:
             model_file = os.path.join(self.model_dir, models.BASE_MODEL_FILE)
             check(os.path.isfile(model_file), f"--model_dir={self.model_dir} holds no {models.BASE_MODEL_FILE}; "
                   "is the training run finished?")
-            train_config = config_lib.read_train_config(self.model_dir)
+            train_config = training.read_train_config(self.model_dir)
             object.__setattr__(self, "dataset", train_config.dataset)
             object.__setattr__(self, "data_dir", train_config.data_dir)
             if self.sigma is None:

@@ -1,10 +1,14 @@
-"""Files: written atomically (never half-written, never replaced by accident) and identified by digest."""
+"""Files: written atomically (never half-written, never replaced by accident), identified by digest,
+and run directories that hold one run each."""
 
 import contextlib
 import hashlib
+import json
 import os
 import tempfile
-from typing import Iterator
+from typing import Any, Callable, Dict, Iterator, Mapping, Sequence, Tuple
+
+from tf_consreg.errors import ConfigError
 
 
 @contextlib.contextmanager
@@ -54,3 +58,56 @@ def file_sha256(path: str) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def differences(here: Mapping[str, Any], there: Mapping[str, Any],
+                ignore: Sequence[str] = ()) -> Dict[str, Tuple[Any, Any]]:
+    """Settings that differ between two runs: name -> (here, there).
+
+    A name missing on one side counts as None there; names in `ignore` are
+    left out.
+    """
+    names = sorted((set(here) | set(there)) - set(ignore))
+    return {name: (here.get(name), there.get(name)) for name in names if here.get(name) != there.get(name)}
+
+
+def check_run_dir(directory: str, settings_file: str,
+                  differences_from: Callable[[Dict[str, Any]], Dict[str, Tuple[Any, Any]]], *, flag: str,
+                  kind: str, resume: str) -> None:
+    """Refuses a directory that holds something other than this run; reads only.
+
+    A run claims its directory by writing its settings there (the JSON file
+    `settings_file`). A directory with that file holds the same run, to
+    resume, when the settings do not differ, and another run when they do;
+    a directory without it must be empty, or not exist yet.
+
+    Args:
+      directory: the run's directory, the value of `--<flag>`.
+      settings_file: the name of the settings file in it.
+      differences_from: the settings found there -> the ones that differ
+        from this run's, name -> (here, there) (see `differences`).
+      flag: the directory's flag, for messages.
+      kind: what a directory holds ("run", "search"), for messages.
+      resume: how to resume instead, for messages ("the same flags to resume").
+
+    Raises:
+      ConfigError: `directory` is a file, holds another run, holds unreadable
+        settings, or holds other files.
+    """
+    path = os.path.join(directory, settings_file)
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise ConfigError(f"--{flag}={directory} exists and is not a directory")
+    if os.path.isfile(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                previous = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{path} is unreadable: {e}") from e
+        diff = differences_from(previous)
+        if diff:
+            details = "; ".join(f"--{name}: {new!r} here, {old!r} there" for name, (new, old) in sorted(diff.items()))
+            raise ConfigError(f"--{flag}={directory} holds a different {kind} ({details}); use a new --{flag}, "
+                              f"or {resume}")
+    elif os.path.isdir(directory) and os.listdir(directory):
+        raise ConfigError(f"--{flag}={directory} is not empty and holds no {settings_file}; "
+                          "use a new or empty directory")

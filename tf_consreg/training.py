@@ -1,22 +1,23 @@
-"""Training of smoothed classifiers: the `ConsistencyModel` wrapper and `train`.
+"""Training of smoothed classifiers: its configs, the `ConsistencyModel` wrapper, and `train`.
 
 `ConsistencyModel` holds a base classifier and overrides `train_step` and
 `test_step`: every clean image becomes m noisy copies x + N(0, sigma^2 I), the
-loss is the mean cross-entropy over all copies plus the consistency term of
-`tf_consreg.losses`. The base classifier, not the wrapper, is what `train`
-saves, certifies and exports.
+loss is the mean cross-entropy over all copies plus the method's term from
+`tf_consreg.losses`, as its `ObjectiveConfig` says. `train` runs what a
+`TrainConfig` (bin/train.py's flags) says and writes a run directory. The
+base classifier, not the wrapper, is what `train` saves, certifies and
+exports.
 """
 
 import contextlib
 import dataclasses
-import hashlib
+import json
 import math
 import os
 import shutil
 import sys
 import tempfile
-import time
-from typing import Callable, Dict, List, Optional
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import keras
 import numpy as np
@@ -26,16 +27,352 @@ from tf_consreg import attacks
 from tf_consreg import callbacks as callbacks_lib
 from tf_consreg import data as data_lib
 from tf_consreg import distribute
+from tf_consreg import files
 from tf_consreg import losses
 from tf_consreg import models
+from tf_consreg import multi_worker
 from tf_consreg import noise as noise_lib
-from tf_consreg.files import atomic_output
-from tf_consreg.config import TRAIN_CONFIG_FILE, TrainConfig
-from tf_consreg.errors import ConfigError
+from tf_consreg.errors import ConfigError, check
 
+METHODS = ("gaussian", "consistency", "stability", "smoothadv", "macer")
+MIXED_PRECISION = ("none", "mixed_float16", "mixed_bfloat16")
+
+# What a run directory holds (besides models.BASE_MODEL_FILE).
+TRAIN_CONFIG_FILE = "train_config.json"
+FLAGS_FILE = "flags.txt"
 CHECKPOINT_DIR = "checkpoints"
 LOGS_DIR = "logs"
-FLAGS_FILE = "flags.txt"
+
+# Each method's fields and their defaults, from the authors' train_*.py
+# (epsilon in [0, 1] pixel units: their --epsilon divided by 256). A field
+# that is not in a method's row must stay None, so a flag is never silently
+# ignored. A new method is a row here and its terms in ConsistencyModel.
+_METHOD_FIELDS = {
+    "gaussian": {"num_noise": 1},
+    "consistency": {"num_noise": 2, "lbd": 10.0, "eta": 0.5, "consistency_loss": "default"},
+    "stability": {"num_noise": 1, "lbd": 2.0},
+    "smoothadv": {"num_noise": 1, "epsilon": 64 / 256, "num_steps": 10, "warmup": 1},
+    "macer": {"num_noise": 16, "lbd": 16.0, "beta": 16.0, "gamma": 8.0, "deferred_epochs": 0},
+}
+# SmoothAdv before the consistency objective: --method=consistency
+# --adv_training, the paper's "SmoothAdv + Consistency" (train_consistency.py).
+_ADV_TRAINING_METHOD = "consistency"
+_ADV_TRAINING_FIELDS = {"epsilon": 512 / 256, "num_steps": 4, "warmup": 10}
+# Live certification of a held-out training subset (callbacks.CertifyCallback),
+# by --certify_every and in every trial of a search.
+CERTIFY_DEFAULTS = {"certify_examples": 200, "certify_n0": 100, "certify_n": 1000, "certify_alpha": 0.001,
+                     "certify_batch_size": 1000}
+
+
+def format_flags(values: Mapping[str, Any]) -> str:
+    """Flag values as a flagfile that absl's `--flagfile=` parses back to the same values.
+
+    The one way the project writes flags: a run's `flags.txt`, tuning's
+    `best.flags` and a search's `flags.txt`.
+
+    Args:
+      values: flag name -> value (bool, int, float, str, or a sequence for a
+        list flag); None values are left out (the flag keeps its default).
+
+    Returns:
+      One line per flag: `--name=value`, `--name` or `--noname` for bools,
+      floats in their exact `repr`, sequences comma-separated.
+
+    Raises:
+      ValueError: a value holds a line break (it would not parse back).
+    """
+    lines = []
+    for name, value in values.items():
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            lines.append(f"--{name}" if value else f"--no{name}")
+            continue
+        items = value if isinstance(value, (tuple, list)) else (value,)
+        text = ",".join(repr(v) if isinstance(v, float) else str(v) for v in items)
+        if "\n" in text or "\r" in text:
+            raise ValueError(f"--{name}: {text!r} holds a line break; a flagfile cannot hold it")
+        lines.append(f"--{name}={text}")
+    return "".join(line + "\n" for line in lines)
+
+
+def _used_by(name: str) -> str:
+    """The methods that use a method field, as flags: "--method=a or --method=b"."""
+    users = [f"--method={method}" for method, fields in _METHOD_FIELDS.items() if name in fields]
+    if name in _ADV_TRAINING_FIELDS:
+        users.append(f"--method={_ADV_TRAINING_METHOD} --adv_training")
+    return " or ".join(users)
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectiveConfig:
+    """What `ConsistencyModel` minimizes: the method and its settings, checked at construction.
+
+    The method fields (`num_noise` and those after it up to `warmup`) are
+    None when not given: they get the authors' defaults for the methods that
+    use them, and must stay None for the methods that do not, so a setting
+    that would be silently ignored is refused instead. Its fields but
+    `deferred_epochs` are flags of bin/train.py (the defaults are theirs).
+
+    Attributes:
+      method: "gaussian", "consistency", "stability", "smoothadv" or "macer"
+        (see `ConsistencyModel`).
+      sigma: noise standard deviation, in [0, 1] pixel units.
+      num_noise: m, noisy copies per clean image (MACER's K).
+      lbd: weight of the regularizer (consistency, stability, MACER's robustness term).
+      eta: weight of the consistency term's entropy.
+      consistency_loss: form of the consistency term (`losses.CONSISTENCY_LOSSES`).
+      beta, gamma: MACER's inverse temperature and hinge margin.
+      deferred_epochs: MACER trains with its robustness weight at 0 for this
+        many epochs first.
+      adv_training: attack before the consistency objective.
+      epsilon, num_steps, warmup: SmoothAdv's L2 radius, PGD steps, and the
+        epochs over which the radius grows linearly to `epsilon`.
+      weight_decay: coupled L2 weight decay (PyTorch SGD's `weight_decay`):
+        the loss gains weight_decay / 2 * ||w||^2 over the trainable weights.
+    """
+
+    method: str = "consistency"
+    sigma: float = 0.25
+    num_noise: Optional[int] = None
+    lbd: Optional[float] = None
+    eta: Optional[float] = None
+    consistency_loss: Optional[str] = None
+    beta: Optional[float] = None
+    gamma: Optional[float] = None
+    deferred_epochs: Optional[int] = None
+    adv_training: bool = False
+    epsilon: Optional[float] = None
+    num_steps: Optional[int] = None
+    warmup: Optional[int] = None
+    weight_decay: float = 1e-4
+
+    def __post_init__(self):
+        check(self.method in METHODS, f"--method={self.method!r} is unknown; choose one of {', '.join(METHODS)}")
+        check(self.sigma > 0, f"--sigma must be > 0, got {self.sigma}")
+        check(not self.adv_training or self.method == _ADV_TRAINING_METHOD,
+              f"--adv_training combines SmoothAdv with --method={_ADV_TRAINING_METHOD}; for "
+              f"--method={self.method} use --method=smoothadv or drop --adv_training")
+        method_fields = dict(_METHOD_FIELDS[self.method], **(_ADV_TRAINING_FIELDS if self.adv_training else {}))
+        for name in _METHOD_FIELD_NAMES:
+            if name in method_fields:
+                if getattr(self, name) is None:
+                    object.__setattr__(self, name, method_fields[name])
+            elif getattr(self, name) is not None:
+                raise ConfigError(f"--{name} is used only by {_used_by(name)}; remove it for --method={self.method}")
+        check(self.num_noise >= 1, f"--num_noise must be >= 1, got {self.num_noise}")
+        if self.method == "stability":
+            check(self.num_noise == 1, "--method=stability draws one noise per image: --num_noise must be 1, "
+                  f"got {self.num_noise}")
+        if self.lbd is not None:
+            check(self.lbd >= 0, f"--lbd must be >= 0, got {self.lbd}")
+        if self.eta is not None:
+            check(self.eta >= 0, f"--eta must be >= 0, got {self.eta}")
+        if self.consistency_loss is not None:
+            check(self.consistency_loss in losses.CONSISTENCY_LOSSES,
+                  f"--consistency_loss={self.consistency_loss!r} is unknown; "
+                  f"choose one of {', '.join(losses.CONSISTENCY_LOSSES)}")
+            if self.consistency_loss == "mse":
+                check(self.num_noise == 2, f"--consistency_loss=mse needs --num_noise=2, got {self.num_noise}")
+        if self.beta is not None:
+            check(self.beta > 0, f"--beta must be > 0, got {self.beta}")
+        if self.gamma is not None:
+            check(self.gamma >= 0, f"--gamma must be >= 0, got {self.gamma}")
+        if self.deferred_epochs is not None:
+            check(self.deferred_epochs >= 0, f"deferred_epochs must be >= 0, got {self.deferred_epochs}")
+        if self.epsilon is not None:
+            check(self.epsilon >= 0, "--epsilon must be >= 0 (an L2 radius in [0, 1] pixel units), "
+                  f"got {self.epsilon}")
+        if self.num_steps is not None:
+            check(self.num_steps >= 1, f"--num_steps must be >= 1, got {self.num_steps}")
+        if self.warmup is not None:
+            check(self.warmup >= 1, f"--warmup must be >= 1, got {self.warmup}")
+        check(self.weight_decay >= 0, f"--weight_decay must be >= 0, got {self.weight_decay}")
+
+    @property
+    def adversarial(self) -> bool:
+        """Whether each training step first attacks the inputs (SmoothAdv)."""
+        return self.method == "smoothadv" or self.adv_training
+
+
+# The fields a method may use or refuse, in the order they are checked.
+_METHOD_FIELD_NAMES = tuple(f.name for f in dataclasses.fields(ObjectiveConfig)
+                            if any(f.name in fields for fields in (*_METHOD_FIELDS.values(), _ADV_TRAINING_FIELDS)))
+# ObjectiveConfig's fields that are flags. deferred_epochs is not: TrainConfig's
+# --deferred sets it from the learning-rate schedule.
+_OBJECTIVE_FLAGS = tuple(f.name for f in dataclasses.fields(ObjectiveConfig) if f.name != "deferred_epochs")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run needs, checked at construction.
+
+    Its fields, and those of its `objective`, are bin/train.py's flags (see
+    its --help); a run directory records them (`train_config.json`,
+    `flags.txt`, flat, by flag name: `to_dict`, `to_flags`).
+
+    `deferred` (MACER) defers the robustness term as the authors'
+    train_macer.py does: while epoch <= lr_step_size (0-based), i.e. for the
+    first lr_step_size + 1 epochs. It sets `objective.deferred_epochs`.
+    """
+
+    model_dir: str
+    dataset: str = "fashion_mnist"
+    arch: str = "lenet"
+    objective: ObjectiveConfig = dataclasses.field(default_factory=ObjectiveConfig)
+    deferred: Optional[bool] = None
+    epochs: int = 90
+    batch_size: int = 256
+    batch_split: bool = False
+    lr: float = 0.01
+    lr_step_size: int = 30
+    lr_gamma: float = 0.1
+    momentum: float = 0.9
+    seed: int = 0
+    train_examples: int = 0
+    eval_examples: int = 10000
+    certify_every: int = 0
+    certify_examples: Optional[int] = None
+    certify_n0: Optional[int] = None
+    certify_n: Optional[int] = None
+    certify_alpha: Optional[float] = None
+    certify_batch_size: Optional[int] = None
+    data_dir: Optional[str] = None
+    mock_data: bool = False
+    strategy: str = "auto"
+    steps_per_execution: int = 1
+    mixed_precision: str = "none"
+    jit_compile: bool = False
+    pretrained_model: Optional[str] = None
+
+    def __post_init__(self):
+        check(bool(self.model_dir), "--model_dir is required: the directory for checkpoints, logs and the model")
+        check(self.dataset in data_lib.DATASETS,
+              f"--dataset={self.dataset!r} is unknown; choose one of {', '.join(data_lib.DATASETS)}")
+        check(self.arch in models.ARCHITECTURES,
+              f"--arch={self.arch!r} is unknown; choose one of {', '.join(models.ARCHITECTURES)}")
+        models.check_architecture(self.arch, self.dataset)
+        check(isinstance(self.objective, ObjectiveConfig),
+              f"objective must be an ObjectiveConfig, got {type(self.objective).__name__}")
+        check(self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")
+        check(self.batch_size >= 1, f"--batch_size must be >= 1, got {self.batch_size}")
+        check(self.lr > 0, f"--lr must be > 0, got {self.lr}")
+        check(self.lr_step_size >= 1, f"--lr_step_size must be >= 1, got {self.lr_step_size}")
+        check(0 < self.lr_gamma <= 1, f"--lr_gamma must be in (0, 1], got {self.lr_gamma}")
+        check(0 <= self.momentum < 1, f"--momentum must be in [0, 1), got {self.momentum}")
+        self._set_deferral()
+        check(self.train_examples >= 0, f"--train_examples must be >= 0 (0 = all), got {self.train_examples}")
+        check(self.eval_examples >= 0, f"--eval_examples must be >= 0 (0 = no evaluation), got {self.eval_examples}")
+        check(self.strategy in distribute.STRATEGIES,
+              f"--strategy={self.strategy!r} is unknown; choose one of {', '.join(distribute.STRATEGIES)}")
+        check(self.steps_per_execution >= 1, f"--steps_per_execution must be >= 1, got {self.steps_per_execution}")
+        check(self.mixed_precision in MIXED_PRECISION,
+              f"--mixed_precision={self.mixed_precision!r} is unknown; choose one of {', '.join(MIXED_PRECISION)}")
+        if self.pretrained_model is not None:
+            check(os.path.isfile(self.pretrained_model),
+                  f"--pretrained_model={self.pretrained_model} is not a file; give a base_model.keras")
+        if self.batch_split:
+            num_noise = self.objective.num_noise
+            check(self.batch_size % num_noise == 0,
+                  f"--batch_size={self.batch_size} must be divisible by --num_noise={num_noise} with --batch_split")
+        check(self.clean_batch_size >= 1, "--batch_size is smaller than --num_noise with --batch_split")
+        self._resolve_certify_fields()
+
+    def _set_deferral(self) -> None:
+        """MACER's `deferred`: False when not given; it sets `objective.deferred_epochs`."""
+        objective = self.objective
+        if objective.deferred_epochs is None:  # Not MACER.
+            check(self.deferred is None, f"--deferred is used only by {_used_by('deferred_epochs')}; remove it "
+                  f"for --method={objective.method}")
+            return
+        object.__setattr__(self, "deferred", bool(self.deferred))
+        object.__setattr__(self, "objective", dataclasses.replace(
+            objective, deferred_epochs=self.lr_step_size + 1 if self.deferred else 0))
+
+    def _resolve_certify_fields(self) -> None:
+        """Live certification's fields: defaults when it is on, refused when it is off."""
+        check(self.certify_every >= 0, f"--certify_every must be >= 0 (0 = off), got {self.certify_every}")
+        if not self.certify_every:
+            for name in CERTIFY_DEFAULTS:
+                check(getattr(self, name) is None,
+                      f"--{name} is used only with --certify_every; add --certify_every=N or remove it")
+            return
+        check(self.dataset not in data_lib.STREAMED,
+              f"--certify_every holds images out of the training split in memory; --dataset={self.dataset} "
+              "is streamed")
+        for name, default in CERTIFY_DEFAULTS.items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, default)
+        check(self.certify_examples >= 1, f"--certify_examples must be >= 1, got {self.certify_examples}")
+        check(self.certify_n0 >= 1, f"--certify_n0 must be >= 1, got {self.certify_n0}")
+        check(self.certify_n >= 1, f"--certify_n must be >= 1, got {self.certify_n}")
+        check(0 < self.certify_alpha < 1, f"--certify_alpha must be in (0, 1), got {self.certify_alpha}")
+        check(self.certify_batch_size >= 1, f"--certify_batch_size must be >= 1, got {self.certify_batch_size}")
+
+    @property
+    def sigma(self) -> float:
+        """The run's noise level (`objective.sigma`), which certifying or exporting the run defaults to."""
+        return self.objective.sigma
+
+    @property
+    def clean_batch_size(self) -> int:
+        """Clean images per optimizer step (each step sees m times as many noisy copies)."""
+        return self.batch_size // self.objective.num_noise if self.batch_split else self.batch_size
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The flags' values, by name (the objective's among them)."""
+        values = {}
+        for field in dataclasses.fields(self):
+            if field.name == "objective":
+                values.update({name: getattr(self.objective, name) for name in _OBJECTIVE_FLAGS})
+            else:
+                values[field.name] = getattr(self, field.name)
+        return values
+
+    def to_flags(self, exclude: Sequence[str] = ()) -> str:
+        """The config as a flagfile of bin/train.py (`format_flags`), without the flags in `exclude`.
+
+        `--flagfile=` gives back this config (with `exclude` set as given).
+        """
+        return format_flags({name: value for name, value in self.to_dict().items() if name not in exclude})
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "TrainConfig":
+        """The config of `to_dict`'s values."""
+        known = {f.name for f in dataclasses.fields(cls)} - {"objective"}
+        unknown = sorted(set(values) - known - set(_OBJECTIVE_FLAGS))
+        if unknown:
+            raise ConfigError(f"unknown training config fields: {', '.join(unknown)}")
+        objective = ObjectiveConfig(**{name: values[name] for name in _OBJECTIVE_FLAGS if name in values})
+        return cls(objective=objective, **{name: value for name, value in values.items() if name in known})
+
+
+def read_train_config(model_dir: str) -> TrainConfig:
+    """Reads the config a training run saved in its model directory.
+
+    Args:
+      model_dir: a `--model_dir` written by bin/train.py.
+
+    Returns:
+      The run's TrainConfig (its `model_dir` field set to `model_dir`).
+
+    Raises:
+      ConfigError: the directory or its train_config.json is missing or unreadable.
+    """
+    path = os.path.join(model_dir, TRAIN_CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise ConfigError(f"{path} not found: is --model_dir a directory written by bin/train.py?")
+    try:
+        with open(path, encoding="utf-8") as f:
+            values = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path} is unreadable: {e}") from e
+    values["model_dir"] = model_dir
+    return TrainConfig.from_dict(values)
+
 
 # Independent random streams of one run.
 _TRAIN_NOISE, _EVAL_NOISE = 1, 2
@@ -59,39 +396,16 @@ class ConsistencyModel(keras.Model):
 
     Args:
       base_model: maps images in [0, 1] to logits.
-      sigma: noise standard deviation, in pixel units.
-      num_noise: m, noisy copies per clean image.
-      method: one of the methods above.
-      lbd, eta, consistency_loss: weights and form of the method's regularizer
-        (see tf_consreg.losses); unused values are ignored.
-      beta, gamma: MACER's inverse temperature and hinge margin.
-      deferred_epochs: MACER trains with the robustness weight at 0 for this
-        many epochs first.
-      adv_training: attack before the consistency objective.
-      epsilon, num_steps, warmup: the attack's L2 radius, PGD steps, and the
-        epochs over which the radius grows linearly to `epsilon`.
-      weight_decay: coupled L2 weight decay (PyTorch SGD's `weight_decay`): the
-        loss gains weight_decay / 2 * ||w||^2 over all trainable weights.
+      objective: the method and its settings (validated, with the method's
+        defaults filled in).
       seed: seed of the noise; with the optimizer's step it fixes every draw.
+      **kwargs: for `keras.Model` (name, ...).
     """
 
-    def __init__(self, base_model: keras.Model, *, sigma: float, num_noise: int, method: str = "consistency",
-                 lbd: float = 0.0, eta: float = 0.0, consistency_loss: str = "default", beta: float = 16.0,
-                 gamma: float = 8.0, deferred_epochs: int = 0, adv_training: bool = False, epsilon: float = 0.0,
-                 num_steps: int = 1, warmup: int = 1, weight_decay: float = 0.0, seed: int = 0, **kwargs):
+    def __init__(self, base_model: keras.Model, objective: ObjectiveConfig, *, seed: int = 0, **kwargs):
         super().__init__(**kwargs)
         self.base_model = base_model
-        self.sigma = float(sigma)
-        self.num_noise = int(num_noise)
-        self.method = method
-        self.lbd = float(lbd or 0.0)
-        self.eta = float(eta or 0.0)
-        self.consistency_loss_name = consistency_loss or "default"
-        self.beta, self.gamma = float(beta or 0.0), float(gamma or 0.0)
-        self.deferred_epochs = int(deferred_epochs or 0)
-        self.adversarial = method == "smoothadv" or bool(adv_training)
-        self.epsilon, self.num_steps, self.warmup = float(epsilon or 0.0), int(num_steps or 1), int(warmup or 1)
-        self.weight_decay = float(weight_decay)
+        self.objective = objective
         self.seed = int(seed)
         self._trackers = {name: keras.metrics.Mean(name=name) for name in self._term_names()}
         self._accuracy = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
@@ -99,10 +413,14 @@ class ConsistencyModel(keras.Model):
         # Counts evaluation batches, to seed evaluation noise; one per replica set.
         self._eval_steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="eval_steps",
                                        aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
-        # Epoch-dependent values, set by `set_epoch` (variables: no retracing).
-        self._attack_radius = tf.Variable(self.epsilon, dtype=tf.float32, trainable=False, name="attack_radius",
+        # Epoch-dependent values, set by `set_epoch` (variables: no retracing);
+        # until then, their values after warm-up and deferral. Each is read
+        # only by the methods that have it.
+        self._attack_radius = tf.Variable(objective.epsilon if objective.adversarial else 0.0, dtype=tf.float32,
+                                          trainable=False, name="attack_radius",
                                           aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
-        self._robust_weight = tf.Variable(self.lbd, dtype=tf.float32, trainable=False, name="robust_weight",
+        self._robust_weight = tf.Variable(objective.lbd if objective.method == "macer" else 0.0, dtype=tf.float32,
+                                          trainable=False, name="robust_weight",
                                           aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
 
     def _term_names(self) -> List[str]:
@@ -112,7 +430,7 @@ class ConsistencyModel(keras.Model):
             "consistency": ["cross_entropy", "consistency", "kl", "entropy"],
             "stability": ["cross_entropy", "stability"],
             "macer": ["classification", "robustness"],
-        }[self.method]
+        }[self.objective.method]
 
     @property
     def metrics(self):
@@ -127,8 +445,11 @@ class ConsistencyModel(keras.Model):
         SmoothAdv's radius grows as min(epsilon, (epoch + 1) * epsilon / warmup);
         deferred MACER keeps its robustness weight at 0 for `deferred_epochs`.
         """
-        self._attack_radius.assign(min(self.epsilon, (epoch + 1) * self.epsilon / self.warmup))
-        self._robust_weight.assign(0.0 if epoch < self.deferred_epochs else self.lbd)
+        objective = self.objective
+        if objective.adversarial:
+            self._attack_radius.assign(min(objective.epsilon, (epoch + 1) * objective.epsilon / objective.warmup))
+        if objective.method == "macer":
+            self._robust_weight.assign(0.0 if epoch < objective.deferred_epochs else objective.lbd)
 
     def _cross_entropy(self, x, labels, logits, training):
         # compute_loss applies Keras's rule (local mean / replicas, see
@@ -150,51 +471,53 @@ class ConsistencyModel(keras.Model):
           dict with "loss" (the objective), the method's terms (see
           `_term_names`), and "logits" [m * B, C] of the noisy copies, copy-major.
         """
-        m = self.num_noise
+        objective = self.objective
+        m = objective.num_noise
         seeds = noise_lib.example_seeds(
             noise_lib.step_seed(self.seed, _TRAIN_NOISE if training else _EVAL_NOISE, step), tf.shape(images)[0])
-        noise = noise_lib.gaussian_noise(images, m, self.sigma, seeds)
-        if self.adversarial and training:
+        noise = noise_lib.gaussian_noise(images, m, objective.sigma, seeds)
+        if objective.adversarial and training:
             # The attack sees the model in inference mode and the same noise the
             # copies get below; no gradient reaches the weights through it.
             images = attacks.smoothadv_pgd(self.base_model, images, labels, tf.split(noise, m),
-                                           epsilon=self._attack_radius, num_steps=self.num_steps)
+                                           epsilon=self._attack_radius, num_steps=objective.num_steps)
         noisy = noise_lib.tile_copies(images, m) + noise
         logits = self.base_model(noisy, training=training)
         labels_c = noise_lib.tile_copies(labels, m)
         terms = {"logits": logits}
 
-        if self.method in ("gaussian", "smoothadv", "consistency"):
+        if objective.method in ("gaussian", "smoothadv", "consistency"):
             terms["cross_entropy"] = terms["loss"] = self._cross_entropy(noisy, labels_c, logits, training)
-        if self.method == "consistency":
+        if objective.method == "consistency":
             chunks = tf.split(tf.cast(logits, tf.float32), m, axis=0)
             parts = losses.consistency_terms(chunks)
-            consistency = losses.combine_consistency_terms(parts, self.lbd, self.eta, loss=self.consistency_loss_name)
+            consistency = losses.combine_consistency_terms(parts, objective.lbd, objective.eta,
+                                                           loss=objective.consistency_loss)
             terms.update(consistency=consistency, kl=tf.reduce_mean(parts["kl"]),
                          entropy=tf.reduce_mean(parts["entropy"]), loss=terms["loss"] + consistency)
-        elif self.method == "stability":
+        elif objective.method == "stability":
             clean_logits = self.base_model(images, training=training)
             terms["cross_entropy"] = self._cross_entropy(images, labels, clean_logits, training)
             terms["stability"] = losses.stability_loss(clean_logits, tf.cast(logits, clean_logits.dtype))
-            terms["loss"] = terms["cross_entropy"] + self.lbd * terms["stability"]
-        elif self.method == "macer":
+            terms["loss"] = terms["cross_entropy"] + objective.lbd * terms["stability"]
+        elif objective.method == "macer":
             per_copy = tf.reshape(tf.cast(logits, tf.float32), [m, -1, tf.shape(logits)[-1]])
-            parts = losses.macer_loss(tf.transpose(per_copy, [1, 0, 2]), labels, sigma=self.sigma,
-                                      lbd=1.0, beta=self.beta, gamma=self.gamma)
+            parts = losses.macer_loss(tf.transpose(per_copy, [1, 0, 2]), labels, sigma=objective.sigma,
+                                      lbd=1.0, beta=objective.beta, gamma=objective.gamma)
             terms.update(classification=parts["classification"], robustness=parts["robustness"],
                          loss=parts["classification"] + self._robust_weight * parts["robustness"])
         return terms
 
     def _weight_decay_term(self) -> tf.Tensor:
-        if not self.weight_decay:
+        if not self.objective.weight_decay:
             return tf.constant(0.0)
-        return 0.5 * self.weight_decay * tf.add_n(
+        return 0.5 * self.objective.weight_decay * tf.add_n(
             [tf.reduce_sum(tf.square(tf.cast(w, tf.float32))) for w in self.base_model.trainable_weights])
 
     def _update_metrics(self, terms, labels, clean_logits=None):
         for name, tracker in self._trackers.items():
             tracker.update_state(terms[name])
-        self._accuracy.update_state(noise_lib.tile_copies(labels, self.num_noise), terms["logits"])
+        self._accuracy.update_state(noise_lib.tile_copies(labels, self.objective.num_noise), terms["logits"])
         reported = self.metrics
         if clean_logits is None:  # Clean accuracy is measured in evaluation only.
             reported = [m for m in reported if m is not self._clean_accuracy]
@@ -222,149 +545,18 @@ class ConsistencyModel(keras.Model):
 
 
 # --------------------------------------------------------------------------
-# Callbacks.
-
-
-class EpochSchedule(keras.callbacks.Callback):
-    """Tells the wrapper the epoch, for SmoothAdv's warm-up and MACER's deferral."""
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.model.set_epoch(epoch)
-
-
-class EpochCheckpoint(keras.callbacks.Callback):
-    """Saves model, optimizer and the finished epoch count after every epoch.
-
-    `tf.train.CheckpointManager` writes the new checkpoint completely before it
-    updates its index file, so a run killed at any moment resumes from the
-    last complete epoch.
-
-    Args:
-      manager: writes the checkpoints.
-      epoch_var: the checkpointed count of finished epochs.
-      keep: False for a multi-worker non-chief, which must take part in
-        every save (saving reads variables through collectives) but whose
-        copy nobody reads: it is deleted at once.
-    """
-
-    def __init__(self, manager: tf.train.CheckpointManager, epoch_var: tf.Variable, keep: bool = True):
-        super().__init__()
-        self._manager = manager
-        self._epoch = epoch_var
-        self._keep = keep
-
-    def on_epoch_end(self, epoch, logs=None):
-        self._epoch.assign(epoch + 1)
-        self._manager.save(checkpoint_number=epoch + 1)
-        if not self._keep:
-            shutil.rmtree(self._manager.directory, ignore_errors=True)
-
-
-class ScalarLogger(keras.callbacks.Callback):
-    """Writes every reported term to TensorBoard: per step and per epoch.
-
-    Steps are the optimizer's iteration count, and epochs the true epoch
-    numbers, so curves continue where they stopped when a run resumes (Keras's
-    own TensorBoard callback restarts its step counter at every `fit`).
-    """
-
-    def __init__(self, log_dir: str, update_freq: int):
-        super().__init__()
-        self._update_freq = max(1, update_freq)
-        self._train = tf.summary.create_file_writer(os.path.join(log_dir, "train"))
-        self._val = tf.summary.create_file_writer(os.path.join(log_dir, "validation"))
-
-    def _learning_rate(self) -> float:
-        return float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
-
-    def on_train_begin(self, logs=None):
-        # Count steps on the host: reading the optimizer's counter every step
-        # would wait for each step to finish before dispatching the next.
-        self._step = int(self.model.optimizer.iterations.numpy())
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._epoch_start = self._step
-
-    def on_train_batch_end(self, batch, logs=None):
-        # `batch` is the epoch's last finished step (several per call with
-        # steps_per_execution > 1).
-        previous, self._step = self._step, self._epoch_start + batch + 1
-        if logs and self._step // self._update_freq > previous // self._update_freq:
-            with self._train.as_default(step=self._step):
-                for name, value in logs.items():
-                    tf.summary.scalar(f"step/{name}", float(value))
-                tf.summary.scalar("step/learning_rate", self._learning_rate())
-
-    def on_epoch_end(self, epoch, logs=None):
-        logs = logs or {}
-        step = epoch + 1
-        with self._train.as_default(step=step):
-            for name, value in logs.items():
-                if not name.startswith("val_"):
-                    tf.summary.scalar(f"epoch/{name}", float(value))
-            tf.summary.scalar("epoch/learning_rate", self._learning_rate())
-        with self._val.as_default(step=step):
-            for name, value in logs.items():
-                # CertifyCallback writes its own numbers; show each number once.
-                if name.startswith("val_") and not callbacks_lib.is_certify_metric(name):
-                    tf.summary.scalar(f"epoch/{name[4:]}", float(value))
-        self._train.flush()
-        self._val.flush()
-
-
-class Throughput(keras.callbacks.Callback):
-    """Adds the epoch's training speed, in clean images per second, to the logs.
-
-    Timed from the end of the epoch's first step (which pays for tracing) to
-    the end of its last, so validation is not counted.
-    """
-
-    def __init__(self, clean_images_per_step: int):
-        super().__init__()
-        self._per_step = clean_images_per_step
-        self._start = self._end = None
-        self._steps = 0
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._start = self._end = None
-        self._steps = 0
-
-    def on_train_batch_end(self, batch, logs=None):
-        now = time.perf_counter()
-        if self._start is None:
-            self._start, self._first = now, batch
-        self._end, self._steps = now, batch - self._first
-
-    def on_epoch_end(self, epoch, logs=None):
-        if logs is not None and self._steps:
-            logs["images_per_second"] = self._steps * self._per_step / max(self._end - self._start, 1e-9)
-
-
-# --------------------------------------------------------------------------
 # The training run.
 
 
-def _prepare_model_dir(config: TrainConfig) -> None:
-    """Refuses a model_dir of another run; records the config of this one.
+def _check_model_dir(config: TrainConfig) -> None:
+    """Refuses a model_dir that holds another run, or other files (see `files.check_run_dir`).
 
-    Raises:
-      ConfigError: `model_dir` is a file, or holds a run with other settings.
+    The same run, resumed, may train more epochs.
     """
-    path = os.path.join(config.model_dir, TRAIN_CONFIG_FILE)
-    if os.path.exists(config.model_dir) and not os.path.isdir(config.model_dir):
-        raise ConfigError(f"--model_dir={config.model_dir} exists and is not a directory")
-    if os.path.isfile(path):
-        from tf_consreg.config import read_train_config  # pylint: disable=import-outside-toplevel
-
-        previous = read_train_config(config.model_dir)
-        diff = config.differences(previous)
-        if diff:
-            details = "; ".join(f"--{k}: {new!r} here, {old!r} there" for k, (new, old) in sorted(diff.items()))
-            raise ConfigError(f"--model_dir={config.model_dir} holds a different run ({details}); "
-                              "use a new --model_dir or the same flags to resume")
-    elif os.path.isdir(config.model_dir) and os.listdir(config.model_dir):
-        raise ConfigError(f"--model_dir={config.model_dir} is not empty and holds no {TRAIN_CONFIG_FILE}; "
-                          "use a new or empty directory")
+    here = config.to_dict()
+    files.check_run_dir(config.model_dir, TRAIN_CONFIG_FILE,
+                        lambda there: files.differences(here, there, ignore=("epochs", "model_dir")),
+                        flag="model_dir", kind="run", resume="the same flags to resume")
 
 
 def _learning_rate(config: TrainConfig, steps_per_epoch: int):
@@ -392,12 +584,7 @@ def build(config: TrainConfig, steps_per_epoch: int) -> ConsistencyModel:
             load_pretrained(base, config.pretrained_model)
     finally:
         keras.config.set_dtype_policy(previous_policy)
-    model = ConsistencyModel(base, sigma=config.sigma, num_noise=config.num_noise, method=config.method,
-                             lbd=config.lbd, eta=config.eta, consistency_loss=config.consistency_loss,
-                             beta=config.beta, gamma=config.gamma, deferred_epochs=config.deferred_epochs,
-                             adv_training=config.adv_training, epsilon=config.epsilon, num_steps=config.num_steps,
-                             warmup=config.warmup, weight_decay=config.weight_decay, seed=config.seed,
-                             name="consistency_model")
+    model = ConsistencyModel(base, config.objective, seed=config.seed, name="consistency_model")
     # SGD with momentum as torch.optim.SGD (weight decay is in the loss, coupled
     # as PyTorch applies it, rather than Keras's decoupled `weight_decay`).
     optimizer = keras.optimizers.SGD(learning_rate=_learning_rate(config, steps_per_epoch),
@@ -449,11 +636,12 @@ def load_pretrained(base: keras.Model, path: str) -> None:
                                         if replaced else ""))
 
 
-def train(config: TrainConfig, flags_text: Optional[str] = None,
+def train(config: TrainConfig,
           extra_callbacks: Optional[List[keras.callbacks.Callback]] = None) -> keras.callbacks.History:
     """Trains a base classifier as `config` says and saves it in `config.model_dir`.
 
-    Writes `train_config.json`, `flags.txt` (when given), TensorBoard events
+    Writes `train_config.json`, `flags.txt` (`config.to_flags()`, for
+    `bin/train.py --flagfile=`), TensorBoard events
     (`logs/`), a checkpoint per epoch (`checkpoints/`) and, at the end,
     `base_model.keras`. A second call with the same config resumes from the
     last checkpoint, and trains on when `epochs` grew.
@@ -461,12 +649,16 @@ def train(config: TrainConfig, flags_text: Optional[str] = None,
     With `strategy="multi_worker"`, every worker of the `TF_CONFIG` cluster
     calls this with the same config. The chief writes the files above; the
     other workers write theirs to a temporary directory they delete at the
-    end, and start from the chief's checkpoint (see `_restore`). Each worker
-    prints a fingerprint of its final weights, equal on all of them.
+    end, and start from the chief's checkpoint (see
+    `multi_worker.share_chief_state`). Each worker prints a fingerprint of
+    its final weights, equal on all of them.
+
+    It first seeds Python, NumPy and TensorFlow with `config.seed`
+    (`keras.utils.set_random_seed`), so the same config starts from the same
+    initialization, in a fresh process or after other runs in this one.
 
     Args:
       config: the validated run configuration.
-      flags_text: the resolved flags, as a flagfile, to save beside the run.
       extra_callbacks: more Keras callbacks (under multi_worker they run on
         every worker and must not stop training on one worker only).
 
@@ -477,17 +669,13 @@ def train(config: TrainConfig, flags_text: Optional[str] = None,
       ConfigError: bad data files, an invalid `TF_CONFIG`, or a `model_dir`
         that holds another run; raised before anything is written.
     """
+    keras.utils.set_random_seed(config.seed)
     task = distribute.cluster_task_from_env() if config.strategy == "multi_worker" else None
     batch = config.clean_batch_size
     if task is not None:
-        # Checked before the strategy waits for the cluster.
-        replicas = task.num_workers * distribute.multi_worker_local_replicas()
-        if batch % replicas:
-            raise ConfigError(f"--batch_size: {batch} clean images per step do not split evenly over {replicas} "
-                              f"replicas ({task.num_workers} workers in TF_CONFIG x "
-                              f"{replicas // task.num_workers} device(s) each)")
+        multi_worker.check_batch_size(task, batch)
     # Every worker checks (read only): on a shared file system they all see the chief's directory.
-    _prepare_model_dir(config)
+    _check_model_dir(config)
     is_chief = task is None or task.is_chief
     strategy = distribute.get_strategy(config.strategy)
     replicas = strategy.num_replicas_in_sync
@@ -497,7 +685,7 @@ def train(config: TrainConfig, flags_text: Optional[str] = None,
         # The held-out images are the LAST certify_examples of the whole
         # training split, whatever --train_examples is; they are never trained on.
         full = data_lib.open_source(config.dataset, "train", data_dir=config.data_dir, mock=config.mock_data)
-        train_x, train_y, val_x, val_y = callbacks_lib.holdout_split(
+        train_x, train_y, val_x, val_y = data_lib.holdout_split(
             full.images, full.labels, config.certify_examples, train_examples=config.train_examples)
         train_source = dataclasses.replace(full, num_examples=len(train_x), images=train_x, labels=train_y)
         if is_chief:
@@ -532,11 +720,10 @@ def train(config: TrainConfig, flags_text: Optional[str] = None,
         if is_chief:
             work_dir = config.model_dir
             os.makedirs(config.model_dir, exist_ok=True)
-            with atomic_output(os.path.join(config.model_dir, TRAIN_CONFIG_FILE)) as f:
+            with files.atomic_output(os.path.join(config.model_dir, TRAIN_CONFIG_FILE)) as f:
                 f.write(config.to_json())
-            if flags_text is not None:
-                with atomic_output(os.path.join(config.model_dir, FLAGS_FILE)) as f:
-                    f.write(flags_text)
+            with files.atomic_output(os.path.join(config.model_dir, FLAGS_FILE)) as f:
+                f.write(config.to_flags())
         else:
             work_dir = tempfile.mkdtemp(prefix=f"tf_consreg_worker{task.worker_index}_")
             cleanup.callback(shutil.rmtree, work_dir, ignore_errors=True)
@@ -552,7 +739,6 @@ def _train_in(config: TrainConfig, strategy: tf.distribute.Strategy, task: Optio
     """`train` once the run's directory (`work_dir`: the model_dir, or a non-chief's own) is set up."""
     info = data_lib.get_dataset_info(config.dataset)
     batch = config.clean_batch_size
-    replicas = strategy.num_replicas_in_sync
     with strategy.scope():
         model = build(config, steps_per_epoch)
         model.build((None, *info.input_shape))
@@ -566,35 +752,14 @@ def _train_in(config: TrainConfig, strategy: tf.distribute.Strategy, task: Optio
         _restore(model, checkpoint, manager, epoch, strategy, task, config.epochs)
     initial_epoch = int(epoch.numpy())
 
-    # Under several replicas each gets its share of every global batch, in order.
-    if task is not None:
-        # Each epoch is drawn as a run resumed at that epoch would draw it (a
-        # new pipeline seeded seed + epoch), the same on every worker whatever
-        # their iterators' history: the cluster trains on the batches one
-        # device, resumed after every epoch, trains on.
-        def train_data(epoch):
-            return _worker_slices(train_source, batch, training=True, seed=config.seed + epoch, strategy=strategy)
-
-        eval_data = _worker_slices(eval_source, batch, training=False, seed=None, strategy=strategy) \
-            if eval_source is not None else None
-        eval_steps = eval_source.num_examples // batch if eval_source is not None else 0
-    else:
-        # Reshuffle differently after a resume, as the run would have.
-        input_strategy = strategy if replicas > 1 else None
-        train_input = train_source.make_input(batch, training=True, seed=config.seed + initial_epoch,
-                                              drop_remainder=drop_remainder, strategy=input_strategy)
-        eval_input = None
-        if eval_source is not None:
-            eval_input = eval_source.make_input(batch, training=False, drop_remainder=drop_remainder,
-                                                strategy=input_strategy)
     callbacks = [
-        EpochSchedule(),
-        Throughput(batch),
+        callbacks_lib.EpochSchedule(),
+        callbacks_lib.Throughput(batch),
         # Adds val_acr & co. to the epoch logs: before everything that reads them.
         *certify,
         # After it: a kill during certification redoes that epoch.
-        EpochCheckpoint(manager, epoch, keep=task is None or task.is_chief),
-        ScalarLogger(os.path.join(work_dir, LOGS_DIR), update_freq=max(1, steps_per_epoch // 20)),
+        callbacks_lib.EpochCheckpoint(manager, epoch, keep=task is None or task.is_chief),
+        callbacks_lib.ScalarLogger(os.path.join(work_dir, LOGS_DIR), update_freq=max(1, steps_per_epoch // 20)),
         *extra_callbacks,
     ]
     verbose = 1 if sys.stdout.isatty() else 2
@@ -602,10 +767,19 @@ def _train_in(config: TrainConfig, strategy: tf.distribute.Strategy, task: Optio
     if initial_epoch >= config.epochs:
         print(f"{config.model_dir} is already trained for {initial_epoch} epochs; nothing to do")
     elif task is not None:
-        history = fit_distributed(model, strategy, train_data, epochs=config.epochs, initial_epoch=initial_epoch,
-                                  steps_per_epoch=steps_per_epoch, validation_data=eval_data,
-                                  validation_steps=eval_steps, callbacks=callbacks, verbose=verbose)
+        history = multi_worker.fit_cluster(model, strategy, train_source, eval_source, batch_size=batch,
+                                           seed=config.seed, epochs=config.epochs, initial_epoch=initial_epoch,
+                                           steps_per_epoch=steps_per_epoch, callbacks=callbacks, verbose=verbose)
     else:
+        # Under several replicas each gets its share of every global batch, in
+        # order; reshuffled differently after a resume, as the run would have.
+        input_strategy = strategy if strategy.num_replicas_in_sync > 1 else None
+        train_input = train_source.make_input(batch, training=True, seed=config.seed + initial_epoch,
+                                              drop_remainder=drop_remainder, strategy=input_strategy)
+        eval_input = None
+        if eval_source is not None:
+            eval_input = eval_source.make_input(batch, training=False, drop_remainder=drop_remainder,
+                                                strategy=input_strategy)
         # A distributed input repeats endlessly: its epoch length must be given.
         history = model.fit(train_input.dataset, epochs=config.epochs, initial_epoch=initial_epoch,
                             steps_per_epoch=train_input.steps_per_epoch if input_strategy else None,
@@ -613,8 +787,7 @@ def _train_in(config: TrainConfig, strategy: tf.distribute.Strategy, task: Optio
                             validation_steps=eval_input.steps_per_epoch if eval_input and input_strategy else None,
                             callbacks=callbacks, shuffle=False, verbose=verbose)
     if task is not None:
-        print(f"Worker {task.worker_index} of {task.num_workers}: final weights sha256 "
-              f"{weights_fingerprint(model.base_model)}", flush=True)
+        multi_worker.print_final_weights(task, model.base_model)
     if task is None or task.is_chief:
         save_base_model(model.base_model, config.model_dir)
     return history
@@ -625,148 +798,14 @@ def _restore(model: "ConsistencyModel", checkpoint: tf.train.Checkpoint, manager
              epochs: int) -> None:
     """Restores the last checkpoint; under multi_worker, the chief's, on every worker.
 
-    Only the chief's directory holds the run (the others may not see it at
-    all), so the chief restores and every worker then takes the chief's
-    weights, optimizer state and epoch: a cluster restarted after losing a
-    worker continues from the last epoch the chief saved.
+    See `multi_worker.share_chief_state`.
     """
     if manager.latest_checkpoint:
         checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
         print(f"Resuming from {manager.latest_checkpoint} (epoch {int(epoch.numpy())} of {epochs})")
     if task is not None:
-        distribute.broadcast_from_first_replica(strategy, [
-            *model.base_model.weights, *model.optimizer.variables, epoch, model._eval_steps])
-        if not task.is_chief and int(epoch.numpy()):
-            print(f"Resuming from the chief's checkpoint (epoch {int(epoch.numpy())} of {epochs})")
-
-
-def _worker_slices(source: data_lib.Source, batch_size: int, *, training: bool, seed: Optional[int],
-                   strategy: tf.distribute.Strategy):
-    """A multi-worker input: each worker reads its slice of every global batch, in order.
-
-    Every worker builds the same global pipeline (same shuffle, same
-    augmentation seeds) and keeps the rows of its own replicas, so a global
-    batch is split over the cluster exactly as one process splits it over
-    its replicas, and an example's noise (seeded by its global position) does
-    not depend on how the replicas are spread over machines. Streamed
-    datasets (ImageNet) would be read in full by every worker this way: they
-    are sharded by file per worker instead (`Source.make_input`), so their
-    global batches differ from a single process's, while positions and noise
-    stay distinct per replica.
-    """
-    if source.images is None:
-        return source.make_input(batch_size, training=training, seed=seed, drop_remainder=True,
-                                 strategy=strategy).dataset
-
-    def dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
-        per_replica = context.get_per_replica_batch_size(batch_size)
-        local = per_replica * (context.num_replicas_in_sync // context.num_input_pipelines)
-        start = context.input_pipeline_id * local
-        ds = data_lib.make_dataset(source.images, source.labels, batch_size, shuffle=training, seed=seed,
-                                   drop_remainder=True, augment=source.name if training else None)
-        ds = ds.map(lambda x, y: (x[start:start + local], y[start:start + local]))
-        return ds.rebatch(per_replica) if local != per_replica else ds
-
-    return strategy.distribute_datasets_from_function(dataset_fn)
-
-
-def fit_distributed(model: keras.Model, strategy: tf.distribute.Strategy,
-                    train_data: Callable[[int], tf.distribute.DistributedDataset], *, epochs: int,
-                    initial_epoch: int, steps_per_epoch: int, validation_data=None, validation_steps: int = 0,
-                    callbacks: Optional[List[keras.callbacks.Callback]] = None,
-                    verbose: int = 2) -> keras.callbacks.History:
-    """`model.fit` for a distributed dataset, as a loop over the model's own `train_step`.
-
-    Keras 3's `fit` fails under `MultiWorkerMirroredStrategy` ("Attempt to
-    convert a value (PerReplica:{...}) ... to a Tensor": keras-team/keras#20585,
-    tensorflow/tensorflow#72388, open with TF 2.21 / Keras 3.15). This loop
-    does what `fit` does around the step, in the same order, so the same
-    callbacks (checkpoints, TensorBoard, progress bar, epoch schedule)
-    behave the same: metrics reset per epoch; per-step logs are the mean over
-    replicas of each replica's metrics (Keras's "auto" reduction); epoch logs
-    are the last step's; validation resets the metrics, runs `test_step` and
-    reports the metrics' global values with a `val_` prefix. Every worker
-    runs it in lockstep, so no callback may stop training on one worker only.
-
-    Args:
-      model: a compiled Keras model built under `strategy`'s scope.
-      strategy: the strategy.
-      train_data: epoch -> a distributed dataset of that epoch's
-        `steps_per_epoch` batches (or more).
-      epochs, initial_epoch, steps_per_epoch: as for `fit`.
-      validation_data: a distributed dataset of `validation_steps` batches
-        (or more), read from its start at every evaluation; or None.
-      validation_steps: batches of `validation_data` per evaluation.
-      callbacks: Keras callbacks.
-      verbose: 0 silent, 1 progress bar, 2 one line per epoch.
-
-    Returns:
-      The `History` of the run.
-    """
-    per_call = max(1, int(model.steps_per_execution))
-    train_step, test_step = model.train_step, model.test_step
-    if model.jit_compile:
-        train_step = tf.function(train_step, jit_compile=True, reduce_retracing=True)
-        test_step = tf.function(test_step, jit_compile=True, reduce_retracing=True)
-
-    def run_steps(step_fn):
-        @tf.function
-        def steps(iterator, count):  # count: a Python int (one trace for each of at most two values)
-            for _ in range(count):
-                outputs = strategy.run(step_fn, args=(next(iterator),))
-            return {name: strategy.reduce(tf.distribute.ReduceOp.MEAN, value, axis=None)
-                    for name, value in outputs.items()}
-        return steps
-
-    train_steps, test_steps = run_steps(train_step), run_steps(test_step)
-    callbacks = keras.callbacks.CallbackList(callbacks, add_history=True, add_progbar=verbose != 0, model=model,
-                                             verbose=verbose, epochs=epochs, steps=steps_per_epoch)
-    model.stop_training = False
-    callbacks.on_train_begin()
-    epoch_logs = None
-    for epoch in range(initial_epoch, epochs):
-        model.reset_metrics()
-        callbacks.on_epoch_begin(epoch)
-        train_iterator = iter(train_data(epoch))
-        logs = {}
-        for begin in range(0, steps_per_epoch, per_call):
-            count = min(per_call, steps_per_epoch - begin)
-            callbacks.on_train_batch_begin(begin)
-            logs = train_steps(train_iterator, count)
-            callbacks.on_train_batch_end(begin + count - 1, logs)
-            if model.stop_training:
-                break
-        epoch_logs = dict(logs)
-        if validation_data is not None:
-            eval_iterator = iter(validation_data)
-            model.reset_metrics()
-            callbacks.on_test_begin()
-            for begin in range(0, validation_steps, per_call):
-                count = min(per_call, validation_steps - begin)
-                callbacks.on_test_batch_begin(begin)
-                callbacks.on_test_batch_end(begin + count - 1, test_steps(eval_iterator, count))
-            # Read in cross-replica context: the metrics summed over every replica.
-            val_logs = {name: float(value) for name, value in model.get_metrics_result().items()}
-            callbacks.on_test_end(val_logs)
-            epoch_logs.update({f"val_{name}": value for name, value in val_logs.items()})
-        callbacks.on_epoch_end(epoch, epoch_logs)
-        if model.stop_training:
-            break
-    model.optimizer.finalize_variable_values(model.trainable_weights)
-    callbacks.on_train_end(logs=epoch_logs)
-    return model.history
-
-
-def weights_fingerprint(model: keras.Model) -> str:
-    """SHA-256 of a model's weights (their float bytes, in `model.weights` order).
-
-    Workers of a synchronous run end with identical weights, so they print
-    the same fingerprint; it also matches the saved `base_model.keras`.
-    """
-    digest = hashlib.sha256()
-    for value in model.get_weights():
-        digest.update(np.ascontiguousarray(value).tobytes())
-    return digest.hexdigest()
+        multi_worker.share_chief_state(strategy, task, [*model.base_model.weights, *model.optimizer.variables,
+                                                        model._eval_steps], epoch, epochs)
 
 
 def save_base_model(base_model: keras.Model, model_dir: str) -> str:
@@ -776,25 +815,3 @@ def save_base_model(base_model: keras.Model, model_dir: str) -> str:
     base_model.save(tmp)
     os.replace(tmp, path)
     return path
-
-
-def evaluate_noisy_accuracy(base_model: keras.Model, images: np.ndarray, labels: np.ndarray, sigma: float,
-                            seed: int = 0, batch_size: int = 1000) -> float:
-    """Accuracy of the base classifier on one noisy copy of each image.
-
-    Args:
-      base_model: maps images in [0, 1] to logits.
-      images: float32 images in [0, 1].
-      labels: int labels.
-      sigma: noise standard deviation.
-      seed: noise seed.
-      batch_size: images per forward pass.
-    """
-    rng = np.random.default_rng(seed)
-    correct = 0
-    for start in range(0, len(images), batch_size):
-        x = images[start:start + batch_size]
-        noisy = x + sigma * rng.standard_normal(x.shape, dtype=np.float32)
-        logits = base_model(noisy, training=False)
-        correct += int(np.sum(np.argmax(logits, axis=1) == labels[start:start + batch_size]))
-    return correct / len(images)

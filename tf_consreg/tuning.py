@@ -35,12 +35,19 @@ import shutil
 import traceback
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
+import keras
+import keras_tuner as kt
 import numpy as np
+import tensorflow as tf
+from tensorboard.plugins.hparams import api as hp_api
 
 from tf_consreg import callbacks
-from tf_consreg.files import atomic_output
-from tf_consreg.config import TRAIN_CONFIG_FILE, TrainConfig, read_train_config
+from tf_consreg import data as data_lib
+from tf_consreg import files
+from tf_consreg import models
+from tf_consreg import training
 from tf_consreg.errors import ConfigError
+from tf_consreg.training import TrainConfig
 
 TUNERS = ("random", "bayesian", "hyperband")
 OBJECTIVES = ("acr", "certified_accuracy")
@@ -52,46 +59,17 @@ TABLE_MARKDOWN = "trials.md"
 TABLE_TSV = "trials.tsv"
 BEST_FLAGS = "best.flags"
 TUNE_CONFIG_FILE = "tune_config.json"
-FLAGS_FILE = "flags.txt"
-# The trial's training logs, where training.train writes them.
-LOGS_DIR = "logs"
 HYPERBAND_FACTOR = 3
+# bin/train.py's flags a search takes, shared by every trial; the method is
+# consistency, and lbd, eta and num_noise are searched.
+TRAIN_FLAGS = ("dataset", "data_dir", "arch", "sigma", "consistency_loss", "batch_size", "lr", "lr_step_size",
+               "lr_gamma", "momentum", "weight_decay", "seed", "train_examples", "eval_examples", "strategy")
 # Settings that may change when a search is resumed.
 _RESUMABLE_CHANGES = ("max_trials",)
 
 
 # --------------------------------------------------------------------------
 # Settings.
-
-
-def parse_numbers(flag: str, values: Sequence[str]) -> Tuple[float, ...]:
-    """Parses a comma-separated flag's items (absl DEFINE_list) into floats.
-
-    Raises:
-      ConfigError: an item is not a number; naming `flag`.
-    """
-    numbers = []
-    for value in values:
-        try:
-            numbers.append(float(value))
-        except ValueError:
-            raise ConfigError(f"--{flag}: {value!r} is not a number") from None
-    return tuple(numbers)
-
-
-def parse_integers(flag: str, values: Sequence[str]) -> Tuple[int, ...]:
-    """Parses a comma-separated flag's items into integers.
-
-    Raises:
-      ConfigError: an item is not an integer; naming `flag`.
-    """
-    numbers = []
-    for value in values:
-        try:
-            numbers.append(int(value))
-        except ValueError:
-            raise ConfigError(f"--{flag}: {value!r} is not an integer") from None
-    return tuple(numbers)
 
 
 def _check_range(flag: str, values: Sequence[float], minimum: float, *, inclusive: bool, symbol: str,
@@ -155,11 +133,11 @@ class TuneConfig:
     num_noise_choices: Tuple[int, ...] = (2, 4)
     objective: str = "acr"
     objective_radius: Optional[float] = None
-    certify_examples: int = 200
-    certify_n0: int = 100
-    certify_n: int = 1000
-    certify_alpha: float = 0.001
-    certify_batch_size: int = 1000
+    certify_examples: int = training.CERTIFY_DEFAULTS["certify_examples"]
+    certify_n0: int = training.CERTIFY_DEFAULTS["certify_n0"]
+    certify_n: int = training.CERTIFY_DEFAULTS["certify_n"]
+    certify_alpha: float = training.CERTIFY_DEFAULTS["certify_alpha"]
+    certify_batch_size: int = training.CERTIFY_DEFAULTS["certify_batch_size"]
     certify_every: int = 0
 
     def __post_init__(self):
@@ -204,8 +182,8 @@ class TuneConfig:
         self._check_train()
 
     def _check_train(self) -> None:
-        if self.train.method != "consistency":
-            raise ConfigError(f"a search tunes --method=consistency; got --method={self.train.method}")
+        if self.train.objective.method != "consistency":
+            raise ConfigError(f"a search tunes --method=consistency; got --method={self.train.objective.method}")
         train = dataclasses.replace(self.train, model_dir=os.path.join(self.tuning_dir, TRIALS_DIR),
                                     epochs=self.epochs_per_trial)
         object.__setattr__(self, "train", train)
@@ -214,7 +192,7 @@ class TuneConfig:
             for lbd in self.lbd_range:
                 for eta in self.eta_range:
                     try:
-                        dataclasses.replace(train, num_noise=int(m), lbd=float(lbd), eta=float(eta))
+                        _tuned(train, num_noise=m, lbd=lbd, eta=eta)
                     except ConfigError as e:
                         raise ConfigError(f"--num_noise_choices={m}: {e}") from None
 
@@ -237,9 +215,18 @@ class TuneConfig:
         """The training run directory of a trial."""
         return os.path.join(self.tuning_dir, TRIALS_DIR, f"trial_{trial_id}")
 
+    def to_flags(self) -> str:
+        """The search as a flagfile of bin/tune.py (`training.format_flags`); `--flagfile=` repeats it."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "train"}
+        train = self.train.to_dict()
+        values.update({name: train[name] for name in TRAIN_FLAGS})
+        return training.format_flags(values)
+
     def to_dict(self) -> Dict[str, Any]:
-        """JSON-ready settings (tuples as lists)."""
-        return json.loads(json.dumps(dataclasses.asdict(self)))
+        """JSON-ready settings (tuples as lists; `train` as its flags)."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        values["train"] = self.train.to_dict()
+        return json.loads(json.dumps(values))
 
 
 def trial_config(config: TuneConfig, values: Mapping[str, Any], trial_id: str, train_examples: int) -> TrainConfig:
@@ -252,34 +239,15 @@ def trial_config(config: TuneConfig, values: Mapping[str, Any], trial_id: str, t
       trial_id: keras-tuner's trial id.
       train_examples: training images per trial (the split minus the held-out ones).
     """
-    return dataclasses.replace(config.train, model_dir=config.trial_dir(trial_id), lbd=float(values["lbd"]),
-                               eta=float(values["eta"]), num_noise=int(values["num_noise"]),
-                               epochs=int(values.get("tuner/epochs", config.epochs_per_trial)),
-                               train_examples=train_examples)
+    return _tuned(config.train, num_noise=values["num_noise"], lbd=values["lbd"], eta=values["eta"],
+                  model_dir=config.trial_dir(trial_id), train_examples=train_examples,
+                  epochs=int(values.get("tuner/epochs", config.epochs_per_trial)))
 
 
-def train_flags(config: TrainConfig, *, model_dir: bool = True) -> str:
-    """A training config as a flagfile of bin/train.py (its fields are that binary's flags).
-
-    Args:
-      config: the training config.
-      model_dir: include `--model_dir`.
-
-    Returns:
-      One `--name=value` line per set field, as absl serializes them.
-    """
-    lines = []
-    for field in dataclasses.fields(config):
-        value = getattr(config, field.name)
-        if value is None or (field.name == "model_dir" and not model_dir):
-            continue
-        if isinstance(value, bool):
-            lines.append(f"--{field.name}" if value else f"--no{field.name}")
-        elif isinstance(value, float):
-            lines.append(f"--{field.name}={value!r}")
-        else:
-            lines.append(f"--{field.name}={value}")
-    return "".join(line + "\n" for line in lines)
+def _tuned(train: TrainConfig, *, num_noise: int, lbd: float, eta: float, **fields) -> TrainConfig:
+    """`train` at one point of the search space, with `fields` replaced too."""
+    objective = dataclasses.replace(train.objective, num_noise=int(num_noise), lbd=float(lbd), eta=float(eta))
+    return dataclasses.replace(train, objective=objective, **fields)
 
 
 # --------------------------------------------------------------------------
@@ -369,7 +337,7 @@ def markdown_table(config: TuneConfig, rows: Sequence[TrialRow]) -> str:
 
 def best_flags_text(config: TuneConfig, best: TrialRow, num_trials: int) -> str:
     """The flagfile of the best trial: its training flags without --model_dir, after a comment."""
-    trial = read_train_config(config.trial_dir(best.trial_id))
+    trial = training.read_train_config(config.trial_dir(best.trial_id))
     metric = config.objective_metric
     return (
         f"# Best of {num_trials} trial(s) in {config.tuning_dir}: trial {best.trial_id}, "
@@ -378,7 +346,7 @@ def best_flags_text(config: TuneConfig, best: TrialRow, num_trials: int) -> str:
         "# Its training flags without --model_dir; flags after --flagfile override them, e.g.\n"
         f"#   python bin/train.py --flagfile={os.path.join(config.tuning_dir, BEST_FLAGS)} --model_dir=runs/best "
         "--epochs=90 --train_examples=0\n"
-        + train_flags(trial, model_dir=False))
+        + trial.to_flags(exclude=("model_dir",)))
 
 
 # --------------------------------------------------------------------------
@@ -387,9 +355,6 @@ def best_flags_text(config: TuneConfig, best: TrialRow, num_trials: int) -> str:
 
 def write_hparams_config(config: TuneConfig) -> None:
     """Writes the HParams experiment (space and metrics) once, to `<tuning_dir>/hparams`."""
-    from tensorboard.plugins.hparams import api as hp_api  # pylint: disable=import-outside-toplevel
-    import tensorflow as tf  # pylint: disable=import-outside-toplevel
-
     directory = os.path.join(config.tuning_dir, HPARAMS_DIR)
     if glob.glob(os.path.join(directory, "events.out.tfevents.*")):
         return
@@ -414,9 +379,6 @@ def write_hparams_config(config: TuneConfig) -> None:
 
 def write_hparams_session(config: TuneConfig, row: TrialRow) -> None:
     """Writes one completed trial as an HParams run `<tuning_dir>/hparams/trial_<id>` (once)."""
-    from tensorboard.plugins.hparams import api as hp_api  # pylint: disable=import-outside-toplevel
-    import tensorflow as tf  # pylint: disable=import-outside-toplevel
-
     run_dir = os.path.join(config.tuning_dir, HPARAMS_DIR, f"trial_{row.trial_id}")
     if os.path.isdir(run_dir):
         return
@@ -440,15 +402,15 @@ def write_reports(config: TuneConfig, trials: Iterable[Any]) -> List[TrialRow]:
       The ranked rows.
     """
     rows = ranked_trials(config, trials)
-    with atomic_output(os.path.join(config.tuning_dir, TABLE_TSV)) as f:
+    with files.atomic_output(os.path.join(config.tuning_dir, TABLE_TSV)) as f:
         f.write(tsv_table(config, rows))
-    with atomic_output(os.path.join(config.tuning_dir, TABLE_MARKDOWN)) as f:
+    with files.atomic_output(os.path.join(config.tuning_dir, TABLE_MARKDOWN)) as f:
         f.write(markdown_table(config, rows))
     for row in rows:
         if row.rank is not None:
             write_hparams_session(config, row)
     if rows and rows[0].rank is not None:
-        with atomic_output(os.path.join(config.tuning_dir, BEST_FLAGS)) as f:
+        with files.atomic_output(os.path.join(config.tuning_dir, BEST_FLAGS)) as f:
             f.write(best_flags_text(config, rows[0], len(rows)))
     return rows
 
@@ -467,49 +429,33 @@ class _Holdout:
 
 def _load_holdout(config: TuneConfig) -> _Holdout:
     """The held-out validation images; ConfigError when the split is too small."""
-    from tf_consreg import data as data_lib  # pylint: disable=import-outside-toplevel
-
     images, labels = data_lib.load_uint8(config.train.dataset, "train", data_dir=config.train.data_dir)
-    train_images, _, val_images, val_labels = callbacks.holdout_split(
+    train_images, _, val_images, val_labels = data_lib.holdout_split(
         images, labels, config.certify_examples, train_examples=config.train.train_examples)
     return _Holdout(images=val_images.astype(np.float32) / 255.0, labels=val_labels,
                     ids=np.arange(len(images) - len(val_images), len(images)), train_examples=len(train_images))
 
 
 def _prepare_tuning_dir(config: TuneConfig) -> None:
-    """Refuses a directory of another search or of something else; records this search's settings."""
-    path = os.path.join(config.tuning_dir, TUNE_CONFIG_FILE)
-    if os.path.exists(config.tuning_dir) and not os.path.isdir(config.tuning_dir):
-        raise ConfigError(f"--tuning_dir={config.tuning_dir} exists and is not a directory")
-    current = config.to_dict()
-    if os.path.isfile(path):
-        try:
-            with open(path, encoding="utf-8") as f:
-                previous = json.load(f)
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"{path} is unreadable: {e}") from e
-        diff = _differences(current, previous)
-        if diff:
-            details = "; ".join(f"--{k}: {new!r} here, {old!r} there" for k, (new, old) in sorted(diff.items()))
-            raise ConfigError(f"--tuning_dir={config.tuning_dir} holds a different search ({details}); use a new "
-                              "--tuning_dir, or the same flags to resume (only --max_trials may change)")
-    elif os.path.isdir(config.tuning_dir) and os.listdir(config.tuning_dir):
-        raise ConfigError(f"--tuning_dir={config.tuning_dir} is not empty and holds no {TUNE_CONFIG_FILE}; "
-                          "use a new or empty directory")
-    with atomic_output(path) as f:
-        f.write(json.dumps(current, indent=2, sort_keys=True) + "\n")
+    """Refuses a directory of another search or of something else; records this search's settings.
+
+    The same search, resumed, may run more trials (`_RESUMABLE_CHANGES`).
+    """
+    here = config.to_dict()
+    files.check_run_dir(config.tuning_dir, TUNE_CONFIG_FILE,
+                        lambda there: files.differences(_flat_settings(here), _flat_settings(there)),
+                        flag="tuning_dir", kind="search",
+                        resume="the same flags to resume (only --max_trials may change)")
+    with files.atomic_output(os.path.join(config.tuning_dir, TUNE_CONFIG_FILE)) as f:
+        f.write(json.dumps(here, indent=2, sort_keys=True) + "\n")
 
 
-def _differences(current: Dict[str, Any], previous: Dict[str, Any]) -> Dict[str, tuple]:
-    """Flag name -> (here, there) for the settings that differ (paths and max_trials aside)."""
-    def flat(values):
-        out = {k: v for k, v in values.items() if k not in ("train", "tuning_dir") + _RESUMABLE_CHANGES}
-        # The trials' model_dir and epochs derive from tuning_dir and epochs_per_trial.
-        out.update({k: v for k, v in values.get("train", {}).items() if k not in ("model_dir", "epochs")})
-        return out
-
-    mine, theirs = flat(current), flat(previous)
-    return {k: (mine.get(k), theirs.get(k)) for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)}
+def _flat_settings(values: Mapping[str, Any]) -> Dict[str, Any]:
+    """A search's settings by flag name, without those a resumed search may change or derives."""
+    flat = {k: v for k, v in values.items() if k not in ("train", "tuning_dir") + _RESUMABLE_CHANGES}
+    # The trials' model_dir and epochs derive from tuning_dir and epochs_per_trial.
+    flat.update({k: v for k, v in values.get("train", {}).items() if k not in ("model_dir", "epochs")})
+    return flat
 
 
 def _warm_start(parent_dir: str, child_dir: str) -> None:
@@ -519,10 +465,8 @@ def _warm_start(parent_dir: str, child_dir: str) -> None:
     on to the child's epochs. Copied under a temporary name and renamed, so
     an interrupted copy is never mistaken for a run.
     """
-    if os.path.isfile(os.path.join(child_dir, TRAIN_CONFIG_FILE)):
+    if os.path.isfile(os.path.join(child_dir, training.TRAIN_CONFIG_FILE)):
         return  # An interrupted child: its own run resumes.
-    from tf_consreg import models  # pylint: disable=import-outside-toplevel
-
     tmp = child_dir + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(parent_dir, tmp)
@@ -535,8 +479,6 @@ def _warm_start(parent_dir: str, child_dir: str) -> None:
 
 
 def _make_oracle(config: TuneConfig):
-    import keras_tuner as kt  # pylint: disable=import-outside-toplevel
-
     hp = kt.HyperParameters()
     if len(config.lbd_range) == 2:
         hp.Float("lbd", config.lbd_range[0], config.lbd_range[1], sampling="log")
@@ -564,8 +506,6 @@ def _make_oracle(config: TuneConfig):
 
 
 def _make_tuner(config: TuneConfig, holdout: _Holdout):
-    import keras_tuner as kt  # pylint: disable=import-outside-toplevel
-
     class ConsistencyTuner(kt.engine.base_tuner.BaseTuner):
         """Runs each trial as a `training.train` run and scores it on the held-out images."""
 
@@ -587,28 +527,23 @@ def _make_tuner(config: TuneConfig, holdout: _Holdout):
 
 
 def _run_trial(config: TuneConfig, holdout: _Holdout, trial) -> Dict[str, float]:
-    import keras  # pylint: disable=import-outside-toplevel
-
-    from tf_consreg import data as data_lib  # pylint: disable=import-outside-toplevel
-    from tf_consreg import models  # pylint: disable=import-outside-toplevel
-    from tf_consreg import training  # pylint: disable=import-outside-toplevel
-
     values = trial.hyperparameters.values
     run = trial_config(config, values, trial.trial_id, holdout.train_examples)
     parent = values.get("tuner/trial_id")
     if parent is not None:
         _warm_start(config.trial_dir(parent), run.model_dir)
-    print(f"trial_{trial.trial_id}: lbd={run.lbd:.4g} eta={run.eta:.3f} num_noise={run.num_noise} "
-          f"epochs={run.epochs} in {run.model_dir}", flush=True)
-    # Every trial starts from the same initialization, as bin/train.py would.
+    print(f"trial_{trial.trial_id}: lbd={run.objective.lbd:.4g} eta={run.objective.eta:.3f} "
+          f"num_noise={run.objective.num_noise} epochs={run.epochs} in {run.model_dir}", flush=True)
+    # A fresh Keras state per trial; training.train seeds it, so every trial
+    # starts from the same initialization, as bin/train.py would.
     keras.backend.clear_session()
-    keras.utils.set_random_seed(run.seed)
     certify = callbacks.CertifyCallback(
         holdout.images, holdout.labels, sigma=run.sigma, num_classes=data_lib.get_dataset_info(run.dataset).num_classes,
         every=config.certify_every or run.epochs, n0=config.certify_n0, n=config.certify_n,
         alpha=config.certify_alpha, batch_size=config.certify_batch_size,
-        log_dir=os.path.join(run.model_dir, LOGS_DIR), seed=run.seed, radii=config.radii, image_ids=holdout.ids)
-    training.train(run, flags_text=train_flags(run), extra_callbacks=[certify])
+        log_dir=os.path.join(run.model_dir, training.LOGS_DIR), seed=run.seed, radii=config.radii,
+        image_ids=holdout.ids)
+    training.train(run, extra_callbacks=[certify])
     result = certify.last_result
     if result is None or result.epoch != run.epochs:
         # The run had already finished (interrupted after training): score the saved model.
@@ -616,12 +551,11 @@ def _run_trial(config: TuneConfig, holdout: _Holdout, trial) -> Dict[str, float]
     return result.metrics()
 
 
-def search(config: TuneConfig, flags_text: Optional[str] = None) -> List[TrialRow]:
+def search(config: TuneConfig) -> List[TrialRow]:
     """Runs (or resumes) the search and writes its results to `config.tuning_dir`.
 
     Args:
       config: the validated search.
-      flags_text: the resolved flags of bin/tune.py, saved as `flags.txt`.
 
     Returns:
       All trials, best first.
@@ -630,13 +564,10 @@ def search(config: TuneConfig, flags_text: Optional[str] = None) -> List[TrialRo
       ConfigError: the held-out subset does not fit the training split, or
         `tuning_dir` holds something else; raised before anything is written.
     """
-    import keras_tuner as kt  # pylint: disable=import-outside-toplevel
-
     holdout = _load_holdout(config)
     _prepare_tuning_dir(config)
-    if flags_text is not None:
-        with atomic_output(os.path.join(config.tuning_dir, FLAGS_FILE)) as f:
-            f.write(flags_text)
+    with files.atomic_output(os.path.join(config.tuning_dir, training.FLAGS_FILE)) as f:
+        f.write(config.to_flags())
     write_hparams_config(config)
     tuner = _make_tuner(config, holdout)
     try:
