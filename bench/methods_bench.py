@@ -3,8 +3,11 @@ r"""Cost and outcome of every training method on LeNet / Fashion-MNIST.
 For each method it trains with the paper's MNIST flagfile for that method at
 sigma = 0.50 (configs/mnist_<method>_sigma0.50.flags, dataset switched to
 Fashion-MNIST, fewer epochs and images), then prints clean images per second
-of training, the first and last epoch's training loss, and the accuracy of the
-base classifier on noisy test images (one draw at sigma = 0.50).
+of training and the seconds of training per epoch they make (the last epoch,
+without tracing and evaluation), that time over Gaussian training's when both
+ran, the first and last epoch's training loss, the accuracy of the base
+classifier on noisy test images (one draw at sigma = 0.50), and how many
+cores other processes used meanwhile (measure.OtherLoad).
 
   python bench/methods_bench.py                          # 3 epochs on 10,000 images
   python bench/methods_bench.py --methods=gaussian,consistency --examples=2048 --epochs=1
@@ -18,6 +21,8 @@ import tempfile
 
 import numpy as np
 
+from measure import OtherLoad
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = {
     "gaussian": "mnist_gaussian_sigma0.50.flags",
@@ -26,6 +31,7 @@ CONFIGS = {
     "smoothadv": "mnist_smoothadv_sigma0.50.flags",
     "macer": "mnist_macer_sigma0.50.flags",
     "smoothadv+consistency": "mnist_smoothadv_consistency_sigma0.50.flags",
+    "smoothmix": "mnist_smoothmix_sigma0.50.flags",
 }
 
 
@@ -77,21 +83,31 @@ def main() -> None:
     test_x, test_y = data.load_arrays("fashion_mnist", "test")
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores; LeNet / Fashion-MNIST, {args.examples} "
           f"images x {args.epochs} epochs, paper MNIST settings at sigma = 0.50")
-    print("| method | flags | clean images/s | loss first -> last epoch | noisy test accuracy |")
-    print("|---|---|---|---|---|")
+    print("| method | flags | clean images/s | s/epoch | x gaussian | loss first -> last epoch "
+          "| noisy test accuracy | other load (cores) |")
+    print("|---|---|---|---|---|---|---|---|")
+    gaussian_seconds = None
     for method in args.methods.split(","):
         path = os.path.join(REPO, "configs", CONFIGS[method])
-        with tempfile.TemporaryDirectory() as model_dir:
+        with tempfile.TemporaryDirectory() as model_dir, OtherLoad() as load:
             config = _config_from_flagfile(path, model_dir, args.examples, args.epochs)
             history = training.train(config).history
             base = models.load_base_model(model_dir)
             accuracy = _noisy_accuracy(base, test_x, test_y, config.sigma)
         speed = history.get("images_per_second", [float("nan")])[-1]
+        seconds = args.examples / speed
+        if method == "gaussian":
+            gaussian_seconds = seconds
+        ratio = f"{seconds / gaussian_seconds:.1f}" if gaussian_seconds else "-"
         objective = config.objective
         shown = (f"m={objective.num_noise}" + (f" lbd={objective.lbd:g}" if objective.lbd is not None else "")
                  + (f" eps={objective.epsilon:.3g} steps={objective.num_steps}" if objective.adversarial else ""))
-        print(f"| {method} | {shown} | {speed:.0f} | {history['loss'][0]:.3f} -> {history['loss'][-1]:.3f} "
-              f"| {accuracy:.3f} |", flush=True)
+        if objective.method == "smoothmix":
+            shown += (f" T={objective.num_steps} step={objective.attack_step:g} eta={objective.eta:g} "
+                      f"mix_step={objective.mix_step}")
+        other = "n/a" if load.cores is None else f"{load.cores:.2f}"
+        print(f"| {method} | {shown} | {speed:.0f} | {seconds:.1f} | {ratio} | {history['loss'][0]:.3f} -> "
+              f"{history['loss'][-1]:.3f} | {accuracy:.3f} | {other} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -176,6 +176,15 @@ class TrainBinaryTest(tf.test.TestCase, parameterized.TestCase):
         ("certify_off", dict(certify_n=100), "--certify_n is used only with --certify_every"),
         ("certify_too_many", dict(certify_every=1, certify_examples=70000), "--certify_examples"),
         ("data_dir", dict(data_dir="/nonexistent/dir"), "--data_dir"),
+        ("smoothmix_step", dict(method="smoothmix", lbd=None, attack_step=0.0), "--attack_step must be > 0"),
+        ("smoothmix_steps", dict(method="smoothmix", lbd=None, num_steps=0), "--num_steps must be >= 1"),
+        ("smoothmix_mix_step", dict(method="smoothmix", lbd=None, mix_step=2), "--mix_step must be 0"),
+        ("smoothmix_eta", dict(method="smoothmix", lbd=None, eta=-1.0), "--eta must be >= 0"),
+        ("smoothmix_maxnorm", dict(method="smoothmix", lbd=None, maxnorm=-1.0), "--maxnorm must be > 0"),
+        ("smoothmix_maxnorm_s", dict(method="smoothmix", lbd=None, maxnorm_s=0.0), "--maxnorm_s must be > 0"),
+        ("smoothmix_lbd", dict(method="smoothmix"), "--lbd is used only by"),
+        ("smoothmix_deferred", dict(method="smoothmix", lbd=None, deferred=True), "--deferred is used only by"),
+        ("attack_step_other", dict(attack_step=1.0), "--attack_step is used only by --method=smoothmix"),
     )
     def test_bad_flags_fail_before_any_work(self, overrides, message):
         model_dir = os.path.join(self.create_tempdir().full_path, "run")

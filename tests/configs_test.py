@@ -40,6 +40,9 @@ class ConfigsTest(parameterized.TestCase):
         if "_sigma" in name:  # <dataset>_<method>_sigma<s>.flags says what it holds.
             self.assertIn(config.objective.method, name.replace("smoothadv_consistency", "consistency"))
             self.assertEqual(config.sigma, float(name.split("_sigma")[1][:4]))
+        if config.objective.method == "smoothmix":  # The EXPERIMENTS.MD row's suffixes: _onestep, _eta5.
+            self.assertEqual(config.objective.mix_step, int("_onestep" in name))
+            self.assertEqual(config.objective.eta, 5.0 if "_eta5" in name or name.startswith("cifar10") else 1.0)
 
 
 if __name__ == "__main__":

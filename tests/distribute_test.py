@@ -32,7 +32,9 @@ def _mirrored():
 
 # The settings of each method's terms.
 _METHOD_FIELDS = {"consistency": dict(lbd=10.0, eta=0.5), "gaussian": {}, "stability": dict(lbd=10.0),
-                  "smoothadv": dict(epsilon=0.5, num_steps=2), "macer": dict(lbd=10.0, beta=2.0, gamma=8.0)}
+                  "smoothadv": dict(epsilon=0.5, num_steps=2), "macer": dict(lbd=10.0, beta=2.0, gamma=8.0),
+                  # The one-step adversary as start point: both attack results and the mixing weights matter.
+                  "smoothmix": dict(eta=5.0, num_steps=3, attack_step=0.5, mix_step=1, warmup=1)}
 
 
 def _train(strategy, method, weights, images, labels, epochs=2):
@@ -53,7 +55,7 @@ def _train(strategy, method, weights, images, labels, epochs=2):
 
 class ReplicaScalingTest(tf.test.TestCase, parameterized.TestCase):
 
-    @parameterized.parameters("consistency", "gaussian", "stability", "smoothadv", "macer")
+    @parameterized.parameters("consistency", "gaussian", "stability", "smoothadv", "macer", "smoothmix")
     def test_two_replicas_make_the_same_update_as_one_device(self, method):
         rng = np.random.default_rng(0)
         images = rng.uniform(size=(32, 6, 6, 1)).astype(np.float32)

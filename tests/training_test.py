@@ -163,6 +163,134 @@ class TrainStepTest(tf.test.TestCase, parameterized.TestCase):
         self.assertAllClose(logs["entropy"], -np.sum(p * np.log(p)), rtol=1e-5)
 
 
+def _smoothmix_walk(images, labels, noises, weights, bias, *, step_size, num_steps, mix_step, maxnorm, maxnorm_s):
+    """SmoothMix's walk (the authors' SmoothMix_PGD) on the linear model, in float64 numpy.
+
+    images [B, D], noises [m, B, D]. Per example, L(x') = -log(max(p_bar_y, 1e-20)) with
+    p_bar = mean_i softmax((x' + n_i) W + b); since dz_i/dx' = W^T and
+    dp_i,y/dz_i = p_i,y (e_y - p_i), grad L = -mean_i p_i,y (W[:, y] - W p_i) / p_bar_y.
+    Step: x' += step_size * g / (||g|| + 1e-8); then d = x' - x is scaled by
+    r / (||d|| + 1e-7) where ||d|| > r (r = maxnorm; none when None) and x + d clipped to
+    [0, 1]. The start is x' after mix_step steps (x if mix_step = 0), then projected the
+    same way with r = maxnorm_s.
+    """
+
+    def project(points, radius):
+        delta = points - images
+        if radius is not None:
+            norm = np.linalg.norm(delta, axis=1, keepdims=True)
+            delta = np.where(norm > radius, delta * radius / (norm + 1e-7), delta)
+        return np.clip(images + delta, 0.0, 1.0)
+
+    rows = np.arange(len(labels))
+    adv, start = images.copy(), images.copy()
+    for step in range(num_steps):
+        if step == mix_step:
+            start = adv.copy()
+        p = scipy.special.softmax((adv[None] + noises) @ weights + bias, axis=2)  # [m, B, C]
+        p_y = p[:, rows, labels]  # [m, B]
+        toward = weights[:, labels].T[None] - p @ weights.T  # [m, B, D]: W[:, y] - W p_i
+        grad = -np.mean(p_y[..., None] * toward, axis=0) / np.maximum(p_y.mean(axis=0), 1e-20)[:, None]
+        adv = adv + step_size * grad / (np.linalg.norm(grad, axis=1, keepdims=True) + 1e-8)
+        adv = project(adv, maxnorm)
+    return project(start, maxnorm_s), adv
+
+
+def _smoothmix_objective(start, end, labels, noises, mix_weights, weights, bias, *, eta, weight_decay):
+    """SmoothMix's objective (the authors' code/train.py) on the linear model, in float64 numpy.
+
+    Over the m * B copies: CE = mean -log softmax((s + n_i) W + b)_y; p_bar = mean_i of those
+    softmaxes; mask = [argmax p_bar = y]; target t = (1 - lam) p_bar + lam / C; the mixes
+    x_mix = (1 - lam) s + lam e get KL_i = sum_c t (log t - log softmax((x_mix + n_i) W + b));
+    mixup = mean over copies of mask * KL_i; loss = CE + eta * mixup.
+    """
+    rows = np.arange(len(labels))
+    log_p = scipy.special.log_softmax((start[None] + noises) @ weights + bias, axis=2)  # [m, B, C]
+    ce = -np.mean(log_p[:, rows, labels])
+    p_bar = np.exp(log_p).mean(axis=0)
+    mask = (np.argmax(p_bar, axis=1) == labels).astype(np.float64)
+    lam = mix_weights[:, None]
+    target = (1 - lam) * p_bar + lam / p_bar.shape[1]
+    mixed = (1 - lam) * start + lam * end
+    log_q = scipy.special.log_softmax((mixed[None] + noises) @ weights + bias, axis=2)
+    kl = np.sum(target * (np.log(target) - log_q), axis=2)  # [m, B]
+    mixup = np.mean(mask[None] * kl)
+    loss = ce + eta * mixup
+    return {"cross_entropy": ce, "mixup": mixup, "mixup_fraction": mask.mean(), "loss": loss,
+            "accuracy": np.mean(np.argmax(log_p, axis=2) == labels[None]), "p_bar": p_bar,
+            "objective": loss + 0.5 * weight_decay * (np.sum(weights ** 2) + np.sum(bias ** 2))}
+
+
+class SmoothMixTrainStepTest(tf.test.TestCase, parameterized.TestCase):
+    """One SmoothMix step against `_smoothmix_walk` and `_smoothmix_objective`."""
+
+    @parameterized.named_parameters(
+        # m, T, step, mix_step, maxnorm, maxnorm_s, eta, warmup: the epoch-0 factor 1/warmup scales eta and
+        # the start bound.
+        ("clean_start", 2, 3, 0.5, 0, None, None, 1.0, 1),
+        ("one_step_adversary_warming_up", 3, 2, 0.4, 1, None, None, 5.0, 2),
+        ("bounded", 2, 4, 0.3, 1, 0.5, 0.2, 2.0, 1),
+    )
+    def test_one_step_matches_numpy(self, m, num_steps, step_size, mix_step, maxnorm, maxnorm_s, eta, warmup):
+        rng = np.random.default_rng(3)
+        weights, bias = rng.normal(size=(D, C)) * 2, rng.normal(size=C) * 0.1
+        images = rng.uniform(size=(B, H, W_, 1)).astype(np.float32)
+        labels = np.array([0, 1, 2, 1], np.int64)
+        sigma, seed, lr, weight_decay = 0.25, 5, 0.1, 0.01
+        objective = training.ObjectiveConfig(
+            method="smoothmix", sigma=sigma, num_noise=m, num_steps=num_steps, attack_step=step_size,
+            mix_step=mix_step, maxnorm=maxnorm, maxnorm_s=maxnorm_s, eta=eta, warmup=warmup,
+            weight_decay=weight_decay)
+        model = training.ConsistencyModel(_linear_base(weights, bias), objective, seed=seed)
+        model.compile(optimizer=keras.optimizers.SGD(lr),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        model.set_epoch(0)
+        logs = model.train_on_batch(images, labels, return_dict=True)
+
+        # The first step's (iteration 0) draws: noise of stream 1, mixing weights of stream 3, each keyed
+        # by the example's position (noise.example_seeds); lam = U[0, 1) / 2.
+        seeds = noise.example_seeds(noise.step_seed(seed, 1, 0), B)
+        x = tf.constant(images)
+        noises = noise.gaussian_noise(x, m, sigma, seeds).numpy().reshape(m, B, D).astype(np.float64)
+        mix_seeds = noise.example_seeds(noise.step_seed(seed, 3, 0), B)
+        lam = np.array([0.5 * tf.random.stateless_uniform([], s).numpy() for s in mix_seeds], np.float64)
+        self.assertTrue(np.all((lam >= 0) & (lam < 0.5)) and len(set(lam)) == B)
+
+        warmed = 1 / warmup  # min(1, (epoch + 1) / warmup) at epoch 0
+        start_bound = warmed * (step_size * mix_step if maxnorm_s is None else maxnorm_s)
+        clean = images.reshape(B, D).astype(np.float64)
+        start, end = _smoothmix_walk(clean, labels, noises, weights, bias, step_size=step_size,
+                                     num_steps=num_steps, mix_step=mix_step, maxnorm=maxnorm, maxnorm_s=start_bound)
+        ref = _smoothmix_objective(start, end, labels, noises, lam, weights, bias, eta=warmed * eta,
+                                   weight_decay=weight_decay)
+        # Not vacuous: the walk moved, and the mask holds some examples but not all, with no
+        # near-tie that float32 could flip.
+        self.assertGreater(np.abs(end - clean).max(), 0.1)
+        self.assertTrue(0 < ref["mixup_fraction"] < 1 and ref["mixup"] > 0)
+        top2 = np.sort(ref["p_bar"], axis=1)[:, -2:]
+        self.assertGreater(np.min(top2[:, 1] - top2[:, 0]), 1e-3)
+
+        # float32 against float64: rounding (2^-24 ~ 6e-8 per operation) over the walk's
+        # T <= 4 normalized steps and the two forward passes stays below ~1e-6 relative;
+        # rtol 1e-5 leaves a factor 10, as the other methods' test.
+        self.assertEqual(set(logs), {"loss", "accuracy", "cross_entropy", "mixup", "mixup_fraction"})
+        for name in logs:
+            self.assertAllClose(logs[name], ref[name], rtol=1e-5, atol=1e-6, msg=name)
+
+        # The attack's points are constants of the objective (no gradient flows through them).
+        def objective_w(w):
+            return _smoothmix_objective(start, end, labels, noises, lam, w, bias, eta=warmed * eta,
+                                        weight_decay=weight_decay)["objective"]
+
+        def objective_b(b):
+            return _smoothmix_objective(start, end, labels, noises, lam, weights, b, eta=warmed * eta,
+                                        weight_decay=weight_decay)["objective"]
+
+        new_w, new_b = model.base_model.get_weights()
+        self.assertAllClose(new_w, weights - lr * _numeric_grad(objective_w, weights), atol=2e-5)
+        self.assertAllClose(new_b, bias - lr * _numeric_grad(objective_b, bias), atol=2e-5)
+
+
 class AdversarialAndScheduleTest(tf.test.TestCase):
 
     def _model(self, **kwargs):
@@ -199,6 +327,29 @@ class AdversarialAndScheduleTest(tf.test.TestCase):
             macer.set_epoch(epoch)
             weights.append(float(macer._robust_weight.numpy()))  # pylint: disable=protected-access
         self.assertAllClose(weights, [0.0, 0.0, 0.0, 6.0, 6.0])
+
+    def test_smoothmix_warms_up_eta_and_the_start_bound(self):
+        # min(1, (epoch + 1) / warmup) times eta and times maxnorm_s (default attack_step * mix_step).
+        for fields, bound in ((dict(mix_step=1, attack_step=0.8), 0.8), (dict(mix_step=0), 0.0),
+                              (dict(mix_step=0, maxnorm_s=2.0), 2.0)):
+            model = self._model(method="smoothmix", eta=5.0, warmup=4, **fields)
+            values = []
+            for epoch in range(6):
+                model.set_epoch(epoch)
+                values.append((float(model._mixup_weight.numpy()),  # pylint: disable=protected-access
+                               float(model._start_bound.numpy())))  # pylint: disable=protected-access
+            factors = np.array([0.25, 0.5, 0.75, 1.0, 1.0, 1.0])
+            self.assertAllClose(values, np.stack([5.0 * factors, bound * factors], axis=1), msg=str(fields))
+
+    def test_smoothmix_evaluation_does_not_attack(self):
+        # With no walk, start = end = x: val_mixup is the copies at x against the target.
+        model = self._model(method="smoothmix", num_noise=2, eta=5.0, mix_step=1, attack_step=0.5)
+        images = np.random.default_rng(2).uniform(size=(B, H, W_, 1)).astype(np.float32)
+        terms = model.compute_terms(tf.constant(images), tf.constant([0, 1, 2, 0]), training=False, step=0)
+        gaussian = self._model(method="gaussian", num_noise=2)
+        plain = gaussian.compute_terms(tf.constant(images), tf.constant([0, 1, 2, 0]), training=False, step=0)
+        self.assertAllClose(terms["logits"], plain["logits"])  # The same noisy copies of x.
+        self.assertAllClose(terms["cross_entropy"], plain["cross_entropy"])
 
 
 class BuildOptionsTest(tf.test.TestCase, parameterized.TestCase):
@@ -264,11 +415,17 @@ class ObjectiveConfigTest(parameterized.TestCase):
          dict(num_noise=2, lbd=10.0, eta=0.5, consistency_loss="default", epsilon=2.0, num_steps=4, warmup=10)),
         ("given", dict(method="consistency", num_noise=4, lbd=3.0),
          dict(num_noise=4, lbd=3.0, eta=0.5, consistency_loss="default")),
+        # The authors' argparse defaults (code/train.py of jh-jeong/smoothmix); no bounds.
+        ("smoothmix", dict(method="smoothmix"),
+         dict(num_noise=1, eta=1.0, num_steps=8, warmup=10, attack_step=1.0, mix_step=0)),
+        ("smoothmix_given", dict(method="smoothmix", num_noise=4, mix_step=1, maxnorm=2.0, maxnorm_s=0.5),
+         dict(num_noise=4, eta=1.0, num_steps=8, warmup=10, attack_step=1.0, mix_step=1, maxnorm=2.0,
+              maxnorm_s=0.5)),
     )
     def test_the_methods_defaults_and_nothing_else(self, given, expected):
         objective = training.ObjectiveConfig(sigma=0.5, **given)
         method_fields = ("num_noise", "lbd", "eta", "consistency_loss", "beta", "gamma", "deferred_epochs", "epsilon",
-                         "num_steps", "warmup")
+                         "num_steps", "warmup", "attack_step", "mix_step", "maxnorm", "maxnorm_s")
         self.assertEqual({name: getattr(objective, name) for name in method_fields
                           if getattr(objective, name) is not None}, expected)
 
@@ -277,12 +434,33 @@ class ObjectiveConfigTest(parameterized.TestCase):
                                                      "--method=stability or --method=macer; remove it for "
                                                      "--method=gaussian$"),
         ("attack_field", dict(method="macer", num_steps=3), "--num_steps is used only by --method=smoothadv or "
-                                                            "--method=consistency --adv_training"),
+                                                            "--method=smoothmix or --method=consistency "
+                                                            "--adv_training"),
         ("adv_training", dict(method="stability", adv_training=True), "--adv_training combines SmoothAdv"),
         ("method", dict(method="mixup"), "--method='mixup' is unknown"),
         ("sigma", dict(method="gaussian", sigma=0.0), "--sigma must be > 0"),
         ("weight_decay", dict(method="gaussian", weight_decay=-1.0), "--weight_decay must be >= 0"),
         ("deferred", dict(method="macer", deferred_epochs=-1), "deferred_epochs must be >= 0"),
+        ("attack_step", dict(method="smoothmix", attack_step=0.0), "^--attack_step must be > 0 "),
+        ("smoothmix_steps", dict(method="smoothmix", num_steps=0), "^--num_steps must be >= 1, got 0$"),
+        ("mix_step", dict(method="smoothmix", mix_step=2), "^--mix_step must be 0 .* or 1 .*, got 2$"),
+        ("smoothmix_eta", dict(method="smoothmix", eta=-1.0), "^--eta must be >= 0, got -1.0$"),
+        ("maxnorm", dict(method="smoothmix", maxnorm=0.0), "^--maxnorm must be > 0 "),
+        ("maxnorm_s", dict(method="smoothmix", maxnorm_s=-0.5), "^--maxnorm_s must be > 0 "),
+        ("smoothmix_warmup", dict(method="smoothmix", warmup=0), "^--warmup must be >= 1, got 0$"),
+        ("smoothmix_lbd", dict(method="smoothmix", lbd=1.0), "^--lbd is used only by .*; remove it for "
+                                                              "--method=smoothmix$"),
+        ("smoothmix_epsilon", dict(method="smoothmix", epsilon=0.5), "^--epsilon is used only by "),
+        ("smoothmix_beta", dict(method="smoothmix", beta=1.0), "^--beta is used only by --method=macer"),
+        ("smoothmix_consistency_loss", dict(method="smoothmix", consistency_loss="kl"),
+         "^--consistency_loss is used only by --method=consistency"),
+        ("smoothmix_adv_training", dict(method="smoothmix", adv_training=True), "--adv_training combines SmoothAdv"),
+        ("attack_step_smoothadv", dict(method="smoothadv", attack_step=1.0),
+         "^--attack_step is used only by --method=smoothmix; remove it for --method=smoothadv$"),
+        ("mix_step_consistency", dict(method="consistency", mix_step=0),
+         "^--mix_step is used only by --method=smoothmix; remove it for --method=consistency$"),
+        ("maxnorm_gaussian", dict(method="gaussian", maxnorm=1.0), "^--maxnorm is used only by --method=smoothmix"),
+        ("maxnorm_s_macer", dict(method="macer", maxnorm_s=1.0), "^--maxnorm_s is used only by --method=smoothmix"),
     )
     def test_refuses(self, fields, message):
         with self.assertRaisesRegex(ConfigError, message):
@@ -292,7 +470,7 @@ class ObjectiveConfigTest(parameterized.TestCase):
         adversarial = {method: training.ObjectiveConfig(method=method, sigma=0.5).adversarial
                        for method in training.METHODS}
         self.assertEqual(adversarial, {"gaussian": False, "consistency": False, "stability": False,
-                                       "smoothadv": True, "macer": False})
+                                       "smoothadv": True, "macer": False, "smoothmix": False})
         self.assertTrue(training.ObjectiveConfig(method="consistency", sigma=0.5, adv_training=True).adversarial)
 
 
@@ -321,6 +499,10 @@ class TrainConfigTest(parameterized.TestCase):
                                                  "--method=gaussian$"):
             training.TrainConfig(model_dir="/m", objective=training.ObjectiveConfig(method="gaussian"),
                                  deferred=False)
+        with self.assertRaisesRegex(ConfigError, "^--deferred is used only by --method=macer; remove it for "
+                                                 "--method=smoothmix$"):
+            training.TrainConfig(model_dir="/m", objective=training.ObjectiveConfig(method="smoothmix"),
+                                 deferred=True)
 
     def test_batch_split_needs_whole_chunks(self):
         objective = training.ObjectiveConfig(num_noise=4)
@@ -347,6 +529,8 @@ class FlagsTest(parameterized.TestCase):
         ("macer", dict(method="macer", num_noise=4), {}),
         ("macer_deferred", dict(method="macer"), dict(deferred=True, lr_step_size=7)),
         ("adv_consistency", dict(method="consistency", adv_training=True, sigma=1 / 3), {}),
+        ("smoothmix", dict(method="smoothmix", num_noise=4, num_steps=2, attack_step=0.5, eta=5.0), {}),
+        ("smoothmix_bounded", dict(method="smoothmix", mix_step=1, maxnorm=2.0, maxnorm_s=1 / 3), {}),
         ("everything_else", {}, dict(dataset="cifar10", arch="cifar_resnet20", batch_split=True, certify_every=2,
                                      certify_alpha=1e-5, data_dir="/data dir/x", mock_data=True, strategy="mirrored",
                                      steps_per_execution=4, mixed_precision="mixed_bfloat16", jit_compile=True)),

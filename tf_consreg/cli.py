@@ -77,16 +77,17 @@ TRAIN_HELP = {
     "method": (
         "consistency: cross-entropy + consistency term (Jeong & Shin 2020); gaussian: cross-entropy on noisy "
         "copies (Cohen et al. 2019); stability: clean cross-entropy + lbd * stability term (Li et al. 2019); "
-        "smoothadv: cross-entropy on SmoothAdv attacks (Salman et al. 2019); macer: MACER (Zhai et al. 2020). "
-        "Flags a method does not use are refused."),
+        "smoothadv: cross-entropy on SmoothAdv attacks (Salman et al. 2019); macer: MACER (Zhai et al. 2020); "
+        "smoothmix: cross-entropy + eta * mixup term on an adversarial walk (Jeong et al. 2021). Flags a method "
+        "does not use are refused."),
     "sigma": "Noise standard deviation, in [0, 1] pixel units.",
     "num_noise": (
         "m: noisy copies per clean image (K for macer). Default: 2 for consistency, 16 for macer, 1 otherwise "
-        "(stability needs 1)."),
+        "(stability needs 1; the authors' SmoothMix rows use 4 on MNIST, 2 on CIFAR-10)."),
     "lbd": (
         "lambda, weight of the regularizer: consistency (default 10), stability (default 2) or macer's "
         "robustness term (default 16)."),
-    "eta": "eta, weight of the entropy term (consistency only; default 0.5).",
+    "eta": "eta: weight of consistency's entropy term (default 0.5) or of smoothmix's mixup term (default 1).",
     "consistency_loss": (
         "Form of the consistency term (consistency only; default 'default'): default = lbd*KL + eta*H, xent = "
         "lbd*(KL + H), kl = lbd*KL, mse = lbd*||p2 - p1||^2 (m = 2)."),
@@ -101,10 +102,19 @@ TRAIN_HELP = {
     "epsilon": (
         "SmoothAdv's L2 radius in [0, 1] pixel units (the authors' --epsilon divided by 256: 255 -> 0.996). "
         "Default 0.25 for smoothadv, 2.0 with --adv_training."),
-    "num_steps": "SmoothAdv's PGD steps (default 10 for smoothadv, 4 with --adv_training).",
+    "num_steps": "Attack steps: SmoothAdv's PGD (default 10 for smoothadv, 4 with --adv_training), smoothmix's T "
+                 "(default 8).",
     "warmup": (
         "Epochs over which SmoothAdv's radius grows linearly to --epsilon (default 1 for smoothadv, 10 with "
-        "--adv_training)."),
+        "--adv_training), or smoothmix's --eta and --maxnorm_s (default 10)."),
+    "attack_step": (
+        "smoothmix: L2 length of each step of the walk, in [0, 1] pixel units (the authors' --alpha, not divided "
+        "by 256; default 1.0)."),
+    "mix_step": "smoothmix: the mixup's start point: 0 the clean image (default), 1 the one-step adversary.",
+    "maxnorm": "smoothmix: L2 bound of the walk around the clean image (default: unbounded).",
+    "maxnorm_s": (
+        "smoothmix: L2 bound of the start point around the clean image, warmed up with --eta (default: "
+        "--attack_step * --mix_step)."),
     "epochs": "Training epochs.",
     "batch_size": (
         "CLEAN images per optimizer step; each step trains on m times as many noisy copies. With --batch_split, "

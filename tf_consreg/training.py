@@ -34,7 +34,7 @@ from tf_consreg import multi_worker
 from tf_consreg import noise as noise_lib
 from tf_consreg.errors import ConfigError, check
 
-METHODS = ("gaussian", "consistency", "stability", "smoothadv", "macer")
+METHODS = ("gaussian", "consistency", "stability", "smoothadv", "macer", "smoothmix")
 MIXED_PRECISION = ("none", "mixed_float16", "mixed_bfloat16")
 
 # What a run directory holds (besides models.BASE_MODEL_FILE).
@@ -44,15 +44,19 @@ CHECKPOINT_DIR = "checkpoints"
 LOGS_DIR = "logs"
 
 # Each method's fields and their defaults, from the authors' train_*.py
-# (epsilon in [0, 1] pixel units: their --epsilon divided by 256). A field
-# that is not in a method's row must stay None, so a flag is never silently
-# ignored. A new method is a row here and its terms in ConsistencyModel.
+# (epsilon in [0, 1] pixel units: their --epsilon divided by 256) and
+# SmoothMix's code/train.py (attack_step: their --alpha, already in those
+# units; maxnorm and maxnorm_s None: unbounded, and attack_step * mix_step).
+# A field that is not in a method's row must stay None, so a flag is never
+# silently ignored. A new method is a row here and its terms in ConsistencyModel.
 _METHOD_FIELDS = {
     "gaussian": {"num_noise": 1},
     "consistency": {"num_noise": 2, "lbd": 10.0, "eta": 0.5, "consistency_loss": "default"},
     "stability": {"num_noise": 1, "lbd": 2.0},
     "smoothadv": {"num_noise": 1, "epsilon": 64 / 256, "num_steps": 10, "warmup": 1},
     "macer": {"num_noise": 16, "lbd": 16.0, "beta": 16.0, "gamma": 8.0, "deferred_epochs": 0},
+    "smoothmix": {"num_noise": 1, "eta": 1.0, "num_steps": 8, "warmup": 10, "attack_step": 1.0, "mix_step": 0,
+                  "maxnorm": None, "maxnorm_s": None},
 }
 # SmoothAdv before the consistency objective: --method=consistency
 # --adv_training, the paper's "SmoothAdv + Consistency" (train_consistency.py).
@@ -108,26 +112,35 @@ def _used_by(name: str) -> str:
 class ObjectiveConfig:
     """What `ConsistencyModel` minimizes: the method and its settings, checked at construction.
 
-    The method fields (`num_noise` and those after it up to `warmup`) are
+    The method fields (`num_noise` and those after it up to `maxnorm_s`) are
     None when not given: they get the authors' defaults for the methods that
     use them, and must stay None for the methods that do not, so a setting
     that would be silently ignored is refused instead. Its fields but
     `deferred_epochs` are flags of bin/train.py (the defaults are theirs).
 
     Attributes:
-      method: "gaussian", "consistency", "stability", "smoothadv" or "macer"
-        (see `ConsistencyModel`).
+      method: "gaussian", "consistency", "stability", "smoothadv", "macer" or
+        "smoothmix" (see `ConsistencyModel`).
       sigma: noise standard deviation, in [0, 1] pixel units.
       num_noise: m, noisy copies per clean image (MACER's K).
       lbd: weight of the regularizer (consistency, stability, MACER's robustness term).
-      eta: weight of the consistency term's entropy.
+      eta: weight of the consistency term's entropy, or of SmoothMix's mixup term.
       consistency_loss: form of the consistency term (`losses.CONSISTENCY_LOSSES`).
       beta, gamma: MACER's inverse temperature and hinge margin.
       deferred_epochs: MACER trains with its robustness weight at 0 for this
         many epochs first.
       adv_training: attack before the consistency objective.
       epsilon, num_steps, warmup: SmoothAdv's L2 radius, PGD steps, and the
-        epochs over which the radius grows linearly to `epsilon`.
+        epochs over which the radius grows linearly to `epsilon`; SmoothMix's
+        num_steps (T) and warmup (of eta and maxnorm_s) likewise.
+      attack_step: SmoothMix's step length, L2 in [0, 1] pixel units (the
+        authors' --alpha).
+      mix_step: SmoothMix's start point: 0 the clean image, 1 the one-step
+        adversary.
+      maxnorm, maxnorm_s: SmoothMix's L2 bounds around the clean image of the
+        walk and of the start point; None means unbounded, and attack_step *
+        mix_step. maxnorm_s is warmed up with eta, maxnorm is not (as the
+        authors').
       weight_decay: coupled L2 weight decay (PyTorch SGD's `weight_decay`):
         the loss gains weight_decay / 2 * ||w||^2 over the trainable weights.
     """
@@ -145,6 +158,10 @@ class ObjectiveConfig:
     epsilon: Optional[float] = None
     num_steps: Optional[int] = None
     warmup: Optional[int] = None
+    attack_step: Optional[float] = None
+    mix_step: Optional[int] = None
+    maxnorm: Optional[float] = None
+    maxnorm_s: Optional[float] = None
     weight_decay: float = 1e-4
 
     def __post_init__(self):
@@ -187,6 +204,16 @@ class ObjectiveConfig:
             check(self.num_steps >= 1, f"--num_steps must be >= 1, got {self.num_steps}")
         if self.warmup is not None:
             check(self.warmup >= 1, f"--warmup must be >= 1, got {self.warmup}")
+        if self.attack_step is not None:
+            check(self.attack_step > 0, "--attack_step must be > 0 (an L2 step length in [0, 1] pixel units), "
+                  f"got {self.attack_step}")
+        if self.mix_step is not None:
+            check(self.mix_step in (0, 1), "--mix_step must be 0 (start at the clean image) or 1 (at the one-step "
+                  f"adversary), got {self.mix_step}")
+        for name in ("maxnorm", "maxnorm_s"):
+            if getattr(self, name) is not None:
+                check(getattr(self, name) > 0, f"--{name} must be > 0 (an L2 bound in [0, 1] pixel units; leave it "
+                      f"unset for the default), got {getattr(self, name)}")
         check(self.weight_decay >= 0, f"--weight_decay must be >= 0, got {self.weight_decay}")
 
     @property
@@ -376,6 +403,7 @@ def read_train_config(model_dir: str) -> TrainConfig:
 
 # Independent random streams of one run.
 _TRAIN_NOISE, _EVAL_NOISE = 1, 2
+_TRAIN_MIX, _EVAL_MIX = 3, 4  # SmoothMix's mixing weights.
 
 
 class ConsistencyModel(keras.Model):
@@ -392,7 +420,14 @@ class ConsistencyModel(keras.Model):
       attack on the smoothed classifier with the same noise held fixed
       (Salman et al., 2019); `adv_training=True` does the same before the
       consistency objective (the paper's "SmoothAdv + Consistency");
-    * "macer": `losses.macer_loss` on the m (= K) copies (Zhai et al., 2020).
+    * "macer": `losses.macer_loss` on the m (= K) copies (Zhai et al., 2020);
+    * "smoothmix": `losses.smoothmix_loss` (Jeong et al., 2021): cross-entropy
+      on the copies of a start point s (x, or the one-step adversary), plus
+      eta times the masked KL term on the copies of a mix of s with the end
+      of `attacks.smoothmix_pgd`'s walk, the same m noises in the walk and
+      in both forward passes, the mixing weight drawn per example in
+      [0, 1/2). Evaluation does not attack (as SmoothAdv's): s and the end
+      are x, so `val_mixup` measures the copies at x against the target.
 
     Args:
       base_model: maps images in [0, 1] to logits.
@@ -422,6 +457,13 @@ class ConsistencyModel(keras.Model):
         self._robust_weight = tf.Variable(objective.lbd if objective.method == "macer" else 0.0, dtype=tf.float32,
                                           trainable=False, name="robust_weight",
                                           aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+        if objective.method == "smoothmix":
+            # Only for smoothmix: a model's variables are in its checkpoints, and
+            # runs of the other methods saved before these existed must resume.
+            self._mixup_weight = tf.Variable(objective.eta, dtype=tf.float32, trainable=False, name="mixup_weight",
+                                             aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+            self._start_bound = tf.Variable(self._full_start_bound(), dtype=tf.float32, trainable=False,
+                                            name="start_bound", aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
 
     def _term_names(self) -> List[str]:
         return ["loss"] + {
@@ -430,6 +472,8 @@ class ConsistencyModel(keras.Model):
             "consistency": ["cross_entropy", "consistency", "kl", "entropy"],
             "stability": ["cross_entropy", "stability"],
             "macer": ["classification", "robustness"],
+            # mixup_fraction: the examples in the mixup's mask (smoothed prediction correct).
+            "smoothmix": ["cross_entropy", "mixup", "mixup_fraction"],
         }[self.objective.method]
 
     @property
@@ -443,13 +487,31 @@ class ConsistencyModel(keras.Model):
         """Sets the values that change with the (0-based) epoch, as the authors' loops do.
 
         SmoothAdv's radius grows as min(epsilon, (epoch + 1) * epsilon / warmup);
-        deferred MACER keeps its robustness weight at 0 for `deferred_epochs`.
+        deferred MACER keeps its robustness weight at 0 for `deferred_epochs`;
+        SmoothMix's eta and start-point bound are multiplied by
+        min(1, (epoch + 1) / warmup).
         """
         objective = self.objective
         if objective.adversarial:
             self._attack_radius.assign(min(objective.epsilon, (epoch + 1) * objective.epsilon / objective.warmup))
         if objective.method == "macer":
             self._robust_weight.assign(0.0 if epoch < objective.deferred_epochs else objective.lbd)
+        if objective.method == "smoothmix":
+            warmup = min(1.0, (epoch + 1) / objective.warmup)
+            self._mixup_weight.assign(warmup * objective.eta)
+            self._start_bound.assign(warmup * self._full_start_bound())
+
+    def _full_start_bound(self) -> float:
+        """SmoothMix's start-point bound after warm-up: maxnorm_s, by default attack_step * mix_step."""
+        objective = self.objective
+        return objective.attack_step * objective.mix_step if objective.maxnorm_s is None else objective.maxnorm_s
+
+    def _mix_weights(self, training: bool, step, batch_size) -> tf.Tensor:
+        """SmoothMix's mixing weights, uniform in [0, 1/2), one per example, keyed like its noise."""
+        seeds = noise_lib.example_seeds(
+            noise_lib.step_seed(self.seed, _TRAIN_MIX if training else _EVAL_MIX, step), batch_size)
+        return 0.5 * tf.map_fn(lambda seed: tf.random.stateless_uniform([], seed), seeds,
+                               fn_output_signature=tf.float32)
 
     def _cross_entropy(self, x, labels, logits, training):
         # compute_loss applies Keras's rule (local mean / replicas, see
@@ -481,6 +543,13 @@ class ConsistencyModel(keras.Model):
             # copies get below; no gradient reaches the weights through it.
             images = attacks.smoothadv_pgd(self.base_model, images, labels, tf.split(noise, m),
                                            epsilon=self._attack_radius, num_steps=objective.num_steps)
+        if objective.method == "smoothmix":
+            end = images
+            if training:  # In inference mode, with the copies' noise, as SmoothAdv's.
+                images, end = attacks.smoothmix_pgd(
+                    self.base_model, images, labels, tf.split(noise, m), step_size=objective.attack_step,
+                    num_steps=objective.num_steps, mix_step=objective.mix_step, maxnorm=objective.maxnorm,
+                    maxnorm_s=self._start_bound)
         noisy = noise_lib.tile_copies(images, m) + noise
         logits = self.base_model(noisy, training=training)
         labels_c = noise_lib.tile_copies(labels, m)
@@ -506,6 +575,17 @@ class ConsistencyModel(keras.Model):
                                       lbd=1.0, beta=objective.beta, gamma=objective.gamma)
             terms.update(classification=parts["classification"], robustness=parts["robustness"],
                          loss=parts["classification"] + self._robust_weight * parts["robustness"])
+        elif objective.method == "smoothmix":
+            # `images` is the start point; a second, separate forward pass (its
+            # own BatchNorm statistics, as the authors') on the mixes' copies.
+            mix_weights = self._mix_weights(training, step, tf.shape(images)[0])
+            mixed = attacks.smoothmix_inputs(images, end, mix_weights)
+            mixed_logits = self.base_model(noise_lib.tile_copies(mixed, m) + noise, training=training)
+            parts = losses.smoothmix_loss(tf.split(tf.cast(logits, tf.float32), m),
+                                          tf.split(tf.cast(mixed_logits, tf.float32), m), labels, mix_weights,
+                                          eta=self._mixup_weight)
+            terms.update(cross_entropy=parts["cross_entropy"], mixup=parts["mixup"],
+                         mixup_fraction=parts["correct"], loss=parts["total"])
         return terms
 
     def _weight_decay_term(self) -> tf.Tensor:
