@@ -90,10 +90,13 @@ def main(argv):
         else:
             client = serving_client.GrpcClient(grpc_target, _MODEL_NAME.value)
         radii = p_lower = None
-        if _SIGNATURE.value == "certify":
-            classes, radii, p_lower = client.certify(batch)
-        else:
-            classes = client.predict(batch)
+        try:
+            if _SIGNATURE.value == "certify":
+                classes, radii, p_lower = client.certify(batch)
+            else:
+                classes = client.predict(batch)
+        except serving_client.ServingError as e:  # No server, or it refused the request: one line.
+            raise ConfigError(str(e)) from e
         where = _REST.value or _GRPC.value
     elapsed = time.perf_counter() - start
 

@@ -5,6 +5,8 @@ import io
 import tempfile
 import os
 import shutil
+import socket
+import subprocess
 import sys
 
 import numpy as np
@@ -85,6 +87,23 @@ class QueryBinaryTest(tf.test.TestCase, parameterized.TestCase):
         with flagsaver.flagsaver(**{"export_dir": self.base_path, **overrides}):
             with self.assertRaisesRegex(ConfigError, message):
                 query_bin.main(["query"])
+
+    def test_closed_port_is_one_line(self):
+        # A port nobody listens on: bound, then closed again.
+        with socket.socket() as sock:
+            sock.bind(("localhost", 0))
+            port = sock.getsockname()[1]
+        with flagsaver.flagsaver(export_dir=None, rest=f"localhost:{port}"):
+            with self.assertRaisesRegex(ConfigError, f"^cannot reach http://localhost:{port}/v1/models/smoothed:"
+                                        "predict: .*refused"):
+                query_bin.main(["query"])
+        result = subprocess.run([sys.executable, os.path.join(REPO, "bin", "query.py"), f"--rest=localhost:{port}"],
+                                capture_output=True, text=True, timeout=300, check=False)
+        self.assertEqual(result.returncode, 2, result.stderr[-2000:])
+        self.assertNotIn("Traceback", result.stderr)
+        self.assertRegex(result.stderr.rstrip().splitlines()[-1],
+                         f"^query.py: error: cannot reach http://localhost:{port}/v1/models/smoothed:predict: ")
+        self.assertLen([line for line in result.stderr.splitlines() if line.startswith("query.py: error:")], 1)
 
     def test_missing_export(self):
         with flagsaver.flagsaver(export_dir=self.get_temp_dir() + "/nothing"):
