@@ -73,6 +73,15 @@ def partly_nonfinite_model(w: np.ndarray, b: float, pixel: int, threshold: float
     return model
 
 
+def partly_nonfinite_probabilities(images: np.ndarray, w: np.ndarray, b: float, pixel: int, threshold: float,
+                                   sigma: float) -> np.ndarray:
+    """The true (P(f = 0), P(f = 1)) [B, 2] of `partly_nonfinite_model` under N(0, sigma^2 I) noise."""
+    flat = images.reshape(len(images), -1).astype(np.float64)
+    q = scipy_stats.norm.cdf((threshold - flat[:, pixel]) / sigma)
+    p1 = q * scipy_stats.norm.cdf((flat @ w.ravel() + b) / (sigma * np.linalg.norm(w)))
+    return np.stack([q - p1, p1], axis=1)
+
+
 def _argmax_pixel_model(shape=(8, 8, 1)) -> keras.Model:
     """Classifies an image by the index of its largest pixel (one class per pixel).
 
@@ -518,9 +527,7 @@ class NonFiniteLogitsTest(_LinearModelMixin, tf.test.TestCase):
         images[:, self.PIXEL] = pixel_values  # w[PIXEL] = 0: the margins do not move.
         images = images.reshape(-1, *_SHAPE)
         self.assertAllClose(_true_margin(self.w, self.b, images), margins, atol=1e-5)
-        q = scipy_stats.norm.cdf((self.THRESHOLD - images.reshape(len(images), -1)[:, self.PIXEL]) / self.SIGMA)
-        p1 = q * scipy_stats.norm.cdf(np.asarray(margins) / self.SIGMA)
-        return images, np.stack([q - p1, p1], axis=1)
+        return images, partly_nonfinite_probabilities(images, self.w, self.b, self.PIXEL, self.THRESHOLD, self.SIGMA)
 
     def test_nan_weights_give_no_certificate_and_no_prediction(self):
         # argmax over all-NaN logits is 0: counted as votes, every sample
