@@ -74,10 +74,26 @@ class QueryBinaryTest(tf.test.TestCase, parameterized.TestCase):
         out = io.StringIO()
         with flagsaver.flagsaver(export_dir=self.base_path, signature="predict"), contextlib.redirect_stdout(out):
             query_bin.main(["query"])
-        self.assertEqual(out.getvalue().strip().splitlines()[1], "idx\tlabel\tclass")
+        self.assertEqual(out.getvalue().strip().splitlines()[1], "idx\tlabel\tclass\tsamples")
+
+    def test_certify_radius_signature(self):
+        out = io.StringIO()
+        with flagsaver.flagsaver(export_dir=self.base_path, signature="certify_radius", radius=0.05,
+                                 indices=["0", "5"]), contextlib.redirect_stdout(out):
+            query_bin.main(["query"])
+        lines = out.getvalue().strip().splitlines()
+        self.assertRegex(lines[1], r"^certified at radius 0.05: [0-2] of 2$")
+        self.assertEqual(lines[2], "idx\tlabel\tclass\tcertified\tradius\tsamples")
+        for row in lines[3:]:
+            _, _, cls, certified, radius, samples = row.split("\t")
+            self.assertEqual(certified, str(float(radius) >= 0.05 and int(cls) >= 0))
+            self.assertEqual(samples, "60")  # n = 60 < 100: the one stage n.
 
     @parameterized.named_parameters(
         ("two_targets", dict(rest="localhost:8501"), "exactly one of"),
+        ("radius_without_signature", dict(radius=0.5), "give --radius with --signature=certify_radius"),
+        ("signature_without_radius", dict(signature="certify_radius"), "give --radius with"),
+        ("radius_zero", dict(signature="certify_radius", radius=0.0), "--radius must be finite and > 0"),
         ("no_target", dict(export_dir=None), "exactly one of"),
         ("bad_index", dict(indices=["10000"]), "--indices"),
         ("bad_signature", dict(signature="classify"), "--signature"),
