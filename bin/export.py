@@ -53,6 +53,8 @@ def main(argv):
     del argv
     config = cli.config_from_flags(export.VersionExportConfig, _FLAGS)
     exported = export.export_version(config)
+    for path in exported.removed:
+        print(f"Removed {path}, the unfinished staging directory of an export that was killed")
     print(f"Exported the smoothed classifier (sigma={config.sigma}, n0={config.n0}, n={config.n}, "
           f"alpha={config.alpha}, stages={','.join(map(str, config.stages))}) to {exported.path}")
     if exported.check:

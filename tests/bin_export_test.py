@@ -96,10 +96,16 @@ class ExportBinaryTest(parameterized.TestCase):
     @pytest.mark.slow
     def test_model_file_and_timestamp_version(self):
         export_dir = self._export_dir("from_file")
+        # What a killed export leaves (unlocked, older than a minute): removed, and said so.
+        os.makedirs(export_dir)
+        stale = tempfile.mkdtemp(dir=export_dir, prefix=".5.incomplete-")
+        os.utime(stale, (time.time() - 3600, time.time() - 3600))
         before = int(time.time())
         result = _run_bin(f"--model={os.path.join(self.model_dir, 'base_model.keras')}", "--sigma=0.3",
                           f"--export_dir={export_dir}", *_TINY)
         self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+        self.assertIn(f"Removed {stale}, the unfinished staging directory of an export that was killed",
+                      result.stdout)
         (version,) = os.listdir(export_dir)
         self.assertRegex(version, r"^\d+$")
         self.assertBetween(int(version), before, int(time.time()))

@@ -344,7 +344,7 @@ class VersionExportTest(parameterized.TestCase):
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         config = export.VersionExportConfig(export_dir=export_dir, model_dir=self.model_dir, n0=4, n=16,
                                             batch_size=16, version=6)
-        export.export_version(config)
+        self.assertEqual(export.export_version(config).removed, (stale,))
         self.assertCountEqual(os.listdir(export_dir), ["6", os.path.basename(held), os.path.basename(fresh),
                                                        ".notes.incomplete"])
         self.assertFalse(os.path.exists(stale))

@@ -862,10 +862,13 @@ class ExportedVersion(NamedTuple):
       check: None, or the answers of the reloaded `serving_default` for
         `check_images` test images: int64 `label`, `class`, and float32
         `radius`, `p_lower`, each [check_images].
+      removed: the staging directories of killed exports that were removed
+        from `export_dir` (`remove_stale_staging`), so that the binary can say so.
     """
 
     path: str
     check: Optional[Dict[str, np.ndarray]]
+    removed: Tuple[str, ...] = ()
 
 
 def export_version(config: VersionExportConfig) -> ExportedVersion:
@@ -902,10 +905,12 @@ def export_version(config: VersionExportConfig) -> ExportedVersion:
                                           limit=config.check_images)
         check(len(images) == config.check_images, f"--check_images={config.check_images} is more than the "
               f"{len(images)} images of {config.dataset}'s test split")
+    # export_smoothed removes them too; removed here first to report them.
+    removed = tuple(remove_stale_staging(config.export_dir))
     path = export_smoothed(base_model, config.version_dir, sigma=config.sigma, num_classes=num_classes,
                            n0=config.n0, n=config.n, alpha=config.alpha, batch_size=config.batch_size,
                            class_names=class_names, stages=config.stages)
     if not config.check_images:
-        return ExportedVersion(path, None)
+        return ExportedVersion(path, None, removed)
     answers = tf.saved_model.load(path).signatures[SERVING_SIGNATURE](images=tf.constant(images))
-    return ExportedVersion(path, {"label": labels, **{k: v.numpy() for k, v in answers.items()}})
+    return ExportedVersion(path, {"label": labels, **{k: v.numpy() for k, v in answers.items()}}, removed)
