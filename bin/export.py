@@ -3,11 +3,15 @@ r"""Exports a trained model's smoothed classifier as a TF Serving model version.
 Writes `<export_dir>/<version>/` (saved_model.pb, variables/, assets.extra/)
 whose `serving_default` signature runs CERTIFY (Cohen et al., 2019) on every
 image of a request and returns its class (-1 = abstain), certified L2 radius
-and p_lower; `predict` runs PREDICT and `metadata` tells what the certificate
-means (sigma, n0, n, alpha, class names, input shape). sigma, the class names
-and the input shape come from the training run unless given. The version is
-written beside its final place and renamed when complete; an existing version
-is never overwritten.
+and p_lower; `certify_radius` answers "is this image certified at this
+radius?" (one radius per image), drawing the estimation samples in --stages
+until each image is settled; `predict` runs PREDICT in the same stages; and
+`metadata` tells what the certificate means (sigma, n0, n, stages, alpha,
+class names, input shape). sigma, the class names and the input shape come
+from the training run unless given. The version is written beside its final
+place and renamed when complete; an existing version is never overwritten. A
+killed export's hidden staging directory `<export_dir>/.<version>.incomplete-*`
+is removed by the next export (once no process holds it).
 
 Example:
 
@@ -16,7 +20,8 @@ Example:
       --check_images=2
 
   python bin/export.py --model=base_model.keras --sigma=0.25 \
-      --export_dir=serving/smoothed --version=3
+      --export_dir=serving/smoothed --version=3 --n=100000 \
+      --stages=100,1000,10000,100000
 """
 
 from tf_consreg import cli
@@ -32,6 +37,12 @@ _FLAGS = cli.define_flags(export.VersionExportConfig, {
     "n": "CERTIFY's estimation samples per image (and PREDICT's samples).",
     "alpha": "Failure probability of each certificate.",
     "batch_size": "Most noisy copies per forward pass in the server.",
+    "stages": "certify_radius's and predict's cumulative sample counts, comma-separated, increasing, ending at --n "
+              "(with more than one stage, starting at --n0 or above). Each stage runs its bounds at alpha / K (K "
+              "stages, a union bound), and an image stops at the first stage that settles its answer. Default: --n "
+              "times 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 0.5, 1, from max(--n0, 100) on (100, 300, ..., 100000 for "
+              "--n=100000), which stops most images after a few hundred samples. --stages=<n> makes predict Cohen's "
+              "fixed-n PREDICT.",
     "version": "TF Serving version number (default: the current Unix time).",
     "check_images": "After exporting, load the version back from disk and certify this many test images of the "
                     "run's dataset through serving_default, printing class and radius (needs --model_dir).",
@@ -42,8 +53,10 @@ def main(argv):
     del argv
     config = cli.config_from_flags(export.VersionExportConfig, _FLAGS)
     exported = export.export_version(config)
+    for path in exported.removed:
+        print(f"Removed {path}, the unfinished staging directory of an export that was killed")
     print(f"Exported the smoothed classifier (sigma={config.sigma}, n0={config.n0}, n={config.n}, "
-          f"alpha={config.alpha}) to {exported.path}")
+          f"alpha={config.alpha}, stages={','.join(map(str, config.stages))}) to {exported.path}")
     if exported.check:
         names = export.read_metadata(exported.path)["class_names"]
         print(f"serving_default of the reloaded export on {len(exported.check['label'])} test image(s):")

@@ -1,7 +1,9 @@
 r"""Sends test images to an exported smoothed classifier and prints class and radius.
 
 The model answers with CERTIFY (`serving_default`: class, certified L2 radius,
-p_lower) or PREDICT (`--signature=predict`: class). It is reached either
+p_lower), CERTIFY at a radius (`--signature=certify_radius --radius=r`: class,
+certified at r or not, radius, samples) or PREDICT (`--signature=predict`:
+class). It is reached either
 locally, through TensorFlow's own SavedModel loader (`--export_dir`: a
 SavedModel or a TF Serving base path, whose newest version is used), or on a
 running TF Serving (`--rest=host:8501` or `--grpc=host:8500`).
@@ -12,6 +14,9 @@ Examples:
 
   python bin/query.py --rest=localhost:8501 --model_name=fmnist_smoothed \
       --dataset=fashion_mnist --indices=0,1,2
+
+  python bin/query.py --export_dir=serving/fmnist_smoothed \
+      --signature=certify_radius --radius=0.5 --indices=0,1,2
 """
 
 import os
@@ -19,16 +24,21 @@ import time
 
 from absl import flags
 
+import numpy as np
+
 from tf_consreg import cli
 from tf_consreg import serving_client
 from tf_consreg.errors import ConfigError
+from tf_consreg.signatures import CERTIFY_RADIUS_SIGNATURE, INPUT_KEY, PREDICT_SIGNATURE, RADIUS_KEY
+from tf_consreg.signatures import SERVING_SIGNATURE
 
 _EXPORT_DIR = flags.DEFINE_string("export_dir", None, "A SavedModel, or a TF Serving base path holding "
                                   "numbered versions (the newest is used).")
 _REST = flags.DEFINE_string("rest", None, "host:port of a TF Serving REST API (8501 in its container).")
 _GRPC = flags.DEFINE_string("grpc", None, "host:port of a TF Serving gRPC API (8500 in its container).")
 _MODEL_NAME = flags.DEFINE_string("model_name", "smoothed", "The model's name in TF Serving.")
-_SIGNATURE = flags.DEFINE_string("signature", "certify", "certify (serving_default) or predict.")
+_SIGNATURE = flags.DEFINE_string("signature", "certify", "certify (serving_default), certify_radius or predict.")
+_RADIUS = flags.DEFINE_float("radius", None, "With --signature=certify_radius: the L2 radius asked of every image.")
 _DATASET = flags.DEFINE_string("dataset", "fashion_mnist", "Dataset the images come from.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Dataset files (see bin/train.py --data_dir).")
 _SPLIT = flags.DEFINE_string("split", "test", "Split the images come from.")
@@ -57,8 +67,13 @@ def main(argv):
     targets = [f for f in (_EXPORT_DIR, _REST, _GRPC) if f.value]
     if len(targets) != 1:
         raise ConfigError("give exactly one of --export_dir, --rest and --grpc")
-    if _SIGNATURE.value not in ("certify", "predict"):
-        raise ConfigError(f"--signature={_SIGNATURE.value!r} is unknown; choose certify or predict")
+    if _SIGNATURE.value not in ("certify", "certify_radius", "predict"):
+        raise ConfigError(f"--signature={_SIGNATURE.value!r} is unknown; choose certify, certify_radius or predict")
+    at_radius = _SIGNATURE.value == "certify_radius"
+    if at_radius != (_RADIUS.value is not None):
+        raise ConfigError("give --radius with --signature=certify_radius, and only then")
+    if at_radius and not (np.isfinite(_RADIUS.value) and _RADIUS.value > 0):
+        raise ConfigError(f"--radius must be finite and > 0, got {_RADIUS.value}")
     try:
         indices = [int(i) for i in _INDICES.value]
     except ValueError as e:
@@ -80,31 +95,39 @@ def main(argv):
     start = time.perf_counter()
     if local_dir:
         loaded = tf.saved_model.load(local_dir)
-        signature = "serving_default" if _SIGNATURE.value == "certify" else "predict"
-        outputs = {k: v.numpy() for k, v in loaded.signatures[signature](images=tf.constant(batch)).items()}
-        classes, radii, p_lower = outputs["class"], outputs.get("radius"), outputs.get("p_lower")
+        signature = {"certify": SERVING_SIGNATURE, "certify_radius": CERTIFY_RADIUS_SIGNATURE,
+                     "predict": PREDICT_SIGNATURE}[_SIGNATURE.value]
+        inputs = {INPUT_KEY: tf.constant(batch)}
+        if at_radius:
+            inputs[RADIUS_KEY] = tf.fill([len(batch)], tf.constant(_RADIUS.value, tf.float32))
+        outputs = {k: v.numpy() for k, v in loaded.signatures[signature](**inputs).items()}
         where = local_dir
     else:
         if rest:
             client = serving_client.RestClient(*rest, _MODEL_NAME.value)
         else:
             client = serving_client.GrpcClient(grpc_target, _MODEL_NAME.value)
-        radii = p_lower = None
-        if _SIGNATURE.value == "certify":
-            classes, radii, p_lower = client.certify(batch)
-        else:
-            classes = client.predict(batch)
+        try:
+            if _SIGNATURE.value == "certify":
+                outputs = dict(zip(("class", "radius", "p_lower"), client.certify(batch)))
+            elif at_radius:
+                outputs = dict(zip(("class", "certified", "radius", "samples"),
+                                   client.certify_radius(batch, _RADIUS.value)))
+            else:
+                outputs = {"class": client.predict(batch)}
+        except serving_client.ServingError as e:  # No server, or it refused the request: one line.
+            raise ConfigError(str(e)) from e
         where = _REST.value or _GRPC.value
     elapsed = time.perf_counter() - start
 
     print(f"{_SIGNATURE.value} on {len(indices)} image(s) from {where} in {elapsed:.2f} s")
-    header = "idx\tlabel\tclass" + ("\tradius\tp_lower" if radii is not None else "")
-    print(header)
-    for row, (i, label, cls) in enumerate(zip(indices, batch_labels, classes)):
-        line = f"{i}\t{label}\t{cls}"
-        if radii is not None:
-            line += f"\t{radii[row]:.3f}\t{p_lower[row]:.4f}"
-        print(line)
+    if at_radius:
+        print(f"certified at radius {_RADIUS.value}: {int(np.sum(outputs['certified']))} of {len(indices)}")
+    columns = [c for c in ("class", "certified", "radius", "p_lower", "samples") if c in outputs]
+    print("\t".join(["idx", "label", *columns]))
+    formats = {"class": "{}", "certified": "{}", "radius": "{:.3f}", "p_lower": "{:.4f}", "samples": "{}"}
+    for row, (i, label) in enumerate(zip(indices, batch_labels)):
+        print("\t".join([str(i), str(label), *(formats[c].format(outputs[c][row]) for c in columns)]))
 
 
 if __name__ == "__main__":

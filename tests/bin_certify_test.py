@@ -14,7 +14,9 @@ import tensorflow as tf
 
 import binaries  # tests/binaries.py
 from certify_run_test import HEADER, TINY, RunFixture, error_lines, make_model_dir, read_rows, run_binary
+from smoothing_test import with_nan_weights
 from tf_consreg import certify_run
+from tf_consreg import models
 
 # Every flag of bin/certify.py and its default, as users rely on them.
 FLAG_DEFAULTS = {
@@ -88,6 +90,27 @@ class CertifyBinaryTest(RunFixture, parameterized.TestCase):
             self.assertEqual(f.read(), before)
         self.assertEqual(sorted(os.listdir(os.path.dirname(output))), ["certify.shard0.tsv",
                                                                        "certify.shard0.tsv.json"])
+
+
+def save_nan_model(directory: str) -> str:
+    """A LeNet whose weights are all NaN, as a diverged training run leaves it; returns its .keras path."""
+    path = os.path.join(directory, "nan_model.keras")
+    with_nan_weights(models.get_architecture("lenet", "fashion_mnist")).save(path)
+    return path
+
+
+@pytest.mark.slow  # A fresh interpreter importing TensorFlow.
+class NanModelTest(RunFixture, absltest.TestCase):
+
+    def test_a_nan_model_gets_no_certificate(self):
+        # argmax over NaN logits is 0: counted as votes, every sample would
+        # be class 0, certified with radius sigma Phi^-1(alpha^(1/n)).
+        output = os.path.join(self.dir, "nan", "certify.tsv")
+        result = run_binary("certify.py", f"--model={save_nan_model(self.dir)}", "--dataset=fashion_mnist",
+                            "--sigma=0.25", "--max=3", "--n0=20", "--n=100", "--batch_size=100", f"--output={output}")
+        self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+        _, rows = read_rows(output)
+        self.assertEqual([(r[2], r[3]) for r in rows], [("-1", "0.0")] * 3)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ class FlagsTest(absltest.TestCase):
     def test_flags_and_defaults(self):
         self.assertEqual(binaries.flag_defaults("export"), {
             "model_dir": None, "model": None, "export_dir": None, "sigma": None, "n0": 100, "n": 10000,
-            "alpha": 0.001, "batch_size": 1000, "version": None, "check_images": 0})
+            "alpha": 0.001, "batch_size": 1000, "stages": None, "version": None, "check_images": 0})
 
 
 class ExportBinaryTest(parameterized.TestCase):
@@ -77,6 +77,8 @@ class ExportBinaryTest(parameterized.TestCase):
             self.assertTrue(os.path.exists(os.path.join(version_dir, name)), name)
         meta = export.read_metadata(version_dir)
         self.assertEqual((meta["sigma"], meta["n0"], meta["n"], meta["alpha"]), (0.5, 4, 16, 0.001))
+        self.assertEqual(meta["stages"], [16])
+        self.assertIn("stages=16) to", result.stdout)
         self.assertEqual(meta["class_names"][9], "Ankle boot")
         out = tf.saved_model.load(version_dir).signatures["serving_default"](
             images=tf.constant(np.full((2, 28, 28, 1), 0.5, np.float32)))
@@ -94,10 +96,16 @@ class ExportBinaryTest(parameterized.TestCase):
     @pytest.mark.slow
     def test_model_file_and_timestamp_version(self):
         export_dir = self._export_dir("from_file")
+        # What a killed export leaves (unlocked, older than a minute): removed, and said so.
+        os.makedirs(export_dir)
+        stale = tempfile.mkdtemp(dir=export_dir, prefix=".5.incomplete-")
+        os.utime(stale, (time.time() - 3600, time.time() - 3600))
         before = int(time.time())
         result = _run_bin(f"--model={os.path.join(self.model_dir, 'base_model.keras')}", "--sigma=0.3",
                           f"--export_dir={export_dir}", *_TINY)
         self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+        self.assertIn(f"Removed {stale}, the unfinished staging directory of an export that was killed",
+                      result.stdout)
         (version,) = os.listdir(export_dir)
         self.assertRegex(version, r"^\d+$")
         self.assertBetween(int(version), before, int(time.time()))
@@ -109,10 +117,26 @@ class ExportBinaryTest(parameterized.TestCase):
         ("sigma", ("--model_dir=MODEL_DIR", "--sigma=0"), r"--sigma must be > 0, got 0.0"),
         ("n0", ("--model_dir=MODEL_DIR", "--n0=0"), r"--n0 must be an integer in \[1, 2\^31\), got 0"),
         ("alpha", ("--model_dir=MODEL_DIR", "--alpha=1.5"), r"--alpha must be in \(0, 1\), got 1.5"),
+        ("stages_end", ("--model_dir=MODEL_DIR", "--stages=100,500"),
+         r"^export.py: error: --stages must end at n=10000 \(the total sample count\), got \[100, 500\]$"),
+        ("stages_below_n0", ("--model_dir=MODEL_DIR", "--n0=200", "--stages=100,10000"),
+         r"^export.py: error: --stages must start at n0=200 or above"),
+        ("stages_words", ("--model_dir=MODEL_DIR", "--stages=ten,100"),
+         r"^export.py: error: --stages: 'ten,100' is not a list of int values$"),
+        ("check_images_beyond_split", ("--model_dir=MODEL_DIR", "--check_images=10001"),
+         r"^export.py: error: --check_images=10001 is more than the 10000 images of fashion_mnist's test split$"),
+        ("truncated_model", ("--model=TRUNCATED", "--sigma=0.25"),
+         r"^export.py: error: .*truncated\.keras is not a complete \.keras file \(a zip archive\)"),
     )
     def test_bad_input_gives_one_line_and_writes_nothing(self, args, message):
         export_dir = self._export_dir("bad_" + re.sub(r"\W", "_", args[-1]))
-        args = [a.replace("MODEL_DIR", self.model_dir) for a in args]
+        truncated = os.path.join(self._tmp.name, "truncated.keras")
+        if not os.path.exists(truncated):
+            with open(os.path.join(self.model_dir, "base_model.keras"), "rb") as f:
+                whole = f.read()
+            with open(truncated, "wb") as f:
+                f.write(whole[:len(whole) // 2])
+        args = [a.replace("MODEL_DIR", self.model_dir).replace("TRUNCATED", truncated) for a in args]
         result = _run_bin(*args, f"--export_dir={export_dir}", timeout=120)
         self.assertEqual(result.returncode, 2, result.stderr[-2000:])
         lines = _error_lines(result)

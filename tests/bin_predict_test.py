@@ -15,6 +15,7 @@ import tensorflow as tf
 
 import binaries  # tests/binaries.py
 from bin_certify_test import FLAG_DEFAULTS
+from bin_certify_test import save_nan_model
 from certify_run_test import PREDICT_HEADER, error_lines, make_model_dir, read_rows, run_binary
 
 
@@ -50,6 +51,17 @@ class PredictBinaryTest(tf.test.TestCase):
         self.assertEqual(error_lines(result.stderr),
                          ["predict.py: error: --shard_index must be in [0, --num_shards=2), got 2"])
         self.assertFalse(os.path.exists(bad))
+
+
+    def test_a_nan_model_gets_no_prediction(self):
+        # Counted as votes, its NaN samples would all be class 0: 100 to 0, a sure "class 0".
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory, ignore_errors=True)
+        output = os.path.join(directory, "out", "predict.tsv")
+        result = run_binary("predict.py", f"--model={save_nan_model(directory)}", "--dataset=fashion_mnist",
+                            "--sigma=0.25", "--max=3", "--n=100", "--batch_size=100", f"--output={output}")
+        self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+        self.assertEqual([r[2] for r in read_rows(output)[1]], ["-1"] * 3)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ import io
 import tempfile
 import os
 import shutil
+import socket
+import subprocess
 import sys
 
 import numpy as np
@@ -72,10 +74,26 @@ class QueryBinaryTest(tf.test.TestCase, parameterized.TestCase):
         out = io.StringIO()
         with flagsaver.flagsaver(export_dir=self.base_path, signature="predict"), contextlib.redirect_stdout(out):
             query_bin.main(["query"])
-        self.assertEqual(out.getvalue().strip().splitlines()[1], "idx\tlabel\tclass")
+        self.assertEqual(out.getvalue().strip().splitlines()[1], "idx\tlabel\tclass\tsamples")
+
+    def test_certify_radius_signature(self):
+        out = io.StringIO()
+        with flagsaver.flagsaver(export_dir=self.base_path, signature="certify_radius", radius=0.05,
+                                 indices=["0", "5"]), contextlib.redirect_stdout(out):
+            query_bin.main(["query"])
+        lines = out.getvalue().strip().splitlines()
+        self.assertRegex(lines[1], r"^certified at radius 0.05: [0-2] of 2$")
+        self.assertEqual(lines[2], "idx\tlabel\tclass\tcertified\tradius\tsamples")
+        for row in lines[3:]:
+            _, _, cls, certified, radius, samples = row.split("\t")
+            self.assertEqual(certified, str(float(radius) >= 0.05 and int(cls) >= 0))
+            self.assertEqual(samples, "60")  # n = 60 < 100: the one stage n.
 
     @parameterized.named_parameters(
         ("two_targets", dict(rest="localhost:8501"), "exactly one of"),
+        ("radius_without_signature", dict(radius=0.5), "give --radius with --signature=certify_radius"),
+        ("signature_without_radius", dict(signature="certify_radius"), "give --radius with"),
+        ("radius_zero", dict(signature="certify_radius", radius=0.0), "--radius must be finite and > 0"),
         ("no_target", dict(export_dir=None), "exactly one of"),
         ("bad_index", dict(indices=["10000"]), "--indices"),
         ("bad_signature", dict(signature="classify"), "--signature"),
@@ -85,6 +103,23 @@ class QueryBinaryTest(tf.test.TestCase, parameterized.TestCase):
         with flagsaver.flagsaver(**{"export_dir": self.base_path, **overrides}):
             with self.assertRaisesRegex(ConfigError, message):
                 query_bin.main(["query"])
+
+    def test_closed_port_is_one_line(self):
+        # A port nobody listens on: bound, then closed again.
+        with socket.socket() as sock:
+            sock.bind(("localhost", 0))
+            port = sock.getsockname()[1]
+        with flagsaver.flagsaver(export_dir=None, rest=f"localhost:{port}"):
+            with self.assertRaisesRegex(ConfigError, f"^cannot reach http://localhost:{port}/v1/models/smoothed:"
+                                        "predict: .*refused"):
+                query_bin.main(["query"])
+        result = subprocess.run([sys.executable, os.path.join(REPO, "bin", "query.py"), f"--rest=localhost:{port}"],
+                                capture_output=True, text=True, timeout=300, check=False)
+        self.assertEqual(result.returncode, 2, result.stderr[-2000:])
+        self.assertNotIn("Traceback", result.stderr)
+        self.assertRegex(result.stderr.rstrip().splitlines()[-1],
+                         f"^query.py: error: cannot reach http://localhost:{port}/v1/models/smoothed:predict: ")
+        self.assertLen([line for line in result.stderr.splitlines() if line.startswith("query.py: error:")], 1)
 
     def test_missing_export(self):
         with flagsaver.flagsaver(export_dir=self.get_temp_dir() + "/nothing"):

@@ -1,5 +1,6 @@
 """Tests for tf_consreg.export: in-graph statistics, the SavedModel and its signatures."""
 
+import fcntl
 import json
 import os
 import shutil
@@ -12,13 +13,18 @@ from unittest import mock
 from absl.testing import parameterized
 import keras
 import numpy as np
+import pytest
 from scipy import stats as scipy_stats
 import tensorflow as tf
 
+from smoothing_test import partly_nonfinite_model  # tests/ is on sys.path under pytest
+from smoothing_test import partly_nonfinite_probabilities
+from smoothing_test import with_nan_weights
 from tf_consreg import data
 from tf_consreg import export
 from tf_consreg import models
 from tf_consreg import signatures
+from tf_consreg import smoothing
 from tf_consreg import stats
 from tf_consreg import training
 from tf_consreg.errors import ConfigError
@@ -75,8 +81,32 @@ def make_model_dir(root: str, sigma: float = 0.5) -> str:
     return model_dir
 
 
-def _signature_outputs(loaded, images, name=signatures.SERVING_SIGNATURE):
-    return {k: v.numpy() for k, v in loaded.signatures[name](images=tf.constant(images)).items()}
+def _signature_outputs(loaded, images, name=signatures.SERVING_SIGNATURE, radius=None):
+    inputs = {"images": tf.constant(images)}
+    if radius is not None:
+        inputs["radius"] = tf.constant(radius, tf.float32)
+    return {k: v.numpy() for k, v in loaded.signatures[name](**inputs).items()}
+
+
+def library_staged_certify(smooth, images, radius, *, n0, n, alpha, batch_size, stages, seed):
+    """`Smooth.certify_staged_batch` with one radius per image, keyed as the export keys a request.
+
+    The library asks every image of a call the same radii, so images are
+    grouped by radius; image i keeps its id i, which fixes its noise
+    whatever group it is certified in.
+
+    Returns:
+      dict of class, certified, radius, samples [B], as certify_radius.
+    """
+    out = {"class": np.zeros(len(images), np.int64), "certified": np.zeros(len(images), bool),
+           "radius": np.zeros(len(images)), "samples": np.zeros(len(images), np.int64)}
+    for r in np.unique(radius):
+        ids = np.flatnonzero(radius == r)
+        result = smooth.certify_staged_batch(images[ids], n0, n, alpha, batch_size, radii=[float(r)], stages=stages,
+                                             seed=seed, image_ids=ids)
+        out["class"][ids], out["certified"][ids] = result.classes, result.certified[:, 0]
+        out["radius"][ids], out["samples"][ids] = result.radii, result.samples
+    return out
 
 
 class InGraphStatisticsTest(parameterized.TestCase):
@@ -107,6 +137,34 @@ class InGraphStatisticsTest(parameterized.TestCase):
         np.testing.assert_allclose(export.clopper_pearson_lower(np.ones_like(n), n, 0.001).numpy(),
                                    1 - 0.999 ** (1 / n), rtol=1e-7)
 
+    @parameterized.parameters(1e-6, 0.001, 0.05, 0.3)
+    def test_clopper_pearson_upper_matches_scipy_beta_isf(self, alpha):
+        k, n = self._grid()
+        got = export.clopper_pearson_upper(k, n, alpha).numpy()
+        expected = np.where(k < n, scipy_stats.beta.isf(alpha, k + 1, np.maximum(n - k, 1)), 1.0)
+        np.testing.assert_array_equal(got[k == n], 1.0)
+        # 1 - x loses relative precision near 0: the bound is accurate to 1e-6 of it plus 1e-15.
+        np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-15)
+        np.testing.assert_allclose(got, stats.clopper_pearson_upper(k, n, alpha), rtol=1e-6, atol=1e-15)
+
+    def test_clopper_pearson_upper_closed_form_and_tensor_level(self):
+        # k = 0: P(no success) = (1 - p)^n = alpha at the bound, so 1 - alpha^(1/n).
+        n = np.array([1, 10, 1000, 100000])
+        level = tf.constant(0.001, tf.float64)
+        np.testing.assert_allclose(export.clopper_pearson_upper(np.zeros_like(n), n, level).numpy(),
+                                   1 - 0.001 ** (1 / n), rtol=1e-9)
+
+    def test_settled_matches_stats(self):
+        # Bounds around 1/2 and around Phi(r / sigma) for r = 0.25, sigma = 0.5 (Phi(0.5) = 0.6915).
+        rng = np.random.default_rng(2)
+        low = rng.uniform(0.3, 0.8, 2000)
+        high = np.minimum(low + rng.uniform(0, 0.2, 2000), 1.0)
+        radius = rng.choice([0.1, 0.25, 0.4], 2000)
+        got = export.settled(low, high, radius, 0.5).numpy()
+        expected = np.array([stats.settled(low[i:i + 1], high[i:i + 1], [radius[i]], 0.5)[0] for i in range(2000)])
+        np.testing.assert_array_equal(got, expected)
+        self.assertTrue(0.2 < got.mean() < 0.8)  # Both answers occur.
+
     def test_binomial_test_matches_scipy_binomtest(self):
         k, n = self._grid()
         got = export.binomial_test_two_sided(k, n).numpy()
@@ -135,6 +193,7 @@ class InGraphStatisticsTest(parameterized.TestCase):
 
     def test_statistics_trace_with_core_ops_only(self):
         fn = tf.function(lambda k, n: (export.clopper_pearson_lower(k, n, 0.001),
+                                       export.clopper_pearson_upper(k, n, 0.001),
                                        export.binomial_test_two_sided(k, n)))
         graph = fn.get_concrete_function(tf.TensorSpec([None], tf.int64), tf.TensorSpec([None], tf.int64)).graph
         ops = {op.type for op in graph.get_operations()}
@@ -155,11 +214,29 @@ class ExportConfigTest(parameterized.TestCase):
         ("one_class", dict(num_classes=1), "num_classes"),
         ("class_names_length", dict(class_names=("a", "b", "c")), "class_names"),
         ("seed_negative", dict(seed=-1), "--seed"),
+        ("stages_not_ending_at_n", dict(stages=(100, 1000)), "^--stages must end at n=10000"),
+        ("stages_not_increasing", dict(stages=(1000, 100, 10000)), "^--stages must strictly increase"),
+        ("stage_below_n0", dict(stages=(50, 10000)), "^--stages must start at n0=100"),
+        ("stages_empty", dict(stages=()), "^--stages must be a non-empty"),
+        ("stage_not_integer", dict(stages=(100.5, 10000)), "^--stages must be integers"),
     )
     def test_bad_values_raise_naming_the_field(self, change, name):
         values = {"sigma": 0.25, "num_classes": 2, **change}
         with self.assertRaisesRegex(ConfigError, name):
             export.ExportConfig(**values)
+
+    def test_stages_default_and_levels(self):
+        # The library's default from max(n0, 100), and alpha / K per stage (the library's split).
+        config = export.ExportConfig(sigma=0.25, num_classes=2, n0=100, n=100000, alpha=0.001)
+        self.assertEqual(config.stages, (100, 300, 1000, 3000, 10000, 30000, 50000, 100000))
+        self.assertEqual(config.stages, smoothing.check_staged_stages(None, 100000, 100))
+        self.assertEqual(config.levels, (0.001 / 8,) * 8)
+        self.assertAlmostEqual(sum(config.levels), 0.001, delta=1e-15)
+        self.assertEqual(export.ExportConfig(sigma=0.25, num_classes=2, n0=500, n=10000).stages, (1000, 3000, 5000,
+                                                                                                   10000))
+        # One stage n: the staged signatures are fixed-n PREDICT (and CERTIFY at n).
+        one = export.ExportConfig(sigma=0.25, num_classes=2, n=5000, stages=[5000])
+        self.assertEqual((one.stages, one.levels), ((5000,), (0.001,)))
 
     def test_bad_arguments_write_nothing(self):
         model = linear_model(*_linear_setup()[:2])
@@ -210,6 +287,9 @@ class VersionExportTest(parameterized.TestCase):
         meta = export.read_metadata(path)
         self.assertEqual(meta["sigma"], 0.5)
         self.assertEqual(meta["n"], 16)
+        self.assertEqual(meta["n_max"], 16)
+        self.assertEqual(meta["stages"], [16])  # n below 100: the one stage n.
+        self.assertEqual(meta["levels"], [0.001])
         self.assertEqual(meta["input_shape"], [28, 28, 1])
         self.assertEqual(meta["class_names"][0], "T-shirt/top")
         self.assertEqual(meta["seed"], -1)
@@ -225,6 +305,78 @@ class VersionExportTest(parameterized.TestCase):
         self.assertCountEqual(check, ["label", "class", "radius", "p_lower"])
         for value in check.values():
             self.assertEqual(value.shape, (3,))
+
+    def test_check_images_beyond_the_test_split_is_refused_before_writing(self):
+        config = export.VersionExportConfig(export_dir=self._export_dir(), model_dir=self.model_dir, n0=4, n=16,
+                                            batch_size=16, version=4, check_images=10001)
+        with self.assertRaisesRegex(ConfigError, "^--check_images=10001 is more than the 10000 images of "
+                                    "fashion_mnist's test split$"):
+            export.export_version(config)
+        self.assertFalse(os.path.exists(config.export_dir))
+
+    def test_stages_reach_the_export(self):
+        config = export.VersionExportConfig(export_dir=self._export_dir(), model_dir=self.model_dir, n0=4, n=400,
+                                            batch_size=100, version=5, stages=[100, 400], alpha=0.01)
+        meta = export.read_metadata(export.export_version(config).path)
+        self.assertEqual((meta["stages"], meta["levels"], meta["n_max"]), ([100, 400], [0.005, 0.005], 400))
+        default = export.VersionExportConfig(export_dir=self._export_dir(), model_dir=self.model_dir, n=100000)
+        self.assertEqual(default.stages, stats.default_stages(100000))
+
+    def _staging_dir(self, parent, name, age_seconds):
+        path = tempfile.mkdtemp(dir=parent, prefix=f".{name}.incomplete-")
+        open(os.path.join(path, "saved_model.pb"), "w").close()
+        then = time.time() - age_seconds
+        os.utime(path, (then, then))
+        return path
+
+    def test_stale_staging_directories_are_removed(self):
+        export_dir = self._export_dir()
+        os.makedirs(export_dir)
+        stale = self._staging_dir(export_dir, "3", age_seconds=3600)
+        held = self._staging_dir(export_dir, "4", age_seconds=3600)
+        fresh = self._staging_dir(export_dir, "5", age_seconds=0)
+        other = os.path.join(export_dir, ".notes.incomplete")  # Not a staging name: never touched.
+        os.makedirs(other)
+        os.utime(other, (0, 0))
+        # A running export holds its staging directory's lock (another open file: flock conflicts in-process too).
+        lock = os.open(held, os.O_RDONLY | os.O_DIRECTORY)
+        self.addCleanup(os.close, lock)
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        config = export.VersionExportConfig(export_dir=export_dir, model_dir=self.model_dir, n0=4, n=16,
+                                            batch_size=16, version=6)
+        self.assertEqual(export.export_version(config).removed, (stale,))
+        self.assertCountEqual(os.listdir(export_dir), ["6", os.path.basename(held), os.path.basename(fresh),
+                                                       ".notes.incomplete"])
+        self.assertFalse(os.path.exists(stale))
+
+    @pytest.mark.slow
+    def test_killed_export_leaves_a_staging_directory_that_the_next_export_removes(self):
+        export_dir = self._export_dir()
+        # A real export in another process, stopped for good while it writes the warm-up file.
+        script = (
+            "import os, signal, sys\n"
+            "sys.path.insert(0, sys.argv[3])\n"
+            "from unittest import mock\n"
+            "from tf_consreg import export\n"
+            "def stop(*args, **kwargs):\n"
+            "    print('staged', flush=True)\n"
+            "    os.kill(os.getpid(), signal.SIGKILL)\n"
+            "with mock.patch.object(export, '_write_warmup', stop):\n"
+            "    export.export_version(export.VersionExportConfig(export_dir=sys.argv[1], model_dir=sys.argv[2],\n"
+            "                                                     n0=4, n=16, batch_size=16, version=1))\n"
+        )
+        repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        result = subprocess.run([sys.executable, "-c", script, export_dir, self.model_dir, repo], capture_output=True,
+                                text=True, timeout=300, check=False)
+        self.assertEqual(result.returncode, -9, result.stderr[-2000:])
+        self.assertIn("staged", result.stdout)
+        (left,) = os.listdir(export_dir)
+        self.assertRegex(left, r"^\.1\.incomplete-")
+        path = os.path.join(export_dir, left)
+        os.utime(path, (time.time() - 120, time.time() - 120))  # Older than a staging directory being locked.
+        export.export_version(export.VersionExportConfig(export_dir=export_dir, model_dir=self.model_dir, n0=4, n=16,
+                                                         batch_size=16, version=2))
+        self.assertEqual(os.listdir(export_dir), ["2"])
 
     def test_default_version_is_the_time(self):
         before = int(time.time())
@@ -243,8 +395,8 @@ class VersionExportTest(parameterized.TestCase):
         model = linear_model(*_linear_setup()[:2])
         real_write = export._write_warmup  # pylint: disable=protected-access
 
-        def write_and_race(*args):
-            real_write(*args)
+        def write_and_race(*args, **kwargs):
+            real_write(*args, **kwargs)
             os.makedirs(export_dir)
             open(os.path.join(export_dir, "other"), "w").close()
 
@@ -281,6 +433,10 @@ class VersionExportTest(parameterized.TestCase):
         ("check_images_negative", dict(model_dir="MODEL_DIR", check_images=-1), "--check_images"),
         ("check_images_without_run", dict(model="MODEL_FILE", sigma=0.2, check_images=1),
          "--check_images needs --model_dir"),
+        ("stages_not_ending_at_n", dict(model_dir="MODEL_DIR", n=1000, stages=(100, 500)),
+         "^--stages must end at n=1000"),
+        ("stage_below_n0", dict(model_dir="MODEL_DIR", n=1000, n0=200, stages=(100, 1000)),
+         "^--stages must start at n0=200"),
     )
     def test_bad_values_fail_before_any_work(self, values, message):
         empty = self._tempdir()
@@ -330,13 +486,19 @@ class LenetExportTest(tf.test.TestCase):
     def test_reloaded_equals_in_memory(self):
         # A fixed seed makes both runs draw the same noise, so they agree exactly.
         _, endpoints = export.build_archive(self.model, export.ExportConfig(**self.kwargs))
-        in_memory = {k: v.numpy() for k, v in endpoints["serving_default"](tf.constant(self.images)).items()}
-        reloaded = _signature_outputs(self.loaded, self.images)
-        self.assertCountEqual(reloaded, ["class", "radius", "p_lower"])
-        for key in reloaded:
-            np.testing.assert_array_equal(reloaded[key], in_memory[key], err_msg=key)
-        in_memory = endpoints["predict"](tf.constant(self.images))["class"].numpy()
-        np.testing.assert_array_equal(_signature_outputs(self.loaded, self.images, "predict")["class"], in_memory)
+        radius = np.array([0.05, 0.1, 0.2], np.float32)
+        expected_keys = {signatures.SERVING_SIGNATURE: ["class", "radius", "p_lower"],
+                         signatures.CERTIFY_RADIUS_SIGNATURE: ["class", "certified", "radius", "samples"],
+                         signatures.PREDICT_SIGNATURE: ["class", "samples"]}
+        for name, keys in expected_keys.items():
+            with self.subTest(signature=name):
+                args = [tf.constant(self.images)] + ([tf.constant(radius)] if "certified" in keys else [])
+                in_memory = {k: v.numpy() for k, v in endpoints[name](*args).items()}
+                reloaded = _signature_outputs(self.loaded, self.images, name,
+                                              radius if "certified" in keys else None)
+                self.assertCountEqual(reloaded, keys)
+                for key in reloaded:
+                    np.testing.assert_array_equal(reloaded[key], in_memory[key], err_msg=key)
 
     def test_output_types_and_certificate_rule(self):
         out = _signature_outputs(self.loaded, self.images)
@@ -351,16 +513,33 @@ class LenetExportTest(tf.test.TestCase):
         np.testing.assert_allclose(out["radius"][~abstain], 0.25 * scipy_stats.norm.ppf(out["p_lower"][~abstain]),
                                    rtol=1e-5, atol=1e-5)
 
-    def test_empty_batch(self):
-        out = _signature_outputs(self.loaded, np.zeros((0, 28, 28, 1), np.float32))
+    def test_certify_radius_outputs(self):
+        radius = np.array([0.05, 0.1, 0.2], np.float32)
+        out = _signature_outputs(self.loaded, self.images, signatures.CERTIFY_RADIUS_SIGNATURE, radius)
+        self.assertEqual({k: v.dtype for k, v in out.items()},
+                         {"class": np.int64, "certified": np.bool_, "radius": np.float32, "samples": np.int64})
         for value in out.values():
-            self.assertEqual(value.shape, (0,))
+            self.assertEqual(value.shape, (3,))
+        self.assertTrue(np.all(np.isin(out["samples"], export.ExportConfig(**self.kwargs).stages)))
+        abstain = out["class"] == stats.ABSTAIN
+        np.testing.assert_array_equal(out["radius"][abstain], 0.0)
+        np.testing.assert_array_equal(out["certified"], (out["radius"] >= radius) & ~abstain)
+
+    def test_empty_batch(self):
+        empty = np.zeros((0, 28, 28, 1), np.float32)
+        for name, radius in ((signatures.SERVING_SIGNATURE, None), (signatures.PREDICT_SIGNATURE, None),
+                             (signatures.CERTIFY_RADIUS_SIGNATURE, np.zeros(0, np.float32))):
+            for value in _signature_outputs(self.loaded, empty, name, radius).values():
+                self.assertEqual(value.shape, (0,))
 
     def test_metadata_signature_and_file(self):
         meta = {k: v.numpy() for k, v in self.loaded.signatures[signatures.METADATA_SIGNATURE]().items()}
         self.assertEqual(meta["sigma"], 0.25)
         self.assertEqual(meta["n0"], 8)
         self.assertEqual(meta["n"], 64)
+        self.assertEqual(meta["n_max"], 64)
+        np.testing.assert_array_equal(meta["stages"], [64])  # n = 64 < 100: the one stage n.
+        np.testing.assert_array_equal(meta["levels"], [0.01])
         self.assertEqual(meta["alpha"], 0.01)
         self.assertEqual(meta["num_classes"], 10)
         self.assertEqual(meta["seed"], 123)
@@ -377,9 +556,11 @@ class LenetExportTest(tf.test.TestCase):
         cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
         result = subprocess.run([cli, "show", "--dir", self.export_dir, "--all"], capture_output=True, text=True,
                                 timeout=120, check=True)
-        for name in (signatures.SERVING_SIGNATURE, signatures.PREDICT_SIGNATURE, signatures.METADATA_SIGNATURE):
+        for name in (signatures.SERVING_SIGNATURE, signatures.CERTIFY_RADIUS_SIGNATURE, signatures.PREDICT_SIGNATURE,
+                     signatures.METADATA_SIGNATURE):
             self.assertIn(f"signature_def['{name}']", result.stdout)
-        for key in ("inputs['images']", "outputs['class']", "outputs['radius']", "outputs['p_lower']"):
+        for key in ("inputs['images']", "inputs['radius']", "outputs['class']", "outputs['radius']",
+                    "outputs['p_lower']", "outputs['certified']", "outputs['samples']"):
             self.assertIn(key, result.stdout)
         blocks = result.stdout.split("signature_def[")[1:]
         for block in blocks:
@@ -429,11 +610,12 @@ class LenetExportTest(tf.test.TestCase):
             log = prediction_log_pb2.PredictionLog.FromString(record.numpy())
             request = log.predict_log.request
             names.append(request.model_spec.signature_name)
-            images = tf.make_ndarray(request.inputs["images"])
-            self.assertEqual(images.shape, (1, 28, 28, 1))
-            out = self.loaded.signatures[request.model_spec.signature_name](images=tf.constant(images))
+            inputs = {key: tf.constant(tf.make_ndarray(value)) for key, value in request.inputs.items()}
+            self.assertEqual(inputs["images"].shape, (1, 28, 28, 1))
+            out = self.loaded.signatures[request.model_spec.signature_name](**inputs)
             self.assertEqual(out["class"].shape, (1,))
-        self.assertEqual(names, [signatures.SERVING_SIGNATURE, signatures.PREDICT_SIGNATURE])
+        self.assertEqual(names, [signatures.SERVING_SIGNATURE, signatures.CERTIFY_RADIUS_SIGNATURE,
+                                 signatures.PREDICT_SIGNATURE])
 
     def test_bad_requests_fail_with_clear_messages(self):
         good = np.full((1, 28, 28, 1), 0.5, np.float32)
@@ -449,11 +631,33 @@ class LenetExportTest(tf.test.TestCase):
             "above_one": (good * 2.5, r"images must be in \[0, 1\]"),
             "negative": (good - 0.6, r"images must be in \[0, 1\]"),
         }
-        for signature in (signatures.SERVING_SIGNATURE, signatures.PREDICT_SIGNATURE):
+        for signature in (signatures.SERVING_SIGNATURE, signatures.CERTIFY_RADIUS_SIGNATURE,
+                          signatures.PREDICT_SIGNATURE):
             for name, (images, message) in cases.items():
                 with self.subTest(signature=signature, case=name):
+                    inputs = {"images": tf.constant(images)}
+                    if signature == signatures.CERTIFY_RADIUS_SIGNATURE:
+                        inputs["radius"] = tf.fill(tf.shape(images)[:1], 0.1)
                     with self.assertRaisesRegex(tf.errors.InvalidArgumentError, message):
-                        self.loaded.signatures[signature](images=tf.constant(images))
+                        self.loaded.signatures[signature](**inputs)
+
+    def test_bad_radii_fail_with_clear_messages(self):
+        images = tf.constant(np.full((2, 28, 28, 1), 0.5, np.float32))
+        cases = {
+            "scalar": (0.1, r"radius must be float32 \[batch\], one radius per image; got shape\] \[\] "
+                            r"\[for a batch of\] \[2\]"),
+            "too_few": ([0.1], r"one radius per image; got shape\] \[1\] \[for a batch of\] \[2\]"),
+            "rank_2": ([[0.1], [0.2]], r"got shape\] \[2 1\]"),
+            "zero": ([0.1, 0.0], r"radius must be finite and > 0.*\[0.1 0\]"),
+            "negative": ([-0.1, 0.2], "radius must be finite and > 0"),
+            "nan": ([0.1, np.nan], "radius must be finite and > 0"),
+            "inf": ([np.inf, 0.1], "radius must be finite and > 0"),
+        }
+        for name, (radius, message) in cases.items():
+            with self.subTest(case=name):
+                with self.assertRaisesRegex(tf.errors.InvalidArgumentError, message):
+                    self.loaded.signatures[signatures.CERTIFY_RADIUS_SIGNATURE](
+                        images=images, radius=tf.constant(radius, tf.float32))
 
 
 class LinearClosedFormTest(tf.test.TestCase):
@@ -487,6 +691,134 @@ class LinearClosedFormTest(tf.test.TestCase):
         # Not vacuous: most images with p far from 1/2 get a certificate.
         clear = np.abs(p_true - 0.5) > 0.15
         self.assertGreater(certified[clear].mean(), 0.9)
+
+    def test_certify_radius_certified_beyond_true_radius_at_most_alpha(self):
+        # The guarantee of certify_radius, per image: with probability
+        # >= 1 - alpha the class is not wrong and the reported radius is at
+        # most the true one, so in particular a radius above the true one is
+        # not certified. The images' true p_A spread over [0.55, 0.95]; each
+        # is asked at 0.9, 0.98, 1.02 or 1.1 times its true radius, just
+        # inside and just outside. Images are independent, so failures are
+        # Binomial(count, q) with q <= alpha: allowed up to the (1 - 1e-6)
+        # quantile of Binomial(count, alpha), a false alarm probability
+        # < 1e-6. alpha = 0.05 makes failures countable: a bound at level
+        # alpha instead of alpha / K per stage, or one that took the upper
+        # bound, would fail far more often.
+        alpha, count, stages = 0.05, 400, (100, 1000, 10000)
+        w, b, rng = _linear_setup()
+        model = linear_model(w, b)
+        with tempfile.TemporaryDirectory() as root:
+            path = os.path.join(root, "linear")
+            export.export_smoothed(model, path, sigma=self.SIGMA, num_classes=2, n0=100, n=10000, alpha=alpha,
+                                   batch_size=10000, stages=stages)
+            p_true = rng.uniform(0.55, 0.95, count)
+            margins = self.SIGMA * scipy_stats.norm.ppf(p_true) * np.where(np.arange(count) % 2 == 0, 1, -1)
+            images = images_at_margins(w, b, margins, rng)
+            factor = np.tile([0.9, 0.98, 1.02, 1.1], count // 4)
+            true_radius = np.abs(margins)
+            asked = (factor * true_radius).astype(np.float32)
+            out = _signature_outputs(tf.saved_model.load(path), images, signatures.CERTIFY_RADIUS_SIGNATURE, asked)
+        true_class = np.where(margins > 0, 0, 1)
+        wrong_class = (out["class"] != stats.ABSTAIN) & (out["class"] != true_class)
+        too_far = out["radius"] > true_radius + 1e-5
+        failures = wrong_class | too_far
+        limit = scipy_stats.binom.isf(1e-6, count, alpha)
+        self.assertLessEqual(int(failures.sum()), limit)
+        self.assertLessEqual(int((out["certified"] & (asked > true_radius)).sum()), limit)
+        # Not vacuous: at p_A >= 0.7 the bound at n = 10^4 (level alpha / 3,
+        # z = 2.13, SE <= 0.0046) lies below p_A by <= 0.0098, while Phi of 0.9
+        # times the true z lies >= 0.0185 below p_A: about 97% certified.
+        inside = (factor == 0.9) & (p_true >= 0.7)
+        self.assertGreater(out["certified"][inside].mean(), 0.8)
+        # Far from the thresholds, images stop early.
+        self.assertLess(out["samples"].mean(), 10000)
+        self.assertTrue(np.all(np.isin(out["samples"], stages)))
+
+    def test_signatures_equal_the_library_with_a_fixed_seed(self):
+        # A fixed seed keys each image's noise as Smooth does with
+        # image_ids = positions, so the export and the library draw the same
+        # samples and give the same answers, also for a model whose logits
+        # are NaN on part of the inputs (x[0] > 0.8, with w[0] = 0).
+        w, b, rng = _linear_setup()
+        w[0, 0, 0] = 0.0
+        kwargs = dict(n0=50, n=2000, alpha=0.01, batch_size=512, stages=(100, 500, 2000))
+        images = images_at_margins(w, b, self.SIGMA * scipy_stats.norm.ppf(rng.uniform(0.05, 0.95, 24)), rng)
+        radius = rng.choice(np.array([0.02, 0.1, 0.3], np.float32), 24)
+        for name, model in (("linear", linear_model(w, b)), ("partly_nonfinite", partly_nonfinite_model(w, b, 0, 0.8))):
+            with self.subTest(model=name), tempfile.TemporaryDirectory() as root:
+                path = os.path.join(root, name)
+                export.export_smoothed(model, path, sigma=self.SIGMA, num_classes=2, seed=17, **kwargs)
+                loaded = tf.saved_model.load(path)
+                smooth = smoothing.Smooth(model, 2, self.SIGMA)
+                ids = np.arange(len(images))
+                staged = library_staged_certify(smooth, images, radius, seed=17, **kwargs)
+                out = _signature_outputs(loaded, images, signatures.CERTIFY_RADIUS_SIGNATURE, radius)
+                for key in ("class", "certified", "samples"):
+                    np.testing.assert_array_equal(out[key], staged[key], err_msg=key)
+                np.testing.assert_allclose(out["radius"], staged["radius"], rtol=1e-6)
+                self.assertGreater(len(set(out["samples"].tolist())), 1)
+                classes, radii = smooth.certify_batch(images, kwargs["n0"], kwargs["n"], kwargs["alpha"],
+                                                      kwargs["batch_size"], seed=17, image_ids=ids)
+                out = _signature_outputs(loaded, images)
+                np.testing.assert_array_equal(out["class"], classes)
+                np.testing.assert_allclose(out["radius"], radii, rtol=1e-6)
+                predicted = smooth.predict_staged_batch(images, kwargs["n"], kwargs["alpha"], kwargs["batch_size"],
+                                                        stages=kwargs["stages"], seed=17, image_ids=ids)
+                out = _signature_outputs(loaded, images, signatures.PREDICT_SIGNATURE)
+                np.testing.assert_array_equal(out["class"], predicted.classes)
+                np.testing.assert_array_equal(out["samples"], predicted.samples)
+
+    def test_nan_model_gives_no_certificate(self):
+        # argmax over NaN logits is 0: counted as votes, every sample would certify class 0.
+        w, b, rng = _linear_setup()
+        with tempfile.TemporaryDirectory() as root:
+            path = os.path.join(root, "nan")
+            export.export_smoothed(with_nan_weights(linear_model(w, b)), path, sigma=self.SIGMA, num_classes=2,
+                                   n0=50, n=1000, alpha=0.001, batch_size=1000)
+            loaded = tf.saved_model.load(path)
+            images = images_at_margins(w, b, np.array([0.2, -0.2, 0.0]), rng)
+            certificate = _signature_outputs(loaded, images)
+            at_radius = _signature_outputs(loaded, images, signatures.CERTIFY_RADIUS_SIGNATURE,
+                                           np.full(3, 0.01, np.float32))
+            predicted = _signature_outputs(loaded, images, signatures.PREDICT_SIGNATURE)
+        np.testing.assert_array_equal(certificate["class"], [-1] * 3)
+        np.testing.assert_array_equal(certificate["radius"], [0.0] * 3)
+        np.testing.assert_array_equal(certificate["p_lower"], [0.0] * 3)
+        np.testing.assert_array_equal(at_radius["class"], [-1] * 3)
+        np.testing.assert_array_equal(at_radius["certified"], [False] * 3)
+        np.testing.assert_array_equal(at_radius["radius"], [0.0] * 3)
+        np.testing.assert_array_equal(predicted["class"], [-1] * 3)
+        np.testing.assert_array_equal(predicted["samples"], [1000] * 3)  # Abstains only at n_max.
+
+    def test_partly_nonfinite_certificates_stay_sound(self):
+        # As smoothing_test's test of the same name, through the export: the
+        # bound must stay below the true P(f = returned class), where a NaN
+        # sample is no class (x[0] > 0.8 gives NaN logits; w[0] = 0).
+        # Failures Binomial(count, <= alpha); allowed the (1 - 1e-6) quantile.
+        # Counting NaN samples as class 0 (argmax's answer; the model's
+        # logits are [0, w.x + b]) would add 1 - q in [0.16, 0.42] to P(f = 0).
+        alpha, count, pixel, threshold, sigma = 0.1, 300, 0, 0.8, 0.5
+        w, b, rng = _linear_setup()
+        w[0, 0, 0] = 0.0
+        images = images_at_margins(w, b, rng.uniform(-0.5, 0.5, count), rng).reshape(count, -1)
+        images[:, pixel] = rng.uniform(0.3, 0.7, count)
+        images = images.reshape(count, *w.shape)
+        truth = partly_nonfinite_probabilities(images, w, b, pixel, threshold, sigma)
+        with tempfile.TemporaryDirectory() as root:
+            path = os.path.join(root, "partly_nonfinite")
+            export.export_smoothed(partly_nonfinite_model(w, b, pixel, threshold), path, sigma=sigma, num_classes=2,
+                                   n0=100, n=500, alpha=alpha, batch_size=1000, stages=(100, 500))
+            loaded = tf.saved_model.load(path)
+            certificate = _signature_outputs(loaded, images)
+            at_radius = _signature_outputs(loaded, images, signatures.CERTIFY_RADIUS_SIGNATURE,
+                                           np.full(count, 0.05, np.float32))
+        limit = scipy_stats.binom.isf(1e-6, count, alpha)
+        for name, out in (("serving_default", certificate), ("certify_radius", at_radius)):
+            certified = out["class"] >= 0
+            p_true = truth[np.arange(count), np.maximum(out["class"], 0)]
+            failures = certified & (out["radius"] > sigma * scipy_stats.norm.ppf(p_true) + 1e-5)
+            self.assertLessEqual(int(failures.sum()), limit, msg=name)
+            self.assertGreater(int((out["class"] == 0).sum()), count // 10, msg=name)  # Not vacuous.
 
     def test_radius_within_a_few_percent_at_n_100000(self):
         # p_A in [0.73, 0.92]: the bound's own gap (z_alpha SE) is ~1-3% of the radius there.

@@ -323,6 +323,25 @@ class LoadComputeDtypeTest(tf.test.TestCase, parameterized.TestCase):
             with self.assertRaisesRegex(ConfigError, "^--compute_dtype='float16' is unknown"):
                 models.load_base_model(directory, compute_dtype="float16")
 
+    def test_truncated_or_garbage_file_is_not_reported_missing(self):
+        with tempfile.TemporaryDirectory() as directory:
+            self._trained(directory, "lenet", "fashion_mnist", "none")
+            path = os.path.join(directory, models.BASE_MODEL_FILE)
+            with open(path, "rb") as f:
+                whole = f.read()
+            for name, content in (("truncated", whole[:len(whole) // 2]), ("garbage", b"not a model\n" * 100),
+                                  ("empty", b"")):
+                with self.subTest(case=name):
+                    broken = os.path.join(directory, f"{name}.keras")
+                    with open(broken, "wb") as f:
+                        f.write(content)
+                    with self.assertRaisesRegex(ConfigError, f"^{broken} is not a complete .keras file \\(a zip "
+                                                "archive\\): it is truncated or not a Keras model; save or copy it "
+                                                "again$"):
+                        models.load_base_model(broken)
+            with self.assertRaisesRegex(ConfigError, "missing.keras not found"):
+                models.load_base_model(os.path.join(directory, "missing.keras"))
+
     def test_the_global_policy_is_left_as_it_was(self):
         with tempfile.TemporaryDirectory() as directory:
             self._trained(directory, "lenet", "fashion_mnist", "none")

@@ -17,6 +17,7 @@ from scipy import stats as scipy_stats
 import tensorflow as tf
 
 from export_test import images_at_margins  # tests/ is on sys.path under pytest
+from export_test import library_staged_certify
 from export_test import linear_model
 from tf_consreg import export
 from tf_consreg import models
@@ -33,14 +34,21 @@ def _load_build_module():
 
 
 def run_serving_check(binary, export_dir, images=None, *, signature="serving_default",
-                      outputs="class,radius,p_lower", check=True):
-    """Runs the C++ program; returns (rows of parsed values, completed process)."""
+                      outputs="class,radius,p_lower", radii=None, check=True):
+    """Runs the C++ program; returns (rows of parsed values, completed process).
+
+    `radii` (float32 [N]) is fed to the signature's `radius` input (certify_radius).
+    """
     with tempfile.TemporaryDirectory() as tmp:
         command = [binary, f"--saved_model_dir={export_dir}", f"--signature={signature}"]
         if images is not None:
             path = os.path.join(tmp, "images.f32")
             np.ascontiguousarray(images, dtype="<f4").tofile(path)
             command += [f"--images={path}", f"--shape={','.join(map(str, images.shape))}", f"--outputs={outputs}"]
+        if radii is not None:
+            path = os.path.join(tmp, "radii.f32")
+            np.ascontiguousarray(radii, dtype="<f4").tofile(path)
+            command += [f"--radii={path}"]
         result = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
     if check and result.returncode != 0:
         raise AssertionError(f"serving_check failed ({result.returncode}): {result.stderr[-3000:]}")
@@ -140,6 +148,49 @@ class ServingCheckTest(tf.test.TestCase):
         np.testing.assert_allclose(radii, python["radius"].numpy(), rtol=1e-6)
         np.testing.assert_allclose(p_lower, python["p_lower"].numpy(), rtol=1e-6)
 
+    def test_cpp_certify_radius_equals_the_library_with_a_fixed_seed(self):
+        # A fixed seed: the C++ loader draws the library's noise (image i keyed
+        # (seed, i)), so class, decision, stopping stage and radius agree.
+        export_dir = os.path.join(self._tmp.name, "linear_staged")
+        kwargs = dict(n0=100, n=4000, alpha=0.01, batch_size=1000, stages=(100, 1000, 4000))
+        export.export_smoothed(self.linear, export_dir, sigma=self.SIGMA, num_classes=2, seed=11, **kwargs)
+        p_class0 = np.array([0.97, 0.9, 0.8, 0.7, 0.6, 0.5, 0.45, 0.3, 0.15, 0.03])
+        images = images_at_margins(self.w, self.b, self.SIGMA * scipy_stats.norm.ppf(p_class0), self.rng)
+        radii = np.array([0.1, 0.3, 0.1, 0.05, 0.02, 0.1, 0.01, 0.1, 0.2, 0.6], np.float32)
+        rows, _ = run_serving_check(self.binary, export_dir, images, signature="certify_radius",
+                                    outputs="class,certified,radius,samples", radii=radii)
+        self.assertLen(rows, len(images))
+        expected = library_staged_certify(smoothing.Smooth(self.linear, num_classes=2, sigma=self.SIGMA), images,
+                                          radii, seed=11, **kwargs)
+        array = np.array(rows, dtype=object)
+        np.testing.assert_array_equal(array[:, 1].astype(np.int64), expected["class"])
+        np.testing.assert_array_equal(array[:, 2] == "true", expected["certified"])
+        np.testing.assert_allclose(array[:, 3].astype(np.float64), expected["radius"], rtol=1e-6)
+        np.testing.assert_array_equal(array[:, 4].astype(np.int64), expected["samples"])
+        self.assertTrue(set(array[:, 2]) == {"true", "false"})
+        self.assertGreater(len(set(expected["samples"].tolist())), 1)
+
+    def test_cpp_certify_radius_with_fresh_noise(self):
+        # The deployed export (seed=None, alpha = 1e-6, the default stages
+        # 120, 400, 1200, 2000, 4000): images far from both thresholds get
+        # the closed-form answer except with a negligible probability.
+        # p_A = 0.97 asked 0.1 (true radius 0.47; Phi(0.1 / 0.25) = 0.66):
+        # about 116 of 120 votes bound p_A by about 0.86 at level
+        # alpha / 5, so certified at the first stage. p = 0.5: abstains
+        # (wrong with probability <= alpha). p_A = 0.85 asked 0.6 (true
+        # radius 0.26; Phi(2.4) = 0.992): the upper bound after 120 samples,
+        # about 0.95, settles "not certified". Agreement with the library at
+        # one seed is the test above; this one runs OS-seeded noise in C++.
+        p_class0 = np.array([0.97, 0.03, 0.5, 0.85, 0.15])
+        images = images_at_margins(self.w, self.b, self.SIGMA * scipy_stats.norm.ppf(p_class0), self.rng)
+        radii = np.array([0.1, 0.1, 0.1, 0.6, 0.6], np.float32)
+        rows, _ = run_serving_check(self.binary, self.linear_dir, images, signature="certify_radius",
+                                    outputs="class,certified,radius,samples", radii=radii)
+        self.assertEqual([r[1] for r in rows], ["0", "1", "-1", "0", "1"])
+        self.assertEqual([r[2] for r in rows], ["true", "true", "false", "false", "false"])
+        self.assertEqual([int(r[4]) for r in rows[:2]], [120, 120])
+        self.assertEqual(float(rows[2][3]), 0.0)
+
     def test_cpp_predict_signature(self):
         margins = self.SIGMA * scipy_stats.norm.ppf([0.95, 0.05, 0.5])
         images = images_at_margins(self.w, self.b, margins, self.rng)
@@ -152,10 +203,26 @@ class ServingCheckTest(tf.test.TestCase):
         self.assertEqual(float(meta["sigma"]), self.SIGMA)
         self.assertEqual(int(meta["n0"]), self.n0)
         self.assertEqual(int(meta["n"]), self.n)
+        self.assertEqual(int(meta["n_max"]), self.n)
+        self.assertEqual(meta["stages"], "120,400,1200,2000,4000")  # stats.default_stages(4000)
         self.assertEqual(float(meta["alpha"]), self.alpha)
         self.assertEqual(meta["class_names"], "pos,neg")
         self.assertEqual(meta["input_shape"], "4,4,1")
         self.assertEqual(int(meta["seed"]), -1)
+
+    def test_cpp_bad_radii_fail_with_the_signature_message(self):
+        images = np.full((2, 4, 4, 1), 0.5, np.float32)
+        for radii, message in (([0.1, 0.0], "radius must be finite and > 0"),
+                               ([0.1, np.nan], "radius must be finite and > 0")):
+            rows, result = run_serving_check(self.binary, self.linear_dir, images, signature="certify_radius",
+                                             outputs="class", radii=np.array(radii, np.float32), check=False)
+            self.assertEqual(result.returncode, 1)
+            self.assertEqual(rows, [])
+            self.assertRegex(result.stderr, "serving_check: error: signature 'certify_radius' failed: .*" + message)
+        # A radius file of the wrong length: the C++ program's own check.
+        _, result = run_serving_check(self.binary, self.linear_dir, images, signature="certify_radius",
+                                      outputs="class", radii=np.zeros(3, np.float32), check=False)
+        self.assertIn("--radii", result.stderr)
 
     def test_cpp_bad_requests_fail_with_the_signature_message(self):
         good = np.full((1, 4, 4, 1), 0.5, np.float32)

@@ -129,6 +129,18 @@ class _ExportFixture:
         cls.expected = {k: v.numpy() for k, v in cls.loaded.signatures["serving_default"](
             images=tf.constant(cls.images)).items()}
         cls.expected_predict = cls.loaded.signatures["predict"](images=tf.constant(cls.images))["class"].numpy()
+        cls.radii = np.array([0.2, 0.1, 0.1, 0.05], np.float32)
+        cls.expected_radius = {k: v.numpy() for k, v in cls.loaded.signatures["certify_radius"](
+            images=tf.constant(cls.images), radius=tf.constant(cls.radii)).items()}
+
+    def assert_radius_answers(self, answer, expected):
+        self.assertIsInstance(answer, serving_client.RadiusCertificate)
+        np.testing.assert_array_equal(answer.classes, expected["class"])
+        np.testing.assert_array_equal(answer.certified, expected["certified"])
+        np.testing.assert_array_equal(answer.radii, expected["radius"])
+        np.testing.assert_array_equal(answer.samples, expected["samples"])
+        self.assertEqual((answer.classes.dtype, answer.certified.dtype, answer.radii.dtype, answer.samples.dtype),
+                         (np.int64, np.bool_, np.float32, np.int64))
 
     @classmethod
     def tearDownClass(cls):
@@ -172,6 +184,15 @@ class RestClientTest(_ExportFixture, tf.test.TestCase):
 
     def test_predict_returns_the_signature_answers(self):
         np.testing.assert_array_equal(self._client().predict(self.images), self.expected_predict)
+
+    def test_certify_radius_returns_the_signature_answers(self):
+        self.assert_radius_answers(self._client().certify_radius(self.images, self.radii), self.expected_radius)
+        # One radius for all images: the signature's answer at that radius for each.
+        one = {k: v.numpy() for k, v in self.loaded.signatures["certify_radius"](
+            images=tf.constant(self.images), radius=tf.fill([len(self.images)], 0.1)).items()}
+        self.assert_radius_answers(self._client().certify_radius(self.images, 0.1), one)
+        with self.assertRaisesRegex(serving_client.ServingError, r"(?s)HTTP 400: .*radius must be finite and > 0"):
+            self._client().certify_radius(self.images, 0.0)
 
     def test_version_in_url(self):
         client = self._client(version=1)
@@ -223,6 +244,7 @@ class GrpcClientTest(_ExportFixture, tf.test.TestCase):
             np.testing.assert_array_equal(certificate.radii, self.expected["radius"])
             np.testing.assert_array_equal(certificate.p_lower, self.expected["p_lower"])
             np.testing.assert_array_equal(client.predict(self.images), self.expected_predict)
+            self.assert_radius_answers(client.certify_radius(self.images, self.radii), self.expected_radius)
             meta = client.metadata()
         self.assertEqual(meta, export.read_metadata(self.export_dir))
         self.assertEqual(meta["class_names"], ["pos", "neg"])

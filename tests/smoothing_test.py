@@ -34,6 +34,54 @@ def _linear_model(w: np.ndarray, b: float) -> keras.Model:
     return model
 
 
+def with_nan_weights(model: keras.Model) -> keras.Model:
+    """`model` with every weight set to NaN, as a diverged training run saves it: every logit is NaN."""
+    model.set_weights([np.full_like(w, np.nan) for w in model.get_weights()])
+    return model
+
+
+def partly_nonfinite_model(w: np.ndarray, b: float, pixel: int, threshold: float) -> keras.Model:
+    """The model of `_linear_model` (logits [0, w.x + b]), but with NaN logits wherever x[pixel] > threshold.
+
+    Standard layers only, so it saves and loads as a .keras file. A gate
+    g = relu(1e30 (x_p - t)) is an exact 0 for x_p <= t; for x_p > t it is at
+    least about 1e22 (the float32 spacing of 1e30 x_p), so 1e30 g overflows
+    to +inf, the kernel [1, -1] makes (inf, -inf) of it and [[1, 1], [1, 1]]
+    inf - inf = NaN in both outputs, which are added to the linear logits.
+    With w[pixel] = 0 the NaN event and the linear class are independent
+    under noise: P(no class) = 1 - q with q = Phi((t - x_p) / sigma), and
+    P(f = 1) = q Phi((w.x + b) / (sigma |w|)), P(f = 0) = q - P(f = 1).
+    """
+    assert w.ravel()[pixel] == 0, "w[pixel] must be 0 for the closed form"
+    inputs = keras.Input(_SHAPE)
+    flat = keras.layers.Flatten()(inputs)
+    linear = keras.layers.Dense(2)
+    gate = keras.layers.Dense(1)
+    overflow = keras.layers.Dense(1, use_bias=False)
+    split = keras.layers.Dense(2, use_bias=False)
+    cancel = keras.layers.Dense(2, use_bias=False)
+    nan = cancel(split(overflow(keras.layers.ReLU()(gate(flat)))))
+    model = keras.Model(inputs, keras.layers.Add()([linear(flat), nan]))
+    linear.set_weights([np.stack([np.zeros_like(w.ravel()), w.ravel()], axis=1).astype(np.float32),
+                        np.array([0.0, b], np.float32)])
+    selector = np.zeros((w.size, 1), np.float32)
+    selector[pixel] = 1e30
+    gate.set_weights([selector, np.array([-1e30 * threshold], np.float32)])
+    overflow.set_weights([np.array([[1e30]], np.float32)])
+    split.set_weights([np.array([[1.0, -1.0]], np.float32)])
+    cancel.set_weights([np.ones((2, 2), np.float32)])
+    return model
+
+
+def partly_nonfinite_probabilities(images: np.ndarray, w: np.ndarray, b: float, pixel: int, threshold: float,
+                                   sigma: float) -> np.ndarray:
+    """The true (P(f = 0), P(f = 1)) [B, 2] of `partly_nonfinite_model` under N(0, sigma^2 I) noise."""
+    flat = images.reshape(len(images), -1).astype(np.float64)
+    q = scipy_stats.norm.cdf((threshold - flat[:, pixel]) / sigma)
+    p1 = q * scipy_stats.norm.cdf((flat @ w.ravel() + b) / (sigma * np.linalg.norm(w)))
+    return np.stack([q - p1, p1], axis=1)
+
+
 def _argmax_pixel_model(shape=(8, 8, 1)) -> keras.Model:
     """Classifies an image by the index of its largest pixel (one class per pixel).
 
@@ -401,12 +449,12 @@ class StagedTest(_LinearModelMixin, tf.test.TestCase, parameterized.TestCase):
         self.assertAllEqual(recorded[0][2], selection)
 
     def test_streams_distinct(self):
-        streams = [smoothing.staged_stream(kind, k) for kind in (smoothing._ESTIMATION, smoothing._PREDICTION)  # pylint: disable=protected-access
+        streams = [smoothing.staged_stream(kind, k) for kind in (smoothing.ESTIMATION, smoothing.PREDICTION)
                    for k in range(1000)]
         self.assertLen(set(streams), 2000)
-        self.assertEmpty(set(streams) & {smoothing._SELECTION, smoothing._ESTIMATION, smoothing._PREDICTION})  # pylint: disable=protected-access
+        self.assertEmpty(set(streams) & {smoothing.SELECTION, smoothing.ESTIMATION, smoothing.PREDICTION})
         with self.assertRaises(ValueError):
-            smoothing.staged_stream(smoothing._SELECTION, 0)  # pylint: disable=protected-access
+            smoothing.staged_stream(smoothing.SELECTION, 0)
 
     def test_traced_once(self):
         smooth = smoothing.Smooth(self.model, 2, 0.5)
@@ -456,6 +504,95 @@ class StagedTest(_LinearModelMixin, tf.test.TestCase, parameterized.TestCase):
         args.update(override)
         with self.assertRaisesRegex(ValueError, word):
             smooth.predict_staged_batch(self._images(1), **args)
+
+
+class NonFiniteLogitsTest(_LinearModelMixin, tf.test.TestCase):
+    """A sample whose logits are not finite votes for no class (sample_counts); the bounds count it as a failure."""
+
+    SIGMA, PIXEL, THRESHOLD = 0.5, 0, 0.8
+
+    def setUp(self):
+        super().setUp()
+        self.w[self.PIXEL] = 0.0  # The NaN event must not depend on the linear class (closed form).
+        self.b = float(-0.5 * self.w.sum())
+        self.model = _linear_model(self.w, self.b)
+
+    def _partly_nonfinite_images(self, margins, pixel_values):
+        """Images at the signed radii `margins` of the linear part, with x[PIXEL] = pixel_values.
+
+        Returns the images and each one's true (P(f = 0), P(f = 1)) [B, 2]
+        (see `partly_nonfinite_model`).
+        """
+        images = self._images_at(margins).reshape(len(margins), -1)
+        images[:, self.PIXEL] = pixel_values  # w[PIXEL] = 0: the margins do not move.
+        images = images.reshape(-1, *_SHAPE)
+        self.assertAllClose(_true_margin(self.w, self.b, images), margins, atol=1e-5)
+        return images, partly_nonfinite_probabilities(images, self.w, self.b, self.PIXEL, self.THRESHOLD, self.SIGMA)
+
+    def test_nan_weights_give_no_certificate_and_no_prediction(self):
+        # argmax over all-NaN logits is 0: counted as votes, every sample
+        # would be class 0 and certify it with p_lower = alpha^(1/n).
+        smooth = smoothing.Smooth(with_nan_weights(self.model), 2, self.SIGMA)
+        images = self._images(4)
+        counts = tf.function(lambda x: smoothing.sample_counts(
+            smooth.base_model, x, 300, sigma=self.SIGMA, num_classes=2, batch_size=128, seed=[1, 2]))(images)
+        self.assertAllEqual(counts, np.zeros((4, 2)))
+        classes, radii = smooth.certify_batch(images, 100, 1000, 0.001, 500, seed=1)
+        self.assertAllEqual(classes, [-1] * 4)
+        self.assertAllEqual(radii, [0.0] * 4)
+        self.assertAllEqual(smooth.predict_batch(images, 1000, 0.001, 500, seed=1), [-1] * 4)
+        staged = smooth.certify_staged_batch(images, 100, 1000, 0.001, 500, radii=[0.1, 0.5], seed=1)
+        self.assertAllEqual(staged.classes, [-1] * 4)
+        self.assertAllEqual(staged.radii, [0.0] * 4)
+        self.assertFalse(staged.certified.any())
+        predicted = smooth.predict_staged_batch(images, 1000, 0.001, 500, seed=1)
+        self.assertAllEqual(predicted.classes, [-1] * 4)
+        self.assertAllEqual(predicted.samples, [1000] * 4)  # Abstains only at n_max.
+
+    def test_partly_nonfinite_logits_count_for_no_class(self):
+        # x_p = 0.55, t = 0.8, sigma = 0.5: q = Phi(0.5) = 0.6915 of the
+        # samples vote; the rest have NaN logits. The voting count of each
+        # image is Binomial(n, q): within 5 standard errors of n q (a false
+        # alarm has probability < 1e-6 per image).
+        model = partly_nonfinite_model(self.w, self.b, self.PIXEL, self.THRESHOLD)
+        images, truth = self._partly_nonfinite_images([0.3, -0.3, 0.0], [0.55] * 3)
+        n = 20000
+        counts = tf.function(lambda x: smoothing.sample_counts(
+            model, x, n, sigma=self.SIGMA, num_classes=2, batch_size=5000, seed=[3, 4]))(images).numpy()
+        q = scipy_stats.norm.cdf(0.5)
+        self.assertAllClose(counts.sum(axis=1) / n, [q] * 3, atol=5 * np.sqrt(q * (1 - q) / n))
+        p = truth / truth.sum(axis=1, keepdims=True)  # Class shares among the voting samples.
+        self.assertAllClose(counts / counts.sum(axis=1, keepdims=True), p, atol=5 * np.sqrt(0.25 / (n * q)))
+
+    def test_partly_nonfinite_certificates_stay_sound(self):
+        # CERTIFY's guarantee for the smoothed classifier that returns no
+        # class for a NaN sample: with probability >= 1 - alpha, the bound
+        # is below P(f = the returned class), i.e. the radius is at most
+        # sigma Phi^-1 of it. Failures are Binomial(count, <= alpha): allowed
+        # up to the (1 - 1e-6) quantile of Binomial(count, alpha). Counting
+        # NaN samples as class 0 (argmax's answer) adds 1 - q in [0.16, 0.42]
+        # to P(f = 0), far beyond the bound's slack at n = 500, so then most
+        # images that return class 0 would fail.
+        alpha, count = 0.1, 300
+        smooth = smoothing.Smooth(partly_nonfinite_model(self.w, self.b, self.PIXEL, self.THRESHOLD), 2,
+                                  self.SIGMA)
+        margins = self.rng.uniform(-0.5, 0.5, count)
+        images, truth = self._partly_nonfinite_images(margins, self.rng.uniform(0.3, 0.7, count))
+        limit = scipy_stats.binom.isf(1e-6, count, alpha)
+
+        def failures(classes, radii):
+            certified = classes >= 0
+            p_true = truth[np.arange(count), np.maximum(classes, 0)]
+            # Radii sigma Phi^-1(p) at p <= 1/2 are <= 0: any certificate of such a class fails.
+            return int((certified & (radii > self.SIGMA * scipy_stats.norm.ppf(p_true) + 1e-5)).sum())
+
+        classes, radii = smooth.certify_batch(images, 100, 500, alpha, 1000, seed=5)
+        self.assertLessEqual(failures(classes, radii), limit)
+        self.assertGreater((classes == 0).sum(), count // 10)  # Not vacuous: class 0 is certified often.
+        staged = smooth.certify_staged_batch(images, 100, 2000, alpha, 1000, radii=[0.05, 0.2],
+                                             stages=(100, 500, 2000), seed=5)
+        self.assertLessEqual(failures(staged.classes, staged.radii), limit)
+        self.assertGreater((staged.classes == 0).sum(), count // 10)
 
 
 if __name__ == "__main__":

@@ -129,7 +129,7 @@ class DecisionsTest(absltest.TestCase):
         # estimation favours class 0 -> bound < 1/2 -> abstain. Row 2: guess 1,
         # 500/1000 -> bound < 1/2 -> abstain. Row 3: guess 0, 900/1000.
         estimation = np.array([[1000, 0, 0], [900, 100, 0], [500, 500, 0], [900, 50, 50]])
-        classes, radii, p_lower = stats.certify_from_counts(selection, estimation, alpha=0.001, sigma=0.5)
+        classes, radii, p_lower = stats.certify_from_counts(selection, estimation, n=1000, alpha=0.001, sigma=0.5)
         np.testing.assert_array_equal(classes, [0, -1, -1, 0])
         expected_p = [0.001 ** (1 / 1000), proportion_confint(100, 1000, alpha=0.002, method="beta")[0],
                       proportion_confint(500, 1000, alpha=0.002, method="beta")[0],
@@ -138,6 +138,22 @@ class DecisionsTest(absltest.TestCase):
         np.testing.assert_allclose(radii, [0.5 * scipy_stats.norm.ppf(expected_p[0]), 0.0, 0.0,
                                            0.5 * scipy_stats.norm.ppf(expected_p[3])], rtol=1e-10)
 
+    def test_certify_from_counts_counts_samples_of_no_class_as_failures(self):
+        # 900 of 1000 samples voted for class 0 and 100 for no class (their
+        # logits were NaN, smoothing.sample_counts): the bound is that of
+        # 900 successes in 1000 trials, not of 900 in 900 (which would be
+        # 0.001^(1/900) = 0.9923 > p_A <= 0.9).
+        _, _, p_lower = stats.certify_from_counts(np.array([[10, 0]]), np.array([[900, 0]]), n=1000, alpha=0.001,
+                                                  sigma=0.5)
+        np.testing.assert_allclose(p_lower, proportion_confint(900, 1000, alpha=0.002, method="beta")[0],
+                                   rtol=1e-10)
+        # No sample voted (a model with NaN weights): abstain.
+        classes, radii, _ = stats.certify_from_counts(np.zeros((1, 2), int), np.zeros((1, 2), int), n=1000,
+                                                      alpha=0.001, sigma=0.5)
+        np.testing.assert_array_equal((classes, radii), ([-1], [0.0]))
+        with self.assertRaisesRegex(ValueError, "more than n=10"):
+            stats.certify_from_counts(np.array([[10, 0]]), np.array([[9, 2]]), n=10, alpha=0.001, sigma=0.5)
+
     def test_predict_from_counts(self):
         counts = np.array([[50, 50, 0], [0, 100, 0], [30, 40, 30], [0, 0, 20]])
         # Tie -> p = 1; 100 vs 0 -> p = 2^-99; 40 vs 30 -> p ~ 0.28; 20 vs 0 -> p = 2^-19.
@@ -145,7 +161,7 @@ class DecisionsTest(absltest.TestCase):
 
     def test_bad_shapes(self):
         with self.assertRaisesRegex(ValueError, "counts"):
-            stats.certify_from_counts(np.zeros((2, 3)), np.zeros((3, 3)), alpha=0.01, sigma=1.0)
+            stats.certify_from_counts(np.zeros((2, 3)), np.zeros((3, 3)), n=1, alpha=0.01, sigma=1.0)
         with self.assertRaisesRegex(ValueError, "counts"):
             stats.predict_from_counts(np.zeros((2, 1), int), alpha=0.01)
 
@@ -345,7 +361,7 @@ class StagedCertifyTest(parameterized.TestCase):
         selection = rng.multinomial(100, [0.6, 0.3, 0.1], size=50)
         estimation = rng.multinomial(1000, [0.6, 0.3, 0.1], size=50)
         guesses = np.argmax(selection, axis=1)
-        classes, radii, p_lower = stats.certify_from_counts(selection, estimation, alpha=0.001, sigma=0.5)
+        classes, radii, p_lower = stats.certify_from_counts(selection, estimation, n=1000, alpha=0.001, sigma=0.5)
         result = stats.staged_certify(guesses, lambda active, k, m: estimation[active, guesses[active]], (1000,),
                                       alpha=0.001, sigma=0.5, radii=[0.1, 0.2])
         np.testing.assert_array_equal(result.classes, classes)
@@ -445,6 +461,15 @@ class StagedPredictTest(parameterized.TestCase):
         self.assertIn(-1, result.classes)
         self.assertGreater((result.classes >= 0).sum(), 0)
 
+    def test_samples_of_no_class(self):
+        # Counts may sum to less than asked: samples with non-finite logits
+        # vote for no class (smoothing.sample_counts). None voting: abstain at
+        # the end; 20 of 50 voting, all for class 1: p = 2^-19 -> class 1.
+        draw = lambda active, k, m: np.where(active[:, None] == 0, [[0, 0]], [[0, 20]])
+        result = stats.staged_predict(2, draw, (50, 100), alpha=0.01)
+        np.testing.assert_array_equal(result.classes, [-1, 1])
+        np.testing.assert_array_equal(result.samples, [100, 50])
+
     def test_soundness_monte_carlo(self):
         # PREDICT's guarantee: P(a class other than g(x)) <= alpha. Under an
         # exact tie every answer but ABSTAIN is a type I error of the test,
@@ -469,7 +494,7 @@ class StagedPredictTest(parameterized.TestCase):
         ("stages", dict(stages=(10, 10)), "stages"),
         ("num_images", dict(num_images=-1), "num_images"),
         ("one_class", dict(draw=lambda active, k, m: np.full((len(active), 1), m)), "num_classes >= 2"),
-        ("counts_sum", dict(draw=lambda active, k, m: np.zeros((len(active), 3), int)), "samples asked"),
+        ("counts_sum", dict(draw=lambda active, k, m: np.tile([m, 1, 0], (len(active), 1))), "samples asked"),
     )
     def test_bad_arguments(self, override, word):
         args = dict(num_images=2, draw=lambda active, k, m: np.tile([m, 0], (len(active), 1)), stages=(10, 20),

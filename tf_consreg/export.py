@@ -1,11 +1,12 @@
 """Export of the smoothed classifier as a SavedModel that TF Serving serves.
 
 `export_smoothed` writes a SavedModel whose signatures run Cohen et al.'s
-CERTIFY and PREDICT for every image of a request, entirely in the graph:
-Monte Carlo sampling through `tf_consreg.smoothing.sample_counts`, the
-Clopper-Pearson bound and the binomial test through the in-graph statistics
-below (core TensorFlow ops only, so TensorFlow's C++ loader, and hence TF
-Serving, runs the export without Python).
+CERTIFY and PREDICT, and CERTIFY for a given radius with staged sampling, for
+every image of a request, entirely in the graph: Monte Carlo sampling through
+`tf_consreg.smoothing.sample_counts`, the Clopper-Pearson bounds and the
+binomial test through the in-graph statistics below (core TensorFlow ops
+only, so TensorFlow's C++ loader, and hence TF Serving, runs the export
+without Python).
 
 Layout of an export:
 
@@ -19,34 +20,75 @@ Signatures (all with method name `tensorflow/serving/predict`):
                      class int64 [batch] (-1 = abstain), radius float32 [batch]
                      (certified L2 radius, 0 when abstaining), p_lower float32
                      [batch] (one-sided (1 - alpha) Clopper-Pearson lower
-                     bound of the selected class's probability)
-    predict          images -> class int64 [batch] (-1 = abstain)
-    metadata         no input -> sigma, n0, n, alpha, num_classes,
-                     class_names, input_shape, batch_size, seed, version
+                     bound of the selected class's probability). Fixed-n
+                     CERTIFY: n0 selection and n estimation samples per image.
+    certify_radius   images, radius float32 [batch] (one radius per image,
+                     > 0) -> class int64 [batch] (-1 = abstain), certified bool
+                     [batch] (g is constant within L2 distance `radius`),
+                     radius float32 [batch] (the certified radius sigma
+                     Phi^-1(lower bound) at the stage where the image stopped,
+                     0 when abstaining), samples int64 [batch] (estimation
+                     samples drawn, one of the stages). The top class comes
+                     from n0 selection samples, as in serving_default; the
+                     estimation samples are drawn in the stages n_1 < ... <
+                     n_K = n, only for the images not settled yet, and the
+                     graph's loop ends when every image of the request is
+                     settled (see `stats.staged_certify`).
+    predict          images -> class int64 [batch] (-1 = abstain), samples
+                     int64 [batch]: PREDICT with the same stages, each image
+                     stopping as soon as its binomial test rejects a tie
+                     (`stats.staged_predict`), abstaining only at n. It
+                     replaces the fixed-n PREDICT: it answers the same
+                     question at the same alpha, usually with far fewer
+                     samples, and an export with the one stage n
+                     (`stages=(n,)`, bin/export.py --stages=<n>) is exactly
+                     the fixed-n PREDICT.
+    metadata         no input -> sigma, n0, n, n_max (= n), stages, levels
+                     (the per-stage levels of the union bound), alpha,
+                     num_classes, class_names, input_shape, batch_size,
+                     seed, version
 
-The `images` input is declared with unknown shape on purpose: TF Serving and
-the C++ loader feed tensors without checking them against the signature, so
-the shape check lives in the graph, where it gives a clear error on every
-path (Python, C++, TF Serving) instead of a failure deep inside the model.
-The expected shape is in the `metadata` signature.
+Each staged signature holds with probability >= 1 - alpha per image: stage k
+runs its bounds (or test) at level levels[k], and the levels sum to alpha
+(`stage_levels`; the union-bound argument is in stats.py's docstring).
 
-Noise: by default every request draws a fresh, OS-seeded pair of stateless
-seeds, one for selection and one for estimation (see `_request_seeds`), so no
-two requests, processes or server restarts share noise. `seed=` fixes the
-noise for reproducible tests.
+The inputs are declared with unknown shape on purpose: TF Serving and the
+C++ loader feed tensors without checking them against the signature, so the
+shape checks live in the graph, where they give a clear error on every path
+(Python, C++, TF Serving) instead of a failure deep inside the model. The
+expected shape is in the `metadata` signature. Each image has its own radius
+(rather than one scalar per request) so that TF Serving's server-side
+batching, which concatenates requests along the first dimension, still
+works.
+
+Noise: the image at position i of a request has the key (request seed, i),
+and each kind of samples (selection, estimation, each stage) draws from that
+key folded with its stream, exactly as `smoothing.Smooth` does with
+`image_ids` = positions. By default every request draws a fresh, OS-seeded
+request seed (see `_request_keys`), so no two requests, processes or server
+restarts share noise. `seed=` fixes it for reproducible tests; the
+signatures then draw the noise of `Smooth`'s methods with that seed.
+
+A sample whose logits are not finite votes for no class (see
+`smoothing.sample_counts`), so a model with NaN weights abstains everywhere.
 
 `export_version` (bin/export.py) writes a TF Serving version
-`<export_dir>/<version>/`, staged in a hidden directory and renamed when
-complete.
+`<export_dir>/<version>/`, staged in a hidden directory
+`<export_dir>/.<version>.incomplete-*` and renamed when complete. The
+staging directory is locked (`flock`) while its export runs; an export
+removes the staging directories that no process holds, the leftovers of
+exports that were killed.
 """
 
 import dataclasses
+import fcntl
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
-from typing import Callable, Dict, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import keras
 import numpy as np
@@ -59,7 +101,8 @@ from tf_consreg import models
 from tf_consreg import smoothing
 from tf_consreg import stats
 from tf_consreg.errors import ConfigError, check
-from tf_consreg.signatures import INPUT_KEY, METADATA_SIGNATURE, PREDICT_SIGNATURE, SERVING_SIGNATURE
+from tf_consreg.signatures import CERTIFY_RADIUS_SIGNATURE, INPUT_KEY, METADATA_SIGNATURE, PREDICT_SIGNATURE
+from tf_consreg.signatures import RADIUS_KEY, SERVING_SIGNATURE
 
 ASSETS_EXTRA = "assets.extra"
 WARMUP_FILE = "tf_serving_warmup_requests"
@@ -80,7 +123,7 @@ def _float64(value) -> tf.Tensor:
 # In-graph statistics (float64, core TensorFlow ops only).
 
 
-def clopper_pearson_lower(successes: tf.Tensor, trials: tf.Tensor, alpha: float) -> tf.Tensor:
+def clopper_pearson_lower(successes: tf.Tensor, trials: tf.Tensor, alpha) -> tf.Tensor:
     """One-sided (1 - alpha) Clopper-Pearson lower confidence bound.
 
     The bound is the alpha quantile of Beta(k, n - k + 1), i.e. the x with
@@ -93,7 +136,7 @@ def clopper_pearson_lower(successes: tf.Tensor, trials: tf.Tensor, alpha: float)
     Args:
       successes: counts k, any integer or float dtype, shape [...].
       trials: counts n >= k, broadcastable to `successes`.
-      alpha: significance level in (0, 1).
+      alpha: significance level in (0, 1), a float or a scalar tensor.
 
     Returns:
       float64 tensor with the broadcast shape of `successes` and `trials`.
@@ -116,6 +159,25 @@ def clopper_pearson_lower(successes: tf.Tensor, trials: tf.Tensor, alpha: float)
         (tf.constant(0), tf.zeros_like(k), tf.ones_like(k)),
     )
     return tf.where(k > 0, 0.5 * (low + high), tf.zeros_like(k))
+
+
+def clopper_pearson_upper(successes: tf.Tensor, trials: tf.Tensor, alpha) -> tf.Tensor:
+    """One-sided (1 - alpha) Clopper-Pearson upper confidence bound.
+
+    The 1 - alpha quantile of Beta(k + 1, n - k), and 1 when k = n: by the
+    symmetry of the binomial (failures are successes of 1 - p), it is
+    1 - `clopper_pearson_lower`(n - k, n, alpha), as `stats.clopper_pearson_upper`.
+
+    Args:
+      successes: counts k, any integer or float dtype, shape [...].
+      trials: counts n >= k, broadcastable to `successes`.
+      alpha: significance level in (0, 1), a float or a scalar tensor.
+
+    Returns:
+      float64 tensor with the broadcast shape of `successes` and `trials`.
+    """
+    k, n = _float64(successes), _float64(trials)
+    return 1.0 - clopper_pearson_lower(n - k, n, alpha)
 
 
 def certified_radius(p_lower: tf.Tensor, sigma: float) -> tf.Tensor:
@@ -150,6 +212,27 @@ def binomial_test_two_sided(successes: tf.Tensor, trials: tf.Tensor) -> tf.Tenso
     return tf.where(2.0 * m >= n, tf.ones_like(p_value), p_value)
 
 
+def settled(p_lower: tf.Tensor, p_upper: tf.Tensor, radius: tf.Tensor, sigma: float) -> tf.Tensor:
+    """Whether an image's staged answer is settled: neither 1/2 nor Phi(radius / sigma) lies strictly between its bounds.
+
+    The in-graph `stats.settled` for one radius per image, compared in radius
+    units as there: sigma Phi^-1(p_lower) < r < sigma Phi^-1(p_upper) for
+    r = 0 (a class or abstain) and r = radius (certified or not).
+
+    Args:
+      p_lower, p_upper: bounds on p_A, [B].
+      radius: the radius asked of each image, [B], > 0.
+      sigma: noise standard deviation.
+
+    Returns:
+      bool [B].
+    """
+    low, high = certified_radius(p_lower, sigma), certified_radius(p_upper, sigma)
+    radius = _float64(radius)
+    between = lambda r: tf.logical_and(low < r, r < high)
+    return tf.logical_not(tf.logical_or(between(tf.zeros_like(radius)), between(radius)))
+
+
 # ---------------------------------------------------------------------------
 # Export.
 
@@ -169,6 +252,29 @@ def _check_sampling(sigma, n0, n, alpha, batch_size) -> None:
     check(_is_int(batch_size) and batch_size >= 1, f"--batch_size must be an integer >= 1, got {batch_size}")
 
 
+def _checked_stages(stages: Optional[Sequence[int]], n: int, n0: int) -> Tuple[int, ...]:
+    """The staged signatures' schedule: `stages` checked as the library checks it, or its default.
+
+    Raises:
+      ConfigError: naming --stages.
+    """
+    try:
+        return smoothing.check_staged_stages(None if stages is None else tuple(stages), n, n0)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"--{e}") from None
+
+
+def stage_levels(alpha: float, num_stages: int) -> Tuple[float, ...]:
+    """The level of each stage's bounds (or test) in the staged signatures; they sum to alpha.
+
+    The union bound allows any split; this is the library's
+    (`stats.staged_certify` and `stats.staged_predict` run every stage at
+    alpha / K), so an export answers as `Smooth`'s staged methods do. Change
+    the split here and there together.
+    """
+    return (alpha / num_stages,) * num_stages
+
+
 @dataclasses.dataclass(frozen=True)
 class ExportConfig:
     """What the exported smoothed classifier computes, checked at construction.
@@ -177,12 +283,16 @@ class ExportConfig:
       sigma: noise standard deviation in [0, 1] pixel units.
       num_classes: number of classes of the base model.
       n0: CERTIFY's selection samples per image.
-      n: CERTIFY's estimation samples (and PREDICT's samples) per image.
+      n: CERTIFY's estimation samples per image, and n_max of the staged
+        signatures (certify_radius, predict).
       alpha: failure probability of the certificate (and PREDICT's test level).
       batch_size: most noisy copies per forward pass inside the graph.
       class_names: optional names, index = class.
       seed: None draws a fresh random seed on every request (for deployment);
         an int fixes the noise of every request (reproducible, for tests).
+      stages: the staged signatures' cumulative sample counts n_1 < ... <
+        n_K = n (with more than one stage, n_1 >= n0); None: the library's
+        default, `stats.default_stages(n)` from max(n0, 100).
     """
 
     sigma: float
@@ -193,6 +303,7 @@ class ExportConfig:
     batch_size: int = 1000
     class_names: Optional[Tuple[str, ...]] = None
     seed: Optional[int] = None
+    stages: Optional[Tuple[int, ...]] = None
 
     def __post_init__(self):
         _check_sampling(self.sigma, self.n0, self.n, self.alpha, self.batch_size)
@@ -204,6 +315,12 @@ class ExportConfig:
                   f"class_names has {len(self.class_names)} names for {self.num_classes} classes")
         check(self.seed is None or (_is_int(self.seed) and 0 <= self.seed < 2**63),
               f"--seed must be None or an integer in [0, 2^63), got {self.seed}")
+        object.__setattr__(self, "stages", _checked_stages(self.stages, self.n, self.n0))
+
+    @property
+    def levels(self) -> Tuple[float, ...]:
+        """The per-stage levels of the staged signatures (`stage_levels`)."""
+        return stage_levels(self.alpha, len(self.stages))
 
     def metadata(self, input_shape: Sequence[int]) -> dict:
         """The JSON-able description that the `metadata` signature returns."""
@@ -212,6 +329,10 @@ class ExportConfig:
             "sigma": float(self.sigma),
             "n0": int(self.n0),
             "n": int(self.n),
+            # The staged signatures' most samples; the same number as n, named for them.
+            "n_max": int(self.n),
+            "stages": [int(stage) for stage in self.stages],
+            "levels": [float(level) for level in self.levels],
             "alpha": float(self.alpha),
             "num_classes": int(self.num_classes),
             "class_names": list(names),
@@ -262,52 +383,87 @@ def _validated(images: tf.Tensor, input_shape: Tuple[int, int, int]) -> tf.Tenso
     return tf.ensure_shape(images, [None, h, w, c])
 
 
-def _request_seeds(seed: Optional[int]) -> tf.Tensor:
-    """Two stateless seeds [2, 2]: row 0 for selection, row 1 for estimation.
+def _validated_radius(radius: tf.Tensor, num_images: tf.Tensor) -> tf.Tensor:
+    """Checks the radius input of certify_radius in the graph: float32 [batch], finite, > 0.
 
-    With `seed=None` they come from a stateful op with seed = seed2 = 0, which
-    TensorFlow seeds from the OS when the kernel is created: every request,
-    every server process and every restart draws new noise, and a client
-    cannot learn the noise of a future request. (A `tf.random.Generator`
-    would restart from the state saved in the checkpoint on every load and
-    replay the same noise after each restart.) The two rows are independent
-    draws, so selection and estimation noise are independent.
+    Returns:
+      float64 [batch] radii (the float32 values, exactly).
+    """
+    shape = tf.shape(radius)
+    shape_ok = tf.logical_and(tf.equal(tf.size(shape), 1), tf.reduce_all(tf.equal(shape, num_images)))
+    check_shape = tf.debugging.Assert(
+        shape_ok,
+        ["radius must be float32 [batch], one radius per image; got shape", shape, "for a batch of", num_images,
+         "images"],
+        summarize=16,
+    )
+    with tf.control_dependencies([check_shape]):
+        radius = tf.identity(radius)
+    valid = tf.logical_and(tf.math.is_finite(radius), radius > 0.0)
+    check_values = tf.debugging.Assert(
+        tf.reduce_all(valid),
+        ["radius must be finite and > 0 (an L2 distance in [0, 1] pixel units); got", radius],
+        summarize=8,
+    )
+    with tf.control_dependencies([check_values]):
+        radius = tf.identity(radius)
+    return tf.cast(tf.ensure_shape(radius, [None]), tf.float64)
+
+
+def _request_keys(seed: Optional[int], num_images: tf.Tensor) -> tf.Tensor:
+    """The noise keys of a request's images, int64 [B, 2]: (request seed, position).
+
+    `smoothing.Smooth` keys image i as (seed, image id); with `image_ids` =
+    positions and the same seed, the signatures draw its noise.
+
+    With `seed=None` the request seed comes from a stateful op with seed =
+    seed2 = 0, which TensorFlow seeds from the OS when the kernel is created:
+    every request, every server process and every restart draws new noise,
+    and a client cannot learn the noise of a future request. (A
+    `tf.random.Generator` would restart from the state saved in the
+    checkpoint on every load and replay the same noise after each restart.)
     """
     if seed is None:
-        return tf.raw_ops.RandomUniformInt(
-            shape=tf.constant([2, 2], tf.int32),
+        request_seed = tf.raw_ops.RandomUniformInt(
+            shape=tf.constant([], tf.int32),
             minval=tf.constant(0, tf.int64),
             maxval=tf.constant(np.iinfo(np.int64).max, tf.int64),
             seed=0,
             seed2=0,
         )
-    return tf.constant([[seed, 0], [seed, 1]], tf.int64)
+    else:
+        request_seed = tf.constant(seed, tf.int64)
+    positions = tf.range(tf.cast(num_images, tf.int64))
+    return tf.stack([tf.fill(tf.shape(positions), request_seed), positions], axis=1)
 
 
 def _metadata_tensor(value) -> tf.Tensor:
-    """float -> float64, int (or list of int) -> int64, str (or list of str) -> string."""
-    if isinstance(value, float):
+    """float (or list of float) -> float64, int (or list of int) -> int64, str (or list of str) -> string."""
+    if isinstance(value, float) or (isinstance(value, list) and value and all(isinstance(v, float) for v in value)):
         return tf.constant(value, tf.float64)
     if isinstance(value, int) or (isinstance(value, list) and all(isinstance(v, int) for v in value)):
         return tf.constant(value, tf.int64)
     return tf.constant(value, tf.string)
 
 
-def _write_warmup(path: str, input_shape: Tuple[int, int, int]) -> None:
+def _write_warmup(path: str, input_shape: Tuple[int, int, int], radius: float) -> None:
     """Writes TF Serving's warm-up file: one request per image signature.
 
-    The request is a single mid-grey image, which exercises the full
-    CERTIFY/PREDICT graph (all n0 + n samples) like a real request.
+    The request is a single mid-grey image (with `radius` for
+    certify_radius), which runs each signature's whole graph like a real
+    request.
     """
     from tensorflow_serving.apis import model_pb2  # pylint: disable=import-outside-toplevel
     from tensorflow_serving.apis import predict_pb2  # pylint: disable=import-outside-toplevel
     from tensorflow_serving.apis import prediction_log_pb2  # pylint: disable=import-outside-toplevel
 
-    image = np.full((1, *input_shape), 0.5, np.float32)
+    inputs = {INPUT_KEY: np.full((1, *input_shape), 0.5, np.float32)}
     with tf.io.TFRecordWriter(path) as writer:
-        for signature in (SERVING_SIGNATURE, PREDICT_SIGNATURE):
+        for signature in (SERVING_SIGNATURE, CERTIFY_RADIUS_SIGNATURE, PREDICT_SIGNATURE):
             request = predict_pb2.PredictRequest(model_spec=model_pb2.ModelSpec(signature_name=signature))
-            request.inputs[INPUT_KEY].CopyFrom(tf.make_tensor_proto(image))
+            request.inputs[INPUT_KEY].CopyFrom(tf.make_tensor_proto(inputs[INPUT_KEY]))
+            if signature == CERTIFY_RADIUS_SIGNATURE:
+                request.inputs[RADIUS_KEY].CopyFrom(tf.make_tensor_proto(np.array([radius], np.float32)))
             log = prediction_log_pb2.PredictionLog(
                 predict_log=prediction_log_pb2.PredictLog(request=request))
             writer.write(log.SerializeToString())
@@ -323,7 +479,7 @@ def build_archive(base_model: keras.Model,
       config: what to compute.
 
     Returns:
-      (archive, endpoints): the `keras.export.ExportArchive` holding the three
+      (archive, endpoints): the `keras.export.ExportArchive` holding the four
       endpoints, and the endpoint functions by signature name, callable in
       memory (`endpoints["serving_default"](images)`) exactly as exported.
 
@@ -337,32 +493,114 @@ def build_archive(base_model: keras.Model,
         raise ConfigError(f"the base model has {outputs} outputs but num_classes={config.num_classes}")
     metadata = config.metadata(input_shape)
     image_spec = tf.TensorSpec(shape=None, dtype=tf.float32, name=INPUT_KEY)
+    radius_spec = tf.TensorSpec(shape=None, dtype=tf.float32, name=RADIUS_KEY)
+    abstain = tf.constant(stats.ABSTAIN, tf.int64)
+    num_stages = len(config.stages)
+    # Cumulative counts with n_0 = 0 in front, each stage's noise stream and
+    # level: stage k draws stages[k + 1] - stages[k] new samples per image.
+    stages = tf.constant((0, *config.stages), tf.int32)
+    levels = tf.constant(config.levels, tf.float64)
 
-    def counts(images, num_samples, seed):
+    def streams(kind):
+        return tf.constant([smoothing.staged_stream(kind, k) for k in range(num_stages)], tf.int64)
+
+    def counts(images, num_samples, keys, stream):
         return smoothing.sample_counts(
             base_model, images, num_samples, sigma=config.sigma, num_classes=config.num_classes,
-            batch_size=config.batch_size, seed=seed)
+            batch_size=config.batch_size, seed=smoothing.stream_seeds(keys, stream))
+
+    def staged(images, keys, stream, state, update):
+        """Runs the stages while any image is active; `update` folds a stage's new counts into `state`.
+
+        update(k, n_k, active, running, state, new) -> (state, still_active):
+        `running` holds the indices of the active images, in order, and `new`
+        their counts [A, C] of the stage's new samples, drawn from their
+        keys' stream of stage k; n_k is the stage's cumulative count.
+        """
+        stage_streams = streams(stream)
+
+        def body(k, active, state):
+            running = tf.where(active)[:, 0]
+            new = counts(tf.gather(images, running), stages[k + 1] - stages[k], tf.gather(keys, running),
+                         stage_streams[k])
+            state, still_active = update(k, stages[k + 1], active, running, state, new)
+            # The last stage settles everything: stats.staged_certify stops there too.
+            return k + 1, tf.logical_and(still_active, k + 1 < num_stages), state
+
+        _, _, state = tf.while_loop(
+            lambda k, active, state: tf.logical_and(k < num_stages, tf.reduce_any(active)),
+            body,
+            (tf.constant(0), tf.ones([tf.shape(images)[0]], tf.bool), state),
+        )
+        return state
 
     def certify(images):
         images = _validated(images, input_shape)
-        seeds = _request_seeds(config.seed)
-        guess = tf.argmax(counts(images, config.n0, seeds[0]), axis=-1)
-        n_a = tf.gather(counts(images, config.n, seeds[1]), guess, axis=1, batch_dims=1)
+        keys = _request_keys(config.seed, tf.shape(images)[0])
+        guess = tf.argmax(counts(images, config.n0, keys, smoothing.SELECTION), axis=-1)
+        n_a = tf.gather(counts(images, config.n, keys, smoothing.ESTIMATION), guess, axis=1, batch_dims=1)
         p_lower = clopper_pearson_lower(n_a, config.n, config.alpha)
         certified = p_lower >= 0.5
         radius = tf.where(certified, certified_radius(p_lower, config.sigma), 0.0)
         return {
-            "class": tf.where(certified, guess, tf.constant(stats.ABSTAIN, tf.int64)),
+            "class": tf.where(certified, guess, abstain),
             "radius": tf.cast(radius, tf.float32),
             "p_lower": tf.cast(p_lower, tf.float32),
         }
 
+    def certify_at_radius(images, radius):
+        images = _validated(images, input_shape)
+        num_images = tf.shape(images)[0]
+        asked = _validated_radius(radius, num_images)
+        keys = _request_keys(config.seed, num_images)
+        guess = tf.argmax(counts(images, config.n0, keys, smoothing.SELECTION), axis=-1)
+
+        def update(k, n_k, active, running, state, new):
+            successes, p_lower, samples = state
+            won = tf.gather(new, tf.gather(guess, running), axis=1, batch_dims=1)
+            successes = tf.tensor_scatter_nd_add(successes, running[:, tf.newaxis], won)
+            # Bounds of every image (cheap beside the sampling); kept for the active ones.
+            lower = clopper_pearson_lower(successes, n_k, levels[k])
+            upper = clopper_pearson_upper(successes, n_k, levels[k])
+            p_lower = tf.where(active, lower, p_lower)
+            samples = tf.where(active, tf.cast(n_k, tf.int64), samples)
+            still_active = tf.logical_and(active, tf.logical_not(settled(lower, upper, asked, config.sigma)))
+            return (successes, p_lower, samples), still_active
+
+        zeros = tf.zeros([num_images], tf.int64)
+        _, p_lower, samples = staged(images, keys, smoothing.ESTIMATION,
+                                     (zeros, tf.zeros([num_images], tf.float64), zeros), update)
+        has_class = p_lower >= 0.5
+        certified_at = tf.where(has_class, certified_radius(p_lower, config.sigma), 0.0)
+        return {
+            "class": tf.where(has_class, guess, abstain),
+            # As stats.staged_certify: certified at r iff the radius is >= r.
+            "certified": certified_at >= asked,
+            "radius": tf.cast(certified_at, tf.float32),
+            "samples": samples,
+        }
+
     def predict(images):
         images = _validated(images, input_shape)
-        top = tf.math.top_k(counts(images, config.n, _request_seeds(config.seed)[0]), k=2)
-        p_value = binomial_test_two_sided(top.values[:, 0], top.values[:, 0] + top.values[:, 1])
-        top_class = tf.cast(top.indices[:, 0], tf.int64)
-        return {"class": tf.where(p_value <= config.alpha, top_class, tf.constant(stats.ABSTAIN, tf.int64))}
+        num_images = tf.shape(images)[0]
+        keys = _request_keys(config.seed, num_images)
+
+        def update(k, n_k, active, running, state, new):
+            del n_k
+            totals, classes, samples = state
+            totals = tf.tensor_scatter_nd_add(totals, running[:, tf.newaxis], new)
+            # top_k puts the lower class first among equal counts, as stats.predict_from_counts.
+            top = tf.math.top_k(totals, k=2)
+            p_value = binomial_test_two_sided(top.values[:, 0], top.values[:, 0] + top.values[:, 1])
+            rejects = tf.logical_and(active, p_value <= levels[k])
+            classes = tf.where(rejects, tf.cast(top.indices[:, 0], tf.int64), classes)
+            samples = tf.where(active, tf.cast(stages[k + 1], tf.int64), samples)
+            return (totals, classes, samples), tf.logical_and(active, tf.logical_not(rejects))
+
+        state = (tf.zeros([num_images, config.num_classes], tf.int64), tf.fill([num_images], abstain),
+                 tf.zeros([num_images], tf.int64))
+        _, classes, samples = staged(images, keys, smoothing.PREDICTION, state, update)
+        return {"class": classes, "samples": samples}
 
     def describe():
         return {key: _metadata_tensor(value) for key, value in metadata.items()}
@@ -372,6 +610,8 @@ def build_archive(base_model: keras.Model,
     # serving_default first: ExportArchive would alias the first endpoint anyway.
     endpoints = {
         SERVING_SIGNATURE: archive.add_endpoint(SERVING_SIGNATURE, certify, input_signature=[image_spec]),
+        CERTIFY_RADIUS_SIGNATURE: archive.add_endpoint(CERTIFY_RADIUS_SIGNATURE, certify_at_radius,
+                                                       input_signature=[image_spec, radius_spec]),
         PREDICT_SIGNATURE: archive.add_endpoint(PREDICT_SIGNATURE, predict, input_signature=[image_spec]),
         METADATA_SIGNATURE: archive.add_endpoint(METADATA_SIGNATURE, describe, input_signature=[]),
     }
@@ -390,13 +630,17 @@ def export_smoothed(
     batch_size: int = 1000,
     class_names: Optional[Sequence[str]] = None,
     seed: Optional[int] = None,
+    stages: Optional[Sequence[int]] = None,
 ) -> str:
     """Exports the smoothed classifier of `base_model` as one SavedModel.
 
     See the module docstring for the signatures and the layout.
 
-    The SavedModel is staged in a hidden directory beside `export_dir` and
-    renamed into place when complete: a failed export leaves nothing behind.
+    The SavedModel is staged in a hidden directory beside `export_dir`,
+    locked while the export runs, and renamed into place when complete: a
+    failed export leaves nothing behind, and the staging directory of a
+    killed one is removed by the next export into the same parent directory
+    (`remove_stale_staging`).
 
     Args:
       base_model: classifier mapping float32 [N, H, W, C] images in [0, 1] to
@@ -412,6 +656,8 @@ def export_smoothed(
       seed: None (default) for fresh noise on every request; an int for
         reproducible requests (testing only: fixed noise is known to anyone
         who can read the SavedModel).
+      stages: the cumulative sample counts of certify_radius and predict,
+        increasing, ending at n (see `ExportConfig`); None for the default.
 
     Returns:
       `export_dir`.
@@ -421,7 +667,8 @@ def export_smoothed(
         `export_dir`.
     """
     config = ExportConfig(sigma=sigma, num_classes=num_classes, n0=n0, n=n, alpha=alpha,
-                          batch_size=batch_size, class_names=class_names, seed=seed)
+                          batch_size=batch_size, class_names=class_names, seed=seed,
+                          stages=None if stages is None else tuple(stages))
     if os.path.exists(export_dir) and (not os.path.isdir(export_dir) or os.listdir(export_dir)):
         raise ConfigError(f"--export_dir: {export_dir} exists and is not an empty directory; "
                           "choose a new directory (exports are never overwritten)")
@@ -431,13 +678,15 @@ def export_smoothed(
     # Written beside its place and renamed when complete, so no reader (e.g. TF
     # Serving polling the parent for versions) sees a partial export. The
     # hidden name is not an integer, which TF Serving ignores.
-    staging = tempfile.mkdtemp(dir=os.path.dirname(target), prefix=f".{os.path.basename(target)}.incomplete-")
+    remove_stale_staging(os.path.dirname(target))
+    staging = tempfile.mkdtemp(dir=os.path.dirname(target), prefix=f".{os.path.basename(target)}{_STAGING_INFIX}")
+    lock = _lock_staging(staging)
     try:
         saved_model = os.path.join(staging, "saved_model")
         archive.write_out(saved_model, verbose=False)
         extra = os.path.join(saved_model, ASSETS_EXTRA)
         os.makedirs(extra, exist_ok=True)
-        _write_warmup(os.path.join(extra, WARMUP_FILE), _input_shape(base_model))
+        _write_warmup(os.path.join(extra, WARMUP_FILE), _input_shape(base_model), radius=config.sigma)
         with open(os.path.join(extra, METADATA_FILE), "w", encoding="utf-8") as f:
             json.dump(config.metadata(_input_shape(base_model)), f, indent=2, sort_keys=True)
             f.write("\n")
@@ -449,7 +698,73 @@ def export_smoothed(
                               f"({e.strerror})") from e
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        os.close(lock)
     return export_dir
+
+
+_STAGING_INFIX = ".incomplete-"
+# tempfile.mkdtemp's names: the prefix, then 8 random letters, digits or "_".
+_STAGING_NAME = re.compile(r"^\..+" + re.escape(_STAGING_INFIX) + r"[A-Za-z0-9_]{8}$")
+# A staging directory is locked just after it is made; one modified this
+# recently may be that young, so only older ones count as stale.
+_STALE_AFTER_SECONDS = 60.0
+
+
+def _lock_staging(path: str) -> int:
+    """Locks a staging directory (flock, released when the process ends, even by SIGKILL); returns the fd.
+
+    On a file system without locks the directory stays unlocked, and
+    `remove_stale_staging`, which cannot lock it either, leaves it alone.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        pass
+    return fd
+
+
+def remove_stale_staging(parent: str) -> List[str]:
+    """Removes the staging directories that killed exports left in `parent`.
+
+    An export stages its SavedModel in `<parent>/.<name>.incomplete-XXXXXXXX`
+    and holds a lock (flock) on it until it finishes; a killed export's lock
+    is released by the kernel, so a staging directory that no process holds
+    and that was last modified more than a minute ago is a leftover. The
+    others (a running export's, or any on a file system without locks) are
+    left alone; remove those by hand (`rm -r <parent>/.*.incomplete-*`) once
+    no export runs.
+
+    Args:
+      parent: the directory holding the exports (TF Serving's base path).
+
+    Returns:
+      The directories removed.
+    """
+    removed = []
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return removed
+    for name in names:
+        path = os.path.join(parent, name)
+        if not _STAGING_NAME.match(name) or os.path.islink(path) or not os.path.isdir(path):
+            continue
+        try:
+            if time.time() - os.stat(path).st_mtime < _STALE_AFTER_SECONDS:
+                continue
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # Held by a running export: raises.
+            shutil.rmtree(path)
+            removed.append(path)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    return removed
 
 
 def read_metadata(export_dir: str) -> dict:
@@ -478,6 +793,8 @@ class VersionExportConfig:
       model: a `.keras` base model file (instead of `model_dir`).
       sigma: noise level; default: the training run's.
       n0, n, alpha, batch_size: as for `export_smoothed`.
+      stages: the staged signatures' cumulative sample counts, ending at n;
+        None: `stats.default_stages(n)` from max(n0, 100) (filled in here).
       version: the TF Serving version number; default `int(time.time())`.
       check_images: after exporting, certify this many test images of the
         run's dataset through the reloaded SavedModel (needs `model_dir`).
@@ -492,6 +809,7 @@ class VersionExportConfig:
     n: int = 10000
     alpha: float = 0.001
     batch_size: int = 1000
+    stages: Optional[Tuple[int, ...]] = None
     version: Optional[int] = None
     check_images: int = 0
     dataset: Optional[str] = dataclasses.field(default=None, init=False)
@@ -517,6 +835,7 @@ class VersionExportConfig:
                   f"--model={self.model} is not a .keras file")
             check(self.sigma is not None, "--sigma is required with --model (there is no training config to read)")
         _check_sampling(self.sigma, self.n0, self.n, self.alpha, self.batch_size)
+        object.__setattr__(self, "stages", _checked_stages(self.stages, self.n, self.n0))
         check(_is_int(self.check_images) and self.check_images >= 0,
               f"--check_images must be an integer >= 0, got {self.check_images}")
         check(not self.check_images or self.model_dir,
@@ -543,10 +862,13 @@ class ExportedVersion(NamedTuple):
       check: None, or the answers of the reloaded `serving_default` for
         `check_images` test images: int64 `label`, `class`, and float32
         `radius`, `p_lower`, each [check_images].
+      removed: the staging directories of killed exports that were removed
+        from `export_dir` (`remove_stale_staging`), so that the binary can say so.
     """
 
     path: str
     check: Optional[Dict[str, np.ndarray]]
+    removed: Tuple[str, ...] = ()
 
 
 def export_version(config: VersionExportConfig) -> ExportedVersion:
@@ -581,10 +903,14 @@ def export_version(config: VersionExportConfig) -> ExportedVersion:
     if config.check_images:  # Read before writing anything: missing data files stop here.
         images, labels = data.load_arrays(config.dataset, "test", data_dir=config.data_dir,
                                           limit=config.check_images)
+        check(len(images) == config.check_images, f"--check_images={config.check_images} is more than the "
+              f"{len(images)} images of {config.dataset}'s test split")
+    # export_smoothed removes them too; removed here first to report them.
+    removed = tuple(remove_stale_staging(config.export_dir))
     path = export_smoothed(base_model, config.version_dir, sigma=config.sigma, num_classes=num_classes,
                            n0=config.n0, n=config.n, alpha=config.alpha, batch_size=config.batch_size,
-                           class_names=class_names)
+                           class_names=class_names, stages=config.stages)
     if not config.check_images:
-        return ExportedVersion(path, None)
+        return ExportedVersion(path, None, removed)
     answers = tf.saved_model.load(path).signatures[SERVING_SIGNATURE](images=tf.constant(images))
-    return ExportedVersion(path, {"label": labels, **{k: v.numpy() for k, v in answers.items()}})
+    return ExportedVersion(path, {"label": labels, **{k: v.numpy() for k, v in answers.items()}}, removed)

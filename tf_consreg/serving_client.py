@@ -7,6 +7,7 @@ gRPC (port 8500) uses `tensorflow-serving-api`'s `PredictionServiceStub`:
 
     client = RestClient("localhost", 8501, "smoothed")
     classes, radii, p_lower = client.certify(images)  # float32 [N, H, W, C] in [0, 1]
+    answer = client.certify_radius(images, 0.5)       # certified at L2 radius 0.5? (staged)
     classes = client.predict(images)                  # PREDICT; -1 = abstain
 
     with GrpcClient("localhost:8500", "smoothed") as client:
@@ -14,8 +15,9 @@ gRPC (port 8500) uses `tensorflow-serving-api`'s `PredictionServiceStub`:
         print(client.metadata())  # sigma, n0, n, alpha, class names, ...
 
 A class of -1 means the smoothed classifier abstains (its radius is 0).
-Each request runs n0 + n forward passes per image on the server, so give
-large requests a generous `timeout`.
+A `certify` request runs n0 + n forward passes per image on the server
+(`certify_radius` and `predict` at most that many), so give large requests a
+generous `timeout`.
 
 The `metadata` signature takes no input, which TF Serving's REST API cannot
 express (it builds requests from the signature's inputs), so `metadata()` is
@@ -30,9 +32,11 @@ import urllib.request
 
 import numpy as np
 
+from tf_consreg.signatures import CERTIFY_RADIUS_SIGNATURE
 from tf_consreg.signatures import INPUT_KEY
 from tf_consreg.signatures import METADATA_SIGNATURE
 from tf_consreg.signatures import PREDICT_SIGNATURE
+from tf_consreg.signatures import RADIUS_KEY
 from tf_consreg.signatures import SERVING_SIGNATURE
 
 
@@ -51,6 +55,24 @@ class Certificate(NamedTuple):
     p_lower: np.ndarray
 
 
+class RadiusCertificate(NamedTuple):
+    """`certify_radius`'s answer for a batch of images, each asked one radius.
+
+    Attributes:
+      classes: int64 [N], the smoothed class, -1 when abstaining.
+      certified: bool [N], whether g is certified constant within the radius asked.
+      radii: float32 [N], the certified L2 radius at the stage where the
+        image stopped (0 when abstaining); a lower bound, smaller than
+        `certify`'s for images that stopped early.
+      samples: int64 [N], the estimation samples the server drew.
+    """
+
+    classes: np.ndarray
+    certified: np.ndarray
+    radii: np.ndarray
+    samples: np.ndarray
+
+
 class ServingError(RuntimeError):
     """The server could not be reached or refused the request (message says why)."""
 
@@ -60,6 +82,22 @@ def _as_images(images) -> np.ndarray:
     if images.ndim != 4:
         raise ValueError(f"images must be a batch [N, H, W, C], got shape {images.shape}")
     return images
+
+
+def _radius_inputs(images, radius) -> Dict[str, np.ndarray]:
+    """certify_radius's inputs: the images and one radius per image (a scalar is repeated)."""
+    images = _as_images(images)
+    radii = np.broadcast_to(np.asarray(radius, dtype=np.float32), (len(images),)).copy()
+    return {INPUT_KEY: images, RADIUS_KEY: radii}
+
+
+def _radius_certificate(outputs: Dict[str, np.ndarray]) -> RadiusCertificate:
+    return RadiusCertificate(
+        classes=np.asarray(outputs["class"], dtype=np.int64),
+        certified=np.asarray(outputs["certified"], dtype=bool),
+        radii=np.asarray(outputs["radius"], dtype=np.float32),
+        samples=np.asarray(outputs["samples"], dtype=np.int64),
+    )
 
 
 def _certificate(outputs: Dict[str, np.ndarray]) -> Certificate:
@@ -87,9 +125,10 @@ class RestClient:
         self.url = f"http://{host}:{int(port)}{path}:predict"
         self.timeout = timeout
 
-    def _predict(self, signature: str, images: np.ndarray) -> dict:
+    def _predict(self, signature: str, inputs: Dict[str, np.ndarray]) -> dict:
         # Columnar ("inputs") format: outputs come back as whole tensors.
-        body = json.dumps({"signature_name": signature, "inputs": {INPUT_KEY: images.tolist()}}).encode()
+        body = json.dumps({"signature_name": signature,
+                           "inputs": {key: value.tolist() for key, value in inputs.items()}}).encode()
         request = urllib.request.Request(self.url, data=body, headers={"Content-Type": "application/json"},
                                          method="POST")
         try:
@@ -111,11 +150,15 @@ class RestClient:
 
     def certify(self, images) -> Certificate:
         """CERTIFY (`serving_default`) for a batch of images float32 [N, H, W, C] in [0, 1]."""
-        return _certificate(self._predict(SERVING_SIGNATURE, _as_images(images)))
+        return _certificate(self._predict(SERVING_SIGNATURE, {INPUT_KEY: _as_images(images)}))
+
+    def certify_radius(self, images, radius) -> RadiusCertificate:
+        """`certify_radius` for a batch of images and a radius (one per image, or one for all)."""
+        return _radius_certificate(self._predict(CERTIFY_RADIUS_SIGNATURE, _radius_inputs(images, radius)))
 
     def predict(self, images) -> np.ndarray:
         """PREDICT (`predict` signature): int64 [N] classes, -1 = abstain."""
-        outputs = self._predict(PREDICT_SIGNATURE, _as_images(images))
+        outputs = self._predict(PREDICT_SIGNATURE, {INPUT_KEY: _as_images(images)})
         # TF Serving returns a single output's tensor itself, not a {name: tensor} map.
         return np.asarray(outputs["class"] if isinstance(outputs, dict) else outputs, dtype=np.int64)
 
@@ -145,7 +188,7 @@ class GrpcClient:
             target, options=[("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)])
         self._stub = prediction_service_pb2_grpc.PredictionServiceStub(self._channel)
 
-    def _predict(self, signature: str, images: Optional[np.ndarray]) -> Dict[str, np.ndarray]:
+    def _predict(self, signature: str, inputs: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
         import tensorflow as tf  # pylint: disable=import-outside-toplevel
         from tensorflow_serving.apis import predict_pb2  # pylint: disable=import-outside-toplevel
 
@@ -154,8 +197,8 @@ class GrpcClient:
         request.model_spec.signature_name = signature
         if self.version is not None:
             request.model_spec.version.value = int(self.version)
-        if images is not None:
-            request.inputs[INPUT_KEY].CopyFrom(tf.make_tensor_proto(images))
+        for key, value in inputs.items():
+            request.inputs[key].CopyFrom(tf.make_tensor_proto(value))
         try:
             response = self._stub.Predict(request, timeout=self.timeout)
         except self._grpc.RpcError as e:
@@ -164,16 +207,21 @@ class GrpcClient:
 
     def certify(self, images) -> Certificate:
         """CERTIFY (`serving_default`) for a batch of images float32 [N, H, W, C] in [0, 1]."""
-        return _certificate(self._predict(SERVING_SIGNATURE, _as_images(images)))
+        return _certificate(self._predict(SERVING_SIGNATURE, {INPUT_KEY: _as_images(images)}))
+
+    def certify_radius(self, images, radius) -> RadiusCertificate:
+        """`certify_radius` for a batch of images and a radius (one per image, or one for all)."""
+        return _radius_certificate(self._predict(CERTIFY_RADIUS_SIGNATURE, _radius_inputs(images, radius)))
 
     def predict(self, images) -> np.ndarray:
         """PREDICT (`predict` signature): int64 [N] classes, -1 = abstain."""
-        return np.asarray(self._predict(PREDICT_SIGNATURE, _as_images(images))["class"], dtype=np.int64)
+        return np.asarray(self._predict(PREDICT_SIGNATURE, {INPUT_KEY: _as_images(images)})["class"],
+                          dtype=np.int64)
 
     def metadata(self) -> dict:
         """The `metadata` signature as plain Python values (sigma, n0, n, alpha, class_names, ...)."""
         values = {}
-        for key, value in self._predict(METADATA_SIGNATURE, None).items():
+        for key, value in self._predict(METADATA_SIGNATURE, {}).items():
             value = value.tolist()
             if isinstance(value, bytes):
                 value = value.decode()

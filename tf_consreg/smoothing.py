@@ -36,6 +36,15 @@ def sample_counts(
     [0, 1] pixel space (the model normalizes inside) and counts
     argmax model(x + d, training=False) per class.
 
+    A sample whose logits are not all finite (NaN or +-Inf, from a diverged
+    model or an overflow on some inputs) counts for no class, so a row sums
+    to less than `num_samples`. The statistics use `num_samples` as the
+    number of trials, so such a sample counts as a failure of every class:
+    the bounds stay valid for the smoothed classifier that never returns a
+    class for it, and a model with NaN weights gets no certificate and no
+    prediction (all counts 0, hence abstain) instead of class 0 for every
+    sample, which is what argmax over NaN logits returns.
+
     The samples are evaluated in forward batches ("chunks") of at most
     `batch_size` noisy copies; the noise of one chunk is drawn when it is
     needed, never all `num_samples` at once. When `num_samples <= batch_size`,
@@ -65,7 +74,8 @@ def sample_counts(
 
     Returns:
       int64 [B, num_classes]: counts[i, c] is the number of samples of image i
-      classified as c; each row sums to `num_samples`.
+      classified as c; each row sums to `num_samples` less the samples with
+      non-finite logits.
 
     Raises:
       ValueError: if `images` is not rank 4 or a static `batch_size` or
@@ -115,7 +125,10 @@ def sample_counts(
         predictions = tf.argmax(logits, axis=-1, output_type=tf.int32)
         # Cell (image, class) of each sample, counted on device in one op.
         owner = start + tf.range(tf.shape(predictions)[0]) // size
-        cells = owner * num_classes + predictions
+        # A sample with a non-finite logit votes for no class (argmax of NaNs
+        # is 0): its cell is num_cells, which bincount's maxlength drops.
+        finite = tf.reduce_all(tf.math.is_finite(logits), axis=-1)
+        cells = tf.where(finite, owner * num_classes + predictions, num_cells)
         counts += tf.math.bincount(
             cells, minlength=num_cells, maxlength=num_cells, dtype=tf.int64
         )
@@ -146,7 +159,8 @@ def mirrored_sample_counts(
     Every replica gets all the images and draws its share of each image's
     `num_samples` (n // G, the first n % G replicas one more) by calling
     `sample_counts`; the per-replica counts are summed, so each row still sums
-    to `num_samples` and one image's samples take about 1/G of the time.
+    to `num_samples` (less the samples with non-finite logits) and one image's
+    samples take about 1/G of the time.
 
     Replica r draws image i's noise from the seed `fold_in(seed_i, r)`, so the
     replicas' noise is independent (the seeds `fold_in(seed_i, j)` of
@@ -165,7 +179,8 @@ def mirrored_sample_counts(
         `sample_counts`.
 
     Returns:
-      int64 [B, num_classes] counts; each row sums to `num_samples`.
+      int64 [B, num_classes] counts; each row sums to `num_samples` less the
+      samples with non-finite logits.
 
     Raises:
       ValueError: as `sample_counts`.
@@ -197,8 +212,26 @@ def mirrored_sample_counts(
 
 
 # Noise streams of one image: selection and estimation samples of CERTIFY and
-# the samples of PREDICT never share noise.
-_SELECTION, _ESTIMATION, _PREDICTION = 0, 1, 2
+# the samples of PREDICT never share noise (see `stream_seeds`).
+SELECTION, ESTIMATION, PREDICTION = 0, 1, 2
+
+
+def stream_seeds(keys: tf.Tensor, stream: Union[int, tf.Tensor]) -> tf.Tensor:
+    """The seeds of one noise stream: int64 [B, 2], key i folded with `stream`.
+
+    An image's key (seed, image id) gives every stream of its samples
+    (selection, estimation, prediction, each stage) its own independent seed;
+    `sample_counts` draws image i's noise from row i. `Smooth` and the
+    exported signatures (export.py) key the noise alike, so with one seed they
+    draw the same noise.
+
+    Args:
+      keys: int64 [B, 2], one key per image.
+      stream: int or scalar int64 tensor.
+    """
+    stream = tf.cast(stream, tf.int64)
+    return tf.map_fn(lambda key: tf.random.fold_in(key, stream), tf.cast(keys, tf.int64),
+                     fn_output_signature=tf.TensorSpec([2], tf.int64))
 
 
 def staged_stream(stream: int, stage: int) -> int:
@@ -213,18 +246,18 @@ def staged_stream(stream: int, stage: int) -> int:
     which other images are certified with it or are still running.
 
     Args:
-      stream: the fixed-n stream of the samples, `_ESTIMATION` or `_PREDICTION`.
+      stream: the fixed-n stream of the samples, `ESTIMATION` or `PREDICTION`.
       stage: the stage's index k, >= 0.
 
     Returns:
       The stream, an int.
     """
-    if stream not in (_ESTIMATION, _PREDICTION) or stage < 0:
+    if stream not in (ESTIMATION, PREDICTION) or stage < 0:
         raise ValueError(f"no staged stream for stream={stream}, stage={stage}")
-    return 3 + 2 * stage + (stream == _PREDICTION)
+    return 3 + 2 * stage + (stream == PREDICTION)
 
 
-def _check_staged_stages(stages: Optional[Sequence[int]], n: int, n0: Optional[int]) -> Tuple[int, ...]:
+def check_staged_stages(stages: Optional[Sequence[int]], n: int, n0: Optional[int]) -> Tuple[int, ...]:
     """The stages of a staged run with n_max = n: checked, or the default (`stats.default_stages`).
 
     With selection samples (n0), a schedule of more than one stage must start
@@ -234,6 +267,14 @@ def _check_staged_stages(stages: Optional[Sequence[int]], n: int, n0: Optional[i
     is most likely a mistake (counts that include n0, or a missing digit).
     A single stage n is fixed-n CERTIFY and may be below n0. The default
     schedule starts at max(n0, 100).
+
+    Args:
+      stages: cumulative estimation (or PREDICT) counts, or None for the default.
+      n: n_max, the last stage.
+      n0: CERTIFY's selection samples, or None for PREDICT.
+
+    Returns:
+      The stages, a tuple of ints.
 
     Raises:
       ValueError: naming `stages`.
@@ -334,8 +375,7 @@ class Smooth:
         )
 
     def _counts_graph(self, images, num_samples, batch_size, keys, stream):
-        seeds = tf.map_fn(lambda key: tf.random.fold_in(key, stream), keys,
-                          fn_output_signature=tf.TensorSpec([2], tf.int64))
+        seeds = stream_seeds(keys, stream)
         if self.strategy is not None:
             return mirrored_sample_counts(self.strategy, self.base_model, images, num_samples, sigma=self.sigma,
                                           num_classes=self.num_classes, batch_size=batch_size, seed=seeds)
@@ -403,9 +443,9 @@ class Smooth:
         n0, n = _check_int("n0", n0, 1), _check_int("n", n, 1)
         alpha, batch_size = _check_alpha(alpha), _check_int("batch_size", batch_size, 1)
         keys = self._keys(len(images), seed, image_ids)
-        selection = self._counts(images, n0, batch_size, keys, _SELECTION)
-        estimation = self._counts(images, n, batch_size, keys, _ESTIMATION)
-        classes, radii, _ = stats.certify_from_counts(selection, estimation, alpha=alpha, sigma=self.sigma)
+        selection = self._counts(images, n0, batch_size, keys, SELECTION)
+        estimation = self._counts(images, n, batch_size, keys, ESTIMATION)
+        classes, radii, _ = stats.certify_from_counts(selection, estimation, n=n, alpha=alpha, sigma=self.sigma)
         return classes, radii
 
     def predict_batch(self, images, n: int, alpha: float, batch_size: int, seed: Optional[int] = None,
@@ -433,7 +473,7 @@ class Smooth:
         images = self._check_images(images)
         n = _check_int("n", n, 1)
         alpha, batch_size = _check_alpha(alpha), _check_int("batch_size", batch_size, 1)
-        counts = self._counts(images, n, batch_size, self._keys(len(images), seed, image_ids), _PREDICTION)
+        counts = self._counts(images, n, batch_size, self._keys(len(images), seed, image_ids), PREDICTION)
         return stats.predict_from_counts(counts, alpha=alpha)
 
     def certify_staged_batch(self, images, n0: int, n: int, alpha: float, batch_size: int,
@@ -486,13 +526,13 @@ class Smooth:
         n0, n = _check_int("n0", n0, 1), _check_int("n", n, 1)
         alpha, batch_size = _check_alpha(alpha), _check_int("batch_size", batch_size, 1)
         radii = stats.check_radii(radii)
-        stages = _check_staged_stages(stages, n, n0)
+        stages = check_staged_stages(stages, n, n0)
         keys = self._keys(len(images), seed, image_ids)
-        guesses = np.argmax(self._counts(images, n0, batch_size, keys, _SELECTION), axis=1)
+        guesses = np.argmax(self._counts(images, n0, batch_size, keys, SELECTION), axis=1)
 
         def draw(active, stage, num_new):
             counts = self._counts(images[active], num_new, batch_size, keys[active],
-                                  staged_stream(_ESTIMATION, stage))
+                                  staged_stream(ESTIMATION, stage))
             return counts[np.arange(len(active)), guesses[active]]
 
         return stats.staged_certify(guesses, draw, stages, alpha=alpha, sigma=self.sigma, radii=radii)
@@ -529,12 +569,12 @@ class Smooth:
         images = self._check_images(images)
         n = _check_int("n", n, 1)
         alpha, batch_size = _check_alpha(alpha), _check_int("batch_size", batch_size, 1)
-        stages = _check_staged_stages(stages, n, None)
+        stages = check_staged_stages(stages, n, None)
         keys = self._keys(len(images), seed, image_ids)
 
         def draw(active, stage, num_new):
             return self._counts(images[active], num_new, batch_size, keys[active],
-                                staged_stream(_PREDICTION, stage))
+                                staged_stream(PREDICTION, stage))
 
         return stats.staged_predict(len(images), draw, stages, alpha=alpha)
 

@@ -144,17 +144,20 @@ def binomial_test_pvalue(successes: ArrayLike, trials: ArrayLike, p: float = 0.5
     return pvalues if pvalues.ndim else float(pvalues)
 
 
-def certify_from_counts(selection_counts: np.ndarray, estimation_counts: np.ndarray, *, alpha: float,
+def certify_from_counts(selection_counts: np.ndarray, estimation_counts: np.ndarray, *, n: int, alpha: float,
                         sigma: float) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Cohen et al.'s CERTIFY decision from the two rounds of class counts.
 
     The top class is guessed from the selection counts; its probability is
-    bounded with the (independent) estimation counts. Where the bound is below
-    1/2 the result is ABSTAIN with radius 0.
+    bounded with the (independent) estimation counts, out of n trials. Where
+    the bound is below 1/2 the result is ABSTAIN with radius 0.
 
     Args:
       selection_counts: int [B, num_classes], counts of the n0 selection samples.
-      estimation_counts: int [B, num_classes], counts of the n fresh estimation samples.
+      estimation_counts: int [B, num_classes], counts of the n fresh estimation
+        samples. A row may sum to less than n: samples that voted for no class
+        (non-finite logits, see `smoothing.sample_counts`) are failures.
+      n: the estimation samples drawn per image, the trials of the bound.
       alpha: failure probability, in (0, 1).
       sigma: noise standard deviation, > 0.
 
@@ -170,7 +173,10 @@ def certify_from_counts(selection_counts: np.ndarray, estimation_counts: np.ndar
         raise ValueError(f"counts must both be [B, num_classes], got {selection.shape} and {estimation.shape}")
     guess = np.argmax(selection, axis=1)
     n_a = np.take_along_axis(estimation, guess[:, None], axis=1)[:, 0]
-    p_lower = np.atleast_1d(clopper_pearson_lower(n_a, estimation.sum(axis=1), alpha))
+    if np.any(estimation.sum(axis=1) > n):
+        raise ValueError(f"estimation counts sum to more than n={n}")
+    # The trials are n, not the row sums: a sample that voted for no class is a failure.
+    p_lower = np.atleast_1d(clopper_pearson_lower(n_a, n, alpha))
     classes, radii = _certify_decision(guess, p_lower, sigma)
     return classes, radii, p_lower
 
@@ -207,7 +213,12 @@ def predict_from_counts(counts: np.ndarray, *, alpha: float) -> np.ndarray:
     top, runner_up = order[:, 0], order[:, 1]
     count1 = np.take_along_axis(counts, top[:, None], axis=1)[:, 0]
     count2 = np.take_along_axis(counts, runner_up[:, None], axis=1)[:, 0]
-    pvalues = np.atleast_1d(binomial_test_pvalue(count1, count1 + count2, 0.5))
+    trials = count1 + count2
+    # Where no sample voted for a class (all logits non-finite, see
+    # smoothing.sample_counts) there is nothing to test: p-value 1, abstain.
+    pvalues = np.ones(len(counts))
+    voted = trials > 0
+    pvalues[voted] = binomial_test_pvalue(count1[voted], trials[voted], 0.5)
     return np.where(pvalues > alpha, ABSTAIN, top).astype(np.int64)
 
 
@@ -399,12 +410,16 @@ DrawFn = Callable[[np.ndarray, int, int], np.ndarray]
 
 
 def _check_draw(new: np.ndarray, shape: Tuple[int, ...], num_new: int) -> np.ndarray:
-    """Checks what `draw` returned: [A] successes <= num_new, or [A, C] class counts summing to num_new."""
+    """Checks what `draw` returned: [A] successes <= num_new, or [A, C] class counts summing to <= num_new.
+
+    Counts may sum to less than num_new: samples that voted for no class
+    (see `smoothing.sample_counts`).
+    """
     new = np.asarray(new)
     if new.shape != shape or (new.size and (not np.issubdtype(new.dtype, np.integer) or new.min() < 0)):
         raise ValueError(f"draw must return non-negative integer counts of shape {shape}, got {new.shape} "
                          f"{new.dtype}")
-    if new.size and (new.max() > num_new if new.ndim == 1 else np.any(new.sum(axis=1) != num_new)):
+    if new.size and (new.max() if new.ndim == 1 else new.sum(axis=1).max()) > num_new:
         raise ValueError(f"draw must return counts of the {num_new} samples asked for")
     return new.astype(np.int64)
 

@@ -13,6 +13,7 @@ are the authors' (`code/architectures.py`):
 
 import os
 from typing import Dict, List, Optional
+import zipfile
 
 import keras
 
@@ -108,13 +109,18 @@ def load_base_model(path: str, compute_dtype: Optional[str] = None) -> keras.Mod
       compute_dtype: None (as saved) or one of `tf_consreg.precision.COMPUTE_DTYPES`.
 
     Raises:
-      ConfigError: nothing loadable at `path`, or an unknown `compute_dtype`.
+      ConfigError: no file at `path`, a truncated or foreign `.keras` file,
+        one Keras cannot load, or an unknown `compute_dtype`.
     """
     policy = None if compute_dtype is None else precision.compute_policy(compute_dtype)
     if os.path.isdir(path):
         path = os.path.join(path, BASE_MODEL_FILE)
     if not os.path.isfile(path):
         raise ConfigError(f"{path} not found: train a model with bin/train.py first, or pass a .keras file")
+    # Keras reports a .keras file that is not a whole zip archive as "File not found".
+    if path.endswith(".keras") and not zipfile.is_zipfile(path):
+        raise ConfigError(f"{path} is not a complete .keras file (a zip archive): it is truncated or not a Keras "
+                          "model; save or copy it again")
     try:
         model = keras.models.load_model(path, compile=False)
     except Exception as e:  # Keras raises many types for a bad archive.

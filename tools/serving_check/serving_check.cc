@@ -4,12 +4,15 @@
 // Usage:
 //   serving_check --saved_model_dir=DIR --images=FILE --shape=N,H,W,C
 //       [--signature=serving_default] [--input=images]
+//       [--radii=FILE --radius_input=radius]
 //       [--outputs=class,radius,p_lower] [--warmup=0] [--repeat=1]
 //   serving_check --saved_model_dir=DIR --signature=metadata
 //
 // FILE holds N*H*W*C little-endian float32 values in C order (numpy's
-// `array.astype("<f4").tofile(FILE)`). Tensor names are read from the
-// signature's SignatureDef, never assumed.
+// `array.astype("<f4").tofile(FILE)`). --radii gives a second float32 input
+// of shape [N], one value per image (certify_radius's `radius`), fed to the
+// input --radius_input. Tensor names are read from the signature's
+// SignatureDef, never assumed. Boolean outputs print as true/false.
 //
 // Output (stdout), one line per image, tab-separated:
 //   <index>\t<output 1>\t<output 2>...   in the order given by --outputs.
@@ -45,6 +48,8 @@ struct Args {
   std::string images;
   std::string signature = "serving_default";
   std::string input = "images";
+  std::string radii;
+  std::string radius_input = "radius";
   std::string outputs = "class,radius,p_lower";
   std::vector<int64_t> shape;
   int warmup = 0;
@@ -84,6 +89,10 @@ Args ParseArgs(int argc, char** argv) {
       args.signature = value;
     } else if (name == "input") {
       args.input = value;
+    } else if (name == "radii") {
+      args.radii = value;
+    } else if (name == "radius_input") {
+      args.radius_input = value;
     } else if (name == "outputs") {
       args.outputs = value;
     } else if (name == "warmup") {
@@ -107,20 +116,26 @@ Args ParseArgs(int argc, char** argv) {
   if (!args.images.empty() && args.shape.empty()) {
     Fail("--shape=N,H,W,C is required with --images");
   }
+  if (!args.radii.empty() && args.images.empty()) {
+    Fail("--radii needs --images and --shape");
+  }
   return args;
 }
 
-tensorflow::Tensor ReadImages(const Args& args) {
+// Reads a float32 tensor of `dims` from `path`, the value of --`flag`.
+tensorflow::Tensor ReadFloats(const std::string& path,
+                              const std::vector<int64_t>& dims,
+                              const std::string& flag) {
   tensorflow::TensorShape shape;
-  for (int64_t dim : args.shape) shape.AddDim(dim);
+  for (int64_t dim : dims) shape.AddDim(dim);
   tensorflow::Tensor tensor(tensorflow::DT_FLOAT, shape);
-  std::ifstream file(args.images, std::ios::binary | std::ios::ate);
-  if (!file) Fail("--images: cannot open " + args.images);
+  std::ifstream file(path, std::ios::binary | std::ios::ate);
+  if (!file) Fail("--" + flag + ": cannot open " + path);
   const std::streamsize size = file.tellg();
   const std::streamsize expected =
       static_cast<std::streamsize>(tensor.NumElements() * sizeof(float));
   if (size != expected) {
-    Fail("--images: " + args.images + " has " + std::to_string(size) +
+    Fail("--" + flag + ": " + path + " has " + std::to_string(size) +
          " bytes but --shape needs " + std::to_string(expected));
   }
   file.seekg(0);
@@ -142,6 +157,8 @@ std::string Element(const tensorflow::Tensor& t, int64_t i) {
       return std::to_string(t.flat<int64_t>()(i));
     case tensorflow::DT_INT32:
       return std::to_string(t.flat<int32_t>()(i));
+    case tensorflow::DT_BOOL:
+      return t.flat<bool>()(i) ? "true" : "false";
     case tensorflow::DT_STRING:
       return std::string(t.flat<tensorflow::tstring>()(i));
     default:
@@ -187,7 +204,17 @@ int main(int argc, char** argv) {
     if (input == signature.inputs().end()) {
       Fail("signature '" + args.signature + "' has no input '" + args.input + "'");
     }
-    feeds.emplace_back(input->second.name(), ReadImages(args));
+    feeds.emplace_back(input->second.name(),
+                       ReadFloats(args.images, args.shape, "images"));
+    if (!args.radii.empty()) {
+      const auto radius = signature.inputs().find(args.radius_input);
+      if (radius == signature.inputs().end()) {
+        Fail("signature '" + args.signature + "' has no input '" +
+             args.radius_input + "'");
+      }
+      feeds.emplace_back(radius->second.name(),
+                         ReadFloats(args.radii, {args.shape[0]}, "radii"));
+    }
     keys = Split(args.outputs, ',');
   } else {
     if (!signature.inputs().empty()) {
