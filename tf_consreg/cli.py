@@ -56,6 +56,10 @@ CERTIFY_HELP = {
     "strategy": "default: one device. mirrored: each example's samples are split across the local GPUs (or logical "
                 "CPU devices), with other noise than default, so the strategy and device count are part of the "
                 "run's settings.",
+    "compute_dtype": "float32: sample the network computing in float32, whatever policy it was trained under (a "
+                     "model trained in mixed_bfloat16 included). bfloat16: sample the network as mixed_bfloat16 "
+                     "computes it (float32 logits), for deploying that network; faster where bfloat16 is native. "
+                     "The certificate holds for the function sampled; part of the run's settings.",
 }
 # PREDICT draws no selection samples: bin/predict.py has no --n0.
 PREDICT_HELP = {name: text for name, text in CERTIFY_HELP.items() if name != "n0"}
