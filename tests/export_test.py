@@ -15,6 +15,7 @@ import numpy as np
 from scipy import stats as scipy_stats
 import tensorflow as tf
 
+import threshold_models  # tests/threshold_models.py
 from tf_consreg import data
 from tf_consreg import export
 from tf_consreg import models
@@ -155,6 +156,7 @@ class ExportConfigTest(parameterized.TestCase):
         ("one_class", dict(num_classes=1), "num_classes"),
         ("class_names_length", dict(class_names=("a", "b", "c")), "class_names"),
         ("seed_negative", dict(seed=-1), "--seed"),
+        ("compute_dtype", dict(compute_dtype="float16"), "--compute_dtype='float16' is unknown"),
     )
     def test_bad_values_raise_naming_the_field(self, change, name):
         values = {"sigma": 0.25, "num_classes": 2, **change}
@@ -261,6 +263,12 @@ class VersionExportTest(parameterized.TestCase):
         meta = export.read_metadata(export.export_version(config).path)
         self.assertEqual(meta["sigma"], 0.3)
         self.assertEqual(meta["class_names"], [str(i) for i in range(10)])
+        self.assertEqual(meta["compute_dtype"], "float32")
+
+    def test_compute_dtype_reaches_the_export(self):
+        config = export.VersionExportConfig(export_dir=self._export_dir(), model_dir=self.model_dir, n0=2, n=8,
+                                            batch_size=8, version=4, compute_dtype="bfloat16")
+        self.assertEqual(export.read_metadata(export.export_version(config).path)["compute_dtype"], "bfloat16")
 
     @parameterized.named_parameters(
         ("no_model", dict(), "exactly one of --model_dir"),
@@ -281,6 +289,7 @@ class VersionExportTest(parameterized.TestCase):
         ("check_images_negative", dict(model_dir="MODEL_DIR", check_images=-1), "--check_images"),
         ("check_images_without_run", dict(model="MODEL_FILE", sigma=0.2, check_images=1),
          "--check_images needs --model_dir"),
+        ("compute_dtype", dict(model_dir="MODEL_DIR", compute_dtype="float16"), "--compute_dtype='float16'"),
     )
     def test_bad_values_fail_before_any_work(self, values, message):
         empty = self._tempdir()
@@ -368,6 +377,7 @@ class LenetExportTest(tf.test.TestCase):
         self.assertEqual([c.decode() for c in meta["class_names"]], list(self.info_names))
         from tf_consreg import __version__  # pylint: disable=import-outside-toplevel
         self.assertEqual(meta["version"].decode(), __version__)
+        self.assertEqual(meta["compute_dtype"].decode(), "float32")
         on_disk = export.read_metadata(self.export_dir)
         self.assertEqual(on_disk["class_names"], list(self.info_names))
         self.assertEqual(on_disk["input_shape"], [28, 28, 1])
@@ -454,6 +464,42 @@ class LenetExportTest(tf.test.TestCase):
                 with self.subTest(signature=signature, case=name):
                     with self.assertRaisesRegex(tf.errors.InvalidArgumentError, message):
                         self.loaded.signatures[signature](images=tf.constant(images))
+
+
+class ComputeDtypeTest(tf.test.TestCase):
+    """The export samples the float32 network by default, whatever the model computes in; bfloat16 on request.
+
+    The base model is tests/threshold_models.py's threshold on pixel 5 at
+    1/2, trained (saved) computing in bfloat16: its float32 network is
+    [x_5 > 1/2], its bfloat16 one [x_5 > 1/2 + 2^-9]. At x_5 = 0.501 they
+    disagree; sigma = 1e-4 keeps every sample 9 sigma from both thresholds.
+    """
+
+    def setUp(self):
+        super().setUp()
+        self.model = threshold_models.in_dtype(threshold_models.threshold_model((4, 4, 1), 5, 0.5), "bfloat16")
+        images = np.full((2, 16), 0.9, np.float32)
+        images[:, 5] = (0.501, 0.3)
+        self.images = images.reshape(2, 4, 4, 1)
+        self.kwargs = dict(sigma=1e-4, num_classes=2, n0=10, n=50, alpha=0.01, batch_size=100, seed=1)
+
+    def test_each_dtype_certifies_its_network(self):
+        for compute_dtype, classes in (("float32", [1, 0]), ("bfloat16", [0, 0])):
+            config = export.ExportConfig(**self.kwargs, compute_dtype=compute_dtype)
+            _, endpoints = export.build_archive(self.model, config)
+            out = endpoints[signatures.SERVING_SIGNATURE](tf.constant(self.images))
+            self.assertAllEqual(out["class"], classes, msg=compute_dtype)
+            self.assertEqual(endpoints[signatures.METADATA_SIGNATURE]()["compute_dtype"].numpy().decode(),
+                             compute_dtype)
+        self.assertEqual(export.ExportConfig(**self.kwargs).compute_dtype, "float32")  # The default.
+
+    def test_a_bfloat16_export_reloads_as_bfloat16(self):
+        with tempfile.TemporaryDirectory() as root:
+            path = os.path.join(root, "export")
+            export.export_smoothed(self.model, path, compute_dtype="bfloat16", **self.kwargs)
+            loaded = tf.saved_model.load(path)
+            self.assertAllEqual(_signature_outputs(loaded, self.images)["class"], [0, 0])
+            self.assertEqual(export.read_metadata(path)["compute_dtype"], "bfloat16")
 
 
 class LinearClosedFormTest(tf.test.TestCase):

@@ -22,13 +22,19 @@ Signatures (all with method name `tensorflow/serving/predict`):
                      bound of the selected class's probability)
     predict          images -> class int64 [batch] (-1 = abstain)
     metadata         no input -> sigma, n0, n, alpha, num_classes,
-                     class_names, input_shape, batch_size, seed, version
+                     class_names, input_shape, batch_size, seed, version,
+                     compute_dtype
 
 The `images` input is declared with unknown shape on purpose: TF Serving and
 the C++ loader feed tensors without checking them against the signature, so
 the shape check lives in the graph, where it gives a clear error on every
 path (Python, C++, TF Serving) instead of a failure deep inside the model.
 The expected shape is in the `metadata` signature.
+
+The base model computes in `compute_dtype` inside the export: float32 by
+default, whatever policy it was trained under (a model trained under
+mixed_bfloat16 is exported as its float32 network), or bfloat16 on request.
+The certificates hold for that function, and `metadata` says which it is.
 
 Noise: by default every request draws a fresh, OS-seeded pair of stateless
 seeds, one for selection and one for estimation (see `_request_seeds`), so no
@@ -56,6 +62,7 @@ from tf_consreg import __version__
 from tf_consreg import training
 from tf_consreg import data
 from tf_consreg import models
+from tf_consreg import precision
 from tf_consreg import smoothing
 from tf_consreg import stats
 from tf_consreg.errors import ConfigError, check
@@ -183,6 +190,8 @@ class ExportConfig:
       class_names: optional names, index = class.
       seed: None draws a fresh random seed on every request (for deployment);
         an int fixes the noise of every request (reproducible, for tests).
+      compute_dtype: the dtype the base model computes in
+        (`precision.COMPUTE_DTYPES`); the certificates hold for that function.
     """
 
     sigma: float
@@ -193,6 +202,7 @@ class ExportConfig:
     batch_size: int = 1000
     class_names: Optional[Tuple[str, ...]] = None
     seed: Optional[int] = None
+    compute_dtype: str = "float32"
 
     def __post_init__(self):
         _check_sampling(self.sigma, self.n0, self.n, self.alpha, self.batch_size)
@@ -204,6 +214,7 @@ class ExportConfig:
                   f"class_names has {len(self.class_names)} names for {self.num_classes} classes")
         check(self.seed is None or (_is_int(self.seed) and 0 <= self.seed < 2**63),
               f"--seed must be None or an integer in [0, 2^63), got {self.seed}")
+        precision.compute_policy(self.compute_dtype)  # Refuses an unknown --compute_dtype.
 
     def metadata(self, input_shape: Sequence[int]) -> dict:
         """The JSON-able description that the `metadata` signature returns."""
@@ -219,6 +230,7 @@ class ExportConfig:
             "batch_size": int(self.batch_size),
             "seed": -1 if self.seed is None else int(self.seed),
             "version": __version__,
+            "compute_dtype": self.compute_dtype,
         }
 
 
@@ -319,7 +331,8 @@ def build_archive(base_model: keras.Model,
 
     Args:
       base_model: classifier mapping float32 [N, H, W, C] images in [0, 1] to
-        logits [N, num_classes].
+        logits [N, num_classes]; it computes in `config.compute_dtype` in the
+        archive (a copy of it when it computes in another dtype).
       config: what to compute.
 
     Returns:
@@ -332,6 +345,7 @@ def build_archive(base_model: keras.Model,
         output size is not `config.num_classes`.
     """
     input_shape = _input_shape(base_model)
+    base_model = models.with_compute_dtype(base_model, config.compute_dtype)
     outputs = base_model.outputs[0].shape[-1] if base_model.outputs else None
     if outputs != config.num_classes:
         raise ConfigError(f"the base model has {outputs} outputs but num_classes={config.num_classes}")
@@ -390,6 +404,7 @@ def export_smoothed(
     batch_size: int = 1000,
     class_names: Optional[Sequence[str]] = None,
     seed: Optional[int] = None,
+    compute_dtype: str = "float32",
 ) -> str:
     """Exports the smoothed classifier of `base_model` as one SavedModel.
 
@@ -412,6 +427,8 @@ def export_smoothed(
       seed: None (default) for fresh noise on every request; an int for
         reproducible requests (testing only: fixed noise is known to anyone
         who can read the SavedModel).
+      compute_dtype: the dtype the base model computes in, float32 (default)
+        whatever it was trained in, or bfloat16; recorded in the metadata.
 
     Returns:
       `export_dir`.
@@ -421,7 +438,7 @@ def export_smoothed(
         `export_dir`.
     """
     config = ExportConfig(sigma=sigma, num_classes=num_classes, n0=n0, n=n, alpha=alpha,
-                          batch_size=batch_size, class_names=class_names, seed=seed)
+                          batch_size=batch_size, class_names=class_names, seed=seed, compute_dtype=compute_dtype)
     if os.path.exists(export_dir) and (not os.path.isdir(export_dir) or os.listdir(export_dir)):
         raise ConfigError(f"--export_dir: {export_dir} exists and is not an empty directory; "
                           "choose a new directory (exports are never overwritten)")
@@ -481,6 +498,7 @@ class VersionExportConfig:
       version: the TF Serving version number; default `int(time.time())`.
       check_images: after exporting, certify this many test images of the
         run's dataset through the reloaded SavedModel (needs `model_dir`).
+      compute_dtype: as for `export_smoothed`.
       dataset, data_dir: filled from the training run (None with `model`).
     """
 
@@ -494,6 +512,7 @@ class VersionExportConfig:
     batch_size: int = 1000
     version: Optional[int] = None
     check_images: int = 0
+    compute_dtype: str = "float32"
     dataset: Optional[str] = dataclasses.field(default=None, init=False)
     data_dir: Optional[str] = dataclasses.field(default=None, init=False)
 
@@ -521,6 +540,7 @@ class VersionExportConfig:
               f"--check_images must be an integer >= 0, got {self.check_images}")
         check(not self.check_images or self.model_dir,
               "--check_images needs --model_dir: the test images come from the training run's dataset")
+        precision.compute_policy(self.compute_dtype)  # Refuses an unknown --compute_dtype.
         if self.version is None:
             object.__setattr__(self, "version", int(time.time()))
         check(_is_int(self.version) and self.version >= 1,
@@ -583,7 +603,7 @@ def export_version(config: VersionExportConfig) -> ExportedVersion:
                                           limit=config.check_images)
     path = export_smoothed(base_model, config.version_dir, sigma=config.sigma, num_classes=num_classes,
                            n0=config.n0, n=config.n, alpha=config.alpha, batch_size=config.batch_size,
-                           class_names=class_names)
+                           class_names=class_names, compute_dtype=config.compute_dtype)
     if not config.check_images:
         return ExportedVersion(path, None)
     answers = tf.saved_model.load(path).signatures[SERVING_SIGNATURE](images=tf.constant(images))
