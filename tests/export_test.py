@@ -493,6 +493,28 @@ class ComputeDtypeTest(tf.test.TestCase):
                              compute_dtype)
         self.assertEqual(export.ExportConfig(**self.kwargs).compute_dtype, "float32")  # The default.
 
+    def test_radius_exceeds_the_closed_form_no_more_often_than_alpha_in_both_dtypes(self):
+        # smoothing_test's ClosedFormInBothDtypesTest through the export: the
+        # exact radius at x is |x_5 - t|, t = 1/2 in float32 and 1/2 + 2^-9 in
+        # bfloat16; float32's rounding of x + noise moves it by < 3e-7 (the
+        # derivation is there), so radii are compared with 1e-5 to spare.
+        sigma, alpha, count = 0.25, 0.1, 400
+        rng = np.random.default_rng(1)
+        images = rng.uniform(size=(count, 16)).astype(np.float32)
+        pixels = images[:, 5].astype(np.float64)
+        for compute_dtype, threshold in (("float32", 0.5), ("bfloat16", threshold_models.bfloat16_threshold(0.5))):
+            config = export.ExportConfig(sigma=sigma, num_classes=2, n0=20, n=50, alpha=alpha, batch_size=1000,
+                                         seed=1, compute_dtype=compute_dtype)
+            _, endpoints = export.build_archive(self.model, config)
+            out = endpoints[signatures.SERVING_SIGNATURE](tf.constant(images.reshape(count, 4, 4, 1)))
+            classes, radii = out["class"].numpy(), out["radius"].numpy()
+            margin = pixels - threshold
+            certified = classes != stats.ABSTAIN
+            wrong = certified & ((classes != (margin > 0)) | (radii > np.abs(margin) + 1e-5))
+            # Allowed: the 1 - 1e-6 quantile of Binomial(count, alpha); not vacuous: most clear images certified.
+            self.assertLessEqual(int(wrong.sum()), scipy_stats.binom.isf(1e-6, count, alpha), msg=compute_dtype)
+            self.assertGreater(certified[np.abs(margin) > 0.15].mean(), 0.9, msg=compute_dtype)
+
     def test_a_bfloat16_export_reloads_as_bfloat16(self):
         with tempfile.TemporaryDirectory() as root:
             path = os.path.join(root, "export")
