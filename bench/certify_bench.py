@@ -9,10 +9,10 @@ the machine's float32 matmul rate (tf.linalg.matmul of 2048 x 2048 matrices)
 and reports the throughput as a fraction of it, counting LeNet's forward
 pass as 4.58 MFLOP per sample.
 
-Each dtype of --compute_dtypes is certified in turn, by certifying a copy of
-the model saved with that compute dtype (`models.load_base_model(...,
-compute_dtype=...)`), and reported with its ratio to float32; the script
-first prints the CPU's bfloat16 capability (tf_consreg.precision).
+Each dtype of --compute_dtypes is certified in turn, as
+`bin/certify.py --compute_dtype=...` certifies it, and reported with its
+ratio to float32 in the same run; the script first prints the CPU's bfloat16
+capability (tf_consreg.precision).
 
 Other processes share the CPU on a busy machine: the script also reports how
 many cores they used during each measurement (from /proc/stat), so numbers
@@ -41,7 +41,6 @@ from tf_consreg import certify_run
 from tf_consreg import data
 from tf_consreg import models
 from tf_consreg import precision
-from tf_consreg import training
 
 from measure import OtherLoad
 from measure import row_seconds
@@ -57,6 +56,8 @@ _MODEL_DIR = flags.DEFINE_string("model_dir", None, "A trained run to certify (d
                                  "the speed does not depend on the weights).")
 _COMPUTE_DTYPES = flags.DEFINE_list("compute_dtypes", list(precision.COMPUTE_DTYPES),
                                     "Compute dtypes to certify in, in turn; float32 is the ratios' base.")
+flags.register_validator("compute_dtypes", lambda values: set(values) <= set(precision.COMPUTE_DTYPES),
+                         message=f"choose among {', '.join(precision.COMPUTE_DTYPES)}")
 _MATMUL_SIZE = flags.DEFINE_integer("matmul_size", 2048, "Side of the square matrices of the matmul rate.")
 
 
@@ -77,20 +78,17 @@ def matmul_gflops(size: int, repeats: int = 10) -> float:
 
 
 def certify_rows(directory: str, compute_dtype: str):
-    """Runs certify_dataset like bin/certify.py on the model in `compute_dtype`; returns the row seconds and load."""
+    """Runs certify_dataset like `bin/certify.py --compute_dtype=...`; returns the row seconds and load."""
     if _MODEL_DIR.value:
-        base = models.load_base_model(_MODEL_DIR.value, compute_dtype=compute_dtype)
-        sigma = training.read_train_config(_MODEL_DIR.value).sigma
+        where = dict(model_dir=_MODEL_DIR.value)
     else:
-        base = models.with_compute_policy(models.get_architecture("lenet", "fashion_mnist"),
-                                          precision.compute_policy(compute_dtype))
-        sigma = 0.25
-    # Saved with the compute dtype in its layers, the copy computes in it when certify_dataset loads it.
-    model = os.path.join(directory, f"lenet_{compute_dtype}.keras")
-    base.save(model)
+        model = os.path.join(directory, "lenet.keras")
+        if not os.path.exists(model):
+            models.get_architecture("lenet", "fashion_mnist").save(model)
+        where = dict(model=model, dataset="fashion_mnist", sigma=0.25)
     config = certify_run.CertifyConfig(output=os.path.join(directory, f"certify_{compute_dtype}.tsv"),
                                        max=_EXAMPLES.value, n0=_N0.value, n=_N.value, batch_size=_BATCH_SIZE.value,
-                                       model=model, dataset="fashion_mnist", sigma=sigma)
+                                       compute_dtype=compute_dtype, **where)
     data.load_arrays(config.dataset, config.split)  # Warm the file cache; not part of certification.
     with OtherLoad() as load:
         certify_run.certify_dataset(config, verbose=0)
@@ -99,8 +97,6 @@ def certify_rows(directory: str, compute_dtype: str):
 
 def main(argv):
     del argv
-    for compute_dtype in _COMPUTE_DTYPES.value:
-        precision.compute_policy(compute_dtype)  # Refuses an unknown dtype before any work.
     directory = tempfile.mkdtemp()
     runs = {}
     try:

@@ -23,6 +23,11 @@ own), then summarized as one run:
   python bin/analyze.py runs/fmnist_consistency_0.25/certify_n10k.shard*.tsv
 
 --strategy=mirrored splits each example's samples across the local GPUs.
+
+The base model computes in float32, whatever policy it was trained under;
+--compute_dtype=bfloat16 certifies its bfloat16 network instead (the network
+a --mixed_precision=mixed_bfloat16 run computes). The settings file beside
+the TSV records which.
 """
 
 from tf_consreg import certify_run

@@ -46,6 +46,9 @@ _FLAGS = cli.define_flags(export.VersionExportConfig, {
     "version": "TF Serving version number (default: the current Unix time).",
     "check_images": "After exporting, load the version back from disk and certify this many test images of the "
                     "run's dataset through serving_default, printing class and radius (needs --model_dir).",
+    "compute_dtype": "float32: the export samples the network computing in float32, whatever policy it was trained "
+                     "under. bfloat16: the network as mixed_bfloat16 computes it (float32 logits). The metadata "
+                     "signature names it; the certificates hold for that function.",
 })
 
 
@@ -56,7 +59,7 @@ def main(argv):
     for path in exported.removed:
         print(f"Removed {path}, the unfinished staging directory of an export that was killed")
     print(f"Exported the smoothed classifier (sigma={config.sigma}, n0={config.n0}, n={config.n}, "
-          f"alpha={config.alpha}, stages={','.join(map(str, config.stages))}) to {exported.path}")
+          f"alpha={config.alpha}, stages={','.join(map(str, config.stages))}, base model computing in {config.compute_dtype}) to {exported.path}")
     if exported.check:
         names = export.read_metadata(exported.path)["class_names"]
         print(f"serving_default of the reloaded export on {len(exported.check['label'])} test image(s):")

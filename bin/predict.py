@@ -13,7 +13,8 @@ Example:
 
 --num_shards=K --shard_index=i evaluates every K-th selected example from the
 i-th on (one shard per host or array task), --strategy=mirrored splits each
-example's samples across the local GPUs, as for bin/certify.py.
+example's samples across the local GPUs, and --compute_dtype picks the
+network sampled (float32 by default), as for bin/certify.py.
 """
 
 from tf_consreg import certify_run

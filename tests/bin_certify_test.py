@@ -22,7 +22,7 @@ from tf_consreg import models
 FLAG_DEFAULTS = {
     "model_dir": None, "model": None, "dataset": None, "data_dir": None, "split": "test", "sigma": None, "n0": 100,
     "n": 100000, "alpha": 0.001, "batch_size": 1000, "skip": 1, "max": -1, "output": None, "seed": 0,
-    "num_shards": 1, "shard_index": 0, "strategy": "default",
+    "num_shards": 1, "shard_index": 0, "strategy": "default", "compute_dtype": "float32",
 }
 
 
@@ -49,6 +49,9 @@ class CertifyBinaryTest(RunFixture, parameterized.TestCase):
         self.assertEqual(header, HEADER)
         self.assertEqual([r[0] for r in rows], ["0", "1", "2", "3", "4"])
         self.assertIn(f"certified 5 examples into {output}", result.stdout)
+        self.assertIn("computing in float32 (--compute_dtype)", result.stdout)
+        with open(output + ".json", encoding="utf-8") as f:
+            self.assertIn('"compute_dtype": "float32"', f.read())
 
     @parameterized.named_parameters(
         ("n", ["--n=0"], "certify.py: error: --n must be >= 1, got 0"),
@@ -61,6 +64,8 @@ class CertifyBinaryTest(RunFixture, parameterized.TestCase):
          "certify.py: error: --shard_index must be in [0, --num_shards=3), got -1"),
         ("no_shards", ["--num_shards=0"], "certify.py: error: --num_shards must be >= 1, got 0"),
         ("strategy", ["--strategy=tpu"], "certify.py: error: --strategy='tpu' is unknown"),
+        ("compute_dtype", ["--compute_dtype=float16"],
+         "certify.py: error: --compute_dtype='float16' is unknown; choose one of float32, bfloat16"),
     )
     def test_errors_are_one_line(self, args, expected):
         output = os.path.join(self.dir, "errors", "certify.tsv")

@@ -41,7 +41,7 @@ class FlagsTest(absltest.TestCase):
     def test_flags_and_defaults(self):
         self.assertEqual(binaries.flag_defaults("export"), {
             "model_dir": None, "model": None, "export_dir": None, "sigma": None, "n0": 100, "n": 10000,
-            "alpha": 0.001, "batch_size": 1000, "stages": None, "version": None, "check_images": 0})
+            "alpha": 0.001, "batch_size": 1000, "stages": None, "version": None, "check_images": 0, "compute_dtype": "float32"})
 
 
 class ExportBinaryTest(parameterized.TestCase):
@@ -102,14 +102,16 @@ class ExportBinaryTest(parameterized.TestCase):
         os.utime(stale, (time.time() - 3600, time.time() - 3600))
         before = int(time.time())
         result = _run_bin(f"--model={os.path.join(self.model_dir, 'base_model.keras')}", "--sigma=0.3",
-                          f"--export_dir={export_dir}", *_TINY)
+                          f"--export_dir={export_dir}", "--compute_dtype=bfloat16", *_TINY)
         self.assertEqual(result.returncode, 0, result.stderr[-3000:])
         self.assertIn(f"Removed {stale}, the unfinished staging directory of an export that was killed",
                       result.stdout)
+        self.assertIn("base model computing in bfloat16", result.stdout)
         (version,) = os.listdir(export_dir)
         self.assertRegex(version, r"^\d+$")
         self.assertBetween(int(version), before, int(time.time()))
-        self.assertEqual(export.read_metadata(os.path.join(export_dir, version))["sigma"], 0.3)
+        meta = export.read_metadata(os.path.join(export_dir, version))
+        self.assertEqual((meta["sigma"], meta["compute_dtype"]), (0.3, "bfloat16"))
 
     @pytest.mark.slow  # each case starts TensorFlow in a subprocess (~10 s on 2 busy cores)
     @parameterized.named_parameters(

@@ -19,6 +19,7 @@ from absl.testing import flagsaver
 from absl.testing import parameterized
 
 from tf_consreg import models
+from tf_consreg import precision
 from tf_consreg.errors import ConfigError
 from tf_consreg.training import ObjectiveConfig, TrainConfig
 
@@ -69,6 +70,13 @@ class TrainBinaryTest(tf.test.TestCase, parameterized.TestCase):
 
         model = models.load_base_model(os.path.join(model_dir, "base_model.keras"))
         self.assertEqual(model.output_shape, (None, 10))
+        # --mixed_precision=auto by default: this machine's choice, recorded and computed in.
+        policy = precision.resolve("auto").policy
+        with open(os.path.join(model_dir, "train_config.json"), encoding="utf-8") as f:
+            record = json.load(f)
+        self.assertEqual((record["mixed_precision"], record["precision_policy"]), ("auto", policy))
+        computes_in = {"float32": "float32", "mixed_bfloat16": "bfloat16"}[policy]
+        self.assertEqual(models.model_compute_dtype(model), computes_in)
 
         tags = _event_tags(os.path.join(model_dir, "logs"))
         for term in ("loss", "cross_entropy", "consistency", "kl", "entropy", "accuracy", "learning_rate"):
@@ -185,6 +193,7 @@ class TrainBinaryTest(tf.test.TestCase, parameterized.TestCase):
         ("smoothmix_lbd", dict(method="smoothmix"), "--lbd is used only by"),
         ("smoothmix_deferred", dict(method="smoothmix", lbd=None, deferred=True), "--deferred is used only by"),
         ("attack_step_other", dict(attack_step=1.0), "--attack_step is used only by --method=smoothmix"),
+        ("mixed_precision", dict(mixed_precision="bfloat16"), "--mixed_precision='bfloat16' is unknown"),
     )
     def test_bad_flags_fail_before_any_work(self, overrides, message):
         model_dir = os.path.join(self.create_tempdir().full_path, "run")
@@ -225,6 +234,14 @@ class TrainBinaryTest(tf.test.TestCase, parameterized.TestCase):
             with self.assertRaisesRegex(ConfigError, "holds a different run.*--dataset"):
                 train_bin.main(["train"])
         self.assertEqual(_digest(model_dir), before)
+
+    @pytest.mark.slow
+    def test_prints_the_precision_it_chose_and_why(self):
+        model_dir = self.create_tempdir().full_path
+        result = _run_bin(f"--model_dir={model_dir}", "--train_examples=64", "--eval_examples=0", "--batch_size=32",
+                          "--epochs=1")
+        self.assertEqual(result.returncode, 0, result.stderr[-2000:])
+        self.assertIn(precision.resolve("auto").reason + "\n", result.stdout)
 
     def test_error_is_one_line_naming_the_flag(self):
         result = _run_bin("--model_dir=/tmp/unused_tf_consreg_run", "--sigma=-1")

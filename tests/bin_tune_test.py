@@ -96,7 +96,10 @@ class TuneBinaryTest(tf.test.TestCase):
             FLAGS(["train", f"--flagfile={best}", f"--model_dir={model_dir}"])
             config = train_bin.make_config()
         best_trial = read_train_config(os.path.join(tuning_dir, "trials", f"trial_{rows[0]['trial']}"))
-        self.assertEqual(dataclasses.replace(config, model_dir=best_trial.model_dir), best_trial)
+        # The flags repeat --mixed_precision=auto; the new run resolves it on its machine.
+        self.assertEqual(dataclasses.replace(config, model_dir=best_trial.model_dir,
+                                             precision_policy=best_trial.precision_policy), best_trial)
+        self.assertIsNone(config.precision_policy)
         self.assertEqual((config.objective.lbd, config.objective.eta, config.objective.num_noise),
                          (float(rows[0]["lbd"]), float(rows[0]["eta"]), int(rows[0]["num_noise"])))
         self.assertEqual(config.model_dir, model_dir)

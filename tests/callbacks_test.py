@@ -10,8 +10,10 @@ import numpy as np
 import tensorflow as tf
 from absl.testing import parameterized
 
+import threshold_models  # tests/threshold_models.py
 from tf_consreg import analysis
 from tf_consreg import callbacks
+from tf_consreg import models
 from tf_consreg import smoothing
 from tf_consreg import training
 
@@ -133,6 +135,45 @@ class CertifyCallbackTest(tf.test.TestCase, parameterized.TestCase):
         self.assertAllClose(result.summary.acr, np.mean(radii * (classes == labels)), atol=1e-12)
         self.assertEqual(result.epoch, 0)
 
+    def test_a_model_training_in_bfloat16_is_certified_as_its_float32_network(self):
+        # The threshold model f(x) = [x_5 > 1/2] computes [x_5 > 1/2 + 2^-9]
+        # in bfloat16 (tests/threshold_models.py). Images with x_5 = 0.501
+        # are class 1 for the float32 network and class 0 for the bfloat16
+        # one; sigma = 1e-4 keeps every sample 9 sigma from both thresholds,
+        # so each network's class is certain.
+        pixels = np.array([0.501] * 6 + [0.3] * 6, np.float32)
+        images = np.full((12, SIDE * SIDE), 0.9, np.float32)
+        images[:, 5] = pixels
+        images = images.reshape(12, SIDE, SIDE, 1)
+        labels = (pixels > 0.5).astype(np.int64)
+        base = threshold_models.in_dtype(threshold_models.threshold_model((SIDE, SIDE, 1), 5, 0.5), "bfloat16")
+        self.assertEqual(models.model_compute_dtype(base), "bfloat16")
+        model = training.ConsistencyModel(base, training.ObjectiveConfig(method="gaussian", sigma=1e-4, num_noise=1))
+        model.compile(optimizer=keras.optimizers.SGD(0.0),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        certify = callbacks.CertifyCallback(images, labels, sigma=1e-4, num_classes=2, seed=1, verbose=False,
+                                            **CERTIFY)
+        history = model.fit(images, labels, batch_size=12, epochs=1, callbacks=[certify], verbose=0)
+        self.assertEqual(history.history["val_smoothed_accuracy"], [1.0])  # The float32 network, by default.
+        self.assertIsNot(certify.certified_model(base), base)
+        in_bfloat16 = callbacks.CertifyCallback(images, labels, sigma=1e-4, num_classes=2, seed=1, verbose=False,
+                                                compute_dtype="bfloat16", **CERTIFY)
+        self.assertIs(in_bfloat16.certified_model(base), base)
+        self.assertEqual(in_bfloat16.evaluate(base).summary.clean_accuracy, 0.5)  # The 0.501 images are class 0.
+
+        # Training moves the threshold to 0.6: the float32 twin certifies the current weights.
+        head = base.get_layer("logits")
+        head.set_weights([head.get_weights()[0], np.array([0.0, -0.6], np.float32)])
+        result = certify.evaluate(base)
+        self.assertAllEqual(result.log.predict, [0] * 12)
+        self.assertEqual(result.summary.clean_accuracy, 0.5)
+
+    def test_a_float32_model_is_certified_as_it_is(self):
+        images, labels = _validation_set()
+        base = _brightness_model()
+        certify = callbacks.CertifyCallback(images, labels, sigma=SIGMA, num_classes=2, verbose=False, **CERTIFY)
+        self.assertIs(certify.certified_model(base), base)
+
     @parameterized.named_parameters(
         ("every", dict(every=0), "every"),
         ("n", dict(n=0), "n must"),
@@ -140,6 +181,7 @@ class CertifyCallbackTest(tf.test.TestCase, parameterized.TestCase):
         ("sigma", dict(sigma=0.0), "sigma"),
         ("radii", dict(radii=()), "radii"),
         ("ids", dict(image_ids=[1, 2]), "image_ids"),
+        ("compute_dtype", dict(compute_dtype="float16"), "compute_dtype must be one of float32, bfloat16"),
     )
     def test_bad_arguments(self, override, message):
         images, labels = _validation_set()

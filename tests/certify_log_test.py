@@ -35,7 +35,8 @@ HAND_TSV = HEADER + (
 # The settings bin/certify.py writes beside a shard (certify_run.CertifyConfig.settings).
 SHARD_SETTINGS = {"mode": "certify", "model": "/runs/a/base_model.keras", "model_sha256": "ab" * 32,
                   "dataset": "fashion_mnist", "split": "test", "sigma": 0.25, "n0": 100, "n": 1000, "alpha": 0.001,
-                  "seed": 0, "skip": 1, "batch_size": 1000, "strategy": "default", "replicas": 1}
+                  "seed": 0, "skip": 1, "batch_size": 1000, "strategy": "default", "replicas": 1,
+                  "compute_dtype": "float32"}
 
 
 def tempdir(test):

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import threshold_models  # tests/threshold_models.py
 from tf_consreg import analysis
 from tf_consreg import certify_log
 from tf_consreg import certify_run
@@ -146,7 +147,7 @@ class CertifyDatasetTest(RunFixture, tf.test.TestCase, parameterized.TestCase):
         with open(output + ".json", encoding="utf-8") as f:
             settings = f.read()
         for expected in ('"sigma": 0.25', '"n": 100', '"n0": 20', '"seed": 0', '"dataset": "fashion_mnist"',
-                         '"split": "test"', '"batch_size": 200'):
+                         '"split": "test"', '"batch_size": 200', '"compute_dtype": "float32"'):
             self.assertIn(expected, settings)
 
     def test_skip_and_max(self):
@@ -233,6 +234,7 @@ class CertifyDatasetTest(RunFixture, tf.test.TestCase, parameterized.TestCase):
         ("skip", dict(skip=2), "skip"),
         ("batch_size", dict(batch_size=100), "batch_size"),
         ("split", dict(split="train"), "split"),
+        ("compute_dtype", dict(compute_dtype="bfloat16"), "compute_dtype: 'float32' there, 'bfloat16' now"),
     )
     def test_refuses_an_output_of_other_settings(self, overrides, message):
         output = self._output()
@@ -270,6 +272,8 @@ class CertifyDatasetTest(RunFixture, tf.test.TestCase, parameterized.TestCase):
         ("no_model", dict(model_dir=None), "exactly one of --model_dir"),
         ("no_output", dict(output=""), "--output is required"),
         ("missing_model_dir", dict(model_dir="/nonexistent/run"), "--model_dir"),
+        ("compute_dtype", dict(compute_dtype="float16"), "^--compute_dtype='float16' is unknown; choose one of "
+                                                         "float32, bfloat16$"),
     )
     def test_bad_config(self, overrides, message):
         args = dict(output=self._output())
@@ -296,6 +300,63 @@ class CertifyDatasetTest(RunFixture, tf.test.TestCase, parameterized.TestCase):
         with self.assertRaisesRegex(ConfigError, "takes images of shape"):
             certify_run.certify_dataset(config, verbose=0)
         self.assertFalse(os.path.exists(output))
+
+
+class ComputeDtypeTest(RunFixture, tf.test.TestCase, parameterized.TestCase):
+    """--compute_dtype: which network a run samples, whatever the policy the model was saved under.
+
+    The model is the threshold f(x) = [x_p > t] of tests/threshold_models.py,
+    saved computing in bfloat16 as a mixed_bfloat16 run saves its model. Its
+    float32 network is [x_p > t] and its bfloat16 one [q(x_p) > t], with q
+    the rounding to bfloat16. Every Fashion-MNIST pixel k/255 (0 < k < 255)
+    rounds up (k/255 = k/256 + k/(255 * 256), more than half a bfloat16 step
+    above the multiple of the step below it), so t halfway between the
+    pixel v of the first test image and q(v) makes the two networks answer
+    differently on it. sigma = 1e-7 is far below every distance involved
+    (pixels sit >= 7.7e-6 from a rounding midpoint and ~1e-3 from t), so
+    each network's class is certain; radii are tiny and positive.
+    """
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        images, _ = data.load_arrays("fashion_mnist", "test", limit=8)
+        cls.images = images.reshape(8, -1)
+        cls.pixel = int(np.flatnonzero((cls.images[0] > 0) & (cls.images[0] < 1))[0])
+        v = cls.images[0, cls.pixel]
+        cls.threshold = float((v + threshold_models.round_to_bfloat16(v)) / 2)
+        model = threshold_models.threshold_model((28, 28, 1), cls.pixel, cls.threshold, num_classes=10)
+        cls.model = os.path.join(cls.dir, "trained_in_bfloat16.keras")
+        threshold_models.in_dtype(model, "bfloat16").save(cls.model)
+        cls.config = dict(model=cls.model, dataset="fashion_mnist", sigma=1e-7, n0=10, n=20, batch_size=200,
+                          alpha=0.001, max=8)
+
+    def _classes(self, compute_dtype):
+        pixels = self.images[:, self.pixel]
+        if compute_dtype == "bfloat16":
+            pixels = threshold_models.round_to_bfloat16(pixels)
+        return (pixels > self.threshold).astype(int)
+
+    @parameterized.parameters("float32", "bfloat16")
+    def test_samples_the_network_of_its_compute_dtype(self, compute_dtype):
+        self.assertNotEqual(self._classes("float32")[0], self._classes("bfloat16")[0])  # Not vacuous.
+        output = self._output()
+        overrides = {} if compute_dtype == "float32" else {"compute_dtype": compute_dtype}  # float32: the default.
+        certify_run.certify_dataset(self._config(output, **overrides), verbose=0)
+        rows = read_rows(output)[1]
+        self.assertAllEqual([int(r[2]) for r in rows], self._classes(compute_dtype))
+        self.assertTrue(all(float(r[3]) > 0 for r in rows))
+        with open(output + certify_log.SETTINGS_SUFFIX, encoding="utf-8") as f:
+            self.assertEqual(json.load(f)["compute_dtype"], compute_dtype)
+
+    def test_shards_of_other_dtypes_are_not_one_run(self):
+        shards = [self._output(f"certify.shard{i}.tsv") for i in range(2)]
+        for index, compute_dtype in enumerate(("float32", "bfloat16")):
+            certify_run.certify_dataset(self._config(shards[index], num_shards=2, shard_index=index,
+                                                     compute_dtype=compute_dtype), verbose=0)
+        with self.assertRaisesRegex(ConfigError, r"come from runs with different settings \(compute_dtype: "
+                                                 r"'float32' vs 'bfloat16'\)"):
+            certify_log.group_runs(shards)
 
 
 class ShardedCertifyTest(RunFixture, tf.test.TestCase, parameterized.TestCase):

@@ -20,6 +20,7 @@ import tensorflow as tf
 from smoothing_test import partly_nonfinite_model  # tests/ is on sys.path under pytest
 from smoothing_test import partly_nonfinite_probabilities
 from smoothing_test import with_nan_weights
+import threshold_models  # tests/threshold_models.py
 from tf_consreg import data
 from tf_consreg import export
 from tf_consreg import models
@@ -219,6 +220,7 @@ class ExportConfigTest(parameterized.TestCase):
         ("stage_below_n0", dict(stages=(50, 10000)), "^--stages must start at n0=100"),
         ("stages_empty", dict(stages=()), "^--stages must be a non-empty"),
         ("stage_not_integer", dict(stages=(100.5, 10000)), "^--stages must be integers"),
+        ("compute_dtype", dict(compute_dtype="float16"), "--compute_dtype='float16' is unknown"),
     )
     def test_bad_values_raise_naming_the_field(self, change, name):
         values = {"sigma": 0.25, "num_classes": 2, **change}
@@ -280,7 +282,7 @@ class VersionExportTest(parameterized.TestCase):
         config = export.VersionExportConfig(export_dir=self._export_dir(), model_dir=self.model_dir, n0=4, n=16,
                                             batch_size=16, version=3)
         self.assertEqual(config.sigma, 0.5)  # from train_config.json
-        path, check = export.export_version(config)
+        path, check, _ = export.export_version(config)
         self.assertIsNone(check)
         self.assertEqual(path, os.path.join(config.export_dir, "3"))
         self.assertEqual(os.listdir(config.export_dir), ["3"])  # no staging directory left
@@ -299,7 +301,7 @@ class VersionExportTest(parameterized.TestCase):
     def test_check_images_answers_from_the_reloaded_export(self):
         config = export.VersionExportConfig(export_dir=self._export_dir(), model_dir=self.model_dir, n0=4, n=16,
                                             batch_size=16, version=2, check_images=3)
-        _, check = export.export_version(config)
+        check = export.export_version(config).check
         _, labels = data.load_arrays("fashion_mnist", "test", limit=3)
         np.testing.assert_array_equal(check["label"], labels)
         self.assertCountEqual(check, ["label", "class", "radius", "p_lower"])
@@ -413,6 +415,12 @@ class VersionExportTest(parameterized.TestCase):
         meta = export.read_metadata(export.export_version(config).path)
         self.assertEqual(meta["sigma"], 0.3)
         self.assertEqual(meta["class_names"], [str(i) for i in range(10)])
+        self.assertEqual(meta["compute_dtype"], "float32")
+
+    def test_compute_dtype_reaches_the_export(self):
+        config = export.VersionExportConfig(export_dir=self._export_dir(), model_dir=self.model_dir, n0=2, n=8,
+                                            batch_size=8, version=4, compute_dtype="bfloat16")
+        self.assertEqual(export.read_metadata(export.export_version(config).path)["compute_dtype"], "bfloat16")
 
     @parameterized.named_parameters(
         ("no_model", dict(), "exactly one of --model_dir"),
@@ -437,6 +445,7 @@ class VersionExportTest(parameterized.TestCase):
          "^--stages must end at n=1000"),
         ("stage_below_n0", dict(model_dir="MODEL_DIR", n=1000, n0=200, stages=(100, 1000)),
          "^--stages must start at n0=200"),
+        ("compute_dtype", dict(model_dir="MODEL_DIR", compute_dtype="float16"), "--compute_dtype='float16'"),
     )
     def test_bad_values_fail_before_any_work(self, values, message):
         empty = self._tempdir()
@@ -547,6 +556,7 @@ class LenetExportTest(tf.test.TestCase):
         self.assertEqual([c.decode() for c in meta["class_names"]], list(self.info_names))
         from tf_consreg import __version__  # pylint: disable=import-outside-toplevel
         self.assertEqual(meta["version"].decode(), __version__)
+        self.assertEqual(meta["compute_dtype"].decode(), "float32")
         on_disk = export.read_metadata(self.export_dir)
         self.assertEqual(on_disk["class_names"], list(self.info_names))
         self.assertEqual(on_disk["input_shape"], [28, 28, 1])
@@ -658,6 +668,64 @@ class LenetExportTest(tf.test.TestCase):
                 with self.assertRaisesRegex(tf.errors.InvalidArgumentError, message):
                     self.loaded.signatures[signatures.CERTIFY_RADIUS_SIGNATURE](
                         images=images, radius=tf.constant(radius, tf.float32))
+
+
+class ComputeDtypeTest(tf.test.TestCase):
+    """The export samples the float32 network by default, whatever the model computes in; bfloat16 on request.
+
+    The base model is tests/threshold_models.py's threshold on pixel 5 at
+    1/2, trained (saved) computing in bfloat16: its float32 network is
+    [x_5 > 1/2], its bfloat16 one [x_5 > 1/2 + 2^-9]. At x_5 = 0.501 they
+    disagree; sigma = 1e-4 keeps every sample 9 sigma from both thresholds.
+    """
+
+    def setUp(self):
+        super().setUp()
+        self.model = threshold_models.in_dtype(threshold_models.threshold_model((4, 4, 1), 5, 0.5), "bfloat16")
+        images = np.full((2, 16), 0.9, np.float32)
+        images[:, 5] = (0.501, 0.3)
+        self.images = images.reshape(2, 4, 4, 1)
+        self.kwargs = dict(sigma=1e-4, num_classes=2, n0=10, n=50, alpha=0.01, batch_size=100, seed=1)
+
+    def test_each_dtype_certifies_its_network(self):
+        for compute_dtype, classes in (("float32", [1, 0]), ("bfloat16", [0, 0])):
+            config = export.ExportConfig(**self.kwargs, compute_dtype=compute_dtype)
+            _, endpoints = export.build_archive(self.model, config)
+            out = endpoints[signatures.SERVING_SIGNATURE](tf.constant(self.images))
+            self.assertAllEqual(out["class"], classes, msg=compute_dtype)
+            self.assertEqual(endpoints[signatures.METADATA_SIGNATURE]()["compute_dtype"].numpy().decode(),
+                             compute_dtype)
+        self.assertEqual(export.ExportConfig(**self.kwargs).compute_dtype, "float32")  # The default.
+
+    def test_radius_exceeds_the_closed_form_no_more_often_than_alpha_in_both_dtypes(self):
+        # smoothing_test's ClosedFormInBothDtypesTest through the export: the
+        # exact radius at x is |x_5 - t|, t = 1/2 in float32 and 1/2 + 2^-9 in
+        # bfloat16; float32's rounding of x + noise moves it by < 3e-7 (the
+        # derivation is there), so radii are compared with 1e-5 to spare.
+        sigma, alpha, count = 0.25, 0.1, 400
+        rng = np.random.default_rng(1)
+        images = rng.uniform(size=(count, 16)).astype(np.float32)
+        pixels = images[:, 5].astype(np.float64)
+        for compute_dtype, threshold in (("float32", 0.5), ("bfloat16", threshold_models.bfloat16_threshold(0.5))):
+            config = export.ExportConfig(sigma=sigma, num_classes=2, n0=20, n=50, alpha=alpha, batch_size=1000,
+                                         seed=1, compute_dtype=compute_dtype)
+            _, endpoints = export.build_archive(self.model, config)
+            out = endpoints[signatures.SERVING_SIGNATURE](tf.constant(images.reshape(count, 4, 4, 1)))
+            classes, radii = out["class"].numpy(), out["radius"].numpy()
+            margin = pixels - threshold
+            certified = classes != stats.ABSTAIN
+            wrong = certified & ((classes != (margin > 0)) | (radii > np.abs(margin) + 1e-5))
+            # Allowed: the 1 - 1e-6 quantile of Binomial(count, alpha); not vacuous: most clear images certified.
+            self.assertLessEqual(int(wrong.sum()), scipy_stats.binom.isf(1e-6, count, alpha), msg=compute_dtype)
+            self.assertGreater(certified[np.abs(margin) > 0.15].mean(), 0.9, msg=compute_dtype)
+
+    def test_a_bfloat16_export_reloads_as_bfloat16(self):
+        with tempfile.TemporaryDirectory() as root:
+            path = os.path.join(root, "export")
+            export.export_smoothed(self.model, path, compute_dtype="bfloat16", **self.kwargs)
+            loaded = tf.saved_model.load(path)
+            self.assertAllEqual(_signature_outputs(loaded, self.images)["class"], [0, 0])
+            self.assertEqual(export.read_metadata(path)["compute_dtype"], "bfloat16")
 
 
 class LinearClosedFormTest(tf.test.TestCase):

@@ -317,6 +317,33 @@ class LoadComputeDtypeTest(tf.test.TestCase, parameterized.TestCase):
         self.assertEqual(policies(loaded), policies(trained))
         self.assertAllEqual(loaded(x, training=False), trained(x, training=False))
 
+    @parameterized.parameters(("none", "float32"), ("mixed_bfloat16", "bfloat16"), ("mixed_float16", None))
+    def test_model_compute_dtype_names_the_training_policy(self, mixed_precision, computes_in):
+        with tempfile.TemporaryDirectory() as directory:
+            trained, _ = self._trained(directory, "lenet", "fashion_mnist", mixed_precision)
+            self.assertEqual(models.model_compute_dtype(trained), computes_in)
+            self.assertEqual(models.model_compute_dtype(models.load_base_model(directory)), computes_in)
+            for dtype in ("float32", "bfloat16"):
+                self.assertEqual(models.model_compute_dtype(models.load_base_model(directory, dtype)), dtype)
+
+    def test_a_head_computing_in_bfloat16_is_neither_dtype(self):
+        inputs = keras.Input((4,))
+        model = keras.Model(inputs, keras.layers.Dense(2, dtype="mixed_bfloat16")(inputs))
+        self.assertIsNone(models.model_compute_dtype(model))
+
+    def test_with_compute_dtype_copies_only_when_the_dtype_differs(self):
+        with tempfile.TemporaryDirectory() as directory:
+            trained, x = self._trained(directory, "lenet", "fashion_mnist", "mixed_bfloat16")
+        self.assertIs(models.with_compute_dtype(trained, "bfloat16"), trained)
+        twin = models.with_compute_dtype(trained, "float32")
+        self.assertIsNot(twin, trained)
+        self.assertEqual(models.model_compute_dtype(twin), "float32")
+        reference = self._reference("lenet", "fashion_mnist", "float32", trained.get_weights())
+        self.assertAllEqual(twin(x, training=False), reference(x, training=False))
+        # The copy holds its own variables: the trained model's later steps do not reach it.
+        trained.set_weights([w + 1.0 for w in trained.get_weights()])
+        self.assertAllEqual(twin(x, training=False), reference(x, training=False))
+
     def test_unknown_compute_dtype(self):
         with tempfile.TemporaryDirectory() as directory:
             self._trained(directory, "lenet", "fashion_mnist", "none")

@@ -169,6 +169,16 @@ class ResolveTest(parameterized.TestCase):
         with self.assertRaisesRegex(ConfigError, r"^--mixed_precision='bfloat16' is unknown; choose one of auto, "
                                                  r"none, float32, mixed_bfloat16, mixed_float16$"):
             precision.resolve("bfloat16", AMX_CPU)
+        with self.assertRaisesRegex(ConfigError, r"^--mixed_precision='bfloat16' is unknown"):
+            precision.fixed_policy("bfloat16")
+
+    @parameterized.parameters(("auto", None), ("none", "float32"), ("float32", "float32"),
+                              ("mixed_bfloat16", "mixed_bfloat16"), ("mixed_float16", "mixed_float16"))
+    def test_fixed_policy_is_what_resolve_gives_on_any_machine(self, requested, policy):
+        self.assertEqual(precision.fixed_policy(requested), policy)
+        chosen = {precision.resolve(requested, capability).policy for capability in (AMX_CPU, AVX2_CPU, UNKNOWN_CPU)}
+        self.assertEqual(chosen, {"mixed_bfloat16", "float32"} if policy is None else {policy})
+        self.assertTrue(chosen <= set(precision.KERAS_POLICIES))
 
 
 class ComputePolicyTest(absltest.TestCase):

@@ -11,6 +11,7 @@ import numpy as np
 from scipy import stats as scipy_stats
 import tensorflow as tf
 
+import threshold_models  # tests/threshold_models.py
 from tf_consreg import smoothing
 from tf_consreg import stats
 
@@ -346,6 +347,71 @@ class SmoothTest(_LinearModelMixin, tf.test.TestCase, parameterized.TestCase):
     def test_bad_construction(self, sigma, num_classes):
         with self.assertRaises(ValueError):
             smoothing.Smooth(self.model, num_classes, sigma)
+
+
+class ClosedFormInBothDtypesTest(tf.test.TestCase, parameterized.TestCase):
+    """CERTIFY's soundness against a closed form, for the float32 network and for the bfloat16 one.
+
+    A certificate holds for the function sampled. The bfloat16 network of a
+    linear model rounds its input to bfloat16, so it is not the float32
+    linear function; a threshold on one pixel, f(x) = [x_p > t] with t = 1/2,
+    stays one in bfloat16, at the shifted threshold t' = 1/2 + 2^-9 (derived
+    in tests/threshold_models.py). Under N(0, sigma^2 I) noise either one has
+    P(f = 1) = Phi((x_p - t) / sigma), so g's exact L2 radius at x is
+    |x_p - t| (the distance to the hyperplane x_p = t), with t = 1/2 in
+    float32 and t' in bfloat16.
+    """
+
+    SHAPE, PIXEL = (4, 4, 1), 5
+
+    def _model(self, compute_dtype):
+        model = threshold_models.in_dtype(threshold_models.threshold_model(self.SHAPE, self.PIXEL, 0.5),
+                                          compute_dtype)
+        threshold = 0.5 if compute_dtype == "float32" else threshold_models.bfloat16_threshold(0.5)
+        return model, threshold
+
+    def _images(self, rng, pixel_values):
+        images = rng.uniform(size=(len(pixel_values), int(np.prod(self.SHAPE)))).astype(np.float32)
+        images[:, self.PIXEL] = pixel_values
+        return images.reshape(-1, *self.SHAPE)
+
+    @parameterized.parameters("float32", "bfloat16")
+    def test_the_network_is_the_closed_form(self, compute_dtype):
+        model, threshold = self._model(compute_dtype)
+        self.assertEqual(model.layers[-2].compute_dtype, compute_dtype)  # The hidden layer really computes in it.
+        # Both sides of the threshold, one float32 step apart, and both sides of the other dtype's threshold.
+        t = np.float32(threshold)
+        points = np.array([np.nextafter(t, np.float32(0)), t, np.nextafter(t, np.float32(1)), 0.5,
+                           np.nextafter(np.float32(0.5), np.float32(1)), 0.5 + 2**-9, 0.4, 0.6], np.float32)
+        classes = np.argmax(model(self._images(np.random.default_rng(0), points)).numpy(), axis=1)
+        self.assertAllEqual(classes, (points > t).astype(int))
+
+    @parameterized.parameters("float32", "bfloat16")
+    def test_certified_radius_valid_beyond_alpha_rate(self, compute_dtype):
+        # As SmoothTest's test of that name: with probability >= 1 - alpha
+        # per image the class is g(x) and the radius at most |x_p - t|. The
+        # only arithmetic between the closed form and the counts is float32's
+        # rounding of x + d (half an ulp, 3e-8 near t = 0.5), which moves the
+        # decision of samples in a band of that width on each side of t:
+        # P(f = 1) moves by under 2 * 3e-8 / (sigma sqrt(2 pi)) < 1e-7. A
+        # radius can exceed the true one only where the certified p_lower
+        # can reach the true p, i.e. p <= 0.1^(1/50) = 0.955 (the most 50
+        # samples certify at alpha = 0.1), where phi(Phi^-1(p)) >= 0.094: the
+        # true radius moves by under sigma * 1e-7 / 0.094 < 3e-7. The radii
+        # are compared with 1e-5 to spare, as SmoothTest does.
+        sigma, alpha, count = 0.25, 0.1, 400
+        model, threshold = self._model(compute_dtype)
+        rng = np.random.default_rng(1)
+        images = self._images(rng, rng.uniform(size=count).astype(np.float32))
+        margin = images.reshape(count, -1)[:, self.PIXEL].astype(np.float64) - threshold
+        smooth = smoothing.Smooth(model, 2, sigma)
+        classes, radii = smooth.certify_batch(images, n0=20, n=50, alpha=alpha, batch_size=1000, seed=1)
+        certified = classes != smooth.ABSTAIN
+        wrong = certified & ((classes != (margin > 0)) | (radii > np.abs(margin) + 1e-5))
+        # Allowed: the 1 - 1e-6 quantile of Binomial(count, alpha); not vacuous: some failures (about alpha / 2).
+        self.assertLessEqual(int(wrong.sum()), scipy_stats.binom.isf(1e-6, count, alpha))
+        self.assertGreater(int(wrong.sum()), 0)
+        self.assertGreater(certified.sum(), count // 2)
 
 
 class StagedTest(_LinearModelMixin, tf.test.TestCase, parameterized.TestCase):

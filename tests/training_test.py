@@ -8,11 +8,15 @@ the reported metrics must equal the numpy values.
 """
 
 import dataclasses
+import io
+import json
 import os
 import shutil
 import tempfile
+from contextlib import redirect_stdout
 
 import numpy as np
+import pytest
 import scipy.special
 import scipy.stats
 import tensorflow as tf
@@ -24,6 +28,7 @@ import keras
 from tf_consreg import cli
 from tf_consreg import models
 from tf_consreg import noise
+from tf_consreg import precision
 from tf_consreg import training
 from tf_consreg.errors import ConfigError
 
@@ -517,7 +522,8 @@ class FlagsTest(parameterized.TestCase):
     """TrainConfig.to_flags, the one way training flags are written (flags.txt, best.flags)."""
 
     def test_one_help_per_flag(self):
-        names = {f.name for f in dataclasses.fields(training.TrainConfig) if f.name != "objective"}
+        # precision_policy is no flag: the run resolves it (PrecisionTest).
+        names = {f.name for f in dataclasses.fields(training.TrainConfig)} - {"objective", "precision_policy"}
         names |= {f.name for f in dataclasses.fields(training.ObjectiveConfig) if f.name != "deferred_epochs"}
         self.assertEqual(set(cli.TRAIN_HELP), names)
 
@@ -562,6 +568,142 @@ class FlagsTest(parameterized.TestCase):
     def test_a_line_break_cannot_be_written(self):
         with self.assertRaisesRegex(ValueError, "--data_dir: .* holds a line break"):
             training.format_flags({"data_dir": "a\nb"})
+
+
+AMX_CPU = precision.Capability("Intel(R) Xeon(R) Platinum 8480+", ("avx512_bf16", "amx_bf16"))
+AVX2_CPU = precision.Capability("AMD EPYC 7B12", ())
+AMPERE = precision.Capability(None, None, (precision.Gpu("NVIDIA A100-SXM4-40GB", (8, 0)),))
+
+
+class PrecisionTest(parameterized.TestCase):
+    """--mixed_precision: auto by default, resolved per machine at the run's start, kept when a run resumes."""
+
+    def test_auto_is_the_default_and_unresolved_until_the_run_starts(self):
+        config = training.TrainConfig(model_dir="/m")
+        self.assertEqual((config.mixed_precision, config.precision_policy), ("auto", None))
+
+    @parameterized.parameters(("none", "float32"), ("float32", "float32"), ("mixed_bfloat16", "mixed_bfloat16"),
+                              ("mixed_float16", "mixed_float16"))
+    def test_a_named_policy_is_fixed_at_construction(self, requested, policy):
+        self.assertEqual(training.TrainConfig(model_dir="/m", mixed_precision=requested).precision_policy, policy)
+
+    @parameterized.named_parameters(
+        ("native_cpu", AMX_CPU, "mixed_bfloat16"), ("avx2_cpu", AVX2_CPU, "float32"), ("ampere", AMPERE,
+                                                                                       "mixed_bfloat16"))
+    def test_auto_resolves_for_the_machine(self, capability, policy):
+        config, reason = training.resolve_precision(training.TrainConfig(model_dir="/m"), capability=capability)
+        self.assertEqual(config.precision_policy, policy)
+        self.assertEqual(reason, precision.resolve("auto", capability).reason)
+        self.assertEqual(json.loads(config.to_json())["precision_policy"], policy)  # train_config.json keeps it.
+
+    @parameterized.named_parameters(
+        ("bfloat16_run_on_an_avx2_cpu", "mixed_bfloat16", AVX2_CPU, " (here auto would choose float32: "
+                                                                    "CPU AMD EPYC 7B12: no native bfloat16"),
+        ("float32_run_on_an_amx_cpu", "float32", AMX_CPU, " (here auto would choose mixed_bfloat16: "),
+        ("same_machine", "mixed_bfloat16", AMX_CPU, ""))
+    def test_a_resumed_auto_run_keeps_its_policy(self, started_in, capability, note):
+        recorded = training.TrainConfig(model_dir="/m", precision_policy=started_in).to_dict()
+        config, reason = training.resolve_precision(training.TrainConfig(model_dir="/m"), recorded, capability)
+        self.assertEqual(config.precision_policy, started_in)
+        self.assertTrue(reason.startswith(f"--mixed_precision=auto: resuming in {started_in}, the policy this run "
+                                          f"started with{note}"), reason)
+
+    def test_a_record_of_another_request_does_not_decide(self):
+        # _check_model_dir then refuses the directory: another run.
+        recorded = training.TrainConfig(model_dir="/m", mixed_precision="none").to_dict()
+        config, _ = training.resolve_precision(training.TrainConfig(model_dir="/m"), recorded, AMX_CPU)
+        self.assertEqual(config.precision_policy, "mixed_bfloat16")
+
+    def test_a_record_older_than_the_policy_field(self):
+        recorded = training.TrainConfig(model_dir="/m", mixed_precision="mixed_bfloat16").to_dict()
+        del recorded["precision_policy"]
+        config, _ = training.resolve_precision(training.TrainConfig(model_dir="/m", mixed_precision="mixed_bfloat16"),
+                                               recorded, AVX2_CPU)
+        self.assertEqual(config.precision_policy, "mixed_bfloat16")
+
+    def test_a_preset_policy_is_kept_or_refused(self):
+        # A search resolves auto once and gives each trial the policy.
+        preset = training.TrainConfig(model_dir="/m", precision_policy="mixed_bfloat16")
+        config, reason = training.resolve_precision(preset, None, AVX2_CPU)
+        self.assertEqual(config, preset)
+        self.assertIn("mixed_bfloat16, resolved before this run", reason)
+        recorded = training.TrainConfig(model_dir="/m", precision_policy="float32").to_dict()
+        with self.assertRaisesRegex(ConfigError, "^--model_dir=/m computes in float32, recorded when the run "
+                                                 "started; it cannot resume in mixed_bfloat16$"):
+            training.resolve_precision(preset, recorded, AMX_CPU)
+
+    @parameterized.named_parameters(
+        ("unknown_request", dict(mixed_precision="bfloat16"), "^--mixed_precision='bfloat16' is unknown; choose one "
+                                                              "of auto, none, float32, mixed_bfloat16, mixed_float16$"),
+        ("unknown_policy", dict(precision_policy="bfloat16"), "^precision_policy='bfloat16' is unknown"),
+        ("contradiction", dict(mixed_precision="none", precision_policy="mixed_bfloat16"),
+         "^precision_policy=mixed_bfloat16 contradicts --mixed_precision=none, which computes in float32$"))
+    def test_bad_values(self, fields, message):
+        with self.assertRaisesRegex(ConfigError, message):
+            training.TrainConfig(model_dir="/m", **fields)
+
+    def test_flags_file_names_the_choice_and_parses_back_to_auto(self):
+        config, _ = training.resolve_precision(training.TrainConfig(model_dir="/m"), capability=AMX_CPU)
+        text = config.to_flags()
+        self.assertEqual(text.splitlines()[0], "# --mixed_precision=auto chose mixed_bfloat16 for this run; "
+                                               "--mixed_precision=mixed_bfloat16 asks for it on any machine")
+        self.assertIn("--mixed_precision=auto", text.splitlines())
+        self.assertNotIn("precision_policy", text.replace("# --mixed_precision", ""))
+        values = flags.FlagValues()
+        holders = cli.define_flags(training.TrainConfig, cli.TRAIN_HELP, flag_values=values)
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        path = os.path.join(directory, "flags.txt")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+        values(["train", f"--flagfile={path}"])
+        # The flags repeat the request; a new run resolves it on its machine.
+        self.assertEqual(cli.config_from_flags(training.TrainConfig, holders),
+                         dataclasses.replace(config, precision_policy=None))
+
+
+@pytest.mark.slow
+class PrecisionRunTest(tf.test.TestCase):
+    """train() under a stubbed capability: what it prints, records and computes in, and resuming elsewhere."""
+
+    def _train(self, model_dir, capability, **fields):
+        config = training.TrainConfig(model_dir=model_dir, train_examples=64, eval_examples=0, batch_size=32,
+                                      **{"epochs": 1, **fields})
+        out = io.StringIO()
+        with redirect_stdout(out):
+            training.train(config, capability=capability)
+        return out.getvalue()
+
+    def test_auto_run_records_its_policy_and_keeps_it_on_another_machine(self):
+        model_dir = tempfile.mkdtemp(dir=self.get_temp_dir())
+        printed = self._train(model_dir, AMX_CPU)
+        self.assertIn(precision.resolve("auto", AMX_CPU).reason + "\n", printed)
+        with open(os.path.join(model_dir, training.TRAIN_CONFIG_FILE), encoding="utf-8") as f:
+            record = json.load(f)
+        self.assertEqual((record["mixed_precision"], record["precision_policy"]), ("auto", "mixed_bfloat16"))
+        with open(os.path.join(model_dir, training.FLAGS_FILE), encoding="utf-8") as f:
+            self.assertTrue(f.readline().startswith("# --mixed_precision=auto chose mixed_bfloat16"))
+        self.assertEqual(models.model_compute_dtype(models.load_base_model(model_dir)), "bfloat16")
+
+        # Resumed for one more epoch where auto would choose float32: still bfloat16.
+        printed = self._train(model_dir, AVX2_CPU, epochs=2)
+        self.assertIn("--mixed_precision=auto: resuming in mixed_bfloat16, the policy this run started with (here "
+                      "auto would choose float32", printed)
+        self.assertIn("Resuming from", printed)
+        self.assertEqual(models.model_compute_dtype(models.load_base_model(model_dir)), "bfloat16")
+        with open(os.path.join(model_dir, training.TRAIN_CONFIG_FILE), encoding="utf-8") as f:
+            self.assertEqual(json.load(f)["precision_policy"], "mixed_bfloat16")
+
+        # Asking for another policy is asking for another run.
+        with self.assertRaisesRegex(ConfigError, "holds a different run.*--mixed_precision: 'float32' here, 'auto' "
+                                                 "there"):
+            self._train(model_dir, AMX_CPU, epochs=2, mixed_precision="float32")
+
+    def test_auto_on_a_machine_without_bfloat16_trains_in_float32(self):
+        model_dir = tempfile.mkdtemp(dir=self.get_temp_dir())
+        printed = self._train(model_dir, AVX2_CPU)
+        self.assertIn("--mixed_precision=auto chose float32: CPU AMD EPYC 7B12: no native bfloat16", printed)
+        self.assertEqual(models.model_compute_dtype(models.load_base_model(model_dir)), "float32")
 
 
 class LearningRateTest(tf.test.TestCase):

@@ -17,6 +17,7 @@ from absl.testing import parameterized
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from tf_consreg import cli
+from tf_consreg import precision
 from tf_consreg import tuning
 from tf_consreg.training import ObjectiveConfig, TrainConfig, read_train_config
 from tf_consreg.errors import ConfigError
@@ -223,6 +224,19 @@ class TuningDirTest(tf.test.TestCase):
             tuning._prepare_tuning_dir(_config(tuning_dir, lbd_range=(1.0, 50.0),
                                                train=_train(sigma=0.25)))
         self.assertEqual(json.loads(open(os.path.join(tuning_dir, "tune_config.json")).read())["max_trials"], 30)
+
+    def test_trials_compute_in_the_policy_the_search_started_with(self):
+        tuning_dir = _tempdir(self)
+        amx = precision.Capability("Intel(R) Xeon(R) Platinum 8480+", ("avx512_bf16", "amx_bf16"))
+        config = tuning._prepare_tuning_dir(_config(tuning_dir), amx)
+        self.assertEqual((config.train.mixed_precision, config.train.precision_policy), ("auto", "mixed_bfloat16"))
+        self.assertEqual(tuning.trial_config(config, {"lbd": 2.0, "eta": 0.5, "num_noise": 2}, "0", 128)
+                         .precision_policy, "mixed_bfloat16")
+        recorded = json.loads(open(os.path.join(tuning_dir, "tune_config.json")).read())
+        self.assertEqual(recorded["train"]["precision_policy"], "mixed_bfloat16")
+        # Resumed on a machine where auto would choose float32: the trials go on in bfloat16.
+        resumed = tuning._prepare_tuning_dir(_config(tuning_dir), precision.Capability("AMD EPYC 7B12", ()))
+        self.assertEqual(resumed.train.precision_policy, "mixed_bfloat16")
 
     def test_directory_of_something_else_refused(self):
         tuning_dir = _tempdir(self)

@@ -28,6 +28,8 @@ import numpy as np
 import tensorflow as tf
 
 from tf_consreg import analysis
+from tf_consreg import models
+from tf_consreg import precision
 from tf_consreg import smoothing
 
 # Radii of the logged certified accuracies: every other radius of the paper's
@@ -230,7 +232,12 @@ class CertifyCallback(keras.callbacks.Callback):
 
     The base classifier is `model.base_model` when the trained model is a
     `training.ConsistencyModel` (or any wrapper with that attribute), else
-    the trained model itself.
+    the trained model itself. It is certified computing in `compute_dtype`,
+    whatever policy it trains under: a model training under mixed_bfloat16
+    computes in bfloat16, so by default a float32 twin of it is certified,
+    built once and given the current weights at every certification
+    (`models.with_compute_dtype`), as bin/certify.py would certify the saved
+    model.
 
     Args:
       images: the validation images, float32 in [0, 1] or uint8, [N, H, W, C].
@@ -249,6 +256,7 @@ class CertifyCallback(keras.callbacks.Callback):
       image_ids: ids that key each image's noise (e.g. its index in the
         dataset; default: 0..N-1), see `Smooth.certify_batch`.
       verbose: print one line per certification.
+      compute_dtype: the dtype of the network certified (`precision.COMPUTE_DTYPES`).
 
     Raises:
       ValueError: bad arguments (checked here, before training starts).
@@ -257,7 +265,7 @@ class CertifyCallback(keras.callbacks.Callback):
     def __init__(self, images: np.ndarray, labels: np.ndarray, *, sigma: float, num_classes: int, every: int = 1,
                  n0: int = 100, n: int = 1000, alpha: float = 0.001, batch_size: int = 1000,
                  log_dir: Optional[str] = None, seed: int = 0, radii: Sequence[float] = DEFAULT_RADII,
-                 image_ids: Optional[Sequence[int]] = None, verbose: bool = True):
+                 image_ids: Optional[Sequence[int]] = None, verbose: bool = True, compute_dtype: str = "float32"):
         super().__init__()
         images = np.asarray(images)
         if images.dtype == np.uint8:
@@ -273,6 +281,9 @@ class CertifyCallback(keras.callbacks.Callback):
             raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
         if not sigma > 0:
             raise ValueError(f"sigma must be > 0, got {sigma!r}")
+        if compute_dtype not in precision.COMPUTE_DTYPES:
+            raise ValueError(f"compute_dtype must be one of {', '.join(precision.COMPUTE_DTYPES)}, "
+                             f"got {compute_dtype!r}")
         self.images = images.astype(np.float32, copy=False)
         self.labels = labels
         self.image_ids = np.arange(len(images)) if image_ids is None else np.asarray(image_ids, dtype=np.int64)
@@ -289,15 +300,27 @@ class CertifyCallback(keras.callbacks.Callback):
         self.radii = radii
         self.log_dir = log_dir
         self.verbose = verbose
+        self.compute_dtype = compute_dtype
         self.last_result: Optional[ValidationCertificate] = None
         self._smooth: Optional[smoothing.Smooth] = None
+        self._twin: Optional[tuple] = None  # (base model, its copy computing in compute_dtype)
         self._writer = None
 
     def _base_model(self) -> keras.Model:
         return getattr(self.model, "base_model", self.model)
 
+    def certified_model(self, base_model: keras.Model) -> keras.Model:
+        """`base_model` computing in `compute_dtype`: itself if it does, else its twin with its current weights."""
+        if models.model_compute_dtype(base_model) == self.compute_dtype:
+            return base_model
+        if self._twin is None or self._twin[0] is not base_model:
+            self._twin = (base_model, models.with_compute_dtype(base_model, self.compute_dtype))
+        else:
+            self._twin[1].set_weights(base_model.get_weights())
+        return self._twin[1]
+
     def evaluate(self, base_model: keras.Model, epoch: int = 0) -> ValidationCertificate:
-        """Certifies the validation subset with `base_model` and summarizes it.
+        """Certifies the validation subset with `base_model`, computing in `compute_dtype`, and summarizes it.
 
         Args:
           base_model: maps images in [0, 1] to logits.
@@ -308,6 +331,7 @@ class CertifyCallback(keras.callbacks.Callback):
         """
         # One Smooth per base model: its tf.function is traced once and reads
         # the current weights at every call.
+        base_model = self.certified_model(base_model)
         if self._smooth is None or self._smooth.base_model is not base_model:
             self._smooth = smoothing.Smooth(base_model, self.num_classes, self.sigma)
         start = time.perf_counter()

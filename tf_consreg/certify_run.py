@@ -31,6 +31,7 @@ from tf_consreg import data
 from tf_consreg import distribute
 from tf_consreg import files
 from tf_consreg import models
+from tf_consreg import precision
 from tf_consreg import smoothing
 from tf_consreg.errors import ConfigError, check
 
@@ -80,6 +81,7 @@ class CertifyConfig:
     num_shards: int = 1
     shard_index: int = 0
     strategy: str = "default"
+    compute_dtype: str = "float32"
 
     def __post_init__(self):
         # Flags first.
@@ -106,6 +108,7 @@ class CertifyConfig:
               f"--strategy={self.strategy!r} is unknown; choose one of {', '.join(distribute.LOCAL_STRATEGIES)}")
         check(self.sigma is None or 0.0 < self.sigma < float("inf"), f"--sigma must be > 0, got {self.sigma}")
         check(self.split in data.SPLITS, f"--split={self.split!r} is unknown; choose one of {', '.join(data.SPLITS)}")
+        precision.compute_policy(self.compute_dtype)  # Refuses an unknown --compute_dtype.
         if self.dataset is not None:
             data.get_dataset_info(self.dataset)
         if self.model is not None:
@@ -134,7 +137,9 @@ class CertifyConfig:
         """What determines the rows of the TSV; a resumed run must match it.
 
         `max` is left out (a resumed run may go further), and so is `data_dir`
-        (the same dataset may live elsewhere). `batch_size` is in: it sets the
+        (the same dataset may live elsewhere). `compute_dtype` is in: the
+        certificate holds for the function sampled in that dtype, so runs (and
+        shards) of other dtypes are not one run. `batch_size` is in: it sets the
         noise blocks, so it changes the noise drawn; so do `strategy` and the
         number of `replicas` sharing each image's samples (1 without
         --strategy=mirrored). All shards of one run have the same settings
@@ -149,7 +154,7 @@ class CertifyConfig:
             "split": self.split, "sigma": self.sigma, "n0": self.n0, "n": self.n, "alpha": self.alpha,
             "seed": self.seed, "skip": self.skip, "batch_size": self.batch_size,
             "num_shards": self.num_shards, "shard_index": self.shard_index,
-            "strategy": self.strategy, "replicas": int(replicas),
+            "strategy": self.strategy, "replicas": int(replicas), "compute_dtype": self.compute_dtype,
         }
         if self.mode == "predict":
             del settings["n0"]
@@ -296,7 +301,8 @@ def certify_dataset(config: CertifyConfig, *, verbose: int = 1) -> int:
     images, labels = data.load_arrays(config.dataset, config.split, data_dir=config.data_dir)
 
     with strategy.scope():  # Mirrored variables: each replica reads its own copy.
-        base_model = models.load_base_model(config.model)
+        # The network computing in --compute_dtype, whatever policy it was trained under.
+        base_model = models.load_base_model(config.model, compute_dtype=config.compute_dtype)
     model_shape = smoothing.model_image_shape(base_model)
     if model_shape is not None and tuple(model_shape) != tuple(info.input_shape):
         raise ConfigError(f"{config.model} takes images of shape {model_shape}, but --dataset={config.dataset} "
@@ -307,6 +313,9 @@ def certify_dataset(config: CertifyConfig, *, verbose: int = 1) -> int:
                           f"{info.num_classes} classes")
     smooth = smoothing.Smooth(base_model, info.num_classes, config.sigma,
                               strategy=strategy if config.strategy == "mirrored" else None)
+    if verbose:
+        print(f"Sampling {config.model} computing in {config.compute_dtype} (--compute_dtype); the results hold for "
+              "that function")
     if config.strategy == "mirrored" and verbose:
         devices = strategy.extended.worker_devices
         print(f"--strategy=mirrored: each example's samples are split over {len(devices)} device(s), "

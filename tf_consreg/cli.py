@@ -56,6 +56,10 @@ CERTIFY_HELP = {
     "strategy": "default: one device. mirrored: each example's samples are split across the local GPUs (or logical "
                 "CPU devices), with other noise than default, so the strategy and device count are part of the "
                 "run's settings.",
+    "compute_dtype": "float32: sample the network computing in float32, whatever policy it was trained under (a "
+                     "model trained in mixed_bfloat16 included). bfloat16: sample the network as mixed_bfloat16 "
+                     "computes it (float32 logits), for deploying that network; faster where bfloat16 is native. "
+                     "The certificate holds for the function sampled; part of the run's settings.",
 }
 # PREDICT draws no selection samples: bin/predict.py has no --n0.
 PREDICT_HELP = {name: text for name, text in CERTIFY_HELP.items() if name != "n0"}
@@ -154,8 +158,12 @@ TRAIN_HELP = {
         "environment variable; run the same command on every worker (the chief writes --model_dir)."),
     "steps_per_execution": "Training steps per compiled call.",
     "mixed_precision": (
-        "none, mixed_float16 (with dynamic loss scaling) or mixed_bfloat16: layers compute in 16 bits, "
-        "variables, logits and every loss term stay float32. For GPUs and TPUs; on a CPU it is slower."),
+        "auto: mixed_bfloat16 where the hardware computes bfloat16 natively (a CPU with avx512_bf16 or amx_bf16, "
+        "a GPU of compute capability 8.0 or more), else float32; the choice and why are printed at start and kept "
+        "in train_config.json, and a resumed run keeps it. none or float32: float32 throughout. mixed_bfloat16, "
+        "mixed_float16 (with dynamic loss scaling): layers compute in 16 bits (emulated, so slower, on hardware "
+        "without it). Variables, logits and every loss term stay float32. Certification and export compute in "
+        "float32 whatever the model was trained in (their --compute_dtype)."),
     "jit_compile": (
         "Compile the train step with XLA. Measure first: on CPUs it made LeNet slower, and Keras turns it off "
         "under tf.distribute."),

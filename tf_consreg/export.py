@@ -46,11 +46,16 @@ Signatures (all with method name `tensorflow/serving/predict`):
     metadata         no input -> sigma, n0, n, n_max (= n), stages, levels
                      (the per-stage levels of the union bound), alpha,
                      num_classes, class_names, input_shape, batch_size,
-                     seed, version
+                     seed, version, compute_dtype
 
 Each staged signature holds with probability >= 1 - alpha per image: stage k
 runs its bounds (or test) at level levels[k], and the levels sum to alpha
 (`stage_levels`; the union-bound argument is in stats.py's docstring).
+
+The base model computes in `compute_dtype` inside the export: float32 by
+default, whatever policy it was trained under (a model trained under
+mixed_bfloat16 is exported as its float32 network), or bfloat16 on request.
+The certificates hold for that function, and `metadata` says which it is.
 
 The inputs are declared with unknown shape on purpose: TF Serving and the
 C++ loader feed tensors without checking them against the signature, so the
@@ -98,6 +103,7 @@ from tf_consreg import __version__
 from tf_consreg import training
 from tf_consreg import data
 from tf_consreg import models
+from tf_consreg import precision
 from tf_consreg import smoothing
 from tf_consreg import stats
 from tf_consreg.errors import ConfigError, check
@@ -293,6 +299,8 @@ class ExportConfig:
       stages: the staged signatures' cumulative sample counts n_1 < ... <
         n_K = n (with more than one stage, n_1 >= n0); None: the library's
         default, `stats.default_stages(n)` from max(n0, 100).
+      compute_dtype: the dtype the base model computes in
+        (`precision.COMPUTE_DTYPES`); the certificates hold for that function.
     """
 
     sigma: float
@@ -304,6 +312,7 @@ class ExportConfig:
     class_names: Optional[Tuple[str, ...]] = None
     seed: Optional[int] = None
     stages: Optional[Tuple[int, ...]] = None
+    compute_dtype: str = "float32"
 
     def __post_init__(self):
         _check_sampling(self.sigma, self.n0, self.n, self.alpha, self.batch_size)
@@ -316,6 +325,7 @@ class ExportConfig:
         check(self.seed is None or (_is_int(self.seed) and 0 <= self.seed < 2**63),
               f"--seed must be None or an integer in [0, 2^63), got {self.seed}")
         object.__setattr__(self, "stages", _checked_stages(self.stages, self.n, self.n0))
+        precision.compute_policy(self.compute_dtype)  # Refuses an unknown --compute_dtype.
 
     @property
     def levels(self) -> Tuple[float, ...]:
@@ -340,6 +350,7 @@ class ExportConfig:
             "batch_size": int(self.batch_size),
             "seed": -1 if self.seed is None else int(self.seed),
             "version": __version__,
+            "compute_dtype": self.compute_dtype,
         }
 
 
@@ -475,7 +486,8 @@ def build_archive(base_model: keras.Model,
 
     Args:
       base_model: classifier mapping float32 [N, H, W, C] images in [0, 1] to
-        logits [N, num_classes].
+        logits [N, num_classes]; it computes in `config.compute_dtype` in the
+        archive (a copy of it when it computes in another dtype).
       config: what to compute.
 
     Returns:
@@ -488,6 +500,7 @@ def build_archive(base_model: keras.Model,
         output size is not `config.num_classes`.
     """
     input_shape = _input_shape(base_model)
+    base_model = models.with_compute_dtype(base_model, config.compute_dtype)
     outputs = base_model.outputs[0].shape[-1] if base_model.outputs else None
     if outputs != config.num_classes:
         raise ConfigError(f"the base model has {outputs} outputs but num_classes={config.num_classes}")
@@ -631,6 +644,7 @@ def export_smoothed(
     class_names: Optional[Sequence[str]] = None,
     seed: Optional[int] = None,
     stages: Optional[Sequence[int]] = None,
+    compute_dtype: str = "float32",
 ) -> str:
     """Exports the smoothed classifier of `base_model` as one SavedModel.
 
@@ -658,6 +672,8 @@ def export_smoothed(
         who can read the SavedModel).
       stages: the cumulative sample counts of certify_radius and predict,
         increasing, ending at n (see `ExportConfig`); None for the default.
+      compute_dtype: the dtype the base model computes in, float32 (default)
+        whatever it was trained in, or bfloat16; recorded in the metadata.
 
     Returns:
       `export_dir`.
@@ -668,7 +684,8 @@ def export_smoothed(
     """
     config = ExportConfig(sigma=sigma, num_classes=num_classes, n0=n0, n=n, alpha=alpha,
                           batch_size=batch_size, class_names=class_names, seed=seed,
-                          stages=None if stages is None else tuple(stages))
+                          stages=None if stages is None else tuple(stages),
+                          compute_dtype=compute_dtype)
     if os.path.exists(export_dir) and (not os.path.isdir(export_dir) or os.listdir(export_dir)):
         raise ConfigError(f"--export_dir: {export_dir} exists and is not an empty directory; "
                           "choose a new directory (exports are never overwritten)")
@@ -798,6 +815,7 @@ class VersionExportConfig:
       version: the TF Serving version number; default `int(time.time())`.
       check_images: after exporting, certify this many test images of the
         run's dataset through the reloaded SavedModel (needs `model_dir`).
+      compute_dtype: as for `export_smoothed`.
       dataset, data_dir: filled from the training run (None with `model`).
     """
 
@@ -812,6 +830,7 @@ class VersionExportConfig:
     stages: Optional[Tuple[int, ...]] = None
     version: Optional[int] = None
     check_images: int = 0
+    compute_dtype: str = "float32"
     dataset: Optional[str] = dataclasses.field(default=None, init=False)
     data_dir: Optional[str] = dataclasses.field(default=None, init=False)
 
@@ -840,6 +859,7 @@ class VersionExportConfig:
               f"--check_images must be an integer >= 0, got {self.check_images}")
         check(not self.check_images or self.model_dir,
               "--check_images needs --model_dir: the test images come from the training run's dataset")
+        precision.compute_policy(self.compute_dtype)  # Refuses an unknown --compute_dtype.
         if self.version is None:
             object.__setattr__(self, "version", int(time.time()))
         check(_is_int(self.version) and self.version >= 1,
@@ -909,7 +929,8 @@ def export_version(config: VersionExportConfig) -> ExportedVersion:
     removed = tuple(remove_stale_staging(config.export_dir))
     path = export_smoothed(base_model, config.version_dir, sigma=config.sigma, num_classes=num_classes,
                            n0=config.n0, n=config.n, alpha=config.alpha, batch_size=config.batch_size,
-                           class_names=class_names, stages=config.stages)
+                           class_names=class_names, stages=config.stages,
+                           compute_dtype=config.compute_dtype)
     if not config.check_images:
         return ExportedVersion(path, None, removed)
     answers = tf.saved_model.load(path).signatures[SERVING_SIGNATURE](images=tf.constant(images))

@@ -6,7 +6,7 @@ import hashlib
 import json
 import os
 import tempfile
-from typing import Any, Callable, Dict, Iterator, Mapping, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Sequence, Tuple
 
 from tf_consreg.errors import ConfigError
 
@@ -58,6 +58,16 @@ def file_sha256(path: str) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def read_json_object(path: str) -> Optional[Dict[str, Any]]:
+    """The JSON object in the file `path`; None if it is missing, unreadable or not an object."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def differences(here: Mapping[str, Any], there: Mapping[str, Any],

@@ -29,6 +29,8 @@ GPU_BFLOAT16_CAPABILITY = (8, 0)
 
 # What --mixed_precision accepts; "none" and "float32" are the same policy.
 POLICIES = ("auto", "none", "float32", "mixed_bfloat16", "mixed_float16")
+# The Keras dtype policies a request resolves to.
+KERAS_POLICIES = ("float32", "mixed_bfloat16", "mixed_float16")
 # The dtypes a base model can compute in when it is certified, predicted or exported.
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
@@ -158,6 +160,19 @@ class Resolution:
         return self.policy != "float32"
 
 
+def fixed_policy(requested: str) -> Optional[str]:
+    """The Keras policy a request names whatever the machine; None for "auto", which the machine decides.
+
+    Raises:
+      ConfigError: an unknown policy, naming --mixed_precision.
+    """
+    if requested not in POLICIES:
+        raise ConfigError(f"--mixed_precision={requested!r} is unknown; choose one of {', '.join(POLICIES)}")
+    if requested == "auto":
+        return None
+    return "float32" if requested in ("none", "float32") else requested
+
+
 def resolve(requested: str, capability: Optional[Capability] = None) -> Resolution:
     """Resolves a requested precision policy for a machine.
 
@@ -171,9 +186,7 @@ def resolve(requested: str, capability: Optional[Capability] = None) -> Resoluti
     Raises:
       ConfigError: an unknown policy, naming --mixed_precision.
     """
-    if requested not in POLICIES:
-        raise ConfigError(f"--mixed_precision={requested!r} is unknown; choose one of {', '.join(POLICIES)}")
-    if requested in ("none", "float32"):
+    if fixed_policy(requested) == "float32":
         return Resolution(requested, "float32", f"--mixed_precision={requested}: float32 throughout")
     if capability is None:
         capability = probe()
@@ -201,5 +214,6 @@ def compute_policy(compute_dtype: str) -> str:
     return "float32" if compute_dtype == "float32" else "mixed_bfloat16"
 
 
-__all__ = ["COMPUTE_DTYPES", "CPU_BFLOAT16_FLAGS", "Capability", "GPU_BFLOAT16_CAPABILITY", "Gpu", "POLICIES",
-           "Resolution", "compute_policy", "cpu_capability", "parse_cpuinfo", "probe", "resolve", "visible_gpus"]
+__all__ = ["COMPUTE_DTYPES", "CPU_BFLOAT16_FLAGS", "Capability", "GPU_BFLOAT16_CAPABILITY", "Gpu", "KERAS_POLICIES",
+           "POLICIES", "Resolution", "compute_policy", "cpu_capability", "fixed_policy", "parse_cpuinfo", "probe",
+           "resolve", "visible_gpus"]

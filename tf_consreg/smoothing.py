@@ -338,6 +338,13 @@ class Smooth:
     across its replicas (`mirrored_sample_counts`): same distribution, other
     noise than without one, reproducible for a given seed and replica count.
 
+    The certificates hold for the function `base_model` computes, in the
+    dtypes its layers compute in: a model trained under mixed_bfloat16 and
+    passed as trained is its bfloat16 network. The project's callers pass
+    the float32 network unless asked otherwise
+    (`models.load_base_model(path, compute_dtype=...)`,
+    `models.with_compute_dtype`).
+
     Args:
       base_model: Keras classifier from float32 [N, H, W, C] images in [0, 1]
         to logits [N, num_classes]; under a strategy, built or loaded in its

@@ -17,7 +17,7 @@ import os
 import shutil
 import sys
 import tempfile
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import keras
 import numpy as np
@@ -32,10 +32,11 @@ from tf_consreg import losses
 from tf_consreg import models
 from tf_consreg import multi_worker
 from tf_consreg import noise as noise_lib
+from tf_consreg import precision
 from tf_consreg.errors import ConfigError, check
 
 METHODS = ("gaussian", "consistency", "stability", "smoothadv", "macer", "smoothmix")
-MIXED_PRECISION = ("none", "mixed_float16", "mixed_bfloat16")
+MIXED_PRECISION = precision.POLICIES
 
 # What a run directory holds (besides models.BASE_MODEL_FILE).
 TRAIN_CONFIG_FILE = "train_config.json"
@@ -241,6 +242,11 @@ class TrainConfig:
     `deferred` (MACER) defers the robustness term as the authors'
     train_macer.py does: while epoch <= lr_step_size (0-based), i.e. for the
     first lr_step_size + 1 epochs. It sets `objective.deferred_epochs`.
+
+    `precision_policy` is not a flag: it is the Keras dtype policy the run
+    computes in, which `mixed_precision` names (float32 for "none") or, for
+    "auto", `resolve_precision` chooses when the run starts; None until then.
+    The run's record keeps it, so a resumed run keeps its policy.
     """
 
     model_dir: str
@@ -268,9 +274,10 @@ class TrainConfig:
     mock_data: bool = False
     strategy: str = "auto"
     steps_per_execution: int = 1
-    mixed_precision: str = "none"
+    mixed_precision: str = "auto"
     jit_compile: bool = False
     pretrained_model: Optional[str] = None
+    precision_policy: Optional[str] = None
 
     def __post_init__(self):
         check(bool(self.model_dir), "--model_dir is required: the directory for checkpoints, logs and the model")
@@ -293,8 +300,14 @@ class TrainConfig:
         check(self.strategy in distribute.STRATEGIES,
               f"--strategy={self.strategy!r} is unknown; choose one of {', '.join(distribute.STRATEGIES)}")
         check(self.steps_per_execution >= 1, f"--steps_per_execution must be >= 1, got {self.steps_per_execution}")
-        check(self.mixed_precision in MIXED_PRECISION,
-              f"--mixed_precision={self.mixed_precision!r} is unknown; choose one of {', '.join(MIXED_PRECISION)}")
+        fixed = precision.fixed_policy(self.mixed_precision)
+        if self.precision_policy is None:
+            object.__setattr__(self, "precision_policy", fixed)
+        check(self.precision_policy in (None, *precision.KERAS_POLICIES),
+              f"precision_policy={self.precision_policy!r} is unknown; choose one of "
+              f"{', '.join(precision.KERAS_POLICIES)}")
+        check(fixed in (None, self.precision_policy), f"precision_policy={self.precision_policy} contradicts "
+              f"--mixed_precision={self.mixed_precision}, which computes in {fixed}")
         if self.pretrained_model is not None:
             check(os.path.isfile(self.pretrained_model),
                   f"--pretrained_model={self.pretrained_model} is not a file; give a base_model.keras")
@@ -359,9 +372,16 @@ class TrainConfig:
     def to_flags(self, exclude: Sequence[str] = ()) -> str:
         """The config as a flagfile of bin/train.py (`format_flags`), without the flags in `exclude`.
 
-        `--flagfile=` gives back this config (with `exclude` set as given).
+        `--flagfile=` gives back this config (with `exclude` set as given),
+        but for `precision_policy`, which is no flag: when `auto` chose it, a
+        comment says which it is and how to ask for it on any machine.
         """
-        return format_flags({name: value for name, value in self.to_dict().items() if name not in exclude})
+        comment = ""
+        if self.mixed_precision == "auto" and self.precision_policy is not None:
+            comment = (f"# --mixed_precision=auto chose {self.precision_policy} for this run; "
+                       f"--mixed_precision={self.precision_policy} asks for it on any machine\n")
+        return comment + format_flags({name: value for name, value in self.to_dict().items()
+                                       if name not in exclude and name != "precision_policy"})
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
@@ -375,6 +395,49 @@ class TrainConfig:
             raise ConfigError(f"unknown training config fields: {', '.join(unknown)}")
         objective = ObjectiveConfig(**{name: values[name] for name in _OBJECTIVE_FLAGS if name in values})
         return cls(objective=objective, **{name: value for name, value in values.items() if name in known})
+
+
+def resolve_precision(config: TrainConfig, recorded: Optional[Mapping[str, Any]] = None,
+                      capability: Optional[precision.Capability] = None) -> Tuple[TrainConfig, str]:
+    """The config with the Keras policy its run computes in (`precision_policy`), and a line saying why.
+
+    A policy the config holds already is kept. Otherwise `mixed_precision`
+    is resolved for this machine (`precision.resolve`), except that a run
+    resumed with the request it was recorded with keeps the policy it started
+    with, so it never switches precision mid-run on a machine of another
+    capability; the line then says what this machine would have chosen.
+
+    Args:
+      config: the run's config.
+      recorded: the values the run recorded when it started (its
+        train_config.json, `to_dict`), or None for a new run.
+      capability: this machine's; default: `precision.probe()`.
+
+    Returns:
+      (the config with `precision_policy` set, one line for the user).
+
+    Raises:
+      ConfigError: the config's policy contradicts the recorded one.
+    """
+    requested = config.mixed_precision
+    kept = None
+    if recorded is not None and recorded.get("mixed_precision") == requested:
+        # A record from before precision_policy existed holds a fixed request.
+        kept = recorded.get("precision_policy") or precision.fixed_policy(requested)
+    if kept is not None and config.precision_policy not in (None, kept):
+        raise ConfigError(f"--model_dir={config.model_dir} computes in {kept}, recorded when the run started; it "
+                          f"cannot resume in {config.precision_policy}")
+    if requested == "auto" and capability is None:
+        capability = precision.probe()
+    here = precision.resolve(requested, capability)
+    chosen = kept or config.precision_policy
+    if requested != "auto" or chosen is None:
+        return dataclasses.replace(config, precision_policy=here.policy), here.reason
+    note = "" if here.policy == chosen else f" (here auto would choose {here.policy}: {capability.describe()})"
+    if kept is not None:
+        return (dataclasses.replace(config, precision_policy=kept),
+                f"--mixed_precision=auto: resuming in {kept}, the policy this run started with{note}")
+    return config, f"--mixed_precision=auto: {chosen}, resolved before this run (once for a whole search){note}"
 
 
 def read_train_config(model_dir: str) -> TrainConfig:
@@ -631,12 +694,31 @@ class ConsistencyModel(keras.Model):
 def _check_model_dir(config: TrainConfig) -> None:
     """Refuses a model_dir that holds another run, or other files (see `files.check_run_dir`).
 
-    The same run, resumed, may train more epochs.
+    The same run, resumed, may train more epochs. `precision_policy` is not
+    compared: `resolve_precision` keeps the recorded one (older records lack it).
     """
     here = config.to_dict()
-    files.check_run_dir(config.model_dir, TRAIN_CONFIG_FILE,
-                        lambda there: files.differences(here, there, ignore=("epochs", "model_dir")),
+    ignore = ("epochs", "model_dir", "precision_policy")
+    files.check_run_dir(config.model_dir, TRAIN_CONFIG_FILE, lambda there: files.differences(here, there, ignore),
                         flag="model_dir", kind="run", resume="the same flags to resume")
+
+
+def _chief_precision(strategy: tf.distribute.Strategy, task: distribute.ClusterTask, config: TrainConfig,
+                     reason: str) -> Tuple[TrainConfig, str]:
+    """The config in the chief's precision policy, and the line to print, on every worker of a cluster.
+
+    Workers may differ in hardware, so "auto" may resolve differently on
+    each; one run computes in one policy, the one the chief records.
+    """
+    with strategy.scope():
+        code = tf.Variable(precision.KERAS_POLICIES.index(config.precision_policy), dtype=tf.int64,
+                           trainable=False, name="precision_policy")
+    distribute.broadcast_from_first_replica(strategy, [code])
+    chief = precision.KERAS_POLICIES[int(code.numpy())]
+    if chief == config.precision_policy:
+        return config, reason
+    return (dataclasses.replace(config, precision_policy=chief),
+            f"Worker {task.worker_index}: computing in {chief}, the chief's policy (here: {reason})")
 
 
 def _learning_rate(config: TrainConfig, steps_per_epoch: int):
@@ -652,12 +734,17 @@ def _learning_rate(config: TrainConfig, steps_per_epoch: int):
 
 
 def build(config: TrainConfig, steps_per_epoch: int) -> ConsistencyModel:
-    """Builds and compiles the wrapper for `config`, in the current strategy's scope."""
+    """Builds and compiles the wrapper for `config`, in the current strategy's scope.
+
+    It computes under `config.precision_policy`; an unresolved "auto" is
+    resolved for this machine (`resolve_precision`).
+    """
+    policy = config.precision_policy or resolve_precision(config)[0].precision_policy
     # Layers take their dtype policy when they are created: set it for this
     # model only, so other models of the process keep theirs.
     previous_policy = keras.config.dtype_policy()
-    if config.mixed_precision != "none":
-        keras.config.set_dtype_policy(config.mixed_precision)
+    if policy != "float32":
+        keras.config.set_dtype_policy(policy)
     try:
         base = models.get_architecture(config.arch, config.dataset)
         if config.pretrained_model:
@@ -669,7 +756,7 @@ def build(config: TrainConfig, steps_per_epoch: int) -> ConsistencyModel:
     # as PyTorch applies it, rather than Keras's decoupled `weight_decay`).
     optimizer = keras.optimizers.SGD(learning_rate=_learning_rate(config, steps_per_epoch),
                                      momentum=config.momentum)
-    if config.mixed_precision == "mixed_float16":
+    if policy == "mixed_float16":
         # float16 gradients underflow without loss scaling; train_step calls
         # optimizer.scale_loss and `apply` unscales (and skips non-finite steps).
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
@@ -716,8 +803,8 @@ def load_pretrained(base: keras.Model, path: str) -> None:
                                         if replaced else ""))
 
 
-def train(config: TrainConfig,
-          extra_callbacks: Optional[List[keras.callbacks.Callback]] = None) -> keras.callbacks.History:
+def train(config: TrainConfig, extra_callbacks: Optional[List[keras.callbacks.Callback]] = None, *,
+          capability: Optional[precision.Capability] = None) -> keras.callbacks.History:
     """Trains a base classifier as `config` says and saves it in `config.model_dir`.
 
     Writes `train_config.json`, `flags.txt` (`config.to_flags()`, for
@@ -737,10 +824,18 @@ def train(config: TrainConfig,
     (`keras.utils.set_random_seed`), so the same config starts from the same
     initialization, in a fresh process or after other runs in this one.
 
+    It then resolves the precision (`resolve_precision`: a resumed run keeps
+    the policy it started with) and prints the choice and why; the run's
+    record holds it (`precision_policy` in train_config.json, a comment in
+    flags.txt). Under multi_worker every worker computes in the chief's
+    policy, whatever its own hardware would choose.
+
     Args:
       config: the validated run configuration.
       extra_callbacks: more Keras callbacks (under multi_worker they run on
         every worker and must not stop training on one worker only).
+      capability: the machine's bfloat16 capability, for "auto"; default:
+        `precision.probe()`.
 
     Returns:
       The Keras `History` of this call.
@@ -754,10 +849,16 @@ def train(config: TrainConfig,
     batch = config.clean_batch_size
     if task is not None:
         multi_worker.check_batch_size(task, batch)
+    # A resumed run keeps the policy it recorded (an unreadable record: _check_model_dir says so).
+    recorded = files.read_json_object(os.path.join(config.model_dir, TRAIN_CONFIG_FILE))
+    config, precision_reason = resolve_precision(config, recorded, capability)
     # Every worker checks (read only): on a shared file system they all see the chief's directory.
     _check_model_dir(config)
     is_chief = task is None or task.is_chief
     strategy = distribute.get_strategy(config.strategy)
+    if task is not None:
+        config, precision_reason = _chief_precision(strategy, task, config, precision_reason)
+    print(precision_reason, flush=True)
     replicas = strategy.num_replicas_in_sync
     info = data_lib.get_dataset_info(config.dataset)
     certify = None

@@ -45,6 +45,7 @@ from tf_consreg import callbacks
 from tf_consreg import data as data_lib
 from tf_consreg import files
 from tf_consreg import models
+from tf_consreg import precision
 from tf_consreg import training
 from tf_consreg.errors import ConfigError
 from tf_consreg.training import TrainConfig
@@ -63,7 +64,8 @@ HYPERBAND_FACTOR = 3
 # bin/train.py's flags a search takes, shared by every trial; the method is
 # consistency, and lbd, eta and num_noise are searched.
 TRAIN_FLAGS = ("dataset", "data_dir", "arch", "sigma", "consistency_loss", "batch_size", "lr", "lr_step_size",
-               "lr_gamma", "momentum", "weight_decay", "seed", "train_examples", "eval_examples", "strategy")
+               "lr_gamma", "momentum", "weight_decay", "seed", "train_examples", "eval_examples", "strategy",
+               "mixed_precision")
 # Settings that may change when a search is resumed.
 _RESUMABLE_CHANGES = ("max_trials",)
 
@@ -436,11 +438,20 @@ def _load_holdout(config: TuneConfig) -> _Holdout:
                     ids=np.arange(len(images) - len(val_images), len(images)), train_examples=len(train_images))
 
 
-def _prepare_tuning_dir(config: TuneConfig) -> None:
+def _prepare_tuning_dir(config: TuneConfig, capability: Optional[precision.Capability] = None) -> TuneConfig:
     """Refuses a directory of another search or of something else; records this search's settings.
 
     The same search, resumed, may run more trials (`_RESUMABLE_CHANGES`).
+    The trials' precision is resolved here, once (`training.resolve_precision`;
+    a resumed search keeps its policy), so that every trial computes in one
+    policy; the line saying which is printed.
+
+    Returns:
+      The config with the trials' `precision_policy` set.
     """
+    recorded = files.read_json_object(os.path.join(config.tuning_dir, TUNE_CONFIG_FILE)) or {}
+    train, reason = training.resolve_precision(config.train, recorded.get("train"), capability)
+    config = dataclasses.replace(config, train=train)
     here = config.to_dict()
     files.check_run_dir(config.tuning_dir, TUNE_CONFIG_FILE,
                         lambda there: files.differences(_flat_settings(here), _flat_settings(there)),
@@ -448,13 +459,17 @@ def _prepare_tuning_dir(config: TuneConfig) -> None:
                         resume="the same flags to resume (only --max_trials may change)")
     with files.atomic_output(os.path.join(config.tuning_dir, TUNE_CONFIG_FILE)) as f:
         f.write(json.dumps(here, indent=2, sort_keys=True) + "\n")
+    print(reason, flush=True)
+    return config
 
 
 def _flat_settings(values: Mapping[str, Any]) -> Dict[str, Any]:
     """A search's settings by flag name, without those a resumed search may change or derives."""
     flat = {k: v for k, v in values.items() if k not in ("train", "tuning_dir") + _RESUMABLE_CHANGES}
-    # The trials' model_dir and epochs derive from tuning_dir and epochs_per_trial.
-    flat.update({k: v for k, v in values.get("train", {}).items() if k not in ("model_dir", "epochs")})
+    # The trials' model_dir and epochs derive from tuning_dir and epochs_per_trial; the precision policy
+    # from mixed_precision (search() keeps a resumed search's).
+    flat.update({k: v for k, v in values.get("train", {}).items()
+                 if k not in ("model_dir", "epochs", "precision_policy")})
     return flat
 
 
@@ -551,11 +566,13 @@ def _run_trial(config: TuneConfig, holdout: _Holdout, trial) -> Dict[str, float]
     return result.metrics()
 
 
-def search(config: TuneConfig) -> List[TrialRow]:
+def search(config: TuneConfig, capability: Optional[precision.Capability] = None) -> List[TrialRow]:
     """Runs (or resumes) the search and writes its results to `config.tuning_dir`.
 
     Args:
       config: the validated search.
+      capability: the machine's bfloat16 capability, for --mixed_precision=auto
+        (default: `precision.probe()`); see `_prepare_tuning_dir`.
 
     Returns:
       All trials, best first.
@@ -565,7 +582,7 @@ def search(config: TuneConfig) -> List[TrialRow]:
         `tuning_dir` holds something else; raised before anything is written.
     """
     holdout = _load_holdout(config)
-    _prepare_tuning_dir(config)
+    config = _prepare_tuning_dir(config, capability)
     with files.atomic_output(os.path.join(config.tuning_dir, training.FLAGS_FILE)) as f:
         f.write(config.to_flags())
     write_hparams_config(config)

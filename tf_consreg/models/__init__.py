@@ -101,8 +101,9 @@ def load_base_model(path: str, compute_dtype: Optional[str] = None) -> keras.Mod
       network a model trained under mixed_bfloat16 computes, whatever the
       training policy.
 
-    Variables are float32 under both, and the logits are float32. The model
-    is rebuilt with the new policies and given the saved weights.
+    Variables are float32 under both, and the logits are float32. A model
+    saved computing in another dtype is rebuilt with the new policies and
+    given the saved weights (`with_compute_dtype`).
 
     Args:
       path: a `.keras` file, or a training `--model_dir` holding `base_model.keras`.
@@ -112,7 +113,8 @@ def load_base_model(path: str, compute_dtype: Optional[str] = None) -> keras.Mod
       ConfigError: no file at `path`, a truncated or foreign `.keras` file,
         one Keras cannot load, or an unknown `compute_dtype`.
     """
-    policy = None if compute_dtype is None else precision.compute_policy(compute_dtype)
+    if compute_dtype is not None:
+        precision.compute_policy(compute_dtype)  # Refuses an unknown dtype before reading anything.
     if os.path.isdir(path):
         path = os.path.join(path, BASE_MODEL_FILE)
     if not os.path.isfile(path):
@@ -125,19 +127,65 @@ def load_base_model(path: str, compute_dtype: Optional[str] = None) -> keras.Mod
         model = keras.models.load_model(path, compile=False)
     except Exception as e:  # Keras raises many types for a bad archive.
         raise ConfigError(f"{path}: not a loadable Keras model ({type(e).__name__}: {e})") from e
-    return model if policy is None else with_compute_policy(model, policy)
+    return model if compute_dtype is None else with_compute_dtype(model, compute_dtype)
 
 
 def _output_layers(model: keras.Model) -> List[keras.layers.Layer]:
-    """The layers, inside nested models too, whose outputs are `model`'s outputs."""
+    """The layers, inside nested models too, whose outputs are `model`'s outputs.
+
+    None are known for a subclassed model (it has no graph of layers).
+    """
     if isinstance(model, keras.Sequential):
         heads = model.layers[-1:]
     else:
-        heads = [model.get_layer(name) for name in model.output_names]
+        heads = [model.get_layer(name) for name in getattr(model, "output_names", ())]
     found = []
     for layer in heads:
         found.extend(_output_layers(layer) if isinstance(layer, keras.Model) else [layer])
     return found
+
+
+def _leaf_layers(model: keras.Model) -> List[keras.layers.Layer]:
+    """The layers of `model` that compute (inside nested models too); input layers compute nothing."""
+    leaves = []
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            leaves.extend(_leaf_layers(layer))
+        elif not isinstance(layer, keras.layers.InputLayer):
+            leaves.append(layer)
+    return leaves
+
+
+def model_compute_dtype(model: keras.Model) -> Optional[str]:
+    """The dtype of `precision.COMPUTE_DTYPES` that `model` computes in, or None when it is neither.
+
+    "float32": every layer computes in float32. "bfloat16": every layer but
+    the ones producing the outputs computes in bfloat16, and those in float32:
+    a model built under the mixed_bfloat16 policy, or loaded with
+    `load_base_model(..., compute_dtype="bfloat16")`. Anything else (a
+    mixed_float16 model, a hand-mixed one) is None.
+    """
+    heads = {id(layer) for layer in _output_layers(model)}
+    body = {layer.compute_dtype for layer in _leaf_layers(model) if id(layer) not in heads}
+    head = {layer.compute_dtype for layer in _leaf_layers(model) if id(layer) in heads}
+    if head - {"float32"}:
+        return None
+    if body <= {"float32"}:
+        return "float32"
+    return "bfloat16" if body == {"bfloat16"} else None
+
+
+def with_compute_dtype(model: keras.Model, compute_dtype: str) -> keras.Model:
+    """`model` if it computes in `compute_dtype` (see `model_compute_dtype`), else a copy that does, with its weights.
+
+    The copy holds its own variables: later changes to `model`'s weights do
+    not reach it.
+
+    Raises:
+      ConfigError: an unknown `compute_dtype`, naming --compute_dtype.
+    """
+    policy = precision.compute_policy(compute_dtype)
+    return model if model_compute_dtype(model) == compute_dtype else with_compute_policy(model, policy)
 
 
 def with_compute_policy(model: keras.Model, policy: str) -> keras.Model:
@@ -169,4 +217,4 @@ def with_compute_policy(model: keras.Model, policy: str) -> keras.Model:
 
 
 __all__ = ["ARCHITECTURES", "BASE_MODEL_FILE", "Normalization", "check_architecture", "get_architecture",
-           "load_base_model", "with_compute_policy"]
+           "load_base_model", "model_compute_dtype", "with_compute_dtype", "with_compute_policy"]
