@@ -178,8 +178,10 @@ def main() -> None:
         spec.loader.exec_module(build)
         binary = build.build()
 
-    cpu_model = precision.cpu_capability()[0]
-    print(f"machine: {cpu_model or platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+    # A virtual machine's model name may be generic: the bfloat16 flags tell the generation.
+    cpu_model, cpu_flags = precision.cpu_capability()
+    print(f"machine: {cpu_model or platform.processor() or platform.machine()} "
+          f"(bfloat16 flags: {', '.join(cpu_flags) if cpu_flags else 'none'}), {os.cpu_count()} cores, "
           f"TensorFlow {tf.__version__}, TF_ENABLE_ONEDNN_OPTS={os.environ.get('TF_ENABLE_ONEDNN_OPTS')}")
     print(f"model {model.name}, CERTIFY n0={args.n0} n={args.n} alpha={args.alpha}, batch {args.batch_size} "
           f"noisy copies per forward pass, best of {args.rounds} rounds")
