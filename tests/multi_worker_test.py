@@ -300,6 +300,28 @@ class FaultTest(tf.test.TestCase):
         self.assertFalse(os.path.exists(cluster.model_dirs[1]))
 
 
+    @pytest.mark.slow
+    def test_diverging_cluster_stops_on_every_worker_and_saves_nothing(self):
+        root = self.create_tempdir().full_path
+        cluster = Cluster(root, extra_flags=["--lr=1e30"])
+        try:
+            cluster.start("diverged")
+            results = cluster.wait()
+        finally:
+            cluster.kill()
+        for returncode, _, stderr in results:
+            self.assertEqual(returncode, 2, stderr[-3000:])
+            errors = [line for line in stderr.splitlines() if line.startswith("train.py: error: ")]
+            self.assertLen(errors, 1, stderr[-3000:])
+            # Every worker sees the same all-reduced loss: all stop at the same step.
+            self.assertRegex(errors[0], r"^train.py: error: training diverged: the loss is (nan|inf) at step \d/8 of "
+                                        r"epoch 1 \(optimizer step \d\); nothing of this epoch was saved; try a "
+                                        r"smaller --lr than 1e\+30")
+        self.assertEqual(re.search(r"step \d/8", results[0][2]).group(), re.search(r"step \d/8", results[1][2]).group())
+        self.assertEqual(os.listdir(cluster.model_dirs[0]), [])  # A fresh run that diverged leaves nothing.
+        self.assertFalse(os.path.exists(cluster.model_dirs[1]))
+
+
 class BadClusterInputTest(tf.test.TestCase, parameterized.TestCase):
     """One line, exit status 2, before any work (a worker would otherwise wait for the cluster forever)."""
 
