@@ -300,6 +300,30 @@ class TrainBinaryTest(tf.test.TestCase, parameterized.TestCase):
                 train_bin.main(["train"])
         self.assertEqual(_digest(model_dir), before)
 
+    @parameterized.named_parameters(
+        ("macer_default_lbd", dict(method="macer"), True),
+        ("macer_lbd_8", dict(method="macer", lbd=8.0), True),
+        ("macer_lbd_6", dict(method="macer", lbd=6.0), False),
+        ("macer_deferred", dict(method="macer", deferred=True), False),
+        ("consistency_lbd_10", dict(method="consistency", lbd=10.0), False),
+    )
+    def test_macer_without_deferral_is_warned_in_one_line(self, overrides, warned):
+        # An empty --data_dir stops the run after the warning, before any work.
+        data_dir = self.create_tempdir().full_path
+        model_dir = os.path.join(self.create_tempdir().full_path, "run")
+        flag_values = {**TINY, "lbd": None, "model_dir": model_dir, "data_dir": data_dir, **overrides}
+        with flagsaver.flagsaver(**flag_values), contextlib.redirect_stderr(io.StringIO()) as err:
+            with self.assertRaisesRegex(ConfigError, "not found"):
+                train_bin.main(["train"])
+        expected = []
+        if warned:
+            lbd = overrides.get("lbd", 16.0)
+            expected = [f"train.py: warning: --method=macer with --lbd={lbd:g} (>= 8) and no --deferred tends to "
+                        "collapse to one class within a few epochs when trained from scratch (the authors' code "
+                        "does too); the authors train MNIST MACER with --deferred"]
+        self.assertEqual([l for l in err.getvalue().splitlines() if l.startswith("train.py: ")], expected)
+        self.assertFalse(os.path.exists(model_dir))
+
     def test_error_is_one_line_naming_the_flag(self):
         result = _run_bin("--model_dir=/tmp/unused_tf_consreg_run", "--sigma=-1")
         self.assertEqual(result.returncode, 2)

@@ -544,6 +544,29 @@ class ConsistencyModel(keras.Model):
         return self._update_metrics(terms, labels, clean_logits=self.base_model(images, training=False))
 
 
+# MACER's λ from which training from scratch without --deferred collapsed
+# (issue 16: λ = 16, Fashion-MNIST, in 3 epochs, also with the authors' code).
+MACER_UNDEFERRED_LBD = 8.0
+
+
+def config_warnings(config: TrainConfig) -> List[str]:
+    """One-line warnings about a valid config that is known to train badly.
+
+    Args:
+      config: the validated run configuration.
+
+    Returns:
+      The warnings, each one line naming the flags (empty when none applies).
+    """
+    objective = config.objective
+    found = []
+    if objective.method == "macer" and objective.lbd >= MACER_UNDEFERRED_LBD and not config.deferred:
+        found.append(f"--method=macer with --lbd={objective.lbd:g} (>= {MACER_UNDEFERRED_LBD:g}) and no --deferred "
+                     "tends to collapse to one class within a few epochs when trained from scratch (the authors' "
+                     "code does too); the authors train MNIST MACER with --deferred")
+    return found
+
+
 # --------------------------------------------------------------------------
 # The training run.
 
