@@ -150,6 +150,21 @@ class TuneBinaryTest(tf.test.TestCase):
         self.assertEqual([r["status"] for r in _table(tuning_dir)], ["COMPLETED"] * 2, resumed_output)
 
     @pytest.mark.slow
+    def test_diverging_trials_fail_and_the_search_goes_on(self):
+        # Every trial's loss turns NaN at this learning rate: each fails alone, and the search ends with no best.
+        tuning_dir = os.path.join(self.create_tempdir().full_path, "search")
+        result = _tune(f"--tuning_dir={tuning_dir}", *TINY, "--lr=1e30", timeout=2 * TRIAL_TIMEOUT)
+        self.assertEqual(result.returncode, 0, result.stderr[-5000:])
+        failed = [line for line in result.stdout.splitlines() if line.startswith("Trial ") and " failed: " in line]
+        self.assertLen(failed, 2, result.stdout[-3000:])
+        for trial, line in enumerate(failed):
+            self.assertRegex(line, rf"^Trial {trial} failed: training diverged: .*try a smaller --lr than 1e\+30")
+        self.assertEqual([(r["trial"], r["status"]) for r in _table(tuning_dir)], [("0", "FAILED"), ("1", "FAILED")])
+        self.assertFalse(os.path.exists(os.path.join(tuning_dir, "best.flags")))
+        for trial in ("0", "1"):  # A diverged run saves nothing.
+            self.assertEqual(os.listdir(os.path.join(tuning_dir, "trials", f"trial_{trial}")), [])
+
+    @pytest.mark.slow
     def test_bad_input_is_one_line_before_any_work(self):
         tuning_dir = os.path.join(self.create_tempdir().full_path, "search")
         cases = {
