@@ -25,6 +25,8 @@ see the README's "Running on a cluster"):
       --model_dir=runs/mnist_consistency_0.50
 """
 
+import sys
+
 from tf_consreg import cli  # Sets TensorFlow's environment before TensorFlow loads.
 from tf_consreg import training
 
@@ -39,7 +41,10 @@ def make_config() -> training.TrainConfig:
 
 def main(argv):
     del argv
-    training.train(make_config())
+    config = make_config()
+    for warning in training.config_warnings(config):
+        print(f"train.py: warning: {warning}", file=sys.stderr, flush=True)
+    training.train(config)
 
 
 if __name__ == "__main__":

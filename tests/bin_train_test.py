@@ -1,8 +1,10 @@
 """bin/train.py end to end: what it writes, resuming, and refusing bad input."""
 
+import contextlib
 import glob
 import gzip
 import hashlib
+import io
 import json
 import os
 import signal
@@ -10,6 +12,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import tensorflow as tf
 from absl import flags
@@ -18,6 +21,7 @@ import binaries  # tests/binaries.py
 from absl.testing import flagsaver
 from absl.testing import parameterized
 
+from tf_consreg import callbacks
 from tf_consreg import models
 from tf_consreg import precision
 from tf_consreg.errors import ConfigError
@@ -47,6 +51,21 @@ def _run_bin(*args, timeout=300):
 def _digest(directory):
     files = sorted(p for p in glob.glob(os.path.join(directory, "**"), recursive=True) if os.path.isfile(p))
     return {p: hashlib.sha256(open(p, "rb").read()).hexdigest() for p in files}
+
+
+def _snapshot(directory):
+    """Every file and directory under `directory`: its bytes' SHA-256 (files) and modification time."""
+    found = {}
+    for root, dirs, names in os.walk(directory):
+        for name in dirs + names:
+            path = os.path.join(root, name)
+            digest = hashlib.sha256(open(path, "rb").read()).hexdigest() if os.path.isfile(path) else "dir"
+            found[os.path.relpath(path, directory)] = (digest, os.stat(path).st_mtime_ns)
+    return found
+
+
+def _error_lines(stderr):
+    return [l for l in stderr.splitlines() if l.strip() and not l.startswith(("I0000", "W0000", "E0000", "WARNING:"))]
 
 
 def _event_tags(log_dir):
@@ -139,10 +158,11 @@ class TrainBinaryTest(tf.test.TestCase, parameterized.TestCase):
         proc = subprocess.Popen([sys.executable, os.path.join(REPO, "bin", "train.py"), *args],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            deadline = time.time() + 240
-            while not os.path.exists(os.path.join(model_dir, "checkpoints", "ckpt-1.index")):
+            deadline = time.time() + 900  # An epoch takes seconds on idle cores, minutes beside other tests.
+            # The manager's state file names ckpt-1 once ckpt-1 is whole (ckpt-1.index comes before it).
+            while tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints")) is None:
                 self.assertIsNone(proc.poll(), "training ended before its first checkpoint")
-                self.assertLess(time.time(), deadline, "no checkpoint within 240 s")
+                self.assertLess(time.time(), deadline, "no checkpoint within 900 s")
                 time.sleep(0.2)
             proc.send_signal(signal.SIGKILL)
         finally:
@@ -154,6 +174,66 @@ class TrainBinaryTest(tf.test.TestCase, parameterized.TestCase):
         self.assertEqual(result.returncode, 0, result.stderr[-2000:])
         self.assertRegex(result.stdout, r"Resuming from .*ckpt-[12] \(epoch [12] of 3\)")
         self.assertTrue(os.path.isfile(os.path.join(model_dir, "base_model.keras")))
+
+        # Killed and resumed, it ends where the run that was never stopped ends, bit for bit.
+        uninterrupted = self.create_tempdir().full_path
+        result = _run_bin(*args, f"--model_dir={uninterrupted}")
+        self.assertEqual(result.returncode, 0, result.stderr[-2000:])
+        for a, b in zip(models.load_base_model(model_dir).get_weights(),
+                        models.load_base_model(uninterrupted).get_weights()):
+            self.assertAllEqual(a, b)
+
+    @pytest.mark.slow
+    def test_run_resumed_at_an_epoch_boundary_equals_the_uninterrupted_run(self):
+        # Each epoch's batches depend only on (seed, epoch), not on where the process started.
+        resumed, uninterrupted = self.create_tempdir().full_path, self.create_tempdir().full_path
+        for model_dir, epochs in ((resumed, 1), (resumed, 2), (uninterrupted, 2)):
+            with flagsaver.flagsaver(model_dir=model_dir, **{**TINY, "epochs": epochs}):
+                train_bin.main(["train"])
+        weights = [models.load_base_model(d).get_weights() for d in (resumed, uninterrupted)]
+        self.assertGreater(max(np.abs(a).max() for a in weights[0]), 0)
+        for a, b in zip(*weights):
+            self.assertAllEqual(a, b)
+
+    @pytest.mark.slow
+    def test_a_finished_run_is_left_untouched(self):
+        model_dir = self.create_tempdir().full_path
+        with flagsaver.flagsaver(model_dir=model_dir, **TINY):
+            train_bin.main(["train"])
+        before = _snapshot(model_dir)
+        self.assertIn("base_model.keras", before)
+        # Again: certification runs and shards keyed by base_model.keras's SHA-256 stay valid.
+        with flagsaver.flagsaver(model_dir=model_dir, **TINY), contextlib.redirect_stdout(io.StringIO()) as out:
+            train_bin.main(["train"])
+        self.assertIn("is already trained for 2 epochs; nothing to do", out.getvalue())
+        self.assertEqual(_snapshot(model_dir), before)
+        # Fewer epochs than the run holds: refused, and the record keeps saying 2.
+        with flagsaver.flagsaver(model_dir=model_dir, **{**TINY, "epochs": 1}):
+            with self.assertRaisesRegex(ConfigError, r"^--epochs=1: --model_dir=.* already holds 2 epochs of this "
+                                                     r"run; resume it with --epochs=2 or more, or use a new "
+                                                     r"--model_dir$"):
+                train_bin.main(["train"])
+        self.assertEqual(_snapshot(model_dir), before)
+
+    @pytest.mark.slow
+    def test_diverging_run_fails_in_one_line_and_saves_nothing(self):
+        # The issue's command: two steps, the second update makes the weights infinite.
+        model_dir = os.path.join(self.create_tempdir().full_path, "run")
+        result = _run_bin("--lr=1e30", "--epochs=1", "--train_examples=512", f"--model_dir={model_dir}")
+        self.assertEqual(result.returncode, 2, result.stderr[-2000:])
+        self.assertEqual(_error_lines(result.stderr), [
+            "train.py: error: training diverged: the weights are not finite after epoch 1 (optimizer step 2); "
+            f"nothing of this epoch was saved; try a smaller --lr than 1e+30; --model_dir={model_dir} was left "
+            "empty for the corrected command"])
+        self.assertEqual(os.listdir(model_dir), [])
+        # More steps: the loss itself turns non-finite, and the step is named.
+        with flagsaver.flagsaver(model_dir=model_dir, **{**TINY, "lr": 1e30, "train_examples": 2048}):
+            with self.assertRaisesRegex(callbacks.TrainingDivergedError,
+                                        r"^training diverged: the loss is (nan|inf) at step \d+/32 of epoch 1 "
+                                        r"\(optimizer step \d+\); nothing of this epoch was saved; try a smaller "
+                                        r"--lr than 1e\+30"):
+                train_bin.main(["train"])
+        self.assertEqual(os.listdir(model_dir), [])
 
     @parameterized.named_parameters(
         ("dataset", dict(dataset="svhn"), "--dataset"),
@@ -194,6 +274,9 @@ class TrainBinaryTest(tf.test.TestCase, parameterized.TestCase):
         ("smoothmix_deferred", dict(method="smoothmix", lbd=None, deferred=True), "--deferred is used only by"),
         ("attack_step_other", dict(attack_step=1.0), "--attack_step is used only by --method=smoothmix"),
         ("mixed_precision", dict(mixed_precision="bfloat16"), "--mixed_precision='bfloat16' is unknown"),
+        ("pretrained_garbage", dict(pretrained_model=os.path.join(REPO, "README.md")),
+         "--pretrained_model: .*README.md: not a loadable Keras model"),
+        ("steps_per_execution", dict(steps_per_execution=3), "--steps_per_execution=3 must divide the 4 steps"),
     )
     def test_bad_flags_fail_before_any_work(self, overrides, message):
         model_dir = os.path.join(self.create_tempdir().full_path, "run")
@@ -242,6 +325,30 @@ class TrainBinaryTest(tf.test.TestCase, parameterized.TestCase):
                           "--epochs=1")
         self.assertEqual(result.returncode, 0, result.stderr[-2000:])
         self.assertIn(precision.resolve("auto").reason + "\n", result.stdout)
+
+    @parameterized.named_parameters(
+        ("macer_default_lbd", dict(method="macer"), True),
+        ("macer_lbd_8", dict(method="macer", lbd=8.0), True),
+        ("macer_lbd_6", dict(method="macer", lbd=6.0), False),
+        ("macer_deferred", dict(method="macer", deferred=True), False),
+        ("consistency_lbd_10", dict(method="consistency", lbd=10.0), False),
+    )
+    def test_macer_without_deferral_is_warned_in_one_line(self, overrides, warned):
+        # An empty --data_dir stops the run after the warning, before any work.
+        data_dir = self.create_tempdir().full_path
+        model_dir = os.path.join(self.create_tempdir().full_path, "run")
+        flag_values = {**TINY, "lbd": None, "model_dir": model_dir, "data_dir": data_dir, **overrides}
+        with flagsaver.flagsaver(**flag_values), contextlib.redirect_stderr(io.StringIO()) as err:
+            with self.assertRaisesRegex(ConfigError, "not found"):
+                train_bin.main(["train"])
+        expected = []
+        if warned:
+            lbd = overrides.get("lbd", 16.0)
+            expected = [f"train.py: warning: --method=macer with --lbd={lbd:g} (>= 8) and no --deferred tends to "
+                        "collapse to one class within a few epochs when trained from scratch (the authors' code "
+                        "does too); the authors train MNIST MACER with --deferred"]
+        self.assertEqual([l for l in err.getvalue().splitlines() if l.startswith("train.py: ")], expected)
+        self.assertFalse(os.path.exists(model_dir))
 
     def test_error_is_one_line_naming_the_flag(self):
         result = _run_bin("--model_dir=/tmp/unused_tf_consreg_run", "--sigma=-1")

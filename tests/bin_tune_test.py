@@ -31,6 +31,9 @@ TUNE = os.path.join(REPO, "bin", "tune.py")
 TINY = ["--max_trials=2", "--epochs_per_trial=1", "--train_examples=256", "--batch_size=64", "--sigma=0.5",
         "--certify_examples=32", "--certify_n0=20", "--certify_n=100", "--certify_batch_size=800",
         "--lbd_range=1,20", "--eta_range=0.1,1", "--num_noise_choices=2,4"]
+# Seconds a trial may take: generous, since on a loaded machine (other tests beside these) a trial takes
+# several times as long as on idle cores, and a slow trial only makes the test slower.
+TRIAL_TIMEOUT = 1200
 
 
 def setUpModule():
@@ -109,31 +112,60 @@ class TuneBinaryTest(tf.test.TestCase):
         tuning_dir = os.path.join(self.create_tempdir().full_path, "search")
         args = [f"--tuning_dir={tuning_dir}", *TINY]
         table = os.path.join(tuning_dir, "trials.tsv")
-        proc = subprocess.Popen([sys.executable, TUNE, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # The killed search's output, for the failure messages.
+        log = os.path.join(self.create_tempdir().full_path, "killed_search")
+        with open(log + ".out", "w") as out, open(log + ".err", "w") as err:
+            proc = subprocess.Popen([sys.executable, TUNE, *args], stdout=out, stderr=err)
+
+        def killed_output():
+            with open(log + ".out") as out, open(log + ".err") as err:
+                return f"stdout:\n{out.read()[-3000:]}\nstderr:\n{err.read()[-5000:]}"
+
         try:
-            deadline = time.time() + 300
+            deadline = time.time() + TRIAL_TIMEOUT
             # The table is rewritten after each trial ends, once keras-tuner has saved its state.
             while not os.path.exists(table):
-                self.assertIsNone(proc.poll(), "the search ended before its first trial did")
-                self.assertLess(time.time(), deadline, "no trial ended within 300 s")
+                self.assertIsNone(proc.poll(), f"the search ended before its first trial did\n{killed_output()}")
+                self.assertLess(time.time(), deadline, f"no trial ended within {TRIAL_TIMEOUT} s\n{killed_output()}")
                 time.sleep(0.1)
             proc.send_signal(signal.SIGKILL)
         finally:
             proc.kill()
             proc.wait()
-        self.assertEqual([r["status"] for r in _table(tuning_dir)], ["COMPLETED"])
-        first_model = os.path.join(tuning_dir, "trials", "trial_0", "base_model.keras")
-        first_mtime = os.stat(first_model).st_mtime_ns
+        # Killed once the first trial ended; a test process starved of CPU
+        # may see the table late, after the second trial ended too.
+        completed = sorted(r["trial"] for r in _table(tuning_dir))
+        self.assertIn(completed, (["0"], ["0", "1"]), killed_output())
+        self.assertEqual([r["status"] for r in _table(tuning_dir)], ["COMPLETED"] * len(completed), killed_output())
+        models_done = {t: os.path.join(tuning_dir, "trials", f"trial_{t}", "base_model.keras") for t in completed}
+        mtimes = {t: os.stat(path).st_mtime_ns for t, path in models_done.items()}
 
-        # The saved flags repeat the command.
-        result = _tune(f"--flagfile={os.path.join(tuning_dir, 'flags.txt')}")
-        self.assertEqual(result.returncode, 0, result.stderr[-3000:])
-        self.assertIn("Reloading Tuner", result.stdout)
+        # The saved flags repeat the command: it reloads the search and trains only what was not done.
+        result = _tune(f"--flagfile={os.path.join(tuning_dir, 'flags.txt')}", timeout=2 * TRIAL_TIMEOUT)
+        resumed_output = f"{killed_output()}\nresumed stdout:\n{result.stdout[-3000:]}\nresumed stderr:\n" \
+                         f"{result.stderr[-5000:]}"
+        self.assertEqual(result.returncode, 0, resumed_output)
+        self.assertIn("Reloading Tuner", result.stdout, resumed_output)
         trained = [line.split(":")[0] for line in result.stdout.splitlines() if line.startswith("trial_")]
-        self.assertEqual(trained, ["trial_1"])
-        self.assertEqual(os.stat(first_model).st_mtime_ns, first_mtime)
+        self.assertEqual(trained, [f"trial_{t}" for t in ("0", "1") if t not in completed], resumed_output)
+        self.assertEqual({t: os.stat(path).st_mtime_ns for t, path in models_done.items()}, mtimes)
         self.assertEqual(sorted(r["trial"] for r in _table(tuning_dir)), ["0", "1"])
-        self.assertEqual([r["status"] for r in _table(tuning_dir)], ["COMPLETED"] * 2)
+        self.assertEqual([r["status"] for r in _table(tuning_dir)], ["COMPLETED"] * 2, resumed_output)
+
+    @pytest.mark.slow
+    def test_diverging_trials_fail_and_the_search_goes_on(self):
+        # Every trial's loss turns NaN at this learning rate: each fails alone, and the search ends with no best.
+        tuning_dir = os.path.join(self.create_tempdir().full_path, "search")
+        result = _tune(f"--tuning_dir={tuning_dir}", *TINY, "--lr=1e30", timeout=2 * TRIAL_TIMEOUT)
+        self.assertEqual(result.returncode, 0, result.stderr[-5000:])
+        failed = [line for line in result.stdout.splitlines() if line.startswith("Trial ") and " failed: " in line]
+        self.assertLen(failed, 2, result.stdout[-3000:])
+        for trial, line in enumerate(failed):
+            self.assertRegex(line, rf"^Trial {trial} failed: training diverged: .*try a smaller --lr than 1e\+30")
+        self.assertEqual([(r["trial"], r["status"]) for r in _table(tuning_dir)], [("0", "FAILED"), ("1", "FAILED")])
+        self.assertFalse(os.path.exists(os.path.join(tuning_dir, "best.flags")))
+        for trial in ("0", "1"):  # A diverged run saves nothing.
+            self.assertEqual(os.listdir(os.path.join(tuning_dir, "trials", f"trial_{trial}")), [])
 
     @pytest.mark.slow
     def test_bad_input_is_one_line_before_any_work(self):

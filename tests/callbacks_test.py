@@ -1,4 +1,5 @@
-"""The project's Keras callbacks: CertifyCallback against an independent run of Smooth.certify_batch."""
+"""The project's Keras callbacks: CertifyCallback against an independent run of Smooth.certify_batch,
+StopOnDivergence against a run whose loss becomes NaN."""
 
 import glob
 import os
@@ -16,6 +17,7 @@ from tf_consreg import callbacks
 from tf_consreg import models
 from tf_consreg import smoothing
 from tf_consreg import training
+from tf_consreg.errors import ConfigError
 
 SIGMA = 0.25
 SIDE = 4
@@ -205,3 +207,52 @@ class CertifyCallbackTest(tf.test.TestCase, parameterized.TestCase):
 
 if __name__ == "__main__":
     tf.test.main()
+
+class StopOnDivergenceTest(tf.test.TestCase):
+
+    def _new_dir(self):
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory, ignore_errors=True)
+        return directory
+
+    def _fit(self, images, labels, epochs, manager_dir, lr=0.01):
+        """Fits a linear model on batches of 4 with StopOnDivergence before EpochCheckpoint."""
+        inputs = keras.Input((SIDE, SIDE, 1))
+        model = keras.Model(inputs, keras.layers.Dense(2)(keras.layers.Flatten()(inputs)))
+        model.compile(optimizer=keras.optimizers.SGD(lr), loss=keras.losses.SparseCategoricalCrossentropy(True))
+        epoch = tf.Variable(0, dtype=tf.int64)
+        manager = tf.train.CheckpointManager(tf.train.Checkpoint(model=model, epoch=epoch), manager_dir, 3)
+        ds = tf.data.Dataset.from_tensor_slices((images, labels)).batch(4)
+        model.fit(ds, epochs=epochs, steps_per_epoch=len(images) // 4 // epochs, verbose=0, shuffle=False,
+                  callbacks=[callbacks.StopOnDivergence(advice=f"try a smaller --lr than {lr:g}"),
+                             callbacks.EpochCheckpoint(manager, epoch)])
+        return model
+
+    def test_stops_at_the_first_nan_loss_before_the_epoch_is_saved(self):
+        rng = np.random.default_rng(0)
+        images = rng.uniform(size=(32, SIDE, SIDE, 1)).astype(np.float32)
+        labels = rng.integers(0, 2, size=32)
+        images[4 * 6 + 1, 0, 0, 0] = np.nan  # Epoch 2 (1-based), its 3rd batch: optimizer step 7.
+        directory = self._new_dir()
+        with self.assertRaisesRegex(callbacks.TrainingDivergedError,
+                                    r"^training diverged: the loss is nan at step 3/4 of epoch 2 \(optimizer step 7\); "
+                                    r"nothing of this epoch was saved; try a smaller --lr than 0.01$"):
+            self._fit(images, labels, 2, directory)
+        checkpoints = tf.train.get_checkpoint_state(directory).all_model_checkpoint_paths
+        self.assertEqual([os.path.basename(p) for p in checkpoints], ["ckpt-1"])  # Epoch 1 only.
+
+    def test_non_finite_weights_are_not_saved_even_with_a_finite_loss(self):
+        # One step: its loss (logits of a few hundred) is finite, but its
+        # update, lr 1e38 times gradients of tens, overflows the weights.
+        images = np.full((4, SIDE, SIDE, 1), 100.0, np.float32)
+        labels = np.array([0, 1, 0, 1])
+        directory = self._new_dir()
+        with self.assertRaisesRegex(callbacks.TrainingDivergedError,
+                                    r"the weights are not finite after epoch 1 \(optimizer step 1\)"):
+            self._fit(images, labels, 1, directory, lr=1e38)
+        self.assertIsNone(tf.train.latest_checkpoint(directory))
+
+    def test_is_a_config_error(self):
+        # The binaries print ConfigErrors as one line with exit status 2.
+        self.assertTrue(issubclass(callbacks.TrainingDivergedError, ConfigError))
+

@@ -260,6 +260,53 @@ class MakeDatasetTest(tf.test.TestCase):
             self.assertTrue(any(np.array_equal(np.round(first[k] * 255).astype(np.uint8), c) for c in crops))
         self.assertNotAllClose(first, second)
 
+    def test_each_epoch_is_drawn_from_seed_and_epoch_alone(self):
+        # A run resumed at epoch e builds its input with epochs=range(e, ...):
+        # it must get, bit for bit, the batches (order and CIFAR crops and
+        # flips) that the uninterrupted run's input gives in epoch e.
+        def epochs(first, end, **kwargs):
+            xs, ys = _batches(data.make_dataset(self.images, self.labels, 16, shuffle=True, seed=7,
+                                                augment="cifar10", epochs=range(first, end), **kwargs))
+            return xs, ys
+
+        xs, ys = epochs(0, 3)
+        self.assertEqual([len(y) for y in ys], [16, 16, 16, 2] * 3)  # No batch spans two epochs.
+        per_epoch = [np.concatenate(ys[4 * e:4 * e + 4]) for e in range(3)]
+        for order in per_epoch:
+            self.assertCountEqual(order, self.labels)
+        self.assertNotAllEqual(per_epoch[0], per_epoch[1])
+        self.assertNotAllEqual(per_epoch[1], per_epoch[2])
+        for first in (1, 2):
+            resumed_xs, resumed_ys = epochs(first, 3)
+            self.assertLen(resumed_ys, 4 * (3 - first))
+            for a, b in zip(resumed_xs + resumed_ys, xs[4 * first:] + ys[4 * first:]):
+                self.assertAllEqual(a, b)
+        # The crops differ between epochs: image k in epoch 0 against epoch 1.
+        positions = [{label: i for i, label in enumerate(order)} for order in per_epoch]
+        epoch_images = [np.concatenate(xs[4 * e:4 * e + 4]) for e in range(2)]
+        differs = [not np.array_equal(epoch_images[0][positions[0][k]], epoch_images[1][positions[1][k]])
+                   for k in range(50)]
+        self.assertGreater(sum(differs), 40)  # Equal only where both epochs drew the same crop and flip (1/162).
+        # The same epochs from another seed are another order.
+        other = _batches(data.make_dataset(self.images, self.labels, 16, shuffle=True, seed=8, epochs=range(0, 1)))
+        self.assertNotAllEqual(np.concatenate(other[1]), per_epoch[0])
+        with self.assertRaisesRegex(ValueError, "non-empty range"):
+            data.make_dataset(self.images, self.labels, 16, shuffle=True, seed=7, epochs=range(2, 2))
+
+    def test_epochs_over_replicas_split_each_global_batch_in_order(self):
+        strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"],
+                                                  cross_device_ops=tf.distribute.ReductionToOneDevice())
+        source = data.Source("cifar10", "train", 50, images=self.images, labels=self.labels)
+        plain = source.make_input(16, training=True, seed=3, drop_remainder=True, epochs=range(1, 3))
+        distributed = source.make_input(16, training=True, seed=3, drop_remainder=True, epochs=range(1, 3),
+                                        strategy=strategy)
+        expected = _batches(plain.dataset)[1]
+        self.assertLen(expected, 2 * plain.steps_per_epoch)
+        iterator = iter(distributed.dataset)
+        for e in expected:
+            local = strategy.experimental_local_results(next(iterator)[1])
+            self.assertAllEqual(np.concatenate([part.numpy() for part in local]), e)
+
     def test_mnist_has_no_augmentation_and_unknown_is_refused(self):
         images = self.images[:, :28, :28, :1]
         xs, _ = _batches(data.make_dataset(images, self.labels, 50, shuffle=False, augment="mnist"))
@@ -296,6 +343,15 @@ class MakeInputTest(tf.test.TestCase, parameterized.TestCase):
             xs, _ = _batches(test.dataset)
             self.assertEqual(test.num_examples, 6)
             self.assertEqual(sum(len(x) for x in xs), 6)
+
+    def test_streamed_epochs_are_drawn_from_seed_and_epoch_alone(self):
+        source = data.open_source("imagenet2012", "train", limit=6, mock=True)
+        run = _batches(source.make_input(4, training=True, seed=5, epochs=range(0, 2)).dataset)
+        resumed = _batches(source.make_input(4, training=True, seed=5, epochs=range(1, 2)).dataset)
+        self.assertEqual([len(y) for y in run[1]], [4, 2, 4, 2])
+        for a, b in zip(resumed[0] + resumed[1], run[0][2:] + run[1][2:]):
+            self.assertAllEqual(a, b)
+        self.assertCountEqual(np.concatenate(run[1][:2]), np.concatenate(run[1][2:]))
 
     def test_mock_needs_no_data(self):
         for name, shape in (("cifar10", (32, 32, 3)), ("imagenet2012", (224, 224, 3)), ("mnist", (28, 28, 1))):

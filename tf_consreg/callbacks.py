@@ -2,6 +2,8 @@
 
 * `EpochSchedule` tells `training.ConsistencyModel` the epoch (SmoothAdv's
   warm-up, MACER's deferred start);
+* `StopOnDivergence` stops training at the first non-finite loss, before
+  anything of the diverged epoch is saved;
 * `EpochCheckpoint` saves a resumable checkpoint after every epoch;
 * `ScalarLogger` writes every reported term to TensorBoard, per step and
   per epoch, continuing its curves when a run resumes;
@@ -31,6 +33,7 @@ from tf_consreg import analysis
 from tf_consreg import models
 from tf_consreg import precision
 from tf_consreg import smoothing
+from tf_consreg.errors import ConfigError
 
 # Radii of the logged certified accuracies: every other radius of the paper's
 # tables (0, 0.5, ..., 2.5), enough to see the trade-off without clutter.
@@ -62,6 +65,65 @@ class EpochSchedule(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         self.model.set_epoch(epoch)
+
+
+class TrainingDivergedError(ConfigError):
+    """Training produced a non-finite loss or non-finite weights.
+
+    A `ConfigError`: the binaries report it as one line with exit status 2,
+    since the cure is a setting (most often a smaller learning rate).
+    """
+
+
+class StopOnDivergence(keras.callbacks.Callback):
+    """Raises `TrainingDivergedError` at the first non-finite loss, and before non-finite weights are saved.
+
+    Keras's `TerminateOnNaN` only stops the loop: the epoch's callbacks then
+    checkpoint the diverged model and the caller saves it as if the run had
+    finished. Raising stops everything after it, so place it before the
+    callbacks that certify or save.
+
+    The loss it reads is the epoch's running mean that the step reports
+    (`training.ConsistencyModel`'s tracker), which stays non-finite from the
+    first non-finite step of the epoch on: the step named is that step (the
+    last of its call with steps_per_execution > 1). Reading it adds no wait
+    for the device: Keras converts the logs to Python floats at every batch
+    end anyway (for the progress bar and the other callbacks). At each
+    epoch's end it also checks the weights, which the last step's update may
+    have made non-finite after its loss was computed. Under multi_worker
+    every worker sees the same all-reduced loss and weights, so all of them
+    stop at the same step.
+
+    Args:
+      advice: what to try instead, appended to the message.
+    """
+
+    def __init__(self, advice: str = ""):
+        super().__init__()
+        self._advice = advice
+        self._epoch = 0
+
+    def _base_model(self) -> keras.Model:
+        return getattr(self.model, "base_model", self.model)
+
+    def _fail(self, what: str) -> None:
+        step = int(self.model.optimizer.iterations.numpy())
+        raise TrainingDivergedError(f"training diverged: {what} (optimizer step {step}); nothing of this epoch "
+                                    "was saved" + (f"; {self._advice}" if self._advice else ""))
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(loss):
+            steps = (self.params or {}).get("steps")
+            self._fail(f"the loss is {loss} at step {batch + 1}{f'/{steps}' if steps else ''} of epoch "
+                       f"{self._epoch + 1}")
+
+    def on_epoch_end(self, epoch, logs=None):
+        if not all(np.isfinite(w).all() for w in self._base_model().get_weights()):
+            self._fail(f"the weights are not finite after epoch {epoch + 1}")
 
 
 class EpochCheckpoint(keras.callbacks.Callback):

@@ -27,7 +27,11 @@ Preprocessing follows the authors' torchvision transforms (`code/datasets.py`):
 
 Random choices are stateless ops seeded from `tf.data.Dataset.random(seed,
 rerandomize_each_iteration=True)`: a seeded pipeline is reproducible and
-still draws new crops in every epoch.
+still draws new crops in every epoch. A training run's pipeline is built for
+its epochs instead (`epochs=range(first, end)`): then each epoch's order and
+augmentation are drawn from (seed, epoch) alone, so a run resumed at epoch e
+trains on what the uninterrupted run trained on, and each worker of a
+cluster, building epoch e on its own, on what one process would.
 
 `open_source` opens a split (checks it; loads it if it is held in memory)
 before any work, and `Source.make_input` builds its training or evaluation
@@ -51,6 +55,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from tf_consreg import noise as noise_lib
 from tf_consreg.errors import ConfigError
 
 DEBIAN_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -646,10 +651,69 @@ def _batch_and_finish(ds: tf.data.Dataset, batch_size: int, *, drop_remainder: b
     return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
 
 
+# Independent random streams of a run's epochs (`epochs=` pipelines): each
+# epoch's order, and its augmentation, keyed by (seed, stream, epoch).
+_ORDER_STREAM, _AUGMENT_STREAM = 1, 2
+
+
+def _check_epochs(epochs: Optional[range]) -> None:
+    if epochs is not None and (not isinstance(epochs, range) or epochs.step != 1 or epochs.start < 0
+                               or not epochs):
+        raise ValueError(f"epochs must be a non-empty range(first, end) of epoch numbers >= 0, got {epochs!r}")
+
+
+def _epochs_seed(seed: Optional[int]) -> int:
+    """The seed of an `epochs=` pipeline: `seed`, or a fresh random one when None (nondeterministic)."""
+    return int(np.random.default_rng().integers(2 ** 31)) if seed is None else int(seed)
+
+
+def _in_memory_epochs(images: np.ndarray, labels: np.ndarray, batch_size: int, epochs: range, *, shuffle: bool,
+                      seed: int, drop_remainder: bool, augment: Optional[Callable],
+                      input_context: Optional[tf.distribute.InputContext]) -> tf.data.Dataset:
+    """The batches of `epochs`, one epoch after another, each drawn from (seed, epoch) alone.
+
+    Epoch e's order is a stateless permutation of this pipeline's examples
+    keyed by (seed, e), and batch j of it is augmented with a stateless seed
+    keyed by (seed, e, pipeline, j). Batches never span two epochs; they are
+    gathered from the arrays, uint8, and converted to float once augmented.
+    """
+    images_t = tf.convert_to_tensor(images)
+    labels_t = tf.cast(tf.convert_to_tensor(labels), tf.int64)
+    positions = tf.range(len(images), dtype=tf.int64)
+    pipeline = 0
+    if input_context is not None and input_context.num_input_pipelines > 1:
+        pipeline = input_context.input_pipeline_id
+        positions = positions[pipeline::input_context.num_input_pipelines]
+    replicas = _replicas_per_pipeline(input_context)
+
+    def epoch_batches(epoch):
+        order = positions
+        if shuffle:
+            order = tf.random.experimental.stateless_shuffle(positions, noise_lib.step_seed(seed, _ORDER_STREAM, epoch))
+        key = tf.random.experimental.stateless_fold_in(noise_lib.step_seed(seed, _AUGMENT_STREAM, epoch), pipeline)
+
+        def load(j, indices):
+            batch = tf.gather(images_t, indices)
+            if augment is not None:
+                batch = augment(batch, tf.random.experimental.stateless_fold_in(key, j))
+            return tf.cast(batch, tf.float32) / 255.0, tf.gather(labels_t, indices)
+
+        batches = tf.data.Dataset.from_tensor_slices(order).batch(batch_size * replicas,
+                                                                  drop_remainder=drop_remainder)
+        return batches.enumerate().map(load, num_parallel_calls=tf.data.AUTOTUNE)
+
+    ds = tf.data.Dataset.range(epochs.start, epochs.stop).flat_map(epoch_batches)
+    if replicas > 1:
+        ds = ds.rebatch(batch_size, drop_remainder=drop_remainder)
+    options = tf.data.Options()
+    options.deterministic = True
+    return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
+
+
 def make_dataset(images: np.ndarray, labels: np.ndarray, batch_size: int, *, shuffle: bool,
                  seed: Optional[int] = None, drop_remainder: bool = False, augment: Optional[str] = None,
                  input_context: Optional[tf.distribute.InputContext] = None,
-                 repeat: bool = False) -> tf.data.Dataset:
+                 repeat: bool = False, epochs: Optional[range] = None) -> tf.data.Dataset:
     """A batched `tf.data` pipeline of (float32 images in [0, 1], int64 labels) from arrays.
 
     The uint8 arrays stay in memory as they are (a quarter of float32);
@@ -668,6 +732,12 @@ def make_dataset(images: np.ndarray, labels: np.ndarray, batch_size: int, *, shu
       input_context: from `distribute_datasets_from_function`; this pipeline
         reads its shard of the examples.
       repeat: repeat endlessly (reshuffled, newly augmented each pass).
+      epochs: the epochs of a training run, range(first, end): the dataset
+        holds their batches in turn (ignoring `repeat`), epoch e shuffled and
+        augmented from (seed, e) alone, so the batches of an epoch do not
+        depend on the epochs before it or on the pipeline that drew them.
+        Pass the epoch's steps to `fit` (`steps_per_epoch`). None: one pass,
+        reshuffled at each new iteration (`repeat`).
 
     Raises:
       ConfigError: `augment` names no dataset held in memory.
@@ -676,6 +746,10 @@ def make_dataset(images: np.ndarray, labels: np.ndarray, batch_size: int, *, shu
         raise ConfigError(f"augment={augment!r}: no in-memory training augmentation; choose one of "
                           f"{', '.join(_BATCH_AUGMENTATIONS)}")
     augment_fn = _BATCH_AUGMENTATIONS.get(augment)
+    _check_epochs(epochs)
+    if epochs is not None:
+        return _in_memory_epochs(images, labels, batch_size, epochs, shuffle=shuffle, seed=_epochs_seed(seed),
+                                 drop_remainder=drop_remainder, augment=augment_fn, input_context=input_context)
     ds = tf.data.Dataset.from_tensor_slices((images, labels))
     if input_context is not None and input_context.num_input_pipelines > 1:
         ds = ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
@@ -729,16 +803,33 @@ def _streamed_dataset(name: str, split: str, batch_size: int, *, training: bool,
                              repeat=repeat)
 
 
+def _streamed_epochs(name: str, split: str, batch_size: int, epochs: range, *, seed: int, **kwargs) -> tf.data.Dataset:
+    """The training batches of `epochs` of a streamed dataset, one epoch after another.
+
+    tfds shuffles its files by a Python seed, so the epochs are not drawn in
+    one graph as `_in_memory_epochs` draws them: epoch e is a pipeline of its
+    own, seeded by (seed, e) alone, and they are chained (a pipeline starts
+    when the one before it ends).
+    """
+    def epoch_seed(epoch: int) -> int:
+        return int(noise_lib.step_seed(seed, _ORDER_STREAM, epoch)[1]) % (2 ** 31 - 1)
+
+    return functools.reduce(tf.data.Dataset.concatenate, [
+        _streamed_dataset(name, split, batch_size, training=True, seed=epoch_seed(epoch), repeat=False, **kwargs)
+        for epoch in epochs])
+
+
 @dataclasses.dataclass(frozen=True)
 class Input:
     """An input pipeline ready for `fit`/`evaluate`, and its size.
 
     Attributes:
       dataset: a `tf.data.Dataset` that ends after one pass; or, when built
-        for a strategy, a distributed dataset that repeats endlessly: pass
-        `steps_per_epoch` (or `validation_steps`) to `fit`. tf.distribute
-        reports the length of a per-replica pipeline in per-replica batches,
-        which Keras would take for steps.
+        for a strategy, a distributed dataset that repeats endlessly; or,
+        when built for a run's `epochs`, their batches in turn. For the last
+        two, pass `steps_per_epoch` (or `validation_steps`) to `fit`.
+        tf.distribute reports the length of a per-replica pipeline in
+        per-replica batches, which Keras would take for steps.
       num_examples: examples in one pass (after `limit`).
       batch_size: global batch size (all replicas together).
       drop_remainder: whether the last partial batch is dropped.
@@ -784,7 +875,8 @@ class Source:
     labels: Optional[np.ndarray] = None
 
     def make_input(self, batch_size: int, *, training: bool, seed: Optional[int] = None,
-                   drop_remainder: bool = False, strategy: Optional[tf.distribute.Strategy] = None) -> Input:
+                   drop_remainder: bool = False, strategy: Optional[tf.distribute.Strategy] = None,
+                   epochs: Optional[range] = None) -> Input:
         """The input pipeline of this split, for training or for evaluation.
 
         Training pipelines shuffle every epoch and apply the dataset's
@@ -802,6 +894,11 @@ class Source:
             `strategy.distribute_datasets_from_function`: one pipeline per
             input worker, sharded, batched per replica, repeated endlessly
             (see `Input`).
+          epochs: for a training run, the epochs to draw, range(first, end):
+            the dataset holds their batches in turn, each epoch's order and
+            augmentation drawn from (seed, epoch) alone, so a run resumed at
+            epoch `first` trains on what the uninterrupted run trained on
+            (see `make_dataset`). Pass `steps_per_epoch` to `fit`.
 
         Returns:
           An `Input`; its `dataset` yields (float32 images in [0, 1], int64 labels).
@@ -809,6 +906,7 @@ class Source:
         Raises:
           ConfigError: a batch size below 1, or one that does not split
             evenly over the strategy's replicas.
+          ValueError: `epochs` without `training`, or not a non-empty range.
         """
         if batch_size < 1:
             raise ConfigError(f"--batch_size must be >= 1, got {batch_size}")
@@ -816,17 +914,24 @@ class Source:
         if batch_size % replicas:
             raise ConfigError(f"--batch_size: {batch_size} images per step do not split evenly over {replicas} "
                               "replicas")
-        repeat = strategy is not None
+        _check_epochs(epochs)
+        if epochs is not None and not training:
+            raise ValueError("epochs: only a training input is drawn by epoch")
+        repeat = strategy is not None and epochs is None
+        if epochs is not None:
+            seed = _epochs_seed(seed)  # Once: every input pipeline of a strategy draws the same epochs.
 
         def build(local_batch, context):
             if self.images is None:
-                return _streamed_dataset(self.name, self.split, local_batch, training=training,
-                                         data_dir=self.data_dir, limit=self.limit, seed=seed,
-                                         drop_remainder=drop_remainder, mock=self.mock, input_context=context,
-                                         repeat=repeat)
+                stream = dict(data_dir=self.data_dir, limit=self.limit, drop_remainder=drop_remainder,
+                              mock=self.mock, input_context=context)
+                if epochs is not None:
+                    return _streamed_epochs(self.name, self.split, local_batch, epochs, seed=seed, **stream)
+                return _streamed_dataset(self.name, self.split, local_batch, training=training, seed=seed,
+                                         repeat=repeat, **stream)
             return make_dataset(self.images, self.labels, local_batch, shuffle=training, seed=seed,
                                 drop_remainder=drop_remainder, augment=self.name if training else None,
-                                input_context=context, repeat=repeat)
+                                input_context=context, repeat=repeat, epochs=epochs)
 
         if strategy is None:
             dataset = build(batch_size, None)

@@ -66,10 +66,9 @@ def fit_cluster(model: keras.Model, strategy: tf.distribute.Strategy, train_sour
                 verbose: int) -> keras.callbacks.History:
     """Trains on `train_source` (evaluating on `eval_source`) with `fit_distributed`.
 
-    Each epoch is drawn as a run resumed at that epoch would draw it (a new
-    pipeline seeded seed + epoch), the same on every worker whatever their
-    iterators' history: the cluster trains on the batches one device,
-    resumed after every epoch, trains on.
+    Each epoch is drawn from (seed, epoch) alone (`Source.make_input`'s
+    `epochs`), the same on every worker whatever their iterators' history:
+    the cluster trains on the batches one device trains on, resumed or not.
 
     Args:
       model: a compiled model built under `strategy`'s scope.
@@ -83,20 +82,23 @@ def fit_cluster(model: keras.Model, strategy: tf.distribute.Strategy, train_sour
       The `History` of the run.
     """
     def train_data(epoch):
-        return _worker_slices(train_source, batch_size, training=True, seed=seed + epoch, strategy=strategy)
+        return _worker_slices(train_source, batch_size, seed=seed, epoch=epoch, strategy=strategy)
 
     eval_data, eval_steps = None, 0
     if eval_source is not None:
-        eval_data = _worker_slices(eval_source, batch_size, training=False, seed=None, strategy=strategy)
+        eval_data = _worker_slices(eval_source, batch_size, seed=None, epoch=None, strategy=strategy)
         eval_steps = eval_source.num_examples // batch_size
     return fit_distributed(model, strategy, train_data, epochs=epochs, initial_epoch=initial_epoch,
                            steps_per_epoch=steps_per_epoch, validation_data=eval_data,
                            validation_steps=eval_steps, callbacks=callbacks, verbose=verbose)
 
 
-def _worker_slices(source: data_lib.Source, batch_size: int, *, training: bool, seed: Optional[int],
+def _worker_slices(source: data_lib.Source, batch_size: int, *, seed: Optional[int], epoch: Optional[int],
                    strategy: tf.distribute.Strategy):
     """A multi-worker input: each worker reads its slice of every global batch, in order.
+
+    The training batches of `epoch`, or, when `epoch` is None, one pass of
+    the evaluation batches.
 
     Every worker builds the same global pipeline (same shuffle, same
     augmentation seeds) and keeps the rows of its own replicas, so a global
@@ -108,16 +110,19 @@ def _worker_slices(source: data_lib.Source, batch_size: int, *, training: bool, 
     global batches differ from a single process's, while positions and noise
     stay distinct per replica.
     """
+    training = epoch is not None
+    epochs = range(epoch, epoch + 1) if training else None
     if source.images is None:
         return source.make_input(batch_size, training=training, seed=seed, drop_remainder=True,
-                                 strategy=strategy).dataset
+                                 strategy=strategy, epochs=epochs).dataset
 
     def dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
         per_replica = context.get_per_replica_batch_size(batch_size)
         local = per_replica * (context.num_replicas_in_sync // context.num_input_pipelines)
         start = context.input_pipeline_id * local
         ds = data_lib.make_dataset(source.images, source.labels, batch_size, shuffle=training, seed=seed,
-                                   drop_remainder=True, augment=source.name if training else None)
+                                   drop_remainder=True, augment=source.name if training else None,
+                                   epochs=epochs)
         ds = ds.map(lambda x, y: (x[start:start + local], y[start:start + local]))
         return ds.rebatch(per_replica) if local != per_replica else ds
 

@@ -687,6 +687,29 @@ class ConsistencyModel(keras.Model):
         return self._update_metrics(terms, labels, clean_logits=self.base_model(images, training=False))
 
 
+# MACER's λ from which training from scratch without --deferred collapsed
+# (issue 16: λ = 16, Fashion-MNIST, in 3 epochs, also with the authors' code).
+MACER_UNDEFERRED_LBD = 8.0
+
+
+def config_warnings(config: TrainConfig) -> List[str]:
+    """One-line warnings about a valid config that is known to train badly.
+
+    Args:
+      config: the validated run configuration.
+
+    Returns:
+      The warnings, each one line naming the flags (empty when none applies).
+    """
+    objective = config.objective
+    found = []
+    if objective.method == "macer" and objective.lbd >= MACER_UNDEFERRED_LBD and not config.deferred:
+        found.append(f"--method=macer with --lbd={objective.lbd:g} (>= {MACER_UNDEFERRED_LBD:g}) and no --deferred "
+                     "tends to collapse to one class within a few epochs when trained from scratch (the authors' "
+                     "code does too); the authors train MNIST MACER with --deferred")
+    return found
+
+
 # --------------------------------------------------------------------------
 # The training run.
 
@@ -782,7 +805,10 @@ def load_pretrained(base: keras.Model, path: str) -> None:
     Raises:
       ConfigError: the saved model is not of `base`'s architecture.
     """
-    pretrained = models.load_base_model(path)
+    try:
+        pretrained = models.load_base_model(path)
+    except ConfigError as e:
+        raise ConfigError(f"--pretrained_model: {e}") from e
     new_layers, old_layers = _leaf_layers(base), _leaf_layers(pretrained)
     heads = [i for i, layer in enumerate(new_layers) if isinstance(layer, keras.layers.Dense)]
     replaced = None
@@ -811,7 +837,19 @@ def train(config: TrainConfig, extra_callbacks: Optional[List[keras.callbacks.Ca
     `bin/train.py --flagfile=`), TensorBoard events
     (`logs/`), a checkpoint per epoch (`checkpoints/`) and, at the end,
     `base_model.keras`. A second call with the same config resumes from the
-    last checkpoint, and trains on when `epochs` grew.
+    last checkpoint, and trains on when `epochs` grew. A call on a finished
+    run (as many epochs done as `epochs`) leaves every file of the run as it
+    is, byte for byte, and returns an empty History.
+
+    Each epoch trains on batches drawn from (seed, epoch) alone
+    (`data.Source.make_input`'s `epochs`), so a run stopped at an epoch's end
+    and resumed trains on what the uninterrupted run would have: on one
+    device it ends with bit-identical weights.
+
+    Training stops with `callbacks.TrainingDivergedError` at the first
+    non-finite loss, before anything of that epoch is saved. A fresh run
+    that diverges before its first checkpoint leaves nothing in `model_dir`,
+    so the corrected command may use it.
 
     With `strategy="multi_worker"`, every worker of the `TF_CONFIG` cluster
     calls this with the same config. The chief writes the files above; the
@@ -841,8 +879,11 @@ def train(config: TrainConfig, extra_callbacks: Optional[List[keras.callbacks.Ca
       The Keras `History` of this call.
 
     Raises:
-      ConfigError: bad data files, an invalid `TF_CONFIG`, or a `model_dir`
-        that holds another run; raised before anything is written.
+      ConfigError: bad data files, an invalid `TF_CONFIG` or
+        `--pretrained_model`, a `model_dir` that holds another run or more
+        epochs than `epochs`; raised before anything is written.
+      callbacks.TrainingDivergedError: the loss or the weights became
+        non-finite (a `ConfigError` too).
     """
     keras.utils.set_random_seed(config.seed)
     task = distribute.cluster_task_from_env() if config.strategy == "multi_worker" else None
@@ -854,6 +895,9 @@ def train(config: TrainConfig, extra_callbacks: Optional[List[keras.callbacks.Ca
     config, precision_reason = resolve_precision(config, recorded, capability)
     # Every worker checks (read only): on a shared file system they all see the chief's directory.
     _check_model_dir(config)
+    done = _epochs_done(config.model_dir)
+    check(done <= config.epochs, f"--epochs={config.epochs}: --model_dir={config.model_dir} already holds {done} "
+          f"epochs of this run; resume it with --epochs={done} or more, or use a new --model_dir")
     is_chief = task is None or task.is_chief
     strategy = distribute.get_strategy(config.strategy)
     if task is not None:
@@ -894,17 +938,17 @@ def train(config: TrainConfig, extra_callbacks: Optional[List[keras.callbacks.Ca
         raise ConfigError(f"--train_examples: {num_train} images make no full batch of {batch}")
     if task is not None and eval_source is not None and eval_source.num_examples < batch:
         raise ConfigError(f"--eval_examples: {eval_source.num_examples} images make no full batch of {batch}")
+    if task is None and steps_per_epoch % config.steps_per_execution:
+        # fit takes whole calls of steps_per_execution steps from an input
+        # that runs on into the next epoch: an epoch would take some of the next one's batches.
+        raise ConfigError(f"--steps_per_execution={config.steps_per_execution} must divide the {steps_per_epoch} "
+                          "steps of an epoch")
 
     # The chief writes the run; other workers write what they must (every
     # worker takes part in saving a checkpoint) to a directory of their own.
     with contextlib.ExitStack() as cleanup:
         if is_chief:
             work_dir = config.model_dir
-            os.makedirs(config.model_dir, exist_ok=True)
-            with files.atomic_output(os.path.join(config.model_dir, TRAIN_CONFIG_FILE)) as f:
-                f.write(config.to_json())
-            with files.atomic_output(os.path.join(config.model_dir, FLAGS_FILE)) as f:
-                f.write(config.to_flags())
         else:
             work_dir = tempfile.mkdtemp(prefix=f"tf_consreg_worker{task.worker_index}_")
             cleanup.callback(shutil.rmtree, work_dir, ignore_errors=True)
@@ -913,13 +957,61 @@ def train(config: TrainConfig, extra_callbacks: Optional[List[keras.callbacks.Ca
     return history
 
 
+def _epochs_done(model_dir: str) -> int:
+    """The epochs a run directory's last checkpoint holds (0 when it has none); reads only.
+
+    Raises:
+      ConfigError: the last checkpoint is unreadable.
+    """
+    latest = tf.train.latest_checkpoint(os.path.join(model_dir, CHECKPOINT_DIR))
+    if latest is None:
+        return 0
+    try:
+        reader = tf.train.load_checkpoint(latest)
+        names = [name for name in reader.get_variable_to_shape_map() if name.startswith("epoch/")]
+        return int(reader.get_tensor(names[0])) if names else 0
+    except (tf.errors.OpError, ValueError) as e:
+        raise ConfigError(f"{latest}: the last checkpoint is unreadable ({type(e).__name__}: {e})") from e
+
+
+def _record_run(config: TrainConfig) -> None:
+    """Writes the run's `train_config.json` and `flags.txt`, each only when its content changes.
+
+    A resumed run rewrites neither (their bytes and times stay); one whose
+    `epochs` grew rewrites both.
+    """
+    os.makedirs(config.model_dir, exist_ok=True)
+    for name, text in ((TRAIN_CONFIG_FILE, config.to_json()), (FLAGS_FILE, config.to_flags())):
+        path = os.path.join(config.model_dir, name)
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                if f.read() == text:
+                    continue
+        with files.atomic_output(path) as f:
+            f.write(text)
+
+
+def _forget_run(config: TrainConfig) -> None:
+    """Removes what `_record_run` and a first epoch wrote, leaving `model_dir` empty (for a fresh run that diverged)."""
+    for name in (TRAIN_CONFIG_FILE, FLAGS_FILE):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(config.model_dir, name))
+    for name in (LOGS_DIR, CHECKPOINT_DIR):
+        shutil.rmtree(os.path.join(config.model_dir, name), ignore_errors=True)
+
+
 def _train_in(config: TrainConfig, strategy: tf.distribute.Strategy, task: Optional[distribute.ClusterTask],
               work_dir: str, train_source: data_lib.Source, eval_source: Optional[data_lib.Source],
               steps_per_epoch: int, drop_remainder: bool, certify: List[keras.callbacks.Callback],
               extra_callbacks: List[keras.callbacks.Callback]) -> keras.callbacks.History:
-    """`train` once the run's directory (`work_dir`: the model_dir, or a non-chief's own) is set up."""
+    """`train` once its checks are done: `work_dir` is the model_dir, or a non-chief's own directory.
+
+    Nothing is written before the model is built (which loads
+    `--pretrained_model`) and restored: a finished run is left as it is.
+    """
     info = data_lib.get_dataset_info(config.dataset)
     batch = config.clean_batch_size
+    is_chief = task is None or task.is_chief
     with strategy.scope():
         model = build(config, steps_per_epoch)
         model.build((None, *info.input_shape))
@@ -932,44 +1024,63 @@ def _train_in(config: TrainConfig, strategy: tf.distribute.Strategy, task: Optio
         manager = tf.train.CheckpointManager(checkpoint, os.path.join(work_dir, CHECKPOINT_DIR), max_to_keep=3)
         _restore(model, checkpoint, manager, epoch, strategy, task, config.epochs)
     initial_epoch = int(epoch.numpy())
+    base_model_path = os.path.join(config.model_dir, models.BASE_MODEL_FILE)
+    if initial_epoch >= config.epochs:
+        print(f"{config.model_dir} is already trained for {initial_epoch} epochs; nothing to do")
+        if task is not None:
+            multi_worker.print_final_weights(task, model.base_model)
+        if is_chief and not os.path.isfile(base_model_path):  # Killed between the last checkpoint and the save.
+            save_base_model(model.base_model, config.model_dir)
+        return keras.callbacks.History()
 
+    fresh = initial_epoch == 0
+    if is_chief:
+        _record_run(config)
     callbacks = [
         callbacks_lib.EpochSchedule(),
+        # Before everything that certifies or saves the epoch.
+        callbacks_lib.StopOnDivergence(advice=f"try a smaller --lr than {config.lr:g}"),
         callbacks_lib.Throughput(batch),
         # Adds val_acr & co. to the epoch logs: before everything that reads them.
         *certify,
         # After it: a kill during certification redoes that epoch.
-        callbacks_lib.EpochCheckpoint(manager, epoch, keep=task is None or task.is_chief),
+        callbacks_lib.EpochCheckpoint(manager, epoch, keep=is_chief),
         callbacks_lib.ScalarLogger(os.path.join(work_dir, LOGS_DIR), update_freq=max(1, steps_per_epoch // 20)),
         *extra_callbacks,
     ]
     verbose = 1 if sys.stdout.isatty() else 2
-    history = keras.callbacks.History()
-    if initial_epoch >= config.epochs:
-        print(f"{config.model_dir} is already trained for {initial_epoch} epochs; nothing to do")
-    elif task is not None:
-        history = multi_worker.fit_cluster(model, strategy, train_source, eval_source, batch_size=batch,
-                                           seed=config.seed, epochs=config.epochs, initial_epoch=initial_epoch,
-                                           steps_per_epoch=steps_per_epoch, callbacks=callbacks, verbose=verbose)
-    else:
-        # Under several replicas each gets its share of every global batch, in
-        # order; reshuffled differently after a resume, as the run would have.
-        input_strategy = strategy if strategy.num_replicas_in_sync > 1 else None
-        train_input = train_source.make_input(batch, training=True, seed=config.seed + initial_epoch,
-                                              drop_remainder=drop_remainder, strategy=input_strategy)
-        eval_input = None
-        if eval_source is not None:
-            eval_input = eval_source.make_input(batch, training=False, drop_remainder=drop_remainder,
-                                                strategy=input_strategy)
-        # A distributed input repeats endlessly: its epoch length must be given.
-        history = model.fit(train_input.dataset, epochs=config.epochs, initial_epoch=initial_epoch,
-                            steps_per_epoch=train_input.steps_per_epoch if input_strategy else None,
-                            validation_data=eval_input.dataset if eval_input else None,
-                            validation_steps=eval_input.steps_per_epoch if eval_input and input_strategy else None,
-                            callbacks=callbacks, shuffle=False, verbose=verbose)
+    try:
+        if task is not None:
+            history = multi_worker.fit_cluster(model, strategy, train_source, eval_source, batch_size=batch,
+                                               seed=config.seed, epochs=config.epochs, initial_epoch=initial_epoch,
+                                               steps_per_epoch=steps_per_epoch, callbacks=callbacks,
+                                               verbose=verbose)
+        else:
+            # Under several replicas each gets its share of every global batch, in order.
+            input_strategy = strategy if strategy.num_replicas_in_sync > 1 else None
+            train_input = train_source.make_input(batch, training=True, seed=config.seed,
+                                                  epochs=range(initial_epoch, config.epochs),
+                                                  drop_remainder=drop_remainder, strategy=input_strategy)
+            eval_input = None
+            if eval_source is not None:
+                eval_input = eval_source.make_input(batch, training=False, drop_remainder=drop_remainder,
+                                                    strategy=input_strategy)
+            # The training input holds the remaining epochs one after another:
+            # fit must be told where each ends.
+            history = model.fit(train_input.dataset, epochs=config.epochs, initial_epoch=initial_epoch,
+                                steps_per_epoch=steps_per_epoch,
+                                validation_data=eval_input.dataset if eval_input else None,
+                                validation_steps=eval_input.steps_per_epoch if eval_input and input_strategy else None,
+                                callbacks=callbacks, shuffle=False, verbose=verbose)
+    except callbacks_lib.TrainingDivergedError as e:
+        if is_chief and fresh and manager.latest_checkpoint is None:
+            _forget_run(config)
+            raise callbacks_lib.TrainingDivergedError(
+                f"{e}; --model_dir={config.model_dir} was left empty for the corrected command") from None
+        raise
     if task is not None:
         multi_worker.print_final_weights(task, model.base_model)
-    if task is None or task.is_chief:
+    if is_chief:
         save_base_model(model.base_model, config.model_dir)
     return history
 

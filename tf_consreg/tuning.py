@@ -527,6 +527,10 @@ def _make_tuner(config: TuneConfig, holdout: _Holdout):
         def run_trial(self, trial, *args, **kwargs):
             try:
                 return _run_trial(config, holdout, trial)
+            except callbacks.TrainingDivergedError as e:
+                # These hyperparameters do not train; the search goes on with others.
+                print(f"Trial {trial.trial_id} failed: {e}", flush=True)
+                raise kt.errors.FailedTrialError(str(e)) from e
             except ConfigError as e:
                 raise kt.errors.FatalError(str(e)) from e
             except Exception:
