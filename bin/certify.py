@@ -23,6 +23,19 @@ own), then summarized as one run:
   python bin/analyze.py runs/fmnist_consistency_0.25/certify_n10k.shard*.tsv
 
 --strategy=mirrored splits each example's samples across the local GPUs.
+
+Fixed-radius mode (--radii): answers "is this example certified at r?" for
+the given radii only. The estimation samples are drawn in --stages (default
+for --n=100000: 100,300,1000,3000,10000,30000,50000,100000; see --help) and
+an example stops as soon as its answer at every radius is settled, at the
+same 1 - alpha guarantee. The TSV adds the column samples; its radius column
+is the radius certified where the example stopped (rounded down), so
+"radius >= r" is the run's decision at each r of --radii, but it is smaller
+than full CERTIFY's: bin/analyze.py reports such a run at its radii, without
+an ACR.
+
+  python bin/certify.py --model_dir=runs/fmnist_consistency_0.25 --radii=0.25,0.5 \
+      --output=runs/fmnist_consistency_0.25/certify_r0.25_0.5.tsv
 """
 
 from tf_consreg import certify_run
