@@ -45,11 +45,14 @@ class OtherLoad:
 
 
 def row_seconds(path: str) -> List[float]:
-    """The `time` column of a bin/certify.py TSV (H:MM:SS.ffffff per example), in seconds."""
+    """The `time` column of a bin/certify.py or bin/predict.py TSV (H:MM:SS.ffffff per example), in seconds."""
     seconds = []
     with open(path, encoding="utf-8") as f:
-        for line in f.read().splitlines()[1:]:
-            match = re.fullmatch(r"(\d+):(\d\d):(\d\d(?:\.\d+)?)", line.split("\t")[-1])
+        lines = f.read().splitlines()
+        # By name: a staged run's log has the column samples after time.
+        column = lines[0].split("\t").index("time")
+        for line in lines[1:]:
+            match = re.fullmatch(r"(\d+):(\d\d):(\d\d(?:\.\d+)?)", line.split("\t")[column])
             hours, minutes, secs = match.groups()
             seconds.append(datetime.timedelta(hours=int(hours), minutes=int(minutes),
                                               seconds=float(secs)).total_seconds())

@@ -40,7 +40,7 @@ from absl import flags
 import numpy as np
 from scipy import stats as scipy_stats
 
-from tf_consreg import analysis
+from tf_consreg import certify_log
 from tf_consreg import stats
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,7 +73,7 @@ def geometric_stages(n: int, ratio: float, smallest: int = 100) -> Tuple[int, ..
     return tuple(sorted(set(stages)))
 
 
-def p_from_log(log: analysis.CertifyLog, sigma: float, n: int, alpha: float, abstain_p: float) -> np.ndarray:
+def p_from_log(log: certify_log.CertifyLog, sigma: float, n: int, alpha: float, abstain_p: float) -> np.ndarray:
     """Each row's p_A: k / n for the count k whose bound is closest to the printed radius."""
     target = scipy_stats.norm.cdf(log.radius / sigma)
     low, high = np.zeros(len(target), np.int64), np.full(len(target), n, np.int64)
@@ -124,7 +124,7 @@ def compare(p: np.ndarray, correct: np.ndarray, radii: np.ndarray, schedules: Di
 def main(argv):
     del argv
     began = time.time()
-    log = analysis.read_certify_tsv(_LOG.value)
+    log = certify_log.read_certify_tsv(_LOG.value)
     p = p_from_log(log, _SIGMA.value, _N.value, _ALPHA.value, _ABSTAIN_P.value)
     correct = log.correct & (log.predict >= 0)
     schedules = {"fixed n (again)": (_N.value,), "default": stats.default_stages(_N.value)}

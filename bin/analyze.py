@@ -21,6 +21,19 @@ as one run, found by the settings file bin/certify.py writes beside each TSV:
 Shards that overlap or come from runs of other settings are refused; so is a
 run with missing or unfinished shards, unless --allow_incomplete (then it is
 reported with a warning on stderr and marked incomplete).
+
+A fixed-radius run (bin/certify.py --radii) decided each image at its radii
+only, stopping as soon as they were settled, with a smaller radius than full
+CERTIFY's: its table row has no ACR ("n/a") and a "samples/image" column
+(the mean estimation samples; full CERTIFY runs show their n), and its
+certified accuracy is reported at its radii (the default columns) and
+nowhere else; --radii naming another radius is refused. A note under the
+table says why such a run has no ACR:
+
+  python bin/analyze.py runs/fmnist/certify_full.tsv runs/fmnist/certify_r0.5.tsv
+  # | file | n | clean acc. | ACR | samples/image | r=0.5 |
+  # ...
+  # No ACR for a fixed-radius run (bin/certify.py --radii): ...
 """
 
 import sys
@@ -31,13 +44,17 @@ from tf_consreg import cli
 _FLAGS = cli.define_flags(analysis.AnalyzeConfig, {
     "tsv": "Certification TSV files, comma-separated, besides those given as arguments; glob patterns (quoted) "
            "are expanded, e.g. --tsv='runs/*/certify.tsv'.",
-    "radii": "Radii of the certified-accuracy columns, comma-separated.",
+    "radii": "Radii of the certified-accuracy columns, comma-separated. Default: 0, 0.25, ..., 2.5 (the paper's "
+             "tables); with fixed-radius runs (bin/certify.py --radii), the radii they all decided. A radius a "
+             "fixed-radius run did not decide is refused: its certified accuracy there would be biased low.",
     "format": "Output format: markdown or json.",
-    "plot": "Also draw certified accuracy against radius for all files into this PNG.",
+    "plot": "Also draw certified accuracy against radius for all files into this PNG (a fixed-radius run as "
+            "points at its radii). An existing file is refused unless --overwrite.",
     "labels": "Names of the runs in the table and the plot legend, one per file (the shards of a sharded run "
               "count as one).",
     "allow_incomplete": "Report sharded runs with missing or unfinished shards (marked incomplete, with a "
                         "warning) instead of refusing them.",
+    "overwrite": "Replace an existing --plot file.",
 })
 
 

@@ -28,6 +28,19 @@ The base model computes in float32, whatever policy it was trained under;
 --compute_dtype=bfloat16 certifies its bfloat16 network instead (the network
 a --mixed_precision=mixed_bfloat16 run computes). The settings file beside
 the TSV records which.
+
+Fixed-radius mode (--radii): answers "is this example certified at r?" for
+the given radii only. The estimation samples are drawn in --stages (default
+for --n=100000: 100,300,1000,3000,10000,30000,50000,100000; see --help) and
+an example stops as soon as its answer at every radius is settled, at the
+same 1 - alpha guarantee. The TSV adds the column samples; its radius column
+is the radius certified where the example stopped (rounded down), so
+"radius >= r" is the run's decision at each r of --radii, but it is smaller
+than full CERTIFY's: bin/analyze.py reports such a run at its radii, without
+an ACR.
+
+  python bin/certify.py --model_dir=runs/fmnist_consistency_0.25 --radii=0.25,0.5 \
+      --output=runs/fmnist_consistency_0.25/certify_r0.25_0.5.tsv
 """
 
 from tf_consreg import certify_run

@@ -11,6 +11,16 @@ Example:
   python bin/predict.py --model_dir=runs/fmnist_consistency_0.25 --n=1000 \
       --alpha=0.001 --output=runs/fmnist_consistency_0.25/predict.tsv
 
+Staged PREDICT (--stages): the samples are drawn in stages, at level
+alpha / K per stage for K stages, and an example stops at the first stage
+whose test rejects a tie; it abstains only if none did by --n. Far fewer
+samples for the clear examples, at the same guarantee; the TSV gets the
+column samples (the samples each example used):
+
+  python bin/predict.py --model_dir=runs/fmnist_consistency_0.25 --n=100000 \
+      --stages=100,300,1000,3000,10000,30000,50000,100000 \
+      --output=runs/fmnist_consistency_0.25/predict_staged.tsv
+
 --num_shards=K --shard_index=i evaluates every K-th selected example from the
 i-th on (one shard per host or array task), --strategy=mirrored splits each
 example's samples across the local GPUs, and --compute_dtype picks the

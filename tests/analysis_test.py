@@ -11,7 +11,7 @@ from absl.testing import absltest
 from absl.testing import parameterized
 import numpy as np
 
-from certify_log_test import HAND_TSV, hand_rows, tempdir, write, write_shard
+from certify_log_test import HAND_TSV, STAGED_TSV, hand_rows, tempdir, write, write_shard, write_staged
 from tf_consreg import analysis
 from tf_consreg import certify_log
 from tf_consreg.errors import ConfigError
@@ -149,10 +149,125 @@ class AnalyzeConfigTest(parameterized.TestCase):
         with self.assertRaisesRegex(ConfigError, flag):
             analysis.AnalyzeConfig(**args)
 
+    def test_plot_never_replaces_a_file_unless_overwrite(self):
+        plot = write(self.dir, "curves.png", "mine")
+        with self.assertRaisesRegex(ConfigError, f"^--plot={plot} exists; pass --overwrite to replace it"):
+            analysis.AnalyzeConfig(tsv=[self.path], plot=plot)
+        with open(plot, encoding="utf-8") as f:
+            self.assertEqual(f.read(), "mine")
+        analysis.analyze(analysis.AnalyzeConfig(tsv=[self.path], plot=plot, overwrite=True))
+        with open(plot, "rb") as f:
+            self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
+
+    def test_plot_made_after_the_check_is_not_replaced(self):
+        plot = os.path.join(self.dir, "late.png")
+        config = analysis.AnalyzeConfig(tsv=[self.path], plot=plot)
+        write(self.dir, "late.png", "another process's")
+        with self.assertRaisesRegex(ConfigError, f"^--plot={plot} exists; pass --overwrite"):
+            analysis.analyze(config)
+        with open(plot, encoding="utf-8") as f:
+            self.assertEqual(f.read(), "another process's")
+        self.assertEqual(sorted(os.listdir(self.dir)), sorted(["late.png", os.path.basename(self.path)]))
+
+    def test_plot_paths_that_cannot_be_written(self):
+        dangling = os.path.join(self.dir, "dangling.png")
+        os.symlink(os.path.join(self.dir, "missing", "target.png"), dangling)
+        with self.assertRaisesRegex(ConfigError, f"^--plot={dangling} is a symbolic link to .*, which does not exist"):
+            analysis.AnalyzeConfig(tsv=[self.path], plot=dangling)
+        under_file = os.path.join(self.path, "curves.png")
+        with self.assertRaisesRegex(ConfigError, f"^--plot={under_file}: {self.path} is a file, not a directory"):
+            analysis.AnalyzeConfig(tsv=[self.path], plot=under_file)
+
+    def test_a_directory_is_named_as_one(self):
+        with self.assertRaisesRegex(ConfigError, f"^--tsv: {self.dir} is a directory; give the TSV files in it, e.g. "
+                                    f"'{self.dir}/\\*.tsv'$"):
+            analysis.AnalyzeConfig(tsv=[self.dir])
+        os.mkdir(os.path.join(self.dir, "sub.tsv"))
+        with self.assertRaisesRegex(ConfigError, "sub.tsv is a directory"):
+            analysis.AnalyzeConfig(tsv=[os.path.join(self.dir, "*.tsv")])
+
     def test_analyze_json_in_order(self):
         first = write(self.dir, "z.tsv", HAND_TSV)
         report = json.loads(analysis.analyze(analysis.AnalyzeConfig(tsv=[first, self.path], format="json")))
         self.assertEqual([r["file"] for r in report], [first, self.path])
+
+
+class StagedRunTest(parameterized.TestCase):
+    """certify_log_test.STAGED_TSV: a fixed-radius run at radii 0.5 and 1 (numbers there)."""
+
+    def setUp(self):
+        super().setUp()
+        self.dir = tempdir(self)
+        self.staged = write_staged(self.dir)
+        self.full = write(self.dir, "full.tsv", HAND_TSV)
+
+    def _report(self, files, **kwargs):
+        return json.loads(analysis.analyze(analysis.AnalyzeConfig(tsv=files, format="json", **kwargs)))
+
+    def test_summary_at_its_radii_without_acr(self):
+        report, = self._report([self.staged])
+        self.assertEqual(report["n"], 4)
+        self.assertIsNone(report["acr"])
+        self.assertEqual(report["settled_radii"], [0.5, 1.0])
+        self.assertEqual(report["samples_per_image"], 2800)
+        self.assertEqual(report["clean_accuracy"], 0.5)
+        self.assertEqual(report["certified_accuracy"], {"0.5": 0.25, "1.0": 0.25})
+        # Radius 0 is settled too (a class or abstain), and equals the clean accuracy.
+        self.assertEqual(self._report([self.staged], radii=(0, 1))[0]["certified_accuracy"], {"0.0": 0.5, "1.0": 0.25})
+
+    @parameterized.parameters(0.75, 0.25, 2.5)
+    def test_refuses_a_radius_the_run_did_not_settle(self, radius):
+        with self.assertRaisesRegex(ConfigError, f"^--radii: .*staged.tsv is a fixed-radius run that decided only at "
+                                    f"r = 0.5, 1 \\(and 0\\); its certified accuracy at r = {radius:g} would be biased "
+                                    "low"):
+            self._report([self.staged], radii=(0.5, radius))
+        log = certify_log.read_certify_tsv(self.staged)
+        with self.assertRaisesRegex(ConfigError, f"r = {radius:g} would be biased low"):
+            analysis.certified_accuracy(log, [radius])
+
+    def test_default_table_with_full_and_staged_runs(self):
+        # The columns are the staged run's radii; ACR n/a for it; samples
+        # per image n/a for the authors' log (no settings file).
+        table = analysis.analyze(analysis.AnalyzeConfig(tsv=[self.full, self.staged], labels=["full", "staged"]))
+        self.assertEqual(table, "| file | n | clean acc. | ACR | samples/image | r=0.5 | r=1 |\n"
+                                "|---|---:|---:|---:|---:|---:|---:|\n"
+                                "| full | 5 | 0.600 | 0.3900 | n/a | 0.400 | 0.200 |\n"
+                                "| staged | 4 | 0.500 | n/a | 2,800 | 0.250 | 0.250 |\n"
+                                "\n" + analysis.STAGED_NOTE + "\n")
+        self.assertStartsWith(analysis.STAGED_NOTE, "No ACR for a fixed-radius run")
+        # Only fixed-radius runs: no ACR column at all.
+        table = analysis.analyze(analysis.AnalyzeConfig(tsv=[self.staged], labels=["staged"]))
+        self.assertEqual(table.split("\n")[0], "| file | n | clean acc. | samples/image | r=0.5 | r=1 |")
+
+    def test_staged_runs_share_their_common_radii(self):
+        other = write_staged(self.dir, "other.tsv", radii=[1.0, 1.5])
+        report = self._report([self.staged, other])
+        self.assertEqual([list(r["certified_accuracy"]) for r in report], [["1.0"], ["1.0"]])
+        apart = write_staged(self.dir, "apart.tsv", radii=[1.5])
+        with self.assertRaisesRegex(ConfigError, "^the fixed-radius runs .*staged.tsv \\(r = 0.5, 1\\), .*apart.tsv "
+                                    "\\(r = 1.5\\) decided at no radius in common"):
+            self._report([self.staged, apart])
+
+    def test_plot_draws_staged_runs_as_points(self):
+        out = os.path.join(self.dir, "curves.png")
+        analysis.analyze(analysis.AnalyzeConfig(tsv=[self.full, self.staged], plot=out))
+        with open(out, "rb") as f:
+            self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
+
+    def test_the_log_reports_the_runs_decisions(self):
+        # The rounding pitfall: radii printed to 3 digits. A staged log rounds
+        # down, so analysis counts an image certified at r exactly when its
+        # radius (the run's decision) is >= r, here for radii just around r.
+        radii = (0.25, 0.5, 1.75)
+        rng = np.random.default_rng(1)
+        values = np.concatenate([[r + d for r in radii for d in (-1e-4, -4e-4, -1e-12, 0.0, 1e-12, 4e-4)],
+                                 rng.uniform(0, 2.5, 200)])
+        rows = "".join(certify_log.format_row("certify_staged", i, 1, 1, v, 1.0, 100) for i, v in enumerate(values))
+        path = write_staged(self.dir, "pitfall.tsv", text=STAGED_TSV.split("\n")[0] + "\n" + rows,
+                            radii=list(radii))
+        log = certify_log.read_certify_tsv(path)
+        np.testing.assert_array_equal(analysis.certified_accuracy(log, radii),
+                                      (values[None, :] >= np.array(radii)[:, None]).mean(axis=1))
 
 
 class ShardedRunTest(parameterized.TestCase):
@@ -183,9 +298,12 @@ class ShardedRunTest(parameterized.TestCase):
         self.assertAlmostEqual(merged["clean_accuracy"], 0.6)
         self.assertAlmostEqual(merged["acr"], 0.39)
         self.assertEqual(merged["certified_accuracy"], {"0.0": 0.6, "0.25": 0.6, "1.0": 0.2})
+        # The settings file gives the samples per image: n of the run.
+        self.assertEqual(merged["samples_per_image"], 1000)
         # The file without a settings file is reported as before: same keys, own row.
         self.assertEqual(set(whole), {"file", "n", "clean_accuracy", "acr", "certified_accuracy"})
-        self.assertEqual({k: v for k, v in merged.items() if k not in ("file", "files", "complete")},
+        self.assertEqual({k: v for k, v in merged.items() if k not in ("file", "files", "complete",
+                                                                       "samples_per_image")},
                          {k: v for k, v in whole.items() if k != "file"})
 
     def test_markdown_and_labels_count_runs(self):

@@ -16,9 +16,22 @@ import pytest
 
 from tf_consreg.errors import ConfigError
 
+import binaries  # tests/binaries.py
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "bin"))
-import analyze as analyze_bin  # pylint: disable=g-import-not-at-top,wrong-import-position
+# bin/analyze.py, loaded by setUpModule: its --radii is bin/certify.py's
+# name too, so the two binaries' flags cannot be defined at once.
+analyze_bin = None
+
+
+def setUpModule():
+    global analyze_bin  # pylint: disable=global-statement
+    analyze_bin = binaries.load("analyze")
+
+
+def tearDownModule():
+    binaries.unload(analyze_bin)
+
 
 # Three rows: correct with radii 0.5 and 1.5, one abstention. n = 3,
 # clean accuracy 2/3, ACR (0.5 + 1.5) / 3 = 2/3, certified accuracy at
@@ -37,12 +50,6 @@ def _error_lines(stderr):
 
 
 class AnalyzeBinaryTest(absltest.TestCase):
-
-    @classmethod
-    def setUpClass(cls):
-        super().setUpClass()
-        if not flags.FLAGS.is_parsed():
-            flags.FLAGS(["analyze"])
 
     def setUp(self):
         super().setUp()
@@ -112,13 +119,27 @@ class AnalyzeBinaryTest(absltest.TestCase):
         self.assertRegex(err.getvalue(), r"^analyze.py: warning: .*shard\{0,1\}.tsv: incomplete sharded run "
                          r"\(shard 2 of 3 is missing\); reporting its 2 examples\n$")
 
+    def test_plot_over_a_file_needs_overwrite(self):
+        # Issue 16, item 5: nothing is overwritten without being asked.
+        plot = os.path.join(self.dir, "curves.png")
+        with open(plot, "w", encoding="utf-8") as f:
+            f.write("mine")
+        with self.assertRaisesRegex(ConfigError, f"^--plot={plot} exists; pass --overwrite"):
+            self._main(tsv=[self.tsv], plot=plot)
+        with open(plot, encoding="utf-8") as f:
+            self.assertEqual(f.read(), "mine")
+        self._main(tsv=[self.tsv], plot=plot, overwrite=True)
+        with open(plot, "rb") as f:
+            self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
+
     def test_bad_radii_flag(self):
         with self.assertRaisesRegex(ConfigError, "--radii"):
             self._main(tsv=[self.tsv], radii=["zero"])
 
     def test_flags_and_defaults(self):
-        expected = {"tsv": None, "radii": ["0", "0.25", "0.5", "0.75", "1", "1.25", "1.5", "1.75", "2", "2.25", "2.5"],
-                    "format": "markdown", "plot": None, "labels": None, "allow_incomplete": False}
+        # --radii: None is analysis.DEFAULT_RADII, or a fixed-radius run's own radii.
+        expected = {"tsv": None, "radii": None, "format": "markdown", "plot": None, "labels": None,
+                    "allow_incomplete": False, "overwrite": False}
         self.assertEqual({name: flags.FLAGS[name].default for name in expected}, expected)
 
     @pytest.mark.slow  # Two fresh interpreters importing TensorFlow.
@@ -132,6 +153,7 @@ class AnalyzeBinaryTest(absltest.TestCase):
                 (["--tsv=" + bad], f"analyze.py: error: {bad}:5: expected 6 tab-separated fields, got 3"),
                 ([*shards, shards[1]], f"analyze.py: error: {shards[1]} is given twice (shard 1 of 2)"),
                 ([shards[0]], "analyze.py: error: " + os.path.join(self.dir, "certify.shard0.tsv: incomplete")),
+                ([self.dir], f"analyze.py: error: --tsv: {self.dir} is a directory; give the TSV files in it"),
         ):
             result = subprocess.run([sys.executable, os.path.join(REPO, "bin", "analyze.py"), *args],
                                     capture_output=True, text=True, check=False)

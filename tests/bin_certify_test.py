@@ -22,7 +22,8 @@ from tf_consreg import models
 FLAG_DEFAULTS = {
     "model_dir": None, "model": None, "dataset": None, "data_dir": None, "split": "test", "sigma": None, "n0": 100,
     "n": 100000, "alpha": 0.001, "batch_size": 1000, "skip": 1, "max": -1, "output": None, "seed": 0,
-    "num_shards": 1, "shard_index": 0, "strategy": "default", "compute_dtype": "float32",
+    "num_shards": 1, "shard_index": 0, "strategy": "default", "compute_dtype": "float32", "radii": None,
+    "stages": None,
 }
 
 
@@ -66,17 +67,47 @@ class CertifyBinaryTest(RunFixture, parameterized.TestCase):
         ("strategy", ["--strategy=tpu"], "certify.py: error: --strategy='tpu' is unknown"),
         ("compute_dtype", ["--compute_dtype=float16"],
          "certify.py: error: --compute_dtype='float16' is unknown; choose one of float32, bfloat16"),
+        # Fixed-radius mode (issue 13): each bad value fails before any work, naming its flag.
+        ("radius_zero", ["--radii=0.5,0"], "certify.py: error: --radii must be finite and > 0, got 0.0"),
+        ("radius_nan", ["--radii=nan"], "certify.py: error: --radii must be finite and > 0, got nan"),
+        ("radius_inf", ["--radii=inf"], "certify.py: error: --radii must be finite and > 0, got inf"),
+        ("radius_not_a_number", ["--radii=half"], "certify.py: error: --radii: 'half' is not a list of float"),
+        ("stages_decrease", ["--radii=0.5", "--n=1000", "--stages=500,200,1000"],
+         "certify.py: error: --stages must strictly increase (cumulative sample counts), got [500, 200, 1000]"),
+        ("stages_end", ["--radii=0.5", "--n=1000", "--stages=100,500"],
+         "certify.py: error: --stages must end at n=1000"),
+        ("stage_below_n0", ["--radii=0.5", "--n=1000", "--stages=50,1000"],
+         "certify.py: error: --stages must start at n0=100 or above"),
+        ("stages_without_radii", ["--stages=100,100000"], "certify.py: error: --stages needs --radii"),
+        ("dangling_output", ["--output_is_a_dangling_link"], "certify.py: error: --output="),
     )
     def test_errors_are_one_line(self, args, expected):
         output = os.path.join(self.dir, "errors", "certify.tsv")
         if not any(a.startswith("--model") for a in args):
             args = [f"--model_dir={self.model_dir}", *args]
+        if "--output_is_a_dangling_link" in args:  # Issue 16, item 6: no traceback, no stray settings file.
+            args = [a for a in args if a != "--output_is_a_dangling_link"]
+            output = os.path.join(self.dir, "errors", "dangling.tsv")
+            os.makedirs(os.path.dirname(output), exist_ok=True)
+            os.symlink(os.path.join(self.dir, "nowhere", "certify.tsv"), output)
+            self.addCleanup(os.remove, output)
         result = run_binary("certify.py", *args, f"--output={output}")
         self.assertEqual(result.returncode, 2)
         lines = error_lines(result.stderr)
         self.assertLen(lines, 1, result.stderr)
         self.assertStartsWith(lines[0], expected)
         self.assertFalse(os.path.exists(output))
+        self.assertFalse(os.path.lexists(output + ".json"))
+
+    def test_fixed_radius_mode_end_to_end(self):
+        output = os.path.join(self.dir, "staged", "certify.tsv")
+        result = run_binary("certify.py", f"--model_dir={self.model_dir}", "--max=3", "--n0=20", "--n=1000",
+                            "--batch_size=200", "--radii=0.25", "--stages=100,1000", f"--output={output}")
+        self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+        header, rows = read_rows(output)
+        self.assertEqual(header, HEADER + "\tsamples")
+        self.assertEqual([r[0] for r in rows], ["0", "1", "2"])
+        self.assertTrue(all(r[6] in ("100", "1000") for r in rows), rows)
 
     def test_resumed_shard_with_other_shard_settings_is_one_line(self):
         output = os.path.join(self.dir, "resume", "certify.shard0.tsv")

@@ -22,7 +22,8 @@ from certify_run_test import PREDICT_HEADER, error_lines, make_model_dir, read_r
 class FlagsTest(absltest.TestCase):
 
     def test_the_flags_of_certify_but_n0(self):
-        self.assertEqual(binaries.flag_defaults("predict"), {k: v for k, v in FLAG_DEFAULTS.items() if k != "n0"})
+        self.assertEqual(binaries.flag_defaults("predict"),
+                         {k: v for k, v in FLAG_DEFAULTS.items() if k not in ("n0", "radii")})
 
 
 @pytest.mark.slow  # Fresh interpreters importing TensorFlow.
@@ -50,6 +51,21 @@ class PredictBinaryTest(tf.test.TestCase):
         self.assertEqual(result.returncode, 2)
         self.assertEqual(error_lines(result.stderr),
                          ["predict.py: error: --shard_index must be in [0, --num_shards=2), got 2"])
+        self.assertFalse(os.path.exists(bad))
+
+        # Staged PREDICT: --stages turns it on.
+        staged = os.path.join(directory, "staged", "predict.tsv")
+        result = run_binary("predict.py", f"--model_dir={model_dir}", "--max=3", "--n=1000", "--stages=100,1000",
+                            "--batch_size=100", f"--output={staged}")
+        self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+        header, rows = read_rows(staged)
+        self.assertEqual(header, PREDICT_HEADER + "\tsamples")
+        self.assertTrue(all(r[5] in ("100", "1000") for r in rows), rows)
+        result = run_binary("predict.py", f"--model_dir={model_dir}", "--n=1000", "--stages=100,500",
+                            f"--output={bad}")
+        self.assertEqual(result.returncode, 2)
+        self.assertEqual(error_lines(result.stderr),
+                         ["predict.py: error: --stages must end at n=1000 (the total sample count), got [100, 500]"])
         self.assertFalse(os.path.exists(bad))
 
 

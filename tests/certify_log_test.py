@@ -101,6 +101,128 @@ class RowsTest(parameterized.TestCase):
             self.assertEqual(f.read(), "mine\n")
 
 
+# A staged (fixed-radius) run's log and settings: radii 0.5 and 1, stages
+# 100, 1000, 10000. Rows: correct, certified at both radii, stopped at 100;
+# correct, radius 0.499 (not certified at 0.5), 1000 samples; abstained after
+# 10000; wrong with radius 1.2 (counts nowhere), 100 samples.
+#   certified accuracy: r = 0.5: 1/4; r = 1: 1/4; clean accuracy 2/4;
+#   samples per image (100 + 1000 + 10000 + 100) / 4 = 2800.
+STAGED_HEADER = "idx\tlabel\tpredict\tradius\tcorrect\ttime\tsamples\n"
+STAGED_TSV = STAGED_HEADER + (
+    "0\t3\t3\t1.71\t1\t0:00:01\t100\n"
+    "1\t2\t2\t0.499\t1\t0:00:01\t1000\n"
+    "2\t1\t-1\t0.0\t0\t0:00:01\t10000\n"
+    "3\t0\t7\t1.2\t0\t0:00:01\t100\n")
+STAGED_SETTINGS = dict(SHARD_SETTINGS, mode="certify_staged", n=10000, radii=[0.5, 1.0], stages=[100, 1000, 10000],
+                       num_shards=1, shard_index=0)
+
+
+def write_staged(directory, name="staged.tsv", text=STAGED_TSV, **settings):
+    path = write(directory, name, text)
+    write(directory, name + certify_log.SETTINGS_SUFFIX, json.dumps(dict(STAGED_SETTINGS, **settings)))
+    return path
+
+
+class StagedRowsTest(parameterized.TestCase):
+
+    def test_headers_add_samples_last(self):
+        self.assertEqual(certify_log.header_line("certify_staged") + "\n", STAGED_HEADER)
+        self.assertEqual(certify_log.header_line("predict_staged"), "idx\tlabel\tpredict\tcorrect\ttime\tsamples")
+        self.assertEqual(certify_log.staged_mode("certify"), "certify_staged")
+
+    @parameterized.named_parameters(
+        # A full CERTIFY log rounds to nearest, as the authors; a staged one
+        # rounds down: 0.4996 is not certified at 0.5, and must not print 0.5.
+        ("full_rounds_to_nearest", "certify", (7, 3, 3, 0.4996, 1.5), "7\t3\t3\t0.5\t1\t0:00:01.500000\n"),
+        ("staged_rounds_down", "certify_staged", (7, 3, 3, 0.4996, 1.5, 300),
+         "7\t3\t3\t0.499\t1\t0:00:01.500000\t300\n"),
+        ("staged_exact", "certify_staged", (7, 3, 3, 0.5, 1.5, 100), "7\t3\t3\t0.5\t1\t0:00:01.500000\t100\n"),
+        ("staged_large", "certify_staged", (7, 3, 3, 12.3456, 1.5, 100), "7\t3\t3\t12.3\t1\t0:00:01.500000\t100\n"),
+        ("staged_abstain", "certify_staged", (8, 3, -1, 0.0, 1.0, 100000), "8\t3\t-1\t0.0\t0\t0:00:01\t100000\n"),
+        ("predict_staged", "predict_staged", (7, 3, 3, 0.0, 1.5, 300), "7\t3\t3\t1\t0:00:01.500000\t300\n"),
+    )
+    def test_format_row(self, mode, args, row):
+        self.assertEqual(certify_log.format_row(mode, *args), row)
+
+    def test_samples_belong_to_staged_rows_only(self):
+        with self.assertRaisesRegex(ValueError, "needs samples"):
+            certify_log.format_row("certify_staged", 1, 1, 1, 0.5, 1.0)
+        with self.assertRaisesRegex(ValueError, "has no samples"):
+            certify_log.format_row("certify", 1, 1, 1, 0.5, 1.0, 100)
+
+    def test_printed_radius_decides_as_the_run_did(self):
+        # For every radius r of at most 3 significant digits, "printed >= r"
+        # is "radius >= r": the run's decision. Radii at, just below and just
+        # above such values (where rounding to nearest goes wrong), and random ones.
+        rng = np.random.default_rng(0)
+        grid = [float(f"{v:.3}") for v in np.concatenate([rng.uniform(0.001, 4.0, 300), [0.5, 0.25, 1.75, 0.1]])]
+        radii = grid + [np.nextafter(r, 0.0) for r in grid] + [np.nextafter(r, 9.0) for r in grid]
+        radii += list(rng.uniform(0.0, 4.0, 3000)) + [r - 4e-4 for r in grid] + [0.0]
+        for radius in radii:
+            printed = float(certify_log.format_radius(radius, round_down=True))
+            self.assertLessEqual(printed, radius)
+            self.assertEqual(printed, float(f"{printed:.3}"))  # 3 significant digits
+            for r in (0.5, 0.25, 1.75, 0.1, float(f"{radius:.3}")):
+                if r > 0:
+                    self.assertEqual(printed >= r, radius >= r, (radius, r, printed))
+
+    def test_check_staged_radii(self):
+        self.assertEqual(certify_log.check_staged_radii([1.0, 0.25, 0.5]), (0.25, 0.5, 1.0))
+        for radii, message in (([0.0], "finite and > 0"), ([-0.5], "finite and > 0"), ([float("nan")], "finite"),
+                               ([float("inf")], "finite"), ([0.3333], "more than 3 significant digits"),
+                               ([0.5, 0.5], "0.5 twice"), ([], "at least one")):
+            with self.assertRaisesRegex(ConfigError, "^--radii"):
+                certify_log.check_staged_radii(radii)
+            with self.assertRaisesRegex(ConfigError, message):
+                certify_log.check_staged_radii(radii)
+
+
+class StagedLogTest(absltest.TestCase):
+
+    def test_read(self):
+        log = certify_log.read_certify_tsv(write_staged(tempdir(self)))
+        self.assertTrue(log.staged)
+        self.assertEqual(log.radii, (0.5, 1.0))
+        np.testing.assert_array_equal(log.samples, [100, 1000, 10000, 100])
+        np.testing.assert_array_equal(log.radius, [1.71, 0.499, 0.0, 1.2])
+
+    def test_full_log_takes_n_from_its_settings(self):
+        directory = tempdir(self)
+        log = certify_log.read_certify_tsv(write(directory, "authors.tsv", HAND_TSV))
+        self.assertFalse(log.staged)
+        self.assertIsNone(log.samples)
+        ours = write_shard(directory, "ours.tsv", 0, num_shards=1, rows=hand_rows())
+        np.testing.assert_array_equal(certify_log.read_certify_tsv(ours).samples, [1000] * 5)
+
+    def test_refused_without_or_against_its_settings(self):
+        directory = tempdir(self)
+        alone = write(directory, "alone.tsv", STAGED_TSV)
+        with self.assertRaisesRegex(ConfigError, "alone.tsv is a fixed-radius run's log .* without its settings file"):
+            certify_log.read_certify_tsv(alone)
+        other = write_staged(directory, "other.tsv", mode="certify")
+        with self.assertRaisesRegex(ConfigError, "other.tsv:1: the columns are a certify_staged log's, but .* says "
+                                    "mode 'certify'"):
+            certify_log.read_certify_tsv(other)
+        full = write_shard(directory, "full.tsv", 0, num_shards=1, rows=hand_rows(), mode="certify_staged")
+        with self.assertRaisesRegex(ConfigError, "full.tsv:1: the columns are a certify log's"):
+            certify_log.read_certify_tsv(full)
+        for radii in (None, [], ["a"], [0.0], 0.5):
+            path = write_staged(directory, "radii.tsv", radii=radii)
+            with self.assertRaisesRegex(ConfigError, "radii.tsv.json: a fixed-radius run's settings without a valid "
+                                        "list of radii"):
+                certify_log.read_certify_tsv(path)
+
+    def test_bad_samples(self):
+        directory = tempdir(self)
+        for samples, message in (("0", ":2: samples must be >= 1"), ("x", ":2: malformed row")):
+            path = write_staged(directory, text=STAGED_HEADER + f"0\t3\t3\t1.71\t1\t0:00:01\t{samples}\n")
+            with self.assertRaisesRegex(ConfigError, "staged.tsv" + message):
+                certify_log.read_certify_tsv(path)
+        path = write_staged(directory, text=STAGED_HEADER + "0\t3\t3\t1.71\t1\t0:00:01\n")
+        with self.assertRaisesRegex(ConfigError, "staged.tsv:2: expected 7 tab-separated fields, got 6"):
+            certify_log.read_certify_tsv(path)
+
+
 class SettingsTest(absltest.TestCase):
 
     def test_written_settings_read_back_and_are_never_replaced(self):
@@ -153,6 +275,11 @@ class BadLogTest(parameterized.TestCase):
         ("negative_radius", HEADER + "0\t1\t1\t-0.5\t1\t0:00:01\n", ":2: radius"),
         ("nan_radius", HEADER + "0\t1\t1\tnan\t1\t0:00:01\n", ":2: radius"),
         ("inconsistent", HEADER + "0\t1\t2\t0.5\t1\t0:00:01\n", ":2: correct=1 contradicts"),
+        # Impossible logs (issue 16, item 7).
+        ("abstention_with_radius", HEADER + "0\t1\t1\t0.5\t1\t0:00:01\n1\t1\t-1\t0.25\t0\t0:00:01\n",
+         ":3: an abstention \\(predict = -1\\) with radius 0.25"),
+        ("duplicated_idx", HEADER + "4\t1\t1\t0.5\t1\t0:00:01\n5\t1\t1\t0.5\t1\t0:00:01\n"
+         "4\t1\t1\t0.5\t1\t0:00:01\n", ":4: example 4 again \\(first at .*bad.tsv:2\\)"),
     )
     def test_names_file_and_line(self, text, message):
         path = write(tempdir(self), "bad.tsv", text)
@@ -201,6 +328,23 @@ class ShardsTest(parameterized.TestCase):
     def test_bad_settings_file(self, text, message):
         write(self.dir, "certify.shard0.tsv" + certify_log.SETTINGS_SUFFIX, text)
         with self.assertRaisesRegex(ConfigError, "certify.shard0.tsv.json: .*" + message + ".*; fix or remove it$"):
+            certify_log.group_runs(self.shards)
+
+    def test_an_example_in_two_shards_is_refused(self):
+        # Shard 1 of 3 holds examples 1, 4; a copy of example 0 (shard 0's) there is refused by its line.
+        rows = hand_rows()
+        path = write_shard(self.dir, "certify.shard1.tsv", 1, rows=[rows[1], rows[0]])
+        run, = certify_log.group_runs(self.shards)
+        with self.assertRaisesRegex(ConfigError, f"^{path}:3: example 0 where shard 1 of 3"):
+            certify_log.read_run(run)
+
+    def test_staged_and_full_shards_are_not_one_run(self):
+        rows = STAGED_TSV.split("\n")[1:-1]
+        staged = write(self.dir, "certify.shard1.tsv", STAGED_HEADER + rows[1] + "\n")
+        write(self.dir, "certify.shard1.tsv" + certify_log.SETTINGS_SUFFIX,
+              json.dumps(dict(STAGED_SETTINGS, n=1000, num_shards=3, shard_index=1)))
+        with self.assertRaisesRegex(ConfigError, "come from runs with different settings \\(mode: 'certify' vs "
+                                    "'certify_staged', radii: None vs \\[0.5, 1.0\\]"):
             certify_log.group_runs(self.shards)
 
     @parameterized.parameters(

@@ -82,7 +82,7 @@ def read_rows(path):
 
 
 def without_time(rows):
-    return [row[:-1] for row in rows]
+    return [[field for field in row if not _TIME.match(field)] for row in rows]
 
 
 def error_lines(stderr):
@@ -493,6 +493,127 @@ class ShardedCertifyTest(RunFixture, tf.test.TestCase, parameterized.TestCase):
             self._config(self._shard_path(0), **overrides)
 
 
+class StagedCertifyTest(RunFixture, tf.test.TestCase, parameterized.TestCase):
+    """Fixed-radius mode (--radii) on the nearest-mean model, whose images settle at different stages."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.model = make_nearest_mean_model(cls.dir)
+        # At sigma = 1 its images stop at 100, 500 or 2000 samples, most but not all certified.
+        cls.config = dict(model=cls.model, dataset="fashion_mnist", sigma=1.0, n0=20, n=2000, batch_size=400,
+                          alpha=0.01, radii=(1.0, 0.5), stages=(100, 500, 2000), max=12)
+
+    def test_rows_are_the_runs_decisions(self):
+        output = self._output()
+        self.assertEqual(certify_run.certify_dataset(self._config(output), verbose=0), 12)
+        header, rows = read_rows(output)
+        self.assertEqual(header, HEADER + "\tsamples")
+        images, labels = data.load_arrays("fashion_mnist", "test", limit=12)
+        smooth = smoothing.Smooth(models.load_base_model(self.model), 10, 1.0)
+        expected = smooth.certify_staged_batch(images, 20, 2000, 0.01, 400, radii=[0.5, 1.0],
+                                               stages=(100, 500, 2000), seed=0, image_ids=np.arange(12))
+        self.assertEqual([int(r[0]) for r in rows], list(range(12)))
+        self.assertEqual([int(r[2]) for r in rows], expected.classes.tolist())
+        self.assertEqual([int(r[6]) for r in rows], expected.samples.tolist())
+        self.assertEqual([int(r[1]) for r in rows], labels.tolist())
+        printed = np.array([float(r[3]) for r in rows])
+        np.testing.assert_array_less(printed, expected.radii + 1e-12)
+        np.testing.assert_array_equal(printed[:, None] >= [0.5, 1.0], expected.certified)
+        # Not vacuous: images stop at different stages, and some are certified, some not.
+        self.assertGreater(len(set(expected.samples.tolist())), 1)
+        self.assertTrue(expected.certified.any() and not expected.certified.all())
+        with open(output + certify_log.SETTINGS_SUFFIX, encoding="utf-8") as f:
+            settings = json.load(f)
+        self.assertEqual((settings["mode"], settings["radii"], settings["stages"]),
+                         ("certify_staged", [0.5, 1.0], [100, 500, 2000]))
+        # analyze reports the run's decisions at its radii.
+        report, = json.loads(analysis.analyze(analysis.AnalyzeConfig(tsv=[output], format="json")))
+        correct = expected.classes == labels
+        self.assertEqual(report["certified_accuracy"],
+                         {"0.5": float(np.mean(expected.certified[:, 0] & correct)),
+                          "1.0": float(np.mean(expected.certified[:, 1] & correct))})
+        self.assertEqual(report["samples_per_image"], float(expected.samples.mean()))
+
+    def test_default_stages(self):
+        config = self._config(self._output(), stages=None, n=100000, n0=200)
+        self.assertEqual(config.stages, (300, 1000, 3000, 10000, 30000, 50000, 100000))
+        self.assertEqual(self._config(self._output(), radii=None, stages=None).stages, None)
+
+    def test_resumed_run_equals_uninterrupted_run(self):
+        whole, pieces = self._output(), self._output()
+        certify_run.certify_dataset(self._config(whole), verbose=0)
+        certify_run.certify_dataset(self._config(pieces, max=5), verbose=0)
+        with open(pieces, "a", encoding="utf-8") as f:
+            f.write("5\t1\t")
+        self.assertEqual(certify_run.certify_dataset(self._config(pieces), verbose=0), 7)
+        self.assertEqual(without_time(read_rows(pieces)[1]), without_time(read_rows(whole)[1]))
+
+    @parameterized.named_parameters(
+        ("full_then_staged", dict(radii=None, stages=None), dict(), "mode: 'certify' there, 'certify_staged' now"),
+        ("staged_then_full", dict(), dict(radii=None, stages=None), "mode: 'certify_staged' there, 'certify' now"),
+        ("other_radii", dict(), dict(radii=(0.5,)), "radii: \\[0.5, 1.0\\] there, \\[0.5\\] now"),
+        ("other_stages", dict(), dict(stages=(200, 2000)), "stages: \\[100, 500, 2000\\] there, \\[200, 2000\\] now"),
+    )
+    def test_a_run_never_resumes_another_mode(self, first, then, message):
+        output = self._output()
+        certify_run.certify_dataset(self._config(output, max=2, **first), verbose=0)
+        with open(output, "rb") as f:
+            before = f.read()
+        with self.assertRaisesRegex(ConfigError, "holds a run with other settings \\(.*" + message):
+            certify_run.certify_dataset(self._config(output, max=4, **then), verbose=0)
+        with open(output, "rb") as f:
+            self.assertEqual(f.read(), before)
+
+    @parameterized.named_parameters(
+        ("radius_zero", dict(radii=(0.0,)), "--radii must be finite and > 0, got 0.0"),
+        ("radius_negative", dict(radii=(0.5, -0.25)), "--radii must be finite and > 0, got -0.25"),
+        ("radius_nan", dict(radii=(float("nan"),)), "--radii must be finite and > 0, got nan"),
+        ("radius_inf", dict(radii=(float("inf"),)), "--radii must be finite and > 0, got inf"),
+        ("radius_digits", dict(radii=(0.1234,)), "--radii: 0.1234 has more than 3 significant digits"),
+        ("stages_decrease", dict(stages=(500, 100, 2000)), "--stages must strictly increase"),
+        ("stages_end", dict(stages=(100, 500)), "--stages must end at n=2000"),
+        ("stage_below_n0", dict(stages=(10, 2000)), "--stages must start at n0=20 or above"),
+        ("stages_empty", dict(stages=()), "--stages must be a non-empty"),
+        ("stages_without_radii", dict(radii=None), "--stages needs --radii"),
+        ("radii_in_predict", dict(mode="predict", stages=None), "PREDICT has no radii"),
+    )
+    def test_bad_config(self, overrides, message):
+        output = self._output()
+        with self.assertRaisesRegex(ConfigError, "^" + re.escape(message)):
+            self._config(output, **overrides)
+        self.assertEqual(os.listdir(os.path.dirname(output)), [])
+
+
+class OutputPathTest(RunFixture, tf.test.TestCase):
+    """--output names that cannot be a log: one line each, and nothing written (issue 16, items 6 and 8)."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.config = dict(model_dir=make_model_dir(cls.dir), **TINY)
+
+    def test_dangling_symlink(self):
+        output = self._output()
+        os.symlink(os.path.join(self.dir, "nowhere", "certify.tsv"), output)
+        with self.assertRaisesRegex(ConfigError, f"^--output={output} is a symbolic link to .*nowhere/certify.tsv, "
+                                    "which does not exist"):
+            self._config(output, max=2)
+        self.assertEqual(os.listdir(os.path.dirname(output)), ["certify.tsv"])
+
+    def test_under_a_regular_file(self):
+        afile = self._output("afile")
+        with open(afile, "w", encoding="utf-8") as f:
+            f.write("x")
+        output = os.path.join(afile, "sub", "certify.tsv")
+        with self.assertRaisesRegex(ConfigError, f"^--output={output}: {afile} is a file, not a directory"):
+            self._config(output, max=2)
+
+    def test_a_directory(self):
+        with self.assertRaisesRegex(ConfigError, f"^--output={self.dir} is a directory"):
+            self._config(self.dir, max=2)
+
+
 class PredictDatasetTest(RunFixture, tf.test.TestCase):
 
     @classmethod
@@ -555,6 +676,24 @@ class PredictDatasetTest(RunFixture, tf.test.TestCase):
             settings = f.read()
         self.assertIn('"strategy": "mirrored"', settings)
         self.assertIn('"replicas": 2', settings)
+
+    def test_staged(self):
+        output = self._output()
+        config = self._config(output, max=6, stages=(20, 100), seed=3)
+        self.assertEqual(certify_run.certify_dataset(config, verbose=0), 6)
+        header, rows = read_rows(output)
+        self.assertEqual(header, PREDICT_HEADER + "\tsamples")
+        images, _ = data.load_arrays("fashion_mnist", "test", limit=6)
+        smooth = smoothing.Smooth(models.load_base_model(os.path.join(self.model_dir, "base_model.keras")), 10, 0.25)
+        expected = smooth.predict_staged_batch(images, 100, 0.01, 200, stages=(20, 100), seed=3,
+                                               image_ids=np.arange(6))
+        self.assertEqual([int(r[2]) for r in rows], expected.classes.tolist())
+        self.assertEqual([int(r[5]) for r in rows], expected.samples.tolist())
+        with open(output + certify_log.SETTINGS_SUFFIX, encoding="utf-8") as f:
+            settings = json.load(f)
+        self.assertEqual((settings["mode"], settings["stages"], "radii" in settings), ("predict_staged", [20, 100], False))
+        with self.assertRaisesRegex(ConfigError, "mode: 'predict_staged' there, 'predict' now"):
+            certify_run.certify_dataset(self._config(output, max=8), verbose=0)
 
     def test_refuses_a_certify_output(self):
         output = self._output()

@@ -67,6 +67,42 @@ class AtomicOutputTest(absltest.TestCase):
         self.assertEqual(os.listdir(self.dir), ["out.txt"])
 
 
+class CheckOutputPathTest(absltest.TestCase):
+    """Each name that cannot become a file is refused in one line naming the flag, before anything is written."""
+
+    def setUp(self):
+        super().setUp()
+        self.dir = tempfile.mkdtemp(dir=absltest.get_default_test_tmpdir())
+        self.file = os.path.join(self.dir, "a_file")
+        with open(self.file, "w", encoding="utf-8") as f:
+            f.write("x")
+
+    def test_writable_names_pass(self):
+        for path in (os.path.join(self.dir, "new.tsv"), self.file, os.path.join(self.dir, "sub", "deeper", "n.tsv")):
+            files.check_output_path(path, "output")
+        link = os.path.join(self.dir, "link.tsv")
+        os.symlink(self.file, link)
+        files.check_output_path(link, "output")  # A link to an existing file is that file.
+
+    def test_refused(self):
+        dangling = os.path.join(self.dir, "dangling")
+        os.symlink(os.path.join(self.dir, "nowhere"), dangling)
+        for path, message in (
+                (self.dir, f"--output={self.dir} is a directory; give a file name"),
+                (dangling, f"--output={dangling} is a symbolic link to {self.dir}/nowhere, which does not exist"),
+                (os.path.join(self.file, "x.tsv"), f"--output={self.file}/x.tsv: {self.file} is a file, not a "
+                                                   "directory"),
+                (os.path.join(self.file, "sub", "x.tsv"), f"{self.file} is a file, not a directory"),
+                (os.path.join(dangling, "x.tsv"), f"{dangling} is a symbolic link to {self.dir}/nowhere, which does "
+                                                  "not exist, so the file cannot be created there"),
+        ):
+            with self.assertRaises(ConfigError) as raised:
+                files.check_output_path(path, "output")
+            self.assertIn(message, str(raised.exception))
+            self.assertNotIn("\n", str(raised.exception))
+        self.assertEqual(sorted(os.listdir(self.dir)), ["a_file", "dangling"])
+
+
 class FileSha256Test(absltest.TestCase):
 
     def test_known_digests(self):

@@ -273,6 +273,21 @@ class ScheduleTest(parameterized.TestCase):
         with self.assertRaises(ValueError):
             stats.default_stages(n, smallest)
 
+    def test_resolve_stages(self):
+        # The default starts at max(n0, 100); a given schedule is checked.
+        self.assertEqual(stats.resolve_stages(None, 100000), stats.default_stages(100000))
+        self.assertEqual(stats.resolve_stages(None, 100000, n0=200), (300, 1000, 3000, 10000, 30000, 50000, 100000))
+        self.assertEqual(stats.resolve_stages([100, 1000], 1000, n0=100), (100, 1000))
+        # One stage is fixed-n CERTIFY: below n0 is fine.
+        self.assertEqual(stats.resolve_stages([50], 50, n0=100), (50,))
+        # PREDICT has no selection samples: no lower limit but the checks.
+        self.assertEqual(stats.resolve_stages([10, 1000], 1000), (10, 1000))
+        for stages, n0, message in (([50, 1000], 100, "^stages must start at n0=100 or above"),
+                                    ([100, 500], 100, "^stages must end at n=1000"),
+                                    ([500, 200, 1000], None, "^stages must strictly increase")):
+            with self.assertRaisesRegex(ValueError, message):
+                stats.resolve_stages(stages, 1000, n0)
+
 
 class SettledTest(parameterized.TestCase):
 

@@ -7,6 +7,15 @@ the fraction of examples that are correctly classified with a certified
 radius >= r (as in the authors' analyze.py); the average certified radius
 (ACR) is the mean of radius * correct.
 
+Fixed-radius runs (bin/certify.py --radii) decided each image only at the
+radii they asked: an image stops as soon as those answers are settled, with
+a certified radius smaller than full CERTIFY's. Their certified accuracy is
+reported at those radii (and 0) and nowhere else, and their ACR not at all:
+both would be biased low (`certified_accuracy` refuses; the table shows
+"n/a"). By default a table with fixed-radius runs has the columns of the
+radii they all settled, and a "samples/image" column (the mean estimation
+samples; n for full CERTIFY runs with a settings file).
+
 Sharded runs (bin/certify.py --num_shards=K) are reported as ONE run: the
 shards given with the same settings are merged after checking that they
 neither overlap nor leave gaps (`certify_log.group_runs` and
@@ -41,24 +50,31 @@ class Summary:
       file: the TSV summarized (for a sharded run, its name, see `Run.name`).
       n: number of examples.
       clean_accuracy: fraction of examples the smoothed classifier gets right.
-      acr: average certified radius, mean of radius * correct.
+      acr: average certified radius, mean of radius * correct; None for a
+        fixed-radius run (it would be biased low).
       certified_accuracy: radius -> fraction correct with certified radius >= radius.
       files: the shard files of a sharded run, by shard index; () for one TSV.
       complete: False for a sharded run reported with gaps (--allow_incomplete).
+      samples_per_image: mean estimation samples per example, None if unknown.
+      settled_radii: the radii a fixed-radius run decided; None for full CERTIFY.
     """
 
     file: str
     n: int
     clean_accuracy: float
-    acr: float
+    acr: Optional[float]
     certified_accuracy: Dict[float, float]
     files: Tuple[str, ...] = ()
     complete: bool = True
+    samples_per_image: Optional[float] = None
+    settled_radii: Optional[Tuple[float, ...]] = None
 
     def to_json_dict(self) -> dict:
         """JSON-ready form; radii become strings such as "0.25".
 
-        A sharded run also has "files" (its shards) and "complete".
+        A sharded run also has "files" (its shards) and "complete"; a run
+        whose samples are known "samples_per_image"; a fixed-radius run
+        "settled_radii", and "acr" null.
         """
         result = {
             "file": self.file,
@@ -69,6 +85,10 @@ class Summary:
         }
         if self.files:
             result.update(files=list(self.files), complete=self.complete)
+        if self.samples_per_image is not None:
+            result["samples_per_image"] = self.samples_per_image
+        if self.settled_radii is not None:
+            result["settled_radii"] = list(self.settled_radii)
         return result
 
 
@@ -92,33 +112,76 @@ def check_radii(radii: Sequence[float]) -> tuple:
     return radii
 
 
+def check_settled(log: CertifyLog, radii: Sequence[float]) -> None:
+    """Refuses a radius at which a fixed-radius run's log says nothing unbiased.
+
+    Raises:
+      ConfigError: naming the log and the first such radius.
+    """
+    if not log.staged:
+        return
+    for r in radii:
+        if r != 0 and r not in log.radii:
+            raise ConfigError(f"--radii: {log.path} is a fixed-radius run that decided only at r = "
+                              f"{', '.join(f'{s:g}' for s in log.radii)} (and 0); its certified accuracy at r = "
+                              f"{r:g} would be biased low (its images stopped once their own radii were settled). "
+                              "Ask for its radii, or certify with full CERTIFY (no --radii)")
+
+
 def certified_accuracy(log: CertifyLog, radii: Sequence[float]) -> np.ndarray:
-    """Fraction of examples correct with certified radius >= r, for each r in radii."""
+    """Fraction of examples correct with certified radius >= r, for each r in radii.
+
+    Raises:
+      ConfigError: a fixed-radius run's log and a radius it did not settle (`check_settled`).
+    """
+    check_settled(log, radii)
     radii = np.asarray(radii, dtype=np.float64)
     return (log.correct[None, :] & (log.radius[None, :] >= radii[:, None])).mean(axis=1)
 
 
-def summarize(log: CertifyLog, radii: Sequence[float] = DEFAULT_RADII) -> Summary:
-    """The paper's numbers for one log: n, clean accuracy, ACR, certified accuracies."""
-    radii = check_radii(radii)
+def summarize(log: CertifyLog, radii: Optional[Sequence[float]] = None) -> Summary:
+    """The paper's numbers for one log: n, clean accuracy, ACR, certified accuracies.
+
+    Args:
+      log: the rows.
+      radii: the certified-accuracy radii; None: DEFAULT_RADII, or a
+        fixed-radius run's own radii.
+
+    Raises:
+      ConfigError: bad radii, or a radius a fixed-radius run did not settle.
+    """
+    radii = check_radii((log.radii if log.staged else DEFAULT_RADII) if radii is None else radii)
     accuracies = certified_accuracy(log, radii)
     return Summary(
         file=log.path,
         n=int(len(log.idx)),
         clean_accuracy=float(log.correct.mean()),
-        acr=float(np.mean(log.radius * log.correct)),
+        acr=None if log.staged else float(np.mean(log.radius * log.correct)),
         certified_accuracy={r: float(a) for r, a in zip(radii, accuracies)},
+        samples_per_image=None if log.samples is None else float(log.samples.mean()),
+        settled_radii=log.radii,
     )
 
 
 def markdown_table(summaries: Sequence[Summary], labels: Optional[Sequence[str]] = None) -> str:
-    """A Markdown table: one row per file; n, clean accuracy, ACR, accuracy per radius."""
+    """A Markdown table: one row per file; n, clean accuracy, ACR, accuracy per radius.
+
+    With fixed-radius runs, a "samples/image" column follows the ACR, whose
+    cell is "n/a" for them; a table of fixed-radius runs only has no ACR.
+    """
     labels = list(labels) if labels else [s.file for s in summaries]
     radii = list(summaries[0].certified_accuracy) if summaries else []
-    header = ["file", "n", "clean acc.", "ACR"] + [f"r={r:g}" for r in radii]
+    staged = any(s.settled_radii is not None for s in summaries)
+    with_acr = not summaries or not all(s.settled_radii is not None for s in summaries)
+    header = (["file", "n", "clean acc."] + ["ACR"] * with_acr + ["samples/image"] * staged
+              + [f"r={r:g}" for r in radii])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" + "---:|" * (len(header) - 1)]
     for label, s in zip(labels, summaries):
-        cells = [label.replace("|", "\\|"), str(s.n), f"{s.clean_accuracy:.3f}", f"{s.acr:.4f}"]
+        cells = [label.replace("|", "\\|"), str(s.n), f"{s.clean_accuracy:.3f}"]
+        if with_acr:
+            cells.append("n/a" if s.acr is None else f"{s.acr:.4f}")
+        if staged:
+            cells.append("n/a" if s.samples_per_image is None else f"{s.samples_per_image:,.0f}")
         cells += [f"{s.certified_accuracy[r]:.3f}" for r in radii]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -130,14 +193,20 @@ def json_report(summaries: Sequence[Summary]) -> str:
 
 
 def plot_certified_accuracy(logs: Sequence[CertifyLog], path: str, labels: Optional[Sequence[str]] = None,
-                            title: Optional[str] = None) -> None:
+                            title: Optional[str] = None, replace: bool = True) -> None:
     """Draws certified accuracy against radius for all logs on one PNG figure.
+
+    A fixed-radius run is drawn as points at 0 and its radii.
 
     Args:
       logs: the runs to draw.
       path: the PNG file to write (atomically).
       labels: legend entries, one per log (default: file names).
       title: optional figure title.
+      replace: whether an existing `path` is replaced.
+
+    Raises:
+      FileExistsError: `replace` is False and `path` exists (nothing written).
     """
     # Loaded here, when a plot is asked for: matplotlib takes a second to import.
     import matplotlib  # pylint: disable=import-outside-toplevel
@@ -145,12 +214,16 @@ def plot_certified_accuracy(logs: Sequence[CertifyLog], path: str, labels: Optio
     from matplotlib import pyplot as plt  # pylint: disable=import-outside-toplevel
 
     labels = list(labels) if labels else [os.path.basename(log.path) for log in logs]
-    max_radius = max(float(log.radius.max()) for log in logs) if logs else 1.0
-    max_radius = max(max_radius * 1.05, 0.1)
+    ends = [max(log.radii) if log.staged else float(log.radius.max()) for log in logs]
+    max_radius = max(max(ends) * 1.05, 0.1) if logs else 1.0
     grid = np.linspace(0.0, max_radius, 1000)
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     for log, label in zip(logs, labels):
-        ax.plot(grid, certified_accuracy(log, grid), label=label, linewidth=1.8)
+        if log.staged:  # Known at its radii only: points, not a curve.
+            points = (0.0,) + log.radii
+            ax.plot(points, certified_accuracy(log, points), label=label, marker="o", linestyle="none")
+        else:
+            ax.plot(grid, certified_accuracy(log, grid), label=label, linewidth=1.8)
     ax.set_xlim(0, max_radius)
     ax.set_ylim(0, 1)
     ax.set_xlabel("L2 radius")
@@ -160,12 +233,18 @@ def plot_certified_accuracy(logs: Sequence[CertifyLog], path: str, labels: Optio
         ax.set_title(title)
     ax.legend(loc="upper right", fontsize="small")
     fig.tight_layout()
-    with files.atomic_output(path, "wb") as f:
-        fig.savefig(f, format="png")
-    plt.close(fig)
+    try:
+        with files.atomic_output(path, "wb", replace=replace) as f:
+            fig.savefig(f, format="png")
+    finally:
+        plt.close(fig)
 
 
 FORMATS = ("markdown", "json")
+# Below a Markdown table with fixed-radius runs: why their ACR is missing.
+STAGED_NOTE = ("No ACR for a fixed-radius run (bin/certify.py --radii): each of its examples stopped as soon as its "
+               "answer at the run's radii was settled, with a smaller certified radius than full CERTIFY's, so its "
+               "ACR would be biased low and not comparable; certify without --radii for an ACR.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,9 +253,11 @@ class AnalyzeConfig:
 
     Attributes:
       tsv: certification TSV files, or glob patterns (each must match a file).
-      radii: radii of the certified-accuracy columns.
+      radii: radii of the certified-accuracy columns; None: DEFAULT_RADII,
+        or, with fixed-radius runs, the radii they all settled.
       format: "markdown" or "json".
       plot: a PNG file to draw the certified-accuracy curves into, or None.
+      overwrite: replace an existing `plot` (otherwise refused).
       labels: names for the runs in the table and legend (default: the paths);
         the shards of one run count once.
       allow_incomplete: report sharded runs with missing or unfinished shards
@@ -185,46 +266,72 @@ class AnalyzeConfig:
     """
 
     tsv: Sequence[str]
-    radii: Sequence[float] = DEFAULT_RADII
+    radii: Optional[Sequence[float]] = None
     format: str = "markdown"
     plot: Optional[str] = None
     labels: Optional[Sequence[str]] = None
     allow_incomplete: bool = False
+    overwrite: bool = False
     runs: Tuple[Run, ...] = dataclasses.field(default=(), init=False)
 
     def __post_init__(self):
         if self.format not in FORMATS:
             raise ConfigError(f"--format={self.format!r} is unknown; choose one of {', '.join(FORMATS)}")
-        object.__setattr__(self, "radii", check_radii(self.radii))
+        if self.radii is not None:
+            object.__setattr__(self, "radii", check_radii(self.radii))
         if not self.tsv:
             raise ConfigError("--tsv: give one or more certification TSV files, e.g. --tsv=runs/a.tsv,runs/b.tsv")
         if self.plot is not None and not self.plot.lower().endswith(".png"):
             raise ConfigError(f"--plot={self.plot}: the plot is a PNG file; name it *.png")
-        if self.plot is not None and os.path.isdir(self.plot):
-            raise ConfigError(f"--plot={self.plot} is a directory; give a .png file name")
-        files = _expand(self.tsv)
-        runs = group_runs(files)
+        if self.plot is not None:
+            files.check_output_path(self.plot, "plot")
+            if os.path.lexists(self.plot) and not self.overwrite:
+                raise ConfigError(f"--plot={self.plot} exists; pass --overwrite to replace it, or give another "
+                                  "file name")
+        paths = _expand(self.tsv)
+        runs = group_runs(paths)
         if self.labels and len(self.labels) != len(runs):
-            what = "files" if len(runs) == len(files) else "runs (the shards of a run count once)"
+            what = "files" if len(runs) == len(paths) else "runs (the shards of a run count once)"
             raise ConfigError(f"--labels: got {len(self.labels)} labels for {len(runs)} {what}")
-        object.__setattr__(self, "tsv", tuple(files))
+        object.__setattr__(self, "tsv", tuple(paths))
         object.__setattr__(self, "runs", tuple(runs))
 
 
 def _expand(patterns: Sequence[str]) -> List[str]:
     """Expands glob patterns (sorted); plain names are kept as given."""
-    files = []
+    paths = []
     for pattern in patterns:
-        if glob.has_magic(pattern):
-            matches = sorted(glob.glob(pattern))
-            if not matches:
-                raise ConfigError(f"--tsv: no file matches {pattern!r}")
-            files.extend(matches)
-        else:
-            if not os.path.isfile(pattern):
-                raise ConfigError(f"--tsv: {pattern} not found")
-            files.append(pattern)
-    return files
+        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+        if not matches:
+            raise ConfigError(f"--tsv: no file matches {pattern!r}")
+        for path in matches:
+            if os.path.isdir(path):
+                raise ConfigError(f"--tsv: {path} is a directory; give the TSV files in it, e.g. "
+                                  f"'{os.path.join(path, '*.tsv')}'")
+            if not os.path.isfile(path):
+                raise ConfigError(f"--tsv: {path} not found")
+        paths.extend(matches)
+    return paths
+
+
+def table_radii(logs: Sequence[CertifyLog]) -> Tuple[float, ...]:
+    """The default certified-accuracy radii of a table of `logs`.
+
+    DEFAULT_RADII when every log is full CERTIFY's; otherwise the radii every
+    fixed-radius run among them settled (full CERTIFY runs can be read at any).
+
+    Raises:
+      ConfigError: the fixed-radius runs settled no radius in common.
+    """
+    staged = [log for log in logs if log.staged]
+    if not staged:
+        return DEFAULT_RADII
+    common = sorted(set.intersection(*(set(log.radii) for log in staged)))
+    if not common:
+        raise ConfigError("the fixed-radius runs " + ", ".join(
+            f"{log.path} (r = {', '.join(f'{r:g}' for r in log.radii)})" for log in staged)
+            + " decided at no radius in common; analyze them apart, or give --radii=0 for one table")
+    return tuple(common)
 
 
 def analyze(config: AnalyzeConfig, warn: Optional[Callable[[str], None]] = None) -> str:
@@ -240,18 +347,29 @@ def analyze(config: AnalyzeConfig, warn: Optional[Callable[[str], None]] = None)
       ConfigError: an unreadable or malformed TSV (naming file and line), or
         an incomplete sharded run without --allow_incomplete.
     """
-    logs, summaries = [], []
+    logs, completes = [], []
     for run in config.runs:
         log, complete = read_run(run, config.allow_incomplete, warn)
-        summary = summarize(log, config.radii)
+        logs.append(log)
+        completes.append(complete)
+    radii = table_radii(logs) if config.radii is None else config.radii
+    summaries = []
+    for run, log, complete in zip(config.runs, logs, completes):
+        summary = summarize(log, radii)
         if run.sharded:
             summary = dataclasses.replace(summary, files=run.files, complete=complete)
-        logs.append(log)
         summaries.append(summary)
     if config.plot:
-        plot_certified_accuracy(logs, config.plot, config.labels)
+        try:  # AnalyzeConfig refused an existing plot; this catches one made since.
+            plot_certified_accuracy(logs, config.plot, config.labels, replace=config.overwrite)
+        except FileExistsError:
+            raise ConfigError(f"--plot={config.plot} exists; pass --overwrite to replace it, or give another "
+                              "file name") from None
     if config.format == "json":
         return json_report(summaries)
     labels = list(config.labels) if config.labels else [s.file for s in summaries]
     labels = [label if s.complete else f"{label} (incomplete)" for label, s in zip(labels, summaries)]
-    return markdown_table(summaries, labels)
+    table = markdown_table(summaries, labels)
+    if any(s.settled_radii is not None for s in summaries):
+        table += "\n" + STAGED_NOTE + "\n"
+    return table

@@ -7,6 +7,21 @@ This module is the one definition of the format, for the writer
   `idx label predict radius correct time` for CERTIFY and
   `idx label predict correct time` for PREDICT (predict = -1: abstain, radius
   0), one row per example (`header_line`, `format_row`).
+- A staged run (fixed-radius CERTIFY, `--radii`; staged PREDICT, `--stages`)
+  adds one last column, `samples`: the estimation samples the example used
+  (its stopping stage). Its mode is "certify_staged" or "predict_staged". It
+  is the last column so that readers that take the authors' columns by name
+  (their analyze.py, pandas) or by position read a staged log as they read
+  any other. Full CERTIFY and PREDICT logs do not get it: every row would say
+  n, which the settings file holds; without it they stay byte for byte the
+  authors' format, and logs written before staged runs existed resume and
+  merge as before.
+- A staged CERTIFY log prints each radius rounded DOWN to 3 significant
+  digits (`format_radius`), never up: its radii have at most 3 significant
+  digits (`check_staged_radii`), so "printed radius >= r" is exactly the
+  run's decision "certified at r" for each radius r it asked, and reading
+  the log back can never certify an image the run did not. (Full CERTIFY
+  logs keep the authors' round-to-nearest "{:.3}".)
 - Beside each log of ours, `<tsv>.json` (the settings file) holds the
   settings of the run that wrote it (`certify_run.CertifyConfig.settings`).
   A run resumes a log only if their settings are comparable
@@ -21,8 +36,10 @@ numpy and the standard library only: no TensorFlow needed.
 
 import dataclasses
 import datetime
+import decimal
 import json
 import math
+import numbers
 import os
 import sys
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -32,37 +49,107 @@ import numpy as np
 from tf_consreg import files
 from tf_consreg.errors import ConfigError
 
-# Exactly the authors' certify.py and predict.py headers, by mode.
+# Exactly the authors' certify.py and predict.py headers, by mode; staged
+# runs add the column `samples` (the module docstring says why last).
 CERTIFY_HEADER = ("idx", "label", "predict", "radius", "correct", "time")
 PREDICT_HEADER = ("idx", "label", "predict", "correct", "time")
-HEADERS = {"certify": CERTIFY_HEADER, "predict": PREDICT_HEADER}
+SAMPLES_COLUMN = "samples"
+HEADERS = {"certify": CERTIFY_HEADER, "predict": PREDICT_HEADER,
+           "certify_staged": CERTIFY_HEADER + (SAMPLES_COLUMN,), "predict_staged": PREDICT_HEADER + (SAMPLES_COLUMN,)}
 MODES = tuple(HEADERS)
+# The radius column's significant digits (the authors' "{:.3}").
+RADIUS_DIGITS = 3
 # The settings file beside each log: `<tsv>` + SETTINGS_SUFFIX.
 SETTINGS_SUFFIX = ".json"
 
 
+def staged_mode(mode: str) -> str:
+    """The log mode of a staged run of `mode` ("certify" -> "certify_staged", "predict" -> "predict_staged")."""
+    return f"{mode}_staged"
+
+
 def header_line(mode: str) -> str:
-    """The first line of a log of `mode` ("certify" or "predict"), without its newline."""
+    """The first line of a log of `mode` (one of MODES), without its newline."""
     return "\t".join(HEADERS[mode])
 
 
-def format_row(mode: str, idx: int, label: int, prediction: int, radius: float, seconds: float) -> str:
-    """One row of a log, with its newline, as the authors print it.
+def format_radius(radius: float, round_down: bool = False) -> str:
+    """A radius as the log prints it: 3 significant digits ("{:.3}", the authors' format).
 
     Args:
-      mode: "certify" or "predict" (which has no radius column).
+      radius: the certified radius, finite and >= 0.
+      round_down: round down rather than to nearest, so that the printed
+        value read back is <= radius (staged logs; see the module docstring).
+    """
+    text = f"{float(radius):.{RADIUS_DIGITS}}"
+    if round_down and float(text) > radius:
+        # Decimal(radius) is the float's exact value: no rounding on the way.
+        exact = decimal.Decimal(float(radius))
+        floor = exact.quantize(decimal.Decimal(1).scaleb(exact.adjusted() - RADIUS_DIGITS + 1),
+                               rounding=decimal.ROUND_FLOOR)
+        # floor <= radius, so the float nearest to it is too (radius is a float).
+        text = f"{float(floor):.{RADIUS_DIGITS}}"
+    return text
+
+
+def check_staged_radii(radii: Sequence[float]) -> Tuple[float, ...]:
+    """The radii of a staged CERTIFY run, checked: each finite, > 0, printable in 3 significant digits; sorted.
+
+    A radius r of at most 3 significant digits is a value the radius column
+    can hold, so an image's radius rounded down to 3 digits is >= r exactly
+    when the radius itself is: the log then says which images the run
+    certified at r. (With r = 0.3333 a radius of 0.33331 would print 0.333.)
+
+    Raises:
+      ConfigError: naming --radii.
+    """
+    values = []
+    for r in radii:
+        if isinstance(r, bool) or not isinstance(r, numbers.Real):
+            raise ConfigError(f"--radii must be numbers, got {r!r}")
+        r = float(r)
+        if not (math.isfinite(r) and r > 0):
+            raise ConfigError(f"--radii must be finite and > 0, got {r}")
+        if float(f"{r:.{RADIUS_DIGITS}}") != r:
+            raise ConfigError(f"--radii: {r!r} has more than {RADIUS_DIGITS} significant digits; the TSV prints radii "
+                              f"with {RADIUS_DIGITS} (the authors' format), so it could not tell whether an image "
+                              f"was certified at it. Give at most {RADIUS_DIGITS}, e.g. {float(f'{r:.3}')!r}")
+        if r in values:
+            raise ConfigError(f"--radii lists {r!r} twice")
+        values.append(r)
+    if not values:
+        raise ConfigError("--radii: give at least one radius, e.g. --radii=0.5")
+    return tuple(sorted(values))
+
+
+def format_row(mode: str, idx: int, label: int, prediction: int, radius: float, seconds: float,
+               samples: Optional[int] = None) -> str:
+    """One row of a log, with its newline, as the authors print it (plus `samples` in a staged log).
+
+    Args:
+      mode: one of MODES; the predict modes have no radius column.
       idx: the example's index in its split.
       label: its true class.
       prediction: the smoothed classifier's class, -1 = abstain.
       radius: the certified radius (0 when abstaining); printed with 3
-        significant digits ("{:.3}") as the authors do.
+        significant digits ("{:.3}") as the authors do; rounded down in a
+        staged log (`format_radius`).
       seconds: the time spent on the example, printed as H:MM:SS.ffffff.
+      samples: the estimation samples used; required in a staged log, else None.
+
+    Raises:
+      ValueError: `samples` given for a log without the column, or missing for one with it.
     """
-    elapsed = str(datetime.timedelta(seconds=seconds))
-    correct = int(prediction == label)
-    if mode == "certify":
-        return f"{idx}\t{label}\t{prediction}\t{float(radius):.3}\t{correct}\t{elapsed}\n"
-    return f"{idx}\t{label}\t{prediction}\t{correct}\t{elapsed}\n"
+    staged = SAMPLES_COLUMN in HEADERS[mode]
+    if staged != (samples is not None):
+        raise ValueError(f"a {mode} row {'needs' if staged else 'has no'} samples")
+    fields = [str(idx), str(label), str(prediction)]
+    if "radius" in HEADERS[mode]:
+        fields.append(format_radius(radius, round_down=staged))
+    fields += [str(int(prediction == label)), str(datetime.timedelta(seconds=seconds))]
+    if staged:
+        fields.append(str(int(samples)))
+    return "\t".join(fields) + "\n"
 
 
 def write_header(path: str, mode: str) -> None:
@@ -157,6 +244,13 @@ class CertifyLog:
       predict: int64 [N] predictions of the smoothed classifier, -1 = abstain.
       radius: float64 [N] certified radii (0 when abstaining).
       correct: bool [N], predict == label.
+      samples: int64 [N] estimation samples per example: a staged log's
+        column, or the run's n for a full CERTIFY log with a settings file;
+        None when unknown (the authors' logs).
+      radii: for a staged (fixed-radius) log, the radii its run asked and
+        settled, sorted: certified accuracy is known at these (and at 0)
+        only; None for a full CERTIFY log, which holds each image's largest
+        radius.
     """
 
     path: str
@@ -165,42 +259,98 @@ class CertifyLog:
     predict: np.ndarray
     radius: np.ndarray
     correct: np.ndarray
+    samples: Optional[np.ndarray] = None
+    radii: Optional[Tuple[float, ...]] = None
+
+    @property
+    def staged(self) -> bool:
+        """Whether the log is a fixed-radius run's (only its `radii` are settled)."""
+        return self.radii is not None
 
 
-def _parse_row(fields: List[str], path: str, line_number: int) -> tuple:
+def _parse_row(fields: List[str], path: str, line_number: int, staged: bool) -> tuple:
     where = f"{path}:{line_number}"
-    if len(fields) != len(CERTIFY_HEADER):
-        raise ConfigError(f"{where}: expected {len(CERTIFY_HEADER)} tab-separated fields, got {len(fields)}")
+    columns = HEADERS["certify_staged" if staged else "certify"]
+    if len(fields) != len(columns):
+        raise ConfigError(f"{where}: expected {len(columns)} tab-separated fields, got {len(fields)}")
     try:
         idx, label, predict, correct = (int(fields[i]) for i in (0, 1, 2, 4))
         radius = float(fields[3])
+        samples = int(fields[6]) if staged else 0
     except ValueError as e:
         raise ConfigError(f"{where}: malformed row ({e})") from e
     if idx < 0 or label < 0 or predict < -1:
         raise ConfigError(f"{where}: idx and label must be >= 0 and predict >= -1")
     if not (math.isfinite(radius) and radius >= 0):
         raise ConfigError(f"{where}: radius must be a finite number >= 0, got {fields[3]}")
+    if predict == -1 and radius != 0:
+        raise ConfigError(f"{where}: an abstention (predict = -1) with radius {fields[3]}; an abstention certifies "
+                          "nothing (radius 0): the log is corrupt")
     if correct != int(predict == label):
         raise ConfigError(f"{where}: correct={correct} contradicts label={label}, predict={predict}")
-    return idx, label, predict, radius, correct
+    if staged and samples < 1:
+        raise ConfigError(f"{where}: samples must be >= 1, got {fields[6]}")
+    return idx, label, predict, radius, correct, samples
+
+
+def _check_log_settings(path: str, staged: bool) -> Tuple[Optional[int], Optional[Tuple[float, ...]]]:
+    """What the settings file of a CERTIFY log says about it: (n, the staged run's radii).
+
+    Raises:
+      ConfigError: the settings file is unreadable, or contradicts the log's
+        columns, or a staged log has none (its radii are unknown without it).
+    """
+    settings = read_settings(path)
+    mode = "certify_staged" if staged else "certify"
+    if settings is None:
+        if staged:
+            raise ConfigError(f"{path} is a fixed-radius run's log (its last column is samples) without its settings "
+                              f"file {settings_path(path)}, which says at which radii the run decided; keep the "
+                              "two together")
+        return None, None
+    if settings.get("mode", mode) != mode:
+        raise ConfigError(f"{path}:1: the columns are a {mode} log's, but {settings_path(path)} says mode "
+                          f"{settings['mode']!r}: the two do not belong together")
+    n = settings.get("n")
+    n = n if isinstance(n, int) and not isinstance(n, bool) and n >= 1 else None
+    if not staged:
+        return n, None
+    radii = settings.get("radii")
+    try:
+        radii = check_staged_radii(radii) if isinstance(radii, list) else None
+    except ConfigError:
+        radii = None
+    if radii is None:
+        raise ConfigError(f"{settings_path(path)}: a fixed-radius run's settings without a valid list of radii "
+                          f"(got {settings.get('radii')!r}); fix or remove it")
+    return n, radii
 
 
 def read_certify_tsv(path: str) -> CertifyLog:
     """Reads a certification TSV (ours or the authors').
 
+    A full CERTIFY log has the authors' columns; a staged (fixed-radius) one
+    adds `samples` and needs its settings file, which says at which radii
+    its run decided (`CertifyLog.radii`).
+
     Args:
-      path: a TSV with the header `idx label predict radius correct time`.
+      path: a TSV with the header `idx label predict radius correct time`
+        (`... time samples` for a staged run).
 
     Returns:
       Its rows as a `CertifyLog`.
 
     Raises:
-      ConfigError: the file is unreadable, has another header, no rows, or a
-        malformed row; the message names the file and line.
+      ConfigError: the file is unreadable, has another header, no rows, a
+        malformed or impossible row (an abstention with a positive radius, an
+        example given twice), or a settings file that contradicts it; the
+        message names the file and line.
     """
     try:
         with open(path, encoding="utf-8") as f:
             lines = f.read().split("\n")
+    except IsADirectoryError:
+        raise ConfigError(f"{path} is a directory, not a certification TSV") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: cannot read ({e})") from e
     if lines and lines[-1] == "":
@@ -208,18 +358,35 @@ def read_certify_tsv(path: str) -> CertifyLog:
     if not lines:
         raise ConfigError(f"{path}:1: empty file; expected the header {' '.join(CERTIFY_HEADER)}")
     header = tuple(lines[0].rstrip("\r").split("\t"))
-    if header != CERTIFY_HEADER:
-        hint = " (a bin/predict.py log has no radii)" if header == PREDICT_HEADER else ""
+    if header not in (CERTIFY_HEADER, HEADERS["certify_staged"]):
+        hint = " (a bin/predict.py log has no radii)" if header in (PREDICT_HEADER, HEADERS["predict_staged"]) else ""
         raise ConfigError(f"{path}:1: header must be the tab-separated columns {' '.join(CERTIFY_HEADER)}, "
                           f"got {' '.join(header)!r}{hint}")
+    staged = header == HEADERS["certify_staged"]
     if len(lines) == 1:
         raise ConfigError(f"{path}: no rows after the header")
-    rows = [_parse_row(line.rstrip("\r").split("\t"), path, number)
+    rows = [_parse_row(line.rstrip("\r").split("\t"), path, number, staged)
             for number, line in enumerate(lines[1:], start=2)]
-    idx, label, predict, radius, correct = (np.array(column) for column in zip(*rows))
+    idx, label, predict, radius, correct, samples = (np.array(column) for column in zip(*rows))
+    _check_unique(idx, lambda row: f"{path}:{row + 2}")
+    n, radii = _check_log_settings(path, staged)
+    if not staged:
+        samples = None if n is None else np.full(len(idx), n)
     return CertifyLog(path=path, idx=idx.astype(np.int64), label=label.astype(np.int64),
                       predict=predict.astype(np.int64), radius=radius.astype(np.float64),
-                      correct=correct.astype(bool))
+                      correct=correct.astype(bool), samples=None if samples is None else samples.astype(np.int64),
+                      radii=radii)
+
+
+def _check_unique(idx: np.ndarray, where: Callable[[int], str]) -> None:
+    """Refuses an example index that appears twice, naming where it does the second time (`where(row)`)."""
+    order = np.argsort(idx, kind="stable")
+    repeated = np.flatnonzero(idx[order][1:] == idx[order][:-1])
+    if repeated.size:
+        second = int(min(order[repeated + 1]))  # The earliest row that repeats an index.
+        first = int(np.flatnonzero(idx == idx[second])[0])
+        raise ConfigError(f"{where(second)}: example {idx[second]} again (first at {where(first)}): every example "
+                          "is certified once, so the log is corrupt")
 
 
 # --------------------------------------------------------------------------
@@ -369,6 +536,8 @@ def read_run(run: Run, allow_incomplete: bool = False,
     if not run.sharded:
         return read_certify_tsv(run.files[0]), True
     k, logs = run.num_shards, [read_certify_tsv(path) for path in run.files]
+    # Each shard holds exactly its own examples, in order, so no example is
+    # in two shards (nor twice in one).
     for log, index in zip(logs, run.shard_indices):
         expected = (index + k * np.arange(len(log.idx))) * run.skip
         wrong = np.flatnonzero(log.idx != expected)
@@ -392,12 +561,13 @@ def read_run(run: Run, allow_incomplete: bool = False,
         last = (extent - 1) * run.skip
         problems.append(", ".join(f"{path} is unfinished ({rows[i]} of its {expected[i]} rows up to example {last}, "
                                   "where other shards are)" for i, path in lagging))
-    merged = CertifyLog(path=run.name, **{
-        column: np.concatenate([getattr(log, column) for log in logs])
-        for column in ("idx", "label", "predict", "radius", "correct")})
+    columns = ["idx", "label", "predict", "radius", "correct"]
+    if all(log.samples is not None for log in logs):
+        columns.append("samples")
+    merged = CertifyLog(path=run.name, radii=logs[0].radii, **{
+        column: np.concatenate([getattr(log, column) for log in logs]) for column in columns})
     order = np.argsort(merged.idx, kind="stable")
-    merged = dataclasses.replace(merged, **{
-        column: getattr(merged, column)[order] for column in ("idx", "label", "predict", "radius", "correct")})
+    merged = dataclasses.replace(merged, **{column: getattr(merged, column)[order] for column in columns})
     if problems:
         reason = "; ".join(problems)
         if not allow_incomplete:

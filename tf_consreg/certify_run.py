@@ -11,7 +11,13 @@ examples with `smoothing.Smooth` and appends one row per example to the log
 - shardable: `num_shards` processes or hosts each certify their share of
   the examples into their own log (`CertifyConfig.shard_indices`), which
   `analysis` reports as one run;
-- locked: a log is written by one process at a time (`_claim_output`).
+- locked: a log is written by one process at a time (`_claim_output`);
+- full or staged: with `radii` (CERTIFY) or `stages` (PREDICT) the
+  estimation samples are drawn in stages and each example stops once its
+  answer is settled (`smoothing.Smooth.certify_staged_batch`,
+  `predict_staged_batch`): a fixed-radius run. Its log has the column
+  `samples`, and its settings record the mode, radii and stages, so a run
+  never resumes or merges with one of the other kind.
 """
 
 import contextlib
@@ -20,7 +26,7 @@ import fcntl
 import os
 import sys
 import time
-from typing import IO, Any, Dict, Optional, Tuple
+from typing import IO, Any, Dict, Optional, Sequence, Tuple
 
 import keras
 import numpy as np
@@ -33,9 +39,12 @@ from tf_consreg import files
 from tf_consreg import models
 from tf_consreg import precision
 from tf_consreg import smoothing
+from tf_consreg import stats
 from tf_consreg.errors import ConfigError, check
 
 DEFAULT_BATCH_SIZE = 1000
+# What a run does: CertifyConfig.mode (a staged run's log mode adds "_staged").
+_MODES = ("certify", "predict")
 # Samples per `certify_batch` call: enough images to fill the forward batches
 # when n is small; one image at a time when n is large, so rows (and the
 # progress bar) advance every few seconds.
@@ -52,7 +61,13 @@ class CertifyConfig:
     the .keras file, `dataset` and `sigma` are set).
 
     Each field but `mode` is a flag of bin/certify.py and bin/predict.py
-    (PREDICT has no `n0`); see their --help.
+    (PREDICT has no `n0` and no `radii`); see their --help.
+
+    Staged runs: CERTIFY with `radii` is fixed-radius mode; `stages` then
+    sets the schedule (default `stats.default_stages(n)` from max(n0, 100)),
+    and `stages` without `radii` is refused. PREDICT with `stages` is staged
+    PREDICT. After construction `stages` is resolved (None for a full run)
+    and `radii` sorted.
 
     Sharding: the selected examples idx = 0, skip, 2 skip, ... (below `max`)
     are dealt out round-robin, the j-th to shard j mod num_shards, so shard i
@@ -82,13 +97,14 @@ class CertifyConfig:
     shard_index: int = 0
     strategy: str = "default"
     compute_dtype: str = "float32"
+    radii: Optional[Sequence[float]] = None
+    stages: Optional[Sequence[int]] = None
 
     def __post_init__(self):
         # Flags first.
-        check(self.mode in certify_log.MODES,
-              f"mode={self.mode!r} is unknown; choose one of {', '.join(certify_log.MODES)}")
+        check(self.mode in _MODES, f"mode={self.mode!r} is unknown; choose one of {', '.join(_MODES)}")
         check(bool(self.output), "--output is required: the TSV file to write (or to resume)")
-        check(not os.path.isdir(self.output), f"--output={self.output} is a directory; give a file name")
+        files.check_output_path(self.output, "output")
         check(bool(self.model_dir) != bool(self.model),
               "give exactly one of --model_dir (a training run) and --model (a saved .keras base model)")
         check(self.n0 >= 1, f"--n0 must be >= 1, got {self.n0}")
@@ -109,6 +125,7 @@ class CertifyConfig:
         check(self.sigma is None or 0.0 < self.sigma < float("inf"), f"--sigma must be > 0, got {self.sigma}")
         check(self.split in data.SPLITS, f"--split={self.split!r} is unknown; choose one of {', '.join(data.SPLITS)}")
         precision.compute_policy(self.compute_dtype)  # Refuses an unknown --compute_dtype.
+        self._check_staging()
         if self.dataset is not None:
             data.get_dataset_info(self.dataset)
         if self.model is not None:
@@ -128,10 +145,37 @@ class CertifyConfig:
         else:
             check(os.path.isfile(self.model), f"--model={self.model} is not a file; give a saved .keras model")
 
+    def _check_staging(self) -> None:
+        """Checks and resolves `radii` and `stages` (flags only; before any file is read)."""
+        if self.mode == "predict":
+            check(self.radii is None, "PREDICT has no radii: bin/predict.py's staged mode is --stages alone")
+        elif self.radii is None:
+            check(self.stages is None, "--stages needs --radii: the stages schedule fixed-radius mode (--radii); "
+                                       "without --radii bin/certify.py runs full CERTIFY with --n samples")
+        if self.radii is not None:
+            object.__setattr__(self, "radii", certify_log.check_staged_radii(self.radii))
+        if self.staged:
+            try:
+                stages = stats.resolve_stages(None if self.stages is None else list(self.stages), self.n,
+                                              self.n0 if self.mode == "certify" else None)
+            except ValueError as e:  # "stages must ...": one line naming the flag.
+                raise ConfigError(f"--{e}") from e
+            object.__setattr__(self, "stages", stages)
+
+    @property
+    def staged(self) -> bool:
+        """Whether the run draws its samples in stages: CERTIFY with radii, PREDICT with stages."""
+        return self.radii is not None or (self.mode == "predict" and self.stages is not None)
+
+    @property
+    def log_mode(self) -> str:
+        """The log's mode (`certify_log.MODES`): "certify", "predict", or "<mode>_staged"."""
+        return certify_log.staged_mode(self.mode) if self.staged else self.mode
+
     @property
     def header(self) -> str:
         """The first line of the TSV, without its newline."""
-        return certify_log.header_line(self.mode)
+        return certify_log.header_line(self.log_mode)
 
     def settings(self, replicas: int = 1) -> Dict[str, Any]:
         """What determines the rows of the TSV; a resumed run must match it.
@@ -143,13 +187,16 @@ class CertifyConfig:
         noise blocks, so it changes the noise drawn; so do `strategy` and the
         number of `replicas` sharing each image's samples (1 without
         --strategy=mirrored). All shards of one run have the same settings
-        but `shard_index`.
+        but `shard_index`. A staged run's mode is "certify_staged" or
+        "predict_staged" and its settings add `stages` and (CERTIFY) `radii`;
+        a full run's settings are as they were before staged runs existed,
+        so its older logs resume.
 
         Args:
           replicas: replicas of the run's strategy (`num_replicas_in_sync`).
         """
         settings = {
-            "mode": self.mode, "model": os.path.abspath(self.model), "model_sha256": files.file_sha256(self.model),
+            "mode": self.log_mode, "model": os.path.abspath(self.model), "model_sha256": files.file_sha256(self.model),
             "dataset": self.dataset,
             "split": self.split, "sigma": self.sigma, "n0": self.n0, "n": self.n, "alpha": self.alpha,
             "seed": self.seed, "skip": self.skip, "batch_size": self.batch_size,
@@ -158,6 +205,10 @@ class CertifyConfig:
         }
         if self.mode == "predict":
             del settings["n0"]
+        if self.staged:
+            settings["stages"] = list(self.stages)
+            if self.radii is not None:
+                settings["radii"] = list(self.radii)
         return settings
 
     def row_index(self, row: int) -> int:
@@ -212,7 +263,7 @@ def _read_existing_rows(config: CertifyConfig, wanted: Dict[str, Any]) -> Tuple[
         found = lines[0] if lines else raw[:80].decode("utf-8", errors="replace")
         raise ConfigError(f"--output={output} has the header {found!r}, not {config.header!r}; "
                           "refusing to append. Choose a new --output")
-    num_fields = len(certify_log.HEADERS[config.mode])
+    num_fields = len(certify_log.HEADERS[config.log_mode])
     for number, line in enumerate(lines[1:], start=2):
         fields = line.split("\t")
         expected_idx = config.row_index(number - 2)
@@ -245,7 +296,7 @@ def _claim_output(config: CertifyConfig, settings: Dict[str, Any]) -> Tuple[IO[b
     except FileExistsError:
         _check_settings_file(config, settings)  # Before creating the TSV: nothing written for another run.
     with contextlib.suppress(FileExistsError):
-        certify_log.write_header(output, config.mode)
+        certify_log.write_header(output, config.log_mode)
     f = open(output, "r+b")  # pylint: disable=consider-using-with  Held, locked, for the whole run.
     try:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -266,6 +317,25 @@ def _claim_output(config: CertifyConfig, settings: Dict[str, Any]) -> Tuple[IO[b
     return f, done
 
 
+def _certify_batch(smooth: smoothing.Smooth, config: CertifyConfig, images: np.ndarray,
+                   ids: np.ndarray) -> Tuple[np.ndarray, np.ndarray, Sequence[Optional[int]]]:
+    """The run's answer for a batch of images: (classes, radii (0 for PREDICT), samples (None for a full run))."""
+    keys = dict(seed=config.seed, image_ids=ids)
+    if config.mode == "certify" and config.staged:
+        result = smooth.certify_staged_batch(images, config.n0, config.n, config.alpha, config.batch_size,
+                                             radii=config.radii, stages=config.stages, **keys)
+        return result.classes, result.radii, result.samples
+    if config.mode == "certify":
+        classes, radii = smooth.certify_batch(images, config.n0, config.n, config.alpha, config.batch_size, **keys)
+        return classes, radii, [None] * len(ids)
+    if config.staged:
+        result = smooth.predict_staged_batch(images, config.n, config.alpha, config.batch_size,
+                                             stages=config.stages, **keys)
+        return result.classes, np.zeros(len(ids)), result.samples
+    classes = smooth.predict_batch(images, config.n, config.alpha, config.batch_size, **keys)
+    return classes, np.zeros(len(ids)), [None] * len(ids)
+
+
 def certify_dataset(config: CertifyConfig, *, verbose: int = 1) -> int:
     """Certifies (or predicts) the examples of a split and appends rows to the TSV.
 
@@ -276,7 +346,8 @@ def certify_dataset(config: CertifyConfig, *, verbose: int = 1) -> int:
     images. An existing output of the same settings is resumed after its last
     complete row. The noise of example idx is keyed by (seed, idx), so a
     resumed run writes the same rows as an uninterrupted one, and a shard the
-    same rows as an unsharded run. With `strategy="mirrored"` the samples of
+    same rows as an unsharded run. A staged run (`CertifyConfig.staged`)
+    also writes each example's estimation samples. With `strategy="mirrored"` the samples of
     each image are split across the local devices
     (`smoothing.mirrored_sample_counts`):
     other noise, so other rows than the default strategy's, reproducible for a
@@ -326,23 +397,21 @@ def certify_dataset(config: CertifyConfig, *, verbose: int = 1) -> int:
     out, done = _claim_output(config, settings)
     indices = config.shard_indices(len(images))[done:]
 
-    samples = (config.n0 + config.n) if config.mode == "certify" else config.n
+    # Samples per image before its first decision; a staged batch then runs
+    # on until its last image is settled.
+    first = config.stages[0] if config.staged else config.n
+    samples = (config.n0 + first) if config.mode == "certify" else first
     per_call = max(1, _SAMPLES_PER_CALL_IN_BATCHES * config.batch_size // samples)
     progress = keras.utils.Progbar(len(indices), verbose=verbose, unit_name="example")
     with out:
         for start in range(0, len(indices), per_call):
             batch = indices[start:start + per_call]
             began = time.time()
-            if config.mode == "certify":
-                predictions, radii = smooth.certify_batch(images[batch], config.n0, config.n, config.alpha,
-                                                          config.batch_size, seed=config.seed, image_ids=batch)
-            else:
-                predictions = smooth.predict_batch(images[batch], config.n, config.alpha, config.batch_size,
-                                                   seed=config.seed, image_ids=batch)
-                radii = np.zeros(len(batch))
+            predictions, radii, used = _certify_batch(smooth, config, images[batch], batch)
             seconds = (time.time() - began) / len(batch)
-            out.write("".join(certify_log.format_row(config.mode, int(i), int(labels[i]), int(p), r, seconds)
-                              for i, p, r in zip(batch, predictions, radii)).encode("utf-8"))
+            out.write("".join(certify_log.format_row(config.log_mode, int(i), int(labels[i]), int(p), r, seconds,
+                                                     None if u is None else int(u))
+                              for i, p, r, u in zip(batch, predictions, radii, used)).encode("utf-8"))
             out.flush()
             os.fsync(out.fileno())
             progress.add(len(batch))

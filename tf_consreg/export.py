@@ -265,7 +265,7 @@ def _checked_stages(stages: Optional[Sequence[int]], n: int, n0: int) -> Tuple[i
       ConfigError: naming --stages.
     """
     try:
-        return smoothing.check_staged_stages(None if stages is None else tuple(stages), n, n0)
+        return stats.resolve_stages(None if stages is None else tuple(stages), n, n0)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"--{e}") from None
 

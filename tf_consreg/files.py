@@ -51,6 +51,32 @@ def atomic_output(path: str, mode: str = "w", replace: bool = True) -> Iterator:
             os.remove(tmp)
 
 
+def check_output_path(path: str, flag: str) -> None:
+    """Refuses an output file name that cannot be created as a file; reads only.
+
+    Refused, each in one line naming `--<flag>`: a directory, a symbolic
+    link to nothing (writing would replace the link or fail half-way), and a
+    name under a regular file or a dangling link (its directory cannot exist).
+
+    Raises:
+      ConfigError: as above.
+    """
+    if os.path.islink(path) and not os.path.exists(path):
+        raise ConfigError(f"--{flag}={path} is a symbolic link to {os.readlink(path)}, which does not exist; "
+                          "give a file name, or a link to an existing file")
+    if os.path.isdir(path):
+        raise ConfigError(f"--{flag}={path} is a directory; give a file name")
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        if os.path.islink(parent):
+            raise ConfigError(f"--{flag}={path}: {parent} is a symbolic link to {os.readlink(parent)}, which does "
+                              "not exist, so the file cannot be created there")
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ConfigError(f"--{flag}={path}: {parent} is a file, not a directory, so the file cannot be created "
+                          "under it")
+
+
 def file_sha256(path: str) -> str:
     """Hex SHA-256 of a file's bytes, read in 1 MiB blocks."""
     digest = hashlib.sha256()

@@ -257,37 +257,6 @@ def staged_stream(stream: int, stage: int) -> int:
     return 3 + 2 * stage + (stream == PREDICTION)
 
 
-def check_staged_stages(stages: Optional[Sequence[int]], n: int, n0: Optional[int]) -> Tuple[int, ...]:
-    """The stages of a staged run with n_max = n: checked, or the default (`stats.default_stages`).
-
-    With selection samples (n0), a schedule of more than one stage must start
-    at n0 or above. A first look after fewer estimation samples than the
-    selection drew takes a share alpha / K of the error budget for little:
-    every image has paid for n0 + n_1 samples by then anyway. Such a schedule
-    is most likely a mistake (counts that include n0, or a missing digit).
-    A single stage n is fixed-n CERTIFY and may be below n0. The default
-    schedule starts at max(n0, 100).
-
-    Args:
-      stages: cumulative estimation (or PREDICT) counts, or None for the default.
-      n: n_max, the last stage.
-      n0: CERTIFY's selection samples, or None for PREDICT.
-
-    Returns:
-      The stages, a tuple of ints.
-
-    Raises:
-      ValueError: naming `stages`.
-    """
-    if stages is None:
-        return stats.default_stages(n, smallest=max(n0 or 1, stats.DEFAULT_SMALLEST_STAGE))
-    stages = stats.check_stages(stages, n)
-    if n0 is not None and len(stages) > 1 and stages[0] < n0:
-        raise ValueError(f"stages must start at n0={n0} or above (they count estimation samples only), "
-                         f"got {list(stages)}")
-    return stages
-
-
 _MAX_INT32 = 2**31 - 1
 
 
@@ -533,7 +502,7 @@ class Smooth:
         n0, n = _check_int("n0", n0, 1), _check_int("n", n, 1)
         alpha, batch_size = _check_alpha(alpha), _check_int("batch_size", batch_size, 1)
         radii = stats.check_radii(radii)
-        stages = check_staged_stages(stages, n, n0)
+        stages = stats.resolve_stages(stages, n, n0)
         keys = self._keys(len(images), seed, image_ids)
         guesses = np.argmax(self._counts(images, n0, batch_size, keys, SELECTION), axis=1)
 
@@ -576,7 +545,7 @@ class Smooth:
         images = self._check_images(images)
         n = _check_int("n", n, 1)
         alpha, batch_size = _check_alpha(alpha), _check_int("batch_size", batch_size, 1)
-        stages = check_staged_stages(stages, n, None)
+        stages = stats.resolve_stages(stages, n, None)
         keys = self._keys(len(images), seed, image_ids)
 
         def draw(active, stage, num_new):

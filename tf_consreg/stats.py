@@ -24,7 +24,7 @@ soundness. PREDICT is the same argument with its binomial test at level
 alpha / K per stage.
 """
 
-from typing import Callable, NamedTuple, Sequence, Tuple, Union
+from typing import Callable, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from scipy import stats as scipy_stats
@@ -366,6 +366,37 @@ def default_stages(n: int, smallest: int = DEFAULT_SMALLEST_STAGE) -> Tuple[int,
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     stages = {int(round(fraction * n)) for fraction in _DEFAULT_STAGE_FRACTIONS}
     return tuple(sorted(stage for stage in stages if stage >= smallest and stage < n)) + (int(n),)
+
+
+def resolve_stages(stages: Optional[Sequence[int]], n: int, n0: Optional[int] = None) -> Tuple[int, ...]:
+    """The stages of a staged run with n_max = n: checked, or the default (`default_stages`).
+
+    With selection samples (n0, CERTIFY), a schedule of more than one stage
+    must start at n0 or above. A first look after fewer estimation samples
+    than the selection drew takes a share of the error budget for little:
+    every image has paid for n0 + n_1 samples by then anyway. Such a
+    schedule is most likely a mistake (counts that include n0, or a missing
+    digit). A single stage n is fixed-n CERTIFY and may be below n0. The
+    default schedule starts at max(n0, 100).
+
+    Args:
+      stages: cumulative sample counts, or None for the default.
+      n: n_max, the last stage, >= 1.
+      n0: CERTIFY's selection samples; None for PREDICT.
+
+    Returns:
+      The stages, increasing, ending at n.
+
+    Raises:
+      ValueError: naming `stages`.
+    """
+    if stages is None:
+        return default_stages(n, smallest=max(n0 or 1, DEFAULT_SMALLEST_STAGE))
+    stages = check_stages(stages, n)
+    if n0 is not None and len(stages) > 1 and stages[0] < n0:
+        raise ValueError(f"stages must start at n0={n0} or above (they count estimation samples only), "
+                         f"got {list(stages)}")
+    return stages
 
 
 class StagedCertificate(NamedTuple):
