@@ -38,8 +38,8 @@ _FLAGS = cli.define_flags(export.VersionExportConfig, {
     "alpha": "Failure probability of each certificate.",
     "batch_size": "Most noisy copies per forward pass in the server.",
     "stages": "certify_radius's and predict's cumulative sample counts, comma-separated, increasing, ending at --n "
-              "(with more than one stage, starting at --n0 or above). Each stage runs its bounds at alpha / K (K "
-              "stages, a union bound), and an image stops at the first stage that settles its answer. Default: --n "
+              "(with more than one stage, starting at --n0 or above). The last stage runs its bounds at alpha / 2, "
+              "each earlier one at alpha / (2 (K - 1)) (K stages, a union bound), and an image stops at the first stage that settles its answer. Default: --n "
               "times 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 0.5, 1, from max(--n0, 100) on (100, 300, ..., 100000 for "
               "--n=100000), which stops most images after a few hundred samples. --stages=<n> makes predict Cohen's "
               "fixed-n PREDICT.",

@@ -12,7 +12,7 @@ Example:
       --alpha=0.001 --output=runs/fmnist_consistency_0.25/predict.tsv
 
 Staged PREDICT (--stages): the samples are drawn in stages, at level
-alpha / K per stage for K stages, and an example stops at the first stage
+alpha / 2 at the last of K stages and alpha / (2 (K - 1)) at the others, and an example stops at the first stage
 whose test rejects a tie; it abstains only if none did by --n. Far fewer
 samples for the clear examples, at the same guarantee; the TSV gets the
 column samples (the samples each example used):

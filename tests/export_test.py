@@ -228,11 +228,12 @@ class ExportConfigTest(parameterized.TestCase):
             export.ExportConfig(**values)
 
     def test_stages_default_and_levels(self):
-        # The library's default from max(n0, 100), and alpha / K per stage (the library's split).
+        # The library's default from max(n0, 100), and the library's split: alpha / 2 last, alpha / 14 before.
         config = export.ExportConfig(sigma=0.25, num_classes=2, n0=100, n=100000, alpha=0.001)
         self.assertEqual(config.stages, (100, 300, 1000, 3000, 10000, 30000, 50000, 100000))
         self.assertEqual(config.stages, stats.resolve_stages(None, 100000, 100))
-        self.assertEqual(config.levels, (0.001 / 8,) * 8)
+        self.assertEqual(config.levels, (0.001 / 14,) * 7 + (0.0005,))
+        self.assertEqual(config.levels, stats.stage_levels(0.001, 8))
         self.assertAlmostEqual(sum(config.levels), 0.001, delta=1e-15)
         self.assertEqual(export.ExportConfig(sigma=0.25, num_classes=2, n0=500, n=10000).stages, (1000, 3000, 5000,
                                                                                                    10000))

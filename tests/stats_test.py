@@ -334,6 +334,39 @@ def _scripted(successes_by_stage):
     return draw, calls
 
 
+class StageLevelsTest(parameterized.TestCase):
+
+    def test_one_stage_is_fixed_n(self):
+        self.assertEqual(stats.stage_levels(0.001, 1), (0.001,))
+
+    @parameterized.parameters(2, 3, 8)
+    def test_last_stage_gets_half_and_the_levels_sum_to_alpha(self, num_stages):
+        levels = stats.stage_levels(0.001, num_stages)
+        self.assertLen(levels, num_stages)
+        self.assertEqual(levels[-1], 0.0005)
+        self.assertEqual(set(levels[:-1]), {0.001 / (2 * (num_stages - 1))})
+        # The union bound needs sum <= alpha; float sums of K terms are off by a few ulps at most.
+        self.assertLessEqual(abs(sum(levels) - 0.001), num_stages * np.spacing(0.001))
+
+    @parameterized.parameters((0.0, 3), (1.0, 3), (0.01, 0), (0.01, 2.5), (0.01, True))
+    def test_bad_arguments(self, alpha, num_stages):
+        with self.assertRaises(ValueError):
+            stats.stage_levels(alpha, num_stages)
+
+    def test_each_stage_bounds_at_its_level(self):
+        # Three stages, alpha = 0.04: levels 0.01, 0.01, 0.02. One image at
+        # p-hat = 0.8 never settles at radius 0.84 (sigma = 1, threshold
+        # Phi(0.84) = 0.80); its final bound must be the one-sided bound at
+        # 0.02 (statsmodels' two-sided interval at 0.04), not at alpha / 3.
+        draw, _ = _scripted([[40], [40], [320]])
+        result = stats.staged_certify(np.array([1]), draw, (50, 100, 500), alpha=0.04, sigma=1.0, radii=[0.84])
+        self.assertEqual(result.samples[0], 500)
+        expected = proportion_confint(400, 500, alpha=0.04, method="beta")[0]
+        self.assertAlmostEqual(result.p_lower[0], expected, places=12)
+        self.assertNotAlmostEqual(result.p_lower[0], proportion_confint(400, 500, alpha=0.04 * 2 / 3,
+                                                                        method="beta")[0], places=6)
+
+
 class StagedCertifyTest(parameterized.TestCase):
 
     def test_scripted_run(self):

@@ -67,8 +67,8 @@ CERTIFY_HELP = {
              "column samples, and bin/analyze.py reports certified accuracy at these radii only, with no ACR "
              "(an example stops with a smaller radius than full CERTIFY's). Default: off, full CERTIFY.",
     "stages": "With --radii: the cumulative estimation samples after which each example's bounds are checked, "
-              "increasing, ending at --n (n_max), the first >= --n0; each stage's bounds are at level alpha/K "
-              "(K stages). Default: --n x (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 0.5, 1) without the stages below "
+              "increasing, ending at --n (n_max), the first >= --n0; the last stage's bounds are at level "
+              "alpha/2, each earlier one's at alpha/(2(K-1)) (K stages; stats.stage_levels). Default: --n x (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 0.5, 1) without the stages below "
               "max(--n0, 100), i.e. 100,300,1000,3000,10000,30000,50000,100000 for --n=100000 "
               "(stats.default_stages). Why: in bench/staged_sim_bench.py on the authors' n = 100,000 logs it drew "
               "the fewest samples, or within 4% of the fewest, of 7 schedules for a grid of radii, and 9-450x fewer "
@@ -80,7 +80,7 @@ CERTIFY_HELP = {
 PREDICT_HELP = {name: text for name, text in CERTIFY_HELP.items() if name not in ("n0", "radii")}
 PREDICT_HELP["stages"] = (
     "Staged PREDICT: the cumulative samples after which each example's test of the top two classes runs, at level "
-    "alpha/K per stage (K stages), increasing, ending at --n; an example stops with its class at the first stage "
+    "alpha/2 at the last stage and alpha/(2(K-1)) at each earlier one (K stages), increasing, ending at --n; an example stops with its class at the first stage "
     "whose test rejects a tie, and abstains only if none did by --n. The TSV gets the column samples. E.g. "
     "--n=100000 --stages=100,300,1000,3000,10000,30000,50000,100000 (bin/certify.py's default schedule). "
     "Default: off, PREDICT with --n samples.")

@@ -50,7 +50,8 @@ Signatures (all with method name `tensorflow/serving/predict`):
 
 Each staged signature holds with probability >= 1 - alpha per image: stage k
 runs its bounds (or test) at level levels[k], and the levels sum to alpha
-(`stage_levels`; the union-bound argument is in stats.py's docstring).
+(`stats.stage_levels`, as in the library; the union-bound argument is in
+stats.py's docstring).
 
 The base model computes in `compute_dtype` inside the export: float32 by
 default, whatever policy it was trained under (a model trained under
@@ -270,17 +271,6 @@ def _checked_stages(stages: Optional[Sequence[int]], n: int, n0: int) -> Tuple[i
         raise ConfigError(f"--{e}") from None
 
 
-def stage_levels(alpha: float, num_stages: int) -> Tuple[float, ...]:
-    """The level of each stage's bounds (or test) in the staged signatures; they sum to alpha.
-
-    The union bound allows any split; this is the library's
-    (`stats.staged_certify` and `stats.staged_predict` run every stage at
-    alpha / K), so an export answers as `Smooth`'s staged methods do. Change
-    the split here and there together.
-    """
-    return (alpha / num_stages,) * num_stages
-
-
 @dataclasses.dataclass(frozen=True)
 class ExportConfig:
     """What the exported smoothed classifier computes, checked at construction.
@@ -329,8 +319,8 @@ class ExportConfig:
 
     @property
     def levels(self) -> Tuple[float, ...]:
-        """The per-stage levels of the staged signatures (`stage_levels`)."""
-        return stage_levels(self.alpha, len(self.stages))
+        """The per-stage levels of the staged signatures, the library's (`stats.stage_levels`)."""
+        return stats.stage_levels(self.alpha, len(self.stages))
 
     def metadata(self, input_shape: Sequence[int]) -> dict:
         """The JSON-able description that the `metadata` signature returns."""

@@ -463,7 +463,8 @@ class Smooth:
         estimation samples are then drawn in stages n_1 < ... < n_K = n
         (cumulative), only for the images not yet settled: an image stops
         once neither 1/2 nor any Phi(r / sigma), r in radii, lies strictly
-        between its Clopper-Pearson bounds at level alpha / K
+        between its Clopper-Pearson bounds at the stage's level
+        (`stats.stage_levels`)
         (`stats.staged_certify`; the module docstring of stats.py says why
         the answer holds with probability >= 1 - alpha). Stage k draws the
         image's new n_k - n_{k-1} samples from its own noise stream
@@ -519,7 +520,7 @@ class Smooth:
         """PREDICT drawing samples in stages, each image stopping as soon as its test rejects a tie.
 
         At each stage n_1 < ... < n_K = n the two-sided binomial test of the
-        top two counts so far runs at level alpha / K (`stats.staged_predict`);
+        top two counts so far runs at the stage's level (`stats.staged_predict`);
         an image returns its top class at the first stage where the test
         rejects, and ABSTAIN only if it never did by n. With probability
         >= 1 - alpha a returned class is g(x). Stage k's new samples come from

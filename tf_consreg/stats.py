@@ -12,16 +12,16 @@ estimation samples in stages n_1 < ... < n_K = n_max and stops an image as
 soon as its answer is settled. Why stopping early keeps the (1 - alpha)
 guarantee: the top class c is fixed by separate selection samples, so
 p_A = P(f(x + d) = c) is a fixed number during estimation. At stage k the
-one-sided Clopper-Pearson lower bound L_k on p_A, at level alpha / K, from
-the first n_k estimation samples, satisfies P(L_k > p_A) <= alpha / K. By the
-union bound P(L_k > p_A for some k) <= alpha: with probability >= 1 - alpha
-all K bounds hold at once, so the bound L_tau at the stage tau where an image
-stops is valid whatever (data-dependent) rule chose tau. The certificate
-uses L_tau only. The upper bounds U_k (also at level alpha / K) steer the
-stopping and nothing else: a U_k below p_A stops an image as "not certified"
-where n_max samples might have certified it, which costs power, never
-soundness. PREDICT is the same argument with its binomial test at level
-alpha / K per stage.
+one-sided Clopper-Pearson lower bound L_k on p_A, at level a_k, from the
+first n_k estimation samples, satisfies P(L_k > p_A) <= a_k, and the levels
+sum to alpha (`stage_levels`). By the union bound P(L_k > p_A for some k) <=
+alpha: with probability >= 1 - alpha all K bounds hold at once, so the bound
+L_tau at the stage tau where an image stops is valid whatever
+(data-dependent) rule chose tau. The certificate uses L_tau only. The upper
+bounds U_k (also at level a_k) steer the stopping and nothing else: a U_k
+below p_A stops an image as "not certified" where n_max samples might have
+certified it, which costs power, never soundness. PREDICT is the same
+argument with its binomial test at level a_k at stage k.
 """
 
 from typing import Callable, NamedTuple, Optional, Sequence, Tuple, Union
@@ -338,7 +338,7 @@ def settled(p_lower: ArrayLike, p_upper: ArrayLike, radii: Sequence[float], sigm
 # needs about ln(K / alpha) / -ln Phi(r / sigma) samples to be certified at
 # r, about 40,000 for r = 1.75, sigma = 0.5.
 _DEFAULT_STAGE_FRACTIONS = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 0.5, 1.0)
-# Below about 100 samples a stage at level alpha / K settles almost nothing
+# Below about 100 samples a stage at its level (about alpha / (2 K)) settles almost nothing
 # (all of 50 samples in the top class bound p_A only by 0.83 at K = 8,
 # alpha = 0.001) but still takes its share of alpha.
 DEFAULT_SMALLEST_STAGE = 100
@@ -412,7 +412,7 @@ class StagedCertificate(NamedTuple):
         probability >= 1 - alpha over the whole run).
       samples: int64 [B], estimation samples drawn for the image (one of the
         stages).
-      p_lower: float64 [B], the lower bound on p_A (level alpha / K) at the
+      p_lower: float64 [B], the lower bound on p_A (at the stopping stage's level) at the
         stopping stage.
     """
 
@@ -455,14 +455,43 @@ def _check_draw(new: np.ndarray, shape: Tuple[int, ...], num_new: int) -> np.nda
     return new.astype(np.int64)
 
 
+def stage_levels(alpha: float, num_stages: int) -> Tuple[float, ...]:
+    """The level of each stage's bounds (or test) in a staged run; they sum to alpha.
+
+    One stage: alpha, i.e. fixed-n CERTIFY or PREDICT. K > 1 stages: the last
+    alpha / 2 and each earlier one alpha / (2 (K - 1)). The union bound
+    allows any split; this one spends half the budget where it decides
+    certificates. The images still running at the last stage are the ones
+    whose p_A lies near a threshold, and there the level moves the answer: at
+    alpha / 2 the last bound is within ln(2) / n_K of fixed-n CERTIFY's in
+    -log(1 - p_lower) terms, where an even split (alpha / 8 for the default 8
+    stages) lost certificates at the largest radii of a grid. The early
+    stages only stop images far from every threshold, for which a smaller
+    level costs few samples (the samples needed grow like log(1 / level)).
+
+    Args:
+      alpha: failure probability of the whole run, in (0, 1).
+      num_stages: K, >= 1.
+
+    Returns:
+      K levels, in stage order.
+    """
+    _check_alpha(alpha)
+    if isinstance(num_stages, bool) or not isinstance(num_stages, (int, np.integer)) or num_stages < 1:
+        raise ValueError(f"num_stages must be an integer >= 1, got {num_stages!r}")
+    if num_stages == 1:
+        return (alpha,)
+    return (alpha / (2 * (num_stages - 1)),) * (num_stages - 1) + (alpha / 2,)
+
+
 def staged_certify(guesses: np.ndarray, draw: DrawFn, stages: Sequence[int], *, alpha: float, sigma: float,
                    radii: Sequence[float]) -> StagedCertificate:
     """CERTIFY with estimation samples drawn in stages, each image stopping once its answer is settled.
 
     At stage k = 0, ..., K - 1, the images still running get n_k - n_{k-1}
     fresh samples (n_{-1} = 0); the one-sided Clopper-Pearson bounds at level
-    alpha / K on the guessed class's probability, from all n_k samples so
-    far, decide whether the image is settled (`settled`). An image stops at
+    `stage_levels(alpha, K)[k]` on the guessed class's probability, from
+    all n_k samples so far, decide whether the image is settled (`settled`). An image stops at
     the first settled stage, and at n_K otherwise. Its radius is sigma
     Phi^-1(lower bound) at that stage, and it is certified at a radius r iff
     radius >= r, the convention of certified accuracy in analysis.py (g is
@@ -497,7 +526,7 @@ def staged_certify(guesses: np.ndarray, draw: DrawFn, stages: Sequence[int], *, 
     guesses = np.asarray(guesses, dtype=np.int64)
     if guesses.ndim != 1:
         raise ValueError(f"guesses must be [B], got shape {guesses.shape}")
-    level = alpha / len(stages)
+    levels = stage_levels(alpha, len(stages))
     successes = np.zeros(len(guesses), np.int64)
     samples = np.zeros(len(guesses), np.int64)
     p_lower = np.zeros(len(guesses), np.float64)
@@ -507,9 +536,9 @@ def staged_certify(guesses: np.ndarray, draw: DrawFn, stages: Sequence[int], *, 
             break
         successes[active] += _check_draw(draw(active, k, n_k - previous), active.shape, n_k - previous)
         samples[active] = n_k
-        p_lower[active] = clopper_pearson_lower(successes[active], n_k, level)
+        p_lower[active] = clopper_pearson_lower(successes[active], n_k, levels[k])
         if k < len(stages) - 1:
-            p_upper = clopper_pearson_upper(successes[active], n_k, level)
+            p_upper = clopper_pearson_upper(successes[active], n_k, levels[k])
             active = active[~settled(p_lower[active], p_upper, radii, sigma)]
         previous = n_k
     classes, radius = _certify_decision(guesses, p_lower, sigma)
@@ -521,10 +550,10 @@ def staged_predict(num_images: int, draw: DrawFn, stages: Sequence[int], *, alph
     """PREDICT with samples drawn in stages, each image stopping once its test rejects a tie.
 
     At each stage the two-sided binomial test of the top two counts so far
-    (as `predict_from_counts`) runs at level alpha / K; an image stops with
-    its top class as soon as it rejects, and ABSTAINs if it has not rejected
-    at n_K. With probability >= 1 - alpha a returned class is g(x): each
-    stage's test errs with probability <= alpha / K, and the union bound
+    (as `predict_from_counts`) runs at level `stage_levels(alpha, K)[k]`; an
+    image stops with its top class as soon as it rejects, and ABSTAINs if it
+    has not rejected at n_K. With probability >= 1 - alpha a returned class is
+    g(x): stage k's test errs with probability <= its level, and the union bound
     covers every stage at once (module docstring). With one stage it is
     PREDICT.
 
@@ -546,7 +575,7 @@ def staged_predict(num_images: int, draw: DrawFn, stages: Sequence[int], *, alph
     stages = check_stages(stages)
     if isinstance(num_images, bool) or not isinstance(num_images, (int, np.integer)) or num_images < 0:
         raise ValueError(f"num_images must be an integer >= 0, got {num_images!r}")
-    level = alpha / len(stages)
+    levels = stage_levels(alpha, len(stages))
     classes = np.full(num_images, ABSTAIN, np.int64)
     samples = np.zeros(num_images, np.int64)
     counts = None
@@ -561,7 +590,7 @@ def staged_predict(num_images: int, draw: DrawFn, stages: Sequence[int], *, alph
             counts = np.zeros((num_images, new.shape[1]), np.int64)
         counts[active] += _check_draw(new, (len(active), counts.shape[1]), n_k - previous)
         samples[active] = n_k
-        classes[active] = predict_from_counts(counts[active], alpha=level)
+        classes[active] = predict_from_counts(counts[active], alpha=levels[k])
         active = active[classes[active] == ABSTAIN]
         previous = n_k
     return StagedPrediction(classes=classes, samples=samples)
