@@ -47,7 +47,7 @@ them with the other processes' load printed beside them.
 import json
 import os
 import time
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 from absl import app
 from absl import flags
