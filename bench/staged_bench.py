@@ -31,6 +31,9 @@ at sigma = 0.5, 500 test images (every 20th), n_max = 100,000, alpha = 0.001):
       --out_dir=/work/runs-staged
   python bench/staged_bench.py --model=... --out_dir=/work/runs-staged --parts=   # the report only
 
+The report warns when the runs saw other processes' loads differing by more
+than UNEVEN_LOAD cores: then their wall times are not comparable.
+
 Fixed n = 100,000 on 500 images is 50 million forward passes: 15-20 minutes
 on 2 quiet cores. --num_images=100 certifies the first 100 of them; a later
 run with more resumes the same TSVs (the number of images is not part of a
@@ -44,7 +47,7 @@ them with the other processes' load printed beside them.
 import json
 import os
 import time
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 from absl import app
 from absl import flags
@@ -66,6 +69,8 @@ PARTS = ("fixed", "one", "grid")
 TARGETS = {"one": (20.0, 10.0), "grid": (2.0, None)}
 # Certified accuracy within this of fixed-n CERTIFY's at every radius (1 point).
 ACCURACY_TOLERANCE = 0.01
+# Other processes' cores beyond which two runs' wall times are not comparable.
+UNEVEN_LOAD = 0.25
 
 _MODEL = flags.DEFINE_string("model", None, "The base model (.keras) to certify.")
 _DATASET = flags.DEFINE_string("dataset", "fashion_mnist", "Its dataset.")
@@ -118,18 +123,17 @@ def certify(run: certify_run.CertifyConfig, part: str) -> None:
           flush=True)
 
 
-def sessions_load(part: str) -> str:
-    """The other processes' cores over a part's sessions, weighted by their time, e.g. '0.31 (2 sessions)'."""
+def sessions_load(part: str) -> Optional[float]:
+    """The cores other processes used over a part's sessions, weighted by their time; None if unknown."""
     path = os.path.join(_OUT_DIR.value, f"{part}.sessions.jsonl")
     if not os.path.exists(path):
-        return "no session recorded"
+        return None
     with open(path, encoding="utf-8") as f:
-        sessions = [json.loads(line) for line in f if line.strip()]
-    known = [s for s in sessions if s["other_cores"] is not None and s["seconds"] > 0]
+        known = [s for s in (json.loads(line) for line in f if line.strip())
+                 if s["other_cores"] is not None and s["seconds"] > 0]
     if not known:
-        return f"unknown ({len(sessions)} sessions)"
-    cores = sum(s["other_cores"] * s["seconds"] for s in known) / sum(s["seconds"] for s in known)
-    return f"{cores:.2f} cores ({len(sessions)} session{'s' * (len(sessions) > 1)})"
+        return None
+    return sum(s["other_cores"] * s["seconds"] for s in known) / sum(s["seconds"] for s in known)
 
 
 def decisions(log: certify_log.CertifyLog, radii: Tuple[float, ...]) -> np.ndarray:
@@ -166,10 +170,16 @@ def report() -> bool:
           "TSV's time column (certification only, no start-up)")
     print("| run | radii | samples/image | fewer samples | wall (s) | less wall | other load while certifying |")
     print("|---|---|---:|---:|---:|---:|---|")
+    loads = {p: sessions_load(p) for p in logs}
     for p, log in logs.items():
         radii = "all (full CERTIFY)" if log.radii is None else ", ".join(f"{r:g}" for r in log.radii)
+        load = "unknown" if loads[p] is None else f"{loads[p]:.2f} cores"
         print(f"| {p} | {radii} | {log.samples.mean():,.0f} | {fixed.samples.mean() / log.samples.mean():.1f}x | "
-              f"{seconds[p]:.1f} | {seconds['fixed'] / seconds[p]:.1f}x | {sessions_load(p)} |")
+              f"{seconds[p]:.1f} | {seconds['fixed'] / seconds[p]:.1f}x | {load} |")
+    known = [load for load in loads.values() if load is not None]
+    if len(known) < len(loads) or max(known) - min(known) > UNEVEN_LOAD:
+        print(f"WARNING: the runs saw other loads (or unknown ones) differing by more than {UNEVEN_LOAD} cores: "
+              "the wall-time ratios are not comparable; rerun on a quiet machine")
     met = True
     for p, log in logs.items():
         if p == "fixed":
@@ -189,10 +199,10 @@ def report() -> bool:
                    gap <= ACCURACY_TOLERANCE + 1e-12)]
         if fewer_samples is not None:
             ratio = fixed.samples.mean() / log.samples.mean()
-            checks.append((f">= {fewer_samples:g}x fewer samples ({ratio:.1f}x)", ratio >= fewer_samples))
+            checks.append((f">= {fewer_samples:g}x fewer samples ({ratio:.2f}x)", ratio >= fewer_samples))
         if less_wall is not None:
             ratio = seconds["fixed"] / seconds[p]
-            checks.append((f">= {less_wall:g}x less wall time ({ratio:.1f}x)", ratio >= less_wall))
+            checks.append((f">= {less_wall:g}x less wall time ({ratio:.2f}x)", ratio >= less_wall))
         for text, ok in checks:
             print(f"  {'met' if ok else 'MISSED'}: {text}")
             met &= ok

@@ -23,6 +23,7 @@ own), then summarized as one run:
   python bin/analyze.py runs/fmnist_consistency_0.25/certify_n10k.shard*.tsv
 
 --strategy=mirrored splits each example's samples across the local GPUs.
+--helpfull describes every flag.
 
 The base model computes in float32, whatever policy it was trained under;
 --compute_dtype=bfloat16 certifies its bfloat16 network instead (the network
@@ -30,14 +31,20 @@ a --mixed_precision=mixed_bfloat16 run computes). The settings file beside
 the TSV records which.
 
 Fixed-radius mode (--radii): answers "is this example certified at r?" for
-the given radii only. The estimation samples are drawn in --stages (default
-for --n=100000: 100,300,1000,3000,10000,30000,50000,100000; see --help) and
-an example stops as soon as its answer at every radius is settled, at the
-same 1 - alpha guarantee. The TSV adds the column samples; its radius column
-is the radius certified where the example stopped (rounded down), so
-"radius >= r" is the run's decision at each r of --radii, but it is smaller
-than full CERTIFY's: bin/analyze.py reports such a run at its radii, without
-an ACR.
+the given radii only. The estimation samples are drawn in --stages and an
+example stops as soon as its answer at every radius is settled, at the same
+1 - alpha guarantee (each stage's bounds at level alpha / K for K stages).
+The default stages are --n x (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 0.5, 1)
+from max(--n0, 100) on: 100,300,1000,3000,10000,30000,50000,100000 for
+--n=100000. Why: steps of about sqrt(10) settle most examples after a few
+hundred or thousand samples for a small share of alpha each, and the 0.5
+stage lets examples whose radius is near the largest asked one stop halfway;
+bench/staged_sim_bench.py chose it among 7 schedules on the authors' logs.
+
+The TSV adds the column samples; its radius column is the radius certified
+where the example stopped (rounded down), so "radius >= r" is the run's
+decision at each r of --radii, but it is smaller than full CERTIFY's:
+bin/analyze.py reports such a run at its radii, without an ACR.
 
   python bin/certify.py --model_dir=runs/fmnist_consistency_0.25 --radii=0.25,0.5 \
       --output=runs/fmnist_consistency_0.25/certify_r0.25_0.5.tsv
