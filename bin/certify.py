@@ -23,7 +23,7 @@ own), then summarized as one run:
   python bin/analyze.py runs/fmnist_consistency_0.25/certify_n10k.shard*.tsv
 
 --strategy=mirrored splits each example's samples across the local GPUs.
---helpfull describes every flag.
+--help describes every flag.
 
 The base model computes in float32, whatever policy it was trained under;
 --compute_dtype=bfloat16 certifies its bfloat16 network instead (the network
@@ -33,7 +33,8 @@ the TSV records which.
 Fixed-radius mode (--radii): answers "is this example certified at r?" for
 the given radii only. The estimation samples are drawn in --stages and an
 example stops as soon as its answer at every radius is settled, at the same
-1 - alpha guarantee (each stage's bounds at level alpha / K for K stages).
+1 - alpha guarantee (the last stage's bounds at level alpha / 2, each earlier
+stage's at alpha / (2 (K - 1)) for K stages).
 The default stages are --n x (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 0.5, 1)
 from max(--n0, 100) on: 100,300,1000,3000,10000,30000,50000,100000 for
 --n=100000. Why: steps of about sqrt(10) settle most examples after a few

@@ -68,6 +68,14 @@ class DefineFlagsTest(absltest.TestCase):
                           "radii": ["0.25", "0.5"], "labels": None})
         self.assertEqual(self.values["count"].help, "help of count")
 
+    def test_flags_are_key_flags_of_the_caller(self):
+        # A binary's --help (short help) lists its key flags: the flags must be
+        # the caller's (here this test module's), not tf_consreg.cli's.
+        self._define()
+        mine = {flag.name for flag in self.values.get_key_flags_for_module(sys.modules[__name__])}
+        self.assertContainsSubset({"output", "count", "rate", "radii"}, mine)
+        self.assertEmpty(self.values.get_key_flags_for_module(cli))
+
     def test_parsed_values_build_the_config(self):
         holders = self._define()
         self.values(["prog", "--output=o.tsv", "--count=7", "--rate=1e-3", "--on", "--limit=4", "--radii=1,2.5",

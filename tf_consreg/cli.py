@@ -28,6 +28,11 @@ from tf_consreg.errors import ConfigError
 
 FlagHolders = Dict[str, flags.FlagHolder]
 
+# define_flags is a DEFINE_* wrapper: the flags it defines are key flags of
+# the module that calls it (the binary), so that a binary's --help (short
+# help: its key flags) lists them, not only --helpfull.
+flags.disclaim_key_flags()
+
 # The flags of bin/certify.py and bin/predict.py: the fields of
 # certify_run.CertifyConfig but `mode`, which each binary sets.
 CERTIFY_HELP = {
