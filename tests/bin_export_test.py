@@ -78,7 +78,7 @@ class ExportBinaryTest(parameterized.TestCase):
         meta = export.read_metadata(version_dir)
         self.assertEqual((meta["sigma"], meta["n0"], meta["n"], meta["alpha"]), (0.5, 4, 16, 0.001))
         self.assertEqual(meta["stages"], [16])
-        self.assertIn("stages=16) to", result.stdout)
+        self.assertIn("stages=16, base model computing in float32) to", result.stdout)
         self.assertEqual(meta["class_names"][9], "Ankle boot")
         out = tf.saved_model.load(version_dir).signatures["serving_default"](
             images=tf.constant(np.full((2, 28, 28, 1), 0.5, np.float32)))
