@@ -177,7 +177,8 @@ class ReadmeClusterTest(tf.test.TestCase):
     def setUpClass(cls):
         super().setUpClass()
         cls.root = tempfile.mkdtemp(prefix="readme_cluster_")
-        cls.cluster = Cluster(cls.root)
+        # float32: the tolerance below is derived for float32 sums (auto would pick bfloat16 on CPUs with it).
+        cls.cluster = Cluster(cls.root, extra_flags=["--mixed_precision=none"])
         try:
             cls.cluster.start("run")
             cls.results = cls.cluster.wait()
@@ -262,7 +263,8 @@ class ReadmeClusterTest(tf.test.TestCase):
         after = {}
         for epochs in (1, 2):
             with flagsaver.flagsaver():
-                FLAGS(["train", *flag_values, "--strategy=default", f"--epochs={epochs}", f"--model_dir={model_dir}"])
+                FLAGS(["train", *flag_values, "--strategy=default", f"--epochs={epochs}", f"--model_dir={model_dir}",
+                       "--mixed_precision=none"])
                 train_bin.main(["train"])
             after[epochs] = models.load_base_model(os.path.join(model_dir, "base_model.keras")).get_weights()
         cluster = models.load_base_model(os.path.join(self.cluster.model_dirs[0], "base_model.keras")).get_weights()
