@@ -278,8 +278,8 @@ class TrainBinaryTest(tf.test.TestCase, parameterized.TestCase):
         ("smoothmix_deferred", dict(method="smoothmix", lbd=None, deferred=True), "--deferred is used only by"),
         ("attack_step_other", dict(attack_step=1.0), "--attack_step is used only by --method=smoothmix"),
         ("mixed_precision", dict(mixed_precision="bfloat16"), "--mixed_precision='bfloat16' is unknown"),
-        ("pretrained_garbage", dict(pretrained_model=os.path.join(REPO, "README.md")),
-         "--pretrained_model: .*README.md: not a loadable Keras model"),
+        ("pretrained_garbage", dict(pretrained_model=os.path.abspath(__file__)),
+         "--pretrained_model: .*bin_train_test.py: not a loadable Keras model"),
         ("steps_per_execution", dict(steps_per_execution=3), "--steps_per_execution=3 must divide the 4 steps"),
     )
     def test_bad_flags_fail_before_any_work(self, overrides, message):
