@@ -29,7 +29,9 @@ def pytest_args(argv, environ):
     """
     # This file (a copy of it) lives in <runfiles>/<workspace>/tests/.
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    args = [os.path.join(root, argv[1]), "--rootdir", root, "-c", os.path.join(root, "pytest.ini")]
+    # Bazel runs one target per file and schedules the targets itself: the file
+    # runs in this process, not in pytest.ini's worker processes (`-n 0`).
+    args = [os.path.join(root, argv[1]), "--rootdir", root, "-c", os.path.join(root, "pytest.ini"), "-n", "0"]
     if environ.get("XML_OUTPUT_FILE"):
         args.append("--junitxml=" + environ["XML_OUTPUT_FILE"])
     if environ.get("TESTBRIDGE_TEST_ONLY"):
