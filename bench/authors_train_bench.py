@@ -35,12 +35,13 @@ import contextlib
 import io
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+
+import measure
 
 CONTENDERS = ("authors", "none", "mixed_bfloat16")
 LABELS = {"authors": "authors' PyTorch loop (float32)", "none": "tf_consreg float32",
@@ -180,7 +181,6 @@ def main() -> None:
     import numpy as np  # pylint: disable=import-outside-toplevel
 
     from tf_consreg import data  # pylint: disable=import-outside-toplevel
-    from tf_consreg import precision  # pylint: disable=import-outside-toplevel
 
     images, labels = data.load_arrays("fashion_mnist", "train", limit=args.examples)
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
@@ -207,10 +207,7 @@ def main() -> None:
                       f"clean images/s (other processes: "
                       f"{'unknown' if cores is None else f'{cores:.2f} cores'})", flush=True)
 
-    import tensorflow as tf  # pylint: disable=import-outside-toplevel
-
-    print(f"\nmachine: {precision.probe().describe()}; {os.cpu_count()} cores; {platform.python_version()}; "
-          f"TensorFlow {tf.__version__} (oneDNN {os.environ.get('TF_ENABLE_ONEDNN_OPTS', '1')}); {torch_info}")
+    print(f"\nmachine: {measure.machine()}; {torch_info}")
     print(f"LeNet / Fashion-MNIST, consistency m={args.num_noise} lambda={args.lbd:g} eta={args.eta:g} "
           f"sigma={args.sigma:g}, {args.examples} images/epoch, last of {args.epochs} epochs, {args.rounds} rounds")
     known = [c for c in loads if c is not None]

@@ -42,6 +42,7 @@ from tf_consreg import data
 from tf_consreg import models
 from tf_consreg import precision
 
+import measure
 from measure import OtherLoad
 from measure import row_seconds
 
@@ -115,8 +116,7 @@ def main(argv):
     def load_text(cores):
         return "unknown" if cores is None else f"{cores:.2f} of {os.cpu_count()} cores"
 
-    print(f"TensorFlow {tf.__version__}, oneDNN {os.environ.get('TF_ENABLE_ONEDNN_OPTS')}, "
-          f"{os.cpu_count()} CPU cores")
+    print(f"machine: {measure.machine()}")
     print(f"bfloat16: {precision.probe().describe()}")
     print(f"float32 matmul ({_MATMUL_SIZE.value}^2): {gflops:.1f} GFLOP/s "
           f"(other processes: {load_text(matmul_load)})")

@@ -34,13 +34,14 @@ the CPU is reported beside the times.
 import argparse
 import importlib.util
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 
 import numpy as np
+
+import measure
 
 _BUILD_PY = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "tools", "serving_check", "build.py")
 
@@ -157,7 +158,6 @@ def main() -> None:
     from tf_consreg import data  # pylint: disable=import-outside-toplevel
     from tf_consreg import export  # pylint: disable=import-outside-toplevel
     from tf_consreg import models  # pylint: disable=import-outside-toplevel
-    from tf_consreg import precision  # pylint: disable=import-outside-toplevel
     from tf_consreg import smoothing  # pylint: disable=import-outside-toplevel
     from tf_consreg import training  # pylint: disable=import-outside-toplevel
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
@@ -178,11 +178,7 @@ def main() -> None:
         spec.loader.exec_module(build)
         binary = build.build()
 
-    # A virtual machine's model name may be generic: the bfloat16 flags tell the generation.
-    cpu_model, cpu_flags = precision.cpu_capability()
-    print(f"machine: {cpu_model or platform.processor() or platform.machine()} "
-          f"(bfloat16 flags: {', '.join(cpu_flags) if cpu_flags else 'none'}), {os.cpu_count()} cores, "
-          f"TensorFlow {tf.__version__}, TF_ENABLE_ONEDNN_OPTS={os.environ.get('TF_ENABLE_ONEDNN_OPTS')}")
+    print(f"machine: {measure.machine()}")
     print(f"model {model.name}, CERTIFY n0={args.n0} n={args.n} alpha={args.alpha}, batch {args.batch_size} "
           f"noisy copies per forward pass, best of {args.rounds} rounds")
     with tempfile.TemporaryDirectory() as tmp:

@@ -18,12 +18,12 @@ should outrun training by at least 5x (compare bench/resnet_bench.py, or pass
 """
 
 import argparse
-import os
-import platform
 import time
 
 import numpy as np
 import tensorflow as tf
+
+import measure
 
 
 def _rate(dataset: tf.data.Dataset, batches: int, warmup: int) -> float:
@@ -75,7 +75,7 @@ def main() -> None:
     parser.add_argument("--pipelines", default="cifar10,imagenet2012")
     args = parser.parse_args()
 
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores")
+    print(f"machine: {measure.machine()}")
     builders = {"cifar10": _cifar10, "imagenet2012": _imagenet}
     for name in args.pipelines.split(","):
         batches = args.batches if name == "cifar10" else max(1, args.batches // 6)

@@ -1,4 +1,4 @@
-"""What the benchmarks share: the load other processes put on the CPU, and certification TSV row times.
+"""What the benchmarks share: the machine line, the load other processes put on the CPU, and TSV row times.
 
 On 2 shared cores any other job changes a throughput a lot, so benchmarks
 report how many cores other processes used while they measured.
@@ -6,9 +6,33 @@ report how many cores other processes used while they measured.
 
 import datetime
 import os
+import platform
 import re
 import resource
 from typing import List
+
+from tf_consreg import precision
+
+
+def machine() -> str:
+    """The line every benchmark prints first, so that figures name the machine they came from.
+
+    The CPU's model name (a virtual machine's may be generic, so its bfloat16
+    flags too, which tell the generation), the cores, Python, and TensorFlow
+    with its oneDNN setting, e.g. `Intel(R) Xeon(R) Processor (bfloat16 flags:
+    avx512_bf16, amx_bf16), 2 cores, Python 3.11.7, TensorFlow 2.21.0
+    (TF_ENABLE_ONEDNN_OPTS=1)`.
+    """
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel  Every benchmark has it loaded by now.
+
+    model, flags = precision.cpu_capability()
+    if flags is None:
+        bf16 = "bfloat16 flags unknown"
+    else:
+        bf16 = "bfloat16 flags: " + (", ".join(flags) if flags else "none")
+    return (f"{model or platform.processor() or platform.machine()} ({bf16}), {os.cpu_count()} cores, "
+            f"Python {platform.python_version()}, TensorFlow {tf.__version__} "
+            f"(TF_ENABLE_ONEDNN_OPTS={os.environ.get('TF_ENABLE_ONEDNN_OPTS')})")
 
 
 class OtherLoad:

@@ -15,12 +15,12 @@ cores other processes used meanwhile (measure.OtherLoad).
 
 import argparse
 import os
-import platform
 import sys
 import tempfile
 
 import numpy as np
 
+import measure
 from measure import OtherLoad
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -81,8 +81,9 @@ def main() -> None:
     from tf_consreg import training  # pylint: disable=import-outside-toplevel
 
     test_x, test_y = data.load_arrays("fashion_mnist", "test")
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores; LeNet / Fashion-MNIST, {args.examples} "
-          f"images x {args.epochs} epochs, paper MNIST settings at sigma = 0.50")
+    print(f"machine: {measure.machine()}")
+    print(f"LeNet / Fashion-MNIST, {args.examples} images x {args.epochs} epochs, paper MNIST settings at "
+          "sigma = 0.50")
     print("| method | flags | clean images/s | s/epoch | x gaussian | loss first -> last epoch "
           "| noisy test accuracy | other load (cores) |")
     print("|---|---|---|---|---|---|---|---|")

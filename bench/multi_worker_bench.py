@@ -23,7 +23,6 @@ minute before each run is printed, since other processes change the numbers.
 import argparse
 import json
 import os
-import platform
 import re
 import shutil
 import socket
@@ -31,6 +30,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+import measure
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(REPO, "bin", "train.py")
@@ -82,8 +83,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=600, help="seconds per setting")
     args = parser.parse_args()
 
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"python {platform.python_version()}")
+    print(f"machine: {measure.machine()}")
     print(f"LeNet / Fashion-MNIST, consistency, m = 2, global batch {args.batch_size} clean images, "
           f"{args.examples} images/epoch, last of {args.epochs} epochs")
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}

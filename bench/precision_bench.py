@@ -29,7 +29,6 @@ import fcntl
 import glob
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -47,6 +46,7 @@ from tf_consreg import models
 from tf_consreg import precision
 from tf_consreg import smoothing
 
+import measure
 from measure import OtherLoad
 from measure import row_seconds
 
@@ -190,8 +190,8 @@ def epoch_scalars(run_dir: str, tag: str, subdir: str = "train"):
 
 def report() -> None:
     capability = precision.probe()
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-          f"bfloat16: {capability.describe()}; TensorFlow {tf.__version__}")
+    print(f"machine: {measure.machine()}")
+    print(f"bfloat16: {capability.describe()}")
     print(f"FM-15: LeNet, Fashion-MNIST (60k), consistency sigma={SIGMA} m=2 lambda=5 eta=0.5, {_EPOCHS.value} "
           f"epochs, lr 0.01 x0.1 every {_LR_STEP_SIZE.value}, batch 256; certified on every {_SKIP.value}th test "
           f"image, n0={_N0.value} n={_N.value} alpha={_ALPHA.value}")

@@ -12,11 +12,11 @@ to its end. A CPU baseline for later GPU runs.
 """
 
 import argparse
-import os
-import platform
 import tempfile
 
 import keras
+
+import measure
 
 
 def main() -> None:
@@ -48,8 +48,7 @@ def main() -> None:
         history = model.fit(pipeline.dataset, epochs=args.epochs, callbacks=[callbacks.Throughput(args.batch_size)],
                             shuffle=False, verbose=0)
     speeds = history.history["images_per_second"]
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-          f"TF_ENABLE_ONEDNN_OPTS={os.environ.get('TF_ENABLE_ONEDNN_OPTS')}")
+    print(f"machine: {measure.machine()}")
     print(f"{args.arch} / CIFAR-10 shapes, {args.method}, m = {args.num_noise}, batch {args.batch_size} clean "
           f"images ({args.batch_size * args.num_noise} noisy copies) per step, {pipeline.steps_per_epoch} steps/epoch")
     print(f"training: {speeds[-1]:8.1f} clean images/s ({speeds[-1] * args.num_noise:.1f} noisy copies/s; "

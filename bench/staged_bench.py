@@ -58,8 +58,8 @@ import tf_consreg  # pylint: disable=unused-import  Sets TensorFlow's environmen
 from tf_consreg import analysis
 from tf_consreg import certify_log
 from tf_consreg import certify_run
-from tf_consreg import precision
 
+import measure
 from measure import OtherLoad
 from measure import row_seconds
 
@@ -219,7 +219,7 @@ def main(argv):
     if _NUM_IMAGES.value < 1:
         raise app.UsageError(f"--num_images must be >= 1, got {_NUM_IMAGES.value}")
     runs = {part: config(part) for part in PARTS if part in _PARTS.value}  # Every config checked before any work.
-    print(f"CPU: {precision.probe().describe()}; {os.cpu_count()} cores", flush=True)
+    print(f"machine: {measure.machine()}", flush=True)
     os.makedirs(_OUT_DIR.value, exist_ok=True)
     for part, run in runs.items():
         certify(run, part)

@@ -17,10 +17,11 @@ TF_ENABLE_ONEDNN_OPTS only when it loads.
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
+
+import measure
 
 
 def _child(args) -> None:
@@ -60,8 +61,7 @@ def main() -> None:
 
     from tf_consreg import precision  # pylint: disable=import-outside-toplevel
 
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"python {platform.python_version()}")
+    print(f"machine: {measure.machine()}")
     print(f"bfloat16: {precision.probe().describe()}")
     print(f"LeNet / Fashion-MNIST, {args.method}, m = {args.num_noise}, batch {args.batch_size} clean images, "
           f"{args.examples} images/epoch, last of {args.epochs} epochs")
