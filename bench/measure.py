@@ -23,7 +23,8 @@ def machine() -> str:
     avx512_bf16, amx_bf16), 2 cores, Python 3.11.7, TensorFlow 2.21.0
     (TF_ENABLE_ONEDNN_OPTS=1)`.
     """
-    import tensorflow as tf  # pylint: disable=import-outside-toplevel  Every benchmark has it loaded by now.
+    # Here, not at the top, so that a benchmark sets its environment (oneDNN, threads) before TensorFlow loads.
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
 
     model, flags = precision.cpu_capability()
     if flags is None:
