@@ -45,6 +45,7 @@ import tensorflow as tf
 from tf_consreg import certify_run
 from tf_consreg import models
 
+import measure
 from measure import OtherLoad
 from measure import row_seconds
 
@@ -169,8 +170,8 @@ def main(argv):
         model = os.path.join(directory, models.BASE_MODEL_FILE)
         tf.keras.utils.set_random_seed(0)
         models.get_architecture("lenet", "fashion_mnist").save(model)
-        print(f"LeNet, Fashion-MNIST, n0 = {_N0.value}, n = {_N.value}, batch_size = {_BATCH_SIZE.value}, "
-              f"{os.cpu_count()} CPU cores, TF_ENABLE_ONEDNN_OPTS={os.environ.get('TF_ENABLE_ONEDNN_OPTS')}")
+        print(f"machine: {measure.machine()}")
+        print(f"LeNet, Fashion-MNIST, n0 = {_N0.value}, n = {_N.value}, batch_size = {_BATCH_SIZE.value}")
         if "processes" in _PARTS.value:
             print(f"\n{_EXAMPLES.value} images; steady = while every process certifies (after its first row, "
                   "which traces); whole = over the wall time, start-up included")
