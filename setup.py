@@ -27,6 +27,6 @@ setuptools.setup(
         "tensorflow-serving-api>=2.19",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3", "statsmodels>=0.14"],
+        "test": ["pytest>=8", "pytest-xdist>=3", "statsmodels>=0.14", "mpmath>=1.3"],
     },
 )
