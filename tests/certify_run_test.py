@@ -258,6 +258,33 @@ class CertifyDatasetTest(RunFixture, tf.test.TestCase, parameterized.TestCase):
             certify_run.certify_dataset(self._config(output, max=5), verbose=0)
 
     @parameterized.named_parameters(
+        # Resuming once checked only the field count and idx: these resumed with exit 0, and analyze then refused the log.
+        ("nan_radius_label_77", {1: "77", 3: "nan", 4: "0"}, r"certify.tsv:3: label 77 or class"),
+        ("nan_radius", {3: "nan"}, r"certify.tsv:3: radius must be a finite number >= 0, got nan"),
+        ("class_out_of_range", {2: "10", 4: "0"}, r"certify.tsv:3: label \d+ or class 10 is not below the 10"),
+        ("abstention_with_radius", {2: "-1", 3: "0.5", 4: "0"}, r"certify.tsv:3: an abstention"),
+        ("correct_contradicts", {4: "2"}, r"certify.tsv:3: correct=2 contradicts"),
+        ("garbage_time", {5: "soon"}, r"certify.tsv:3: malformed row"),
+    )
+    def test_refuses_to_resume_an_impossible_row(self, changes, message):
+        output = self._output()
+        certify_run.certify_dataset(self._config(output, max=3), verbose=0)
+        with open(output, encoding="utf-8") as f:
+            lines = f.readlines()
+        fields = lines[2].rstrip("\n").split("\t")
+        for column, value in changes.items():
+            fields[column] = value
+        lines[2] = "\t".join(fields) + "\n"
+        with open(output, "w", encoding="utf-8") as f:
+            f.writelines(lines)
+        with open(output, "rb") as f:
+            before = f.read()
+        with self.assertRaisesRegex(ConfigError, message + ".*the file is corrupt"):
+            certify_run.certify_dataset(self._config(output, max=5), verbose=0)
+        with open(output, "rb") as f:
+            self.assertEqual(f.read(), before)  # Nothing appended, nothing cut.
+
+    @parameterized.named_parameters(
         ("n0", dict(n0=0), "--n0 must be >= 1"),
         ("n", dict(n=0), "--n must be >= 1"),
         ("alpha", dict(alpha=1.0), "--alpha must be in"),
@@ -548,6 +575,21 @@ class StagedCertifyTest(RunFixture, tf.test.TestCase, parameterized.TestCase):
             f.write("5\t1\t")
         self.assertEqual(certify_run.certify_dataset(self._config(pieces), verbose=0), 7)
         self.assertEqual(without_time(read_rows(pieces)[1]), without_time(read_rows(whole)[1]))
+
+    @parameterized.named_parameters(
+        ("not_a_number", "abc", r"certify.tsv:2: malformed row"),
+        ("not_a_stage", "123", r"certify.tsv:2: samples 123 is not one of the run's stages \(100, 500, 2000\)"),
+    )
+    def test_refuses_to_resume_corrupt_samples(self, samples, message):
+        output = self._output()
+        certify_run.certify_dataset(self._config(output, max=2), verbose=0)
+        with open(output, encoding="utf-8") as f:
+            lines = f.readlines()
+        lines[1] = lines[1].rsplit("\t", 1)[0] + f"\t{samples}\n"
+        with open(output, "w", encoding="utf-8") as f:
+            f.writelines(lines)
+        with self.assertRaisesRegex(ConfigError, message + ".*the file is corrupt"):
+            certify_run.certify_dataset(self._config(output, max=4), verbose=0)
 
     @parameterized.named_parameters(
         ("full_then_staged", dict(radii=None, stages=None), dict(), "mode: 'certify' there, 'certify_staged' now"),

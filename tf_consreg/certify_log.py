@@ -268,28 +268,64 @@ class CertifyLog:
         return self.radii is not None
 
 
-def _parse_row(fields: List[str], path: str, line_number: int, staged: bool) -> tuple:
-    where = f"{path}:{line_number}"
-    columns = HEADERS["certify_staged" if staged else "certify"]
+def _parse_time(text: str) -> float:
+    """The `time` column (`str(datetime.timedelta)`: [D day[s], ]H:MM:SS[.ffffff]) in seconds."""
+    days = 0
+    if " day" in text:
+        count, _, text = text.partition(" day")
+        days = int(count)
+        text = text.lstrip("s").lstrip(",").strip()
+    hours, minutes, seconds = text.split(":")
+    value = float(seconds)  # int() and float() raise ValueError on anything malformed.
+    if days < 0 or int(hours) < 0 or not 0 <= int(minutes) < 60 or not (math.isfinite(value) and 0 <= value < 60):
+        raise ValueError(f"time {text!r} is not H:MM:SS")
+    return days * 86400 + int(hours) * 3600 + int(minutes) * 60 + value
+
+
+def parse_row(mode: str, fields: List[str], where: str, *, num_classes: Optional[int] = None,
+              stages: Optional[Sequence[int]] = None) -> tuple:
+    """One row of a log of `mode`, checked: the one row parser of resuming and of analysis.
+
+    Args:
+      mode: one of MODES.
+      fields: the row's tab-separated fields.
+      where: "path:line", for the message.
+      num_classes: when known, labels and predictions must be below it.
+      stages: when known, a staged row's samples must be one of them.
+
+    Returns:
+      (idx, label, predict, radius, correct, samples): radius 0 in the predict
+      modes, samples 0 in the full ones.
+
+    Raises:
+      ConfigError: a malformed or impossible row, naming `where`.
+    """
+    columns = HEADERS[mode]
     if len(fields) != len(columns):
         raise ConfigError(f"{where}: expected {len(columns)} tab-separated fields, got {len(fields)}")
+    row = dict(zip(columns, fields))
     try:
-        idx, label, predict, correct = (int(fields[i]) for i in (0, 1, 2, 4))
-        radius = float(fields[3])
-        samples = int(fields[6]) if staged else 0
+        idx, label, predict, correct = (int(row[name]) for name in ("idx", "label", "predict", "correct"))
+        radius = float(row["radius"]) if "radius" in row else 0.0
+        samples = int(row[SAMPLES_COLUMN]) if SAMPLES_COLUMN in row else 0
+        _parse_time(row["time"])
     except ValueError as e:
         raise ConfigError(f"{where}: malformed row ({e})") from e
     if idx < 0 or label < 0 or predict < -1:
         raise ConfigError(f"{where}: idx and label must be >= 0 and predict >= -1")
+    if num_classes is not None and max(label, predict) >= num_classes:
+        raise ConfigError(f"{where}: label {label} or class {predict} is not below the {num_classes} classes")
     if not (math.isfinite(radius) and radius >= 0):
-        raise ConfigError(f"{where}: radius must be a finite number >= 0, got {fields[3]}")
+        raise ConfigError(f"{where}: radius must be a finite number >= 0, got {row['radius']}")
     if predict == -1 and radius != 0:
-        raise ConfigError(f"{where}: an abstention (predict = -1) with radius {fields[3]}; an abstention certifies "
+        raise ConfigError(f"{where}: an abstention (predict = -1) with radius {row['radius']}; an abstention certifies "
                           "nothing (radius 0): the log is corrupt")
     if correct != int(predict == label):
         raise ConfigError(f"{where}: correct={correct} contradicts label={label}, predict={predict}")
-    if staged and samples < 1:
-        raise ConfigError(f"{where}: samples must be >= 1, got {fields[6]}")
+    if SAMPLES_COLUMN in row and samples < 1:
+        raise ConfigError(f"{where}: samples must be >= 1, got {row[SAMPLES_COLUMN]}")
+    if SAMPLES_COLUMN in row and stages is not None and samples not in stages:
+        raise ConfigError(f"{where}: samples {samples} is not one of the run's stages {tuple(stages)}")
     return idx, label, predict, radius, correct, samples
 
 
@@ -365,7 +401,8 @@ def read_certify_tsv(path: str) -> CertifyLog:
     staged = header == HEADERS["certify_staged"]
     if len(lines) == 1:
         raise ConfigError(f"{path}: no rows after the header")
-    rows = [_parse_row(line.rstrip("\r").split("\t"), path, number, staged)
+    mode = "certify_staged" if staged else "certify"
+    rows = [parse_row(mode, line.rstrip("\r").split("\t"), f"{path}:{number}")
             for number, line in enumerate(lines[1:], start=2)]
     idx, label, predict, radius, correct, samples = (np.array(column) for column in zip(*rows))
     _check_unique(idx, lambda row: f"{path}:{row + 2}")

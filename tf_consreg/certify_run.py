@@ -263,12 +263,17 @@ def _read_existing_rows(config: CertifyConfig, wanted: Dict[str, Any]) -> Tuple[
         found = lines[0] if lines else raw[:80].decode("utf-8", errors="replace")
         raise ConfigError(f"--output={output} has the header {found!r}, not {config.header!r}; "
                           "refusing to append. Choose a new --output")
-    num_fields = len(certify_log.HEADERS[config.log_mode])
+    num_classes = data.get_dataset_info(config.dataset).num_classes
     for number, line in enumerate(lines[1:], start=2):
-        fields = line.split("\t")
+        where = f"{output}:{number}"
+        try:  # The row checks of analysis (bin/analyze.py), so that what resumes can be analyzed.
+            idx = certify_log.parse_row(config.log_mode, line.split("\t"), where, num_classes=num_classes,
+                                        stages=config.stages if config.staged else None)[0]
+        except ConfigError as e:
+            raise ConfigError(f"{e}; the file is corrupt, choose a new --output") from None
         expected_idx = config.row_index(number - 2)
-        if len(fields) != num_fields or fields[0] != str(expected_idx):
-            raise ConfigError(f"{output}:{number}: expected a row for example {expected_idx}, got {line!r}; "
+        if idx != expected_idx or line.split("\t")[0] != str(expected_idx):
+            raise ConfigError(f"{where}: expected a row for example {expected_idx}, got {line!r}; "
                               "the file is corrupt, choose a new --output")
     return len(lines) - 1, len(complete)
 
