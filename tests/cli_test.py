@@ -118,7 +118,9 @@ class DefineFlagsTest(absltest.TestCase):
 
 _PROGRAM = textwrap.dedent('''
     import dataclasses
+    import os
     from tf_consreg import cli
+    from tf_consreg import files
     from tf_consreg.errors import ConfigError
 
     @dataclasses.dataclass(frozen=True)
@@ -133,6 +135,9 @@ _PROGRAM = textwrap.dedent('''
 
     def main(argv):
         print("ran with", cli.config_from_flags(Config, HOLDERS).n)
+        if os.environ.get("PROG_OUTPUT"):
+            with files.naming(os.environ["PROG_OUTPUT"]), open(os.environ["PROG_OUTPUT"], "w") as f:
+                f.write("x" * 100000)
 
     if __name__ == "__main__":
         cli.run(main)
@@ -149,9 +154,9 @@ class RunTest(absltest.TestCase):
         with open(self.program, "w", encoding="utf-8") as f:
             f.write(_PROGRAM)
 
-    def _run(self, *args):
+    def _run(self, *args, **extra_env):
         repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""), **extra_env)
         return subprocess.run([sys.executable, self.program, *args], capture_output=True, text=True, env=env,
                               timeout=120, check=False)
 
@@ -184,6 +189,15 @@ class RunTest(absltest.TestCase):
         with open(path, "wb") as f:
             f.write(b"--n=2\n\xff\xfe\x00\x81\n")
         self.assertFailsWithOneLine(self._run("--flagfile=" + path), "a --flagfile is not UTF-8 text")
+
+    def test_a_failed_write_during_the_run(self):
+        # /dev/full fails every write with ENOSPC, as a full disk does, without root or a mount.
+        result = self._run("--n=3", PROG_OUTPUT="/dev/full")
+        self.assertEqual(result.returncode, 2, result.stderr)
+        self.assertEqual(result.stdout, "ran with 3\n")
+        lines = result.stderr.strip().splitlines()
+        self.assertLen(lines, 1, result.stderr)
+        self.assertRegex(lines[0], r"^prog\.py: error: /dev/full: No space left on device; nothing written before")
 
     def test_unexpected_argument(self):
         self.assertFailsWithOneLine(self._run("extra"), "unexpected arguments: extra")

@@ -8,6 +8,11 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import tensorflow as tf  # noqa: E402  pylint: disable=wrong-import-position
+from absl.testing import absltest  # noqa: E402  pylint: disable=wrong-import-position
+
+# absltest's main creates its temporary directory; under pytest nothing does
+# unless a tf.test.TestCase ran first in the same process.
+os.makedirs(absltest.get_default_test_tmpdir(), exist_ok=True)
 
 # Two logical CPU devices for the multi-replica tests (distribute_test.py).
 # Devices can only be configured before TensorFlow first uses them, which in

@@ -1,13 +1,17 @@
 """Tests of tf_consreg.files: atomic outputs, file digests and run directories."""
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
 import tempfile
 import threading
+from unittest import mock
 
 from absl.testing import absltest
 
+import mounts  # tests/mounts.py
 from tf_consreg import files
 from tf_consreg.errors import ConfigError
 
@@ -101,6 +105,52 @@ class CheckOutputPathTest(absltest.TestCase):
             self.assertIn(message, str(raised.exception))
             self.assertNotIn("\n", str(raised.exception))
         self.assertEqual(sorted(os.listdir(self.dir)), ["a_file", "dangling"])
+
+
+class CheckWritableTest(absltest.TestCase):
+    """An output where nothing can be written is refused before any work, naming the flag and the OS error."""
+
+    def test_a_read_only_mount_is_refused(self):
+        with mounts.tmpfs("ro") as read_only:
+            if read_only is None:  # No mount here: the OS error that a read-only mount gives, raised by mock.
+                read_only = tempfile.mkdtemp(dir=absltest.get_default_test_tmpdir())
+                patch = mock.patch.object(files.tempfile, "mkstemp",
+                                          side_effect=OSError(errno.EROFS, os.strerror(errno.EROFS)))
+            else:
+                patch = contextlib.nullcontext()
+            with patch:
+                for path in (os.path.join(read_only, "out.tsv"), os.path.join(read_only, "new", "dir"), read_only):
+                    with self.assertRaisesRegex(ConfigError, rf"^--output={path}: cannot write in {read_only} "
+                                                             r"\(Read-only file system\)$"):
+                        files.check_writable(path, "output")
+                with self.assertRaisesRegex(ConfigError, "Read-only file system"):
+                    files.check_output_path(os.path.join(read_only, "out.tsv"), "output")
+                with self.assertRaisesRegex(ConfigError, "^--model_dir=.*Read-only file system"):
+                    files.check_run_dir(os.path.join(read_only, "run"), "settings.json", lambda there: {},
+                                        flag="model_dir", kind="run", resume="")
+            self.assertEqual(os.listdir(read_only), [])
+
+    def test_a_writable_place_passes_and_is_left_as_it_was(self):
+        directory = tempfile.mkdtemp(dir=absltest.get_default_test_tmpdir())
+        files.check_writable(os.path.join(directory, "a", "b", "out.tsv"), "output")
+        files.check_writable(directory, "output")
+        self.assertEqual(os.listdir(directory), [])  # The probe is gone, and no directory was made.
+
+    def test_naming_gives_a_failed_write_its_file(self):
+        with self.assertRaises(OSError) as raised:
+            with files.naming("/data/out.tsv"), open("/dev/full", "w", encoding="utf-8") as f:
+                f.write("x" * 100000)  # /dev/full: ENOSPC, as a full disk; the error names no file.
+        self.assertEqual((raised.exception.errno, raised.exception.filename), (errno.ENOSPC, "/data/out.tsv"))
+        with self.assertRaises(OSError) as raised:
+            with files.naming("/data/out.tsv"):
+                open("/nonexistent/x", encoding="utf-8")  # pylint: disable=consider-using-with
+        self.assertEqual(raised.exception.filename, "/nonexistent/x")  # Its own name is kept.
+
+    def test_describe_os_error(self):
+        self.assertEqual(files.describe_os_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/d/x.tsv")),
+                         "/d/x.tsv: No space left on device")
+        self.assertEqual(files.describe_os_error(OSError(errno.EXDEV, "Invalid cross-device link", "/a", None, "/b")),
+                         "/a -> /b: Invalid cross-device link")
 
 
 class FileSha256Test(absltest.TestCase):

@@ -414,10 +414,12 @@ def certify_dataset(config: CertifyConfig, *, verbose: int = 1) -> int:
             began = time.time()
             predictions, radii, used = _certify_batch(smooth, config, images[batch], batch)
             seconds = (time.time() - began) / len(batch)
-            out.write("".join(certify_log.format_row(config.log_mode, int(i), int(labels[i]), int(p), r, seconds,
-                                                     None if u is None else int(u))
-                              for i, p, r, u in zip(batch, predictions, radii, used)).encode("utf-8"))
-            out.flush()
-            os.fsync(out.fileno())
+            rows = "".join(certify_log.format_row(config.log_mode, int(i), int(labels[i]), int(p), r, seconds,
+                                                  None if u is None else int(u))
+                           for i, p, r, u in zip(batch, predictions, radii, used))
+            with files.naming(config.output):  # A full disk: one line naming --output; the rows before stay.
+                out.write(rows.encode("utf-8"))
+                out.flush()
+                os.fsync(out.fileno())
             progress.add(len(batch))
     return len(indices)

@@ -24,6 +24,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from tf_consreg import files
 from tf_consreg.errors import ConfigError
 
 FlagHolders = Dict[str, flags.FlagHolder]
@@ -372,5 +373,8 @@ def run(main: Callable[[Sequence[str]], None], positional: bool = False) -> None
             main(argv)
         except ConfigError as e:
             _fail(str(e))
+        except OSError as e:  # A write that failed during the run (full disk, read-only mount, ...).
+            _fail(f"{files.describe_os_error(e)}; nothing written before the failure is lost: fix the cause and "
+                  "run the same command again")
 
     app.run(_main, flags_parser=_parse_flags)

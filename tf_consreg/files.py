@@ -35,7 +35,7 @@ def atomic_output(path: str, mode: str = "w", replace: bool = True) -> Iterator:
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".")
     try:
-        with os.fdopen(fd, mode) as f:
+        with naming(path), os.fdopen(fd, mode) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -75,6 +75,33 @@ def check_output_path(path: str, flag: str) -> None:
     if not os.path.isdir(parent):
         raise ConfigError(f"--{flag}={path}: {parent} is a file, not a directory, so the file cannot be created "
                           "under it")
+    check_writable(path, flag)
+
+
+def check_writable(path: str, flag: str) -> None:
+    """Refuses an output (a file or a directory, existing or not) where nothing can be written.
+
+    Creates and removes an empty hidden file in `path` (an existing
+    directory) or in the nearest existing directory above it. That is the
+    one honest test: permission bits do not tell (root ignores them), and a
+    read-only mount (EROFS) or a directory of another user refuses only when
+    written. A full disk may still accept an empty file; a failure later in
+    the run is reported by `cli.run` as one line naming the path.
+
+    Raises:
+      ConfigError: naming `--<flag>`, the directory and the OS error.
+    """
+    directory = os.path.abspath(path)
+    if not os.path.isdir(directory):
+        directory = os.path.dirname(directory)
+    while not os.path.exists(directory):
+        directory = os.path.dirname(directory)
+    try:
+        fd, probe = tempfile.mkstemp(dir=directory, prefix=".tf_consreg-write-check-")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(f"--{flag}={path}: cannot write in {directory} ({e.strerror or e})") from None
 
 
 def file_sha256(path: str) -> str:
@@ -105,6 +132,30 @@ def differences(here: Mapping[str, Any], there: Mapping[str, Any],
     """
     names = sorted((set(here) | set(there)) - set(ignore))
     return {name: (here.get(name), there.get(name)) for name in names if here.get(name) != there.get(name)}
+
+
+@contextlib.contextmanager
+def naming(path: str) -> Iterator[None]:
+    """Gives the OSErrors raised inside the file name `path` when they have none.
+
+    A failed write or flush of an open file (ENOSPC, EIO) raises an OSError
+    without a file name; the one line `cli.run` prints must name the file.
+    """
+    try:
+        yield
+    except OSError as e:
+        if e.filename is not None:
+            raise
+        raise OSError(e.errno, e.strerror or str(e), path) from e
+
+
+def describe_os_error(error: OSError) -> str:
+    """An OSError as one line naming its file: "<path>: <what the OS said>"."""
+    what = error.strerror or str(error)
+    if error.filename is None:
+        return what
+    target = f" -> {error.filename2}" if error.filename2 is not None else ""
+    return f"{error.filename}{target}: {what}"
 
 
 def check_run_dir(directory: str, settings_file: str,
@@ -147,3 +198,4 @@ def check_run_dir(directory: str, settings_file: str,
     elif os.path.isdir(directory) and os.listdir(directory):
         raise ConfigError(f"--{flag}={directory} is not empty and holds no {settings_file}; "
                           "use a new or empty directory")
+    check_writable(directory, flag)
