@@ -572,6 +572,8 @@ class LenetExportTest(tf.test.TestCase):
             "negative": ([-0.1, 0.2], "radius must be finite and > 0"),
             "nan": ([0.1, np.nan], "radius must be finite and > 0"),
             "inf": ([np.inf, 0.1], "radius must be finite and > 0"),
+            # Once refused as "got [0 0]": the CPU kernels flush subnormals to 0 in the printout too.
+            "subnormal": ([0.1, 1e-45], r"smallest normal float32 .*got a subnormal radius at positions\] \[1\]"),
         }
         for name, (radius, message) in cases.items():
             with self.subTest(case=name):

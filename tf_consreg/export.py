@@ -272,7 +272,19 @@ def _validated_radius(radius: tf.Tensor, num_images: tf.Tensor) -> tf.Tensor:
     )
     with tf.control_dependencies([check_shape]):
         radius = tf.identity(radius)
-    valid = tf.logical_and(tf.math.is_finite(radius), radius > 0.0)
+    # TensorFlow's CPU kernels flush subnormal floats to 0 (in comparisons and
+    # in printing alike), so a subnormal radius is told apart by its bits.
+    bits = tf.bitcast(radius, tf.int32)
+    subnormal = tf.logical_and(tf.equal(tf.bitwise.bitwise_and(bits, 0x7F800000), 0),
+                               tf.not_equal(tf.bitwise.bitwise_and(bits, 0x007FFFFF), 0))
+    check_subnormal = tf.debugging.Assert(
+        tf.logical_not(tf.reduce_any(subnormal)),
+        ["radius must be >= 1.17549435e-38, the smallest normal float32 (smaller ones are flushed to 0); got a "
+         "subnormal radius at positions", tf.where(subnormal)[:, 0]],
+        summarize=8,
+    )
+    with tf.control_dependencies([check_subnormal]):
+        valid = tf.logical_and(tf.math.is_finite(radius), radius > 0.0)
     check_values = tf.debugging.Assert(
         tf.reduce_all(valid),
         ["radius must be finite and > 0 (an L2 distance in [0, 1] pixel units); got", radius],
