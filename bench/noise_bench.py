@@ -7,9 +7,12 @@ certification batch of LeNet-sized images (--pixels values per sample,
   image, as `smoothing.sample_counts` does;
 - grid: `noise.grid_noise` from the exact table of sigma, then
   `noise.grid_inputs` (integer add, one conversion);
-and the samplers alone (without the add). Each figure is the best of
+and the samplers alone (without the add), and LeNet's forward pass on the
+same batch, to estimate what each sampler costs whole certification: the
+ratio (float inputs + forward) / (grid inputs + forward). Each figure is the best of
 --repeats timed rounds of --calls calls, each call with a fresh seed, after
-one warm-up call that traces. The script prints the machine line and how
+one warm-up call that traces; the rounds of the different steps are
+interleaved. The script prints the machine line and how
 many cores other processes used meanwhile.
 
 Example:
@@ -19,6 +22,7 @@ Example:
 """
 
 import time
+from typing import Callable, Dict, Tuple
 
 from absl import app
 from absl import flags
@@ -26,11 +30,13 @@ from absl import flags
 import tf_consreg  # pylint: disable=unused-import  Sets TensorFlow's environment (oneDNN) first.
 import tensorflow as tf
 
+from tf_consreg import models
 from tf_consreg import noise
 
 import measure
 from measure import OtherLoad
 
+_FORWARD = flags.DEFINE_bool("forward", True, "Also time LeNet's forward pass (28 x 28 x 1 inputs only).")
 _SIGMA = flags.DEFINE_float("sigma", 0.25, "Noise standard deviation (pixel units).")
 _PIXELS = flags.DEFINE_integer("pixels", 784, "Values per sample (784: 28 x 28 x 1).")
 _BATCH = flags.DEFINE_integer("batch", 1000, "Samples per call.")
@@ -38,17 +44,26 @@ _CALLS = flags.DEFINE_integer("calls", 20, "Calls per timed round.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed rounds; the best is reported.")
 
 
-def samples_per_second(step, calls: int, repeats: int, batch: int) -> float:
-    """Best-of-`repeats` throughput of `step(seed)`, counting `batch` samples per call."""
-    step(tf.constant([0, 0], tf.int64)).numpy()  # traces
-    best = float("inf")
+def best_seconds(steps: Dict[str, Callable], calls: int, repeats: int) -> Dict[str, Tuple[float, float]]:
+    """Best-of-`repeats` seconds per call of each step, and the other processes' load (cores) in its best round.
+
+    The rounds of the steps are interleaved, so that a change in the
+    machine's load hits every step alike.
+    """
+    for step in steps.values():
+        step(tf.constant([0, 0], tf.int64)).numpy()  # traces
+    best = {name: (float("inf"), None) for name in steps}
     for r in range(repeats):
-        began = time.perf_counter()
-        for c in range(calls):
-            out = step(tf.constant([r + 1, c], tf.int64))
-        out.numpy()
-        best = min(best, (time.perf_counter() - began) / calls)
-    return batch / best
+        for name, step in steps.items():
+            with OtherLoad() as load:
+                began = time.perf_counter()
+                for c in range(calls):
+                    out = step(tf.constant([r + 1, c], tf.int64))
+                out.numpy()
+                seconds = (time.perf_counter() - began) / calls
+            if seconds < best[name][0]:
+                best[name] = (seconds, load.cores)
+    return best
 
 
 def main(argv):
@@ -71,15 +86,26 @@ def main(argv):
         "grid inputs ((a + j) / 255)": tf.function(
             lambda s: noise.grid_inputs(pixels_int, noise.grid_noise(shape, s, table)), input_signature=spec),
     }
-    rates = {}
-    for name, step in steps.items():
-        with OtherLoad() as load:
-            rates[name] = samples_per_second(step, _CALLS.value, _REPEATS.value, batch)
-        print(f"{name:40s} {rates[name]:12,.0f} samples/s  ({pixels} values each; other load {load.cores:.2f} cores)"
-              if load.cores is not None else f"{name:40s} {rates[name]:12,.0f} samples/s")
+    if _FORWARD.value:
+        if pixels != 28 * 28:
+            raise app.UsageError("--forward needs --pixels=784 (LeNet's 28 x 28 x 1 inputs)")
+        lenet = models.get_architecture("lenet", "fashion_mnist")
+        steps["LeNet forward (float32)"] = tf.function(
+            lambda s: lenet(tf.reshape(image + sigma * noise.standard_normal(shape, s), [-1, 28, 28, 1]),
+                            training=False), input_signature=spec)
+    best = best_seconds(steps, _CALLS.value, _REPEATS.value)
+    rates = {name: batch / seconds for name, (seconds, _) in best.items()}
+    for name, (_, cores) in best.items():
+        load = "" if cores is None else f"; other load {cores:.2f} cores"
+        print(f"{name:40s} {rates[name]:12,.0f} samples/s  ({pixels} values each{load})")
     names = list(steps)
     print(f"grid / float: sampler {rates[names[1]] / rates[names[0]]:.2f}x, "
           f"model inputs {rates[names[3]] / rates[names[2]]:.2f}x")
+    if _FORWARD.value:
+        # The forward step above includes float inputs: subtract them to get the network alone (seconds per sample).
+        network = 1 / rates[names[4]] - 1 / rates[names[2]]
+        print(f"estimated certification throughput, grid / float: "
+              f"{(1 / rates[names[2]] + network) / (1 / rates[names[3]] + network):.2f}x")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
-"""Gaussian noise for randomized smoothing: its seeds and its one sampler.
+"""Gaussian noise for randomized smoothing: its seeds, the float sampler and the exact grid sampler.
 
-Every draw of the project (training copies, certification samples, the
-exported model's samples) goes through `standard_normal` with a stateless
-seed, so that a draw depends only on its key, never on how work is batched,
-split over replicas or resumed:
+Every float draw of the project (training copies, certification samples,
+the exported model's samples) goes through `standard_normal` with a
+stateless seed, so that a draw depends only on its key, never on how work is
+batched, split over replicas or resumed:
 
 * Training: the seed of an example is keyed by (run seed, stream, step, the
   example's position in the global batch) (`step_seed`, `example_seeds`).
@@ -15,6 +15,19 @@ split over replicas or resumed:
   (`per_image_seeds`; see `tf_consreg.smoothing.sample_counts`).
 
 Noise is added in [0, 1] pixel space, before the model's normalization layer.
+
+Grid noise (`grid_noise_table`, `grid_noise`, `grid_inputs`, `to_grid`) is
+the sound alternative for 8-bit images (Voráček & Hein 2023): integer noise
+j from the exactly rounded Gaussian, added to the integer pixels, so that
+the model's input float32(a + j) / 255 is a function of a + j alone and the
+smoothing is exact up to `GridNoise.tv_slack`. It takes the same stateless
+seeds. To certify an image x in [0, 1] of d pixels with m samples:
+
+    table = grid_noise_table(sigma)     # once per sigma (cached)
+    pixels = to_grid(x)                 # int32 [H, W, C]; refuses an off-grid image
+    j = grid_noise(tf.concat([[m], tf.shape(pixels)], 0), seed, table)  # int32 [m, H, W, C]
+    inputs = grid_inputs(pixels, j)     # float32 [m, H, W, C]: what the model sees
+    p_lower -= table.tv_slack(d); p_upper += table.tv_slack(d)
 """
 
 import dataclasses
@@ -366,8 +379,12 @@ def grid_noise(shape: tf.Tensor, seed: tf.Tensor, table: GridNoise) -> tf.Tensor
     One gather of the packed table gives the threshold's high part and the
     alias. Only when r_hi equals the threshold's high part (probability
     below 2^-(32 - b) per value, about 0.2 values per 1000 x 784 draw at
-    sigma = 0.25) is the comparison undecided; those values then draw the 32
-    low bits of r from the second key. So P(j) = masses[j] / 2^64 exactly,
+    sigma = 0.25) is the comparison undecided; then the 32 low bits of r of
+    every position are drawn from the second key (static shapes, so the
+    sampler also compiles under XLA) and used where a tie occurred. The value
+    at a position thus depends only on the seed, the shape and the position
+    (under XLA too, but XLA's stateless kernels give other bits than
+    TensorFlow's for most seeds, as for `standard_normal`). So P(j) = masses[j] / 2^64 exactly,
     with core TensorFlow ops only (the tables become graph constants; it runs
     in a `tf.function` and in a SavedModel). Like `standard_normal`, a draw
     depends only on its seed and shape.
@@ -392,11 +409,10 @@ def grid_noise(shape: tf.Tensor, seed: tf.Tensor, table: GridNoise) -> tf.Tensor
     tie = tf.equal(high, packed_high)
 
     def settle_ties():
-        where = tf.where(tie)
-        low = tf.cast(tf.random.stateless_uniform(tf.shape(where)[:1], seed=keys[1], dtype=tf.uint32,
-                                                  minval=None, maxval=None), tf.int64)
-        low_threshold = tf.gather(tf.constant(table.low_thresholds), tf.gather_nd(bucket, where))
-        return tf.tensor_scatter_nd_update(keep, where, low < low_threshold)
+        # Low words for every position (static shapes, so XLA compiles it too), used only where the high parts tie.
+        low = tf.cast(tf.random.stateless_uniform(shape, seed=keys[1], dtype=tf.uint32, minval=None, maxval=None),
+                      tf.int64)
+        return tf.where(tie, low < tf.gather(tf.constant(table.low_thresholds), bucket), keep)
 
     keep = tf.cond(tf.reduce_any(tie), settle_ties, lambda: keep)
     alias = tf.bitwise.bitwise_and(packed, (1 << bits) - 1)
