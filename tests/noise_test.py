@@ -398,6 +398,14 @@ class ToGridTest(tf.test.TestCase):
         with self.assertRaisesRegex(ValueError, r"^images\[0\]"):
             noise.to_grid(tf.constant([0.5 + 1e-12], tf.float64))
 
+    def test_empty_images(self):
+        self.assertEqual(noise.to_grid(tf.zeros([0, 3])).shape, (0, 3))
+        self.assertEqual(tf.function(noise.to_grid)(tf.zeros([0, 3])).shape, (0, 3))
+
+    def test_refuses_integer_images(self):
+        with self.assertRaisesRegex(ValueError, r"^to_grid: images must be float in \[0, 1\], got uint8"):
+            noise.to_grid(tf.constant([3], tf.uint8))
+
     def test_assertion_in_a_graph(self):
         to_grid = tf.function(noise.to_grid)
         self.assertAllEqual(to_grid(tf.constant([0.0, 1.0])), [0, 255])

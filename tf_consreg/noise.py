@@ -334,6 +334,7 @@ def grid_noise_table(sigma: float) -> GridNoise:
     """
     if not 0 < sigma <= 16:  # 16 already means 58,000 bins; also rejects NaN.
         raise ValueError(f"grid noise: sigma must be in (0, 16], got {sigma!r}")
+    sigma = float(sigma)
     scale = decimal.Decimal(sigma) * GRID_LEVELS  # exact: a float times 255 has < 60 digits
     # A float guess of J (1 - Phi(7.13) = 5.0e-13), then moved to the smallest J whose exact tail is < 1e-12.
     j_max = max(0, math.ceil(float(scale) * 7.13 - 0.5))
@@ -384,10 +385,10 @@ def grid_noise(shape: tf.Tensor, seed: tf.Tensor, table: GridNoise) -> tf.Tensor
     sampler also compiles under XLA) and used where a tie occurred. The value
     at a position thus depends only on the seed, the shape and the position
     (under XLA too, but XLA's stateless kernels give other bits than
-    TensorFlow's for most seeds, as for `standard_normal`). So P(j) = masses[j] / 2^64 exactly,
-    with core TensorFlow ops only (the tables become graph constants; it runs
-    in a `tf.function` and in a SavedModel). Like `standard_normal`, a draw
-    depends only on its seed and shape.
+    TensorFlow's for most seeds, as for `standard_normal`). So
+    P(j) = masses[j] / 2^64 exactly, with core TensorFlow ops only (the
+    tables become graph constants; it runs in a `tf.function` and in a
+    SavedModel).
 
     Args:
       shape: int32 1-D shape.
@@ -457,28 +458,31 @@ def to_grid(images: tf.Tensor) -> tf.Tensor:
       int32 pixels of the images' shape.
 
     Raises:
-      ValueError: (eagerly) a pixel is off the grid; the message names the
-        first one by index and value. In a graph, the same check is an
+      ValueError: the images are not float, or (eagerly) a pixel is off the
+        grid; the message names the first one by index and value. In a graph, the same check is an
         assertion that raises InvalidArgumentError when it runs.
     """
     images = tf.convert_to_tensor(images)
+    if not images.dtype.is_floating:
+        raise ValueError(f"to_grid: images must be float in [0, 1], got {images.dtype.name} "
+                         "(pass integer pixels to grid_inputs as they are)")
     scaled = tf.round(tf.cast(images, tf.float64) * GRID_LEVELS)
     pixels = tf.cast(tf.clip_by_value(scaled, 0, GRID_LEVELS), tf.int32)  # clip: NaN or out of range fails below
     on_grid = tf.logical_and(tf.equal(scaled, tf.cast(pixels, tf.float64)),
                              tf.equal(tf.cast(images, tf.float32),
                                       tf.cast(pixels, tf.float32) / float(GRID_LEVELS)))
     on_grid = tf.logical_and(on_grid, tf.equal(tf.cast(tf.cast(images, tf.float32), images.dtype), images))
-    first_bad = tf.argmin(tf.reshape(tf.cast(on_grid, tf.int32), [-1]))  # the first False
+    off_grid = tf.logical_not(on_grid)
+    first_index, first_value = tf.where(off_grid)[:1], tf.boolean_mask(images, off_grid)[:1]  # empty if none
     if tf.executing_eagerly():
-        if not bool(tf.reduce_all(on_grid)):
-            index = np.unravel_index(int(first_bad), tuple(images.shape))
-            value = float(tf.reshape(images, [-1])[int(first_bad)])
-            raise ValueError(f"images{list(int(i) for i in index)} = {value!r} is not on the 8-bit grid "
+        if first_index.shape[0]:
+            index = [int(i) for i in first_index[0]]
+            raise ValueError(f"images{index} = {float(first_value[0])!r} is not on the 8-bit grid "
                              f"(float32(k) / 255 for an integer k in [0, 255]); grid noise needs 8-bit images")
         return pixels
     check = tf.debugging.Assert(
         tf.reduce_all(on_grid),
-        ["images not on the 8-bit grid (float32(k) / 255, k in [0, 255]); first bad pixel (flat index, value):",
-         first_bad, tf.reshape(images, [-1])[first_bad]])
+        ["images not on the 8-bit grid (float32(k) / 255, k in [0, 255]); first bad pixel (index, value):",
+         first_index, first_value])
     with tf.control_dependencies([check]):
         return tf.identity(pixels)
