@@ -153,7 +153,8 @@ class PhiTest(parameterized.TestCase):
     def test_pi_constant(self):
         self.assertLess(abs(mpmath.mpf(str(noise._PI)) - mpmath.pi), mpmath.mpf(10) ** -74)
 
-    @parameterized.parameters(0.0, 1e-9, 0.3, -0.3, 1.0, -1.7, 2.5, 5.0, -5.0, 7.13, -7.2, 8.5, 12.0, 30.0)
+    @parameterized.parameters(0.0, 1e-9, 0.3, -0.3, 1.0, -1.7, 2.5, 5.0, -5.0, 7.13, -7.2, 8.5, 12.0, 14.99, 15.0,
+                              -15.0, 30.0, 1e6)
     def test_phi_within_its_error_bound(self, y):
         # mpmath at 60 digits is exact to ~1e-60, far below the stated bound 1e-45.
         got = noise._phi(decimal.Decimal(y))
@@ -227,6 +228,12 @@ class GridTableTest(tf.test.TestCase, parameterized.TestCase):
     def test_bad_sigma(self, sigma):
         with self.assertRaisesRegex(ValueError, r"^grid noise: sigma must be in \(0, 16\], got"):
             noise.grid_noise_table(sigma)
+
+    def test_tiny_sigma_is_all_zero_noise(self):
+        # sigma = 1e-6: the cut at 1/2 is 1961 standard deviations out, so j = 0 always (J = 0, one bin).
+        table = noise.grid_noise_table(1e-6)
+        self.assertEqual((table.j_max, table.masses), (0, (_TWO_64,)))
+        self.assertAllEqual(noise.grid_noise(tf.constant([1000]), tf.constant([1, 2], tf.int64), table), [0] * 1000)
 
     def test_cached_per_sigma(self):
         self.assertIs(noise.grid_noise_table(0.25), noise.grid_noise_table(0.25))

@@ -178,9 +178,12 @@ def _phi(y: decimal.Decimal) -> decimal.Decimal:
     t_n <= 10^-60 S: the truncation error is <= 10^-60 S < 10^-60 (phi S < 1/2).
     Every operation (`exp` and `sqrt` are correctly rounded by `decimal`)
     is done with 60 significant digits, relative error 10^-59 each; for
-    y <= 40 there are fewer than 4,000 of them, so the rounding error is below
-    10^-55. Phi(-y) = 1 - Phi(y).
+    |y| < 15 there are fewer than 1,000 of them, so the rounding error is below
+    10^-55. Phi(-y) = 1 - Phi(y). For |y| >= 15 it returns 1 (or 0): there
+    1 - Phi(|y|) < phi(15) / 15 < 4e-51, and the series would need ~y^2 terms.
     """
+    if abs(y) >= 15:
+        return decimal.Decimal(1 if y > 0 else 0)
     with decimal.localcontext() as ctx:
         ctx.prec = _PHI_DIGITS
         x = abs(y)
@@ -240,7 +243,7 @@ class GridNoise:
       j_max: J, the largest |j| drawn; the smallest J whose tail is < 1e-12.
       precision_bits: Q; masses are integers over 2^Q.
       masses: the 2J + 1 integer masses of j = -J, ..., J, summing to 2^Q.
-      index_bits: b; the alias table has 2^b buckets (2^b >= 2J + 1).
+      index_bits: b; the alias table has 2^b buckets (2^b >= 2J + 1, b >= 2).
       thresholds: int64 [2^b]: bucket i keeps its own value i - J when the
         remaining Q - b bits, as an integer r, are < thresholds[i] (all in
         [0, 2^(Q - b)]); buckets i >= 2J + 1 are empty (threshold 0).
@@ -295,7 +298,7 @@ def _alias_table(masses: Sequence[int], total_bits: int) -> Tuple[int, np.ndarra
     Returns:
       (b, thresholds int64 [2^b], aliases int64 [2^b]), aliases as bucket indices.
     """
-    bits = max(1, (len(masses) - 1).bit_length())
+    bits = max(2, (len(masses) - 1).bit_length())  # b >= 2: a capacity of 2^(64 - b) must fit int64
     capacity = 1 << (total_bits - bits)
     left = list(masses) + [0] * ((1 << bits) - len(masses))
     thresholds = [capacity] * len(left)
@@ -350,8 +353,8 @@ def grid_noise_table(sigma: float) -> GridNoise:
     if min(masses) < 0:
         raise AssertionError(f"grid noise: a negative mass for sigma={sigma!r} (CDF not monotone)")
     bits, thresholds, aliases = _alias_table(masses, GRID_PRECISION_BITS)
-    if not 1 <= bits <= 31:
-        raise AssertionError(f"grid noise: {bits} index bits for sigma={sigma!r}; grid_noise needs 1 to 31")
+    if bits > 31:
+        raise AssertionError(f"grid noise: {bits} index bits for sigma={sigma!r}; grid_noise needs at most 31")
     clipped = np.minimum(thresholds, (1 << (GRID_PRECISION_BITS - bits)) - 1)
     packed = ((clipped >> 32) << bits) + aliases - (1 << 31)  # in [-2^31, 2^31): fits int32
     low_thresholds = clipped & ((1 << 32) - 1)
