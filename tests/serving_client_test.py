@@ -172,8 +172,10 @@ class RestClientTest(_ExportFixture, tf.test.TestCase):
         super().tearDownClass()
 
     def _client(self, **kwargs):
+        # The export's own metadata: its answers must pass every check, sigma's radius bound included.
+        contract = serving_client.Contract.from_metadata(export.read_metadata(self.export_dir))
         return serving_client.RestClient("127.0.0.1", self.port, kwargs.pop("model_name", _MODEL_NAME),
-                                         timeout=_TIMEOUT, **kwargs)
+                                         timeout=_TIMEOUT, contract=contract, **kwargs)
 
     def test_certify_returns_the_signature_answers(self):
         certificate = self._client().certify(self.images)
@@ -294,7 +296,7 @@ MALFORMED = (
     ("class_too_large", "serving_default", _with("serving_default", **{"class": [99, -1, 9]}),
      "class[0] = 99 is not a class of 10 (0 to 9) nor -1 (abstain)"),
     ("class_below_abstain", "serving_default", _with("serving_default", **{"class": [3, -7, 9]}),
-     "class[1] = -7 is neither a class nor -1 (abstain)"),
+     "class[1] = -7 is not a class of 10 (0 to 9) nor -1 (abstain)"),
     ("class_not_integer", "predict", _with("predict", **{"class": [3, 1.5, 0]}), "class[1] = 1.5 is not int64"),
     ("radius_nan", "serving_default", _with("serving_default", radius=[float("nan"), -1.0, 1e300]),
      "radius[0] = nan is not a finite radius >= 0"),
@@ -371,6 +373,8 @@ class CheckAnswerTest(parameterized.TestCase):
         checked = serving_client.check_answer("serving_default", outputs, 3)
         np.testing.assert_array_equal(checked["class"], [99, -1, 9])
         serving_client.check_answer("predict", _with("predict", samples=[7, 1000, 1000]), 3)
+        with self.assertRaisesRegex(serving_client.ContractError, r"^class\[1\] = -7 is neither a class nor -1"):
+            serving_client.check_answer("serving_default", _with("serving_default", **{"class": [3, -7, 9]}), 3)
         with self.assertRaisesRegex(serving_client.ContractError, r"^radius\[0\] = nan"):
             serving_client.check_answer("serving_default", _with("serving_default", radius=[np.nan, 0, 0.1]), 3)
 

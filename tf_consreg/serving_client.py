@@ -286,9 +286,10 @@ def check_answer(signature: str, outputs, num_images: int, contract: Contract = 
 
     # Values first, as sent (a JSON float as parsed, before float32 could turn 1e300 into inf).
     classes = columns["class"]
-    _require(classes >= -1, "class", classes, "is neither a class nor -1 (abstain)")
-    if contract.num_classes is not None:
-        _require(classes < contract.num_classes, "class", classes,
+    if contract.num_classes is None:
+        _require(classes >= -1, "class", classes, "is neither a class nor -1 (abstain)")
+    else:
+        _require((classes >= -1) & (classes < contract.num_classes), "class", classes,
                  f"is not a class of {contract.num_classes} (0 to {contract.num_classes - 1}) nor -1 (abstain)")
     for name in ("p_lower", "p_upper"):
         if name in columns:
