@@ -323,6 +323,8 @@ MALFORMED = (
     ("too_many_rows", "predict", _with("predict", samples=[100, 1000, 1000, 1000]),
      "samples has 4 rows for 3 images"),
     ("outputs_a_list", "predict", [3, -1, 0], "the outputs are a list, expected an object with class, samples"),
+    ("radius_a_huge_integer", "serving_default", _with("serving_default", radius=[0.3, 0, 10 ** 400]),
+     "radius[2] = 1" + "0" * 36 + "... is not float32"),
     ("column_not_a_list", "serving_default", _with("serving_default", radius=0.3),
      "radius is a JSON float, expected a list of float32 [3] (one per image)"),
     ("certified_below_radius", "certify_radius", _with("certify_radius", certified=[True, False, True]),

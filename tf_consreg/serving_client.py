@@ -197,16 +197,20 @@ def _column(name: str, value, dtype, num_images: int) -> np.ndarray:
         raise ContractError(f"{name} is a JSON {type(value).__name__}, expected a list of {expected}")
     if len(value) != num_images:
         raise ContractError(f"{name} has {len(value)} rows for {num_images} images")
+    def is_int64(v):
+        return isinstance(v, int) and not isinstance(v, bool) and _INT64_RANGE[0] <= v < _INT64_RANGE[1]
+
     if dtype == np.bool_:
         ok = [isinstance(v, bool) for v in value]
     elif dtype == np.int64:
-        ok = [isinstance(v, int) and not isinstance(v, bool) and _INT64_RANGE[0] <= v < _INT64_RANGE[1]
-              for v in value]
-    else:
-        ok = [isinstance(v, (int, float)) and not isinstance(v, bool) for v in value]
+        ok = [is_int64(v) for v in value]
+    else:  # An integer written without a decimal point is a number too (one float64 can hold).
+        ok = [isinstance(v, float) or is_int64(v) for v in value]
     if not all(ok):
         row = ok.index(False)
-        raise ContractError(f"{name}[{row}] = {json.dumps(value[row])} is not {np.dtype(dtype).name}")
+        shown = json.dumps(value[row])
+        shown = shown if len(shown) <= 40 else shown[:37] + "..."  # The line stays short, whatever was sent.
+        raise ContractError(f"{name}[{row}] = {shown} is not {np.dtype(dtype).name}")
     return np.array(value, np.float64 if dtype == np.float32 else dtype)
 
 
@@ -274,6 +278,8 @@ def check_answer(signature: str, outputs, num_images: int, contract: Contract = 
       ContractError: the answer breaks the contract.
     """
     wanted = OUTPUTS[signature]
+    if signature == CERTIFY_RADIUS_SIGNATURE and radius is None:
+        raise ValueError("check_answer: a certify_radius answer is checked against the radii asked; pass radius")
     names = ", ".join(wanted)
     if not isinstance(outputs, Mapping):
         raise ContractError(f"the outputs are a {type(outputs).__name__}, expected an object with {names}")
