@@ -154,8 +154,11 @@ class QueryBinaryTest(tf.test.TestCase, parameterized.TestCase):
         only_default = self.create_tempdir().full_path
         tf.saved_model.save(module, only_default, signatures={"serving_default": module.double})
         with flagsaver.flagsaver(export_dir=only_default, signature="certify_radius", radius=0.5):
+            # (The pattern goes on past "bin/export.py": build_files_test reads a string ending in .py as a
+            # script the test runs.)
             with self.assertRaisesRegex(ConfigError, f"^--export_dir: the SavedModel in {only_default} lacks the "
-                                        "signature\\(s\\) certify_radius, predict, metadata of bin/export.py"):
+                                        "signature\\(s\\) certify_radius, predict, metadata of bin/export.py; "
+                                        "export the model with"):
                 query_bin.main(["query"])
         # The names of bin/export.py's signatures, but other inputs.
         same_names = self.create_tempdir().full_path
