@@ -126,8 +126,11 @@ def _query_local(directory: str, signature: str, batch: np.ndarray, radius) -> d
     try:
         outputs = {k: v.numpy() for k, v in loaded.signatures[signature](**inputs).items()}
     except tf.errors.InvalidArgumentError as e:  # The export's own checks of the request.
-        raise ConfigError(f"{directory}: the {signature} signature refused the request: "
-                          f"{e.message.strip().splitlines()[0]}") from e
+        # The message opens with "Graph execution error:" and the node; the export's words are in the line
+        # of the failed assertion.
+        lines = [line.strip() for line in e.message.splitlines() if line.strip()] or [type(e).__name__]
+        reason = next((line for line in lines if "must be" in line), lines[0])
+        raise ConfigError(f"{directory}: the {signature} signature refused the request: {reason}") from e
     try:
         return serving_client.check_answer(signature, outputs, len(batch), contract,
                                            radius=None if radius is None else np.full(len(batch), radius))

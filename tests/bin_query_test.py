@@ -139,6 +139,14 @@ class QueryBinaryTest(tf.test.TestCase, parameterized.TestCase):
             with self.assertRaisesRegex(ConfigError, message):
                 query_bin.main(["query"])
 
+    def test_a_request_the_export_refuses_is_one_line(self):
+        # Images of another shape (another dataset's): the export's own check, as one line.
+        with self.assertRaisesRegex(ConfigError, r"^\S+/7: the serving_default signature refused the request: "
+                                    r"assertion failed: \[images must be float32 \[batch, 28, 28, 1\] .* got shape\] "
+                                    r"\[1 5 5 1\]$"):
+            query_bin._query_local(  # pylint: disable=protected-access
+                os.path.join(self.base_path, "7"), "serving_default", np.zeros((1, 5, 5, 1), np.float32), None)
+
     def test_a_garbage_saved_model_pb_is_named(self):
         directory = self.create_tempdir().full_path
         with open(os.path.join(directory, "saved_model.pb"), "wb") as f:
