@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 
 from absl import flags
 from absl.testing import absltest
@@ -47,6 +48,32 @@ _TF_LOG_PREFIXES = ("I0000", "W0000", "E0000", "WARNING: All log messages")
 
 def _error_lines(stderr):
     return [line for line in stderr.splitlines() if line.strip() and not line.startswith(_TF_LOG_PREFIXES)]
+
+
+@contextlib.contextmanager
+def _fifo_never_blocks(path):
+    """Makes a FIFO at `path`; should anything open it for reading, a writer comes and goes at once.
+
+    The reader then reads an empty file instead of waiting forever, so a
+    check that opens the FIFO fails its test instead of hanging it.
+    """
+    os.mkfifo(path)
+    done = threading.Event()
+
+    def unblock():
+        while not done.wait(0.05):
+            try:  # Succeeds only while a reader has the FIFO open.
+                os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:
+                pass
+
+    thread = threading.Thread(target=unblock, daemon=True)
+    thread.start()
+    try:
+        yield path
+    finally:
+        done.set()
+        thread.join(timeout=10)
 
 
 class AnalyzeBinaryTest(absltest.TestCase):
@@ -132,6 +159,16 @@ class AnalyzeBinaryTest(absltest.TestCase):
         with open(plot, "rb") as f:
             self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
 
+    def test_a_fifo_or_a_device_is_named_not_opened(self):
+        with _fifo_never_blocks(os.path.join(self.dir, "pipe.tsv")) as fifo:
+            with self.assertRaisesRegex(ConfigError, f"^--tsv: {fifo} is a FIFO \\(named pipe\\), not a file$"):
+                self._main(fifo)
+            # Matched by a pattern too.
+            with self.assertRaisesRegex(ConfigError, f"^--tsv: {fifo} is a FIFO"):
+                self._main(tsv=[os.path.join(self.dir, "*.tsv")])
+        with self.assertRaisesRegex(ConfigError, "^--tsv: /dev/zero is a character device, not a file$"):
+            self._main("/dev/zero")
+
     def test_bad_radii_flag(self):
         with self.assertRaisesRegex(ConfigError, "--radii"):
             self._main(tsv=[self.tsv], radii=["zero"])
@@ -148,15 +185,20 @@ class AnalyzeBinaryTest(absltest.TestCase):
         with open(bad, "w", encoding="utf-8") as f:
             f.write(TSV + "3\t1\t1\n")
         shards = self._shards()
+        fifo = os.path.join(self.dir, "pipe")
+        os.mkfifo(fifo)
         for args, expected in (
                 (["--tsv=" + self.tsv, "--format=yaml"], "analyze.py: error: --format='yaml' is unknown"),
                 (["--tsv=" + bad], f"analyze.py: error: {bad}:5: expected 6 tab-separated fields, got 3"),
                 ([*shards, shards[1]], f"analyze.py: error: {shards[1]} is given twice (shard 1 of 2)"),
                 ([shards[0]], "analyze.py: error: " + os.path.join(self.dir, "certify.shard0.tsv: incomplete")),
                 ([self.dir], f"analyze.py: error: --tsv: {self.dir} is a directory; give the TSV files in it"),
+                (["/dev/zero"], "analyze.py: error: --tsv: /dev/zero is a character device, not a file"),
+                ([fifo], f"analyze.py: error: --tsv: {fifo} is a FIFO (named pipe), not a file"),
         ):
+            # Bounded: a binary that opened the FIFO would wait for a writer forever.
             result = subprocess.run([sys.executable, os.path.join(REPO, "bin", "analyze.py"), *args],
-                                    capture_output=True, text=True, check=False)
+                                    capture_output=True, text=True, check=False, timeout=300)
             self.assertEqual(result.returncode, 2)
             lines = _error_lines(result.stderr)
             self.assertLen(lines, 1, result.stderr)

@@ -1,9 +1,10 @@
-"""bin/query.py: one request to an export through TensorFlow's SavedModel loader."""
+"""bin/query.py: one request to an export, through TensorFlow's SavedModel loader or a loopback server."""
 
 import contextlib
 import io
 import tempfile
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -14,6 +15,7 @@ import tensorflow as tf
 from absl import flags
 
 import binaries  # tests/binaries.py
+from serving_client_test import GOOD, MALFORMED, canned_rest_server  # tests/ is on sys.path under pytest
 from absl.testing import flagsaver
 from absl.testing import parameterized
 
@@ -125,6 +127,118 @@ class QueryBinaryTest(tf.test.TestCase, parameterized.TestCase):
         with flagsaver.flagsaver(export_dir=self.get_temp_dir() + "/nothing"):
             with self.assertRaisesRegex(ConfigError, "--export_dir=.* holds no SavedModel"):
                 query_bin.main(["query"])
+
+
+    @parameterized.named_parameters(
+        ("overflows", 1e40, r"^--radius=1e\+40 is inf in float32, the dtype the model takes; give a radius between "),
+        ("underflows", 1e-50, r"^--radius=1e-50 is 0.0 in float32"),
+    )
+    def test_radius_must_stay_finite_and_positive_in_float32(self, radius, message):
+        # Both pass the float64 check (finite, > 0) and would reach the model as inf or 0.
+        with flagsaver.flagsaver(export_dir=self.base_path, signature="certify_radius", radius=radius):
+            with self.assertRaisesRegex(ConfigError, message):
+                query_bin.main(["query"])
+
+    def test_a_request_the_export_refuses_is_one_line(self):
+        # Images of another shape (another dataset's): the export's own check, as one line.
+        with self.assertRaisesRegex(ConfigError, r"^\S+/7: the serving_default signature refused the request: "
+                                    r"assertion failed: \[images must be float32 \[batch, 28, 28, 1\] .* got shape\] "
+                                    r"\[1 5 5 1\]$"):
+            query_bin._query_local(  # pylint: disable=protected-access
+                os.path.join(self.base_path, "7"), "serving_default", np.zeros((1, 5, 5, 1), np.float32), None)
+
+    def test_a_garbage_saved_model_pb_is_named(self):
+        directory = self.create_tempdir().full_path
+        with open(os.path.join(directory, "saved_model.pb"), "wb") as f:
+            f.write(b"\x00not a protocol buffer\xff" * 4)
+        with flagsaver.flagsaver(export_dir=directory):
+            with self.assertRaisesRegex(ConfigError, f"^{re.escape(os.path.join(directory, 'saved_model.pb'))} "
+                                        "is not a readable SavedModel: "):
+                query_bin.main(["query"])
+
+    def test_a_saved_model_not_made_by_export_says_what_it_lacks(self):
+        module = tf.Module()
+        module.double = tf.function(lambda x: {"y": 2.0 * x}, input_signature=[tf.TensorSpec([None], tf.float32)])
+        only_default = self.create_tempdir().full_path
+        tf.saved_model.save(module, only_default, signatures={"serving_default": module.double})
+        with flagsaver.flagsaver(export_dir=only_default, signature="certify_radius", radius=0.5):
+            # (The pattern goes on past "bin/export.py": build_files_test reads a string ending in .py as a
+            # script the test runs.)
+            with self.assertRaisesRegex(ConfigError, f"^--export_dir: the SavedModel in {only_default} lacks the "
+                                        "signature\\(s\\) certify_radius, predict, metadata of bin/export.py; "
+                                        "export the model with"):
+                query_bin.main(["query"])
+        # The names of bin/export.py's signatures, but other inputs.
+        same_names = self.create_tempdir().full_path
+        tf.saved_model.save(module, same_names, signatures={
+            "serving_default": module.double, "certify_radius": module.double, "predict": module.double,
+            "metadata": tf.function(lambda: {"sigma": tf.constant(0.25)}).get_concrete_function()})
+        with flagsaver.flagsaver(export_dir=same_names):
+            with self.assertRaisesRegex(ConfigError, f"^--export_dir: the SavedModel in {same_names} is not an "
+                                        "export of bin/export.py: its serving_default signature takes x, not images"):
+                query_bin.main(["query"])
+
+
+# The issue's answers (class, radius, p_lower out of range; not JSON; a key missing; a list; too few rows) and
+# the rest of the malformed answers that need no metadata (the REST client knows the dataset's 10 classes only).
+_NEEDS_METADATA = ("radius_above_p_lower", "samples_not_a_stage", "abstained_before_last_stage")
+_FLAGS_OF = {"serving_default": {"signature": "certify"},
+             "certify_radius": {"signature": "certify_radius", "radius": 0.2},  # serving_client_test's ASKED
+             "predict": {"signature": "predict"}}
+
+
+class QueryRestContractTest(parameterized.TestCase):
+    """bin/query.py --rest against a loopback server answering malformed bodies: one line, no rows."""
+
+    def _query(self, server, signature):
+        out = io.StringIO()
+        with flagsaver.flagsaver(rest=f"127.0.0.1:{server.port}", indices=["0", "1", "2"],
+                                 **_FLAGS_OF[signature]), contextlib.redirect_stdout(out):
+            try:
+                query_bin.main(["query"])
+            finally:
+                self.assertEqual(out.getvalue(), "")  # nothing printed as a certificate, not even the header
+
+    @parameterized.named_parameters(*[case for case in MALFORMED if case[0] not in _NEEDS_METADATA])
+    def test_a_malformed_answer_is_one_line_naming_the_field(self, signature, outputs, message):
+        with canned_rest_server(outputs) as server:
+            with self.assertRaisesRegex(ConfigError, f"^http://127.0.0.1:{server.port}/v1/models/smoothed:predict: "
+                                        f"the {signature} answer breaks its contract: {re.escape(message)}$"):
+                self._query(server, signature)
+
+    @parameterized.named_parameters(
+        ("not_json", b"<html>502 Bad Gateway</html>", "is not JSON"),
+        ("a_list", b"[1, 2, 3]", "has no 'outputs'"),
+    )
+    def test_a_body_without_outputs_is_one_line(self, body, message):
+        with canned_rest_server(body=body) as server:
+            with self.assertRaisesRegex(ConfigError, f"the serving_default answer {message}"):
+                self._query(server, "serving_default")
+
+    def test_a_well_formed_answer_is_printed(self):
+        with canned_rest_server(GOOD["serving_default"]) as server:
+            out = io.StringIO()
+            with flagsaver.flagsaver(rest=f"127.0.0.1:{server.port}", indices=["0", "1", "2"]), \
+                    contextlib.redirect_stdout(out):
+                query_bin.main(["query"])
+        rows = [line.split("\t") for line in out.getvalue().strip().splitlines()[2:]]
+        self.assertEqual([row[2:] for row in rows], [["3", "0.300", "0.9000"], ["-1", "0.000", "0.4000"],
+                                                     ["9", "0.100", "0.7000"]])
+
+    def test_the_issues_answer_exits_2_with_one_line(self):
+        # The answer of issue 22: every field out of range; the first checked, class, is named.
+        outputs = {"class": [99, -7, 1], "radius": [float("nan"), -1.0, 1e300], "p_lower": [2.0, 0.5, 0.5]}
+        with canned_rest_server(outputs) as server:
+            result = subprocess.run([sys.executable, os.path.join(REPO, "bin", "query.py"),
+                                     f"--rest=127.0.0.1:{server.port}", "--indices=0,1,2"],
+                                    capture_output=True, text=True, timeout=300, check=False)
+        self.assertEqual(result.returncode, 2, result.stderr[-2000:])
+        self.assertEqual(result.stdout, "")
+        self.assertNotIn("Traceback", result.stderr)
+        errors = [line for line in result.stderr.splitlines() if line.startswith("query.py: error:")]
+        self.assertEqual(errors, [f"query.py: error: http://127.0.0.1:{server.port}/v1/models/smoothed:predict: "
+                                  "the serving_default answer breaks its contract: class[0] = 99 is not a class "
+                                  "of 10 (0 to 9) nor -1 (abstain)"])
 
 
 if __name__ == "__main__":

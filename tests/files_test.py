@@ -5,9 +5,11 @@ import errno
 import hashlib
 import json
 import os
+import socket
 import tempfile
 import threading
 from unittest import mock
+import unittest
 
 from absl.testing import absltest
 
@@ -151,6 +153,58 @@ class CheckWritableTest(absltest.TestCase):
                          "/d/x.tsv: No space left on device")
         self.assertEqual(files.describe_os_error(OSError(errno.EXDEV, "Invalid cross-device link", "/a", None, "/b")),
                          "/a -> /b: Invalid cross-device link")
+
+
+class CheckInputFileTest(absltest.TestCase):
+
+    def setUp(self):
+        super().setUp()
+        self.dir = tempfile.mkdtemp(dir=absltest.get_default_test_tmpdir())
+        self.file = os.path.join(self.dir, "a_file")
+        with open(self.file, "w", encoding="utf-8") as f:
+            f.write("x\n")
+
+    def assert_refused(self, path, message, **kwargs):
+        with self.assertRaises(ConfigError) as raised:
+            files.check_input_file(path, "tsv", **kwargs)
+        self.assertEqual(str(raised.exception), message)
+
+    def test_a_file_and_a_link_to_one_pass(self):
+        link = os.path.join(self.dir, "link")
+        os.symlink(self.file, link)
+        files.check_input_file(self.file, "tsv")
+        files.check_input_file(link, "tsv")
+
+    def test_what_is_not_there(self):
+        dangling = os.path.join(self.dir, "dangling")
+        os.symlink(os.path.join(self.dir, "nowhere"), dangling)
+        missing = os.path.join(self.dir, "missing.tsv")
+        self.assert_refused(missing, f"--tsv: {missing} not found")
+        self.assert_refused(dangling, f"--tsv: {dangling} is a symbolic link to {self.dir}/nowhere, which does not "
+                                      "exist")
+        under_file = os.path.join(self.file, "x.tsv")
+        self.assert_refused(under_file, f"--tsv: {under_file} not found: a directory on its path is a file")
+
+    def test_what_is_there_but_not_a_file_is_named(self):
+        fifo = os.path.join(self.dir, "pipe")
+        os.mkfifo(fifo)  # Never opened: opening it for reading would block this test.
+        link_to_fifo = os.path.join(self.dir, "link_to_pipe")
+        os.symlink(fifo, link_to_fifo)
+        sock_path = os.path.join(self.dir, "sock")
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.bind(sock_path)
+            self.assert_refused(sock_path, f"--tsv: {sock_path} is a socket, not a file")
+        self.assert_refused(fifo, f"--tsv: {fifo} is a FIFO (named pipe), not a file")
+        self.assert_refused(link_to_fifo, f"--tsv: {link_to_fifo} is a FIFO (named pipe), not a file")
+        self.assert_refused("/dev/zero", "--tsv: /dev/zero is a character device, not a file")
+        self.assert_refused(self.dir, f"--tsv: {self.dir} is a directory, not a file")
+        self.assert_refused(self.dir, f"--tsv: {self.dir} is a directory; give the files in it",
+                            directory_hint="give the files in it")
+
+    @unittest.skipIf(os.geteuid() == 0, "root may read any file")
+    def test_an_unreadable_file(self):
+        os.chmod(self.file, 0)
+        self.assert_refused(self.file, f"--tsv: {self.file} is not readable (permission denied)")
 
 
 class FileSha256Test(absltest.TestCase):

@@ -305,11 +305,8 @@ def _expand(patterns: Sequence[str]) -> List[str]:
         if not matches:
             raise ConfigError(f"--tsv: no file matches {pattern!r}")
         for path in matches:
-            if os.path.isdir(path):
-                raise ConfigError(f"--tsv: {path} is a directory; give the TSV files in it, e.g. "
-                                  f"'{os.path.join(path, '*.tsv')}'")
-            if not os.path.isfile(path):
-                raise ConfigError(f"--tsv: {path} not found")
+            files.check_input_file(path, "tsv", directory_hint="give the TSV files in it, e.g. "
+                                   f"'{os.path.join(path, '*.tsv')}'")
         paths.extend(matches)
     return paths
 

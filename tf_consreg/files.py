@@ -5,6 +5,7 @@ import contextlib
 import hashlib
 import json
 import os
+import stat
 import tempfile
 from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Sequence, Tuple
 
@@ -102,6 +103,54 @@ def check_writable(path: str, flag: str) -> None:
         os.remove(probe)
     except OSError as e:
         raise ConfigError(f"--{flag}={path}: cannot write in {directory} ({e.strerror or e})") from None
+
+
+# What a path is, by the file type bits of its mode, for the messages of check_input_file.
+_FILE_TYPES = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
+
+
+def check_input_file(path: str, flag: str, directory_hint: str = "") -> None:
+    """Refuses an input file name that is not a readable regular file; never opens it.
+
+    Opening a FIFO for reading blocks until a writer comes, and a device
+    (/dev/zero) never ends, so the path is judged by `os.stat` alone.
+    Refused, each in one line naming `--<flag>` and saying what the path is:
+    nothing there (or a symbolic link to nothing), a path under a file, a
+    directory, a FIFO, a socket, a device, and a file this process may not read.
+
+    Args:
+      path: the input file (a symbolic link is judged by what it points to).
+      flag: the flag that named it, for messages.
+      directory_hint: appended to the message for a directory (say, which
+        files in it to give instead).
+
+    Raises:
+      ConfigError: as above.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise ConfigError(f"--{flag}: {path} is a symbolic link to {os.readlink(path)}, which does not "
+                              "exist") from None
+        raise ConfigError(f"--{flag}: {path} not found") from None
+    except NotADirectoryError:
+        raise ConfigError(f"--{flag}: {path} not found: a directory on its path is a file") from None
+    except OSError as e:  # Permission denied on a directory of the path, a loop of links, ...
+        raise ConfigError(f"--{flag}: {path} cannot be examined: {e.strerror}") from None
+    if stat.S_ISREG(mode):
+        if not os.access(path, os.R_OK):
+            raise ConfigError(f"--{flag}: {path} is not readable (permission denied)")
+        return
+    kind = next((name for test, name in _FILE_TYPES if test(mode)), f"not a regular file (mode {mode:o})")
+    what = f"; {directory_hint}" if stat.S_ISDIR(mode) and directory_hint else ", not a file"
+    raise ConfigError(f"--{flag}: {path} is {kind}{what}")
 
 
 def file_sha256(path: str) -> str:
