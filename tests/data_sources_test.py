@@ -103,7 +103,9 @@ class NamesTest(tf.test.TestCase):
         # The flags' help texts import the names: that must not load TensorFlow.
         code = ("import sys; from tf_consreg.data import DATASETS, SPLITS, STREAMED; "
                 "print(DATASETS, SPLITS, STREAMED, 'tensorflow' in sys.modules)")
-        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        result = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, check=True,
+                                timeout=300)
         self.assertEqual(result.stdout.split()[-1], "False")
 
 
