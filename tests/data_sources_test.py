@@ -220,6 +220,17 @@ class ImagenetPrepareTest(tf.test.TestCase):
             images, labels = data.load_uint8("imagenet2012", "test", data_dir=root, limit=100)
             self.assertEqual(images.shape, (4, 224, 224, 3))
             self.assertEqual(labels.dtype, np.int64)
+            # By index: example k is tfds' split[k:k+1] (its files' order), decoded
+            # here by tfds itself and put through the test view.
+            reader = data.open_reader("imagenet2012", "test", data_dir=root)
+            self.assertEqual(reader.num_examples, 4)
+            ids, read_images, _ = zip(*reader.read([1, 3]).as_numpy_iterator())
+            self.assertEqual(ids, (1, 3))
+            for k, image in zip((1, 3), read_images):
+                (single,) = tfds.load("imagenet2012", split=f"validation[{k}:{k + 1}]", data_dir=root,
+                                      download=False)
+                reference = data.resize_center_crop(single["image"]).numpy() / np.float32(255)
+                self.assertAllEqual(image, reference)
 
 
 class HoldoutSplitTest(tf.test.TestCase, parameterized.TestCase):

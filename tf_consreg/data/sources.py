@@ -248,8 +248,14 @@ def _prepare_imagenet(data_dir: Optional[str], split: str) -> bool:
 
 def _tfds_load(name: str, split: str, *, data_dir: Optional[str], limit: Optional[int] = None,
                shuffle_files: bool = False, seed: Optional[int] = None,
-               input_context: Optional[tf.distribute.InputContext] = None) -> tf.data.Dataset:
+               input_context: Optional[tf.distribute.InputContext] = None,
+               in_order: bool = False) -> tf.data.Dataset:
     """A tfds split as (encoded image bytes, int64 label), optionally the first `limit`.
+
+    By default tfds interleaves 16 files, so the k-th example read depends on
+    how much of the split is read; `in_order` reads its files one after
+    another, so the k-th example read is the split's example k (its
+    `split[k:k+1]`), however far the read goes.
 
     Raises:
       ConfigError: the dataset is not prepared (and, for imagenet2012, the
@@ -273,7 +279,8 @@ def _tfds_load(name: str, split: str, *, data_dir: Optional[str], limit: Optiona
         return tfds.load(name, split=sliced, data_dir=data_dir, as_supervised=True, download=False,
                          shuffle_files=shuffle_files, decoders={"image": tfds.decode.SkipDecoding()},
                          read_config=tfds.ReadConfig(shuffle_seed=seed, input_context=input_context,
-                                                     try_autocache=False))
+                                                     try_autocache=False,
+                                                     **({"interleave_cycle_length": 1} if in_order else {})))
 
     missing = (AssertionError, FileNotFoundError, tfds.core.registered.DatasetNotFoundError)
     try:
@@ -445,7 +452,8 @@ def _mock_encoded(info: DatasetInfo, split: str, n: int) -> tf.data.Dataset:
 
 def encoded_stream(name: str, split: str, *, data_dir: Optional[str] = None, limit: Optional[int] = None,
                    mock: bool = False, shuffle_files: bool = False, seed: Optional[int] = None,
-                   input_context: Optional[tf.distribute.InputContext] = None) -> tf.data.Dataset:
+                   input_context: Optional[tf.distribute.InputContext] = None,
+                   in_order: bool = False) -> tf.data.Dataset:
     """A tfds split (or its mock) as a stream of (encoded image, int64 label), in file order unless shuffled.
 
     Args:
@@ -457,6 +465,9 @@ def encoded_stream(name: str, split: str, *, data_dir: Optional[str] = None, lim
       shuffle_files: read the files in a random order (training).
       seed: seed of that order.
       input_context: read this input pipeline's share (by file; by example when mocked).
+      in_order: read the files one after another, so that the k-th example
+        read is the split's example k whatever `limit` is (tfds interleaves
+        16 files otherwise).
 
     Raises:
       ConfigError: the dataset is not prepared, or lacks the split.
@@ -467,7 +478,7 @@ def encoded_stream(name: str, split: str, *, data_dir: Optional[str] = None, lim
             ds = ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
         return ds
     return _tfds_load(name, split, data_dir=data_dir, limit=limit, shuffle_files=shuffle_files, seed=seed,
-                      input_context=input_context)
+                      input_context=input_context, in_order=in_order)
 
 
 # --------------------------------------------------------------------------
@@ -482,8 +493,9 @@ class SplitReader:
     index asked for, decoding only the examples asked for, so no split has to
     fit in memory. Fashion-MNIST's IDX files (gzip: no random access; 47 MB
     of uint8 at most) and the in-memory mocks are held as uint8 arrays and
-    indexed. Either way an example's index is its position in the split,
-    the same as in `load_uint8`.
+    indexed. Either way an example's index is its position in the split:
+    for tfds, in its files' order (`split[k:k+1]`), read file after file, so
+    that it does not depend on how far a run reads.
 
     Attributes:
       name: dataset name.
@@ -513,7 +525,8 @@ class SplitReader:
         """
         indices = np.asarray(indices, dtype=np.int64).reshape(-1)
         if len(indices) and (indices[0] < 0 or indices[-1] >= self.num_examples or np.any(np.diff(indices) <= 0)):
-            raise ValueError(f"indices must increase within [0, {self.num_examples}), got {indices.tolist()[:10]}...")
+            shown = ", ".join(map(str, indices[:10].tolist())) + (", ..." if len(indices) > 10 else "")
+            raise ValueError(f"indices must increase within [0, {self.num_examples}), got [{shown}]")
         info = get_dataset_info(self.name)
         if self.images is not None or not len(indices):
             images = (self.images[indices] if self.images is not None
@@ -526,7 +539,10 @@ class SplitReader:
             selected[indices] = True
             selected = tf.constant(selected)
             view = evaluation_view(self.name)
-            ds = encoded_stream(self.name, self.split, data_dir=self.data_dir, limit=stop, mock=self.mock)
+            # In order: example k is the split's k-th whatever `stop` is, so a
+            # resumed or sharded run's idx name the same images.
+            ds = encoded_stream(self.name, self.split, data_dir=self.data_dir, limit=stop, mock=self.mock,
+                                in_order=True)
             # Filtered before decoding: the examples skipped are read, not decoded.
             ds = ds.enumerate().filter(lambda i, example: tf.gather(selected, i))
             ds = ds.map(lambda i, example: (i, tf.ensure_shape(view(example[0]), info.input_shape), example[1]),
