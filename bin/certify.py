@@ -25,6 +25,17 @@ own), then summarized as one run:
 --strategy=mirrored splits each example's samples across the local GPUs.
 --help describes every flag.
 
+Every dataset bin/train.py trains on is certified, imagenet2012 included,
+in the test view that training evaluates on (resize 256, center crop 224).
+Examples are read by index, streaming, so no split has to fit in memory.
+--mock_data certifies random images of the dataset's shape instead, as
+bin/train.py's --mock_data trains on them (a smoke run without the data):
+
+  python bin/certify.py --model_dir=runs/imagenet_consistency_0.50 --skip=100 \
+      --output=runs/imagenet_consistency_0.50/certify.tsv
+  python bin/certify.py --model=base_model.keras --dataset=imagenet2012 --sigma=0.5 \
+      --mock_data --max=3 --n=1000 --output=/tmp/mock_certify.tsv
+
 The base model computes in float32, whatever policy it was trained under;
 --compute_dtype=bfloat16 certifies its bfloat16 network instead (the network
 a --mixed_precision=mixed_bfloat16 run computes). The settings file beside

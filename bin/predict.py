@@ -24,7 +24,9 @@ column samples (the samples each example used):
 --num_shards=K --shard_index=i evaluates every K-th selected example from the
 i-th on (one shard per host or array task), --strategy=mirrored splits each
 example's samples across the local GPUs, and --compute_dtype picks the
-network sampled (float32 by default), as for bin/certify.py.
+network sampled (float32 by default), as for bin/certify.py. So do --dataset
+(every dataset bin/train.py trains on, imagenet2012 included) and --mock_data
+(random images of the dataset's shape, for a smoke run without the data).
 """
 
 from tf_consreg import certify_run

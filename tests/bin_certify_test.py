@@ -2,26 +2,36 @@
 
 The binary runs in subprocesses, because its flags (--model_dir, --sigma,
 ...) share names with other binaries' flags and absl refuses to define a flag
-twice in one process. The run it calls is tested in certify_run_test.py.
+twice in one process; `ImagenetCertifyTest` loads it in process instead
+(tests/binaries.py), since `tfds.testing.mock_data` patches only this
+process. The run it calls is tested in certify_run_test.py.
 """
 
 import os
 
+from absl import flags
 from absl.testing import absltest
+from absl.testing import flagsaver
 from absl.testing import parameterized
+import keras
+import numpy as np
 import pytest
+import scipy.stats
 import tensorflow as tf
+import tensorflow_datasets as tfds
 
 import binaries  # tests/binaries.py
 from certify_run_test import HEADER, TINY, RunFixture, error_lines, make_model_dir, read_rows, run_binary
 from smoothing_test import with_nan_weights
 from tf_consreg import certify_run
+from tf_consreg import data
 from tf_consreg import models
 
 # Every flag of bin/certify.py and its default, as users rely on them.
 FLAG_DEFAULTS = {
     "model_dir": None, "model": None, "dataset": None, "data_dir": None, "split": "test", "sigma": None, "n0": 100,
-    "n": 100000, "alpha": 0.001, "batch_size": 1000, "skip": 1, "max": -1, "output": None, "seed": 0,
+    "mock_data": False, "n": 100000, "alpha": 0.001, "batch_size": 1000, "skip": 1, "max": -1, "output": None,
+    "seed": 0,
     "num_shards": 1, "shard_index": 0, "strategy": "default", "compute_dtype": "float32", "radii": None,
     "stages": None,
 }
@@ -126,6 +136,75 @@ class CertifyBinaryTest(RunFixture, parameterized.TestCase):
             self.assertEqual(f.read(), before)
         self.assertEqual(sorted(os.listdir(os.path.dirname(output))), ["certify.shard0.tsv",
                                                                        "certify.shard0.tsv.json"])
+
+
+def save_constant_imagenet_model(directory: str, winner: int) -> str:
+    """A tiny ImageNet-shaped model (224x224x3 in, 1000 logits) whose top class is always `winner`; its path."""
+    model = keras.Sequential([keras.Input((224, 224, 3)), keras.layers.GlobalAveragePooling2D(),
+                              keras.layers.Dense(1000)])
+    bias = np.zeros(1000, np.float32)
+    bias[winner] = 10.0
+    model.layers[-1].set_weights([np.zeros((3, 1000), np.float32), bias])  # Logits independent of the image.
+    path = os.path.join(directory, "imagenet_constant.keras")
+    model.save(path)
+    return path
+
+
+class ImagenetCertifyTest(RunFixture, absltest.TestCase):
+    """Issue 21: bin/certify.py certifies ImageNet, in process (tfds.testing.mock_data patches this process)."""
+
+    WINNER = 7
+    SIGMA, N0, N, ALPHA = 0.5, 8, 16, 0.01
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.certify = binaries.load("certify")
+        cls.model = save_constant_imagenet_model(cls.dir, cls.WINNER)
+
+    @classmethod
+    def tearDownClass(cls):
+        binaries.unload(cls.certify)
+        super().tearDownClass()
+
+    def _run(self, output, *args):
+        with flagsaver.flagsaver():
+            flags.FLAGS(["certify.py", f"--model={self.model}", "--dataset=imagenet2012", f"--sigma={self.SIGMA}",
+                         f"--n0={self.N0}", f"--n={self.N}", f"--alpha={self.ALPHA}", "--batch_size=24",
+                         f"--output={output}", *args])
+            self.certify.main(["certify.py"])
+        return read_rows(output)
+
+    def _expected_radius(self):
+        # Every sample is the winner: k = n, so the one-sided Clopper-Pearson
+        # bound is the Beta(n, 1) alpha-quantile, alpha^(1/n), and the radius
+        # sigma Phi^-1(alpha^(1/n)), printed "{:.3}" as the authors do.
+        p_lower = scipy.stats.beta.ppf(self.ALPHA, self.N, 1)
+        self.assertAlmostEqual(p_lower, self.ALPHA ** (1 / self.N), places=12)
+        return "{:.3}".format(self.SIGMA * scipy.stats.norm.ppf(p_lower))
+
+    def _check_rows(self, rows, idx, labels):
+        radius = self._expected_radius()
+        expected = [[str(i), str(y), str(self.WINNER), radius, str(int(y == self.WINNER))]
+                    for i, y in zip(idx, labels)]
+        self.assertEqual([r[:5] for r in rows], expected)
+
+    def test_mock_data_flag(self):
+        output = os.path.join(self.dir, "mock_flag", "certify.tsv")
+        header, rows = self._run(output, "--mock_data", "--skip=2", "--max=5")
+        self.assertEqual(header, HEADER)
+        # The labels of bin/train.py's --mock_data stream, loaded whole (not by index).
+        _, labels = data.load_uint8("imagenet2012", "test", limit=5, mock=True)
+        self._check_rows(rows, [0, 2, 4], labels[[0, 2, 4]])
+
+    def test_tfds_mock_imagenet2012(self):
+        output = os.path.join(self.dir, "tfds_mock", "certify.tsv")
+        with tfds.testing.mock_data(num_examples=6):
+            header, rows = self._run(output, "--skip=2", "--num_shards=1")
+            # Labels as tfds itself reads the split (ImageNet's test split is tfds' validation).
+            labels = [int(y) for _, y in tfds.load("imagenet2012", split="validation", as_supervised=True)]
+        self.assertEqual(header, HEADER)
+        self._check_rows(rows, [0, 2, 4], [labels[i] for i in (0, 2, 4)])
 
 
 def save_nan_model(directory: str) -> str:

@@ -155,6 +155,44 @@ class CertifyDatasetTest(RunFixture, tf.test.TestCase, parameterized.TestCase):
         certify_run.certify_dataset(self._config(output, skip=3, max=10), verbose=0)
         self.assertEqual([int(r[0]) for r in read_rows(output)[1]], [0, 3, 6, 9])
 
+    def test_reads_the_selected_examples_by_index(self):
+        # Issue 21: the run reads only the selected examples, streaming; they
+        # must be the images and labels that the whole split holds at those
+        # indices. A scattered selection (shard 1 of 2 of every 37th below
+        # 3000) of the test split, against Smooth on load_arrays' images.
+        model = make_nearest_mean_model(self.dir)
+        output = self._output()
+        config = certify_run.CertifyConfig(output=output, model=model, dataset="fashion_mnist", sigma=0.25, skip=37,
+                                           max=3000, num_shards=2, shard_index=1, **TINY)
+        self.assertEqual(certify_run.certify_dataset(config, verbose=0), 41)  # 82 selected: 0, 37, ..., 2997.
+        _, rows = read_rows(output)
+        idx = np.arange(37, 3000, 74)
+        self.assertEqual([int(r[0]) for r in rows], idx.tolist())
+        images, labels = data.load_arrays("fashion_mnist", "test")
+        self.assertEqual([int(r[1]) for r in rows], labels[idx].tolist())
+        smooth = smoothing.Smooth(models.load_base_model(model), 10, 0.25)
+        classes, radii = smooth.certify_batch(images[idx], TINY["n0"], TINY["n"], TINY["alpha"], TINY["batch_size"],
+                                              seed=0, image_ids=idx)
+        self.assertEqual([int(r[2]) for r in rows], classes.tolist())
+        self.assertEqual([r[3] for r in rows], ["{:.3}".format(float(r)) for r in radii])
+        self.assertGreater(len(set(classes.tolist())), 5)  # Not vacuous: the images differ.
+
+    def test_mock_data_certifies_the_mock_and_is_part_of_the_settings(self):
+        output = self._output()
+        self.assertEqual(certify_run.certify_dataset(self._config(output, max=3, mock_data=True), verbose=0), 3)
+        _, rows = read_rows(output)
+        _, mock_labels = data.load_uint8("fashion_mnist", "test", mock=True)
+        self.assertEqual([int(r[1]) for r in rows], mock_labels[:3].tolist())
+        with open(output + certify_log.SETTINGS_SUFFIX, encoding="utf-8") as f:
+            self.assertIs(json.load(f)["mock_data"], True)
+        with self.assertRaisesRegex(ConfigError, "mock_data: True there, None now"):
+            certify_run.certify_dataset(self._config(output, max=4), verbose=0)
+        # A run on the data records no mock_data: its logs from before the flag resume.
+        real = self._output()
+        certify_run.certify_dataset(self._config(real, max=1), verbose=0)
+        with open(real + certify_log.SETTINGS_SUFFIX, encoding="utf-8") as f:
+            self.assertNotIn("mock_data", json.load(f))
+
     def test_sigma_and_dataset_default_to_the_training_run(self):
         config = self._config(self._output())
         self.assertEqual((config.sigma, config.dataset), (0.25, "fashion_mnist"))

@@ -83,6 +83,7 @@ class CertifyConfig:
     model: Optional[str] = None
     dataset: Optional[str] = None
     data_dir: Optional[str] = None
+    mock_data: bool = False
     split: str = "test"
     sigma: Optional[float] = None
     n0: int = 100
@@ -181,7 +182,9 @@ class CertifyConfig:
         """What determines the rows of the TSV; a resumed run must match it.
 
         `max` is left out (a resumed run may go further), and so is `data_dir`
-        (the same dataset may live elsewhere). `compute_dtype` is in: the
+        (the same dataset may live elsewhere). `mock_data` is in when set
+        (other images), and left out otherwise, so older logs resume.
+        `compute_dtype` is in: the
         certificate holds for the function sampled in that dtype, so runs (and
         shards) of other dtypes are not one run. `batch_size` is in: it sets the
         noise blocks, so it changes the noise drawn; so do `strategy` and the
@@ -197,7 +200,7 @@ class CertifyConfig:
         """
         settings = {
             "mode": self.log_mode, "model": os.path.abspath(self.model), "model_sha256": files.file_sha256(self.model),
-            "dataset": self.dataset,
+            "dataset": self.dataset, **({"mock_data": True} if self.mock_data else {}),
             "split": self.split, "sigma": self.sigma, "n0": self.n0, "n": self.n, "alpha": self.alpha,
             "seed": self.seed, "skip": self.skip, "batch_size": self.batch_size,
             "num_shards": self.num_shards, "shard_index": self.shard_index,
@@ -345,7 +348,9 @@ def certify_dataset(config: CertifyConfig, *, verbose: int = 1) -> int:
     """Certifies (or predicts) the examples of a split and appends rows to the TSV.
 
     Examples idx = 0, skip, 2 skip, ... below `max` (-1: all), or this
-    shard's share of them (see `CertifyConfig`), are processed in order. Each
+    shard's share of them (see `CertifyConfig`), are processed in order,
+    read by index in the dataset's test-time view (`data.open_reader`):
+    only they are decoded, streaming, so no split has to fit in memory. Each
     row is written after its batch of images, flushed and synced,
     with the authors' columns; `time` is the batch's wall time divided by its
     images. An existing output of the same settings is resumed after its last
@@ -374,7 +379,8 @@ def certify_dataset(config: CertifyConfig, *, verbose: int = 1) -> int:
     if os.path.exists(config.output):
         _read_existing_rows(config, settings)  # Refuses another run's output before any work.
     info = data.get_dataset_info(config.dataset)
-    images, labels = data.load_arrays(config.dataset, config.split, data_dir=config.data_dir)
+    # Opened (checked and counted) before any work; read by index below, streaming.
+    reader = data.open_reader(config.dataset, config.split, data_dir=config.data_dir, mock=config.mock_data)
 
     with strategy.scope():  # Mirrored variables: each replica reads its own copy.
         # The network computing in --compute_dtype, whatever policy it was trained under.
@@ -400,7 +406,7 @@ def certify_dataset(config: CertifyConfig, *, verbose: int = 1) -> int:
     # The rows are counted under the lock: another process may have added
     # some since the check above.
     out, done = _claim_output(config, settings)
-    indices = config.shard_indices(len(images))[done:]
+    indices = config.shard_indices(reader.num_examples)[done:]
 
     # Samples per image before its first decision; a staged batch then runs
     # on until its last image is settled.
@@ -409,14 +415,13 @@ def certify_dataset(config: CertifyConfig, *, verbose: int = 1) -> int:
     per_call = max(1, _SAMPLES_PER_CALL_IN_BATCHES * config.batch_size // samples)
     progress = keras.utils.Progbar(len(indices), verbose=verbose, unit_name="example")
     with out:
-        for start in range(0, len(indices), per_call):
-            batch = indices[start:start + per_call]
+        for batch, images, labels in reader.read(indices).batch(per_call).as_numpy_iterator():
             began = time.time()
-            predictions, radii, used = _certify_batch(smooth, config, images[batch], batch)
+            predictions, radii, used = _certify_batch(smooth, config, images, batch)
             seconds = (time.time() - began) / len(batch)
-            rows = "".join(certify_log.format_row(config.log_mode, int(i), int(labels[i]), int(p), r, seconds,
+            rows = "".join(certify_log.format_row(config.log_mode, int(i), int(y), int(p), r, seconds,
                                                   None if u is None else int(u))
-                           for i, p, r, u in zip(batch, predictions, radii, used))
+                           for i, y, p, r, u in zip(batch, labels, predictions, radii, used))
             with files.naming(config.output):  # A full disk: one line naming --output; the rows before stay.
                 out.write(rows.encode("utf-8"))
                 out.flush()

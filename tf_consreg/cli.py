@@ -25,6 +25,7 @@ from absl import flags
 from absl import logging
 
 from tf_consreg import files
+from tf_consreg.data import DATASETS  # The names only: no TensorFlow.
 from tf_consreg.errors import ConfigError
 
 FlagHolders = Dict[str, flags.FlagHolder]
@@ -40,8 +41,11 @@ CERTIFY_HELP = {
     "model_dir": "A bin/train.py run directory: its base_model.keras is smoothed, and its train_config.json gives "
                  "--dataset, --sigma, --data_dir.",
     "model": "A saved base model (.keras) instead of --model_dir; needs --dataset and --sigma.",
-    "dataset": "Dataset: fashion_mnist, mnist or cifar10 (default: the training run's).",
+    "dataset": f"Dataset: {', '.join(DATASETS)} (default: the training run's). imagenet2012 is read in the test "
+               "view that training evaluates on (shorter side resized to 256, center crop 224).",
     "data_dir": "Directory with the dataset files (default: the training run's, else the standard locations).",
+    "mock_data": "Certify random images of the dataset's shape instead of the dataset (as bin/train.py's "
+                 "--mock_data): smoke runs on machines without the data. Part of the run's settings.",
     "split": "Split whose examples are taken: test or train.",
     "sigma": "Noise level of the smoothed classifier (default: the sigma the model was trained with).",
     "n0": "Selection samples per example (guess the top class).",
@@ -103,7 +107,7 @@ TRAIN_HELP = {
     "model_dir": (
         "Run directory: flags, checkpoints, TensorBoard logs, base_model.keras. An existing run with the same "
         "flags resumes."),
-    "dataset": "Dataset: fashion_mnist, mnist, cifar10 or imagenet2012.",
+    "dataset": f"Dataset: {', '.join(DATASETS)}.",
     "arch": "Architecture (see tf_consreg.models.ARCHITECTURES).",
     "method": (
         "consistency: cross-entropy + consistency term (Jeong & Shin 2020); gaussian: cross-entropy on noisy "

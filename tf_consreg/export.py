@@ -795,10 +795,10 @@ def export_version(config: VersionExportConfig) -> ExportedVersion:
               f"but dataset {config.dataset} has {tuple(info.input_shape)} images and {info.num_classes} classes")
         class_names = info.class_names
     if config.check_images:  # Read before writing anything: missing data files stop here.
-        images, labels = data.load_arrays(config.dataset, "test", data_dir=config.data_dir,
-                                          limit=config.check_images)
-        check(len(images) == config.check_images, f"--check_images={config.check_images} is more than the "
-              f"{len(images)} images of {config.dataset}'s test split")
+        reader = data.open_reader(config.dataset, "test", data_dir=config.data_dir)
+        check(config.check_images <= reader.num_examples, f"--check_images={config.check_images} is more than the "
+              f"{reader.num_examples} images of {config.dataset}'s test split")
+        images, labels = reader.arrays(range(config.check_images))
     # export_smoothed removes them too; removed here first to report them.
     removed = tuple(remove_stale_staging(config.export_dir))
     path = export_smoothed(base_model, config.version_dir, sigma=config.sigma, num_classes=num_classes,

@@ -120,9 +120,12 @@ def _worker_slices(source: data_lib.Source, batch_size: int, *, seed: Optional[i
         per_replica = context.get_per_replica_batch_size(batch_size)
         local = per_replica * (context.num_replicas_in_sync // context.num_input_pipelines)
         start = context.input_pipeline_id * local
-        ds = data_lib.make_dataset(source.images, source.labels, batch_size, shuffle=training, seed=seed,
-                                   drop_remainder=True, augment=source.name if training else None,
-                                   epochs=epochs)
+        if training:
+            ds = data_lib.make_epoch_dataset(source.images, source.labels, batch_size, epochs, shuffle=True,
+                                             seed=seed, drop_remainder=True, augment=source.name)
+        else:
+            ds = data_lib.make_dataset(source.images, source.labels, batch_size, shuffle=False, seed=seed,
+                                       drop_remainder=True)
         ds = ds.map(lambda x, y: (x[start:start + local], y[start:start + local]))
         return ds.rebatch(per_replica) if local != per_replica else ds
 
