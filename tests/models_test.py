@@ -433,11 +433,13 @@ _ARCH_DATASET = (("lenet", "fashion_mnist"), ("cifar_resnet20", "cifar10"), ("ci
 def _tensorflow_only_site_packages(directory: str) -> str:
     """A site-packages in `directory` holding what `pip install tensorflow` installs, and nothing else.
 
-    It is a view of this interpreter's site-packages: symlinks to the files
+    It is a view of this interpreter's installation: symlinks to the files
     that the installation records (RECORD) of tensorflow and of its
     dependencies, recursively (extras left out), list. A folder is linked
     whole when all its files are theirs; a namespace folder shared with
     other distributions (google/) is made and only their parts linked.
+    Distributions installed in several roots (Bazel's runfiles keep one per
+    package) are merged.
 
     Returns:
       The path of the view.
@@ -456,37 +458,44 @@ def _tensorflow_only_site_packages(directory: str) -> str:
                 requirement = Requirement(line)
                 if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
                     todo.append(requirement.name)
-    site = str(dists["tensorflow"].locate_file(""))
-    owned = {os.path.normpath(str(f)) for dist in dists.values() for f in dist.files or () if f.parts[0] != ".."}
-    folders = set()
-    for path in owned:
-        path = os.path.dirname(path)
-        while path:
-            folders.add(path)
+    owned = {}  # root -> the files (relative paths) the distributions there installed
+    for dist in dists.values():
+        files = {os.path.normpath(str(f)) for f in dist.files or () if f.parts[0] != ".."}
+        owned.setdefault(str(dist.locate_file("")), set()).update(files)
+    folders = {}  # root -> the folders holding those files
+    for root, files in owned.items():
+        folders[root] = set()
+        for path in files:
             path = os.path.dirname(path)
+            while path:
+                folders[root].add(path)
+                path = os.path.dirname(path)
+    in_several_roots = {f for root in folders for f in folders[root]
+                        if sum(f in other for other in folders.values()) > 1}
+    wanted = {root: owned[root] | folders[root] for root in owned}
+    view = os.path.join(directory, "site-packages")
+    os.mkdir(view)
 
-    def wholly_owned(folder):
-        for root, subfolders, files in os.walk(os.path.join(site, folder)):
+    def wholly_owned(root, folder):
+        for parent, subfolders, files in os.walk(os.path.join(root, folder)):
             subfolders[:] = [f for f in subfolders if f != "__pycache__"]
-            if any(os.path.relpath(os.path.join(root, f), site) not in owned for f in files):
+            if any(os.path.relpath(os.path.join(parent, f), root) not in owned[root] for f in files):
                 return False
         return True
 
-    view = os.path.join(directory, "site-packages")
-
-    def link(path):
-        if path in owned or wholly_owned(path):
-            os.symlink(os.path.join(site, path), os.path.join(view, path))
+    def link(root, path):
+        if path in owned[root] or (path not in in_several_roots and wholly_owned(root, path)):
+            os.symlink(os.path.join(root, path), os.path.join(view, path))
             return
-        os.mkdir(os.path.join(view, path))
-        for child in os.listdir(os.path.join(site, path)):
-            if os.path.join(path, child) in owned | folders:
-                link(os.path.join(path, child))
+        os.makedirs(os.path.join(view, path), exist_ok=True)
+        for child in os.listdir(os.path.join(root, path)):
+            if os.path.join(path, child) in wanted[root]:
+                link(root, os.path.join(path, child))
 
-    os.mkdir(view)
-    for child in os.listdir(site):
-        if child in owned or child in folders:
-            link(child)
+    for root in owned:
+        for child in os.listdir(root):
+            if child in wanted[root]:
+                link(root, child)
     return view
 
 
