@@ -8,9 +8,13 @@ statistics, so the trainable weights are compared.
 
 import functools
 import os
+import shutil
+import subprocess
+import sys
 import tempfile
 
 import keras
+import ml_dtypes
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -22,6 +26,7 @@ from tf_consreg import training
 from tf_consreg.training import TrainConfig
 from tf_consreg.errors import ConfigError
 from tf_consreg.models import layers
+from tf_consreg.models import legacy
 
 
 def _bn(channels):
@@ -123,9 +128,11 @@ class ForwardTest(tf.test.TestCase, parameterized.TestCase):
         model = _model(arch)
         info = data.get_dataset_info({"resnet50": "imagenet2012"}.get(arch, "cifar10"))
         norm = model.layers[1]
-        self.assertIsInstance(norm, layers.Normalization)
-        self.assertAllClose(norm.mean, info.mean)
-        self.assertAllClose(norm.std, info.std)
+        self.assertIs(type(norm), keras.layers.Normalization)
+        self.assertEqual(norm.input_mean, list(info.mean))
+        # variance = (float32 std)^2, so that its float32 square root is the float32 std (see NormalizationTest).
+        self.assertEqual(norm.input_variance, [float(np.float32(s)) ** 2 for s in info.std])
+        self.assertAllClose(np.sqrt(norm.input_variance), info.std, rtol=2 ** -24, atol=0)  # float32's rounding.
         # The whole model is body((x - mean) / std) with the dataset's constants.
         x = np.random.default_rng(1).random((1, *info.input_shape), dtype=np.float32)
         body = model.layers[-1]
@@ -414,7 +421,401 @@ class RegistryTest(tf.test.TestCase, parameterized.TestCase):
             model.save(os.path.join(model_dir, models.BASE_MODEL_FILE))
             loaded = models.load_base_model(model_dir)
         self.assertAllClose(loaded(x, training=False), expected, atol=1e-5)
-        self.assertIsInstance(loaded.layers[1], layers.Normalization)
+        self.assertIs(type(loaded.layers[1]), keras.layers.Normalization)
+
+
+_TESTDATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "testdata")
+# (architecture, dataset) for every architecture of the registry.
+_ARCH_DATASET = (("lenet", "fashion_mnist"), ("cifar_resnet20", "cifar10"), ("cifar_resnet110", "cifar10"),
+                 ("cifar_densenet40", "cifar10"), ("resnet50", "imagenet2012"))
+
+
+def _tensorflow_only_site_packages(directory: str) -> str:
+    """A site-packages in `directory` holding what `pip install tensorflow` installs, and nothing else.
+
+    It is a view of this interpreter's installation: symlinks to the files
+    that the installation records (RECORD) of tensorflow and of its
+    dependencies, recursively (extras left out), list. A folder is linked
+    whole when all its files are theirs; a namespace folder shared with
+    other distributions (google/) is made and only their parts linked.
+    Distributions installed in several roots (Bazel's runfiles keep one per
+    package) are merged.
+
+    Returns:
+      The path of the view.
+    """
+    # pylint: disable=import-outside-toplevel
+    import importlib.metadata
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    dists, todo = {}, ["tensorflow"]
+    while todo:
+        name = canonicalize_name(todo.pop())
+        if name not in dists:
+            dists[name] = importlib.metadata.distribution(name)
+            for line in dists[name].requires or ():
+                requirement = Requirement(line)
+                if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
+                    todo.append(requirement.name)
+    owned = {}  # root -> the files (relative paths) the distributions there installed
+    for dist in dists.values():
+        files = {os.path.normpath(str(f)) for f in dist.files or () if f.parts[0] != ".."}
+        owned.setdefault(str(dist.locate_file("")), set()).update(files)
+    folders = {}  # root -> the folders holding those files
+    for root, files in owned.items():
+        folders[root] = set()
+        for path in files:
+            path = os.path.dirname(path)
+            while path:
+                folders[root].add(path)
+                path = os.path.dirname(path)
+    in_several_roots = {f for root in folders for f in folders[root]
+                        if sum(f in other for other in folders.values()) > 1}
+    wanted = {root: owned[root] | folders[root] for root in owned}
+    view = os.path.join(directory, "site-packages")
+    os.mkdir(view)
+
+    def wholly_owned(root, folder):
+        for parent, subfolders, files in os.walk(os.path.join(root, folder)):
+            subfolders[:] = [f for f in subfolders if f != "__pycache__"]
+            if any(os.path.relpath(os.path.join(parent, f), root) not in owned[root] for f in files):
+                return False
+        return True
+
+    def link(root, path):
+        if path in owned[root] or (path not in in_several_roots and wholly_owned(root, path)):
+            os.symlink(os.path.join(root, path), os.path.join(view, path))
+            return
+        os.makedirs(os.path.join(view, path), exist_ok=True)
+        for child in os.listdir(os.path.join(root, path)):
+            if os.path.join(path, child) in wanted[root]:
+                link(root, os.path.join(path, child))
+
+    for root in owned:
+        for child in os.listdir(root):
+            if child in wanted[root]:
+                link(root, child)
+    return view
+
+
+# Runs with `python -I -S`: no site (so no .pth file, and no editable install
+# of tf_consreg), no PYTHONPATH, no current directory; sys.path is the
+# standard library plus argv[1]. argv[2] is an .npz of images; each further
+# argument is key=path: the images under key go through the model at path,
+# whose logits (or the error that loading raised) are written next to it.
+_LOAD_WITH_KERAS_ONLY = """
+import importlib.util, sys
+sys.path.append(sys.argv[1])
+for name in ("tf_consreg", "scipy"):  # scipy: a package of the project's venv that tensorflow does not install.
+    if importlib.util.find_spec(name) is not None:
+        sys.exit(f"{name} is importable: the environment is not tensorflow's alone")
+import keras, numpy as np
+images = np.load(sys.argv[2])
+for arg in sys.argv[3:]:
+    key, path = arg.split("=", 1)
+    try:
+        model = keras.models.load_model(path)
+    except Exception as e:
+        with open(path + ".error.txt", "w") as f:
+            f.write(f"{type(e).__name__}: {e}")
+        continue
+    np.save(path + ".logits.npy", model(images[key], training=False))
+if any(name.startswith("tf_consreg") for name in sys.modules):
+    sys.exit("loading imported tf_consreg")
+"""
+
+
+class PlainKerasTest(tf.test.TestCase):
+    """base_model.keras holds built-in Keras layers only, so Keras alone loads it (issue #21)."""
+
+    def test_every_architecture_is_built_from_keras_layers(self):
+        for arch, dataset in _ARCH_DATASET:
+            model = _model(arch) if arch != "lenet" else models.get_architecture(arch, dataset)
+            for layer in [model, *model.layers, *_leaves(model)]:
+                self.assertTrue(type(layer).__module__.startswith("keras."), f"{arch}: {layer.name} is a "
+                                f"{type(layer).__module__}.{type(layer).__name__}")
+
+    def test_saved_models_load_where_only_tensorflow_is_installed(self):
+        """Loads base_model.keras files in a Python that sees only tensorflow's installation.
+
+        What it proves: a subprocess started with `python -I -S` whose
+        sys.path is the standard library plus the files that `pip install
+        tensorflow` installs (`_tensorflow_only_site_packages`; the
+        subprocess checks that neither tf_consreg nor scipy is importable)
+        loads each file with `keras.models.load_model` alone, without
+        importing tf_consreg, and computes the logits of the model that was
+        saved, bit for bit (same machine, same kernels). The files are built
+        as training builds them (`training.build`), in float32 and under
+        mixed_bfloat16, with a Sequential body (LeNet) and functional ones
+        (ResNet-20, DenseNet-40); `test_every_architecture_is_built_from_keras_layers`
+        extends it to the registry's other architectures (the same layer
+        types; ResNet-110 and ResNet-50 are too big to save here). As a
+        control, the same subprocess fails to load a file of the old format
+        (tests/testdata/legacy_float32.keras), as the issue reported.
+        What it does not prove: that a fresh venv resolves tensorflow's
+        dependencies to the versions installed here.
+        """
+        cases = (("lenet", "fashion_mnist", "none"), ("lenet", "fashion_mnist", "mixed_bfloat16"),
+                 ("cifar_resnet20", "cifar10", "none"), ("cifar_densenet40", "cifar10", "none"))
+        with tempfile.TemporaryDirectory() as directory:
+            images, args, expected = {"legacy": np.zeros((1, 8, 8, 3), np.float32)}, [], {}
+            for arch, dataset, mixed_precision in cases:
+                model_dir = os.path.join(directory, f"{arch}_{mixed_precision}")
+                config = TrainConfig(model_dir=model_dir, arch=arch, dataset=dataset, mixed_precision=mixed_precision)
+                keras.utils.set_random_seed(10)
+                base = training.build(config, steps_per_epoch=1).base_model
+                x = np.random.default_rng(11).random((2, *data.get_dataset_info(dataset).input_shape), np.float32)
+                base(x, training=True)  # BN running statistics off their initial values.
+                os.mkdir(model_dir)
+                path = os.path.join(model_dir, models.BASE_MODEL_FILE)
+                base.save(path)
+                images[dataset] = x
+                args.append(f"{dataset}={path}")
+                expected[path] = base(x, training=False).numpy()
+            legacy = os.path.join(directory, "legacy_float32.keras")
+            shutil.copy(os.path.join(_TESTDATA, "legacy_float32.keras"), legacy)
+            np.savez(os.path.join(directory, "images.npz"), **images)
+            site = _tensorflow_only_site_packages(directory)
+            result = subprocess.run([sys.executable, "-I", "-S", "-c", _LOAD_WITH_KERAS_ONLY, site,
+                                     os.path.join(directory, "images.npz"), *args, f"legacy={legacy}"],
+                                    capture_output=True, text=True, check=False)
+            self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+            for path, logits in expected.items():
+                self.assertFalse(os.path.exists(path + ".error.txt"), path)
+                self.assertAllEqual(np.load(path + ".logits.npy"), logits)
+            with open(legacy + ".error.txt", encoding="utf-8") as f:
+                self.assertIn("Could not locate class 'Normalization'", f.read())
+
+
+def _float32_sample():
+    """About a million float32 numbers spread over every bit pattern: signs, zeros, subnormals, inf, nan."""
+    return np.arange(0, 2 ** 32, 4099, dtype=np.uint64).astype(np.uint32).view(np.float32)
+
+
+def _all_bfloat16():
+    """Every bfloat16 number (65,536 bit patterns), as float32 (exactly)."""
+    return np.arange(2 ** 16, dtype=np.uint16).view(ml_dtypes.bfloat16).astype(np.float32)
+
+
+def _per_channel(values, channels):
+    """[N, 1, 1, channels] images whose every channel runs through `values`."""
+    return np.repeat(values[:, None], channels, axis=1).reshape(-1, 1, 1, channels)
+
+
+def _bits(x):
+    x = np.asarray(x)
+    return x.view({2: np.uint16, 4: np.uint32}[x.dtype.itemsize])
+
+
+def _same(got, want):
+    """Elementwise: the same bits, or both nan (a nan's payload is not part of the arithmetic)."""
+    nan = np.isnan(np.asarray(got, np.float32)) & np.isnan(np.asarray(want, np.float32))
+    return (_bits(got) == _bits(want)) | nan
+
+
+class NormalizationTest(tf.test.TestCase, parameterized.TestCase):
+    """The built-in normalization against the layer it replaces (`legacy.Normalization`, unchanged since it was saved).
+
+    The reference is the old layer's own arithmetic, (x - mean) / std, on the
+    same inputs: in float32 the two must agree bit for bit on every input;
+    in bfloat16 (mixed_bfloat16, the policy under which both compute in
+    bfloat16) on every bfloat16 input, except where the documented ImageNet
+    divisors differ.
+    """
+
+    DATASETS = ("mnist", "fashion_mnist", "cifar10", "imagenet2012")
+
+    def test_float32_sqrt_of_a_square_is_exact(self):
+        # Boldo (2015): sqrt(fl(s * s)) = s in binary round-to-nearest. Every
+        # float32 in [1, 2), through TensorFlow's own kernels; scaling s by
+        # 2^k scales s * s by 4^k exactly, so this covers every float32 std
+        # whose square neither overflows nor underflows.
+        s = np.arange(1.0, 2.0, 2.0 ** -23, dtype=np.float32)
+        self.assertEqual(s.size, 2 ** 23)
+        self.assertAllEqual(_bits(tf.sqrt(tf.constant(s) * tf.constant(s))), _bits(s))
+
+    @parameterized.parameters(*DATASETS)
+    def test_float32_is_the_old_layer_bit_for_bit(self, dataset):
+        info = data.get_dataset_info(dataset)
+        new = layers.normalization(info.mean, info.std, name="new")
+        old = legacy.Normalization(info.mean, info.std)
+        x = _per_channel(_float32_sample(), len(info.mean))
+        got, want = new(x).numpy(), old(x).numpy()
+        self.assertEqual(got.dtype, np.float32)
+        self.assertTrue(_same(got, want).all())
+        # The divisor it uses is the float32 std itself.
+        self.assertAllEqual(_bits(tf.sqrt(new.variance)).ravel(), _bits(np.float32(info.std)))
+
+    @parameterized.parameters(*DATASETS)
+    def test_computes_in_bfloat16_under_mixed_bfloat16_as_the_old_layer(self, dataset):
+        info = data.get_dataset_info(dataset)
+        channels = len(info.mean)
+        new = layers.normalization(info.mean, info.std, name="new")
+        new = keras.layers.Normalization.from_config({**new.get_config(), "dtype": "mixed_bfloat16"})
+        old = legacy.Normalization(info.mean, info.std, dtype="mixed_bfloat16")
+        self.assertEqual((new.compute_dtype, new.variable_dtype), (old.compute_dtype, old.variable_dtype))
+        finite = _all_bfloat16()
+        finite = finite[np.abs(finite) < 2.0 ** 20]  # No overflow of (x - mean) / std; images are in [0, 1] + noise.
+        for x in (_per_channel(finite, channels), _per_channel(_float32_sample(), channels)):
+            got, want = new(x).numpy(), old(x).numpy()
+            self.assertEqual((got.dtype, want.dtype), (ml_dtypes.bfloat16, ml_dtypes.bfloat16))
+            if dataset != "imagenet2012":
+                self.assertTrue(_same(got, want).all())
+        # ImageNet: the channels of std 0.229 and 0.224 divide by one bfloat16
+        # ulp more (see layers.normalization); the third is bit for bit.
+        if dataset == "imagenet2012":
+            old_divisor = np.float32(np.array(info.std, np.float32).astype(ml_dtypes.bfloat16))
+            variance = np.array([float(np.float32(s)) ** 2 for s in info.std], np.float32)
+            new_divisor = np.sqrt(variance.astype(ml_dtypes.bfloat16).astype(np.float32)).astype(
+                ml_dtypes.bfloat16).astype(np.float32)
+            self.assertAllEqual(old_divisor, [0.228515625, 0.2236328125, 0.224609375])
+            self.assertAllEqual(new_divisor, [0.2294921875, 0.224609375, 0.224609375])
+            x = _per_channel(finite, channels)
+            got, want = new(x).numpy().astype(np.float64), old(x).numpy().astype(np.float64)
+            self.assertTrue((got != want)[..., :2].any())
+            self.assertAllEqual(got[..., 2], want[..., 2])
+            # Both compute q / d from the same q = bf16(bf16(x) - bf16(mean))
+            # and round it to float32 then bfloat16 (TensorFlow's bfloat16
+            # division): relative error <= 2^-24 + 2^-8 (1 + 2^-24) < 2^-8 +
+            # 2^-23, the quotients being 0 or normal (q is 0 or at least the
+            # bfloat16 spacing at the mean, 2^-9, and d < 1). So they differ by
+            # at most |q| |1/d_old - 1/d_new| + (2^-8 + 2^-23) (|q / d_old| + |q / d_new|).
+            mean = np.array(info.mean, np.float32).astype(ml_dtypes.bfloat16).astype(np.float64)
+            q = (x.astype(ml_dtypes.bfloat16).astype(np.float64) - mean).astype(ml_dtypes.bfloat16).astype(np.float64)
+            bound = (np.abs(q) * np.abs(1 / old_divisor - 1 / new_divisor)
+                     + (2.0 ** -8 + 2.0 ** -23) * (np.abs(q / old_divisor) + np.abs(q / new_divisor)))
+            self.assertTrue(np.all(np.abs(got - want) <= bound))
+
+    def test_bad_constants_are_refused(self):
+        with self.assertRaisesRegex(ValueError, "mean and std differ in length: 2 vs 1"):
+            layers.normalization((0.1, 0.2), (0.3,), name="n")
+        with self.assertRaisesRegex(ValueError, r"std must be positive, got \[0.3, 0.0\]"):
+            layers.normalization((0.1, 0.2), (0.3, 0.0), name="n")
+
+
+def _with_layers_rebuilt(model, policy, replace=None):
+    """A copy of `model` rebuilt from its layers' configs, with `model`'s weights.
+
+    Args:
+      model: a functional model (nested models are rebuilt too).
+      policy: the dtype policy of every layer of the copy ("float64"), or None
+        to keep each layer's own; the containers take it, or the float32 one.
+      replace: `replace(layer)` may return a layer to put in `layer`'s place
+        (None: rebuild it).
+    """
+    def rebuild(layer):
+        other = replace(layer) if replace else None
+        config = layer.get_config()
+        if policy:
+            config["dtype"] = policy
+        return other or layer.__class__.from_config(config)
+
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(policy or "float32")  # The containers clone_model makes take the global policy.
+    try:
+        twin = keras.models.clone_model(model, clone_function=rebuild, recursive=True)
+    finally:
+        keras.config.set_dtype_policy(previous)
+    twin.set_weights(model.get_weights())
+    return twin
+
+
+def _builtin_normalization(layer):
+    """The built-in layer that replaces a `legacy.Normalization`, with its dtype policy (None for other layers)."""
+    if not isinstance(layer, legacy.Normalization):
+        return None
+    new = layers.normalization(layer.mean, layer.std, name=layer.name)
+    return keras.layers.Normalization.from_config({**new.get_config(), "dtype": layer.dtype_policy.name})
+
+
+class LegacyFormatTest(tf.test.TestCase, parameterized.TestCase):
+    """base_model.keras files of the old format (with the custom `Normalization`) still load and compute as they did.
+
+    tests/testdata/legacy_{float32,mixed_bfloat16}.keras were written by the
+    code before this change, and legacy_base_models.npz holds the logits
+    that code computed from them (testdata/SOURCE.md says how).
+    """
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        with np.load(os.path.join(_TESTDATA, "legacy_base_models.npz")) as recorded:
+            cls.recorded = dict(recorded)
+
+    def tearDown(self):
+        keras.config.set_dtype_policy("float32")
+        super().tearDown()
+
+    def _path(self, policy):
+        return os.path.join(_TESTDATA, f"legacy_{policy}.keras")
+
+    @parameterized.parameters("float32", "mixed_bfloat16")
+    def test_loads_with_its_layer_and_gives_the_recorded_logits(self, policy):
+        x = self.recorded["images"]
+        model = models.load_base_model(self._path(policy))
+        self.assertIsInstance(model.layers[1], legacy.Normalization)
+        self.assertEqual(model.layers[1].dtype_policy.name, policy)
+        exact = self.recorded[f"{policy}/float64"]
+        # float64: the recorded float32 logits are within 8.1e-8 of these
+        # float64 ones (measured when recorded); rounding errors scale with
+        # the unit roundoff, 2^29 times smaller in float64, so two float64
+        # evaluations that sum in different orders agree to ~2 * 8.1e-8 *
+        # 2^-29 = 3e-16. 1e-12 leaves a margin of 3,000 and still fails a
+        # 1% change of one channel's std (2.5e-3) or lost BN statistics (0.4).
+        twin = _with_layers_rebuilt(model, "float64")
+        self.assertAllClose(twin(x.astype(np.float64), training=False), exact, rtol=0, atol=1e-12)
+        for mode, compute_dtype in (("as_saved", None), ("float32", "float32"), ("bfloat16", "bfloat16")):
+            loaded = models.load_base_model(self._path(policy), compute_dtype)
+            logits = loaded(x, training=False)
+            self.assertEqual(logits.dtype, tf.float32)
+            computes_in = compute_dtype or {"float32": "float32", "mixed_bfloat16": "bfloat16"}[policy]
+            # Another CPU's kernels may sum in other orders. float32: a sum of
+            # K terms is off by at most K * 2^-24 of the sum of their
+            # magnitudes (Higham, Thm 3.1), 8.6e-6 for this net's longest
+            # sums (K = 144, 3x3x16); the logits recorded were 8.1e-8 from the
+            # float64 ones. 1e-5 is that worst case for sums of magnitude ~1
+            # and 120 times the error measured. bfloat16: every layer rounds
+            # its output to 8 significant bits (2^-8 relative); the recorded
+            # logits were 2.8e-3 from the float64 ones, so two evaluations
+            # differ by about twice that at most: 1e-2, which lost BN
+            # statistics (0.37) or a missing normalization (0.21) exceed by far.
+            atol = 1e-5 if computes_in == "float32" else 1e-2
+            self.assertAllClose(logits, self.recorded[f"{policy}/{mode}"], rtol=0, atol=atol, msg=mode)
+            self.assertAllClose(logits, exact, rtol=0, atol=atol, msg=mode)
+
+    @parameterized.parameters(("float32", None), ("float32", "bfloat16"), ("mixed_bfloat16", None),
+                              ("mixed_bfloat16", "float32"))
+    def test_the_built_in_layer_gives_the_same_logits_bit_for_bit(self, policy, compute_dtype):
+        # The network with the built-in normalization in place of the old
+        # layer, and the old file's weights, on the same machine: the CIFAR-10
+        # constants are exact in float32 and bfloat16 (NormalizationTest), so
+        # every logit is equal.
+        x = self.recorded["images"]
+        loaded = models.load_base_model(self._path(policy), compute_dtype)
+        twin = _with_layers_rebuilt(loaded, None, _builtin_normalization)
+        self.assertIs(type(twin.layers[1]), keras.layers.Normalization)
+        self.assertEqual(twin.layers[1].compute_dtype, loaded.layers[1].compute_dtype)
+        self.assertEqual(models.model_compute_dtype(twin), models.model_compute_dtype(loaded))
+        self.assertIsNotNone(models.model_compute_dtype(twin))
+        self.assertAllEqual(twin(x, training=False), loaded(x, training=False))
+
+    def test_a_checkpoint_of_the_old_layer_restores_into_the_new_model(self):
+        # A training run checkpoints the wrapper, which holds the base model:
+        # neither normalization layer has variables, so the old checkpoint's
+        # objects and values map one to one onto the new model's.
+        info = data.get_dataset_info("fashion_mnist")
+        keras.utils.set_random_seed(12)
+        inputs = keras.Input(info.input_shape, name="images")
+        old = keras.Model(inputs, models.lenet(info.num_classes, info.input_shape)(
+            legacy.Normalization(info.mean, info.std, name="normalize")(inputs)))
+        x = np.random.default_rng(13).random((3, *info.input_shape), dtype=np.float32)
+        keras.utils.set_random_seed(14)
+        new = models.get_architecture("lenet", "fashion_mnist")
+        self.assertNotAllClose(new(x), old(x))
+        path = tf.train.Checkpoint(model=old).write(os.path.join(self.get_temp_dir(), "old"))
+        tf.train.Checkpoint(model=new).read(path).assert_consumed().assert_existing_objects_matched()
+        self.assertAllEqual(new(x), old(x))  # Fashion-MNIST's std 0.353 is the one a naive variance would change.
 
 
 @pytest.mark.slow

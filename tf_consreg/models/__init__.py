@@ -1,8 +1,13 @@
 """Architecture registry: `get_architecture(name, dataset)` and model loading.
 
 Every model takes images in [0, 1], normalizes them in its first layer and
-returns logits (float32 even under a mixed-precision policy). The networks
-are the authors' (`code/architectures.py`):
+returns logits (float32 even under a mixed-precision policy). Models are
+made of built-in Keras layers only, so a saved `base_model.keras` loads with
+`keras.models.load_model` where only TensorFlow and Keras are installed.
+Files written before that hold the project's own normalization layer
+(`legacy.Normalization`); importing this package registers it, so
+`load_base_model` loads them too. The networks are the authors'
+(`code/architectures.py`):
 
   lenet             MNIST, Fashion-MNIST   lenet.py
   cifar_resnet20    CIFAR-10               cifar_resnet.py (0.27M parameters)
@@ -19,9 +24,11 @@ import keras
 
 from tf_consreg import precision
 from tf_consreg.errors import ConfigError
+from tf_consreg.models import layers
 from tf_consreg.models.cifar_resnet import cifar_resnet20, cifar_resnet110
 from tf_consreg.models.densenet import cifar_densenet40
-from tf_consreg.models.layers import Normalization
+# Registers the old format's layer with Keras (and keeps models.Normalization for old callers).
+from tf_consreg.models.legacy import Normalization  # pylint: disable=unused-import
 from tf_consreg.models.lenet import lenet
 from tf_consreg.models.resnet50 import resnet50
 
@@ -81,7 +88,7 @@ def get_architecture(name: str, dataset: str) -> keras.Model:
     info = data.get_dataset_info(dataset)
     body = _REGISTRY[name][0](info.num_classes, info.input_shape)
     inputs = keras.Input(info.input_shape, name="images")
-    outputs = body(Normalization(info.mean, info.std, name="normalize")(inputs))
+    outputs = body(layers.normalization(info.mean, info.std, name="normalize")(inputs))
     return keras.Model(inputs, outputs, name=f"{name}_{dataset}")
 
 
@@ -104,6 +111,10 @@ def load_base_model(path: str, compute_dtype: Optional[str] = None) -> keras.Mod
     Variables are float32 under both, and the logits are float32. A model
     saved computing in another dtype is rebuilt with the new policies and
     given the saved weights (`with_compute_dtype`).
+
+    A file of the old format (with `legacy.Normalization`, see the module
+    docstring) loads as it was saved, that layer included, and computes as
+    it did.
 
     Args:
       path: a `.keras` file, or a training `--model_dir` holding `base_model.keras`.
@@ -216,5 +227,5 @@ def with_compute_policy(model: keras.Model, policy: str) -> keras.Model:
     return clone
 
 
-__all__ = ["ARCHITECTURES", "BASE_MODEL_FILE", "Normalization", "check_architecture", "get_architecture",
+__all__ = ["ARCHITECTURES", "BASE_MODEL_FILE", "check_architecture", "get_architecture",
            "load_base_model", "model_compute_dtype", "with_compute_dtype", "with_compute_policy"]
