@@ -24,9 +24,10 @@ __version__ = "0.1.0"
 # Public API, loaded lazily (PEP 562): importing the package loads neither
 # TensorFlow nor Keras, so `tf_consreg.analysis`, `tf_consreg.certify_log`
 # and `tf_consreg.stats` (and `tf_consreg.analyze`, `read_certify_tsv`, ...)
-# run without them. `base_model.keras` holds the project's custom layers: load it
-# with `load_base_model`, or import `tf_consreg.models` (which registers them)
-# before `keras.models.load_model`.
+# run without them. `base_model.keras` holds built-in Keras layers only:
+# `keras.models.load_model` loads it anywhere. Files saved before that
+# (a custom Normalization layer) load with `load_base_model`, or after
+# importing `tf_consreg.models`, which registers the old layer.
 _LAZY = {
     "AnalyzeConfig": "tf_consreg.analysis",
     "CertifyCallback": "tf_consreg.callbacks",
