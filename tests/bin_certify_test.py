@@ -26,6 +26,7 @@ from smoothing_test import with_nan_weights
 from tf_consreg import certify_run
 from tf_consreg import data
 from tf_consreg import models
+from tf_consreg.errors import ConfigError
 
 # Every flag of bin/certify.py and its default, as users rely on them.
 FLAG_DEFAULTS = {
@@ -65,30 +66,10 @@ class CertifyBinaryTest(RunFixture, parameterized.TestCase):
             self.assertIn('"compute_dtype": "float32"', f.read())
 
     @parameterized.named_parameters(
+        # One case per exit path through the real process: a config check (ConfigError), absl's flag parsing, and
+        # an output refused before any file is made. The other checks run in process (CertifyErrorsTest).
         ("n", ["--n=0"], "certify.py: error: --n must be >= 1, got 0"),
-        ("alpha", ["--alpha=1.5"], "certify.py: error: --alpha must be in (0, 1), got 1.5"),
-        ("model_without_sigma", ["--model=/tmp/x.keras", "--dataset=fashion_mnist"],
-         "certify.py: error: --sigma is required with --model"),
-        ("shard_index_too_large", ["--num_shards=3", "--shard_index=3"],
-         "certify.py: error: --shard_index must be in [0, --num_shards=3), got 3"),
-        ("negative_shard_index", ["--num_shards=3", "--shard_index=-1"],
-         "certify.py: error: --shard_index must be in [0, --num_shards=3), got -1"),
-        ("no_shards", ["--num_shards=0"], "certify.py: error: --num_shards must be >= 1, got 0"),
-        ("strategy", ["--strategy=tpu"], "certify.py: error: --strategy='tpu' is unknown"),
-        ("compute_dtype", ["--compute_dtype=float16"],
-         "certify.py: error: --compute_dtype='float16' is unknown; choose one of float32, bfloat16"),
-        # Fixed-radius mode (issue 13): each bad value fails before any work, naming its flag.
-        ("radius_zero", ["--radii=0.5,0"], "certify.py: error: --radii must be finite and > 0, got 0.0"),
-        ("radius_nan", ["--radii=nan"], "certify.py: error: --radii must be finite and > 0, got nan"),
-        ("radius_inf", ["--radii=inf"], "certify.py: error: --radii must be finite and > 0, got inf"),
         ("radius_not_a_number", ["--radii=half"], "certify.py: error: --radii: 'half' is not a list of float"),
-        ("stages_decrease", ["--radii=0.5", "--n=1000", "--stages=500,200,1000"],
-         "certify.py: error: --stages must strictly increase (cumulative sample counts), got [500, 200, 1000]"),
-        ("stages_end", ["--radii=0.5", "--n=1000", "--stages=100,500"],
-         "certify.py: error: --stages must end at n=1000"),
-        ("stage_below_n0", ["--radii=0.5", "--n=1000", "--stages=50,1000"],
-         "certify.py: error: --stages must start at n0=100 or above"),
-        ("stages_without_radii", ["--stages=100,100000"], "certify.py: error: --stages needs --radii"),
         ("dangling_output", ["--output_is_a_dangling_link"], "certify.py: error: --output="),
     )
     def test_errors_are_one_line(self, args, expected):
@@ -136,6 +117,61 @@ class CertifyBinaryTest(RunFixture, parameterized.TestCase):
             self.assertEqual(f.read(), before)
         self.assertEqual(sorted(os.listdir(os.path.dirname(output))), ["certify.shard0.tsv",
                                                                        "certify.shard0.tsv.json"])
+
+
+class CertifyErrorsTest(RunFixture, parameterized.TestCase):
+    """Each flag check of bin/certify.py fails before any work, in the binary's own words; run in process.
+
+    `cli.run` prints a ConfigError as `certify.py: error: <message>` with exit
+    status 2 (CertifyBinaryTest runs that path in a real process, and cli_test
+    tests it); here main's ConfigError is checked, with no file left behind.
+    """
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.certify = binaries.load("certify")
+        cls.model_dir = make_model_dir(cls.dir)
+
+    @classmethod
+    def tearDownClass(cls):
+        binaries.unload(cls.certify)
+        super().tearDownClass()
+
+    @parameterized.named_parameters(
+        ("alpha", ["--alpha=1.5"], "--alpha must be in (0, 1), got 1.5"),
+        ("model_without_sigma", ["--model=/tmp/x.keras", "--dataset=fashion_mnist"],
+         "--sigma is required with --model"),
+        ("shard_index_too_large", ["--num_shards=3", "--shard_index=3"],
+         "--shard_index must be in [0, --num_shards=3), got 3"),
+        ("negative_shard_index", ["--num_shards=3", "--shard_index=-1"],
+         "--shard_index must be in [0, --num_shards=3), got -1"),
+        ("no_shards", ["--num_shards=0"], "--num_shards must be >= 1, got 0"),
+        ("strategy", ["--strategy=tpu"], "--strategy='tpu' is unknown"),
+        ("compute_dtype", ["--compute_dtype=float16"],
+         "--compute_dtype='float16' is unknown; choose one of float32, bfloat16"),
+        # Fixed-radius mode (issue 13): each bad value fails before any work, naming its flag.
+        ("radius_zero", ["--radii=0.5,0"], "--radii must be finite and > 0, got 0.0"),
+        ("radius_nan", ["--radii=nan"], "--radii must be finite and > 0, got nan"),
+        ("radius_inf", ["--radii=inf"], "--radii must be finite and > 0, got inf"),
+        ("stages_decrease", ["--radii=0.5", "--n=1000", "--stages=500,200,1000"],
+         "--stages must strictly increase (cumulative sample counts), got [500, 200, 1000]"),
+        ("stages_end", ["--radii=0.5", "--n=1000", "--stages=100,500"], "--stages must end at n=1000"),
+        ("stage_below_n0", ["--radii=0.5", "--n=1000", "--stages=50,1000"], "--stages must start at n0=100 or above"),
+        ("stages_without_radii", ["--stages=100,100000"], "--stages needs --radii"),
+    )
+    def test_errors(self, args, expected):
+        output = os.path.join(self.dir, "errors", "certify.tsv")
+        if not any(a.startswith("--model") for a in args):
+            args = [f"--model_dir={self.model_dir}", *args]
+        with flagsaver.flagsaver():
+            flags.FLAGS(["certify.py", *args, f"--output={output}"])
+            with self.assertRaises(ConfigError) as raised:
+                self.certify.main(["certify.py"])
+        self.assertStartsWith(str(raised.exception), expected)
+        self.assertNotIn("\n", str(raised.exception))
+        self.assertFalse(os.path.lexists(output))
+        self.assertFalse(os.path.lexists(output + ".json"))
 
 
 def save_constant_imagenet_model(directory: str, winner: int) -> str:
