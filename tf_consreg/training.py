@@ -33,6 +33,7 @@ from tf_consreg import models
 from tf_consreg import multi_worker
 from tf_consreg import noise as noise_lib
 from tf_consreg import precision
+from tf_consreg.certify_spec import CertifySpec
 from tf_consreg.errors import ConfigError, check
 
 METHODS = ("gaussian", "consistency", "stability", "smoothadv", "macer", "smoothmix")
@@ -916,10 +917,11 @@ def train(config: TrainConfig, extra_callbacks: Optional[List[keras.callbacks.Ca
         if is_chief:
             # Under multi_worker the chief certifies while the others wait for
             # its next all-reduce: a cost in time, not in correctness.
+            spec = CertifySpec(sigma=config.sigma, n0=config.certify_n0, n=config.certify_n, alpha=config.certify_alpha,
+                               batch_size=config.certify_batch_size)
             certify = callbacks_lib.CertifyCallback(
-                val_x, val_y, sigma=config.sigma, num_classes=info.num_classes, every=config.certify_every,
-                n0=config.certify_n0, n=config.certify_n, alpha=config.certify_alpha,
-                batch_size=config.certify_batch_size, log_dir=os.path.join(config.model_dir, LOGS_DIR),
+                val_x, val_y, spec=spec, num_classes=info.num_classes, every=config.certify_every,
+                log_dir=os.path.join(config.model_dir, LOGS_DIR),
                 seed=config.seed, image_ids=np.arange(full.num_examples - len(val_x), full.num_examples))
     else:
         train_source = data_lib.open_source(config.dataset, "train", data_dir=config.data_dir,

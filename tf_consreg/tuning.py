@@ -47,6 +47,7 @@ from tf_consreg import files
 from tf_consreg import models
 from tf_consreg import precision
 from tf_consreg import training
+from tf_consreg.certify_spec import CertifySpec
 from tf_consreg.errors import ConfigError
 from tf_consreg.training import TrainConfig
 
@@ -556,10 +557,11 @@ def _run_trial(config: TuneConfig, holdout: _Holdout, trial) -> Dict[str, float]
     # A fresh Keras state per trial; training.train seeds it, so every trial
     # starts from the same initialization, as bin/train.py would.
     keras.backend.clear_session()
+    spec = CertifySpec(sigma=run.sigma, n0=config.certify_n0, n=config.certify_n, alpha=config.certify_alpha,
+                       batch_size=config.certify_batch_size)
     certify = callbacks.CertifyCallback(
-        holdout.images, holdout.labels, sigma=run.sigma, num_classes=data_lib.get_dataset_info(run.dataset).num_classes,
-        every=config.certify_every or run.epochs, n0=config.certify_n0, n=config.certify_n,
-        alpha=config.certify_alpha, batch_size=config.certify_batch_size,
+        holdout.images, holdout.labels, spec=spec, num_classes=data_lib.get_dataset_info(run.dataset).num_classes,
+        every=config.certify_every or run.epochs,
         log_dir=os.path.join(run.model_dir, training.LOGS_DIR), seed=run.seed, radii=config.radii,
         image_ids=holdout.ids)
     training.train(run, extra_callbacks=[certify])
