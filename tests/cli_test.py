@@ -57,8 +57,7 @@ class _Prefixed:
 
     output: str
     count: int = 3
-    watch: _Inner = dataclasses.field(default_factory=lambda: _Inner(scale=5.0),
-                                      metadata={cli.FLAG_PREFIX: "watch_"})
+    watch: _Inner = dataclasses.field(default=_Inner(scale=5.0), metadata={cli.FLAG_PREFIX: "watch_"})
 
 
 class DefineFlagsTest(absltest.TestCase):

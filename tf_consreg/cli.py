@@ -259,10 +259,15 @@ def _flag_fields(config_cls: Type) -> Dict[str, _FlagField]:
 
 
 def _nested_default(config_cls: Type, parent: str) -> Any:
-    """The default of the nested config in field `parent`: an instance, or None (its class's defaults then)."""
+    """The instance that field `parent` has as its `default`, or None: its flags then take its class's defaults.
+
+    Only a `default` instance counts, not one a `default_factory` makes: a
+    nested config that resolves its own defaults (ObjectiveConfig's per
+    method) must be built from its class's, not from another resolution.
+    """
     field = next(f for f in dataclasses.fields(config_cls) if f.name == parent)
-    default = _field_default(field)
-    return default if dataclasses.is_dataclass(default) else None
+    default = field.default
+    return default if dataclasses.is_dataclass(default) and not isinstance(default, type) else None
 
 
 def define_flags(config_cls: Type, helps: Mapping[str, str], *, defaults: Optional[Mapping[str, Any]] = None,
