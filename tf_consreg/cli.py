@@ -168,10 +168,10 @@ TRAIN_HELP = {
         "the training split (never trained on) and log val/acr, certified accuracy, the abstention rate and the "
         "certified-accuracy curve to TensorBoard, and val_acr to the epoch logs. 0 = off."),
     "certify_examples": "With --certify_every: images held out of the end of the training split (default 200).",
-    "certify_n0": "With --certify_every: CERTIFY's selection samples (default 100).",
-    "certify_n": "With --certify_every: CERTIFY's estimation samples (default 1000).",
-    "certify_alpha": "With --certify_every: CERTIFY's failure probability (default 0.001).",
-    "certify_batch_size": "With --certify_every: noisy copies per forward pass (default 1000).",
+    "certify_n0": "With --certify_every: CERTIFY's selection samples.",
+    "certify_n": "With --certify_every: CERTIFY's estimation samples.",
+    "certify_alpha": "With --certify_every: CERTIFY's failure probability.",
+    "certify_batch_size": "With --certify_every: noisy copies per forward pass.",
     "data_dir": (
         "Directory with the Fashion-MNIST IDX files, or a tensorflow-datasets data directory (ImageNet: the "
         "archives go in <data_dir>/downloads/manual). Default: Debian's dataset-fashion-mnist files, then "

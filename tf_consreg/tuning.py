@@ -42,6 +42,7 @@ import tensorflow as tf
 from tensorboard.plugins.hparams import api as hp_api
 
 from tf_consreg import callbacks
+from tf_consreg import certify_spec
 from tf_consreg import data as data_lib
 from tf_consreg import files
 from tf_consreg import models
@@ -136,11 +137,11 @@ class TuneConfig:
     num_noise_choices: Tuple[int, ...] = (2, 4)
     objective: str = "acr"
     objective_radius: Optional[float] = None
-    certify_examples: int = training.CERTIFY_DEFAULTS["certify_examples"]
-    certify_n0: int = training.CERTIFY_DEFAULTS["certify_n0"]
-    certify_n: int = training.CERTIFY_DEFAULTS["certify_n"]
-    certify_alpha: float = training.CERTIFY_DEFAULTS["certify_alpha"]
-    certify_batch_size: int = training.CERTIFY_DEFAULTS["certify_batch_size"]
+    certify_examples: int = training.CERTIFY_EXAMPLES
+    certify_n0: int = certify_spec.LIVE.n0
+    certify_n: int = certify_spec.LIVE.n
+    certify_alpha: float = certify_spec.LIVE.alpha
+    certify_batch_size: int = certify_spec.LIVE.batch_size
     certify_every: int = 0
 
     def __post_init__(self):
