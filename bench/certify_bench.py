@@ -38,6 +38,7 @@ import tf_consreg  # pylint: disable=unused-import  Sets TensorFlow's environmen
 import tensorflow as tf
 
 from tf_consreg import certify_run
+from tf_consreg import certify_spec
 from tf_consreg import data
 from tf_consreg import models
 from tf_consreg import precision
@@ -51,7 +52,7 @@ LENET_FLOPS_PER_SAMPLE = 4.58e6
 _EXAMPLES = flags.DEFINE_integer("examples", 4, "Test images to certify (the first one also traces).")
 _N = flags.DEFINE_integer("n", 100000, "Estimation samples per image (bin/certify.py's default).")
 _N0 = flags.DEFINE_integer("n0", 100, "Selection samples per image (bin/certify.py's default).")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", certify_run.DEFAULT_BATCH_SIZE,
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", certify_spec.CertifySpec.batch_size,
                                    "Noisy copies per forward pass (bin/certify.py's default).")
 _MODEL_DIR = flags.DEFINE_string("model_dir", None, "A trained run to certify (default: an untrained LeNet; "
                                  "the speed does not depend on the weights).")
@@ -80,16 +81,18 @@ def matmul_gflops(size: int, repeats: int = 10) -> float:
 
 def certify_rows(directory: str, compute_dtype: str):
     """Runs certify_dataset like `bin/certify.py --compute_dtype=...`; returns the row seconds and load."""
+    sigma = None
     if _MODEL_DIR.value:
         where = dict(model_dir=_MODEL_DIR.value)
     else:
         model = os.path.join(directory, "lenet.keras")
         if not os.path.exists(model):
             models.get_architecture("lenet", "fashion_mnist").save(model)
-        where = dict(model=model, dataset="fashion_mnist", sigma=0.25)
+        where, sigma = dict(model=model, dataset="fashion_mnist"), 0.25
     config = certify_run.CertifyConfig(output=os.path.join(directory, f"certify_{compute_dtype}.tsv"),
-                                       max=_EXAMPLES.value, n0=_N0.value, n=_N.value, batch_size=_BATCH_SIZE.value,
-                                       compute_dtype=compute_dtype, **where)
+                                       max=_EXAMPLES.value, spec=certify_spec.CertifySpec(
+                                           sigma=sigma, n0=_N0.value, n=_N.value, batch_size=_BATCH_SIZE.value,
+                                           compute_dtype=compute_dtype), **where)
     data.load_arrays(config.dataset, config.split)  # Warm the file cache; not part of certification.
     with OtherLoad() as load:
         certify_run.certify_dataset(config, verbose=0)

@@ -43,6 +43,7 @@ import tf_consreg  # pylint: disable=unused-import  Sets TensorFlow's environmen
 import tensorflow as tf
 
 from tf_consreg import certify_run
+from tf_consreg import certify_spec
 from tf_consreg import models
 
 import measure
@@ -56,7 +57,7 @@ _MIRRORED_EXAMPLES = flags.DEFINE_integer("mirrored_examples", 8, "Test images o
 _SHARDS = flags.DEFINE_integer("shards", 3, "Shard processes run side by side.")
 _N = flags.DEFINE_integer("n", 10000, "Estimation samples per image (the README demo's).")
 _N0 = flags.DEFINE_integer("n0", 100, "Selection samples per image (bin/certify.py's default).")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", certify_run.DEFAULT_BATCH_SIZE, "Noisy copies per forward pass.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", certify_spec.CertifySpec.batch_size, "Noisy copies per forward pass.")
 _PARTS = flags.DEFINE_list("parts", ["processes", "mirrored"], "Which comparisons to run.")
 
 
@@ -148,8 +149,9 @@ def compare_strategies(model: str, directory: str) -> List[Tuple[str, float, flo
     results = []
     for strategy in ("default", "mirrored"):
         output = os.path.join(directory, f"{strategy}.tsv")
-        config = certify_run.CertifyConfig(output=output, model=model, dataset="fashion_mnist", sigma=0.25,
-                                           n0=_N0.value, n=_N.value, batch_size=_BATCH_SIZE.value,
+        config = certify_run.CertifyConfig(output=output, model=model, dataset="fashion_mnist",
+                                           spec=certify_spec.CertifySpec(sigma=0.25, n0=_N0.value, n=_N.value,
+                                                                         batch_size=_BATCH_SIZE.value),
                                            max=_MIRRORED_EXAMPLES.value, strategy=strategy)
         with OtherLoad() as load:
             certify_run.certify_dataset(config, verbose=0)

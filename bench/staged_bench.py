@@ -58,6 +58,7 @@ import tf_consreg  # pylint: disable=unused-import  Sets TensorFlow's environmen
 from tf_consreg import analysis
 from tf_consreg import certify_log
 from tf_consreg import certify_run
+from tf_consreg import certify_spec
 
 import measure
 from measure import OtherLoad
@@ -83,7 +84,7 @@ _NUM_IMAGES = flags.DEFINE_integer("num_images", 500, "How many images (idx 0, s
 _N0 = flags.DEFINE_integer("n0", 100, "Selection samples per image.")
 _N = flags.DEFINE_integer("n", 100000, "n of fixed-n CERTIFY, and n_max of the staged runs.")
 _ALPHA = flags.DEFINE_float("alpha", 0.001, "Failure probability.")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", certify_run.DEFAULT_BATCH_SIZE, "Noisy copies per forward pass.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", certify_spec.CertifySpec.batch_size, "Noisy copies per forward pass.")
 _SEED = flags.DEFINE_integer("seed", 0, "Noise seed.")
 _RADIUS = flags.DEFINE_list("radius", ["0.5"], "The radius (or radii) of the part 'one'.")
 _GRID = flags.DEFINE_list("grid", ["0.25", "0.5", "0.75", "1", "1.25", "1.5", "1.75"], "The radii of the part 'grid'.")
@@ -103,8 +104,9 @@ def config(part: str) -> certify_run.CertifyConfig:
     """The run of `part`, as bin/certify.py would build it from its flags."""
     radii = part_radii(part)
     return certify_run.CertifyConfig(
-        output=tsv_path(part), model=_MODEL.value, dataset=_DATASET.value, sigma=_SIGMA.value, n0=_N0.value,
-        n=_N.value, alpha=_ALPHA.value, batch_size=_BATCH_SIZE.value, skip=_SKIP.value,
+        output=tsv_path(part), model=_MODEL.value, dataset=_DATASET.value,
+        spec=certify_spec.CertifySpec(sigma=_SIGMA.value, n0=_N0.value, n=_N.value, alpha=_ALPHA.value,
+                                      batch_size=_BATCH_SIZE.value), skip=_SKIP.value,
         max=_SKIP.value * _NUM_IMAGES.value, seed=_SEED.value, **({} if radii is None else {"radii": radii}))
 
 

@@ -58,8 +58,9 @@ def main(argv):
     exported = export.export_version(config)
     for path in exported.removed:
         print(f"Removed {path}, the unfinished staging directory of an export that was killed")
-    print(f"Exported the smoothed classifier (sigma={config.sigma}, n0={config.n0}, n={config.n}, "
-          f"alpha={config.alpha}, stages={','.join(map(str, config.stages))}, base model computing in {config.compute_dtype}) to {exported.path}")
+    spec = config.spec
+    print(f"Exported the smoothed classifier (sigma={spec.sigma}, n0={spec.n0}, n={spec.n}, alpha={spec.alpha}, "
+          f"stages={','.join(map(str, spec.stages))}, base model computing in {spec.compute_dtype}) to {exported.path}")
     if exported.check:
         names = export.read_metadata(exported.path)["class_names"]
         print(f"serving_default of the reloaded export on {len(exported.check['label'])} test image(s):")

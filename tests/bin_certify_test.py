@@ -21,7 +21,8 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 import binaries  # tests/binaries.py
-from certify_run_test import HEADER, TINY, RunFixture, error_lines, make_model_dir, read_rows, run_binary
+from certify_run_test import HEADER, TINY, RunFixture, error_lines, make_config, make_model_dir, read_rows
+from certify_run_test import run_binary
 from smoothing_test import with_nan_weights
 from tf_consreg import certify_run
 from tf_consreg import data
@@ -102,8 +103,8 @@ class CertifyBinaryTest(RunFixture, parameterized.TestCase):
 
     def test_resumed_shard_with_other_shard_settings_is_one_line(self):
         output = os.path.join(self.dir, "resume", "certify.shard0.tsv")
-        certify_run.certify_dataset(certify_run.CertifyConfig(output=output, model_dir=self.model_dir, max=2,
-                                                              num_shards=3, shard_index=0, **TINY), verbose=0)
+        certify_run.certify_dataset(make_config(output=output, model_dir=self.model_dir, max=2, num_shards=3,
+                                                shard_index=0, **TINY), verbose=0)
         with open(output, "rb") as f:
             before = f.read()
         result = run_binary("certify.py", f"--model_dir={self.model_dir}", "--n0=20", "--n=100", "--alpha=0.01",

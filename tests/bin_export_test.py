@@ -116,7 +116,7 @@ class ExportBinaryTest(parameterized.TestCase):
     @pytest.mark.slow  # each case starts TensorFlow in a subprocess (~10 s on 2 busy cores)
     @parameterized.named_parameters(
         ("missing_model_dir", ("--model_dir=/nonexistent/run",), r"--model_dir=/nonexistent/run is not a directory"),
-        ("sigma", ("--model_dir=MODEL_DIR", "--sigma=0"), r"--sigma must be > 0, got 0.0"),
+        ("sigma", ("--model_dir=MODEL_DIR", "--sigma=0"), r"--sigma must be a finite number > 0, got 0.0"),
         ("n0", ("--model_dir=MODEL_DIR", "--n0=0"), r"--n0 must be an integer in \[1, 2\^31\), got 0"),
         ("alpha", ("--model_dir=MODEL_DIR", "--alpha=1.5"), r"--alpha must be in \(0, 1\), got 1.5"),
         ("stages_end", ("--model_dir=MODEL_DIR", "--stages=100,500"),

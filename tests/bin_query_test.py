@@ -16,10 +16,10 @@ from absl import flags
 
 import binaries  # tests/binaries.py
 from serving_client_test import GOOD, MALFORMED, canned_rest_server  # tests/ is on sys.path under pytest
+from export_test import export_flat  # tests/ is on sys.path under pytest
 from absl.testing import flagsaver
 from absl.testing import parameterized
 
-from tf_consreg import export
 from tf_consreg import models
 from tf_consreg.errors import ConfigError
 
@@ -45,10 +45,10 @@ class QueryBinaryTest(tf.test.TestCase, parameterized.TestCase):
         cls.base_path = os.path.join(cls.tmp, "served")
         base = models.get_architecture("lenet", "fashion_mnist")
         # A TF Serving layout with two versions: the newest must answer.
-        export.export_smoothed(base, os.path.join(cls.base_path, "1"), sigma=0.25, num_classes=10, n0=10, n=50,
-                               alpha=0.01, batch_size=100)
-        export.export_smoothed(base, os.path.join(cls.base_path, "7"), sigma=0.25, num_classes=10, n0=10, n=60,
-                               alpha=0.01, batch_size=100)
+        export_flat(base, os.path.join(cls.base_path, "1"), sigma=0.25, num_classes=10, n0=10, n=50,
+                    alpha=0.01, batch_size=100)
+        export_flat(base, os.path.join(cls.base_path, "7"), sigma=0.25, num_classes=10, n0=10, n=60,
+                    alpha=0.01, batch_size=100)
 
     @classmethod
     def tearDownClass(cls):

@@ -17,6 +17,7 @@ from tf_consreg import callbacks
 from tf_consreg import models
 from tf_consreg import smoothing
 from tf_consreg import training
+from tf_consreg.certify_spec import CertifySpec
 from tf_consreg.errors import ConfigError
 
 SIGMA = 0.25
@@ -86,8 +87,8 @@ class CertifyCallbackTest(tf.test.TestCase, parameterized.TestCase):
             base, training.ObjectiveConfig(method="consistency", sigma=SIGMA, num_noise=2, lbd=1.0, eta=0.5))
         model.compile(optimizer=keras.optimizers.SGD(0.0),
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-        certify = callbacks.CertifyCallback(images, labels, sigma=SIGMA, num_classes=2, every=2, log_dir=log_dir,
-                                            seed=seed, verbose=False, **CERTIFY)
+        certify = callbacks.CertifyCallback(images, labels, num_classes=2, every=2, log_dir=log_dir,
+                                            seed=seed, verbose=False, spec=CertifySpec(sigma=SIGMA, **CERTIFY))
         history = model.fit(images, labels, batch_size=6, epochs=3, callbacks=[certify], verbose=0)
 
         # Certified after epoch 2 (every=2) and after the last one (3).
@@ -118,8 +119,8 @@ class CertifyCallbackTest(tf.test.TestCase, parameterized.TestCase):
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         seen = []
         recorder = keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: seen.append(logs.get("val_acr")))
-        certify = callbacks.CertifyCallback(images, labels, sigma=SIGMA, num_classes=2, seed=1, verbose=False,
-                                            **CERTIFY)
+        certify = callbacks.CertifyCallback(images, labels, num_classes=2, seed=1, verbose=False,
+                                            spec=CertifySpec(sigma=SIGMA, **CERTIFY))
         model.fit(images, labels, batch_size=12, epochs=2, callbacks=[certify, recorder], verbose=0)
         self.assertLen(seen, 2)
         self.assertTrue(all(v is not None and v > 0 for v in seen))
@@ -129,8 +130,8 @@ class CertifyCallbackTest(tf.test.TestCase, parameterized.TestCase):
         images, labels = _validation_set()
         base = _brightness_model()
         as_uint8 = np.round(images * 255).astype(np.uint8)
-        certify = callbacks.CertifyCallback(as_uint8, labels, sigma=SIGMA, num_classes=2, seed=3, verbose=False,
-                                            **CERTIFY)
+        certify = callbacks.CertifyCallback(as_uint8, labels, num_classes=2, seed=3, verbose=False,
+                                            spec=CertifySpec(sigma=SIGMA, **CERTIFY))
         result = certify.evaluate(base)
         classes, radii = smoothing.Smooth(base, 2, SIGMA).certify_batch(as_uint8 / np.float32(255), seed=3,
                                                                         **CERTIFY)
@@ -153,13 +154,13 @@ class CertifyCallbackTest(tf.test.TestCase, parameterized.TestCase):
         model = training.ConsistencyModel(base, training.ObjectiveConfig(method="gaussian", sigma=1e-4, num_noise=1))
         model.compile(optimizer=keras.optimizers.SGD(0.0),
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-        certify = callbacks.CertifyCallback(images, labels, sigma=1e-4, num_classes=2, seed=1, verbose=False,
-                                            **CERTIFY)
+        certify = callbacks.CertifyCallback(images, labels, num_classes=2, seed=1, verbose=False,
+                                            spec=CertifySpec(sigma=1e-4, **CERTIFY))
         history = model.fit(images, labels, batch_size=12, epochs=1, callbacks=[certify], verbose=0)
         self.assertEqual(history.history["val_smoothed_accuracy"], [1.0])  # The float32 network, by default.
         self.assertIsNot(certify.certified_model(base), base)
-        in_bfloat16 = callbacks.CertifyCallback(images, labels, sigma=1e-4, num_classes=2, seed=1, verbose=False,
-                                                compute_dtype="bfloat16", **CERTIFY)
+        in_bfloat16 = callbacks.CertifyCallback(images, labels, num_classes=2, seed=1, verbose=False,
+                                                spec=CertifySpec(sigma=1e-4, compute_dtype="bfloat16", **CERTIFY))
         self.assertIs(in_bfloat16.certified_model(base), base)
         self.assertEqual(in_bfloat16.evaluate(base).summary.clean_accuracy, 0.5)  # The 0.501 images are class 0.
 
@@ -173,28 +174,30 @@ class CertifyCallbackTest(tf.test.TestCase, parameterized.TestCase):
     def test_a_float32_model_is_certified_as_it_is(self):
         images, labels = _validation_set()
         base = _brightness_model()
-        certify = callbacks.CertifyCallback(images, labels, sigma=SIGMA, num_classes=2, verbose=False, **CERTIFY)
+        certify = callbacks.CertifyCallback(images, labels, num_classes=2, verbose=False,
+                                            spec=CertifySpec(sigma=SIGMA, **CERTIFY))
         self.assertIs(certify.certified_model(base), base)
 
     @parameterized.named_parameters(
+        # The sampling settings' own checks (n, alpha, sigma, compute_dtype): certify_spec_test.
         ("every", dict(every=0), "every"),
-        ("n", dict(n=0), "n must"),
-        ("alpha", dict(alpha=1.0), "alpha"),
-        ("sigma", dict(sigma=0.0), "sigma"),
         ("radii", dict(radii=()), "radii"),
+        ("negative_radius", dict(radii=(0.5, -1.0)), "radii must be finite and >= 0"),
         ("ids", dict(image_ids=[1, 2]), "image_ids"),
-        ("compute_dtype", dict(compute_dtype="float16"), "compute_dtype must be one of float32, bfloat16"),
+        ("no_sigma", dict(spec=CertifySpec(**CERTIFY)), "spec must be a CertifySpec with sigma"),
+        ("staged", dict(spec=CertifySpec(sigma=SIGMA, n0=32, n=100, stages=(50, 100))), "no stages"),
     )
     def test_bad_arguments(self, override, message):
         images, labels = _validation_set()
-        kwargs = dict(sigma=SIGMA, num_classes=2, **CERTIFY)
+        kwargs = dict(spec=CertifySpec(sigma=SIGMA, **CERTIFY), num_classes=2)
         kwargs.update(override)
         with self.assertRaisesRegex(ValueError, message):
             callbacks.CertifyCallback(images, labels, **kwargs)
 
     def test_is_certify_metric(self):
         images, labels = _validation_set()
-        certify = callbacks.CertifyCallback(images, labels, sigma=SIGMA, num_classes=2, verbose=False, **CERTIFY)
+        certify = callbacks.CertifyCallback(images, labels, num_classes=2, verbose=False,
+                                            spec=CertifySpec(sigma=SIGMA, **CERTIFY))
         names = certify.evaluate(_brightness_model()).metrics()
         self.assertLen(names, 3 + len(callbacks.DEFAULT_RADII))
         self.assertTrue(all(callbacks.is_certify_metric(name) for name in names))

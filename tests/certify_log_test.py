@@ -166,16 +166,6 @@ class StagedRowsTest(parameterized.TestCase):
                 if r > 0:
                     self.assertEqual(printed >= r, radius >= r, (radius, r, printed))
 
-    def test_check_staged_radii(self):
-        self.assertEqual(certify_log.check_staged_radii([1.0, 0.25, 0.5]), (0.25, 0.5, 1.0))
-        for radii, message in (([0.0], "finite and > 0"), ([-0.5], "finite and > 0"), ([float("nan")], "finite"),
-                               ([float("inf")], "finite"), ([0.3333], "more than 3 significant digits"),
-                               ([0.5, 0.5], "0.5 twice"), ([], "at least one")):
-            with self.assertRaisesRegex(ConfigError, "^--radii"):
-                certify_log.check_staged_radii(radii)
-            with self.assertRaisesRegex(ConfigError, message):
-                certify_log.check_staged_radii(radii)
-
 
 class StagedLogTest(absltest.TestCase):
 

@@ -51,6 +51,15 @@ class _Outer:
     count: int = 3
 
 
+@dataclasses.dataclass(frozen=True)
+class _Prefixed:
+    """A nested config under a prefix, whose default instance sets its flags' defaults (as TrainConfig's spec)."""
+
+    output: str
+    count: int = 3
+    watch: _Inner = dataclasses.field(default=_Inner(scale=5.0), metadata={cli.FLAG_PREFIX: "watch_"})
+
+
 class DefineFlagsTest(absltest.TestCase):
 
     def setUp(self):
@@ -104,6 +113,40 @@ class DefineFlagsTest(absltest.TestCase):
         self.values(["prog", "--scale=-1"])
         with self.assertRaisesRegex(ConfigError, "^--scale must be > 0"):
             cli.config_from_flags(_Outer, holders, output="o")
+
+    def test_a_prefixed_nested_config(self):
+        holders = cli.define_flags(_Prefixed, {"count": "c", "watch_scale": "s", "watch_mode": "m"},
+                                   flag_values=self.values)
+        self.values(["prog"])
+        # The defaults are the nesting field's default instance's (5.0), not _Inner's (2.0).
+        self.assertEqual(holders["watch_scale"].value, 5.0)
+        self.assertEqual(cli.config_from_flags(_Prefixed, holders, output="o"), _Prefixed(output="o"))
+        self.values(["prog", "--watch_mode=fast", "--count=4"])
+        self.assertEqual(cli.config_from_flags(_Prefixed, holders, output="o"),
+                         _Prefixed(output="o", count=4, watch=_Inner(scale=5.0, mode="fast")))
+        self.assertNotIn("scale", self.values)
+        # The nested config's message names the flag with its prefix.
+        self.values(["prog", "--watch_scale=-1"])
+        with self.assertRaisesRegex(ConfigError, "^--watch_scale must be > 0, got -1.0$"):
+            cli.config_from_flags(_Prefixed, holders, output="o")
+
+    def test_values_by_flag_name_round_trip(self):
+        config = _Prefixed(output="o", count=4, watch=_Inner(scale=1.5, mode="m"))
+        values = cli.flat_values(config)
+        self.assertEqual(values, {"output": "o", "count": 4, "watch_scale": 1.5, "watch_mode": "m"})
+        self.assertEqual(cli.config_from_values(_Prefixed, values), config)
+        self.assertEqual(cli.flat_values(config, ["watch_mode", "count"]), {"watch_mode": "m", "count": 4})
+        # Values not given keep the nesting field's default instance's.
+        self.assertEqual(cli.config_from_values(_Prefixed, {"output": "o", "watch_mode": "m"}).watch,
+                         _Inner(scale=5.0, mode="m"))
+        outer = _Outer(output="o", inner=_Inner(scale=3.0))
+        self.assertEqual(cli.config_from_values(_Outer, cli.flat_values(outer)), outer)
+
+    def test_values_that_are_no_fields(self):
+        with self.assertRaisesRegex(TypeError, "_Prefixed has no field or nested field 'scale'"):
+            cli.config_from_values(_Prefixed, {"output": "o", "scale": 1.0})
+        with self.assertRaisesRegex(TypeError, "both watch and its fields watch_mode given"):
+            cli.config_from_values(_Prefixed, {"output": "o", "watch": _Inner(), "watch_mode": "m"})
 
     def test_a_nested_config_is_not_a_flag(self):
         with self.assertRaisesRegex(TypeError, "_Outer.inner: no flag type"):

@@ -21,6 +21,7 @@ from smoothing_test import partly_nonfinite_model  # tests/ is on sys.path under
 from smoothing_test import partly_nonfinite_probabilities
 from smoothing_test import with_nan_weights
 import threshold_models  # tests/threshold_models.py
+from tf_consreg import cli
 from tf_consreg import data
 from tf_consreg import export
 from tf_consreg import models
@@ -60,6 +61,23 @@ def images_at_margins(w: np.ndarray, b: float, margins: np.ndarray, rng: np.rand
     images = base + ((margins - current) / norm)[:, None, None, None] * w
     assert images.min() >= 0 and images.max() <= 1, "margins too large for [0, 1] images"
     return images.astype(np.float32)
+
+
+def export_config(**values) -> export.ExportConfig:
+    """The ExportConfig of `values` by flag name, the sampling settings (its CertifySpec's fields) among them."""
+    return cli.config_from_values(export.ExportConfig, values)
+
+
+def version_config(**values) -> export.VersionExportConfig:
+    """The VersionExportConfig of `values` by flag name, as bin/export.py builds it from its flags."""
+    return cli.config_from_values(export.VersionExportConfig, values)
+
+
+def export_flat(base_model: keras.Model, export_dir: str, **values) -> str:
+    """`export.export_smoothed` of the settings `values`, given flat as for `export_config`."""
+    config = export_config(**values)
+    return export.export_smoothed(base_model, export_dir, config.spec, num_classes=config.num_classes,
+                                  class_names=config.class_names, seed=config.seed)
 
 
 def _linear_setup(shape=(4, 4, 1), seed=0):
@@ -113,56 +131,45 @@ def library_staged_certify(smooth, images, radius, *, n0, n, alpha, batch_size, 
 class ExportConfigTest(parameterized.TestCase):
 
     @parameterized.named_parameters(
-        ("sigma_zero", dict(sigma=0.0), "--sigma"),
-        ("sigma_negative", dict(sigma=-0.5), "--sigma"),
-        ("sigma_nan", dict(sigma=float("nan")), "--sigma"),
-        ("n0_zero", dict(n0=0), "--n0"),
-        ("n_zero", dict(n=0), "--n"),
-        ("alpha_zero", dict(alpha=0.0), "--alpha"),
-        ("alpha_one", dict(alpha=1.0), "--alpha"),
-        ("batch_size_zero", dict(batch_size=0), "--batch_size"),
+        # The sampling settings' own checks: certify_spec_test.
+        ("no_sigma", dict(sigma=None), "^--sigma is required"),
         ("one_class", dict(num_classes=1), "num_classes"),
         ("class_names_length", dict(class_names=("a", "b", "c")), "class_names"),
         ("seed_negative", dict(seed=-1), "--seed"),
-        ("stages_not_ending_at_n", dict(stages=(100, 1000)), "^--stages must end at n=10000"),
-        ("stages_not_increasing", dict(stages=(1000, 100, 10000)), "^--stages must strictly increase"),
-        ("stage_below_n0", dict(stages=(50, 10000)), "^--stages must start at n0=100"),
-        ("stages_empty", dict(stages=()), "^--stages must be a non-empty"),
-        ("stage_not_integer", dict(stages=(100.5, 10000)), "^--stages must be integers"),
-        ("compute_dtype", dict(compute_dtype="float16"), "--compute_dtype='float16' is unknown"),
+        ("stage_below_n0", dict(n=10000, stages=(50, 10000)), "^--stages must start at n0=100"),
     )
     def test_bad_values_raise_naming_the_field(self, change, name):
         values = {"sigma": 0.25, "num_classes": 2, **change}
         with self.assertRaisesRegex(ConfigError, name):
-            export.ExportConfig(**values)
+            export_config(**values)
 
     def test_stages_default_and_levels(self):
         # The library's default from max(n0, 100), and the library's split: alpha / 2 last, alpha / 14 before.
-        config = export.ExportConfig(sigma=0.25, num_classes=2, n0=100, n=100000, alpha=0.001)
-        self.assertEqual(config.stages, (100, 300, 1000, 3000, 10000, 30000, 50000, 100000))
-        self.assertEqual(config.stages, stats.resolve_stages(None, 100000, 100))
+        config = export_config(sigma=0.25, num_classes=2, n0=100, n=100000, alpha=0.001)
+        self.assertEqual(config.spec.stages, (100, 300, 1000, 3000, 10000, 30000, 50000, 100000))
+        self.assertEqual(config.spec.stages, stats.resolve_stages(None, 100000, 100))
         self.assertEqual(config.levels, (0.001 / 14,) * 7 + (0.0005,))
         self.assertEqual(config.levels, stats.stage_levels(0.001, 8))
         self.assertAlmostEqual(sum(config.levels), 0.001, delta=1e-15)
-        self.assertEqual(export.ExportConfig(sigma=0.25, num_classes=2, n0=500, n=10000).stages, (1000, 3000, 5000,
+        self.assertEqual(export_config(sigma=0.25, num_classes=2, n0=500, n=10000).spec.stages, (1000, 3000, 5000,
                                                                                                    10000))
         # One stage n: the staged signatures are fixed-n PREDICT (and CERTIFY at n).
-        one = export.ExportConfig(sigma=0.25, num_classes=2, n=5000, stages=[5000])
-        self.assertEqual((one.stages, one.levels), ((5000,), (0.001,)))
+        one = export_config(sigma=0.25, num_classes=2, n=5000, stages=[5000])
+        self.assertEqual((one.spec.stages, one.levels), ((5000,), (0.001,)))
 
     def test_bad_arguments_write_nothing(self):
         model = linear_model(*_linear_setup()[:2])
         with tempfile.TemporaryDirectory() as root:
             target = os.path.join(root, "export")
             with self.assertRaisesRegex(ConfigError, "--sigma"):
-                export.export_smoothed(model, target, sigma=0.0, num_classes=2)
+                export_flat(model, target, sigma=0.0, num_classes=2)
             with self.assertRaisesRegex(ConfigError, "num_classes=3"):
-                export.export_smoothed(model, target, sigma=0.25, num_classes=3)
+                export_flat(model, target, sigma=0.25, num_classes=3)
             self.assertFalse(os.path.exists(target))
             os.makedirs(target)
             open(os.path.join(target, "keep"), "w").close()
             with self.assertRaisesRegex(ConfigError, "not an empty directory"):
-                export.export_smoothed(model, target, sigma=0.25, num_classes=2)
+                export_flat(model, target, sigma=0.25, num_classes=2)
             self.assertEqual(os.listdir(target), ["keep"])
 
 
@@ -189,9 +196,9 @@ class VersionExportTest(parameterized.TestCase):
         return os.path.join(self._tempdir(), "serving")
 
     def test_exports_one_complete_version(self):
-        config = export.VersionExportConfig(export_dir=self._export_dir(), model_dir=self.model_dir, n0=4, n=16,
-                                            batch_size=16, version=3)
-        self.assertEqual(config.sigma, 0.5)  # from train_config.json
+        config = version_config(export_dir=self._export_dir(), model_dir=self.model_dir, n0=4, n=16,
+                                batch_size=16, version=3)
+        self.assertEqual(config.spec.sigma, 0.5)  # from train_config.json
         path, check, _ = export.export_version(config)
         self.assertIsNone(check)
         self.assertEqual(path, os.path.join(config.export_dir, "3"))
@@ -206,11 +213,11 @@ class VersionExportTest(parameterized.TestCase):
         self.assertEqual(meta["class_names"][0], "T-shirt/top")
         self.assertEqual(meta["seed"], -1)
         with self.assertRaisesRegex(ConfigError, "exists; exports are never overwritten"):
-            export.VersionExportConfig(export_dir=config.export_dir, model_dir=self.model_dir, version=3)
+            version_config(export_dir=config.export_dir, model_dir=self.model_dir, version=3)
 
     def test_check_images_answers_from_the_reloaded_export(self):
-        config = export.VersionExportConfig(export_dir=self._export_dir(), model_dir=self.model_dir, n0=4, n=16,
-                                            batch_size=16, version=2, check_images=3)
+        config = version_config(export_dir=self._export_dir(), model_dir=self.model_dir, n0=4, n=16,
+                                batch_size=16, version=2, check_images=3)
         check = export.export_version(config).check
         _, labels = data.load_arrays("fashion_mnist", "test", limit=3)
         np.testing.assert_array_equal(check["label"], labels)
@@ -219,20 +226,20 @@ class VersionExportTest(parameterized.TestCase):
             self.assertEqual(value.shape, (3,))
 
     def test_check_images_beyond_the_test_split_is_refused_before_writing(self):
-        config = export.VersionExportConfig(export_dir=self._export_dir(), model_dir=self.model_dir, n0=4, n=16,
-                                            batch_size=16, version=4, check_images=10001)
+        config = version_config(export_dir=self._export_dir(), model_dir=self.model_dir, n0=4, n=16,
+                                batch_size=16, version=4, check_images=10001)
         with self.assertRaisesRegex(ConfigError, "^--check_images=10001 is more than the 10000 images of "
                                     "fashion_mnist's test split$"):
             export.export_version(config)
         self.assertFalse(os.path.exists(config.export_dir))
 
     def test_stages_reach_the_export(self):
-        config = export.VersionExportConfig(export_dir=self._export_dir(), model_dir=self.model_dir, n0=4, n=400,
-                                            batch_size=100, version=5, stages=[100, 400], alpha=0.01)
+        config = version_config(export_dir=self._export_dir(), model_dir=self.model_dir, n0=4, n=400,
+                                batch_size=100, version=5, stages=[100, 400], alpha=0.01)
         meta = export.read_metadata(export.export_version(config).path)
         self.assertEqual((meta["stages"], meta["levels"], meta["n_max"]), ([100, 400], [0.005, 0.005], 400))
-        default = export.VersionExportConfig(export_dir=self._export_dir(), model_dir=self.model_dir, n=100000)
-        self.assertEqual(default.stages, stats.default_stages(100000))
+        default = version_config(export_dir=self._export_dir(), model_dir=self.model_dir, n=100000)
+        self.assertEqual(default.spec.stages, stats.default_stages(100000))
 
     def _staging_dir(self, parent, name, age_seconds):
         path = tempfile.mkdtemp(dir=parent, prefix=f".{name}.incomplete-")
@@ -254,8 +261,8 @@ class VersionExportTest(parameterized.TestCase):
         lock = os.open(held, os.O_RDONLY | os.O_DIRECTORY)
         self.addCleanup(os.close, lock)
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        config = export.VersionExportConfig(export_dir=export_dir, model_dir=self.model_dir, n0=4, n=16,
-                                            batch_size=16, version=6)
+        config = version_config(export_dir=export_dir, model_dir=self.model_dir, n0=4, n=16,
+                                batch_size=16, version=6)
         self.assertEqual(export.export_version(config).removed, (stale,))
         self.assertCountEqual(os.listdir(export_dir), ["6", os.path.basename(held), os.path.basename(fresh),
                                                        ".notes.incomplete"])
@@ -269,13 +276,15 @@ class VersionExportTest(parameterized.TestCase):
             "import os, signal, sys\n"
             "sys.path.insert(0, sys.argv[3])\n"
             "from unittest import mock\n"
+            "from tf_consreg import certify_spec\n"
             "from tf_consreg import export\n"
             "def stop(*args, **kwargs):\n"
             "    print('staged', flush=True)\n"
             "    os.kill(os.getpid(), signal.SIGKILL)\n"
             "with mock.patch.object(export, '_write_warmup', stop):\n"
+            "    spec = certify_spec.CertifySpec(n0=4, n=16, batch_size=16)\n"
             "    export.export_version(export.VersionExportConfig(export_dir=sys.argv[1], model_dir=sys.argv[2],\n"
-            "                                                     n0=4, n=16, batch_size=16, version=1))\n"
+            "                                                     spec=spec, version=1))\n"
         )
         repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         result = subprocess.run([sys.executable, "-c", script, export_dir, self.model_dir, repo], capture_output=True,
@@ -286,17 +295,17 @@ class VersionExportTest(parameterized.TestCase):
         self.assertRegex(left, r"^\.1\.incomplete-")
         path = os.path.join(export_dir, left)
         os.utime(path, (time.time() - 120, time.time() - 120))  # Older than a staging directory being locked.
-        export.export_version(export.VersionExportConfig(export_dir=export_dir, model_dir=self.model_dir, n0=4, n=16,
-                                                         batch_size=16, version=2))
+        export.export_version(version_config(export_dir=export_dir, model_dir=self.model_dir, n0=4, n=16,
+                                             batch_size=16, version=2))
         self.assertEqual(os.listdir(export_dir), ["2"])
 
     def test_default_version_is_the_time(self):
         before = int(time.time())
-        config = export.VersionExportConfig(export_dir=self._export_dir(), model_dir=self.model_dir)
+        config = version_config(export_dir=self._export_dir(), model_dir=self.model_dir)
         self.assertBetween(config.version, before, int(time.time()))
 
     def test_failed_export_leaves_nothing_behind(self):
-        config = export.VersionExportConfig(export_dir=self._export_dir(), model_dir=self.model_dir, version=1)
+        config = version_config(export_dir=self._export_dir(), model_dir=self.model_dir, version=1)
         with mock.patch.object(export, "_write_warmup", side_effect=OSError("disk full")):
             with self.assertRaisesRegex(OSError, "disk full"):
                 export.export_version(config)
@@ -314,22 +323,22 @@ class VersionExportTest(parameterized.TestCase):
 
         with mock.patch.object(export, "_write_warmup", side_effect=write_and_race):
             with self.assertRaisesRegex(ConfigError, "was filled during the export"):
-                export.export_smoothed(model, export_dir, sigma=0.25, num_classes=2, n0=2, n=4)
+                export_flat(model, export_dir, sigma=0.25, num_classes=2, n0=2, n=4)
         self.assertEqual(os.listdir(export_dir), ["other"])
         self.assertEqual(os.listdir(os.path.dirname(export_dir)), ["model"])
 
     def test_model_file_with_sigma(self):
         model_file = os.path.join(self.model_dir, models.BASE_MODEL_FILE)
-        config = export.VersionExportConfig(export_dir=self._export_dir(), model=model_file, sigma=0.3, n0=2, n=8,
-                                            batch_size=8, version=9)
+        config = version_config(export_dir=self._export_dir(), model=model_file, sigma=0.3, n0=2, n=8,
+                                batch_size=8, version=9)
         meta = export.read_metadata(export.export_version(config).path)
         self.assertEqual(meta["sigma"], 0.3)
         self.assertEqual(meta["class_names"], [str(i) for i in range(10)])
         self.assertEqual(meta["compute_dtype"], "float32")
 
     def test_compute_dtype_reaches_the_export(self):
-        config = export.VersionExportConfig(export_dir=self._export_dir(), model_dir=self.model_dir, n0=2, n=8,
-                                            batch_size=8, version=4, compute_dtype="bfloat16")
+        config = version_config(export_dir=self._export_dir(), model_dir=self.model_dir, n0=2, n=8,
+                                batch_size=8, version=4, compute_dtype="bfloat16")
         self.assertEqual(export.read_metadata(export.export_version(config).path)["compute_dtype"], "bfloat16")
 
     @parameterized.named_parameters(
@@ -339,23 +348,15 @@ class VersionExportTest(parameterized.TestCase):
         ("empty_model_dir", dict(model_dir="EMPTY"), "holds no base_model.keras"),
         ("model_without_sigma", dict(model="MODEL_FILE"), "--sigma is required with --model"),
         ("model_not_keras", dict(model="/nonexistent.keras", sigma=0.2), "--model=/nonexistent.keras"),
-        ("sigma_zero", dict(model_dir="MODEL_DIR", sigma=0.0), "--sigma must be > 0"),
-        ("sigma_negative", dict(model_dir="MODEL_DIR", sigma=-1.0), "--sigma must be > 0"),
-        ("n0", dict(model_dir="MODEL_DIR", n0=0), "--n0"),
-        ("n", dict(model_dir="MODEL_DIR", n=0), "--n "),
-        ("alpha_zero", dict(model_dir="MODEL_DIR", alpha=0.0), "--alpha"),
-        ("alpha_above_one", dict(model_dir="MODEL_DIR", alpha=1.5), "--alpha"),
-        ("batch_size", dict(model_dir="MODEL_DIR", batch_size=0), "--batch_size"),
+        # The sampling settings' own checks (sigma, n0, n, alpha, batch_size, stages, compute_dtype):
+        # certify_spec_test.
         ("version", dict(model_dir="MODEL_DIR", version=0), "--version"),
         ("export_dir", dict(model_dir="MODEL_DIR", export_dir=""), "--export_dir is required"),
         ("check_images_negative", dict(model_dir="MODEL_DIR", check_images=-1), "--check_images"),
         ("check_images_without_run", dict(model="MODEL_FILE", sigma=0.2, check_images=1),
          "--check_images needs --model_dir"),
-        ("stages_not_ending_at_n", dict(model_dir="MODEL_DIR", n=1000, stages=(100, 500)),
-         "^--stages must end at n=1000"),
         ("stage_below_n0", dict(model_dir="MODEL_DIR", n=1000, n0=200, stages=(100, 1000)),
          "^--stages must start at n0=200"),
-        ("compute_dtype", dict(model_dir="MODEL_DIR", compute_dtype="float16"), "--compute_dtype='float16'"),
     )
     def test_bad_values_fail_before_any_work(self, values, message):
         empty = self._tempdir()
@@ -364,14 +365,14 @@ class VersionExportTest(parameterized.TestCase):
         values = {k: substitute.get(v, v) if isinstance(v, str) else v for k, v in values.items()}
         export_dir = self._export_dir()
         with self.assertRaisesRegex(ConfigError, message):
-            export.VersionExportConfig(**{"export_dir": export_dir, **values})
+            version_config(**{"export_dir": export_dir, **values})
         self.assertFalse(os.path.exists(export_dir))
 
     def test_model_dir_without_train_config(self):
         model_dir = self._tempdir()
         shutil.copy(os.path.join(self.model_dir, models.BASE_MODEL_FILE), model_dir)
         with self.assertRaisesRegex(ConfigError, "train_config.json not found"):
-            export.VersionExportConfig(export_dir=self._export_dir(), model_dir=model_dir)
+            version_config(export_dir=self._export_dir(), model_dir=model_dir)
 
 
 class LenetExportTest(tf.test.TestCase):
@@ -387,7 +388,7 @@ class LenetExportTest(tf.test.TestCase):
         cls.model = models.get_architecture("lenet", "fashion_mnist")
         cls.kwargs = dict(sigma=0.25, num_classes=10, n0=8, n=64, alpha=0.01, batch_size=64,
                           class_names=cls.info_names, seed=123)
-        export.export_smoothed(cls.model, cls.export_dir, **cls.kwargs)
+        export_flat(cls.model, cls.export_dir, **cls.kwargs)
         cls.loaded = tf.saved_model.load(cls.export_dir)
         cls.images = np.random.default_rng(0).uniform(size=(3, 28, 28, 1)).astype(np.float32)
 
@@ -404,7 +405,7 @@ class LenetExportTest(tf.test.TestCase):
 
     def test_reloaded_equals_in_memory(self):
         # A fixed seed makes both runs draw the same noise, so they agree exactly.
-        _, endpoints = export.build_archive(self.model, export.ExportConfig(**self.kwargs))
+        _, endpoints = export.build_archive(self.model, export_config(**self.kwargs))
         radius = np.array([0.05, 0.1, 0.2], np.float32)
         expected_keys = {signatures.SERVING_SIGNATURE: ["class", "radius", "p_lower"],
                          signatures.CERTIFY_RADIUS_SIGNATURE: ["class", "certified", "radius", "samples"],
@@ -439,7 +440,7 @@ class LenetExportTest(tf.test.TestCase):
                          {"class": np.int64, "certified": np.bool_, "radius": np.float32, "samples": np.int64})
         for value in out.values():
             self.assertEqual(value.shape, (3,))
-        self.assertTrue(np.all(np.isin(out["samples"], export.ExportConfig(**self.kwargs).stages)))
+        self.assertTrue(np.all(np.isin(out["samples"], export_config(**self.kwargs).spec.stages)))
         abstain = out["class"] == stats.ABSTAIN
         np.testing.assert_array_equal(out["radius"][abstain], 0.0)
         np.testing.assert_array_equal(out["certified"], (out["radius"] >= radius) & ~abstain)
@@ -601,13 +602,13 @@ class ComputeDtypeTest(tf.test.TestCase):
 
     def test_each_dtype_certifies_its_network(self):
         for compute_dtype, classes in (("float32", [1, 0]), ("bfloat16", [0, 0])):
-            config = export.ExportConfig(**self.kwargs, compute_dtype=compute_dtype)
+            config = export_config(**self.kwargs, compute_dtype=compute_dtype)
             _, endpoints = export.build_archive(self.model, config)
             out = endpoints[signatures.SERVING_SIGNATURE](tf.constant(self.images))
             self.assertAllEqual(out["class"], classes, msg=compute_dtype)
             self.assertEqual(endpoints[signatures.METADATA_SIGNATURE]()["compute_dtype"].numpy().decode(),
                              compute_dtype)
-        self.assertEqual(export.ExportConfig(**self.kwargs).compute_dtype, "float32")  # The default.
+        self.assertEqual(export_config(**self.kwargs).spec.compute_dtype, "float32")  # The default.
 
     def test_radius_exceeds_the_closed_form_no_more_often_than_alpha_in_both_dtypes(self):
         # smoothing_test's ClosedFormInBothDtypesTest through the export: the
@@ -619,8 +620,8 @@ class ComputeDtypeTest(tf.test.TestCase):
         images = rng.uniform(size=(count, 16)).astype(np.float32)
         pixels = images[:, 5].astype(np.float64)
         for compute_dtype, threshold in (("float32", 0.5), ("bfloat16", threshold_models.bfloat16_threshold(0.5))):
-            config = export.ExportConfig(sigma=sigma, num_classes=2, n0=20, n=50, alpha=alpha, batch_size=1000,
-                                         seed=1, compute_dtype=compute_dtype)
+            config = export_config(sigma=sigma, num_classes=2, n0=20, n=50, alpha=alpha, batch_size=1000,
+                                   seed=1, compute_dtype=compute_dtype)
             _, endpoints = export.build_archive(self.model, config)
             out = endpoints[signatures.SERVING_SIGNATURE](tf.constant(images.reshape(count, 4, 4, 1)))
             classes, radii = out["class"].numpy(), out["radius"].numpy()
@@ -634,7 +635,7 @@ class ComputeDtypeTest(tf.test.TestCase):
     def test_a_bfloat16_export_reloads_as_bfloat16(self):
         with tempfile.TemporaryDirectory() as root:
             path = os.path.join(root, "export")
-            export.export_smoothed(self.model, path, compute_dtype="bfloat16", **self.kwargs)
+            export_flat(self.model, path, compute_dtype="bfloat16", **self.kwargs)
             loaded = tf.saved_model.load(path)
             self.assertAllEqual(_signature_outputs(loaded, self.images)["class"], [0, 0])
             self.assertEqual(export.read_metadata(path)["compute_dtype"], "bfloat16")
@@ -648,7 +649,7 @@ class LinearClosedFormTest(tf.test.TestCase):
     def _export(self, root, **kwargs):
         w, b, rng = _linear_setup()
         path = os.path.join(root, "linear")
-        export.export_smoothed(linear_model(w, b), path, sigma=self.SIGMA, num_classes=2, **kwargs)
+        export_flat(linear_model(w, b), path, sigma=self.SIGMA, num_classes=2, **kwargs)
         return tf.saved_model.load(path), w, b, rng
 
     def test_radius_exceeds_true_radius_no_more_often_than_alpha(self):
@@ -689,8 +690,8 @@ class LinearClosedFormTest(tf.test.TestCase):
         model = linear_model(w, b)
         with tempfile.TemporaryDirectory() as root:
             path = os.path.join(root, "linear")
-            export.export_smoothed(model, path, sigma=self.SIGMA, num_classes=2, n0=100, n=10000, alpha=alpha,
-                                   batch_size=10000, stages=stages)
+            export_flat(model, path, sigma=self.SIGMA, num_classes=2, n0=100, n=10000, alpha=alpha,
+                        batch_size=10000, stages=stages)
             p_true = rng.uniform(0.55, 0.95, count)
             margins = self.SIGMA * scipy_stats.norm.ppf(p_true) * np.where(np.arange(count) % 2 == 0, 1, -1)
             images = images_at_margins(w, b, margins, rng)
@@ -727,7 +728,7 @@ class LinearClosedFormTest(tf.test.TestCase):
         for name, model in (("linear", linear_model(w, b)), ("partly_nonfinite", partly_nonfinite_model(w, b, 0, 0.8))):
             with self.subTest(model=name), tempfile.TemporaryDirectory() as root:
                 path = os.path.join(root, name)
-                export.export_smoothed(model, path, sigma=self.SIGMA, num_classes=2, seed=17, **kwargs)
+                export_flat(model, path, sigma=self.SIGMA, num_classes=2, seed=17, **kwargs)
                 loaded = tf.saved_model.load(path)
                 smooth = smoothing.Smooth(model, 2, self.SIGMA)
                 ids = np.arange(len(images))
@@ -753,8 +754,8 @@ class LinearClosedFormTest(tf.test.TestCase):
         w, b, rng = _linear_setup()
         with tempfile.TemporaryDirectory() as root:
             path = os.path.join(root, "nan")
-            export.export_smoothed(with_nan_weights(linear_model(w, b)), path, sigma=self.SIGMA, num_classes=2,
-                                   n0=50, n=1000, alpha=0.001, batch_size=1000)
+            export_flat(with_nan_weights(linear_model(w, b)), path, sigma=self.SIGMA, num_classes=2,
+                        n0=50, n=1000, alpha=0.001, batch_size=1000)
             loaded = tf.saved_model.load(path)
             images = images_at_margins(w, b, np.array([0.2, -0.2, 0.0]), rng)
             certificate = _signature_outputs(loaded, images)
@@ -786,8 +787,8 @@ class LinearClosedFormTest(tf.test.TestCase):
         truth = partly_nonfinite_probabilities(images, w, b, pixel, threshold, sigma)
         with tempfile.TemporaryDirectory() as root:
             path = os.path.join(root, "partly_nonfinite")
-            export.export_smoothed(partly_nonfinite_model(w, b, pixel, threshold), path, sigma=sigma, num_classes=2,
-                                   n0=100, n=500, alpha=alpha, batch_size=1000, stages=(100, 500))
+            export_flat(partly_nonfinite_model(w, b, pixel, threshold), path, sigma=sigma, num_classes=2,
+                        n0=100, n=500, alpha=alpha, batch_size=1000, stages=(100, 500))
             loaded = tf.saved_model.load(path)
             certificate = _signature_outputs(loaded, images)
             at_radius = _signature_outputs(loaded, images, signatures.CERTIFY_RADIUS_SIGNATURE,

@@ -16,10 +16,10 @@ import numpy as np
 from scipy import stats as scipy_stats
 import tensorflow as tf
 
-from export_test import images_at_margins  # tests/ is on sys.path under pytest
+from export_test import export_flat  # tests/ is on sys.path under pytest
+from export_test import images_at_margins
 from export_test import library_staged_certify
 from export_test import linear_model
-from tf_consreg import export
 from tf_consreg import models
 from tf_consreg import smoothing
 
@@ -83,8 +83,8 @@ class ServingCheckTest(tf.test.TestCase):
         # alpha = 1e-6: the images at p = 1/2 must abstain, which fails with probability <= alpha.
         cls.n0, cls.n, cls.alpha = 100, 4000, 1e-6
         # seed=None: the C++ run draws its own noise, as a deployed model does.
-        export.export_smoothed(cls.linear, cls.linear_dir, sigma=cls.SIGMA, num_classes=2, n0=cls.n0, n=cls.n,
-                               alpha=cls.alpha, batch_size=1000, class_names=("pos", "neg"))
+        export_flat(cls.linear, cls.linear_dir, sigma=cls.SIGMA, num_classes=2, n0=cls.n0, n=cls.n,
+                    alpha=cls.alpha, batch_size=1000, class_names=("pos", "neg"))
 
     @classmethod
     def tearDownClass(cls):
@@ -138,8 +138,8 @@ class ServingCheckTest(tf.test.TestCase):
         # Same SavedModel, same fixed noise: the C++ loader must give Python's answers.
         export_dir = os.path.join(self._tmp.name, "lenet")
         model = models.get_architecture("lenet", "fashion_mnist")
-        export.export_smoothed(model, export_dir, sigma=self.SIGMA, num_classes=10, n0=16, n=200, alpha=0.001,
-                               batch_size=200, seed=5)
+        export_flat(model, export_dir, sigma=self.SIGMA, num_classes=10, n0=16, n=200, alpha=0.001,
+                    batch_size=200, seed=5)
         images = np.random.default_rng(1).uniform(size=(3, 28, 28, 1)).astype(np.float32)
         rows, _ = run_serving_check(self.binary, export_dir, images)
         classes, radii, p_lower = _certificates(rows)
@@ -153,7 +153,7 @@ class ServingCheckTest(tf.test.TestCase):
         # (seed, i)), so class, decision, stopping stage and radius agree.
         export_dir = os.path.join(self._tmp.name, "linear_staged")
         kwargs = dict(n0=100, n=4000, alpha=0.01, batch_size=1000, stages=(100, 1000, 4000))
-        export.export_smoothed(self.linear, export_dir, sigma=self.SIGMA, num_classes=2, seed=11, **kwargs)
+        export_flat(self.linear, export_dir, sigma=self.SIGMA, num_classes=2, seed=11, **kwargs)
         p_class0 = np.array([0.97, 0.9, 0.8, 0.7, 0.6, 0.5, 0.45, 0.3, 0.15, 0.03])
         images = images_at_margins(self.w, self.b, self.SIGMA * scipy_stats.norm.ppf(p_class0), self.rng)
         radii = np.array([0.1, 0.3, 0.1, 0.05, 0.02, 0.1, 0.01, 0.1, 0.2, 0.6], np.float32)

@@ -24,7 +24,8 @@ import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
-from export_test import images_at_margins  # tests/ is on sys.path under pytest
+from export_test import export_flat  # tests/ is on sys.path under pytest
+from export_test import images_at_margins
 from export_test import linear_model
 from tf_consreg import export
 from tf_consreg import serving_client
@@ -126,8 +127,8 @@ class _ExportFixture:
         cls.export_dir = os.path.join(cls._tmp.name, "1")
         # A fixed seed makes every request deterministic, so the clients' answers
         # must equal the signature's answers exactly.
-        export.export_smoothed(linear_model(w, b), cls.export_dir, sigma=0.25, num_classes=2, n0=20, n=400,
-                               alpha=0.001, batch_size=400, class_names=("pos", "neg"), seed=11)
+        export_flat(linear_model(w, b), cls.export_dir, sigma=0.25, num_classes=2, n0=20, n=400,
+                    alpha=0.001, batch_size=400, class_names=("pos", "neg"), seed=11)
         cls.loaded = tf.saved_model.load(cls.export_dir)
         cls.images = images_at_margins(w, b, 0.25 * np.array([1.5, -1.0, 0.0, 0.3]), rng)
         cls.expected = {k: v.numpy() for k, v in cls.loaded.signatures["serving_default"](

@@ -8,6 +8,7 @@ import numpy as np
 from scipy import stats as scipy_stats
 from statsmodels.stats.proportion import proportion_confint
 
+from tf_consreg import certify_spec
 from tf_consreg import stats
 
 _TRIALS = (1, 2, 7, 100, 1000, 100000)
@@ -222,71 +223,19 @@ class ClopperPearsonUpperTest(parameterized.TestCase):
 
 
 class ScheduleTest(parameterized.TestCase):
-
-    def test_check_stages_accepts_increasing_counts(self):
-        self.assertEqual(stats.check_stages([100, 1000, 10000], 10000), (100, 1000, 10000))
-        self.assertEqual(stats.check_stages(np.array([5, 7]), None), (5, 7))
-        self.assertEqual(stats.check_stages((1,), 1), (1,))
-        self.assertIsInstance(stats.check_stages(np.array([5, 7]))[0], int)
-
-    @parameterized.named_parameters(
-        ("empty", [], None, "non-empty"),
-        ("not_a_sequence", 100, None, "sequence"),
-        ("string", "100", None, "sequence"),
-        ("zero", [0, 10], None, ">= 1"),
-        ("negative", [-5, 10], None, ">= 1"),
-        ("float", [10.0, 100], None, "integers"),
-        ("bool", [True, 10], None, "integers"),
-        ("equal", [10, 10, 100], None, "strictly increase"),
-        ("decreasing", [100, 10], None, "strictly increase"),
-        ("wrong_end", [10, 100], 1000, "end at n=1000"),
-    )
-    def test_check_stages_rejects(self, stages, n, word):
-        with self.assertRaisesRegex(ValueError, f"^stages must.*{word}"):
-            stats.check_stages(stages, n)
+    """The schedule's and the radii's rules are certify_spec's (tests: certify_spec_test); stats uses them."""
 
     def test_check_radii(self):
+        # certify_spec.check_radii's rule, as the float64 array the references compute with, in order.
         np.testing.assert_array_equal(stats.check_radii([0.5, 0.25]), [0.5, 0.25])
         self.assertEqual(stats.check_radii((1,)).dtype, np.float64)
+        with self.assertRaisesRegex(ValueError, "^radii must be finite and > 0"):
+            stats.check_radii([0.0])
 
-    @parameterized.named_parameters(
-        ("empty", []), ("zero", [0.0]), ("negative", [0.5, -0.25]), ("inf", [float("inf")]),
-        ("nan", [float("nan")]), ("matrix", [[0.5]]), ("scalar", 0.5), ("text", ["a"]),
-    )
-    def test_check_radii_rejects(self, radii):
-        with self.assertRaisesRegex(ValueError, "^radii must"):
-            stats.check_radii(radii)
-
-    def test_default_stages(self):
-        self.assertEqual(stats.default_stages(100000), (100, 300, 1000, 3000, 10000, 30000, 50000, 100000))
-        self.assertEqual(stats.default_stages(10000), (100, 300, 1000, 3000, 5000, 10000))
-        self.assertEqual(stats.default_stages(100000, smallest=1000), (1000, 3000, 10000, 30000, 50000, 100000))
-        self.assertEqual(stats.default_stages(50), (50,))
-        self.assertEqual(stats.default_stages(100), (100,))
-        for n in (1, 99, 101, 777, 12345, 10**6, 2**31 - 1):
-            stages = stats.default_stages(n)
-            self.assertEqual(stats.check_stages(stages, n), stages)
-            self.assertGreaterEqual(stages[0], min(n, 100))
-
-    @parameterized.parameters((0, 100), (10.0, 100), (100, 0), (True, 100))
-    def test_default_stages_rejects(self, n, smallest):
-        with self.assertRaises(ValueError):
-            stats.default_stages(n, smallest)
-
-    def test_resolve_stages(self):
-        # The default starts at max(n0, 100); a given schedule is checked.
-        self.assertEqual(stats.resolve_stages(None, 100000), stats.default_stages(100000))
-        self.assertEqual(stats.resolve_stages(None, 100000, n0=200), (300, 1000, 3000, 10000, 30000, 50000, 100000))
-        self.assertEqual(stats.resolve_stages([100, 1000], 1000, n0=100), (100, 1000))
-        # One stage is fixed-n CERTIFY: below n0 is fine.
-        self.assertEqual(stats.resolve_stages([50], 50, n0=100), (50,))
-        # PREDICT has no selection samples: no lower limit but the checks.
-        self.assertEqual(stats.resolve_stages([10, 1000], 1000), (10, 1000))
-        for stages, n0, message in (([50, 1000], 100, "^stages must start at n0=100 or above"),
-                                    ([100, 500], 100, "^stages must end at n=1000"),
-                                    ([500, 200, 1000], None, "^stages must strictly increase")):
-            with self.assertRaisesRegex(ValueError, message):
-                stats.resolve_stages(stages, 1000, n0)
+    def test_stage_rules_are_certify_specs(self):
+        self.assertIs(stats.resolve_stages, certify_spec.resolve_stages)
+        self.assertIs(stats.check_stages, certify_spec.check_stages)
+        self.assertIs(stats.default_stages, certify_spec.default_stages)
 
 
 class SettledTest(parameterized.TestCase):

@@ -30,6 +30,7 @@ from tf_consreg import models
 from tf_consreg import noise
 from tf_consreg import precision
 from tf_consreg import training
+from tf_consreg.certify_spec import CertifySpec
 from tf_consreg.errors import ConfigError
 
 B, H, W_, C = 4, 2, 2, 3
@@ -493,6 +494,50 @@ class TrainConfigTest(parameterized.TestCase):
             training.TrainConfig.from_dict({**values, "nope": 1})
         self.assertEqual(config.sigma, 0.5)
 
+    # train_config.json as runs recorded it before live certification's settings were one CertifySpec: flat, by
+    # flag name, None while --certify_every is off. Such runs must still be read, certified, exported and resumed.
+    _RECORDED = {"model_dir": "/m", "dataset": "fashion_mnist", "arch": "lenet", "method": "consistency",
+                 "sigma": 0.5, "num_noise": 2, "lbd": 10.0, "eta": 0.5, "consistency_loss": "default", "beta": None,
+                 "gamma": None, "adv_training": False, "epsilon": None, "num_steps": None, "warmup": None,
+                 "attack_step": None, "mix_step": None, "maxnorm": None, "maxnorm_s": None, "weight_decay": 1e-4,
+                 "deferred": None, "epochs": 90, "batch_size": 256, "batch_split": False, "lr": 0.01,
+                 "lr_step_size": 30, "lr_gamma": 0.1, "momentum": 0.9, "seed": 0, "train_examples": 0,
+                 "eval_examples": 10000, "certify_every": 0, "certify_examples": None, "certify_n0": None,
+                 "certify_n": None, "certify_alpha": None, "certify_batch_size": None, "data_dir": None,
+                 "mock_data": False, "strategy": "auto", "steps_per_execution": 1, "mixed_precision": "auto",
+                 "jit_compile": False, "pretrained_model": None, "precision_policy": None}
+
+    def test_reads_records_of_live_certification_by_flag_name(self):
+        off = training.TrainConfig.from_dict(self._RECORDED)
+        self.assertEqual(off.certify, CertifySpec(sigma=0.5, n=1000))  # certify_spec.LIVE at the run's sigma
+        self.assertEqual(off.to_dict(), self._RECORDED)  # So the run resumes (_check_model_dir compares them).
+        on = {**self._RECORDED, "certify_every": 2, "certify_examples": 200, "certify_n0": 64, "certify_n": 500,
+              "certify_alpha": 0.01, "certify_batch_size": 250}
+        config = training.TrainConfig.from_dict(on)
+        self.assertEqual(config.certify, CertifySpec(sigma=0.5, n0=64, n=500, alpha=0.01, batch_size=250))
+        self.assertEqual(config.to_dict(), on)
+        # The defaults of live certification, recorded as they resolve.
+        defaults = training.TrainConfig(model_dir="/m", certify_every=1).to_dict()
+        self.assertEqual({name: defaults[name] for name in ("certify_examples", *training.CERTIFY_FLAGS)},
+                         {"certify_examples": 200, "certify_n0": 100, "certify_n": 1000, "certify_alpha": 0.001,
+                          "certify_batch_size": 1000})
+        with self.assertRaisesRegex(ConfigError, r"^--certify_n must be an integer in \[1, 2\^31\), got 0$"):
+            training.TrainConfig.from_dict({**on, "certify_n": 0})
+
+    @parameterized.named_parameters(
+        ("n0", dict(certify=CertifySpec(n0=5, n=1000)), "^--certify_n0 is used only with --certify_every"),
+        ("examples", dict(certify_examples=10), "^--certify_examples is used only with --certify_every"),
+        ("staged", dict(certify_every=1, certify=CertifySpec(n=1000, stages=(100, 1000))), "full CERTIFY"),
+        ("bfloat16", dict(certify_every=1, certify=CertifySpec(n=1000, compute_dtype="bfloat16")), "float32"),
+        ("other_sigma", dict(certify_every=1, certify=CertifySpec(sigma=0.5, n=1000)),
+         "the certification's sigma=0.5 differs from the training run's --sigma=0.25"),
+        ("not_a_spec", dict(certify_every=1, certify=dict(n=1000)), "^certify must be a CertifySpec"),
+    )
+    def test_live_certification_refuses(self, fields, message):
+        # The settings' own checks (n0, n, alpha, batch_size): certify_spec_test; with their flag names: cli_test.
+        with self.assertRaisesRegex(ConfigError, message):
+            training.TrainConfig(model_dir="/m", **fields)
+
     def test_deferred_macer_waits_for_the_first_learning_rate_drop(self):
         macer = training.ObjectiveConfig(method="macer")
         config = training.TrainConfig(model_dir="/m", objective=macer, deferred=True, lr_step_size=5)
@@ -523,8 +568,9 @@ class FlagsTest(parameterized.TestCase):
 
     def test_one_help_per_flag(self):
         # precision_policy is no flag: the run resolves it (PrecisionTest).
-        names = {f.name for f in dataclasses.fields(training.TrainConfig)} - {"objective", "precision_policy"}
+        names = {f.name for f in dataclasses.fields(training.TrainConfig)} - {"objective", "certify", "precision_policy"}
         names |= {f.name for f in dataclasses.fields(training.ObjectiveConfig) if f.name != "deferred_epochs"}
+        names |= set(training.CERTIFY_FLAGS)
         self.assertEqual(set(cli.TRAIN_HELP), names)
 
     @parameterized.named_parameters(
@@ -538,7 +584,7 @@ class FlagsTest(parameterized.TestCase):
         ("smoothmix", dict(method="smoothmix", num_noise=4, num_steps=2, attack_step=0.5, eta=5.0), {}),
         ("smoothmix_bounded", dict(method="smoothmix", mix_step=1, maxnorm=2.0, maxnorm_s=1 / 3), {}),
         ("everything_else", {}, dict(dataset="cifar10", arch="cifar_resnet20", batch_split=True, certify_every=2,
-                                     certify_alpha=1e-5, data_dir="/data dir/x", mock_data=True, strategy="mirrored",
+                                     certify=CertifySpec(n=1000, alpha=1e-5), data_dir="/data dir/x", mock_data=True, strategy="mirrored",
                                      steps_per_execution=4, mixed_precision="mixed_bfloat16", jit_compile=True)),
     )
     def test_to_flags_parses_back_to_the_same_config(self, objective, fields):

@@ -18,7 +18,9 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 
 from tf_consreg import cli
 from tf_consreg import precision
+from tf_consreg import training
 from tf_consreg import tuning
+from tf_consreg.certify_spec import CertifySpec
 from tf_consreg.training import ObjectiveConfig, TrainConfig, read_train_config
 from tf_consreg.errors import ConfigError
 
@@ -39,8 +41,9 @@ def _train(model_dir="x", sigma=0.5, fields=None, **objective):
 
 
 def _config(tuning_dir="/tmp/unused_tf_consreg_search", train=None, **kwargs):
+    """The search of `kwargs` by flag name (--certify_n0 and the like among them), as bin/tune.py builds it."""
     train = train or _train(tuning_dir or "unused")
-    return tuning.TuneConfig(tuning_dir=tuning_dir, train=train, **kwargs)
+    return cli.config_from_values(tuning.TuneConfig, {"tuning_dir": tuning_dir, "train": train, **kwargs})
 
 
 def _trial(trial_id, status="COMPLETED", lbd=1.0, eta=0.5, num_noise=2, **metrics):
@@ -89,8 +92,10 @@ class TuneConfigTest(parameterized.TestCase):
         ("radius_unused", dict(objective_radius=0.5), "--objective_radius is used only with"),
         ("radius_negative", dict(objective="certified_accuracy", objective_radius=-1.0), "--objective_radius must"),
         ("certify_examples", dict(certify_examples=0), "--certify_examples must be >= 1"),
-        ("certify_n", dict(certify_n=0), "--certify_n must be >= 1"),
-        ("certify_alpha", dict(certify_alpha=1.0), "--certify_alpha must be in \\(0, 1\\)"),
+        # The sampling settings' own checks: certify_spec_test; here their flag names.
+        ("certify_n", dict(certify_n=0), r"^--certify_n must be an integer in \[1, 2\^31\), got 0$"),
+        ("certify_alpha", dict(certify_alpha=1.0), r"^--certify_alpha must be in \(0, 1\), got 1.0$"),
+        ("certify_staged", dict(certify=CertifySpec(n=1000, stages=(100, 1000))), "full CERTIFY"),
         ("certify_every", dict(certify_every=-1), "--certify_every must be >= 0"),
         ("tuning_dir", dict(tuning_dir=""), "--tuning_dir is required"),
     )
@@ -125,8 +130,9 @@ class TuneConfigTest(parameterized.TestCase):
                          train=_train(consistency_loss="xent", fields={"data_dir": "/data"}))
         values = flags.FlagValues()
         # bin/tune.py's flags: TuneConfig's fields, and the training flags a search shares.
-        tune_holders = cli.define_flags(tuning.TuneConfig, {f.name: "" for f in dataclasses.fields(tuning.TuneConfig)
-                                                            if f.name != "train"}, flag_values=values)
+        own = [f.name for f in dataclasses.fields(tuning.TuneConfig) if f.name not in ("train", "certify")]
+        tune_holders = cli.define_flags(tuning.TuneConfig, {name: "" for name in own + list(training.CERTIFY_FLAGS)},
+                                        flag_values=values)
         train_holders = cli.define_flags(TrainConfig, {name: "" for name in tuning.TRAIN_FLAGS},
                                          defaults={"eval_examples": 0}, flag_values=values)
         path = os.path.join(_tempdir(self), "flags.txt")
@@ -135,6 +141,16 @@ class TuneConfigTest(parameterized.TestCase):
         values(["tune", f"--flagfile={path}"])
         train = cli.config_from_flags(TrainConfig, train_holders, model_dir=tuning.TRIALS_DIR)
         self.assertEqual(cli.config_from_flags(tuning.TuneConfig, tune_holders, train=train), config)
+
+    def test_records_live_certification_by_flag_name(self):
+        # tune_config.json as searches recorded it before CertifySpec: a resumed search compares these keys.
+        values = _config(certify_every=2, **TINY_SEARCH).to_dict()
+        self.assertEqual({name: values[name] for name in ("certify_examples", "certify_n0", "certify_n",
+                                                          "certify_alpha", "certify_batch_size", "certify_every")},
+                         {"certify_examples": 16, "certify_n0": 20, "certify_n": 50, "certify_alpha": 0.001,
+                          "certify_batch_size": 500, "certify_every": 2})
+        self.assertNotIn("certify", values)
+        self.assertEqual(_config(**TINY_SEARCH).certify, CertifySpec(sigma=0.5, n0=20, n=50, batch_size=500))
 
     def test_search_space(self):
         space = {hp.name: hp for hp in tuning._make_oracle(_config(lbd_range=(1.0, 50.0), eta_range=(0.5,),

@@ -32,6 +32,7 @@ _LAZY = {
     "AnalyzeConfig": "tf_consreg.analysis",
     "CertifyCallback": "tf_consreg.callbacks",
     "CertifyConfig": "tf_consreg.certify_run",
+    "CertifySpec": "tf_consreg.certify_spec",
     "ConsistencyModel": "tf_consreg.training",
     "ObjectiveConfig": "tf_consreg.training",
     "Smooth": "tf_consreg.smoothing",

@@ -34,6 +34,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from tf_consreg import certify_spec
 from tf_consreg import files
 from tf_consreg.certify_log import CertifyLog, Run, group_runs, read_run
 from tf_consreg.errors import ConfigError
@@ -97,21 +98,6 @@ def radius_key(radius: float) -> str:
     return repr(float(radius))
 
 
-def check_radii(radii: Sequence[float]) -> tuple:
-    """Validates radii for the table: finite, >= 0, at least one.
-
-    Raises:
-      ConfigError: naming --radii.
-    """
-    radii = tuple(float(r) for r in radii)
-    if not radii:
-        raise ConfigError("--radii: give at least one radius, e.g. --radii=0,0.5,1")
-    for r in radii:
-        if not (math.isfinite(r) and r >= 0):
-            raise ConfigError(f"--radii: radii must be finite and >= 0, got {r}")
-    return radii
-
-
 def check_settled(log: CertifyLog, radii: Sequence[float]) -> None:
     """Refuses a radius at which a fixed-radius run's log says nothing unbiased.
 
@@ -150,7 +136,8 @@ def summarize(log: CertifyLog, radii: Optional[Sequence[float]] = None) -> Summa
     Raises:
       ConfigError: bad radii, or a radius a fixed-radius run did not settle.
     """
-    radii = check_radii((log.radii if log.staged else DEFAULT_RADII) if radii is None else radii)
+    radii = certify_spec.check_radii((log.radii if log.staged else DEFAULT_RADII) if radii is None else radii,
+                                     allow_zero=True, name="--radii")
     accuracies = certified_accuracy(log, radii)
     return Summary(
         file=log.path,
@@ -278,7 +265,7 @@ class AnalyzeConfig:
         if self.format not in FORMATS:
             raise ConfigError(f"--format={self.format!r} is unknown; choose one of {', '.join(FORMATS)}")
         if self.radii is not None:
-            object.__setattr__(self, "radii", check_radii(self.radii))
+            object.__setattr__(self, "radii", certify_spec.check_radii(self.radii, allow_zero=True, name="--radii"))
         if not self.tsv:
             raise ConfigError("--tsv: give one or more certification TSV files, e.g. --tsv=runs/a.tsv,runs/b.tsv")
         if self.plot is not None and not self.plot.lower().endswith(".png"):

@@ -30,9 +30,10 @@ import numpy as np
 import tensorflow as tf
 
 from tf_consreg import analysis
+from tf_consreg import certify_spec
 from tf_consreg import models
-from tf_consreg import precision
 from tf_consreg import smoothing
+from tf_consreg.certify_spec import CertifySpec
 from tf_consreg.errors import ConfigError
 
 # Radii of the logged certified accuracies: every other radius of the paper's
@@ -304,13 +305,11 @@ class CertifyCallback(keras.callbacks.Callback):
     Args:
       images: the validation images, float32 in [0, 1] or uint8, [N, H, W, C].
       labels: their int labels, [N].
-      sigma: noise standard deviation of the smoothed classifier.
+      spec: CERTIFY's settings: sigma (required), n0, n, alpha, batch_size
+        and the dtype of the network certified (`compute_dtype`); no stages
+        (full CERTIFY). `certify_spec.LIVE` holds training's defaults.
       num_classes: number of classes.
       every: certify after every this many epochs (and after the last), >= 1.
-      n0: CERTIFY's selection samples per image.
-      n: CERTIFY's estimation samples per image.
-      alpha: CERTIFY's failure probability.
-      batch_size: most noisy copies per forward pass.
       log_dir: TensorBoard directory (a run's `logs/`); events go to its
         `validation/` run. None: no TensorBoard output.
       seed: seed of the certification noise.
@@ -318,16 +317,14 @@ class CertifyCallback(keras.callbacks.Callback):
       image_ids: ids that key each image's noise (e.g. its index in the
         dataset; default: 0..N-1), see `Smooth.certify_batch`.
       verbose: print one line per certification.
-      compute_dtype: the dtype of the network certified (`precision.COMPUTE_DTYPES`).
 
     Raises:
       ValueError: bad arguments (checked here, before training starts).
     """
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, *, sigma: float, num_classes: int, every: int = 1,
-                 n0: int = 100, n: int = 1000, alpha: float = 0.001, batch_size: int = 1000,
+    def __init__(self, images: np.ndarray, labels: np.ndarray, *, spec: CertifySpec, num_classes: int, every: int = 1,
                  log_dir: Optional[str] = None, seed: int = 0, radii: Sequence[float] = DEFAULT_RADII,
-                 image_ids: Optional[Sequence[int]] = None, verbose: bool = True, compute_dtype: str = "float32"):
+                 image_ids: Optional[Sequence[int]] = None, verbose: bool = True):
         super().__init__()
         images = np.asarray(images)
         if images.dtype == np.uint8:
@@ -336,33 +333,21 @@ class CertifyCallback(keras.callbacks.Callback):
         if images.ndim != 4 or len(images) < 1 or labels.shape != (len(images),):
             raise ValueError(f"need images [N >= 1, H, W, C] and labels [N], got shapes {images.shape} "
                              f"and {labels.shape}")
-        radii = tuple(float(r) for r in radii)
-        if not radii or not all(math.isfinite(r) and r >= 0 for r in radii):
-            raise ValueError(f"radii must be one or more finite numbers >= 0, got {radii}")
-        if not 0.0 < alpha < 1.0:
-            raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
-        if not sigma > 0:
-            raise ValueError(f"sigma must be > 0, got {sigma!r}")
-        if compute_dtype not in precision.COMPUTE_DTYPES:
-            raise ValueError(f"compute_dtype must be one of {', '.join(precision.COMPUTE_DTYPES)}, "
-                             f"got {compute_dtype!r}")
+        radii = certify_spec.check_radii(radii, allow_zero=True)
+        if not isinstance(spec, CertifySpec) or spec.sigma is None or spec.stages is not None:
+            raise ValueError(f"spec must be a CertifySpec with sigma and no stages (full CERTIFY), got {spec!r}")
         self.images = images.astype(np.float32, copy=False)
         self.labels = labels
         self.image_ids = np.arange(len(images)) if image_ids is None else np.asarray(image_ids, dtype=np.int64)
         if self.image_ids.shape != labels.shape:
             raise ValueError(f"image_ids must have shape {labels.shape}, got {self.image_ids.shape}")
-        self.sigma = float(sigma)
+        self.spec = spec
         self.num_classes = _check_positive_int("num_classes", num_classes)
         self.every = _check_positive_int("every", every)
-        self.n0 = _check_positive_int("n0", n0)
-        self.n = _check_positive_int("n", n)
-        self.batch_size = _check_positive_int("batch_size", batch_size)
-        self.alpha = float(alpha)
         self.seed = int(seed)
         self.radii = radii
         self.log_dir = log_dir
         self.verbose = verbose
-        self.compute_dtype = compute_dtype
         self.last_result: Optional[ValidationCertificate] = None
         self._smooth: Optional[smoothing.Smooth] = None
         self._twin: Optional[tuple] = None  # (base model, its copy computing in compute_dtype)
@@ -372,11 +357,12 @@ class CertifyCallback(keras.callbacks.Callback):
         return getattr(self.model, "base_model", self.model)
 
     def certified_model(self, base_model: keras.Model) -> keras.Model:
-        """`base_model` computing in `compute_dtype`: itself if it does, else its twin with its current weights."""
-        if models.model_compute_dtype(base_model) == self.compute_dtype:
+        """`base_model` computing in `spec.compute_dtype`: itself if it does, else its twin with its current weights."""
+        compute_dtype = self.spec.compute_dtype
+        if models.model_compute_dtype(base_model) == compute_dtype:
             return base_model
         if self._twin is None or self._twin[0] is not base_model:
-            self._twin = (base_model, models.with_compute_dtype(base_model, self.compute_dtype))
+            self._twin = (base_model, models.with_compute_dtype(base_model, compute_dtype))
         else:
             self._twin[1].set_weights(base_model.get_weights())
         return self._twin[1]
@@ -395,9 +381,9 @@ class CertifyCallback(keras.callbacks.Callback):
         # the current weights at every call.
         base_model = self.certified_model(base_model)
         if self._smooth is None or self._smooth.base_model is not base_model:
-            self._smooth = smoothing.Smooth(base_model, self.num_classes, self.sigma)
-        start = time.perf_counter()
-        classes, radii = self._smooth.certify_batch(self.images, self.n0, self.n, self.alpha, self.batch_size,
+            self._smooth = smoothing.Smooth(base_model, self.num_classes, self.spec.sigma)
+        spec, start = self.spec, time.perf_counter()
+        classes, radii = self._smooth.certify_batch(self.images, spec.n0, spec.n, spec.alpha, spec.batch_size,
                                                     seed=self.seed, image_ids=self.image_ids)
         seconds = time.perf_counter() - start
         log = analysis.CertifyLog(path=VALIDATION_RUN, idx=self.image_ids, label=self.labels, predict=classes,
@@ -420,7 +406,7 @@ class CertifyCallback(keras.callbacks.Callback):
             logs.update(metrics)
         if self.verbose:
             radius = 0.5 if 0.5 in self.radii else self.radii[-1]
-            print(f"Epoch {epoch + 1}: certified {len(self.images)} validation images (n={self.n}) in "
+            print(f"Epoch {epoch + 1}: certified {len(self.images)} validation images (n={self.spec.n}) in "
                   f"{result.seconds:.1f} s: ACR {result.summary.acr:.3f}, smoothed accuracy "
                   f"{result.summary.clean_accuracy:.3f}, certified accuracy at r={radius:g} "
                   f"{result.summary.certified_accuracy[radius]:.3f}, abstained {result.abstain_rate:.3f}",
@@ -435,7 +421,7 @@ class CertifyCallback(keras.callbacks.Callback):
             for name, value in metrics.items():
                 tf.summary.scalar("val/" + name[len("val_"):], value)
             tf.summary.scalar("val/certify_seconds", result.seconds)
-            png = _curve_png(result.log, title=f"epoch {step}, sigma={self.sigma:g}, n={self.n}")
+            png = _curve_png(result.log, title=f"epoch {step}, sigma={self.spec.sigma:g}, n={self.spec.n}")
             tf.summary.image("val/certified_accuracy_curve", tf.image.decode_png(png)[tf.newaxis], max_outputs=1)
         self._writer.flush()
 

@@ -18,7 +18,7 @@ This module is the one definition of the format, for the writer
   merge as before.
 - A staged CERTIFY log prints each radius rounded DOWN to 3 significant
   digits (`format_radius`), never up: its radii have at most 3 significant
-  digits (`check_staged_radii`), so "printed radius >= r" is exactly the
+  digits (`certify_spec.check_radii`), so "printed radius >= r" is exactly the
   run's decision "certified at r" for each radius r it asked, and reading
   the log back can never certify an image the run did not. (Full CERTIFY
   logs keep the authors' round-to-nearest "{:.3}".)
@@ -39,13 +39,13 @@ import datetime
 import decimal
 import json
 import math
-import numbers
 import os
 import sys
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from tf_consreg import certify_spec
 from tf_consreg import files
 from tf_consreg.errors import ConfigError
 
@@ -90,36 +90,6 @@ def format_radius(radius: float, round_down: bool = False) -> str:
         # floor <= radius, so the float nearest to it is too (radius is a float).
         text = f"{float(floor):.{RADIUS_DIGITS}}"
     return text
-
-
-def check_staged_radii(radii: Sequence[float]) -> Tuple[float, ...]:
-    """The radii of a staged CERTIFY run, checked: each finite, > 0, printable in 3 significant digits; sorted.
-
-    A radius r of at most 3 significant digits is a value the radius column
-    can hold, so an image's radius rounded down to 3 digits is >= r exactly
-    when the radius itself is: the log then says which images the run
-    certified at r. (With r = 0.3333 a radius of 0.33331 would print 0.333.)
-
-    Raises:
-      ConfigError: naming --radii.
-    """
-    values = []
-    for r in radii:
-        if isinstance(r, bool) or not isinstance(r, numbers.Real):
-            raise ConfigError(f"--radii must be numbers, got {r!r}")
-        r = float(r)
-        if not (math.isfinite(r) and r > 0):
-            raise ConfigError(f"--radii must be finite and > 0, got {r}")
-        if float(f"{r:.{RADIUS_DIGITS}}") != r:
-            raise ConfigError(f"--radii: {r!r} has more than {RADIUS_DIGITS} significant digits; the TSV prints radii "
-                              f"with {RADIUS_DIGITS} (the authors' format), so it could not tell whether an image "
-                              f"was certified at it. Give at most {RADIUS_DIGITS}, e.g. {float(f'{r:.3}')!r}")
-        if r in values:
-            raise ConfigError(f"--radii lists {r!r} twice")
-        values.append(r)
-    if not values:
-        raise ConfigError("--radii: give at least one radius, e.g. --radii=0.5")
-    return tuple(sorted(values))
 
 
 def format_row(mode: str, idx: int, label: int, prediction: int, radius: float, seconds: float,
@@ -353,7 +323,8 @@ def _check_log_settings(path: str, staged: bool) -> Tuple[Optional[int], Optiona
         return n, None
     radii = settings.get("radii")
     try:
-        radii = check_staged_radii(radii) if isinstance(radii, list) else None
+        radii = (tuple(sorted(certify_spec.check_radii(radii, digits=RADIUS_DIGITS))) if isinstance(radii, list)
+                 else None)
     except ConfigError:
         radii = None
     if radii is None:

@@ -32,17 +32,16 @@ import keras
 import numpy as np
 
 from tf_consreg import certify_log
+from tf_consreg import certify_spec
 from tf_consreg import training
 from tf_consreg import data
 from tf_consreg import distribute
 from tf_consreg import files
 from tf_consreg import models
-from tf_consreg import precision
 from tf_consreg import smoothing
-from tf_consreg import stats
+from tf_consreg.certify_spec import CertifySpec
 from tf_consreg.errors import ConfigError, check
 
-DEFAULT_BATCH_SIZE = 1000
 # What a run does: CertifyConfig.mode (a staged run's log mode adds "_staged").
 _MODES = ("certify", "predict")
 # Samples per `certify_batch` call: enough images to fill the forward batches
@@ -58,16 +57,17 @@ class CertifyConfig:
     Flag values are checked first, then files: a training `model_dir` supplies
     the defaults of `dataset`, `sigma` and `data_dir` from its
     train_config.json. After construction every field is resolved (`model` is
-    the .keras file, `dataset` and `sigma` are set).
+    the .keras file, `dataset` and `spec.sigma` are set).
 
-    Each field but `mode` is a flag of bin/certify.py and bin/predict.py
-    (PREDICT has no `n0` and no `radii`); see their --help.
+    Each field but `mode` and `spec`, and each field of `spec` (the sampling
+    settings, `certify_spec.CertifySpec`), is a flag of bin/certify.py and
+    bin/predict.py (PREDICT has no `n0` and no `radii`); see their --help.
 
-    Staged runs: CERTIFY with `radii` is fixed-radius mode; `stages` then
-    sets the schedule (default `stats.default_stages(n)` from max(n0, 100)),
-    and `stages` without `radii` is refused. PREDICT with `stages` is staged
-    PREDICT. After construction `stages` is resolved (None for a full run)
-    and `radii` sorted.
+    Staged runs: CERTIFY with `radii` is fixed-radius mode; `spec.stages`
+    then sets the schedule (default `certify_spec.default_stages(n)` from
+    max(n0, 100)), and stages without `radii` are refused. PREDICT with
+    stages is staged PREDICT. After construction `spec.stages` is resolved
+    (None for a full run) and `radii` sorted.
 
     Sharding: the selected examples idx = 0, skip, 2 skip, ... (below `max`)
     are dealt out round-robin, the j-th to shard j mod num_shards, so shard i
@@ -85,11 +85,7 @@ class CertifyConfig:
     data_dir: Optional[str] = None
     mock_data: bool = False
     split: str = "test"
-    sigma: Optional[float] = None
-    n0: int = 100
-    n: int = 100000
-    alpha: float = 0.001
-    batch_size: int = DEFAULT_BATCH_SIZE
+    spec: CertifySpec = dataclasses.field(default_factory=CertifySpec)
     skip: int = 1
     max: int = -1
     seed: int = 0
@@ -97,9 +93,7 @@ class CertifyConfig:
     num_shards: int = 1
     shard_index: int = 0
     strategy: str = "default"
-    compute_dtype: str = "float32"
     radii: Optional[Sequence[float]] = None
-    stages: Optional[Sequence[int]] = None
 
     def __post_init__(self):
         # Flags first.
@@ -108,13 +102,6 @@ class CertifyConfig:
         files.check_output_path(self.output, "output")
         check(bool(self.model_dir) != bool(self.model),
               "give exactly one of --model_dir (a training run) and --model (a saved .keras base model)")
-        check(self.n0 >= 1, f"--n0 must be >= 1, got {self.n0}")
-        check(self.n >= 1, f"--n must be >= 1, got {self.n}")
-        check(0.0 < self.alpha < 1.0, f"--alpha must be in (0, 1), got {self.alpha}")
-        check(self.batch_size >= 1, f"--batch_size must be >= 1, got {self.batch_size}")
-        for name in ("n0", "n", "batch_size"):
-            # Sample counts and batch sizes are int32 in the sampling graph.
-            check(getattr(self, name) < 2**31, f"--{name} must be < 2^31, got {getattr(self, name)}")
         check(self.skip >= 1, f"--skip must be >= 1, got {self.skip}")
         check(self.max >= -1, f"--max must be -1 (no limit) or an index >= 0, got {self.max}")
         check(0 <= self.seed < 2**63, f"--seed must be in [0, 2^63), got {self.seed}")
@@ -123,23 +110,24 @@ class CertifyConfig:
               f"--shard_index must be in [0, --num_shards={self.num_shards}), got {self.shard_index}")
         check(self.strategy in distribute.LOCAL_STRATEGIES,
               f"--strategy={self.strategy!r} is unknown; choose one of {', '.join(distribute.LOCAL_STRATEGIES)}")
-        check(self.sigma is None or 0.0 < self.sigma < float("inf"), f"--sigma must be > 0, got {self.sigma}")
         check(self.split in data.SPLITS, f"--split={self.split!r} is unknown; choose one of {', '.join(data.SPLITS)}")
-        precision.compute_policy(self.compute_dtype)  # Refuses an unknown --compute_dtype.
+        check(isinstance(self.spec, CertifySpec), f"spec must be a CertifySpec, got {type(self.spec).__name__}")
         self._check_staging()
         if self.dataset is not None:
             data.get_dataset_info(self.dataset)
         if self.model is not None:
-            check(self.sigma is not None, "--sigma is required with --model (a run's --model_dir supplies it)")
+            check(self.spec.sigma is not None, "--sigma is required with --model (a run's --model_dir supplies it)")
             check(self.dataset is not None, "--dataset is required with --model (a run's --model_dir supplies it)")
 
         # Then files.
         if self.model_dir:
             check(os.path.isdir(self.model_dir), f"--model_dir={self.model_dir} is not a directory")
             train = training.read_train_config(self.model_dir)
-            for name in ("dataset", "sigma", "data_dir"):
+            for name in ("dataset", "data_dir"):
                 if getattr(self, name) is None:
                     object.__setattr__(self, name, getattr(train, name))
+            if self.spec.sigma is None:
+                object.__setattr__(self, "spec", dataclasses.replace(self.spec, sigma=train.sigma))
             object.__setattr__(self, "model", os.path.join(self.model_dir, models.BASE_MODEL_FILE))
             check(os.path.isfile(self.model),
                   f"{self.model} not found: has the training run in --model_dir finished?")
@@ -151,22 +139,19 @@ class CertifyConfig:
         if self.mode == "predict":
             check(self.radii is None, "PREDICT has no radii: bin/predict.py's staged mode is --stages alone")
         elif self.radii is None:
-            check(self.stages is None, "--stages needs --radii: the stages schedule fixed-radius mode (--radii); "
-                                       "without --radii bin/certify.py runs full CERTIFY with --n samples")
+            check(self.spec.stages is None, "--stages needs --radii: the stages schedule fixed-radius mode "
+                                            "(--radii); without --radii bin/certify.py runs full CERTIFY with --n "
+                                            "samples")
         if self.radii is not None:
-            object.__setattr__(self, "radii", certify_log.check_staged_radii(self.radii))
+            object.__setattr__(self, "radii", tuple(sorted(certify_spec.check_radii(
+                self.radii, digits=certify_log.RADIUS_DIGITS, name="--radii"))))
         if self.staged:
-            try:
-                stages = stats.resolve_stages(None if self.stages is None else list(self.stages), self.n,
-                                              self.n0 if self.mode == "certify" else None)
-            except ValueError as e:  # "stages must ...": one line naming the flag.
-                raise ConfigError(f"--{e}") from e
-            object.__setattr__(self, "stages", stages)
+            object.__setattr__(self, "spec", self.spec.resolved(selection=self.mode == "certify"))
 
     @property
     def staged(self) -> bool:
         """Whether the run draws its samples in stages: CERTIFY with radii, PREDICT with stages."""
-        return self.radii is not None or (self.mode == "predict" and self.stages is not None)
+        return self.radii is not None or (self.mode == "predict" and self.spec.stages is not None)
 
     @property
     def log_mode(self) -> str:
@@ -201,15 +186,15 @@ class CertifyConfig:
         settings = {
             "mode": self.log_mode, "model": os.path.abspath(self.model), "model_sha256": files.file_sha256(self.model),
             "dataset": self.dataset, **({"mock_data": True} if self.mock_data else {}),
-            "split": self.split, "sigma": self.sigma, "n0": self.n0, "n": self.n, "alpha": self.alpha,
-            "seed": self.seed, "skip": self.skip, "batch_size": self.batch_size,
+            "split": self.split, "sigma": self.spec.sigma, "n0": self.spec.n0, "n": self.spec.n,
+            "alpha": self.spec.alpha, "seed": self.seed, "skip": self.skip, "batch_size": self.spec.batch_size,
             "num_shards": self.num_shards, "shard_index": self.shard_index,
-            "strategy": self.strategy, "replicas": int(replicas), "compute_dtype": self.compute_dtype,
+            "strategy": self.strategy, "replicas": int(replicas), "compute_dtype": self.spec.compute_dtype,
         }
         if self.mode == "predict":
             del settings["n0"]
         if self.staged:
-            settings["stages"] = list(self.stages)
+            settings["stages"] = list(self.spec.stages)
             if self.radii is not None:
                 settings["radii"] = list(self.radii)
         return settings
@@ -271,7 +256,7 @@ def _read_existing_rows(config: CertifyConfig, wanted: Dict[str, Any]) -> Tuple[
         where = f"{output}:{number}"
         try:  # The row checks of analysis (bin/analyze.py), so that what resumes can be analyzed.
             idx = certify_log.parse_row(config.log_mode, line.split("\t"), where, num_classes=num_classes,
-                                        stages=config.stages if config.staged else None)[0]
+                                        stages=config.spec.stages if config.staged else None)[0]
         except ConfigError as e:
             raise ConfigError(f"{e}; the file is corrupt, choose a new --output") from None
         expected_idx = config.row_index(number - 2)
@@ -328,19 +313,18 @@ def _claim_output(config: CertifyConfig, settings: Dict[str, Any]) -> Tuple[IO[b
 def _certify_batch(smooth: smoothing.Smooth, config: CertifyConfig, images: np.ndarray,
                    ids: np.ndarray) -> Tuple[np.ndarray, np.ndarray, Sequence[Optional[int]]]:
     """The run's answer for a batch of images: (classes, radii (0 for PREDICT), samples (None for a full run))."""
-    keys = dict(seed=config.seed, image_ids=ids)
+    keys, spec = dict(seed=config.seed, image_ids=ids), config.spec
     if config.mode == "certify" and config.staged:
-        result = smooth.certify_staged_batch(images, config.n0, config.n, config.alpha, config.batch_size,
-                                             radii=config.radii, stages=config.stages, **keys)
+        result = smooth.certify_staged_batch(images, spec.n0, spec.n, spec.alpha, spec.batch_size,
+                                             radii=config.radii, stages=spec.stages, **keys)
         return result.classes, result.radii, result.samples
     if config.mode == "certify":
-        classes, radii = smooth.certify_batch(images, config.n0, config.n, config.alpha, config.batch_size, **keys)
+        classes, radii = smooth.certify_batch(images, spec.n0, spec.n, spec.alpha, spec.batch_size, **keys)
         return classes, radii, [None] * len(ids)
     if config.staged:
-        result = smooth.predict_staged_batch(images, config.n, config.alpha, config.batch_size,
-                                             stages=config.stages, **keys)
+        result = smooth.predict_staged_batch(images, spec.n, spec.alpha, spec.batch_size, stages=spec.stages, **keys)
         return result.classes, np.zeros(len(ids)), result.samples
-    classes = smooth.predict_batch(images, config.n, config.alpha, config.batch_size, **keys)
+    classes = smooth.predict_batch(images, spec.n, spec.alpha, spec.batch_size, **keys)
     return classes, np.zeros(len(ids)), [None] * len(ids)
 
 
@@ -384,7 +368,7 @@ def certify_dataset(config: CertifyConfig, *, verbose: int = 1) -> int:
 
     with strategy.scope():  # Mirrored variables: each replica reads its own copy.
         # The network computing in --compute_dtype, whatever policy it was trained under.
-        base_model = models.load_base_model(config.model, compute_dtype=config.compute_dtype)
+        base_model = models.load_base_model(config.model, compute_dtype=config.spec.compute_dtype)
     model_shape = smoothing.model_image_shape(base_model)
     if model_shape is not None and tuple(model_shape) != tuple(info.input_shape):
         raise ConfigError(f"{config.model} takes images of shape {model_shape}, but --dataset={config.dataset} "
@@ -393,11 +377,11 @@ def certify_dataset(config: CertifyConfig, *, verbose: int = 1) -> int:
     if outputs is not None and outputs != info.num_classes:
         raise ConfigError(f"{config.model} has {outputs} outputs, but --dataset={config.dataset} has "
                           f"{info.num_classes} classes")
-    smooth = smoothing.Smooth(base_model, info.num_classes, config.sigma,
+    smooth = smoothing.Smooth(base_model, info.num_classes, config.spec.sigma,
                               strategy=strategy if config.strategy == "mirrored" else None)
     if verbose:
-        print(f"Sampling {config.model} computing in {config.compute_dtype} (--compute_dtype); the results hold for "
-              "that function")
+        print(f"Sampling {config.model} computing in {config.spec.compute_dtype} (--compute_dtype); the results hold "
+              "for that function")
     if config.strategy == "mirrored" and verbose:
         devices = strategy.extended.worker_devices
         print(f"--strategy=mirrored: each example's samples are split over {len(devices)} device(s), "
@@ -410,9 +394,9 @@ def certify_dataset(config: CertifyConfig, *, verbose: int = 1) -> int:
 
     # Samples per image before its first decision; a staged batch then runs
     # on until its last image is settled.
-    first = config.stages[0] if config.staged else config.n
-    samples = (config.n0 + first) if config.mode == "certify" else first
-    per_call = max(1, _SAMPLES_PER_CALL_IN_BATCHES * config.batch_size // samples)
+    first = config.spec.stages[0] if config.staged else config.spec.n
+    samples = (config.spec.n0 + first) if config.mode == "certify" else first
+    per_call = max(1, _SAMPLES_PER_CALL_IN_BATCHES * config.spec.batch_size // samples)
     progress = keras.utils.Progbar(len(indices), verbose=verbose, unit_name="example")
     with out:
         for batch, images, labels in reader.read(indices).batch(per_call).as_numpy_iterator():

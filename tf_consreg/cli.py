@@ -16,9 +16,10 @@ The library never reads flags: binaries pass configs to it.
 import collections.abc
 import dataclasses
 import os
+import re
 import sys
 import typing
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Type
+from typing import Any, Callable, Dict, Iterable, Mapping, NamedTuple, Optional, Sequence, Type
 
 from absl import app
 from absl import flags
@@ -172,10 +173,10 @@ TRAIN_HELP = {
         "the training split (never trained on) and log val/acr, certified accuracy, the abstention rate and the "
         "certified-accuracy curve to TensorBoard, and val_acr to the epoch logs. 0 = off."),
     "certify_examples": "With --certify_every: images held out of the end of the training split (default 200).",
-    "certify_n0": "With --certify_every: CERTIFY's selection samples (default 100).",
-    "certify_n": "With --certify_every: CERTIFY's estimation samples (default 1000).",
-    "certify_alpha": "With --certify_every: CERTIFY's failure probability (default 0.001).",
-    "certify_batch_size": "With --certify_every: noisy copies per forward pass (default 1000).",
+    "certify_n0": "With --certify_every: CERTIFY's selection samples.",
+    "certify_n": "With --certify_every: CERTIFY's estimation samples.",
+    "certify_alpha": "With --certify_every: CERTIFY's failure probability.",
+    "certify_batch_size": "With --certify_every: noisy copies per forward pass.",
     "data_dir": (
         "Directory with the Fashion-MNIST IDX files, or a tensorflow-datasets data directory (ImageNet: the "
         "archives go in <data_dir>/downloads/manual). Default: Debian's dataset-fashion-mnist files, then "
@@ -223,27 +224,55 @@ def _field_default(field: dataclasses.Field) -> Any:
     return None  # A required field: the config says what is missing.
 
 
-def _flag_fields(config_cls: Type) -> Dict[str, Tuple[Optional[str], dataclasses.Field, Any]]:
-    """The fields that can be flags: name -> (the field of the nested config holding it, or None; field; type).
+# A nested config's field metadata key: the prefix of its fields' flag names
+# (say "certify_": the CertifySpec of a training run gives --certify_n0).
+FLAG_PREFIX = "flag_prefix"
 
-    The fields of a field whose type is itself a dataclass (a nested config)
-    can be flags too, under their own names, unless `config_cls` has a field
-    of that name.
+
+class _FlagField(NamedTuple):
+    """Where a flag's value goes: `parent` (the field holding a nested config, or None), its `field` and type."""
+
+    parent: Optional[str]
+    field: dataclasses.Field
+    hint: Any
+
+
+def _flag_fields(config_cls: Type) -> Dict[str, _FlagField]:
+    """The fields that can be flags, by flag name.
+
+    The fields of a field whose type is itself a dataclass (a nested config,
+    possibly Optional) can be flags too, named `<prefix><field name>` with
+    the prefix in the nesting field's metadata (`FLAG_PREFIX`, default
+    none), unless `config_cls` has a field of that name.
 
     Raises:
-      TypeError: two nested configs have a field of the same name.
+      TypeError: two nested configs have a field of the same flag name.
     """
     hints = typing.get_type_hints(config_cls)
-    own = {field.name: (None, field, hints[field.name]) for field in dataclasses.fields(config_cls)}
+    own = {field.name: _FlagField(None, field, hints[field.name]) for field in dataclasses.fields(config_cls)}
     nested = {}
-    for name, (_, _, hint) in own.items():
-        if dataclasses.is_dataclass(hint):
-            nested_hints = typing.get_type_hints(hint)
-            for field in dataclasses.fields(hint):
-                if field.name in nested:
-                    raise TypeError(f"{config_cls.__name__}: two nested fields named {field.name!r}")
-                nested[field.name] = (name, field, nested_hints[field.name])
+    for name, (_, parent, hint) in own.items():
+        nested_cls = _unwrap(hint)
+        if dataclasses.is_dataclass(nested_cls):
+            prefix = parent.metadata.get(FLAG_PREFIX, "")
+            nested_hints = typing.get_type_hints(nested_cls)
+            for field in dataclasses.fields(nested_cls):
+                if prefix + field.name in nested:
+                    raise TypeError(f"{config_cls.__name__}: two nested fields named {prefix + field.name!r}")
+                nested[prefix + field.name] = _FlagField(name, field, nested_hints[field.name])
     return {**nested, **own}
+
+
+def _nested_default(config_cls: Type, parent: str) -> Any:
+    """The instance that field `parent` has as its `default`, or None: its flags then take its class's defaults.
+
+    Only a `default` instance counts, not one a `default_factory` makes: a
+    nested config that resolves its own defaults (ObjectiveConfig's per
+    method) must be built from its class's, not from another resolution.
+    """
+    field = next(f for f in dataclasses.fields(config_cls) if f.name == parent)
+    default = field.default
+    return default if dataclasses.is_dataclass(default) and not isinstance(default, type) else None
 
 
 def define_flags(config_cls: Type, helps: Mapping[str, str], *, defaults: Optional[Mapping[str, Any]] = None,
@@ -253,17 +282,19 @@ def define_flags(config_cls: Type, helps: Mapping[str, str], *, defaults: Option
     The flag has the field's name, the type of its annotation (bool, int,
     float, str, or a comma-separated list for sequence fields) and the
     field's default, so the default is stated once, in the config. The fields
-    of a nested config (a field whose type is a dataclass) are flags too.
+    of a nested config (a field whose type is a dataclass) are flags too,
+    named with the nesting field's prefix (`FLAG_PREFIX`); their defaults are
+    those of the nesting field's default instance, if it has one.
 
     Args:
       config_cls: a dataclass config.
-      helps: field name -> help text, for the fields that become flags.
-      defaults: field name -> a default that differs from the field's for
+      helps: flag name -> help text, for the fields that become flags.
+      defaults: flag name -> a default that differs from the field's for
         this binary (say, no evaluation by default in a search).
       flag_values: where to define them (absl's global FLAGS).
 
     Returns:
-      Field name -> the flag's holder.
+      Flag name -> the flag's holder.
 
     Raises:
       TypeError: a name is not a field, or its type has no flag type.
@@ -274,9 +305,14 @@ def define_flags(config_cls: Type, helps: Mapping[str, str], *, defaults: Option
     for name, help_text in helps.items():
         if name not in fields:
             raise TypeError(f"{config_cls.__name__} has no field {name!r}")
-        _, field, hint = fields[name]
+        parent, field, hint = fields[name]
         kind = _unwrap(hint)
-        default = defaults.pop(name) if name in defaults else _field_default(field)
+        if name in defaults:
+            default = defaults.pop(name)
+        elif parent is not None and _nested_default(config_cls, parent) is not None:
+            default = getattr(_nested_default(config_cls, parent), field.name)
+        else:
+            default = _field_default(field)
         if isinstance(kind, tuple):
             default = None if default is None else [f"{v:g}" if isinstance(v, float) else str(v) for v in default]
             holders[name] = flags.DEFINE_list(name, default, help_text, flag_values=flag_values)
@@ -300,7 +336,7 @@ def flag_values(config_cls: Type, holders: FlagHolders) -> Dict[str, Any]:
     fields = _flag_fields(config_cls)
     values = {}
     for name, holder in holders.items():
-        value, kind = holder.value, _unwrap(fields[name][2])
+        value, kind = holder.value, _unwrap(fields[name].hint)
         if isinstance(kind, tuple) and value is not None:
             element = kind[1]
             try:
@@ -312,26 +348,89 @@ def flag_values(config_cls: Type, holders: FlagHolders) -> Dict[str, Any]:
     return values
 
 
-def config_from_flags(config_cls: Type, holders: FlagHolders, **fields) -> Any:
-    """Builds the validated `config_cls` from its flags, plus `fields` set by the binary.
+def config_from_values(config_cls: Type, values: Mapping[str, Any]) -> Any:
+    """Builds the validated `config_cls` from field values by flag name, nested configs' fields among them.
 
-    The flags of a nested config build it first (so its checks run first).
+    The inverse of `flat_values`. A nested config whose flags have values is
+    built first (so its checks run first), from the nesting field's default
+    instance if it has one (its fields not in `values` keep that instance's
+    values); its messages name the flags with their prefix. One without
+    values keeps its default.
+
+    Raises:
+      ConfigError: a bad value (raised by the configs' own checks).
+      TypeError: a name is no field of `config_cls` or of a nested config.
+    """
+    flag_fields = _flag_fields(config_cls)
+    hints = typing.get_type_hints(config_cls)
+    own, nested = {}, {}
+    for name, value in values.items():
+        if name not in flag_fields:
+            raise TypeError(f"{config_cls.__name__} has no field or nested field {name!r}")
+        parent, field, _ = flag_fields[name]
+        if parent is None:
+            own[name] = value
+        else:
+            nested.setdefault(parent, {})[field.name] = value
+    for parent, nested_values in nested.items():
+        prefix = _nested_prefix(config_cls, parent)
+        if parent in own:
+            raise TypeError(f"{config_cls.__name__}: both {parent} and its fields "
+                            f"{', '.join(prefix + name for name in nested_values)} given")
+        base = _nested_default(config_cls, parent)
+        try:
+            if base is None:
+                own[parent] = _unwrap(hints[parent])(**nested_values)
+            else:
+                own[parent] = dataclasses.replace(base, **nested_values)
+        except ConfigError as e:
+            raise ConfigError(_prefixed(str(e), prefix, nested_values)) from None
+    return config_cls(**own)
+
+
+def flat_values(config: Any, names: Optional[Iterable[str]] = None) -> Dict[str, Any]:
+    """A config's field values by flag name, its nested configs' fields among them (`config_from_values`).
+
+    Args:
+      config: a dataclass config.
+      names: the flag names to give (default: every field, nested ones
+        in place of the field that nests them).
+
+    Returns:
+      Flag name -> value; a nested config that is None gives None for each of its fields.
+    """
+    flag_fields = _flag_fields(type(config))
+    if names is None:
+        nesting = {parent for parent, _, _ in flag_fields.values() if parent is not None}
+        names = [name for name in flag_fields if name not in nesting]
+    values = {}
+    for name in names:
+        parent, field, _ = flag_fields[name]
+        holder = config if parent is None else getattr(config, parent)
+        values[name] = None if holder is None else getattr(holder, field.name)
+    return values
+
+
+def config_from_flags(config_cls: Type, holders: FlagHolders, **fields) -> Any:
+    """Builds the validated `config_cls` from its flags, plus `fields` set by the binary (`config_from_values`).
 
     Raises:
       ConfigError: a bad value (raised by the configs' own checks).
     """
-    flag_fields = _flag_fields(config_cls)
-    hints = typing.get_type_hints(config_cls)
-    values, nested = {}, {}
-    for name, value in flag_values(config_cls, holders).items():
-        parent = flag_fields[name][0]
-        if parent is None:
-            values[name] = value
-        else:
-            nested.setdefault(parent, {})[name] = value
-    for parent, nested_values in nested.items():
-        values[parent] = hints[parent](**nested_values)
-    return config_cls(**values, **fields)
+    return config_from_values(config_cls, {**flag_values(config_cls, holders), **fields})
+
+
+def _nested_prefix(config_cls: Type, parent: str) -> str:
+    return next(f for f in dataclasses.fields(config_cls) if f.name == parent).metadata.get(FLAG_PREFIX, "")
+
+
+def _prefixed(message: str, prefix: str, names: Iterable[str]) -> str:
+    """`message` with each `--name` of `names` written as the flag `--<prefix>name`."""
+    if not prefix:
+        return message
+    # Longest first: --n0 is not --n followed by 0.
+    pattern = "|".join(re.escape(name) for name in sorted(names, key=len, reverse=True))
+    return re.sub(rf"--({pattern})\b", lambda m: f"--{prefix}{m.group(1)}", message)
 
 
 def _program() -> str:

@@ -101,13 +101,14 @@ import numpy as np
 import tensorflow as tf
 
 from tf_consreg import __version__
+from tf_consreg import certify_spec
 from tf_consreg import training
 from tf_consreg import data
 from tf_consreg import graph_stats
 from tf_consreg import models
-from tf_consreg import precision
 from tf_consreg import smoothing
 from tf_consreg import stats
+from tf_consreg.certify_spec import CertifySpec
 from tf_consreg.errors import ConfigError, check
 from tf_consreg.signatures import CERTIFY_RADIUS_SIGNATURE, INPUT_KEY, METADATA_SIGNATURE, PREDICT_SIGNATURE
 from tf_consreg.signatures import RADIUS_KEY, SERVING_SIGNATURE
@@ -120,64 +121,32 @@ def _is_int(value) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
-def _check_sampling(sigma, n0, n, alpha, batch_size) -> None:
-    """The checks shared by ExportConfig and VersionExportConfig, naming the flags."""
-    check(isinstance(sigma, (int, float, np.floating)) and np.isfinite(sigma) and sigma > 0,
-          f"--sigma must be > 0, got {sigma}")
-    # n and n0 index tf.int32 sample loops.
-    check(_is_int(n0) and 1 <= n0 < 2**31, f"--n0 must be an integer in [1, 2^31), got {n0}")
-    check(_is_int(n) and 1 <= n < 2**31, f"--n must be an integer in [1, 2^31), got {n}")
-    check(isinstance(alpha, (int, float, np.floating)) and 0 < alpha < 1, f"--alpha must be in (0, 1), got {alpha}")
-    check(_is_int(batch_size) and batch_size >= 1, f"--batch_size must be an integer >= 1, got {batch_size}")
-
-
-def _checked_stages(stages: Optional[Sequence[int]], n: int, n0: int) -> Tuple[int, ...]:
-    """The staged signatures' schedule: `stages` checked as the library checks it, or its default.
-
-    Raises:
-      ConfigError: naming --stages.
-    """
-    try:
-        return stats.resolve_stages(None if stages is None else tuple(stages), n, n0)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"--{e}") from None
-
-
 @dataclasses.dataclass(frozen=True)
 class ExportConfig:
     """What the exported smoothed classifier computes, checked at construction.
 
     Attributes:
-      sigma: noise standard deviation in [0, 1] pixel units.
+      spec: the sampling settings (sigma required). `n` is CERTIFY's
+        estimation samples per image, and n_max of the staged signatures
+        (certify_radius, predict); `batch_size` bounds the noisy copies per
+        forward pass inside the graph; `stages` are the staged signatures'
+        cumulative sample counts n_1 < ... < n_K = n (with more than one
+        stage, n_1 >= n0), None for the default,
+        `certify_spec.default_stages(n)` from max(n0, 100): resolved here.
       num_classes: number of classes of the base model.
-      n0: CERTIFY's selection samples per image.
-      n: CERTIFY's estimation samples per image, and n_max of the staged
-        signatures (certify_radius, predict).
-      alpha: failure probability of the certificate (and PREDICT's test level).
-      batch_size: most noisy copies per forward pass inside the graph.
       class_names: optional names, index = class.
       seed: None draws a fresh random seed on every request (for deployment);
         an int fixes the noise of every request (reproducible, for tests).
-      stages: the staged signatures' cumulative sample counts n_1 < ... <
-        n_K = n (with more than one stage, n_1 >= n0); None: the library's
-        default, `stats.default_stages(n)` from max(n0, 100).
-      compute_dtype: the dtype the base model computes in
-        (`precision.COMPUTE_DTYPES`); the certificates hold for that function.
     """
 
-    sigma: float
+    spec: CertifySpec
     num_classes: int
-    n0: int = 100
-    n: int = 10000
-    alpha: float = 0.001
-    batch_size: int = 1000
     class_names: Optional[Tuple[str, ...]] = None
     seed: Optional[int] = None
-    stages: Optional[Tuple[int, ...]] = None
-    compute_dtype: str = "float32"
 
     def __post_init__(self):
-        _check_sampling(self.sigma, self.n0, self.n, self.alpha, self.batch_size)
+        check(isinstance(self.spec, CertifySpec), f"spec must be a CertifySpec, got {type(self.spec).__name__}")
+        check(self.spec.sigma is not None, "--sigma is required: the noise level of the smoothed classifier")
         check(_is_int(self.num_classes) and self.num_classes >= 2,
               f"num_classes must be an integer >= 2, got {self.num_classes}")
         if self.class_names is not None:
@@ -186,33 +155,33 @@ class ExportConfig:
                   f"class_names has {len(self.class_names)} names for {self.num_classes} classes")
         check(self.seed is None or (_is_int(self.seed) and 0 <= self.seed < 2**63),
               f"--seed must be None or an integer in [0, 2^63), got {self.seed}")
-        object.__setattr__(self, "stages", _checked_stages(self.stages, self.n, self.n0))
-        precision.compute_policy(self.compute_dtype)  # Refuses an unknown --compute_dtype.
+        object.__setattr__(self, "spec", self.spec.resolved(selection=True))
 
     @property
     def levels(self) -> Tuple[float, ...]:
         """The per-stage levels of the staged signatures, the library's (`stats.stage_levels`)."""
-        return stats.stage_levels(self.alpha, len(self.stages))
+        return stats.stage_levels(self.spec.alpha, len(self.spec.stages))
 
     def metadata(self, input_shape: Sequence[int]) -> dict:
         """The JSON-able description that the `metadata` signature returns."""
         names = self.class_names or tuple(str(i) for i in range(self.num_classes))
+        spec = self.spec
         return {
-            "sigma": float(self.sigma),
-            "n0": int(self.n0),
-            "n": int(self.n),
+            "sigma": spec.sigma,
+            "n0": spec.n0,
+            "n": spec.n,
             # The staged signatures' most samples; the same number as n, named for them.
-            "n_max": int(self.n),
-            "stages": [int(stage) for stage in self.stages],
+            "n_max": spec.n,
+            "stages": list(spec.stages),
             "levels": [float(level) for level in self.levels],
-            "alpha": float(self.alpha),
+            "alpha": spec.alpha,
             "num_classes": int(self.num_classes),
             "class_names": list(names),
             "input_shape": [int(d) for d in input_shape],
-            "batch_size": int(self.batch_size),
+            "batch_size": spec.batch_size,
             "seed": -1 if self.seed is None else int(self.seed),
             "version": __version__,
-            "compute_dtype": self.compute_dtype,
+            "compute_dtype": spec.compute_dtype,
         }
 
 
@@ -360,7 +329,7 @@ def build_archive(base_model: keras.Model,
 
     Args:
       base_model: classifier mapping float32 [N, H, W, C] images in [0, 1] to
-        logits [N, num_classes]; it computes in `config.compute_dtype` in the
+        logits [N, num_classes]; it computes in `config.spec.compute_dtype` in the
         archive (a copy of it when it computes in another dtype).
       config: what to compute.
 
@@ -374,7 +343,7 @@ def build_archive(base_model: keras.Model,
         output size is not `config.num_classes`.
     """
     input_shape = _input_shape(base_model)
-    base_model = models.with_compute_dtype(base_model, config.compute_dtype)
+    base_model = models.with_compute_dtype(base_model, config.spec.compute_dtype)
     outputs = base_model.outputs[0].shape[-1] if base_model.outputs else None
     if outputs != config.num_classes:
         raise ConfigError(f"the base model has {outputs} outputs but num_classes={config.num_classes}")
@@ -382,10 +351,10 @@ def build_archive(base_model: keras.Model,
     image_spec = tf.TensorSpec(shape=None, dtype=tf.float32, name=INPUT_KEY)
     radius_spec = tf.TensorSpec(shape=None, dtype=tf.float32, name=RADIUS_KEY)
     abstain = tf.constant(stats.ABSTAIN, tf.int64)
-    num_stages = len(config.stages)
+    num_stages = len(config.spec.stages)
     # Cumulative counts with n_0 = 0 in front, each stage's noise stream and
     # level: stage k draws stages[k + 1] - stages[k] new samples per image.
-    stages = tf.constant((0, *config.stages), tf.int32)
+    stages = tf.constant((0, *config.spec.stages), tf.int32)
     levels = tf.constant(config.levels, tf.float64)
 
     def streams(kind):
@@ -393,8 +362,8 @@ def build_archive(base_model: keras.Model,
 
     def counts(images, num_samples, keys, stream):
         return smoothing.sample_counts(
-            base_model, images, num_samples, sigma=config.sigma, num_classes=config.num_classes,
-            batch_size=config.batch_size, seed=smoothing.stream_seeds(keys, stream))
+            base_model, images, num_samples, sigma=config.spec.sigma, num_classes=config.num_classes,
+            batch_size=config.spec.batch_size, seed=smoothing.stream_seeds(keys, stream))
 
     def staged(images, keys, stream, state, update):
         """Runs the stages while any image is active; `update` folds a stage's new counts into `state`.
@@ -424,11 +393,11 @@ def build_archive(base_model: keras.Model,
     def certify(images):
         images = _validated(images, input_shape)
         keys = _request_keys(config.seed, tf.shape(images)[0])
-        guess = tf.argmax(counts(images, config.n0, keys, smoothing.SELECTION), axis=-1)
-        n_a = tf.gather(counts(images, config.n, keys, smoothing.ESTIMATION), guess, axis=1, batch_dims=1)
-        p_lower = graph_stats.clopper_pearson_lower(n_a, config.n, config.alpha)
+        guess = tf.argmax(counts(images, config.spec.n0, keys, smoothing.SELECTION), axis=-1)
+        n_a = tf.gather(counts(images, config.spec.n, keys, smoothing.ESTIMATION), guess, axis=1, batch_dims=1)
+        p_lower = graph_stats.clopper_pearson_lower(n_a, config.spec.n, config.spec.alpha)
         certified = p_lower >= 0.5
-        radius = tf.where(certified, graph_stats.certified_radius(p_lower, config.sigma), 0.0)
+        radius = tf.where(certified, graph_stats.certified_radius(p_lower, config.spec.sigma), 0.0)
         return {
             "class": tf.where(certified, guess, abstain),
             "radius": tf.cast(radius, tf.float32),
@@ -440,7 +409,7 @@ def build_archive(base_model: keras.Model,
         num_images = tf.shape(images)[0]
         asked = _validated_radius(radius, num_images)
         keys = _request_keys(config.seed, num_images)
-        guess = tf.argmax(counts(images, config.n0, keys, smoothing.SELECTION), axis=-1)
+        guess = tf.argmax(counts(images, config.spec.n0, keys, smoothing.SELECTION), axis=-1)
 
         def update(k, n_k, active, running, state, new):
             successes, p_lower, samples = state
@@ -451,14 +420,14 @@ def build_archive(base_model: keras.Model,
             upper = graph_stats.clopper_pearson_upper(successes, n_k, levels[k])
             p_lower = tf.where(active, lower, p_lower)
             samples = tf.where(active, tf.cast(n_k, tf.int64), samples)
-            still_active = tf.logical_and(active, tf.logical_not(graph_stats.settled(lower, upper, asked, config.sigma)))
+            still_active = tf.logical_and(active, tf.logical_not(graph_stats.settled(lower, upper, asked, config.spec.sigma)))
             return (successes, p_lower, samples), still_active
 
         zeros = tf.zeros([num_images], tf.int64)
         _, p_lower, samples = staged(images, keys, smoothing.ESTIMATION,
                                      (zeros, tf.zeros([num_images], tf.float64), zeros), update)
         has_class = p_lower >= 0.5
-        certified_at = tf.where(has_class, graph_stats.certified_radius(p_lower, config.sigma), 0.0)
+        certified_at = tf.where(has_class, graph_stats.certified_radius(p_lower, config.spec.sigma), 0.0)
         return {
             "class": tf.where(has_class, guess, abstain),
             # As stats.staged_certify: certified at r iff the radius is >= r.
@@ -508,17 +477,11 @@ def build_archive(base_model: keras.Model,
 def export_smoothed(
     base_model: keras.Model,
     export_dir: str,
+    spec: CertifySpec,
     *,
-    sigma: float,
     num_classes: int,
-    n0: int = 100,
-    n: int = 10000,
-    alpha: float = 0.001,
-    batch_size: int = 1000,
     class_names: Optional[Sequence[str]] = None,
     seed: Optional[int] = None,
-    stages: Optional[Sequence[int]] = None,
-    compute_dtype: str = "float32",
 ) -> str:
     """Exports the smoothed classifier of `base_model` as one SavedModel.
 
@@ -534,20 +497,20 @@ def export_smoothed(
       base_model: classifier mapping float32 [N, H, W, C] images in [0, 1] to
         logits [N, num_classes] (it normalizes inside).
       export_dir: directory for the SavedModel; must not exist or be empty.
-      sigma: noise standard deviation in [0, 1] pixel units.
+      spec: the sampling settings, sigma required: n0 selection samples per
+        image for CERTIFY, n estimation samples for CERTIFY and samples for
+        PREDICT, alpha (the certificate's failure probability, PREDICT's
+        test level), batch_size (most noisy copies per forward pass in the
+        graph), stages (the cumulative sample counts of certify_radius and
+        predict, see `ExportConfig`; None for the default) and
+        compute_dtype (the dtype the base model computes in, float32
+        whatever it was trained in, or bfloat16; recorded in the metadata).
+        `certify_spec.EXPORT` holds bin/export.py's defaults.
       num_classes: number of classes.
-      n0: selection samples per image for CERTIFY.
-      n: estimation samples per image for CERTIFY and samples for PREDICT.
-      alpha: failure probability of the certificate / level of PREDICT's test.
-      batch_size: most noisy copies per forward pass in the graph.
       class_names: optional class names recorded in the metadata.
       seed: None (default) for fresh noise on every request; an int for
         reproducible requests (testing only: fixed noise is known to anyone
         who can read the SavedModel).
-      stages: the cumulative sample counts of certify_radius and predict,
-        increasing, ending at n (see `ExportConfig`); None for the default.
-      compute_dtype: the dtype the base model computes in, float32 (default)
-        whatever it was trained in, or bfloat16; recorded in the metadata.
 
     Returns:
       `export_dir`.
@@ -556,10 +519,7 @@ def export_smoothed(
       ConfigError: a bad argument, a model that does not fit, or a non-empty
         `export_dir`.
     """
-    config = ExportConfig(sigma=sigma, num_classes=num_classes, n0=n0, n=n, alpha=alpha,
-                          batch_size=batch_size, class_names=class_names, seed=seed,
-                          stages=None if stages is None else tuple(stages),
-                          compute_dtype=compute_dtype)
+    config = ExportConfig(spec, num_classes=num_classes, class_names=class_names, seed=seed)
     if os.path.exists(export_dir) and (not os.path.isdir(export_dir) or os.listdir(export_dir)):
         raise ConfigError(f"--export_dir: {export_dir} exists and is not an empty directory; "
                           "choose a new directory (exports are never overwritten)")
@@ -577,7 +537,7 @@ def export_smoothed(
         archive.write_out(saved_model, verbose=False)
         extra = os.path.join(saved_model, ASSETS_EXTRA)
         os.makedirs(extra, exist_ok=True)
-        _write_warmup(os.path.join(extra, WARMUP_FILE), _input_shape(base_model), radius=config.sigma)
+        _write_warmup(os.path.join(extra, WARMUP_FILE), _input_shape(base_model), radius=config.spec.sigma)
         with open(os.path.join(extra, METADATA_FILE), "w", encoding="utf-8") as f:
             json.dump(config.metadata(_input_shape(base_model)), f, indent=2, sort_keys=True)
             f.write("\n")
@@ -682,29 +642,22 @@ class VersionExportConfig:
         `<export_dir>/<version>/`.
       model_dir: a `--model_dir` written by bin/train.py.
       model: a `.keras` base model file (instead of `model_dir`).
-      sigma: noise level; default: the training run's.
-      n0, n, alpha, batch_size: as for `export_smoothed`.
-      stages: the staged signatures' cumulative sample counts, ending at n;
-        None: `stats.default_stages(n)` from max(n0, 100) (filled in here).
+      spec: the sampling settings, as for `export_smoothed` (default:
+        `certify_spec.EXPORT`); sigma defaults to the training run's, and
+        stages to `certify_spec.default_stages(n)` from max(n0, 100) (both
+        filled in here).
       version: the TF Serving version number; default `int(time.time())`.
       check_images: after exporting, certify this many test images of the
         run's dataset through the reloaded SavedModel (needs `model_dir`).
-      compute_dtype: as for `export_smoothed`.
       dataset, data_dir: filled from the training run (None with `model`).
     """
 
     export_dir: str
     model_dir: Optional[str] = None
     model: Optional[str] = None
-    sigma: Optional[float] = None
-    n0: int = 100
-    n: int = 10000
-    alpha: float = 0.001
-    batch_size: int = 1000
-    stages: Optional[Tuple[int, ...]] = None
+    spec: CertifySpec = certify_spec.EXPORT
     version: Optional[int] = None
     check_images: int = 0
-    compute_dtype: str = "float32"
     dataset: Optional[str] = dataclasses.field(default=None, init=False)
     data_dir: Optional[str] = dataclasses.field(default=None, init=False)
 
@@ -721,19 +674,18 @@ class VersionExportConfig:
             train_config = training.read_train_config(self.model_dir)
             object.__setattr__(self, "dataset", train_config.dataset)
             object.__setattr__(self, "data_dir", train_config.data_dir)
-            if self.sigma is None:
-                object.__setattr__(self, "sigma", train_config.sigma)
+            if self.spec.sigma is None:
+                object.__setattr__(self, "spec", dataclasses.replace(self.spec, sigma=train_config.sigma))
         else:
             check(os.path.isfile(self.model) and self.model.endswith(".keras"),
                   f"--model={self.model} is not a .keras file")
-            check(self.sigma is not None, "--sigma is required with --model (there is no training config to read)")
-        _check_sampling(self.sigma, self.n0, self.n, self.alpha, self.batch_size)
-        object.__setattr__(self, "stages", _checked_stages(self.stages, self.n, self.n0))
+            check(self.spec.sigma is not None,
+                  "--sigma is required with --model (there is no training config to read)")
+        object.__setattr__(self, "spec", self.spec.resolved(selection=True))
         check(_is_int(self.check_images) and self.check_images >= 0,
               f"--check_images must be an integer >= 0, got {self.check_images}")
         check(not self.check_images or self.model_dir,
               "--check_images needs --model_dir: the test images come from the training run's dataset")
-        precision.compute_policy(self.compute_dtype)  # Refuses an unknown --compute_dtype.
         if self.version is None:
             object.__setattr__(self, "version", int(time.time()))
         check(_is_int(self.version) and self.version >= 1,
@@ -801,10 +753,8 @@ def export_version(config: VersionExportConfig) -> ExportedVersion:
         images, labels = reader.arrays(range(config.check_images))
     # export_smoothed removes them too; removed here first to report them.
     removed = tuple(remove_stale_staging(config.export_dir))
-    path = export_smoothed(base_model, config.version_dir, sigma=config.sigma, num_classes=num_classes,
-                           n0=config.n0, n=config.n, alpha=config.alpha, batch_size=config.batch_size,
-                           class_names=class_names, stages=config.stages,
-                           compute_dtype=config.compute_dtype)
+    path = export_smoothed(base_model, config.version_dir, config.spec, num_classes=num_classes,
+                           class_names=class_names)
     if not config.check_images:
         return ExportedVersion(path, None, removed)
     answers = tf.saved_model.load(path).signatures[SERVING_SIGNATURE](images=tf.constant(images))

@@ -29,6 +29,11 @@ from typing import Callable, NamedTuple, Optional, Sequence, Tuple, Union
 import numpy as np
 from scipy import stats as scipy_stats
 
+from tf_consreg import certify_spec
+# The stage schedule's rules are the configs' (certify_spec); the library's
+# staged sampling and these references check schedules by them.
+from tf_consreg.certify_spec import check_stages, default_stages, resolve_stages  # pylint: disable=unused-import
+
 ABSTAIN = -1
 
 ArrayLike = Union[int, float, np.ndarray]
@@ -253,51 +258,9 @@ def clopper_pearson_upper(successes: ArrayLike, trials: ArrayLike, alpha: float)
     return upper if upper.ndim else float(upper)
 
 
-def check_stages(stages: Sequence[int], n: Union[int, None] = None) -> Tuple[int, ...]:
-    """Validates a stage schedule: cumulative sample counts n_1 < n_2 < ... < n_K.
-
-    Args:
-      stages: the cumulative numbers of samples after each stage, integers.
-      n: if given, the last stage must equal it (n_K = n_max).
-
-    Returns:
-      The stages as a tuple of Python ints.
-
-    Raises:
-      ValueError: naming `stages`, if it is empty, holds a non-integer or a
-        value below 1, does not strictly increase, or does not end at n.
-    """
-    if isinstance(stages, (str, bytes)) or not hasattr(stages, "__len__") or len(stages) == 0:
-        raise ValueError(f"stages must be a non-empty sequence of sample counts, got {stages!r}")
-    for value in stages:
-        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"stages must be integers >= 1, got {value!r} in {list(stages)}")
-    stages = tuple(int(value) for value in stages)
-    if any(b <= a for a, b in zip(stages, stages[1:])):
-        raise ValueError(f"stages must strictly increase (cumulative sample counts), got {list(stages)}")
-    if n is not None and stages[-1] != n:
-        raise ValueError(f"stages must end at n={n} (the total sample count), got {list(stages)}")
-    return stages
-
-
 def check_radii(radii: Sequence[float]) -> np.ndarray:
-    """Validates the radii asked of a staged certification: at least one, each finite and > 0.
-
-    Returns:
-      float64 [R], in the order given.
-
-    Raises:
-      ValueError: naming `radii`.
-    """
-    try:
-        values = np.asarray(radii, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise ValueError(f"radii must be numbers, got {radii!r}") from None
-    if values.ndim != 1 or values.size == 0:
-        raise ValueError(f"radii must be a non-empty list of radii, got {radii!r}")
-    if not np.all(np.isfinite(values) & (values > 0)):
-        raise ValueError(f"radii must be finite and > 0, got {values.tolist()}")
-    return values
+    """The radii asked of a staged certification, checked (`certify_spec.check_radii`), as float64 [R] in order."""
+    return np.asarray(certify_spec.check_radii(radii), dtype=np.float64)
 
 
 def settled(p_lower: ArrayLike, p_upper: ArrayLike, radii: Sequence[float], sigma: float) -> np.ndarray:
@@ -325,78 +288,6 @@ def settled(p_lower: ArrayLike, p_upper: ArrayLike, radii: Sequence[float], sigm
     low = np.asarray(certified_radius(p_lower, sigma))[..., None]
     high = np.asarray(certified_radius(p_upper, sigma))[..., None]
     return ~np.any((low < points) & (points < high), axis=-1)
-
-
-# The default schedule as fractions of n_max: steps of about sqrt(10) up to
-# 0.3 n_max, then 0.5 n_max. bench/staged_sim_bench.py chose it among 7
-# schedules on 5 of the authors' published logs (n_max = 100,000, alpha =
-# 0.001): for one radius (0.5 or 1) it drew 9-450x fewer samples than fixed
-# n, and no more than 13% above the best schedule but in one case of 10;
-# for a grid of radii (0.25..1.75; 0.25..0.75 at sigma = 0.25) it drew the
-# fewest, or within 4% of them. The 0.5
-# stage matters there: an image whose every sample lands in the top class
-# needs about ln(K / alpha) / -ln Phi(r / sigma) samples to be certified at
-# r, about 40,000 for r = 1.75, sigma = 0.5.
-_DEFAULT_STAGE_FRACTIONS = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 0.5, 1.0)
-# Below about 100 samples a stage at its level (about alpha / (2 K)) settles almost nothing
-# (all of 50 samples in the top class bound p_A only by 0.83 at K = 8,
-# alpha = 0.001) but still takes its share of alpha.
-DEFAULT_SMALLEST_STAGE = 100
-
-
-def default_stages(n: int, smallest: int = DEFAULT_SMALLEST_STAGE) -> Tuple[int, ...]:
-    """The default stage schedule for n_max = n: n x (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 0.5, 1).
-
-    Rounded to integers, stages below `smallest` dropped; for n = 100,000
-    that is 100, 300, 1000, 3000, 10000, 30000, 50000, 100000 (K = 8). When n
-    itself is below `smallest`, the one stage n (fixed-n CERTIFY).
-
-    Args:
-      n: n_max, the last stage, >= 1.
-      smallest: the smallest first stage, >= 1 (give n0 if it is larger).
-
-    Returns:
-      The cumulative stages, increasing, ending at n.
-
-    Raises:
-      ValueError: n or smallest not an integer >= 1.
-    """
-    for name, value in (("n", n), ("smallest", smallest)):
-        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    stages = {int(round(fraction * n)) for fraction in _DEFAULT_STAGE_FRACTIONS}
-    return tuple(sorted(stage for stage in stages if stage >= smallest and stage < n)) + (int(n),)
-
-
-def resolve_stages(stages: Optional[Sequence[int]], n: int, n0: Optional[int] = None) -> Tuple[int, ...]:
-    """The stages of a staged run with n_max = n: checked, or the default (`default_stages`).
-
-    With selection samples (n0, CERTIFY), a schedule of more than one stage
-    must start at n0 or above. A first look after fewer estimation samples
-    than the selection drew takes a share of the error budget for little:
-    every image has paid for n0 + n_1 samples by then anyway. Such a
-    schedule is most likely a mistake (counts that include n0, or a missing
-    digit). A single stage n is fixed-n CERTIFY and may be below n0. The
-    default schedule starts at max(n0, 100).
-
-    Args:
-      stages: cumulative sample counts, or None for the default.
-      n: n_max, the last stage, >= 1.
-      n0: CERTIFY's selection samples; None for PREDICT.
-
-    Returns:
-      The stages, increasing, ending at n.
-
-    Raises:
-      ValueError: naming `stages`.
-    """
-    if stages is None:
-        return default_stages(n, smallest=max(n0 or 1, DEFAULT_SMALLEST_STAGE))
-    stages = check_stages(stages, n)
-    if n0 is not None and len(stages) > 1 and stages[0] < n0:
-        raise ValueError(f"stages must start at n0={n0} or above (they count estimation samples only), "
-                         f"got {list(stages)}")
-    return stages
 
 
 class StagedCertificate(NamedTuple):

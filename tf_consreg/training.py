@@ -25,6 +25,8 @@ import tensorflow as tf
 
 from tf_consreg import attacks
 from tf_consreg import callbacks as callbacks_lib
+from tf_consreg import certify_spec
+from tf_consreg import cli
 from tf_consreg import data as data_lib
 from tf_consreg import distribute
 from tf_consreg import files
@@ -33,6 +35,7 @@ from tf_consreg import models
 from tf_consreg import multi_worker
 from tf_consreg import noise as noise_lib
 from tf_consreg import precision
+from tf_consreg.certify_spec import CertifySpec
 from tf_consreg.errors import ConfigError, check
 
 METHODS = ("gaussian", "consistency", "stability", "smoothadv", "macer", "smoothmix")
@@ -64,9 +67,28 @@ _METHOD_FIELDS = {
 _ADV_TRAINING_METHOD = "consistency"
 _ADV_TRAINING_FIELDS = {"epsilon": 512 / 256, "num_steps": 4, "warmup": 10}
 # Live certification of a held-out training subset (callbacks.CertifyCallback),
-# by --certify_every and in every trial of a search.
-CERTIFY_DEFAULTS = {"certify_examples": 200, "certify_n0": 100, "certify_n": 1000, "certify_alpha": 0.001,
-                     "certify_batch_size": 1000}
+# by --certify_every and in every trial of a search: how many images; its
+# sampling settings default to certify_spec.LIVE.
+CERTIFY_EXAMPLES = 200
+# Live certification's settings (TrainConfig.certify) are flags under this
+# prefix: full CERTIFY of the float32 network at the run's sigma, so n0, n,
+# alpha and batch_size.
+CERTIFY_PREFIX = "certify_"
+_CERTIFY_FIELDS = ("n0", "n", "alpha", "batch_size")
+CERTIFY_FLAGS = tuple(CERTIFY_PREFIX + name for name in _CERTIFY_FIELDS)
+
+
+def live_certify_spec(spec: CertifySpec, sigma: float) -> CertifySpec:
+    """Live certification's settings, checked (full CERTIFY of the float32 network) and at the run's `sigma`.
+
+    Raises:
+      ConfigError: `spec` is no CertifySpec, has stages or another dtype, or another sigma.
+    """
+    check(isinstance(spec, CertifySpec), f"certify must be a CertifySpec, got {type(spec).__name__}")
+    live = certify_spec.LIVE
+    check((spec.stages, spec.compute_dtype) == (live.stages, live.compute_dtype),
+          f"certify: live certification is full CERTIFY of the {live.compute_dtype} network, got {spec}")
+    return spec.with_sigma(sigma)
 
 
 def format_flags(values: Mapping[str, Any]) -> str:
@@ -239,6 +261,12 @@ class TrainConfig:
     its --help); a run directory records them (`train_config.json`,
     `flags.txt`, flat, by flag name: `to_dict`, `to_flags`).
 
+    `certify` holds live certification's sampling settings (by
+    --certify_every); its flags are `CERTIFY_FLAGS`, its sigma the run's,
+    and it must keep its defaults (`certify_spec.LIVE`) while live
+    certification is off. The run's record writes its flags None then, as
+    runs recorded them before they were one `CertifySpec`.
+
     `deferred` (MACER) defers the robustness term as the authors'
     train_macer.py does: while epoch <= lr_step_size (0-based), i.e. for the
     first lr_step_size + 1 epochs. It sets `objective.deferred_epochs`.
@@ -266,10 +294,7 @@ class TrainConfig:
     eval_examples: int = 10000
     certify_every: int = 0
     certify_examples: Optional[int] = None
-    certify_n0: Optional[int] = None
-    certify_n: Optional[int] = None
-    certify_alpha: Optional[float] = None
-    certify_batch_size: Optional[int] = None
+    certify: CertifySpec = dataclasses.field(default=certify_spec.LIVE, metadata={cli.FLAG_PREFIX: CERTIFY_PREFIX})
     data_dir: Optional[str] = None
     mock_data: bool = False
     strategy: str = "auto"
@@ -332,22 +357,22 @@ class TrainConfig:
     def _resolve_certify_fields(self) -> None:
         """Live certification's fields: defaults when it is on, refused when it is off."""
         check(self.certify_every >= 0, f"--certify_every must be >= 0 (0 = off), got {self.certify_every}")
+        object.__setattr__(self, "certify", live_certify_spec(self.certify, self.sigma))
+        live = certify_spec.LIVE
         if not self.certify_every:
-            for name in CERTIFY_DEFAULTS:
-                check(getattr(self, name) is None,
-                      f"--{name} is used only with --certify_every; add --certify_every=N or remove it")
+            # A value other than the default is a flag given for nothing.
+            check(self.certify_examples is None,
+                  "--certify_examples is used only with --certify_every; add --certify_every=N or remove it")
+            for name in _CERTIFY_FIELDS:
+                check(getattr(self.certify, name) == getattr(live, name), f"--{CERTIFY_PREFIX}{name} is used only "
+                      "with --certify_every; add --certify_every=N or remove it")
             return
         check(self.dataset not in data_lib.STREAMED,
               f"--certify_every holds images out of the training split in memory; --dataset={self.dataset} "
               "is streamed")
-        for name, default in CERTIFY_DEFAULTS.items():
-            if getattr(self, name) is None:
-                object.__setattr__(self, name, default)
+        if self.certify_examples is None:
+            object.__setattr__(self, "certify_examples", CERTIFY_EXAMPLES)
         check(self.certify_examples >= 1, f"--certify_examples must be >= 1, got {self.certify_examples}")
-        check(self.certify_n0 >= 1, f"--certify_n0 must be >= 1, got {self.certify_n0}")
-        check(self.certify_n >= 1, f"--certify_n must be >= 1, got {self.certify_n}")
-        check(0 < self.certify_alpha < 1, f"--certify_alpha must be in (0, 1), got {self.certify_alpha}")
-        check(self.certify_batch_size >= 1, f"--certify_batch_size must be >= 1, got {self.certify_batch_size}")
 
     @property
     def sigma(self) -> float:
@@ -360,11 +385,14 @@ class TrainConfig:
         return self.batch_size // self.objective.num_noise if self.batch_split else self.batch_size
 
     def to_dict(self) -> Dict[str, Any]:
-        """The flags' values, by name (the objective's among them)."""
+        """The flags' values, by name (the objective's and live certification's among them)."""
         values = {}
         for field in dataclasses.fields(self):
             if field.name == "objective":
                 values.update({name: getattr(self.objective, name) for name in _OBJECTIVE_FLAGS})
+            elif field.name == "certify":
+                values.update({name: value if self.certify_every else None
+                               for name, value in cli.flat_values(self, CERTIFY_FLAGS).items()})
             else:
                 values[field.name] = getattr(self, field.name)
         return values
@@ -388,13 +416,15 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "TrainConfig":
-        """The config of `to_dict`'s values."""
-        known = {f.name for f in dataclasses.fields(cls)} - {"objective"}
-        unknown = sorted(set(values) - known - set(_OBJECTIVE_FLAGS))
+        """The config of `to_dict`'s values (live certification's None: its defaults)."""
+        known = {f.name for f in dataclasses.fields(cls)} - {"objective", "certify"}
+        unknown = sorted(set(values) - known - set(_OBJECTIVE_FLAGS) - set(CERTIFY_FLAGS))
         if unknown:
             raise ConfigError(f"unknown training config fields: {', '.join(unknown)}")
         objective = ObjectiveConfig(**{name: values[name] for name in _OBJECTIVE_FLAGS if name in values})
-        return cls(objective=objective, **{name: value for name, value in values.items() if name in known})
+        certify = {name: values[name] for name in CERTIFY_FLAGS if values.get(name) is not None}
+        return cli.config_from_values(cls, {"objective": objective, **certify,
+                                            **{name: value for name, value in values.items() if name in known}})
 
 
 def resolve_precision(config: TrainConfig, recorded: Optional[Mapping[str, Any]] = None,
@@ -917,9 +947,8 @@ def train(config: TrainConfig, extra_callbacks: Optional[List[keras.callbacks.Ca
             # Under multi_worker the chief certifies while the others wait for
             # its next all-reduce: a cost in time, not in correctness.
             certify = callbacks_lib.CertifyCallback(
-                val_x, val_y, sigma=config.sigma, num_classes=info.num_classes, every=config.certify_every,
-                n0=config.certify_n0, n=config.certify_n, alpha=config.certify_alpha,
-                batch_size=config.certify_batch_size, log_dir=os.path.join(config.model_dir, LOGS_DIR),
+                val_x, val_y, spec=config.certify, num_classes=info.num_classes, every=config.certify_every,
+                log_dir=os.path.join(config.model_dir, LOGS_DIR),
                 seed=config.seed, image_ids=np.arange(full.num_examples - len(val_x), full.num_examples))
     else:
         train_source = data_lib.open_source(config.dataset, "train", data_dir=config.data_dir,

@@ -42,11 +42,14 @@ import tensorflow as tf
 from tensorboard.plugins.hparams import api as hp_api
 
 from tf_consreg import callbacks
+from tf_consreg import certify_spec
+from tf_consreg import cli
 from tf_consreg import data as data_lib
 from tf_consreg import files
 from tf_consreg import models
 from tf_consreg import precision
 from tf_consreg import training
+from tf_consreg.certify_spec import CertifySpec
 from tf_consreg.errors import ConfigError
 from tf_consreg.training import TrainConfig
 
@@ -119,8 +122,8 @@ class TuneConfig:
         `objective_radius`.
       objective_radius: the radius of "certified_accuracy".
       certify_examples: images held out of the end of the training split.
-      certify_n0, certify_n, certify_alpha, certify_batch_size: CERTIFY's
-        settings on them.
+      certify: CERTIFY's settings on them (flags `training.CERTIFY_FLAGS`;
+        default `certify_spec.LIVE`), at the search's sigma.
       certify_every: also certify every this many epochs within a trial, for
         the TensorBoard curves (0: only after the trial's last epoch).
     """
@@ -135,11 +138,9 @@ class TuneConfig:
     num_noise_choices: Tuple[int, ...] = (2, 4)
     objective: str = "acr"
     objective_radius: Optional[float] = None
-    certify_examples: int = training.CERTIFY_DEFAULTS["certify_examples"]
-    certify_n0: int = training.CERTIFY_DEFAULTS["certify_n0"]
-    certify_n: int = training.CERTIFY_DEFAULTS["certify_n"]
-    certify_alpha: float = training.CERTIFY_DEFAULTS["certify_alpha"]
-    certify_batch_size: int = training.CERTIFY_DEFAULTS["certify_batch_size"]
+    certify_examples: int = training.CERTIFY_EXAMPLES
+    certify: CertifySpec = dataclasses.field(default=certify_spec.LIVE,
+                                             metadata={cli.FLAG_PREFIX: training.CERTIFY_PREFIX})
     certify_every: int = 0
 
     def __post_init__(self):
@@ -175,13 +176,11 @@ class TuneConfig:
         elif self.objective_radius is not None:
             raise ConfigError("--objective_radius is used only with --objective=certified_accuracy; remove it "
                               "for --objective=acr")
-        for name, minimum in (("certify_examples", 1), ("certify_n0", 1), ("certify_n", 1),
-                              ("certify_batch_size", 1), ("certify_every", 0)):
+        for name, minimum in (("certify_examples", 1), ("certify_every", 0)):
             if getattr(self, name) < minimum:
                 raise ConfigError(f"--{name} must be >= {minimum}, got {getattr(self, name)}")
-        if not 0.0 < self.certify_alpha < 1.0:
-            raise ConfigError(f"--certify_alpha must be in (0, 1), got {self.certify_alpha}")
         self._check_train()
+        object.__setattr__(self, "certify", training.live_certify_spec(self.certify, self.train.sigma))
 
     def _check_train(self) -> None:
         if self.train.objective.method != "consistency":
@@ -219,16 +218,20 @@ class TuneConfig:
 
     def to_flags(self) -> str:
         """The search as a flagfile of bin/tune.py (`training.format_flags`); `--flagfile=` repeats it."""
-        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "train"}
+        values = self._flag_values()
         train = self.train.to_dict()
         values.update({name: train[name] for name in TRAIN_FLAGS})
         return training.format_flags(values)
 
     def to_dict(self) -> Dict[str, Any]:
-        """JSON-ready settings (tuples as lists; `train` as its flags)."""
-        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        values["train"] = self.train.to_dict()
+        """JSON-ready settings by flag name (tuples as lists; `train` as its flags)."""
+        values = {**self._flag_values(), "train": self.train.to_dict()}
         return json.loads(json.dumps(values))
+
+    def _flag_values(self) -> Dict[str, Any]:
+        """bin/tune.py's own flags' values, by name (live certification's among them)."""
+        own = [f.name for f in dataclasses.fields(self) if f.name not in ("train", "certify")]
+        return cli.flat_values(self, own + list(training.CERTIFY_FLAGS))
 
 
 def trial_config(config: TuneConfig, values: Mapping[str, Any], trial_id: str, train_examples: int) -> TrainConfig:
@@ -344,7 +347,7 @@ def best_flags_text(config: TuneConfig, best: TrialRow, num_trials: int) -> str:
     return (
         f"# Best of {num_trials} trial(s) in {config.tuning_dir}: trial {best.trial_id}, "
         f"{metric}={best.metrics[metric]:.4f}\n"
-        f"# on {config.certify_examples} images held out of the training split (n={config.certify_n}).\n"
+        f"# on {config.certify_examples} images held out of the training split (n={config.certify.n}).\n"
         "# Its training flags without --model_dir; flags after --flagfile override them, e.g.\n"
         f"#   python bin/train.py --flagfile={os.path.join(config.tuning_dir, BEST_FLAGS)} --model_dir=runs/best "
         "--epochs=90 --train_examples=0\n"
@@ -557,9 +560,8 @@ def _run_trial(config: TuneConfig, holdout: _Holdout, trial) -> Dict[str, float]
     # starts from the same initialization, as bin/train.py would.
     keras.backend.clear_session()
     certify = callbacks.CertifyCallback(
-        holdout.images, holdout.labels, sigma=run.sigma, num_classes=data_lib.get_dataset_info(run.dataset).num_classes,
-        every=config.certify_every or run.epochs, n0=config.certify_n0, n=config.certify_n,
-        alpha=config.certify_alpha, batch_size=config.certify_batch_size,
+        holdout.images, holdout.labels, spec=config.certify,
+        num_classes=data_lib.get_dataset_info(run.dataset).num_classes, every=config.certify_every or run.epochs,
         log_dir=os.path.join(run.model_dir, training.LOGS_DIR), seed=run.seed, radii=config.radii,
         image_ids=holdout.ids)
     training.train(run, extra_callbacks=[certify])
