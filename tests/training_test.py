@@ -357,6 +357,58 @@ class AdversarialAndScheduleTest(tf.test.TestCase):
         self.assertAllClose(terms["cross_entropy"], plain["cross_entropy"])
 
 
+# One checkpoint per method, written by the wrapper before objectives.py
+# existed (commit 2972909; testdata/SOURCE.md): a linear base after one
+# training and one evaluation step, saved as `train` saves them.
+_CHECKPOINTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "testdata", "wrapper_checkpoints")
+_CHECKPOINT_CONFIGS = {
+    "gaussian": dict(method="gaussian"),
+    "consistency": dict(method="consistency"),
+    "adv_consistency": dict(method="consistency", adv_training=True, num_steps=1),
+    "stability": dict(method="stability"),
+    "smoothadv": dict(method="smoothadv", num_steps=1),
+    "macer": dict(method="macer", num_noise=2),
+    "smoothmix": dict(method="smoothmix", num_steps=1),
+}
+
+
+class CheckpointCompatibilityTest(tf.test.TestCase, parameterized.TestCase):
+    """Runs saved before the objectives had their own classes resume: same variables, same keys."""
+
+    @parameterized.named_parameters((name, name) for name in _CHECKPOINT_CONFIGS)
+    def test_restores_and_writes_the_same_variables(self, run):
+        fields = _CHECKPOINT_CONFIGS[run]
+        path = os.path.join(_CHECKPOINTS, run, "ckpt-1")
+        inputs = keras.Input((2, 2, 1))
+        base = keras.Model(inputs, keras.layers.Dense(3)(keras.layers.Flatten()(inputs)))
+        model = training.ConsistencyModel(base, training.ObjectiveConfig(sigma=0.5, **fields), seed=1)
+        model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        model.build((None, 2, 2, 1))
+        model.optimizer.build(base.trainable_weights)
+        epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
+        checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer, epoch=epoch)
+        _ = checkpoint.save_counter  # As `train` creates it.
+        # Every value of the checkpoint finds its variable, and every variable its value.
+        checkpoint.restore(path).assert_consumed()
+
+        reader = tf.train.load_checkpoint(path)
+        saved = reader.get_variable_to_shape_map()
+        for attribute in ("_eval_steps", "_attack_radius", "_robust_weight", "_mixup_weight", "_start_bound"):
+            key = f"model/{attribute}/.ATTRIBUTES/VARIABLE_VALUE"
+            self.assertEqual(hasattr(model, attribute), key in saved, attribute)
+            if key in saved:
+                self.assertEqual(getattr(model, attribute).numpy(), reader.get_tensor(key), attribute)
+        self.assertEqual(int(epoch.numpy()), 1)
+        self.assertEqual(int(model._eval_steps.numpy()), 1)  # pylint: disable=protected-access
+        for i, weight in enumerate(base.get_weights()):
+            self.assertAllEqual(weight, reader.get_tensor(f"optimizer/_trainable_variables/{i}/.ATTRIBUTES/"
+                                                          "VARIABLE_VALUE"))
+        # What the wrapper writes now has the same keys and shapes.
+        manager = tf.train.CheckpointManager(checkpoint, os.path.join(self.get_temp_dir(), run), max_to_keep=1)
+        self.assertEqual(tf.train.load_checkpoint(manager.save()).get_variable_to_shape_map(), saved)
+
+
 class BuildOptionsTest(tf.test.TestCase, parameterized.TestCase):
 
     @parameterized.parameters("mixed_float16", "mixed_bfloat16")

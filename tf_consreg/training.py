@@ -1,9 +1,9 @@
 """Training of smoothed classifiers: its configs, the `ConsistencyModel` wrapper, and `train`.
 
 `ConsistencyModel` holds a base classifier and overrides `train_step` and
-`test_step`: every clean image becomes m noisy copies x + N(0, sigma^2 I), the
-loss is the mean cross-entropy over all copies plus the method's term from
-`tf_consreg.losses`, as its `ObjectiveConfig` says. `train` runs what a
+`test_step`: every clean image becomes m noisy copies x + N(0, sigma^2 I), and
+the loss is what the method's objective (objectives.py, built from the
+`ObjectiveConfig`) computes on them. `train` runs what a
 `TrainConfig` (bin/train.py's flags) says and writes a run directory. The
 base classifier, not the wrapper, is what `train` saves, certifies and
 exports.
@@ -23,19 +23,18 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tf_consreg import attacks
 from tf_consreg import callbacks as callbacks_lib
 from tf_consreg import data as data_lib
 from tf_consreg import distribute
 from tf_consreg import files
-from tf_consreg import losses
 from tf_consreg import models
 from tf_consreg import multi_worker
 from tf_consreg import noise as noise_lib
+from tf_consreg import objectives
 from tf_consreg import precision
 from tf_consreg.errors import ConfigError, check
 
-METHODS = ("gaussian", "consistency", "stability", "smoothadv", "macer", "smoothmix")
+METHODS = objectives.METHODS
 MIXED_PRECISION = precision.POLICIES
 
 # What a run directory holds (besides models.BASE_MODEL_FILE).
@@ -44,25 +43,6 @@ FLAGS_FILE = "flags.txt"
 CHECKPOINT_DIR = "checkpoints"
 LOGS_DIR = "logs"
 
-# Each method's fields and their defaults, from the authors' train_*.py
-# (epsilon in [0, 1] pixel units: their --epsilon divided by 256) and
-# SmoothMix's code/train.py (attack_step: their --alpha, already in those
-# units; maxnorm and maxnorm_s None: unbounded, and attack_step * mix_step).
-# A field that is not in a method's row must stay None, so a flag is never
-# silently ignored. A new method is a row here and its terms in ConsistencyModel.
-_METHOD_FIELDS = {
-    "gaussian": {"num_noise": 1},
-    "consistency": {"num_noise": 2, "lbd": 10.0, "eta": 0.5, "consistency_loss": "default"},
-    "stability": {"num_noise": 1, "lbd": 2.0},
-    "smoothadv": {"num_noise": 1, "epsilon": 64 / 256, "num_steps": 10, "warmup": 1},
-    "macer": {"num_noise": 16, "lbd": 16.0, "beta": 16.0, "gamma": 8.0, "deferred_epochs": 0},
-    "smoothmix": {"num_noise": 1, "eta": 1.0, "num_steps": 8, "warmup": 10, "attack_step": 1.0, "mix_step": 0,
-                  "maxnorm": None, "maxnorm_s": None},
-}
-# SmoothAdv before the consistency objective: --method=consistency
-# --adv_training, the paper's "SmoothAdv + Consistency" (train_consistency.py).
-_ADV_TRAINING_METHOD = "consistency"
-_ADV_TRAINING_FIELDS = {"epsilon": 512 / 256, "num_steps": 4, "warmup": 10}
 # Live certification of a held-out training subset (callbacks.CertifyCallback),
 # by --certify_every and in every trial of a search.
 CERTIFY_DEFAULTS = {"certify_examples": 200, "certify_n0": 100, "certify_n": 1000, "certify_alpha": 0.001,
@@ -101,47 +81,29 @@ def format_flags(values: Mapping[str, Any]) -> str:
     return "".join(line + "\n" for line in lines)
 
 
-def _used_by(name: str) -> str:
-    """The methods that use a method field, as flags: "--method=a or --method=b"."""
-    users = [f"--method={method}" for method, fields in _METHOD_FIELDS.items() if name in fields]
-    if name in _ADV_TRAINING_FIELDS:
-        users.append(f"--method={_ADV_TRAINING_METHOD} --adv_training")
-    return " or ".join(users)
-
-
 @dataclasses.dataclass(frozen=True)
 class ObjectiveConfig:
-    """What `ConsistencyModel` minimizes: the method and its settings, checked at construction.
+    """The training method and its settings as bin/train.py's flags name them, flat; checked at construction.
 
-    The method fields (`num_noise` and those after it up to `maxnorm_s`) are
-    None when not given: they get the authors' defaults for the methods that
-    use them, and must stay None for the methods that do not, so a setting
-    that would be silently ignored is refused instead. Its fields but
-    `deferred_epochs` are flags of bin/train.py (the defaults are theirs).
+    The record of a run's objective (its flags, train_config.json); `build`
+    gives the method's `objectives.Objective`, whose class says what each
+    setting means for that method (`eta` is Consistency's entropy weight and
+    SmoothMix's mixup weight). The settings (`num_noise` and those after it
+    up to `maxnorm_s`) are None when not given: they get the authors'
+    defaults (`objectives.REGISTRY`) for the methods that use them, and must
+    stay None for the methods that do not, so a setting that would be
+    silently ignored is refused instead. Its fields but `deferred_epochs`
+    are flags of bin/train.py (the defaults are theirs).
 
     Attributes:
-      method: "gaussian", "consistency", "stability", "smoothadv", "macer" or
-        "smoothmix" (see `ConsistencyModel`).
+      method: a name of `objectives.REGISTRY`: "gaussian", "consistency",
+        "stability", "smoothadv", "macer" or "smoothmix".
       sigma: noise standard deviation, in [0, 1] pixel units.
-      num_noise: m, noisy copies per clean image (MACER's K).
-      lbd: weight of the regularizer (consistency, stability, MACER's robustness term).
-      eta: weight of the consistency term's entropy, or of SmoothMix's mixup term.
-      consistency_loss: form of the consistency term (`losses.CONSISTENCY_LOSSES`).
-      beta, gamma: MACER's inverse temperature and hinge margin.
-      deferred_epochs: MACER trains with its robustness weight at 0 for this
-        many epochs first.
+      num_noise, lbd, eta, consistency_loss, beta, gamma, deferred_epochs,
+        epsilon, num_steps, warmup, attack_step, mix_step, maxnorm,
+        maxnorm_s: the settings of the methods that have them (see each
+        method's class in objectives.py).
       adv_training: attack before the consistency objective.
-      epsilon, num_steps, warmup: SmoothAdv's L2 radius, PGD steps, and the
-        epochs over which the radius grows linearly to `epsilon`; SmoothMix's
-        num_steps (T) and warmup (of eta and maxnorm_s) likewise.
-      attack_step: SmoothMix's step length, L2 in [0, 1] pixel units (the
-        authors' --alpha).
-      mix_step: SmoothMix's start point: 0 the clean image, 1 the one-step
-        adversary.
-      maxnorm, maxnorm_s: SmoothMix's L2 bounds around the clean image of the
-        walk and of the start point; None means unbounded, and attack_step *
-        mix_step. maxnorm_s is warmed up with eta, maxnorm is not (as the
-        authors').
       weight_decay: coupled L2 weight decay (PyTorch SGD's `weight_decay`):
         the loss gains weight_decay / 2 * ||w||^2 over the trainable weights.
     """
@@ -166,66 +128,30 @@ class ObjectiveConfig:
     weight_decay: float = 1e-4
 
     def __post_init__(self):
-        check(self.method in METHODS, f"--method={self.method!r} is unknown; choose one of {', '.join(METHODS)}")
-        check(self.sigma > 0, f"--sigma must be > 0, got {self.sigma}")
-        check(not self.adv_training or self.method == _ADV_TRAINING_METHOD,
-              f"--adv_training combines SmoothAdv with --method={_ADV_TRAINING_METHOD}; for "
-              f"--method={self.method} use --method=smoothadv or drop --adv_training")
-        method_fields = dict(_METHOD_FIELDS[self.method], **(_ADV_TRAINING_FIELDS if self.adv_training else {}))
-        for name in _METHOD_FIELD_NAMES:
-            if name in method_fields:
-                if getattr(self, name) is None:
-                    object.__setattr__(self, name, method_fields[name])
-            elif getattr(self, name) is not None:
-                raise ConfigError(f"--{name} is used only by {_used_by(name)}; remove it for --method={self.method}")
-        check(self.num_noise >= 1, f"--num_noise must be >= 1, got {self.num_noise}")
-        if self.method == "stability":
-            check(self.num_noise == 1, "--method=stability draws one noise per image: --num_noise must be 1, "
-                  f"got {self.num_noise}")
-        if self.lbd is not None:
-            check(self.lbd >= 0, f"--lbd must be >= 0, got {self.lbd}")
-        if self.eta is not None:
-            check(self.eta >= 0, f"--eta must be >= 0, got {self.eta}")
-        if self.consistency_loss is not None:
-            check(self.consistency_loss in losses.CONSISTENCY_LOSSES,
-                  f"--consistency_loss={self.consistency_loss!r} is unknown; "
-                  f"choose one of {', '.join(losses.CONSISTENCY_LOSSES)}")
-            if self.consistency_loss == "mse":
-                check(self.num_noise == 2, f"--consistency_loss=mse needs --num_noise=2, got {self.num_noise}")
-        if self.beta is not None:
-            check(self.beta > 0, f"--beta must be > 0, got {self.beta}")
-        if self.gamma is not None:
-            check(self.gamma >= 0, f"--gamma must be >= 0, got {self.gamma}")
-        if self.deferred_epochs is not None:
-            check(self.deferred_epochs >= 0, f"deferred_epochs must be >= 0, got {self.deferred_epochs}")
-        if self.epsilon is not None:
-            check(self.epsilon >= 0, "--epsilon must be >= 0 (an L2 radius in [0, 1] pixel units), "
-                  f"got {self.epsilon}")
-        if self.num_steps is not None:
-            check(self.num_steps >= 1, f"--num_steps must be >= 1, got {self.num_steps}")
-        if self.warmup is not None:
-            check(self.warmup >= 1, f"--warmup must be >= 1, got {self.warmup}")
-        if self.attack_step is not None:
-            check(self.attack_step > 0, "--attack_step must be > 0 (an L2 step length in [0, 1] pixel units), "
-                  f"got {self.attack_step}")
-        if self.mix_step is not None:
-            check(self.mix_step in (0, 1), "--mix_step must be 0 (start at the clean image) or 1 (at the one-step "
-                  f"adversary), got {self.mix_step}")
-        for name in ("maxnorm", "maxnorm_s"):
-            if getattr(self, name) is not None:
-                check(getattr(self, name) > 0, f"--{name} must be > 0 (an L2 bound in [0, 1] pixel units; leave it "
-                      f"unset for the default), got {getattr(self, name)}")
-        check(self.weight_decay >= 0, f"--weight_decay must be >= 0, got {self.weight_decay}")
+        objective = self.build()
+        # The record holds the settings the run uses: the defaults filled in.
+        for name in _SETTING_NAMES:
+            object.__setattr__(self, name, getattr(objective, name, None))
+
+    def build(self) -> objectives.Objective:
+        """The method's objective with these settings (`objectives.create`).
+
+        Raises:
+          ConfigError: an unknown method, a setting it does not use, or a bad value.
+        """
+        return objectives.create(self.method, sigma=self.sigma, weight_decay=self.weight_decay,
+                                 adv_training=self.adv_training,
+                                 **{name: getattr(self, name) for name in _SETTING_NAMES})
 
     @property
     def adversarial(self) -> bool:
         """Whether each training step first attacks the inputs (SmoothAdv)."""
-        return self.method == "smoothadv" or self.adv_training
+        return self.build().adversarial
 
 
-# The fields a method may use or refuse, in the order they are checked.
-_METHOD_FIELD_NAMES = tuple(f.name for f in dataclasses.fields(ObjectiveConfig)
-                            if any(f.name in fields for fields in (*_METHOD_FIELDS.values(), _ADV_TRAINING_FIELDS)))
+# The fields that are settings of some methods only (None when not given).
+_SETTING_NAMES = tuple(f.name for f in dataclasses.fields(ObjectiveConfig)
+                       if f.name not in ("method", "sigma", "adv_training", "weight_decay"))
 # ObjectiveConfig's fields that are flags. deferred_epochs is not: TrainConfig's
 # --deferred sets it from the learning-rate schedule.
 _OBJECTIVE_FLAGS = tuple(f.name for f in dataclasses.fields(ObjectiveConfig) if f.name != "deferred_epochs")
@@ -322,8 +248,8 @@ class TrainConfig:
         """MACER's `deferred`: False when not given; it sets `objective.deferred_epochs`."""
         objective = self.objective
         if objective.deferred_epochs is None:  # Not MACER.
-            check(self.deferred is None, f"--deferred is used only by {_used_by('deferred_epochs')}; remove it "
-                  f"for --method={objective.method}")
+            check(self.deferred is None, f"--deferred is used only by {objectives.used_by('deferred_epochs')}; "
+                  f"remove it for --method={objective.method}")
             return
         object.__setattr__(self, "deferred", bool(self.deferred))
         object.__setattr__(self, "objective", dataclasses.replace(
@@ -464,80 +390,53 @@ def read_train_config(model_dir: str) -> TrainConfig:
     return TrainConfig.from_dict(values)
 
 
-# Independent random streams of one run.
+# Independent random streams of one run: the copies' noise (objectives.py
+# takes the next ones).
 _TRAIN_NOISE, _EVAL_NOISE = 1, 2
-_TRAIN_MIX, _EVAL_MIX = 3, 4  # SmoothMix's mixing weights.
+# Epoch values that every run's checkpoint holds, whatever its method: the
+# wrapper created them for all methods before each objective owned its own,
+# and those checkpoints must restore. 0 for a method that has no such value.
+_CHECKPOINTED_VALUES = ("attack_radius", "robust_weight")
 
 
 class ConsistencyModel(keras.Model):
-    """Wraps a base classifier to train it on noisy copies, with any of the paper's methods.
+    """Wraps a base classifier to train it on noisy copies, with any objective of objectives.py.
 
     Each step draws m = `num_noise` noisy copies x + N(0, sigma^2 I) of every
-    clean image (noise seeded per example, see noise.py) and minimizes:
-
-    * "gaussian": mean cross-entropy over the copies (Cohen et al., 2019);
-    * "consistency": that plus `losses.consistency_loss` (Jeong & Shin, 2020);
-    * "stability": cross-entropy on the clean image plus lbd times
-      `losses.stability_loss` on one noisy copy (Li et al., 2019);
-    * "smoothadv": cross-entropy on x' + noise, where x' is the SmoothAdv
-      attack on the smoothed classifier with the same noise held fixed
-      (Salman et al., 2019); `adv_training=True` does the same before the
-      consistency objective (the paper's "SmoothAdv + Consistency");
-    * "macer": `losses.macer_loss` on the m (= K) copies (Zhai et al., 2020);
-    * "smoothmix": `losses.smoothmix_loss` (Jeong et al., 2021): cross-entropy
-      on the copies of a start point s (x, or the one-step adversary), plus
-      eta times the masked KL term on the copies of a mix of s with the end
-      of `attacks.smoothmix_pgd`'s walk, the same m noises in the walk and
-      in both forward passes, the mixing weight drawn per example in
-      [0, 1/2). Evaluation does not attack (as SmoothAdv's): s and the end
-      are x, so `val_mixup` measures the copies at x against the target.
+    clean image (noise seeded per example, see noise.py), asks the objective
+    for its terms on them (`objectives.Objective.terms`), and minimizes its
+    loss plus the weight decay. The objective's epoch values (warm-ups,
+    deferral) are variables of the wrapper, named `_<name>`, set by
+    `set_epoch`.
 
     Args:
       base_model: maps images in [0, 1] to logits.
-      objective: the method and its settings (validated, with the method's
-        defaults filled in).
+      objective: the method and its settings: an `objectives.Objective`, or
+        an `ObjectiveConfig` (its `build()`).
       seed: seed of the noise; with the optimizer's step it fixes every draw.
       **kwargs: for `keras.Model` (name, ...).
     """
 
-    def __init__(self, base_model: keras.Model, objective: ObjectiveConfig, *, seed: int = 0, **kwargs):
+    def __init__(self, base_model: keras.Model, objective: "ObjectiveConfig | objectives.Objective", *,
+                 seed: int = 0, **kwargs):
         super().__init__(**kwargs)
         self.base_model = base_model
-        self.objective = objective
+        self.objective = objective if isinstance(objective, objectives.Objective) else objective.build()
         self.seed = int(seed)
-        self._trackers = {name: keras.metrics.Mean(name=name) for name in self._term_names()}
+        self._trackers = {name: keras.metrics.Mean(name=name) for name in ("loss", *self.objective.term_names)}
         self._accuracy = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
         self._clean_accuracy = keras.metrics.SparseCategoricalAccuracy(name="clean_accuracy")
         # Counts evaluation batches, to seed evaluation noise; one per replica set.
         self._eval_steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="eval_steps",
                                        aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
         # Epoch-dependent values, set by `set_epoch` (variables: no retracing);
-        # until then, their values after warm-up and deferral. Each is read
-        # only by the methods that have it.
-        self._attack_radius = tf.Variable(objective.epsilon if objective.adversarial else 0.0, dtype=tf.float32,
-                                          trainable=False, name="attack_radius",
-                                          aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
-        self._robust_weight = tf.Variable(objective.lbd if objective.method == "macer" else 0.0, dtype=tf.float32,
-                                          trainable=False, name="robust_weight",
-                                          aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
-        if objective.method == "smoothmix":
-            # Only for smoothmix: a model's variables are in its checkpoints, and
-            # runs of the other methods saved before these existed must resume.
-            self._mixup_weight = tf.Variable(objective.eta, dtype=tf.float32, trainable=False, name="mixup_weight",
-                                             aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
-            self._start_bound = tf.Variable(self._full_start_bound(), dtype=tf.float32, trainable=False,
-                                            name="start_bound", aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
-
-    def _term_names(self) -> List[str]:
-        return ["loss"] + {
-            "gaussian": ["cross_entropy"],
-            "smoothadv": ["cross_entropy"],
-            "consistency": ["cross_entropy", "consistency", "kl", "entropy"],
-            "stability": ["cross_entropy", "stability"],
-            "macer": ["classification", "robustness"],
-            # mixup_fraction: the examples in the mixup's mask (smoothed prediction correct).
-            "smoothmix": ["cross_entropy", "mixup", "mixup_fraction"],
-        }[self.objective.method]
+        # until then, their values after warm-up and deferral. Attributes, not
+        # a dict: their names are their checkpoint keys.
+        initial = self.objective.epoch_values()
+        self._epoch_value_names = tuple(dict.fromkeys((*_CHECKPOINTED_VALUES, *initial)))
+        for name in self._epoch_value_names:
+            setattr(self, f"_{name}", tf.Variable(initial.get(name, 0.0), dtype=tf.float32, trainable=False,
+                                                  name=name, aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA))
 
     @property
     def metrics(self):
@@ -547,34 +446,9 @@ class ConsistencyModel(keras.Model):
         return self.base_model(inputs, training=training)
 
     def set_epoch(self, epoch: int) -> None:
-        """Sets the values that change with the (0-based) epoch, as the authors' loops do.
-
-        SmoothAdv's radius grows as min(epsilon, (epoch + 1) * epsilon / warmup);
-        deferred MACER keeps its robustness weight at 0 for `deferred_epochs`;
-        SmoothMix's eta and start-point bound are multiplied by
-        min(1, (epoch + 1) / warmup).
-        """
-        objective = self.objective
-        if objective.adversarial:
-            self._attack_radius.assign(min(objective.epsilon, (epoch + 1) * objective.epsilon / objective.warmup))
-        if objective.method == "macer":
-            self._robust_weight.assign(0.0 if epoch < objective.deferred_epochs else objective.lbd)
-        if objective.method == "smoothmix":
-            warmup = min(1.0, (epoch + 1) / objective.warmup)
-            self._mixup_weight.assign(warmup * objective.eta)
-            self._start_bound.assign(warmup * self._full_start_bound())
-
-    def _full_start_bound(self) -> float:
-        """SmoothMix's start-point bound after warm-up: maxnorm_s, by default attack_step * mix_step."""
-        objective = self.objective
-        return objective.attack_step * objective.mix_step if objective.maxnorm_s is None else objective.maxnorm_s
-
-    def _mix_weights(self, training: bool, step, batch_size) -> tf.Tensor:
-        """SmoothMix's mixing weights, uniform in [0, 1/2), one per example, keyed like its noise."""
-        seeds = noise_lib.example_seeds(
-            noise_lib.step_seed(self.seed, _TRAIN_MIX if training else _EVAL_MIX, step), batch_size)
-        return 0.5 * tf.map_fn(lambda seed: tf.random.stateless_uniform([], seed), seeds,
-                               fn_output_signature=tf.float32)
+        """Sets the objective's values that change with the (0-based) epoch (`epoch_values`)."""
+        for name, value in self.objective.epoch_values(epoch).items():
+            getattr(self, f"_{name}").assign(value)
 
     def _cross_entropy(self, x, labels, logits, training):
         # compute_loss applies Keras's rule (local mean / replicas, see
@@ -593,63 +467,18 @@ class ConsistencyModel(keras.Model):
           step: seeds the noise together with `seed`.
 
         Returns:
-          dict with "loss" (the objective), the method's terms (see
-          `_term_names`), and "logits" [m * B, C] of the noisy copies, copy-major.
+          dict with "loss" (the objective), the objective's `term_names`, and
+          "logits" [m * B, C] of the noisy copies, copy-major.
         """
-        objective = self.objective
-        m = objective.num_noise
+        m = self.objective.num_noise
         seeds = noise_lib.example_seeds(
             noise_lib.step_seed(self.seed, _TRAIN_NOISE if training else _EVAL_NOISE, step), tf.shape(images)[0])
-        noise = noise_lib.gaussian_noise(images, m, objective.sigma, seeds)
-        if objective.adversarial and training:
-            # The attack sees the model in inference mode and the same noise the
-            # copies get below; no gradient reaches the weights through it.
-            images = attacks.smoothadv_pgd(self.base_model, images, labels, tf.split(noise, m),
-                                           epsilon=self._attack_radius, num_steps=objective.num_steps)
-        if objective.method == "smoothmix":
-            end = images
-            if training:  # In inference mode, with the copies' noise, as SmoothAdv's.
-                images, end = attacks.smoothmix_pgd(
-                    self.base_model, images, labels, tf.split(noise, m), step_size=objective.attack_step,
-                    num_steps=objective.num_steps, mix_step=objective.mix_step, maxnorm=objective.maxnorm,
-                    maxnorm_s=self._start_bound)
-        noisy = noise_lib.tile_copies(images, m) + noise
-        logits = self.base_model(noisy, training=training)
-        labels_c = noise_lib.tile_copies(labels, m)
-        terms = {"logits": logits}
-
-        if objective.method in ("gaussian", "smoothadv", "consistency"):
-            terms["cross_entropy"] = terms["loss"] = self._cross_entropy(noisy, labels_c, logits, training)
-        if objective.method == "consistency":
-            chunks = tf.split(tf.cast(logits, tf.float32), m, axis=0)
-            parts = losses.consistency_terms(chunks)
-            consistency = losses.combine_consistency_terms(parts, objective.lbd, objective.eta,
-                                                           loss=objective.consistency_loss)
-            terms.update(consistency=consistency, kl=tf.reduce_mean(parts["kl"]),
-                         entropy=tf.reduce_mean(parts["entropy"]), loss=terms["loss"] + consistency)
-        elif objective.method == "stability":
-            clean_logits = self.base_model(images, training=training)
-            terms["cross_entropy"] = self._cross_entropy(images, labels, clean_logits, training)
-            terms["stability"] = losses.stability_loss(clean_logits, tf.cast(logits, clean_logits.dtype))
-            terms["loss"] = terms["cross_entropy"] + objective.lbd * terms["stability"]
-        elif objective.method == "macer":
-            per_copy = tf.reshape(tf.cast(logits, tf.float32), [m, -1, tf.shape(logits)[-1]])
-            parts = losses.macer_loss(tf.transpose(per_copy, [1, 0, 2]), labels, sigma=objective.sigma,
-                                      lbd=1.0, beta=objective.beta, gamma=objective.gamma)
-            terms.update(classification=parts["classification"], robustness=parts["robustness"],
-                         loss=parts["classification"] + self._robust_weight * parts["robustness"])
-        elif objective.method == "smoothmix":
-            # `images` is the start point; a second, separate forward pass (its
-            # own BatchNorm statistics, as the authors') on the mixes' copies.
-            mix_weights = self._mix_weights(training, step, tf.shape(images)[0])
-            mixed = attacks.smoothmix_inputs(images, end, mix_weights)
-            mixed_logits = self.base_model(noise_lib.tile_copies(mixed, m) + noise, training=training)
-            parts = losses.smoothmix_loss(tf.split(tf.cast(logits, tf.float32), m),
-                                          tf.split(tf.cast(mixed_logits, tf.float32), m), labels, mix_weights,
-                                          eta=self._mixup_weight)
-            terms.update(cross_entropy=parts["cross_entropy"], mixup=parts["mixup"],
-                         mixup_fraction=parts["correct"], loss=parts["total"])
-        return terms
+        noise = noise_lib.gaussian_noise(images, m, self.objective.sigma, seeds)
+        return self.objective.terms(objectives.Step(
+            images=images, labels=labels, noise=noise, num_copies=m, training=training, step=step, seed=self.seed,
+            values={name: getattr(self, f"_{name}") for name in self._epoch_value_names},
+            base_model=self.base_model,
+            cross_entropy=lambda x, y, logits: self._cross_entropy(x, y, logits, training)))
 
     def _weight_decay_term(self) -> tf.Tensor:
         if not self.objective.weight_decay:
