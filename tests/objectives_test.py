@@ -1,7 +1,7 @@
 """objectives.py: the registry of the methods, their settings and schedules, and the interface the wrapper runs.
 
 Each method's terms are checked against float64 numpy through the wrapper in
-training_test.py (TrainStepTest, SmoothMixTrainStepTest); here, the registry
+consistency_model_test.py (TrainStepTest, SmoothMixTrainStepTest); here, the registry
 and the schedules as plain values, and a method written only here (in the
 test) trained by the unchanged wrapper: what adding a method takes.
 """
@@ -17,7 +17,7 @@ from absl.testing import parameterized
 from tf_consreg import losses
 from tf_consreg import noise
 from tf_consreg import objectives
-from tf_consreg import training
+from tf_consreg import consistency_model
 from tf_consreg.errors import ConfigError
 
 B, D, C = 4, 4, 3
@@ -74,7 +74,7 @@ class RegistryTest(parameterized.TestCase):
 
 
 class EpochValuesTest(parameterized.TestCase):
-    """The schedules as plain values (the wrapper's variables take them: training_test's AdversarialAndScheduleTest)."""
+    """The schedules as plain values (the wrapper's variables: consistency_model_test's AdversarialAndScheduleTest)."""
 
     @parameterized.named_parameters(
         # SmoothAdv: min(epsilon, (epoch + 1) * epsilon / warmup).
@@ -136,13 +136,13 @@ class NewObjectiveTest(tf.test.TestCase):
         dense = keras.layers.Dense(C)
         base = keras.Model(inputs, dense(keras.layers.Flatten()(inputs)))
         dense.set_weights([weights.astype(np.float32), bias.astype(np.float32)])
-        model = training.ConsistencyModel(base, _ScaledCleanCrossEntropy(sigma=0.5, weight_decay=weight_decay),
-                                          seed=2)
+        model = consistency_model.ConsistencyModel(
+            base, _ScaledCleanCrossEntropy(sigma=0.5, weight_decay=weight_decay), seed=2)
         model.compile(optimizer=keras.optimizers.SGD(lr),
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         # Its value is a variable of the wrapper, after the two every checkpoint holds (at 0: it has neither).
-        self.assertEqual([float(model._scale.numpy()), float(model._attack_radius.numpy()),  # pylint: disable=protected-access
-                          float(model._robust_weight.numpy())], [1.0, 0.0, 0.0])  # pylint: disable=protected-access
+        values = [model._scale, model._attack_radius, model._robust_weight]  # pylint: disable=protected-access
+        self.assertEqual([float(v.numpy()) for v in values], [1.0, 0.0, 0.0])
         model.set_epoch(1)
         logs = model.train_on_batch(images, labels, return_dict=True)
 

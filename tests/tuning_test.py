@@ -19,7 +19,7 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 from tf_consreg import cli
 from tf_consreg import precision
 from tf_consreg import tuning
-from tf_consreg.training import ObjectiveConfig, TrainConfig, read_train_config
+from tf_consreg.run_config import ObjectiveConfig, TrainConfig, read_train_config
 from tf_consreg.errors import ConfigError
 
 TINY_TRAIN = dict(batch_size=64, train_examples=128, eval_examples=0)

@@ -42,13 +42,15 @@ import tensorflow as tf
 from tensorboard.plugins.hparams import api as hp_api
 
 from tf_consreg import callbacks
+from tf_consreg import cli
 from tf_consreg import data as data_lib
 from tf_consreg import files
 from tf_consreg import models
 from tf_consreg import precision
+from tf_consreg import run_config
 from tf_consreg import training
 from tf_consreg.errors import ConfigError
-from tf_consreg.training import TrainConfig
+from tf_consreg.run_config import TrainConfig
 
 TUNERS = ("random", "bayesian", "hyperband")
 OBJECTIVES = ("acr", "certified_accuracy")
@@ -135,11 +137,11 @@ class TuneConfig:
     num_noise_choices: Tuple[int, ...] = (2, 4)
     objective: str = "acr"
     objective_radius: Optional[float] = None
-    certify_examples: int = training.CERTIFY_DEFAULTS["certify_examples"]
-    certify_n0: int = training.CERTIFY_DEFAULTS["certify_n0"]
-    certify_n: int = training.CERTIFY_DEFAULTS["certify_n"]
-    certify_alpha: float = training.CERTIFY_DEFAULTS["certify_alpha"]
-    certify_batch_size: int = training.CERTIFY_DEFAULTS["certify_batch_size"]
+    certify_examples: int = run_config.CERTIFY_DEFAULTS["certify_examples"]
+    certify_n0: int = run_config.CERTIFY_DEFAULTS["certify_n0"]
+    certify_n: int = run_config.CERTIFY_DEFAULTS["certify_n"]
+    certify_alpha: float = run_config.CERTIFY_DEFAULTS["certify_alpha"]
+    certify_batch_size: int = run_config.CERTIFY_DEFAULTS["certify_batch_size"]
     certify_every: int = 0
 
     def __post_init__(self):
@@ -218,11 +220,11 @@ class TuneConfig:
         return os.path.join(self.tuning_dir, TRIALS_DIR, f"trial_{trial_id}")
 
     def to_flags(self) -> str:
-        """The search as a flagfile of bin/tune.py (`training.format_flags`); `--flagfile=` repeats it."""
+        """The search as a flagfile of bin/tune.py (`cli.format_flags`); `--flagfile=` repeats it."""
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "train"}
         train = self.train.to_dict()
         values.update({name: train[name] for name in TRAIN_FLAGS})
-        return training.format_flags(values)
+        return cli.format_flags(values)
 
     def to_dict(self) -> Dict[str, Any]:
         """JSON-ready settings (tuples as lists; `train` as its flags)."""
@@ -339,7 +341,7 @@ def markdown_table(config: TuneConfig, rows: Sequence[TrialRow]) -> str:
 
 def best_flags_text(config: TuneConfig, best: TrialRow, num_trials: int) -> str:
     """The flagfile of the best trial: its training flags without --model_dir, after a comment."""
-    trial = training.read_train_config(config.trial_dir(best.trial_id))
+    trial = run_config.read_train_config(config.trial_dir(best.trial_id))
     metric = config.objective_metric
     return (
         f"# Best of {num_trials} trial(s) in {config.tuning_dir}: trial {best.trial_id}, "
@@ -442,7 +444,7 @@ def _prepare_tuning_dir(config: TuneConfig, capability: Optional[precision.Capab
     """Refuses a directory of another search or of something else; records this search's settings.
 
     The same search, resumed, may run more trials (`_RESUMABLE_CHANGES`).
-    The trials' precision is resolved here, once (`training.resolve_precision`;
+    The trials' precision is resolved here, once (`run_config.resolve_precision`;
     a resumed search keeps its policy), so that every trial computes in one
     policy; the line saying which is printed.
 
@@ -450,7 +452,7 @@ def _prepare_tuning_dir(config: TuneConfig, capability: Optional[precision.Capab
       The config with the trials' `precision_policy` set.
     """
     recorded = files.read_json_object(os.path.join(config.tuning_dir, TUNE_CONFIG_FILE)) or {}
-    train, reason = training.resolve_precision(config.train, recorded.get("train"), capability)
+    train, reason = run_config.resolve_precision(config.train, recorded.get("train"), capability)
     config = dataclasses.replace(config, train=train)
     here = config.to_dict()
     files.check_run_dir(config.tuning_dir, TUNE_CONFIG_FILE,
@@ -480,7 +482,7 @@ def _warm_start(parent_dir: str, child_dir: str) -> None:
     on to the child's epochs. Copied under a temporary name and renamed, so
     an interrupted copy is never mistaken for a run.
     """
-    if os.path.isfile(os.path.join(child_dir, training.TRAIN_CONFIG_FILE)):
+    if os.path.isfile(os.path.join(child_dir, run_config.TRAIN_CONFIG_FILE)):
         return  # An interrupted child: its own run resumes.
     tmp = child_dir + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -560,7 +562,7 @@ def _run_trial(config: TuneConfig, holdout: _Holdout, trial) -> Dict[str, float]
         holdout.images, holdout.labels, sigma=run.sigma, num_classes=data_lib.get_dataset_info(run.dataset).num_classes,
         every=config.certify_every or run.epochs, n0=config.certify_n0, n=config.certify_n,
         alpha=config.certify_alpha, batch_size=config.certify_batch_size,
-        log_dir=os.path.join(run.model_dir, training.LOGS_DIR), seed=run.seed, radii=config.radii,
+        log_dir=os.path.join(run.model_dir, run_config.LOGS_DIR), seed=run.seed, radii=config.radii,
         image_ids=holdout.ids)
     training.train(run, extra_callbacks=[certify])
     result = certify.last_result
@@ -587,7 +589,7 @@ def search(config: TuneConfig, capability: Optional[precision.Capability] = None
     """
     holdout = _load_holdout(config)
     config = _prepare_tuning_dir(config, capability)
-    with files.atomic_output(os.path.join(config.tuning_dir, training.FLAGS_FILE)) as f:
+    with files.atomic_output(os.path.join(config.tuning_dir, run_config.FLAGS_FILE)) as f:
         f.write(config.to_flags())
     write_hparams_config(config)
     tuner = _make_tuner(config, holdout)
