@@ -107,7 +107,7 @@ class TrainStepTest(tf.test.TestCase, parameterized.TestCase):
         method_fields = {"consistency": dict(lbd=lbd, eta=eta), "gaussian": {}, "stability": dict(lbd=lbd),
                          "macer": dict(lbd=lbd, beta=1.0, gamma=8.0)}[method]
         objective = run_config.ObjectiveConfig(method=method, sigma=sigma, num_noise=m, weight_decay=weight_decay,
-                                             **method_fields)
+                                               **method_fields)
         model = consistency_model.ConsistencyModel(_linear_base(weights, bias), objective, seed=seed)
         model.compile(optimizer=keras.optimizers.SGD(lr),
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
@@ -290,7 +290,7 @@ class AdversarialAndScheduleTest(tf.test.TestCase):
     def _model(self, **kwargs):
         rng = np.random.default_rng(1)
         model = consistency_model.ConsistencyModel(_linear_base(rng.normal(size=(D, C)), np.zeros(C)),
-                                          run_config.ObjectiveConfig(sigma=0.25, **kwargs), seed=4)
+                                                   run_config.ObjectiveConfig(sigma=0.25, **kwargs), seed=4)
         model.compile(optimizer=keras.optimizers.SGD(0.5),
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         return model

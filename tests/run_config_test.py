@@ -118,16 +118,16 @@ class TrainConfigTest(parameterized.TestCase):
         with self.assertRaisesRegex(ConfigError, "^--deferred is used only by --method=macer; remove it for "
                                                  "--method=gaussian$"):
             run_config.TrainConfig(model_dir="/m", objective=run_config.ObjectiveConfig(method="gaussian"),
-                                 deferred=False)
+                                   deferred=False)
         with self.assertRaisesRegex(ConfigError, "^--deferred is used only by --method=macer; remove it for "
                                                  "--method=smoothmix$"):
             run_config.TrainConfig(model_dir="/m", objective=run_config.ObjectiveConfig(method="smoothmix"),
-                                 deferred=True)
+                                   deferred=True)
 
     def test_batch_split_needs_whole_chunks(self):
         objective = run_config.ObjectiveConfig(num_noise=4)
         self.assertEqual(run_config.TrainConfig(model_dir="/m", objective=objective, batch_size=64,
-                                              batch_split=True).clean_batch_size, 16)
+                                                batch_split=True).clean_batch_size, 16)
         with self.assertRaisesRegex(ConfigError, "^--batch_size=66 must be divisible by --num_noise=4 with "
                                                  "--batch_split$"):
             run_config.TrainConfig(model_dir="/m", objective=objective, batch_size=66, batch_split=True)
@@ -158,7 +158,7 @@ class FlagsTest(parameterized.TestCase):
     )
     def test_to_flags_parses_back_to_the_same_config(self, objective, fields):
         config = run_config.TrainConfig(model_dir="/runs/a run", objective=run_config.ObjectiveConfig(**objective),
-                                      **fields)
+                                        **fields)
         values = flags.FlagValues()
         holders = cli.define_flags(run_config.TrainConfig, cli.TRAIN_HELP, flag_values=values)
         directory = tempfile.mkdtemp()
@@ -170,8 +170,9 @@ class FlagsTest(parameterized.TestCase):
         self.assertEqual(cli.config_from_flags(run_config.TrainConfig, holders), config)
 
     def test_to_flags_lines(self):
-        text = run_config.TrainConfig(model_dir="/m", objective=run_config.ObjectiveConfig(lbd=2.5, sigma=0.5),
-                                    batch_size=64, train_examples=128, eval_examples=0).to_flags(exclude=("model_dir",))
+        config = run_config.TrainConfig(model_dir="/m", objective=run_config.ObjectiveConfig(lbd=2.5, sigma=0.5),
+                                        batch_size=64, train_examples=128, eval_examples=0)
+        text = config.to_flags(exclude=("model_dir",))
         lines = text.splitlines()
         self.assertIn("--lbd=2.5", lines)
         self.assertIn("--noadv_training", lines)
@@ -228,8 +229,8 @@ class PrecisionTest(parameterized.TestCase):
     def test_a_record_older_than_the_policy_field(self):
         recorded = run_config.TrainConfig(model_dir="/m", mixed_precision="mixed_bfloat16").to_dict()
         del recorded["precision_policy"]
-        config, _ = run_config.resolve_precision(run_config.TrainConfig(model_dir="/m", mixed_precision="mixed_bfloat16"),
-                                               recorded, AVX2_CPU)
+        config, _ = run_config.resolve_precision(
+            run_config.TrainConfig(model_dir="/m", mixed_precision="mixed_bfloat16"), recorded, AVX2_CPU)
         self.assertEqual(config.precision_policy, "mixed_bfloat16")
 
     def test_a_preset_policy_is_kept_or_refused(self):

@@ -28,7 +28,7 @@ class BuildOptionsTest(tf.test.TestCase, parameterized.TestCase):
     @parameterized.parameters("mixed_float16", "mixed_bfloat16")
     def test_mixed_precision_keeps_losses_and_logits_float32(self, policy):
         config = run_config.TrainConfig(model_dir="/unused", mixed_precision=policy,
-                                      objective=run_config.ObjectiveConfig(sigma=0.5, lbd=5.0))
+                                        objective=run_config.ObjectiveConfig(sigma=0.5, lbd=5.0))
         model = training.build(config, steps_per_epoch=10)
         self.assertEqual(keras.config.dtype_policy().name, "float32")  # Not leaked to other models.
         layers = training._leaf_layers(model.base_model)  # pylint: disable=protected-access
@@ -80,7 +80,7 @@ class PrecisionRunTest(tf.test.TestCase):
 
     def _train(self, model_dir, capability, **fields):
         config = run_config.TrainConfig(model_dir=model_dir, train_examples=64, eval_examples=0, batch_size=32,
-                                      **{"epochs": 1, **fields})
+                                        **{"epochs": 1, **fields})
         out = io.StringIO()
         with redirect_stdout(out):
             training.train(config, capability=capability)
