@@ -132,7 +132,7 @@ def _authors_child(args) -> None:
 def _ours_child(args) -> None:
     """Runs tf_consreg.training.train (bin/train.py's library call) under args.contender's policy."""
     from tf_consreg import training  # pylint: disable=import-outside-toplevel
-    from tf_consreg.training import TrainConfig  # pylint: disable=import-outside-toplevel
+    from tf_consreg.run_config import TrainConfig  # pylint: disable=import-outside-toplevel
 
     with tempfile.TemporaryDirectory() as model_dir:
         config = TrainConfig.from_dict(dict(

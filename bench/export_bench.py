@@ -159,14 +159,14 @@ def main() -> None:
     from tf_consreg import export  # pylint: disable=import-outside-toplevel
     from tf_consreg import models  # pylint: disable=import-outside-toplevel
     from tf_consreg import smoothing  # pylint: disable=import-outside-toplevel
-    from tf_consreg import training  # pylint: disable=import-outside-toplevel
+    from tf_consreg import run_config  # pylint: disable=import-outside-toplevel
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
 
     model = (models.load_base_model(args.model_dir) if args.model_dir
              else models.get_architecture("lenet", "fashion_mnist"))
     test_images = None
     if args.model_dir:
-        run = training.read_train_config(args.model_dir)
+        run = run_config.read_train_config(args.model_dir)
         test_images = data.load_arrays(run.dataset, "test", data_dir=run.data_dir)[0][::args.skip]
         args.sigma = run.sigma if args.sigma is None else args.sigma
     args.sigma = 0.25 if args.sigma is None else args.sigma

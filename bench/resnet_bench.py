@@ -32,16 +32,17 @@ def main() -> None:
 
     from tf_consreg import callbacks  # pylint: disable=import-outside-toplevel
     from tf_consreg import data  # pylint: disable=import-outside-toplevel
+    from tf_consreg import run_config  # pylint: disable=import-outside-toplevel
     from tf_consreg import training  # pylint: disable=import-outside-toplevel
 
     keras.utils.set_random_seed(0)
     extra = {"lbd": 10.0, "eta": 0.5} if args.method == "consistency" else {}
     with tempfile.TemporaryDirectory() as model_dir:
-        objective = training.ObjectiveConfig(method=args.method, sigma=0.5, num_noise=args.num_noise, **extra)
-        config = training.TrainConfig(model_dir=model_dir, dataset="cifar10", arch=args.arch, objective=objective,
-                                      batch_size=args.batch_size, epochs=args.epochs, lr=0.1, lr_step_size=50,
-                                      train_examples=args.examples, eval_examples=0,
-                                      steps_per_execution=args.steps_per_execution)
+        objective = run_config.ObjectiveConfig(method=args.method, sigma=0.5, num_noise=args.num_noise, **extra)
+        config = run_config.TrainConfig(model_dir=model_dir, dataset="cifar10", arch=args.arch, objective=objective,
+                                        batch_size=args.batch_size, epochs=args.epochs, lr=0.1, lr_step_size=50,
+                                        train_examples=args.examples, eval_examples=0,
+                                        steps_per_execution=args.steps_per_execution)
         pipeline = data.make_input("cifar10", "train", args.batch_size, training=True, limit=args.examples,
                                    seed=0, drop_remainder=True, mock=True)
         model = training.build(config, pipeline.steps_per_epoch)

@@ -27,15 +27,16 @@ import measure
 def _child(args) -> None:
     import keras  # noqa: F401  pylint: disable=import-outside-toplevel
 
+    from tf_consreg import run_config  # pylint: disable=import-outside-toplevel
     from tf_consreg import training  # pylint: disable=import-outside-toplevel
 
     with tempfile.TemporaryDirectory() as model_dir:
-        objective = training.ObjectiveConfig(method=args.method, sigma=0.5, num_noise=args.num_noise,
-                                             **({"lbd": 5.0, "eta": 0.5} if args.method == "consistency" else {}))
-        config = training.TrainConfig(model_dir=model_dir, objective=objective, epochs=args.epochs,
-                                      train_examples=args.examples, eval_examples=0, batch_size=args.batch_size,
-                                      steps_per_execution=args.steps_per_execution,
-                                      mixed_precision=args.mixed_precision)
+        objective = run_config.ObjectiveConfig(method=args.method, sigma=0.5, num_noise=args.num_noise,
+                                               **({"lbd": 5.0, "eta": 0.5} if args.method == "consistency" else {}))
+        config = run_config.TrainConfig(model_dir=model_dir, objective=objective, epochs=args.epochs,
+                                        train_examples=args.examples, eval_examples=0, batch_size=args.batch_size,
+                                        steps_per_execution=args.steps_per_execution,
+                                        mixed_precision=args.mixed_precision)
         history = training.train(config)
     speeds = history.history["images_per_second"]
     print(json.dumps({"images_per_second": speeds[-1], "all_epochs": speeds}))

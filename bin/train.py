@@ -28,15 +28,16 @@ see the README's "Running on a cluster"):
 import sys
 
 from tf_consreg import cli  # Sets TensorFlow's environment before TensorFlow loads.
+from tf_consreg import run_config
 from tf_consreg import training
 
 # One flag per field of TrainConfig, which states its type and default.
-_FLAGS = cli.define_flags(training.TrainConfig, cli.TRAIN_HELP)
+_FLAGS = cli.define_flags(run_config.TrainConfig, cli.TRAIN_HELP)
 
 
-def make_config() -> training.TrainConfig:
+def make_config() -> run_config.TrainConfig:
     """Builds the validated config from the flags."""
-    return cli.config_from_flags(training.TrainConfig, _FLAGS)
+    return cli.config_from_flags(run_config.TrainConfig, _FLAGS)
 
 
 def main(argv):

@@ -28,7 +28,7 @@ Example (a tiny search on Fashion-MNIST at sigma = 0.5):
 from absl import flags
 
 from tf_consreg import cli  # Sets TensorFlow's environment before TensorFlow loads.
-from tf_consreg import training
+from tf_consreg import run_config
 from tf_consreg import tuning
 from tf_consreg.errors import ConfigError
 
@@ -57,7 +57,7 @@ _TUNE_FLAGS = cli.define_flags(tuning.TuneConfig, {
 # The training flags every trial shares, as bin/train.py's; no evaluation on
 # the test set by default (the search never scores on it).
 _TRAIN_FLAGS = cli.define_flags(
-    training.TrainConfig,
+    run_config.TrainConfig,
     {**{name: cli.TRAIN_HELP[name] for name in tuning.TRAIN_FLAGS},
      "seed": "Seed of every trial's training and certification, and of the search."},
     defaults={"eval_examples": 0})
@@ -71,7 +71,7 @@ def make_config() -> tuning.TuneConfig:
         raise ConfigError("--sigma_range: sigma is fixed per search, since certified radii at different sigma are "
                           "not comparable; run one search per --sigma")
     # Each trial trains in its own directory under --tuning_dir (TuneConfig sets them).
-    train = cli.config_from_flags(training.TrainConfig, _TRAIN_FLAGS, model_dir=tuning.TRIALS_DIR)
+    train = cli.config_from_flags(run_config.TrainConfig, _TRAIN_FLAGS, model_dir=tuning.TRIALS_DIR)
     return cli.config_from_flags(tuning.TuneConfig, _TUNE_FLAGS, train=train)
 
 

@@ -26,7 +26,7 @@ from tf_consreg import callbacks
 from tf_consreg import models
 from tf_consreg import precision
 from tf_consreg.errors import ConfigError
-from tf_consreg.training import ObjectiveConfig, TrainConfig
+from tf_consreg.run_config import ObjectiveConfig, TrainConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 train_bin = None  # bin/train.py, loaded by setUpModule.

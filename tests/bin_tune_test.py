@@ -20,7 +20,7 @@ from absl import flags
 from absl.testing import flagsaver
 
 import binaries  # tests/binaries.py
-from tf_consreg.training import read_train_config
+from tf_consreg.run_config import read_train_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 train_bin = None  # bin/train.py, loaded by setUpModule.

@@ -14,9 +14,10 @@ from absl.testing import parameterized
 import threshold_models  # tests/threshold_models.py
 from tf_consreg import analysis
 from tf_consreg import callbacks
+from tf_consreg import consistency_model
 from tf_consreg import models
+from tf_consreg import run_config
 from tf_consreg import smoothing
-from tf_consreg import training
 from tf_consreg.certify_spec import CertifySpec
 from tf_consreg.errors import ConfigError
 
@@ -83,8 +84,8 @@ class CertifyCallbackTest(tf.test.TestCase, parameterized.TestCase):
             analysis.CertifyLog("ref", np.arange(12), labels, classes, radii, correct), callbacks.DEFAULT_RADII)
 
         # Training with lr = 0 keeps the weights: every certification sees the reference model.
-        model = training.ConsistencyModel(
-            base, training.ObjectiveConfig(method="consistency", sigma=SIGMA, num_noise=2, lbd=1.0, eta=0.5))
+        model = consistency_model.ConsistencyModel(
+            base, run_config.ObjectiveConfig(method="consistency", sigma=SIGMA, num_noise=2, lbd=1.0, eta=0.5))
         model.compile(optimizer=keras.optimizers.SGD(0.0),
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         certify = callbacks.CertifyCallback(images, labels, num_classes=2, every=2, log_dir=log_dir,
@@ -113,8 +114,8 @@ class CertifyCallbackTest(tf.test.TestCase, parameterized.TestCase):
 
     def test_later_callbacks_see_val_acr(self):
         images, labels = _validation_set()
-        model = training.ConsistencyModel(_brightness_model(),
-                                          training.ObjectiveConfig(method="gaussian", sigma=SIGMA, num_noise=1))
+        model = consistency_model.ConsistencyModel(
+            _brightness_model(), run_config.ObjectiveConfig(method="gaussian", sigma=SIGMA, num_noise=1))
         model.compile(optimizer=keras.optimizers.SGD(0.0),
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         seen = []
@@ -151,7 +152,8 @@ class CertifyCallbackTest(tf.test.TestCase, parameterized.TestCase):
         labels = (pixels > 0.5).astype(np.int64)
         base = threshold_models.in_dtype(threshold_models.threshold_model((SIDE, SIDE, 1), 5, 0.5), "bfloat16")
         self.assertEqual(models.model_compute_dtype(base), "bfloat16")
-        model = training.ConsistencyModel(base, training.ObjectiveConfig(method="gaussian", sigma=1e-4, num_noise=1))
+        model = consistency_model.ConsistencyModel(base, run_config.ObjectiveConfig(method="gaussian", sigma=1e-4,
+                                                                                    num_noise=1))
         model.compile(optimizer=keras.optimizers.SGD(0.0),
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         certify = callbacks.CertifyCallback(images, labels, num_classes=2, seed=1, verbose=False,

@@ -25,7 +25,7 @@ from tf_consreg import analysis
 from tf_consreg import certify_log
 from tf_consreg import certify_run
 from tf_consreg import cli
-from tf_consreg import training
+from tf_consreg import run_config
 from tf_consreg import data
 from tf_consreg import models
 from tf_consreg import smoothing
@@ -54,8 +54,8 @@ def make_model_dir(directory: str, sigma: float = 0.25) -> str:
     keras_seed = 0
     tf.keras.utils.set_random_seed(keras_seed)
     models.get_architecture("lenet", "fashion_mnist").save(os.path.join(model_dir, models.BASE_MODEL_FILE))
-    train = training.TrainConfig.from_dict({"model_dir": model_dir, "dataset": "fashion_mnist", "sigma": sigma})
-    with open(os.path.join(model_dir, training.TRAIN_CONFIG_FILE), "w", encoding="utf-8") as f:
+    train = run_config.TrainConfig.from_dict({"model_dir": model_dir, "dataset": "fashion_mnist", "sigma": sigma})
+    with open(os.path.join(model_dir, run_config.TRAIN_CONFIG_FILE), "w", encoding="utf-8") as f:
         f.write(train.to_json())
     return model_dir
 

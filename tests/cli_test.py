@@ -246,5 +246,34 @@ class RunTest(absltest.TestCase):
         self.assertFailsWithOneLine(self._run("extra"), "unexpected arguments: extra")
 
 
+class FormatFlagsTest(absltest.TestCase):
+    """format_flags, the one way the project writes flags (a run's flags.txt, a search's best.flags)."""
+
+    def test_parses_back_to_the_same_values(self):
+        values = flags.FlagValues()
+        flags.DEFINE_bool("on", True, "", flag_values=values)
+        flags.DEFINE_bool("off", False, "", flag_values=values)
+        flags.DEFINE_integer("count", 0, "", flag_values=values)
+        flags.DEFINE_float("rate", 0.0, "", flag_values=values)
+        flags.DEFINE_string("path", None, "", flag_values=values)
+        flags.DEFINE_list("radii", None, "", flag_values=values)
+        flags.DEFINE_string("unset", "kept", "", flag_values=values)
+        text = cli.format_flags({"on": False, "off": True, "count": 7, "rate": 1 / 3, "path": "/a dir/x",
+                                 "radii": (0.25, 1.0), "unset": None})
+        self.assertEqual(text, "--noon\n--off\n--count=7\n--rate=0.3333333333333333\n--path=/a dir/x\n"
+                               "--radii=0.25,1.0\n")
+        with tempfile.TemporaryDirectory() as directory:
+            path = os.path.join(directory, "flags.txt")
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(text)
+            values(["prog", f"--flagfile={path}"])
+        self.assertEqual((values.on, values.off, values.count, values.rate, values.path, values.radii, values.unset),
+                         (False, True, 7, 1 / 3, "/a dir/x", ["0.25", "1.0"], "kept"))
+
+    def test_a_line_break_cannot_be_written(self):
+        with self.assertRaisesRegex(ValueError, "--data_dir: .* holds a line break"):
+            cli.format_flags({"data_dir": "a\nb"})
+
+
 if __name__ == "__main__":
     absltest.main()

@@ -19,8 +19,9 @@ from absl.testing import parameterized
 
 import keras
 
+from tf_consreg import consistency_model
 from tf_consreg import distribute
-from tf_consreg import training
+from tf_consreg import run_config
 from tf_consreg.errors import ConfigError
 
 
@@ -43,9 +44,9 @@ def _train(strategy, method, weights, images, labels, epochs=2):
         hidden = keras.layers.Dense(8, activation="tanh")(keras.layers.Flatten()(inputs))
         base = keras.Model(inputs, keras.layers.Dense(4)(hidden))
         base.set_weights(weights)
-        objective = training.ObjectiveConfig(method=method, sigma=0.5, num_noise=1 if method == "stability" else 3,
-                                             weight_decay=0.01, **_METHOD_FIELDS[method])
-        model = training.ConsistencyModel(base, objective, seed=3)
+        objective = run_config.ObjectiveConfig(method=method, sigma=0.5, num_noise=1 if method == "stability" else 3,
+                                               weight_decay=0.01, **_METHOD_FIELDS[method])
+        model = consistency_model.ConsistencyModel(base, objective, seed=3)
         model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9),
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     ds = tf.data.Dataset.from_tensor_slices((images, labels)).batch(8, drop_remainder=True)

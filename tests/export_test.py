@@ -28,7 +28,7 @@ from tf_consreg import models
 from tf_consreg import signatures
 from tf_consreg import smoothing
 from tf_consreg import stats
-from tf_consreg import training
+from tf_consreg import run_config
 from tf_consreg.errors import ConfigError
 
 _PYTHON_FUNCTION_OPS = {"PyFunc", "PyFuncStateless", "EagerPyFunc"}
@@ -93,9 +93,9 @@ def make_model_dir(root: str, sigma: float = 0.5) -> str:
     model_dir = os.path.join(root, "run")
     os.makedirs(model_dir)
     models.get_architecture("lenet", "fashion_mnist").save(os.path.join(model_dir, models.BASE_MODEL_FILE))
-    train_config = training.TrainConfig.from_dict({"model_dir": model_dir, "dataset": "fashion_mnist",
+    train_config = run_config.TrainConfig.from_dict({"model_dir": model_dir, "dataset": "fashion_mnist",
                                                      "sigma": sigma})
-    with open(os.path.join(model_dir, training.TRAIN_CONFIG_FILE), "w", encoding="utf-8") as f:
+    with open(os.path.join(model_dir, run_config.TRAIN_CONFIG_FILE), "w", encoding="utf-8") as f:
         f.write(train_config.to_json())
     return model_dir
 

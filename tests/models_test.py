@@ -23,7 +23,7 @@ from absl.testing import parameterized
 from tf_consreg import data
 from tf_consreg import models
 from tf_consreg import training
-from tf_consreg.training import TrainConfig
+from tf_consreg.run_config import TrainConfig
 from tf_consreg.errors import ConfigError
 from tf_consreg.models import layers
 from tf_consreg.models import legacy

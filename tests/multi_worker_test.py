@@ -40,9 +40,10 @@ from absl.testing import parameterized
 import binaries  # tests/binaries.py
 import keras
 
+from tf_consreg import consistency_model
 from tf_consreg import models
 from tf_consreg import multi_worker
-from tf_consreg import training
+from tf_consreg import run_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS = flags.FLAGS
@@ -437,9 +438,9 @@ class FitDistributedTest(tf.test.TestCase):
             inputs = keras.Input((6, 6, 1))
             base = keras.Model(inputs, keras.layers.Dense(4)(keras.layers.Flatten()(inputs)))
             base.set_weights(init)
-            objective = training.ObjectiveConfig(method="consistency", sigma=0.5, num_noise=2, lbd=10.0, eta=0.5,
-                                                 weight_decay=0.01)
-            model = training.ConsistencyModel(base, objective, seed=3)
+            objective = run_config.ObjectiveConfig(method="consistency", sigma=0.5, num_noise=2, lbd=10.0, eta=0.5,
+                                                   weight_decay=0.01)
+            model = consistency_model.ConsistencyModel(base, objective, seed=3)
             model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9),
                           loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         return model

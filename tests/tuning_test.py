@@ -18,10 +18,11 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 
 from tf_consreg import cli
 from tf_consreg import precision
+from tf_consreg import run_config
 from tf_consreg import training
 from tf_consreg import tuning
 from tf_consreg.certify_spec import CertifySpec
-from tf_consreg.training import ObjectiveConfig, TrainConfig, read_train_config
+from tf_consreg.run_config import ObjectiveConfig, TrainConfig, read_train_config
 from tf_consreg.errors import ConfigError
 
 TINY_TRAIN = dict(batch_size=64, train_examples=128, eval_examples=0)
@@ -131,7 +132,7 @@ class TuneConfigTest(parameterized.TestCase):
         values = flags.FlagValues()
         # bin/tune.py's flags: TuneConfig's fields, and the training flags a search shares.
         own = [f.name for f in dataclasses.fields(tuning.TuneConfig) if f.name not in ("train", "certify")]
-        tune_holders = cli.define_flags(tuning.TuneConfig, {name: "" for name in own + list(training.CERTIFY_FLAGS)},
+        tune_holders = cli.define_flags(tuning.TuneConfig, {name: "" for name in own + list(run_config.CERTIFY_FLAGS)},
                                         flag_values=values)
         train_holders = cli.define_flags(TrainConfig, {name: "" for name in tuning.TRAIN_FLAGS},
                                          defaults={"eval_examples": 0}, flag_values=values)

@@ -1,6 +1,6 @@
 """The Keras callbacks of the project.
 
-* `EpochSchedule` tells `training.ConsistencyModel` the epoch (SmoothAdv's
+* `EpochSchedule` tells `consistency_model.ConsistencyModel` the epoch (SmoothAdv's
   warm-up, MACER's deferred start);
 * `StopOnDivergence` stops training at the first non-finite loss, before
   anything of the diverged epoch is saved;
@@ -85,7 +85,7 @@ class StopOnDivergence(keras.callbacks.Callback):
     callbacks that certify or save.
 
     The loss it reads is the epoch's running mean that the step reports
-    (`training.ConsistencyModel`'s tracker), which stays non-finite from the
+    (`consistency_model.ConsistencyModel`'s tracker), which stays non-finite from the
     first non-finite step of the epoch on: the step named is that step (the
     last of its call with steps_per_execution > 1). Reading it adds no wait
     for the device: Keras converts the logs to Python floats at every batch
@@ -294,7 +294,7 @@ class CertifyCallback(keras.callbacks.Callback):
     from the Monte Carlo draw.
 
     The base classifier is `model.base_model` when the trained model is a
-    `training.ConsistencyModel` (or any wrapper with that attribute), else
+    `consistency_model.ConsistencyModel` (or any wrapper with that attribute), else
     the trained model itself. It is certified computing in `compute_dtype`,
     whatever policy it trains under: a model training under mixed_bfloat16
     computes in bfloat16, so by default a float32 twin of it is certified,

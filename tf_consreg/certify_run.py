@@ -33,11 +33,11 @@ import numpy as np
 
 from tf_consreg import certify_log
 from tf_consreg import certify_spec
-from tf_consreg import training
 from tf_consreg import data
 from tf_consreg import distribute
 from tf_consreg import files
 from tf_consreg import models
+from tf_consreg import run_config
 from tf_consreg import smoothing
 from tf_consreg.certify_spec import CertifySpec
 from tf_consreg.errors import ConfigError, check
@@ -122,7 +122,7 @@ class CertifyConfig:
         # Then files.
         if self.model_dir:
             check(os.path.isdir(self.model_dir), f"--model_dir={self.model_dir} is not a directory")
-            train = training.read_train_config(self.model_dir)
+            train = run_config.read_train_config(self.model_dir)
             for name in ("dataset", "data_dir"):
                 if getattr(self, name) is None:
                     object.__setattr__(self, name, getattr(train, name))

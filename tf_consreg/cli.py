@@ -102,7 +102,7 @@ _DEFINE = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer, float: flags.DEFI
 
 # The help of every training flag: bin/train.py defines all of them, bin/tune.py
 # those a search shares (tuning.TRAIN_FLAGS). Each is a field of
-# training.TrainConfig or of its objective (training.ObjectiveConfig), which
+# run_config.TrainConfig or of its objective (run_config.ObjectiveConfig), which
 # states its type and default.
 TRAIN_HELP = {
     "model_dir": (
@@ -481,3 +481,35 @@ def run(main: Callable[[Sequence[str]], None], positional: bool = False) -> None
                   "run the same command again")
 
     app.run(_main, flags_parser=_parse_flags)
+
+
+def format_flags(values: Mapping[str, Any]) -> str:
+    """Flag values as a flagfile that absl's `--flagfile=` parses back to the same values.
+
+    The one way the project writes flags: a run's `flags.txt`, tuning's
+    `best.flags` and a search's `flags.txt`.
+
+    Args:
+      values: flag name -> value (bool, int, float, str, or a sequence for a
+        list flag); None values are left out (the flag keeps its default).
+
+    Returns:
+      One line per flag: `--name=value`, `--name` or `--noname` for bools,
+      floats in their exact `repr`, sequences comma-separated.
+
+    Raises:
+      ValueError: a value holds a line break (it would not parse back).
+    """
+    lines = []
+    for name, value in values.items():
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            lines.append(f"--{name}" if value else f"--no{name}")
+            continue
+        items = value if isinstance(value, (tuple, list)) else (value,)
+        text = ",".join(repr(v) if isinstance(v, float) else str(v) for v in items)
+        if "\n" in text or "\r" in text:
+            raise ValueError(f"--{name}: {text!r} holds a line break; a flagfile cannot hold it")
+        lines.append(f"--{name}={text}")
+    return "".join(line + "\n" for line in lines)

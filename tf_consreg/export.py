@@ -102,10 +102,10 @@ import tensorflow as tf
 
 from tf_consreg import __version__
 from tf_consreg import certify_spec
-from tf_consreg import training
 from tf_consreg import data
 from tf_consreg import graph_stats
 from tf_consreg import models
+from tf_consreg import run_config
 from tf_consreg import smoothing
 from tf_consreg import stats
 from tf_consreg.certify_spec import CertifySpec
@@ -671,7 +671,7 @@ class VersionExportConfig:
             model_file = os.path.join(self.model_dir, models.BASE_MODEL_FILE)
             check(os.path.isfile(model_file), f"--model_dir={self.model_dir} holds no {models.BASE_MODEL_FILE}; "
                   "is the training run finished?")
-            train_config = training.read_train_config(self.model_dir)
+            train_config = run_config.read_train_config(self.model_dir)
             object.__setattr__(self, "dataset", train_config.dataset)
             object.__setattr__(self, "data_dir", train_config.data_dir)
             if self.spec.sigma is None:

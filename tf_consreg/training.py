@@ -1,728 +1,44 @@
-"""Training of smoothed classifiers: its configs, the `ConsistencyModel` wrapper, and `train`.
+"""Training of smoothed classifiers: `train` runs what a `run_config.TrainConfig` says.
 
-`ConsistencyModel` holds a base classifier and overrides `train_step` and
-`test_step`: every clean image becomes m noisy copies x + N(0, sigma^2 I), the
-loss is the mean cross-entropy over all copies plus the method's term from
-`tf_consreg.losses`, as its `ObjectiveConfig` says. `train` runs what a
-`TrainConfig` (bin/train.py's flags) says and writes a run directory. The
+`train` builds the training wrapper (`consistency_model.ConsistencyModel`,
+whose objective is the method's class of objectives.py) over a base
+classifier, optionally loaded from a pretrained model, and runs the epochs:
+checkpoints, resume, TensorBoard logs, live certification, multi-worker
+clusters. It writes a run directory (its files are named in run_config). The
 base classifier, not the wrapper, is what `train` saves, certifies and
 exports.
 """
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import shutil
 import sys
 import tempfile
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import List, Optional, Tuple
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from tf_consreg import attacks
 from tf_consreg import callbacks as callbacks_lib
-from tf_consreg import certify_spec
-from tf_consreg import cli
+from tf_consreg import consistency_model
 from tf_consreg import data as data_lib
 from tf_consreg import distribute
 from tf_consreg import files
-from tf_consreg import losses
 from tf_consreg import models
 from tf_consreg import multi_worker
-from tf_consreg import noise as noise_lib
 from tf_consreg import precision
-from tf_consreg.certify_spec import CertifySpec
+from tf_consreg import run_config
 from tf_consreg.errors import ConfigError, check
-
-METHODS = ("gaussian", "consistency", "stability", "smoothadv", "macer", "smoothmix")
-MIXED_PRECISION = precision.POLICIES
-
-# What a run directory holds (besides models.BASE_MODEL_FILE).
-TRAIN_CONFIG_FILE = "train_config.json"
-FLAGS_FILE = "flags.txt"
-CHECKPOINT_DIR = "checkpoints"
-LOGS_DIR = "logs"
-
-# Each method's fields and their defaults, from the authors' train_*.py
-# (epsilon in [0, 1] pixel units: their --epsilon divided by 256) and
-# SmoothMix's code/train.py (attack_step: their --alpha, already in those
-# units; maxnorm and maxnorm_s None: unbounded, and attack_step * mix_step).
-# A field that is not in a method's row must stay None, so a flag is never
-# silently ignored. A new method is a row here and its terms in ConsistencyModel.
-_METHOD_FIELDS = {
-    "gaussian": {"num_noise": 1},
-    "consistency": {"num_noise": 2, "lbd": 10.0, "eta": 0.5, "consistency_loss": "default"},
-    "stability": {"num_noise": 1, "lbd": 2.0},
-    "smoothadv": {"num_noise": 1, "epsilon": 64 / 256, "num_steps": 10, "warmup": 1},
-    "macer": {"num_noise": 16, "lbd": 16.0, "beta": 16.0, "gamma": 8.0, "deferred_epochs": 0},
-    "smoothmix": {"num_noise": 1, "eta": 1.0, "num_steps": 8, "warmup": 10, "attack_step": 1.0, "mix_step": 0,
-                  "maxnorm": None, "maxnorm_s": None},
-}
-# SmoothAdv before the consistency objective: --method=consistency
-# --adv_training, the paper's "SmoothAdv + Consistency" (train_consistency.py).
-_ADV_TRAINING_METHOD = "consistency"
-_ADV_TRAINING_FIELDS = {"epsilon": 512 / 256, "num_steps": 4, "warmup": 10}
-# Live certification of a held-out training subset (callbacks.CertifyCallback),
-# by --certify_every and in every trial of a search: how many images; its
-# sampling settings default to certify_spec.LIVE.
-CERTIFY_EXAMPLES = 200
-# Live certification's settings (TrainConfig.certify) are flags under this
-# prefix: full CERTIFY of the float32 network at the run's sigma, so n0, n,
-# alpha and batch_size.
-CERTIFY_PREFIX = "certify_"
-_CERTIFY_FIELDS = ("n0", "n", "alpha", "batch_size")
-CERTIFY_FLAGS = tuple(CERTIFY_PREFIX + name for name in _CERTIFY_FIELDS)
-
-
-def live_certify_spec(spec: CertifySpec, sigma: float) -> CertifySpec:
-    """Live certification's settings, checked (full CERTIFY of the float32 network) and at the run's `sigma`.
-
-    Raises:
-      ConfigError: `spec` is no CertifySpec, has stages or another dtype, or another sigma.
-    """
-    check(isinstance(spec, CertifySpec), f"certify must be a CertifySpec, got {type(spec).__name__}")
-    live = certify_spec.LIVE
-    check((spec.stages, spec.compute_dtype) == (live.stages, live.compute_dtype),
-          f"certify: live certification is full CERTIFY of the {live.compute_dtype} network, got {spec}")
-    return spec.with_sigma(sigma)
-
-
-def format_flags(values: Mapping[str, Any]) -> str:
-    """Flag values as a flagfile that absl's `--flagfile=` parses back to the same values.
-
-    The one way the project writes flags: a run's `flags.txt`, tuning's
-    `best.flags` and a search's `flags.txt`.
-
-    Args:
-      values: flag name -> value (bool, int, float, str, or a sequence for a
-        list flag); None values are left out (the flag keeps its default).
-
-    Returns:
-      One line per flag: `--name=value`, `--name` or `--noname` for bools,
-      floats in their exact `repr`, sequences comma-separated.
-
-    Raises:
-      ValueError: a value holds a line break (it would not parse back).
-    """
-    lines = []
-    for name, value in values.items():
-        if value is None:
-            continue
-        if isinstance(value, bool):
-            lines.append(f"--{name}" if value else f"--no{name}")
-            continue
-        items = value if isinstance(value, (tuple, list)) else (value,)
-        text = ",".join(repr(v) if isinstance(v, float) else str(v) for v in items)
-        if "\n" in text or "\r" in text:
-            raise ValueError(f"--{name}: {text!r} holds a line break; a flagfile cannot hold it")
-        lines.append(f"--{name}={text}")
-    return "".join(line + "\n" for line in lines)
-
-
-def _used_by(name: str) -> str:
-    """The methods that use a method field, as flags: "--method=a or --method=b"."""
-    users = [f"--method={method}" for method, fields in _METHOD_FIELDS.items() if name in fields]
-    if name in _ADV_TRAINING_FIELDS:
-        users.append(f"--method={_ADV_TRAINING_METHOD} --adv_training")
-    return " or ".join(users)
-
-
-@dataclasses.dataclass(frozen=True)
-class ObjectiveConfig:
-    """What `ConsistencyModel` minimizes: the method and its settings, checked at construction.
-
-    The method fields (`num_noise` and those after it up to `maxnorm_s`) are
-    None when not given: they get the authors' defaults for the methods that
-    use them, and must stay None for the methods that do not, so a setting
-    that would be silently ignored is refused instead. Its fields but
-    `deferred_epochs` are flags of bin/train.py (the defaults are theirs).
-
-    Attributes:
-      method: "gaussian", "consistency", "stability", "smoothadv", "macer" or
-        "smoothmix" (see `ConsistencyModel`).
-      sigma: noise standard deviation, in [0, 1] pixel units.
-      num_noise: m, noisy copies per clean image (MACER's K).
-      lbd: weight of the regularizer (consistency, stability, MACER's robustness term).
-      eta: weight of the consistency term's entropy, or of SmoothMix's mixup term.
-      consistency_loss: form of the consistency term (`losses.CONSISTENCY_LOSSES`).
-      beta, gamma: MACER's inverse temperature and hinge margin.
-      deferred_epochs: MACER trains with its robustness weight at 0 for this
-        many epochs first.
-      adv_training: attack before the consistency objective.
-      epsilon, num_steps, warmup: SmoothAdv's L2 radius, PGD steps, and the
-        epochs over which the radius grows linearly to `epsilon`; SmoothMix's
-        num_steps (T) and warmup (of eta and maxnorm_s) likewise.
-      attack_step: SmoothMix's step length, L2 in [0, 1] pixel units (the
-        authors' --alpha).
-      mix_step: SmoothMix's start point: 0 the clean image, 1 the one-step
-        adversary.
-      maxnorm, maxnorm_s: SmoothMix's L2 bounds around the clean image of the
-        walk and of the start point; None means unbounded, and attack_step *
-        mix_step. maxnorm_s is warmed up with eta, maxnorm is not (as the
-        authors').
-      weight_decay: coupled L2 weight decay (PyTorch SGD's `weight_decay`):
-        the loss gains weight_decay / 2 * ||w||^2 over the trainable weights.
-    """
-
-    method: str = "consistency"
-    sigma: float = 0.25
-    num_noise: Optional[int] = None
-    lbd: Optional[float] = None
-    eta: Optional[float] = None
-    consistency_loss: Optional[str] = None
-    beta: Optional[float] = None
-    gamma: Optional[float] = None
-    deferred_epochs: Optional[int] = None
-    adv_training: bool = False
-    epsilon: Optional[float] = None
-    num_steps: Optional[int] = None
-    warmup: Optional[int] = None
-    attack_step: Optional[float] = None
-    mix_step: Optional[int] = None
-    maxnorm: Optional[float] = None
-    maxnorm_s: Optional[float] = None
-    weight_decay: float = 1e-4
-
-    def __post_init__(self):
-        check(self.method in METHODS, f"--method={self.method!r} is unknown; choose one of {', '.join(METHODS)}")
-        check(self.sigma > 0, f"--sigma must be > 0, got {self.sigma}")
-        check(not self.adv_training or self.method == _ADV_TRAINING_METHOD,
-              f"--adv_training combines SmoothAdv with --method={_ADV_TRAINING_METHOD}; for "
-              f"--method={self.method} use --method=smoothadv or drop --adv_training")
-        method_fields = dict(_METHOD_FIELDS[self.method], **(_ADV_TRAINING_FIELDS if self.adv_training else {}))
-        for name in _METHOD_FIELD_NAMES:
-            if name in method_fields:
-                if getattr(self, name) is None:
-                    object.__setattr__(self, name, method_fields[name])
-            elif getattr(self, name) is not None:
-                raise ConfigError(f"--{name} is used only by {_used_by(name)}; remove it for --method={self.method}")
-        check(self.num_noise >= 1, f"--num_noise must be >= 1, got {self.num_noise}")
-        if self.method == "stability":
-            check(self.num_noise == 1, "--method=stability draws one noise per image: --num_noise must be 1, "
-                  f"got {self.num_noise}")
-        if self.lbd is not None:
-            check(self.lbd >= 0, f"--lbd must be >= 0, got {self.lbd}")
-        if self.eta is not None:
-            check(self.eta >= 0, f"--eta must be >= 0, got {self.eta}")
-        if self.consistency_loss is not None:
-            check(self.consistency_loss in losses.CONSISTENCY_LOSSES,
-                  f"--consistency_loss={self.consistency_loss!r} is unknown; "
-                  f"choose one of {', '.join(losses.CONSISTENCY_LOSSES)}")
-            if self.consistency_loss == "mse":
-                check(self.num_noise == 2, f"--consistency_loss=mse needs --num_noise=2, got {self.num_noise}")
-        if self.beta is not None:
-            check(self.beta > 0, f"--beta must be > 0, got {self.beta}")
-        if self.gamma is not None:
-            check(self.gamma >= 0, f"--gamma must be >= 0, got {self.gamma}")
-        if self.deferred_epochs is not None:
-            check(self.deferred_epochs >= 0, f"deferred_epochs must be >= 0, got {self.deferred_epochs}")
-        if self.epsilon is not None:
-            check(self.epsilon >= 0, "--epsilon must be >= 0 (an L2 radius in [0, 1] pixel units), "
-                  f"got {self.epsilon}")
-        if self.num_steps is not None:
-            check(self.num_steps >= 1, f"--num_steps must be >= 1, got {self.num_steps}")
-        if self.warmup is not None:
-            check(self.warmup >= 1, f"--warmup must be >= 1, got {self.warmup}")
-        if self.attack_step is not None:
-            check(self.attack_step > 0, "--attack_step must be > 0 (an L2 step length in [0, 1] pixel units), "
-                  f"got {self.attack_step}")
-        if self.mix_step is not None:
-            check(self.mix_step in (0, 1), "--mix_step must be 0 (start at the clean image) or 1 (at the one-step "
-                  f"adversary), got {self.mix_step}")
-        for name in ("maxnorm", "maxnorm_s"):
-            if getattr(self, name) is not None:
-                check(getattr(self, name) > 0, f"--{name} must be > 0 (an L2 bound in [0, 1] pixel units; leave it "
-                      f"unset for the default), got {getattr(self, name)}")
-        check(self.weight_decay >= 0, f"--weight_decay must be >= 0, got {self.weight_decay}")
-
-    @property
-    def adversarial(self) -> bool:
-        """Whether each training step first attacks the inputs (SmoothAdv)."""
-        return self.method == "smoothadv" or self.adv_training
-
-
-# The fields a method may use or refuse, in the order they are checked.
-_METHOD_FIELD_NAMES = tuple(f.name for f in dataclasses.fields(ObjectiveConfig)
-                            if any(f.name in fields for fields in (*_METHOD_FIELDS.values(), _ADV_TRAINING_FIELDS)))
-# ObjectiveConfig's fields that are flags. deferred_epochs is not: TrainConfig's
-# --deferred sets it from the learning-rate schedule.
-_OBJECTIVE_FLAGS = tuple(f.name for f in dataclasses.fields(ObjectiveConfig) if f.name != "deferred_epochs")
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """Everything a training run needs, checked at construction.
-
-    Its fields, and those of its `objective`, are bin/train.py's flags (see
-    its --help); a run directory records them (`train_config.json`,
-    `flags.txt`, flat, by flag name: `to_dict`, `to_flags`).
-
-    `certify` holds live certification's sampling settings (by
-    --certify_every); its flags are `CERTIFY_FLAGS`, its sigma the run's,
-    and it must keep its defaults (`certify_spec.LIVE`) while live
-    certification is off. The run's record writes its flags None then, as
-    runs recorded them before they were one `CertifySpec`.
-
-    `deferred` (MACER) defers the robustness term as the authors'
-    train_macer.py does: while epoch <= lr_step_size (0-based), i.e. for the
-    first lr_step_size + 1 epochs. It sets `objective.deferred_epochs`.
-
-    `precision_policy` is not a flag: it is the Keras dtype policy the run
-    computes in, which `mixed_precision` names (float32 for "none") or, for
-    "auto", `resolve_precision` chooses when the run starts; None until then.
-    The run's record keeps it, so a resumed run keeps its policy.
-    """
-
-    model_dir: str
-    dataset: str = "fashion_mnist"
-    arch: str = "lenet"
-    objective: ObjectiveConfig = dataclasses.field(default_factory=ObjectiveConfig)
-    deferred: Optional[bool] = None
-    epochs: int = 90
-    batch_size: int = 256
-    batch_split: bool = False
-    lr: float = 0.01
-    lr_step_size: int = 30
-    lr_gamma: float = 0.1
-    momentum: float = 0.9
-    seed: int = 0
-    train_examples: int = 0
-    eval_examples: int = 10000
-    certify_every: int = 0
-    certify_examples: Optional[int] = None
-    certify: CertifySpec = dataclasses.field(default=certify_spec.LIVE, metadata={cli.FLAG_PREFIX: CERTIFY_PREFIX})
-    data_dir: Optional[str] = None
-    mock_data: bool = False
-    strategy: str = "auto"
-    steps_per_execution: int = 1
-    mixed_precision: str = "auto"
-    jit_compile: bool = False
-    pretrained_model: Optional[str] = None
-    precision_policy: Optional[str] = None
-
-    def __post_init__(self):
-        check(bool(self.model_dir), "--model_dir is required: the directory for checkpoints, logs and the model")
-        check(self.dataset in data_lib.DATASETS,
-              f"--dataset={self.dataset!r} is unknown; choose one of {', '.join(data_lib.DATASETS)}")
-        check(self.arch in models.ARCHITECTURES,
-              f"--arch={self.arch!r} is unknown; choose one of {', '.join(models.ARCHITECTURES)}")
-        models.check_architecture(self.arch, self.dataset)
-        check(isinstance(self.objective, ObjectiveConfig),
-              f"objective must be an ObjectiveConfig, got {type(self.objective).__name__}")
-        check(self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")
-        check(self.batch_size >= 1, f"--batch_size must be >= 1, got {self.batch_size}")
-        check(self.lr > 0, f"--lr must be > 0, got {self.lr}")
-        check(self.lr_step_size >= 1, f"--lr_step_size must be >= 1, got {self.lr_step_size}")
-        check(0 < self.lr_gamma <= 1, f"--lr_gamma must be in (0, 1], got {self.lr_gamma}")
-        check(0 <= self.momentum < 1, f"--momentum must be in [0, 1), got {self.momentum}")
-        self._set_deferral()
-        check(self.train_examples >= 0, f"--train_examples must be >= 0 (0 = all), got {self.train_examples}")
-        check(self.eval_examples >= 0, f"--eval_examples must be >= 0 (0 = no evaluation), got {self.eval_examples}")
-        check(self.strategy in distribute.STRATEGIES,
-              f"--strategy={self.strategy!r} is unknown; choose one of {', '.join(distribute.STRATEGIES)}")
-        check(self.steps_per_execution >= 1, f"--steps_per_execution must be >= 1, got {self.steps_per_execution}")
-        fixed = precision.fixed_policy(self.mixed_precision)
-        if self.precision_policy is None:
-            object.__setattr__(self, "precision_policy", fixed)
-        check(self.precision_policy in (None, *precision.KERAS_POLICIES),
-              f"precision_policy={self.precision_policy!r} is unknown; choose one of "
-              f"{', '.join(precision.KERAS_POLICIES)}")
-        check(fixed in (None, self.precision_policy), f"precision_policy={self.precision_policy} contradicts "
-              f"--mixed_precision={self.mixed_precision}, which computes in {fixed}")
-        if self.pretrained_model is not None:
-            check(os.path.isfile(self.pretrained_model),
-                  f"--pretrained_model={self.pretrained_model} is not a file; give a base_model.keras")
-        if self.batch_split:
-            num_noise = self.objective.num_noise
-            check(self.batch_size % num_noise == 0,
-                  f"--batch_size={self.batch_size} must be divisible by --num_noise={num_noise} with --batch_split")
-        check(self.clean_batch_size >= 1, "--batch_size is smaller than --num_noise with --batch_split")
-        self._resolve_certify_fields()
-
-    def _set_deferral(self) -> None:
-        """MACER's `deferred`: False when not given; it sets `objective.deferred_epochs`."""
-        objective = self.objective
-        if objective.deferred_epochs is None:  # Not MACER.
-            check(self.deferred is None, f"--deferred is used only by {_used_by('deferred_epochs')}; remove it "
-                  f"for --method={objective.method}")
-            return
-        object.__setattr__(self, "deferred", bool(self.deferred))
-        object.__setattr__(self, "objective", dataclasses.replace(
-            objective, deferred_epochs=self.lr_step_size + 1 if self.deferred else 0))
-
-    def _resolve_certify_fields(self) -> None:
-        """Live certification's fields: defaults when it is on, refused when it is off."""
-        check(self.certify_every >= 0, f"--certify_every must be >= 0 (0 = off), got {self.certify_every}")
-        object.__setattr__(self, "certify", live_certify_spec(self.certify, self.sigma))
-        live = certify_spec.LIVE
-        if not self.certify_every:
-            # A value other than the default is a flag given for nothing.
-            check(self.certify_examples is None,
-                  "--certify_examples is used only with --certify_every; add --certify_every=N or remove it")
-            for name in _CERTIFY_FIELDS:
-                check(getattr(self.certify, name) == getattr(live, name), f"--{CERTIFY_PREFIX}{name} is used only "
-                      "with --certify_every; add --certify_every=N or remove it")
-            return
-        check(self.dataset not in data_lib.STREAMED,
-              f"--certify_every holds images out of the training split in memory; --dataset={self.dataset} "
-              "is streamed")
-        if self.certify_examples is None:
-            object.__setattr__(self, "certify_examples", CERTIFY_EXAMPLES)
-        check(self.certify_examples >= 1, f"--certify_examples must be >= 1, got {self.certify_examples}")
-
-    @property
-    def sigma(self) -> float:
-        """The run's noise level (`objective.sigma`), which certifying or exporting the run defaults to."""
-        return self.objective.sigma
-
-    @property
-    def clean_batch_size(self) -> int:
-        """Clean images per optimizer step (each step sees m times as many noisy copies)."""
-        return self.batch_size // self.objective.num_noise if self.batch_split else self.batch_size
-
-    def to_dict(self) -> Dict[str, Any]:
-        """The flags' values, by name (the objective's and live certification's among them)."""
-        values = {}
-        for field in dataclasses.fields(self):
-            if field.name == "objective":
-                values.update({name: getattr(self.objective, name) for name in _OBJECTIVE_FLAGS})
-            elif field.name == "certify":
-                values.update({name: value if self.certify_every else None
-                               for name, value in cli.flat_values(self, CERTIFY_FLAGS).items()})
-            else:
-                values[field.name] = getattr(self, field.name)
-        return values
-
-    def to_flags(self, exclude: Sequence[str] = ()) -> str:
-        """The config as a flagfile of bin/train.py (`format_flags`), without the flags in `exclude`.
-
-        `--flagfile=` gives back this config (with `exclude` set as given),
-        but for `precision_policy`, which is no flag: when `auto` chose it, a
-        comment says which it is and how to ask for it on any machine.
-        """
-        comment = ""
-        if self.mixed_precision == "auto" and self.precision_policy is not None:
-            comment = (f"# --mixed_precision=auto chose {self.precision_policy} for this run; "
-                       f"--mixed_precision={self.precision_policy} asks for it on any machine\n")
-        return comment + format_flags({name: value for name, value in self.to_dict().items()
-                                       if name not in exclude and name != "precision_policy"})
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> "TrainConfig":
-        """The config of `to_dict`'s values (live certification's None: its defaults)."""
-        known = {f.name for f in dataclasses.fields(cls)} - {"objective", "certify"}
-        unknown = sorted(set(values) - known - set(_OBJECTIVE_FLAGS) - set(CERTIFY_FLAGS))
-        if unknown:
-            raise ConfigError(f"unknown training config fields: {', '.join(unknown)}")
-        objective = ObjectiveConfig(**{name: values[name] for name in _OBJECTIVE_FLAGS if name in values})
-        certify = {name: values[name] for name in CERTIFY_FLAGS if values.get(name) is not None}
-        return cli.config_from_values(cls, {"objective": objective, **certify,
-                                            **{name: value for name, value in values.items() if name in known}})
-
-
-def resolve_precision(config: TrainConfig, recorded: Optional[Mapping[str, Any]] = None,
-                      capability: Optional[precision.Capability] = None) -> Tuple[TrainConfig, str]:
-    """The config with the Keras policy its run computes in (`precision_policy`), and a line saying why.
-
-    A policy the config holds already is kept. Otherwise `mixed_precision`
-    is resolved for this machine (`precision.resolve`), except that a run
-    resumed with the request it was recorded with keeps the policy it started
-    with, so it never switches precision mid-run on a machine of another
-    capability; the line then says what this machine would have chosen.
-
-    Args:
-      config: the run's config.
-      recorded: the values the run recorded when it started (its
-        train_config.json, `to_dict`), or None for a new run.
-      capability: this machine's; default: `precision.probe()`.
-
-    Returns:
-      (the config with `precision_policy` set, one line for the user).
-
-    Raises:
-      ConfigError: the config's policy contradicts the recorded one.
-    """
-    requested = config.mixed_precision
-    kept = None
-    if recorded is not None and recorded.get("mixed_precision") == requested:
-        # A record from before precision_policy existed holds a fixed request.
-        kept = recorded.get("precision_policy") or precision.fixed_policy(requested)
-    if kept is not None and config.precision_policy not in (None, kept):
-        raise ConfigError(f"--model_dir={config.model_dir} computes in {kept}, recorded when the run started; it "
-                          f"cannot resume in {config.precision_policy}")
-    if requested == "auto" and capability is None:
-        capability = precision.probe()
-    here = precision.resolve(requested, capability)
-    chosen = kept or config.precision_policy
-    if requested != "auto" or chosen is None:
-        return dataclasses.replace(config, precision_policy=here.policy), here.reason
-    note = "" if here.policy == chosen else f" (here auto would choose {here.policy}: {capability.describe()})"
-    if kept is not None:
-        return (dataclasses.replace(config, precision_policy=kept),
-                f"--mixed_precision=auto: resuming in {kept}, the policy this run started with{note}")
-    return config, f"--mixed_precision=auto: {chosen}, resolved before this run (once for a whole search){note}"
-
-
-def read_train_config(model_dir: str) -> TrainConfig:
-    """Reads the config a training run saved in its model directory.
-
-    Args:
-      model_dir: a `--model_dir` written by bin/train.py.
-
-    Returns:
-      The run's TrainConfig (its `model_dir` field set to `model_dir`).
-
-    Raises:
-      ConfigError: the directory or its train_config.json is missing or unreadable.
-    """
-    path = os.path.join(model_dir, TRAIN_CONFIG_FILE)
-    if not os.path.isfile(path):
-        raise ConfigError(f"{path} not found: is --model_dir a directory written by bin/train.py?")
-    try:
-        with open(path, encoding="utf-8") as f:
-            values = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{path} is unreadable: {e}") from e
-    values["model_dir"] = model_dir
-    return TrainConfig.from_dict(values)
-
-
-# Independent random streams of one run.
-_TRAIN_NOISE, _EVAL_NOISE = 1, 2
-_TRAIN_MIX, _EVAL_MIX = 3, 4  # SmoothMix's mixing weights.
-
-
-class ConsistencyModel(keras.Model):
-    """Wraps a base classifier to train it on noisy copies, with any of the paper's methods.
-
-    Each step draws m = `num_noise` noisy copies x + N(0, sigma^2 I) of every
-    clean image (noise seeded per example, see noise.py) and minimizes:
-
-    * "gaussian": mean cross-entropy over the copies (Cohen et al., 2019);
-    * "consistency": that plus `losses.consistency_loss` (Jeong & Shin, 2020);
-    * "stability": cross-entropy on the clean image plus lbd times
-      `losses.stability_loss` on one noisy copy (Li et al., 2019);
-    * "smoothadv": cross-entropy on x' + noise, where x' is the SmoothAdv
-      attack on the smoothed classifier with the same noise held fixed
-      (Salman et al., 2019); `adv_training=True` does the same before the
-      consistency objective (the paper's "SmoothAdv + Consistency");
-    * "macer": `losses.macer_loss` on the m (= K) copies (Zhai et al., 2020);
-    * "smoothmix": `losses.smoothmix_loss` (Jeong et al., 2021): cross-entropy
-      on the copies of a start point s (x, or the one-step adversary), plus
-      eta times the masked KL term on the copies of a mix of s with the end
-      of `attacks.smoothmix_pgd`'s walk, the same m noises in the walk and
-      in both forward passes, the mixing weight drawn per example in
-      [0, 1/2). Evaluation does not attack (as SmoothAdv's): s and the end
-      are x, so `val_mixup` measures the copies at x against the target.
-
-    Args:
-      base_model: maps images in [0, 1] to logits.
-      objective: the method and its settings (validated, with the method's
-        defaults filled in).
-      seed: seed of the noise; with the optimizer's step it fixes every draw.
-      **kwargs: for `keras.Model` (name, ...).
-    """
-
-    def __init__(self, base_model: keras.Model, objective: ObjectiveConfig, *, seed: int = 0, **kwargs):
-        super().__init__(**kwargs)
-        self.base_model = base_model
-        self.objective = objective
-        self.seed = int(seed)
-        self._trackers = {name: keras.metrics.Mean(name=name) for name in self._term_names()}
-        self._accuracy = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
-        self._clean_accuracy = keras.metrics.SparseCategoricalAccuracy(name="clean_accuracy")
-        # Counts evaluation batches, to seed evaluation noise; one per replica set.
-        self._eval_steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="eval_steps",
-                                       aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
-        # Epoch-dependent values, set by `set_epoch` (variables: no retracing);
-        # until then, their values after warm-up and deferral. Each is read
-        # only by the methods that have it.
-        self._attack_radius = tf.Variable(objective.epsilon if objective.adversarial else 0.0, dtype=tf.float32,
-                                          trainable=False, name="attack_radius",
-                                          aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
-        self._robust_weight = tf.Variable(objective.lbd if objective.method == "macer" else 0.0, dtype=tf.float32,
-                                          trainable=False, name="robust_weight",
-                                          aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
-        if objective.method == "smoothmix":
-            # Only for smoothmix: a model's variables are in its checkpoints, and
-            # runs of the other methods saved before these existed must resume.
-            self._mixup_weight = tf.Variable(objective.eta, dtype=tf.float32, trainable=False, name="mixup_weight",
-                                             aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
-            self._start_bound = tf.Variable(self._full_start_bound(), dtype=tf.float32, trainable=False,
-                                            name="start_bound", aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
-
-    def _term_names(self) -> List[str]:
-        return ["loss"] + {
-            "gaussian": ["cross_entropy"],
-            "smoothadv": ["cross_entropy"],
-            "consistency": ["cross_entropy", "consistency", "kl", "entropy"],
-            "stability": ["cross_entropy", "stability"],
-            "macer": ["classification", "robustness"],
-            # mixup_fraction: the examples in the mixup's mask (smoothed prediction correct).
-            "smoothmix": ["cross_entropy", "mixup", "mixup_fraction"],
-        }[self.objective.method]
-
-    @property
-    def metrics(self):
-        return [*self._trackers.values(), self._accuracy, self._clean_accuracy]
-
-    def call(self, inputs, training=False):
-        return self.base_model(inputs, training=training)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Sets the values that change with the (0-based) epoch, as the authors' loops do.
-
-        SmoothAdv's radius grows as min(epsilon, (epoch + 1) * epsilon / warmup);
-        deferred MACER keeps its robustness weight at 0 for `deferred_epochs`;
-        SmoothMix's eta and start-point bound are multiplied by
-        min(1, (epoch + 1) / warmup).
-        """
-        objective = self.objective
-        if objective.adversarial:
-            self._attack_radius.assign(min(objective.epsilon, (epoch + 1) * objective.epsilon / objective.warmup))
-        if objective.method == "macer":
-            self._robust_weight.assign(0.0 if epoch < objective.deferred_epochs else objective.lbd)
-        if objective.method == "smoothmix":
-            warmup = min(1.0, (epoch + 1) / objective.warmup)
-            self._mixup_weight.assign(warmup * objective.eta)
-            self._start_bound.assign(warmup * self._full_start_bound())
-
-    def _full_start_bound(self) -> float:
-        """SmoothMix's start-point bound after warm-up: maxnorm_s, by default attack_step * mix_step."""
-        objective = self.objective
-        return objective.attack_step * objective.mix_step if objective.maxnorm_s is None else objective.maxnorm_s
-
-    def _mix_weights(self, training: bool, step, batch_size) -> tf.Tensor:
-        """SmoothMix's mixing weights, uniform in [0, 1/2), one per example, keyed like its noise."""
-        seeds = noise_lib.example_seeds(
-            noise_lib.step_seed(self.seed, _TRAIN_MIX if training else _EVAL_MIX, step), batch_size)
-        return 0.5 * tf.map_fn(lambda seed: tf.random.stateless_uniform([], seed), seeds,
-                               fn_output_signature=tf.float32)
-
-    def _cross_entropy(self, x, labels, logits, training):
-        # compute_loss applies Keras's rule (local mean / replicas, see
-        # distribute.py); report the local mean and scale again in train_step.
-        return distribute.unscale_loss(self.compute_loss(x=x, y=labels, y_pred=logits, training=training))
-
-    def compute_terms(self, images, labels, training: bool, step) -> Dict[str, tf.Tensor]:
-        """The training objective on one (local) batch.
-
-        Every entry is a local mean over this replica's examples, unscaled.
-
-        Args:
-          images: clean images [B, H, W, C] in [0, 1].
-          labels: int labels [B].
-          training: a training step (attack, training-mode layers) or an evaluation.
-          step: seeds the noise together with `seed`.
-
-        Returns:
-          dict with "loss" (the objective), the method's terms (see
-          `_term_names`), and "logits" [m * B, C] of the noisy copies, copy-major.
-        """
-        objective = self.objective
-        m = objective.num_noise
-        seeds = noise_lib.example_seeds(
-            noise_lib.step_seed(self.seed, _TRAIN_NOISE if training else _EVAL_NOISE, step), tf.shape(images)[0])
-        noise = noise_lib.gaussian_noise(images, m, objective.sigma, seeds)
-        if objective.adversarial and training:
-            # The attack sees the model in inference mode and the same noise the
-            # copies get below; no gradient reaches the weights through it.
-            images = attacks.smoothadv_pgd(self.base_model, images, labels, tf.split(noise, m),
-                                           epsilon=self._attack_radius, num_steps=objective.num_steps)
-        if objective.method == "smoothmix":
-            end = images
-            if training:  # In inference mode, with the copies' noise, as SmoothAdv's.
-                images, end = attacks.smoothmix_pgd(
-                    self.base_model, images, labels, tf.split(noise, m), step_size=objective.attack_step,
-                    num_steps=objective.num_steps, mix_step=objective.mix_step, maxnorm=objective.maxnorm,
-                    maxnorm_s=self._start_bound)
-        noisy = noise_lib.tile_copies(images, m) + noise
-        logits = self.base_model(noisy, training=training)
-        labels_c = noise_lib.tile_copies(labels, m)
-        terms = {"logits": logits}
-
-        if objective.method in ("gaussian", "smoothadv", "consistency"):
-            terms["cross_entropy"] = terms["loss"] = self._cross_entropy(noisy, labels_c, logits, training)
-        if objective.method == "consistency":
-            chunks = tf.split(tf.cast(logits, tf.float32), m, axis=0)
-            parts = losses.consistency_terms(chunks)
-            consistency = losses.combine_consistency_terms(parts, objective.lbd, objective.eta,
-                                                           loss=objective.consistency_loss)
-            terms.update(consistency=consistency, kl=tf.reduce_mean(parts["kl"]),
-                         entropy=tf.reduce_mean(parts["entropy"]), loss=terms["loss"] + consistency)
-        elif objective.method == "stability":
-            clean_logits = self.base_model(images, training=training)
-            terms["cross_entropy"] = self._cross_entropy(images, labels, clean_logits, training)
-            terms["stability"] = losses.stability_loss(clean_logits, tf.cast(logits, clean_logits.dtype))
-            terms["loss"] = terms["cross_entropy"] + objective.lbd * terms["stability"]
-        elif objective.method == "macer":
-            per_copy = tf.reshape(tf.cast(logits, tf.float32), [m, -1, tf.shape(logits)[-1]])
-            parts = losses.macer_loss(tf.transpose(per_copy, [1, 0, 2]), labels, sigma=objective.sigma,
-                                      lbd=1.0, beta=objective.beta, gamma=objective.gamma)
-            terms.update(classification=parts["classification"], robustness=parts["robustness"],
-                         loss=parts["classification"] + self._robust_weight * parts["robustness"])
-        elif objective.method == "smoothmix":
-            # `images` is the start point; a second, separate forward pass (its
-            # own BatchNorm statistics, as the authors') on the mixes' copies.
-            mix_weights = self._mix_weights(training, step, tf.shape(images)[0])
-            mixed = attacks.smoothmix_inputs(images, end, mix_weights)
-            mixed_logits = self.base_model(noise_lib.tile_copies(mixed, m) + noise, training=training)
-            parts = losses.smoothmix_loss(tf.split(tf.cast(logits, tf.float32), m),
-                                          tf.split(tf.cast(mixed_logits, tf.float32), m), labels, mix_weights,
-                                          eta=self._mixup_weight)
-            terms.update(cross_entropy=parts["cross_entropy"], mixup=parts["mixup"],
-                         mixup_fraction=parts["correct"], loss=parts["total"])
-        return terms
-
-    def _weight_decay_term(self) -> tf.Tensor:
-        if not self.objective.weight_decay:
-            return tf.constant(0.0)
-        return 0.5 * self.objective.weight_decay * tf.add_n(
-            [tf.reduce_sum(tf.square(tf.cast(w, tf.float32))) for w in self.base_model.trainable_weights])
-
-    def _update_metrics(self, terms, labels, clean_logits=None):
-        for name, tracker in self._trackers.items():
-            tracker.update_state(terms[name])
-        self._accuracy.update_state(noise_lib.tile_copies(labels, self.objective.num_noise), terms["logits"])
-        reported = self.metrics
-        if clean_logits is None:  # Clean accuracy is measured in evaluation only.
-            reported = [m for m in reported if m is not self._clean_accuracy]
-        else:
-            self._clean_accuracy.update_state(labels, clean_logits)
-        return {m.name: m.result() for m in reported}
-
-    def train_step(self, data):
-        images, labels, _ = keras.utils.unpack_x_y_sample_weight(data)
-        with tf.GradientTape() as tape:
-            terms = self.compute_terms(images, labels, training=True, step=self.optimizer.iterations)
-            # One rule for every term: local mean / replicas (distribute.py).
-            # Weight decay is a global quantity; each replica adds 1/replicas of it.
-            loss = distribute.scale_loss(terms["loss"] + self._weight_decay_term())
-            loss = self.optimizer.scale_loss(loss)
-        weights = self.base_model.trainable_weights
-        self.optimizer.apply(tape.gradient(loss, weights), weights)
-        return self._update_metrics(terms, labels)
-
-    def test_step(self, data):
-        images, labels, _ = keras.utils.unpack_x_y_sample_weight(data)
-        terms = self.compute_terms(images, labels, training=False, step=self._eval_steps)
-        self._eval_steps.assign_add(1)
-        return self._update_metrics(terms, labels, clean_logits=self.base_model(images, training=False))
-
 
 # MACER's λ from which training from scratch without --deferred collapsed
 # (issue 16: λ = 16, Fashion-MNIST, in 3 epochs, also with the authors' code).
 MACER_UNDEFERRED_LBD = 8.0
 
 
-def config_warnings(config: TrainConfig) -> List[str]:
+def config_warnings(config: run_config.TrainConfig) -> List[str]:
     """One-line warnings about a valid config that is known to train badly.
 
     Args:
@@ -744,7 +60,7 @@ def config_warnings(config: TrainConfig) -> List[str]:
 # The training run.
 
 
-def _check_model_dir(config: TrainConfig) -> None:
+def _check_model_dir(config: run_config.TrainConfig) -> None:
     """Refuses a model_dir that holds another run, or other files (see `files.check_run_dir`).
 
     The same run, resumed, may train more epochs. `precision_policy` is not
@@ -752,12 +68,13 @@ def _check_model_dir(config: TrainConfig) -> None:
     """
     here = config.to_dict()
     ignore = ("epochs", "model_dir", "precision_policy")
-    files.check_run_dir(config.model_dir, TRAIN_CONFIG_FILE, lambda there: files.differences(here, there, ignore),
+    files.check_run_dir(config.model_dir, run_config.TRAIN_CONFIG_FILE,
+                        lambda there: files.differences(here, there, ignore),
                         flag="model_dir", kind="run", resume="the same flags to resume")
 
 
-def _chief_precision(strategy: tf.distribute.Strategy, task: distribute.ClusterTask, config: TrainConfig,
-                     reason: str) -> Tuple[TrainConfig, str]:
+def _chief_precision(strategy: tf.distribute.Strategy, task: distribute.ClusterTask, config: run_config.TrainConfig,
+                     reason: str) -> Tuple[run_config.TrainConfig, str]:
     """The config in the chief's precision policy, and the line to print, on every worker of a cluster.
 
     Workers may differ in hardware, so "auto" may resolve differently on
@@ -774,7 +91,7 @@ def _chief_precision(strategy: tf.distribute.Strategy, task: distribute.ClusterT
             f"Worker {task.worker_index}: computing in {chief}, the chief's policy (here: {reason})")
 
 
-def _learning_rate(config: TrainConfig, steps_per_epoch: int):
+def _learning_rate(config: run_config.TrainConfig, steps_per_epoch: int):
     """PyTorch's StepLR: lr * gamma ** (epoch // step_size), as a step schedule."""
     num_drops = (config.epochs - 1) // config.lr_step_size
     if num_drops == 0:
@@ -786,13 +103,13 @@ def _learning_rate(config: TrainConfig, steps_per_epoch: int):
     return keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values)
 
 
-def build(config: TrainConfig, steps_per_epoch: int) -> ConsistencyModel:
+def build(config: run_config.TrainConfig, steps_per_epoch: int) -> consistency_model.ConsistencyModel:
     """Builds and compiles the wrapper for `config`, in the current strategy's scope.
 
     It computes under `config.precision_policy`; an unresolved "auto" is
     resolved for this machine (`resolve_precision`).
     """
-    policy = config.precision_policy or resolve_precision(config)[0].precision_policy
+    policy = config.precision_policy or run_config.resolve_precision(config)[0].precision_policy
     # Layers take their dtype policy when they are created: set it for this
     # model only, so other models of the process keep theirs.
     previous_policy = keras.config.dtype_policy()
@@ -804,7 +121,7 @@ def build(config: TrainConfig, steps_per_epoch: int) -> ConsistencyModel:
             load_pretrained(base, config.pretrained_model)
     finally:
         keras.config.set_dtype_policy(previous_policy)
-    model = ConsistencyModel(base, config.objective, seed=config.seed, name="consistency_model")
+    model = consistency_model.ConsistencyModel(base, config.objective, seed=config.seed, name="consistency_model")
     # SGD with momentum as torch.optim.SGD (weight decay is in the loss, coupled
     # as PyTorch applies it, rather than Keras's decoupled `weight_decay`).
     optimizer = keras.optimizers.SGD(learning_rate=_learning_rate(config, steps_per_epoch),
@@ -859,7 +176,7 @@ def load_pretrained(base: keras.Model, path: str) -> None:
                                         if replaced else ""))
 
 
-def train(config: TrainConfig, extra_callbacks: Optional[List[keras.callbacks.Callback]] = None, *,
+def train(config: run_config.TrainConfig, extra_callbacks: Optional[List[keras.callbacks.Callback]] = None, *,
           capability: Optional[precision.Capability] = None) -> keras.callbacks.History:
     """Trains a base classifier as `config` says and saves it in `config.model_dir`.
 
@@ -921,8 +238,8 @@ def train(config: TrainConfig, extra_callbacks: Optional[List[keras.callbacks.Ca
     if task is not None:
         multi_worker.check_batch_size(task, batch)
     # A resumed run keeps the policy it recorded (an unreadable record: _check_model_dir says so).
-    recorded = files.read_json_object(os.path.join(config.model_dir, TRAIN_CONFIG_FILE))
-    config, precision_reason = resolve_precision(config, recorded, capability)
+    recorded = files.read_json_object(os.path.join(config.model_dir, run_config.TRAIN_CONFIG_FILE))
+    config, precision_reason = run_config.resolve_precision(config, recorded, capability)
     # Every worker checks (read only): on a shared file system they all see the chief's directory.
     _check_model_dir(config)
     done = _epochs_done(config.model_dir)
@@ -948,7 +265,7 @@ def train(config: TrainConfig, extra_callbacks: Optional[List[keras.callbacks.Ca
             # its next all-reduce: a cost in time, not in correctness.
             certify = callbacks_lib.CertifyCallback(
                 val_x, val_y, spec=config.certify, num_classes=info.num_classes, every=config.certify_every,
-                log_dir=os.path.join(config.model_dir, LOGS_DIR),
+                log_dir=os.path.join(config.model_dir, run_config.LOGS_DIR),
                 seed=config.seed, image_ids=np.arange(full.num_examples - len(val_x), full.num_examples))
     else:
         train_source = data_lib.open_source(config.dataset, "train", data_dir=config.data_dir,
@@ -992,7 +309,7 @@ def _epochs_done(model_dir: str) -> int:
     Raises:
       ConfigError: the last checkpoint is unreadable.
     """
-    latest = tf.train.latest_checkpoint(os.path.join(model_dir, CHECKPOINT_DIR))
+    latest = tf.train.latest_checkpoint(os.path.join(model_dir, run_config.CHECKPOINT_DIR))
     if latest is None:
         return 0
     try:
@@ -1003,14 +320,14 @@ def _epochs_done(model_dir: str) -> int:
         raise ConfigError(f"{latest}: the last checkpoint is unreadable ({type(e).__name__}: {e})") from e
 
 
-def _record_run(config: TrainConfig) -> None:
+def _record_run(config: run_config.TrainConfig) -> None:
     """Writes the run's `train_config.json` and `flags.txt`, each only when its content changes.
 
     A resumed run rewrites neither (their bytes and times stay); one whose
     `epochs` grew rewrites both.
     """
     os.makedirs(config.model_dir, exist_ok=True)
-    for name, text in ((TRAIN_CONFIG_FILE, config.to_json()), (FLAGS_FILE, config.to_flags())):
+    for name, text in ((run_config.TRAIN_CONFIG_FILE, config.to_json()), (run_config.FLAGS_FILE, config.to_flags())):
         path = os.path.join(config.model_dir, name)
         if os.path.isfile(path):
             with open(path, encoding="utf-8") as f:
@@ -1020,16 +337,16 @@ def _record_run(config: TrainConfig) -> None:
             f.write(text)
 
 
-def _forget_run(config: TrainConfig) -> None:
+def _forget_run(config: run_config.TrainConfig) -> None:
     """Removes what `_record_run` and a first epoch wrote, leaving `model_dir` empty (for a fresh run that diverged)."""
-    for name in (TRAIN_CONFIG_FILE, FLAGS_FILE):
+    for name in (run_config.TRAIN_CONFIG_FILE, run_config.FLAGS_FILE):
         with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(config.model_dir, name))
-    for name in (LOGS_DIR, CHECKPOINT_DIR):
+    for name in (run_config.LOGS_DIR, run_config.CHECKPOINT_DIR):
         shutil.rmtree(os.path.join(config.model_dir, name), ignore_errors=True)
 
 
-def _train_in(config: TrainConfig, strategy: tf.distribute.Strategy, task: Optional[distribute.ClusterTask],
+def _train_in(config: run_config.TrainConfig, strategy: tf.distribute.Strategy, task: Optional[distribute.ClusterTask],
               work_dir: str, train_source: data_lib.Source, eval_source: Optional[data_lib.Source],
               steps_per_epoch: int, drop_remainder: bool, certify: List[keras.callbacks.Callback],
               extra_callbacks: List[keras.callbacks.Callback]) -> keras.callbacks.History:
@@ -1050,7 +367,8 @@ def _train_in(config: TrainConfig, strategy: tf.distribute.Strategy, task: Optio
         # Created now on every worker: a variable created later on one worker
         # only (restoring creates it) would wait for the others' broadcast.
         _ = checkpoint.save_counter
-        manager = tf.train.CheckpointManager(checkpoint, os.path.join(work_dir, CHECKPOINT_DIR), max_to_keep=3)
+        manager = tf.train.CheckpointManager(checkpoint, os.path.join(work_dir, run_config.CHECKPOINT_DIR),
+                                             max_to_keep=3)
         _restore(model, checkpoint, manager, epoch, strategy, task, config.epochs)
     initial_epoch = int(epoch.numpy())
     base_model_path = os.path.join(config.model_dir, models.BASE_MODEL_FILE)
@@ -1074,7 +392,8 @@ def _train_in(config: TrainConfig, strategy: tf.distribute.Strategy, task: Optio
         *certify,
         # After it: a kill during certification redoes that epoch.
         callbacks_lib.EpochCheckpoint(manager, epoch, keep=is_chief),
-        callbacks_lib.ScalarLogger(os.path.join(work_dir, LOGS_DIR), update_freq=max(1, steps_per_epoch // 20)),
+        callbacks_lib.ScalarLogger(os.path.join(work_dir, run_config.LOGS_DIR),
+                                   update_freq=max(1, steps_per_epoch // 20)),
         *extra_callbacks,
     ]
     verbose = 1 if sys.stdout.isatty() else 2

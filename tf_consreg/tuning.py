@@ -48,10 +48,11 @@ from tf_consreg import data as data_lib
 from tf_consreg import files
 from tf_consreg import models
 from tf_consreg import precision
+from tf_consreg import run_config
 from tf_consreg import training
 from tf_consreg.certify_spec import CertifySpec
 from tf_consreg.errors import ConfigError
-from tf_consreg.training import TrainConfig
+from tf_consreg.run_config import TrainConfig
 
 TUNERS = ("random", "bayesian", "hyperband")
 OBJECTIVES = ("acr", "certified_accuracy")
@@ -122,7 +123,7 @@ class TuneConfig:
         `objective_radius`.
       objective_radius: the radius of "certified_accuracy".
       certify_examples: images held out of the end of the training split.
-      certify: CERTIFY's settings on them (flags `training.CERTIFY_FLAGS`;
+      certify: CERTIFY's settings on them (flags `run_config.CERTIFY_FLAGS`;
         default `certify_spec.LIVE`), at the search's sigma.
       certify_every: also certify every this many epochs within a trial, for
         the TensorBoard curves (0: only after the trial's last epoch).
@@ -138,9 +139,9 @@ class TuneConfig:
     num_noise_choices: Tuple[int, ...] = (2, 4)
     objective: str = "acr"
     objective_radius: Optional[float] = None
-    certify_examples: int = training.CERTIFY_EXAMPLES
+    certify_examples: int = run_config.CERTIFY_EXAMPLES
     certify: CertifySpec = dataclasses.field(default=certify_spec.LIVE,
-                                             metadata={cli.FLAG_PREFIX: training.CERTIFY_PREFIX})
+                                             metadata={cli.FLAG_PREFIX: run_config.CERTIFY_PREFIX})
     certify_every: int = 0
 
     def __post_init__(self):
@@ -180,7 +181,7 @@ class TuneConfig:
             if getattr(self, name) < minimum:
                 raise ConfigError(f"--{name} must be >= {minimum}, got {getattr(self, name)}")
         self._check_train()
-        object.__setattr__(self, "certify", training.live_certify_spec(self.certify, self.train.sigma))
+        object.__setattr__(self, "certify", run_config.live_certify_spec(self.certify, self.train.sigma))
 
     def _check_train(self) -> None:
         if self.train.objective.method != "consistency":
@@ -217,11 +218,11 @@ class TuneConfig:
         return os.path.join(self.tuning_dir, TRIALS_DIR, f"trial_{trial_id}")
 
     def to_flags(self) -> str:
-        """The search as a flagfile of bin/tune.py (`training.format_flags`); `--flagfile=` repeats it."""
+        """The search as a flagfile of bin/tune.py (`cli.format_flags`); `--flagfile=` repeats it."""
         values = self._flag_values()
         train = self.train.to_dict()
         values.update({name: train[name] for name in TRAIN_FLAGS})
-        return training.format_flags(values)
+        return cli.format_flags(values)
 
     def to_dict(self) -> Dict[str, Any]:
         """JSON-ready settings by flag name (tuples as lists; `train` as its flags)."""
@@ -231,7 +232,7 @@ class TuneConfig:
     def _flag_values(self) -> Dict[str, Any]:
         """bin/tune.py's own flags' values, by name (live certification's among them)."""
         own = [f.name for f in dataclasses.fields(self) if f.name not in ("train", "certify")]
-        return cli.flat_values(self, own + list(training.CERTIFY_FLAGS))
+        return cli.flat_values(self, own + list(run_config.CERTIFY_FLAGS))
 
 
 def trial_config(config: TuneConfig, values: Mapping[str, Any], trial_id: str, train_examples: int) -> TrainConfig:
@@ -342,7 +343,7 @@ def markdown_table(config: TuneConfig, rows: Sequence[TrialRow]) -> str:
 
 def best_flags_text(config: TuneConfig, best: TrialRow, num_trials: int) -> str:
     """The flagfile of the best trial: its training flags without --model_dir, after a comment."""
-    trial = training.read_train_config(config.trial_dir(best.trial_id))
+    trial = run_config.read_train_config(config.trial_dir(best.trial_id))
     metric = config.objective_metric
     return (
         f"# Best of {num_trials} trial(s) in {config.tuning_dir}: trial {best.trial_id}, "
@@ -445,7 +446,7 @@ def _prepare_tuning_dir(config: TuneConfig, capability: Optional[precision.Capab
     """Refuses a directory of another search or of something else; records this search's settings.
 
     The same search, resumed, may run more trials (`_RESUMABLE_CHANGES`).
-    The trials' precision is resolved here, once (`training.resolve_precision`;
+    The trials' precision is resolved here, once (`run_config.resolve_precision`;
     a resumed search keeps its policy), so that every trial computes in one
     policy; the line saying which is printed.
 
@@ -453,7 +454,7 @@ def _prepare_tuning_dir(config: TuneConfig, capability: Optional[precision.Capab
       The config with the trials' `precision_policy` set.
     """
     recorded = files.read_json_object(os.path.join(config.tuning_dir, TUNE_CONFIG_FILE)) or {}
-    train, reason = training.resolve_precision(config.train, recorded.get("train"), capability)
+    train, reason = run_config.resolve_precision(config.train, recorded.get("train"), capability)
     config = dataclasses.replace(config, train=train)
     here = config.to_dict()
     files.check_run_dir(config.tuning_dir, TUNE_CONFIG_FILE,
@@ -483,7 +484,7 @@ def _warm_start(parent_dir: str, child_dir: str) -> None:
     on to the child's epochs. Copied under a temporary name and renamed, so
     an interrupted copy is never mistaken for a run.
     """
-    if os.path.isfile(os.path.join(child_dir, training.TRAIN_CONFIG_FILE)):
+    if os.path.isfile(os.path.join(child_dir, run_config.TRAIN_CONFIG_FILE)):
         return  # An interrupted child: its own run resumes.
     tmp = child_dir + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -562,7 +563,7 @@ def _run_trial(config: TuneConfig, holdout: _Holdout, trial) -> Dict[str, float]
     certify = callbacks.CertifyCallback(
         holdout.images, holdout.labels, spec=config.certify,
         num_classes=data_lib.get_dataset_info(run.dataset).num_classes, every=config.certify_every or run.epochs,
-        log_dir=os.path.join(run.model_dir, training.LOGS_DIR), seed=run.seed, radii=config.radii,
+        log_dir=os.path.join(run.model_dir, run_config.LOGS_DIR), seed=run.seed, radii=config.radii,
         image_ids=holdout.ids)
     training.train(run, extra_callbacks=[certify])
     result = certify.last_result
@@ -589,7 +590,7 @@ def search(config: TuneConfig, capability: Optional[precision.Capability] = None
     """
     holdout = _load_holdout(config)
     config = _prepare_tuning_dir(config, capability)
-    with files.atomic_output(os.path.join(config.tuning_dir, training.FLAGS_FILE)) as f:
+    with files.atomic_output(os.path.join(config.tuning_dir, run_config.FLAGS_FILE)) as f:
         f.write(config.to_flags())
     write_hparams_config(config)
     tuner = _make_tuner(config, holdout)
