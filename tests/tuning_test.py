@@ -19,7 +19,6 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 from tf_consreg import cli
 from tf_consreg import precision
 from tf_consreg import run_config
-from tf_consreg import training
 from tf_consreg import tuning
 from tf_consreg.certify_spec import CertifySpec
 from tf_consreg.run_config import ObjectiveConfig, TrainConfig, read_train_config
