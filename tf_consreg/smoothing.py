@@ -298,7 +298,10 @@ class Smooth:
     images, at the same 1 - alpha guarantee).
 
     Sampling runs in one `tf.function` (see `sample_counts`), traced once per
-    Smooth: image count, sample counts, batch size and seeds are tensors.
+    Smooth: image count, sample counts, batch size and seeds are tensors. The
+    decisions (bounds, radius, tests, the staged rule) are the certification
+    engine's (engine.py), the very ops of the exported signatures, rounded
+    toward the safe side; each runs once per batch (or stage) of images.
 
     Noise is keyed: the noise of an image depends only on (seed, its image id,
     the stream, n and batch_size), so an image gets the same result whether it
