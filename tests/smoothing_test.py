@@ -242,15 +242,16 @@ class SmoothTest(_LinearModelMixin, tf.test.TestCase, parameterized.TestCase):
         self.assertLess(np.max(true_radius - radii), 0.15 * sigma)
 
     def test_selection_and_estimation_use_different_noise(self):
+        # The counts that CERTIFY decides from, recorded as the engine gets them.
         recorded = []
-        real = stats.certify_from_counts
-
-        def spy(selection, estimation, **kwargs):
-            recorded.append((selection, estimation))
-            return real(selection, estimation, **kwargs)
-
         smooth = smoothing.Smooth(_argmax_pixel_model(), 64, 0.5)
-        self.enter_context(tf.compat.v1.test.mock.patch.object(smoothing.stats, "certify_from_counts", spy))
+        real = smooth._certify_fn  # pylint: disable=protected-access
+
+        def spy(selection, estimation, n, alpha):
+            recorded.append((selection.numpy(), estimation.numpy()))
+            return real(selection, estimation, n, alpha)
+
+        self.enter_context(tf.compat.v1.test.mock.patch.object(smooth, "_certify_fn", spy))
         smooth.certify(np.full((8, 8, 1), 0.5), n0=500, n=500, alpha=0.01, batch_size=250, seed=3)
         (selection, estimation), = recorded
         self.assertEqual(selection.sum(), 500)

@@ -3,10 +3,11 @@
 `export_smoothed` writes a SavedModel whose signatures run Cohen et al.'s
 CERTIFY and PREDICT, and CERTIFY for a given radius with staged sampling, for
 every image of a request, entirely in the graph: Monte Carlo sampling through
-`tf_consreg.smoothing.sample_counts`, the Clopper-Pearson bounds and the
-binomial test through `tf_consreg.graph_stats` (core TensorFlow ops
-only, so TensorFlow's C++ loader, and hence TF Serving, runs the export
-without Python).
+`tf_consreg.smoothing.sample_counts`, the decisions through the
+certification engine `tf_consreg.engine` that `smoothing.Smooth` uses too
+(core TensorFlow ops only, so TensorFlow's C++ loader, and hence TF
+Serving, runs the export without Python; bounds and radii rounded toward
+the safe side).
 
 Layout of an export:
 
@@ -103,7 +104,7 @@ import tensorflow as tf
 from tf_consreg import __version__
 from tf_consreg import certify_spec
 from tf_consreg import data
-from tf_consreg import graph_stats
+from tf_consreg import engine
 from tf_consreg import models
 from tf_consreg import run_config
 from tf_consreg import smoothing
@@ -355,7 +356,7 @@ def build_archive(base_model: keras.Model,
     # Cumulative counts with n_0 = 0 in front, each stage's noise stream and
     # level: stage k draws stages[k + 1] - stages[k] new samples per image.
     stages = tf.constant((0, *config.spec.stages), tf.int32)
-    levels = tf.constant(config.levels, tf.float64)
+    levels = engine.stage_levels(config.spec.alpha, num_stages)
 
     def streams(kind):
         return tf.constant([smoothing.staged_stream(kind, k) for k in range(num_stages)], tf.int64)
@@ -393,15 +394,15 @@ def build_archive(base_model: keras.Model,
     def certify(images):
         images = _validated(images, input_shape)
         keys = _request_keys(config.seed, tf.shape(images)[0])
-        guess = tf.argmax(counts(images, config.spec.n0, keys, smoothing.SELECTION), axis=-1)
-        n_a = tf.gather(counts(images, config.spec.n, keys, smoothing.ESTIMATION), guess, axis=1, batch_dims=1)
-        p_lower = graph_stats.clopper_pearson_lower(n_a, config.spec.n, config.spec.alpha)
-        certified = p_lower >= 0.5
-        radius = tf.where(certified, graph_stats.certified_radius(p_lower, config.spec.sigma), 0.0)
+        spec = config.spec
+        classes, radius, p_lower = engine.certify_from_counts(
+            counts(images, spec.n0, keys, smoothing.SELECTION), counts(images, spec.n, keys, smoothing.ESTIMATION),
+            spec.n, spec.alpha, spec.sigma)
         return {
-            "class": tf.where(certified, guess, abstain),
-            "radius": tf.cast(radius, tf.float32),
-            "p_lower": tf.cast(p_lower, tf.float32),
+            "class": classes,
+            # Rounded down to float32 like everything a certificate rests on.
+            "radius": engine.to_float32_down(radius),
+            "p_lower": engine.to_float32_down(p_lower),
         }
 
     def certify_at_radius(images, radius):
@@ -416,23 +417,21 @@ def build_archive(base_model: keras.Model,
             won = tf.gather(new, tf.gather(guess, running), axis=1, batch_dims=1)
             successes = tf.tensor_scatter_nd_add(successes, running[:, tf.newaxis], won)
             # Bounds of every image (cheap beside the sampling); kept for the active ones.
-            lower = graph_stats.clopper_pearson_lower(successes, n_k, levels[k])
-            upper = graph_stats.clopper_pearson_upper(successes, n_k, levels[k])
+            lower, done = engine.certify_stage(successes, n_k, levels[k], config.spec.sigma, asked[:, tf.newaxis])
             p_lower = tf.where(active, lower, p_lower)
             samples = tf.where(active, tf.cast(n_k, tf.int64), samples)
-            still_active = tf.logical_and(active, tf.logical_not(graph_stats.settled(lower, upper, asked, config.spec.sigma)))
+            still_active = tf.logical_and(active, tf.logical_not(done))
             return (successes, p_lower, samples), still_active
 
         zeros = tf.zeros([num_images], tf.int64)
         _, p_lower, samples = staged(images, keys, smoothing.ESTIMATION,
                                      (zeros, tf.zeros([num_images], tf.float64), zeros), update)
-        has_class = p_lower >= 0.5
-        certified_at = tf.where(has_class, graph_stats.certified_radius(p_lower, config.spec.sigma), 0.0)
+        classes, certified_at = engine.certify_decision(guess, p_lower, config.spec.sigma)
         return {
-            "class": tf.where(has_class, guess, abstain),
+            "class": classes,
             # As stats.staged_certify: certified at r iff the radius is >= r.
             "certified": certified_at >= asked,
-            "radius": tf.cast(certified_at, tf.float32),
+            "radius": engine.to_float32_down(certified_at),
             "samples": samples,
         }
 
@@ -445,11 +444,9 @@ def build_archive(base_model: keras.Model,
             del n_k
             totals, classes, samples = state
             totals = tf.tensor_scatter_nd_add(totals, running[:, tf.newaxis], new)
-            # top_k puts the lower class first among equal counts, as stats.predict_from_counts.
-            top = tf.math.top_k(totals, k=2)
-            p_value = graph_stats.binomial_test_two_sided(top.values[:, 0], top.values[:, 0] + top.values[:, 1])
-            rejects = tf.logical_and(active, p_value <= levels[k])
-            classes = tf.where(rejects, tf.cast(top.indices[:, 0], tf.int64), classes)
+            stage_classes = engine.predict_from_counts(totals, levels[k])
+            rejects = tf.logical_and(active, tf.not_equal(stage_classes, abstain))
+            classes = tf.where(rejects, stage_classes, classes)
             samples = tf.where(active, tf.cast(stages[k + 1], tf.int64), samples)
             return (totals, classes, samples), tf.logical_and(active, tf.logical_not(rejects))
 

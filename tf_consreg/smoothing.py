@@ -3,7 +3,8 @@
 `sample_counts` is the one sampling loop of the project: noise, forward pass,
 class counts, all TensorFlow ops, so it runs inside a `tf.function` here and
 inside the exported SavedModel (export.py) alike. `Smooth` runs Cohen et al.'s
-(2019) CERTIFY and PREDICT on top of it, with the statistics of `stats.py`.
+(2019) CERTIFY and PREDICT on top of it, deciding with the certification
+engine (engine.py) that the exported signatures use too.
 Certifying a whole dataset split into a log is `certify_run.py`'s job.
 """
 
@@ -14,6 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_consreg import distribute
+from tf_consreg import engine
 from tf_consreg import noise as noise_lib
 from tf_consreg import stats
 
@@ -296,7 +298,10 @@ class Smooth:
     images, at the same 1 - alpha guarantee).
 
     Sampling runs in one `tf.function` (see `sample_counts`), traced once per
-    Smooth: image count, sample counts, batch size and seeds are tensors.
+    Smooth: image count, sample counts, batch size and seeds are tensors. The
+    decisions (bounds, radius, tests, the staged rule) are the certification
+    engine's (engine.py), the very ops of the exported signatures, rounded
+    toward the safe side; each runs once per batch (or stage) of images.
 
     Noise is keyed: the noise of an image depends only on (seed, its image id,
     the stream, n and batch_size), so an image gets the same result whether it
@@ -349,6 +354,43 @@ class Smooth:
                 tf.TensorSpec([], tf.int64),  # stream
             ),
         )
+        # The engine's decisions, traced once each: a batch's counts in, its answers out.
+        counts_spec = tf.TensorSpec([None, None], tf.int64)
+        level_spec = tf.TensorSpec([], tf.float64)
+        self._certify_fn = tf.function(self._certify_graph, input_signature=(
+            counts_spec, counts_spec, tf.TensorSpec([], tf.int64), level_spec))
+        self._predict_fn = tf.function(engine.predict_from_counts, input_signature=(counts_spec, level_spec))
+        self._stage_fn = tf.function(self._stage_graph, input_signature=(
+            tf.TensorSpec([None], tf.int64), tf.TensorSpec([], tf.int64), level_spec, tf.TensorSpec([None], tf.float64)))
+        self._decision_fn = tf.function(self._decision_graph, input_signature=(
+            tf.TensorSpec([None], tf.int64), tf.TensorSpec([None], tf.float64)))
+
+    def _certify_graph(self, selection, estimation, n, alpha):
+        return engine.certify_from_counts(selection, estimation, n, alpha, self.sigma)
+
+    def _stage_graph(self, successes, n_k, level, radii):
+        return engine.certify_stage(successes, n_k, level, self.sigma, radii)
+
+    def _decision_graph(self, guesses, p_lower):
+        return engine.certify_decision(guesses, p_lower, self.sigma)
+
+    def _stage_rule(self, radii: np.ndarray) -> stats.StageRuleFn:
+        """The engine's bounds and settled rule of one stage, for `stats.staged_certify`."""
+        radii = tf.constant(radii, tf.float64)
+
+        def rule(successes, n_k, level):
+            p_lower, done = self._stage_fn(tf.constant(successes, tf.int64), tf.constant(n_k, tf.int64),
+                                           tf.constant(level, tf.float64), radii)
+            return p_lower.numpy(), done.numpy()
+
+        return rule
+
+    def _decision(self, guesses: np.ndarray, p_lower: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        classes, radii = self._decision_fn(tf.constant(guesses, tf.int64), tf.constant(p_lower, tf.float64))
+        return classes.numpy(), radii.numpy()
+
+    def _predict_rule(self, counts: np.ndarray, level: float) -> np.ndarray:
+        return self._predict_fn(tf.constant(counts, tf.int64), tf.constant(level, tf.float64)).numpy()
 
     def _counts_graph(self, images, num_samples, batch_size, keys, stream):
         seeds = stream_seeds(keys, stream)
@@ -421,8 +463,9 @@ class Smooth:
         keys = self._keys(len(images), seed, image_ids)
         selection = self._counts(images, n0, batch_size, keys, SELECTION)
         estimation = self._counts(images, n, batch_size, keys, ESTIMATION)
-        classes, radii, _ = stats.certify_from_counts(selection, estimation, n=n, alpha=alpha, sigma=self.sigma)
-        return classes, radii
+        classes, radii, _ = self._certify_fn(tf.constant(selection), tf.constant(estimation),
+                                             tf.constant(n, tf.int64), tf.constant(alpha, tf.float64))
+        return classes.numpy(), radii.numpy()
 
     def predict_batch(self, images, n: int, alpha: float, batch_size: int, seed: Optional[int] = None,
                       image_ids: Optional[Sequence[int]] = None) -> np.ndarray:
@@ -450,7 +493,7 @@ class Smooth:
         n = _check_int("n", n, 1)
         alpha, batch_size = _check_alpha(alpha), _check_int("batch_size", batch_size, 1)
         counts = self._counts(images, n, batch_size, self._keys(len(images), seed, image_ids), PREDICTION)
-        return stats.predict_from_counts(counts, alpha=alpha)
+        return self._predict_rule(counts, alpha)
 
     def certify_staged_batch(self, images, n0: int, n: int, alpha: float, batch_size: int,
                              radii: Sequence[float], stages: Optional[Sequence[int]] = None,
@@ -512,7 +555,8 @@ class Smooth:
                                   staged_stream(ESTIMATION, stage))
             return counts[np.arange(len(active)), guesses[active]]
 
-        return stats.staged_certify(guesses, draw, stages, alpha=alpha, sigma=self.sigma, radii=radii)
+        return stats.staged_certify(guesses, draw, stages, alpha=alpha, sigma=self.sigma, radii=radii,
+                                    stage_rule=self._stage_rule(radii), decision=self._decision)
 
     def predict_staged_batch(self, images, n: int, alpha: float, batch_size: int,
                              stages: Optional[Sequence[int]] = None, seed: Optional[int] = None,
@@ -553,7 +597,7 @@ class Smooth:
             return self._counts(images[active], num_new, batch_size, keys[active],
                                 staged_stream(PREDICTION, stage))
 
-        return stats.staged_predict(len(images), draw, stages, alpha=alpha)
+        return stats.staged_predict(len(images), draw, stages, alpha=alpha, predict_rule=self._predict_rule)
 
     def certify(self, x, n0: int, n: int, alpha: float, batch_size: int,
                 seed: Optional[int] = None) -> Tuple[int, float]:

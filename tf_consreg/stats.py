@@ -22,11 +22,23 @@ bounds U_k (also at level a_k) steer the stopping and nothing else: a U_k
 below p_A stops an image as "not certified" where n_max samples might have
 certified it, which costs power, never soundness. PREDICT is the same
 argument with its binomial test at level a_k at stage k.
+
+Safe rounding, as in the certification engine (engine.py, whose docstring
+derives the margins): a lower bound is never above the exact
+Clopper-Pearson bound, an upper bound never below it, a radius never above
+sigma Phi^-1(exact lower bound), and a p-value never below the exact one.
+scipy's beta.ppf is moved down until beta.cdf, less its error bound
+`BETA_CDF_ERROR_FACTOR` eps E, shows the point below the exact quantile
+(scipy's beta.cdf was measured against mpmath within 0.1 eps E on the
+grid k, n <= 10^6, far inside the bound; beta.ppf within 18 eps), and
+norm.ppf (measured within 3.1 eps) by `NORM_PPF_MARGIN` of itself and one
+ulp. tests/safe_rounding_test.py checks both against mpmath.
 """
 
 from typing import Callable, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
+from scipy import special as scipy_special
 from scipy import stats as scipy_stats
 
 from tf_consreg import certify_spec
@@ -35,6 +47,18 @@ from tf_consreg import certify_spec
 from tf_consreg.certify_spec import check_stages, default_stages, resolve_stages  # pylint: disable=unused-import
 
 ABSTAIN = -1
+
+_EPS = float(np.finfo(np.float64).eps)
+# The relative error assumed of scipy's beta.cdf(x, a, b) is this many eps E,
+# E = lgamma(a + b) + lgamma(a) + lgamma(b) + a |ln x| + b |ln(1 - x)| + 1:
+# the engine's bound for tf.math.betainc (engine.BETAINC_ERROR_FACTOR),
+# which scipy's measured error is far inside.
+BETA_CDF_ERROR_FACTOR = 4.0
+# norm.ppf's measured 3.1 eps relative error plus 1 eps for the margin's own
+# rounding, with 2x headroom (engine.NDTRI_MARGIN).
+NORM_PPF_MARGIN = 8.0 * _EPS
+# Newton steps of `_beta_quantile_down`; one or two suffice on the grid.
+_MAX_CORRECTIONS = 64
 
 ArrayLike = Union[int, float, np.ndarray]
 
@@ -81,18 +105,71 @@ def clopper_pearson_lower(successes: ArrayLike, trials: ArrayLike, alpha: float)
     """
     _check_alpha(alpha)
     k, n = _check_counts(successes, trials)
-    # beta.ppf is NaN for a shape parameter of 0; the bound is 0 there.
-    with np.errstate(invalid="ignore"):
-        lower = scipy_stats.beta.ppf(alpha, np.maximum(k, 1), n - k + 1)
-    lower = np.where(k == 0, 0.0, lower)
+    lower = _lower_quantile(k, n, alpha)
     return lower if lower.ndim else float(lower)
 
 
+def beta_cdf_error_bound(a: np.ndarray, b: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """The relative error assumed of `scipy.stats.beta.cdf(x, a, b)`: `BETA_CDF_ERROR_FACTOR` eps E.
+
+    E = lgamma(a + b) + lgamma(a) + lgamma(b) + a |ln x| + b |ln(1 - x)| + 1
+    (engine.py's docstring says where it comes from); inf at x = 0 and 1.
+    """
+    with np.errstate(divide="ignore", invalid="ignore"):
+        size = (scipy_special.gammaln(a + b) + scipy_special.gammaln(a) + scipy_special.gammaln(b)
+                + a * np.abs(np.log(x)) + b * np.abs(np.log1p(-x)) + 1.0)
+    return BETA_CDF_ERROR_FACTOR * _EPS * size
+
+
+def _lower_quantile(k: np.ndarray, n: np.ndarray, alpha: float) -> np.ndarray:
+    """The alpha quantile of Beta(k, n - k + 1), never above the exact one; 0 where k = 0.
+
+    scipy's beta.ppf, moved down by Newton steps toward the level
+    alpha (1 - 2 c) (at least one ulp each) until beta.cdf shows it below the
+    exact quantile: beta.cdf(x) < alpha (1 - c), c = `beta_cdf_error_bound`.
+    """
+    a, b = np.maximum(k, 1).astype(np.float64), (n - k + 1).astype(np.float64)
+    # beta.ppf is NaN for a shape parameter of 0; the bound is 0 there.
+    with np.errstate(invalid="ignore"):
+        q = np.where(k == 0, 0.0, scipy_stats.beta.ppf(alpha, a, b))
+    for _ in range(_MAX_CORRECTIONS):
+        c = beta_cdf_error_bound(a, b, q)
+        cdf = scipy_stats.beta.cdf(q, a, b)
+        unproven = (q > 0) & ~(cdf < alpha * (1.0 - c))
+        if not unproven.any():
+            return q
+        with np.errstate(divide="ignore", invalid="ignore"):
+            newton = q - (cdf - alpha * (1.0 - 2.0 * c)) / scipy_stats.beta.pdf(q, a, b)
+        newton = np.where(np.isfinite(newton) & (newton >= 0), newton, 0.5 * q)
+        q = np.where(unproven, np.minimum(newton, np.nextafter(q, 0.0)), q)
+    # Not proven after all the steps (never seen): 0 is a valid lower bound.
+    return np.where((q > 0) & ~(scipy_stats.beta.cdf(q, a, b) < alpha * (1.0 - beta_cdf_error_bound(a, b, q))),
+                    0.0, q)
+
+
+def _one_minus_up(y: np.ndarray) -> np.ndarray:
+    """1 - y rounded up, for y in [0, 1]: exact for y >= 1/2 (Sterbenz), else checked (engine._one_minus_up)."""
+    u = 1.0 - y
+    return np.where((1.0 - u) > y, np.nextafter(u, np.inf), u)
+
+
+def _radius(p: np.ndarray, sigma: float, direction: float) -> np.ndarray:
+    """sigma Phi^-1(p), moved by norm.ppf's error bound and one ulp in `direction` (-1 down, +1 up)."""
+    z = scipy_stats.norm.ppf(p)
+    finite = np.isfinite(z)
+    with np.errstate(invalid="ignore"):
+        radius = sigma * np.where(finite, z + direction * np.abs(z) * NORM_PPF_MARGIN, z)
+    radius = np.where(finite, np.nextafter(radius, direction * np.inf), radius)
+    return np.where(z == 0.0, 0.0, radius)
+
+
 def certified_radius(p_lower: ArrayLike, sigma: float) -> Union[float, np.ndarray]:
-    """The L2 radius sigma * Phi^-1(p_lower) certified by a lower bound on p_A.
+    """The L2 radius sigma * Phi^-1(p_lower) certified by a lower bound on p_A, rounded down.
 
     Cohen et al. (2019), Theorem 1 with p_B <= 1 - p_A. The value is <= 0 when
-    p_lower <= 1/2, where CERTIFY abstains instead of reporting it.
+    p_lower <= 1/2, where CERTIFY abstains instead of reporting it. Never above
+    the exact sigma Phi^-1(p_lower): norm.ppf is moved down by
+    `NORM_PPF_MARGIN` of itself and the product by one ulp.
 
     Args:
       p_lower: lower bound(s) on the top class's probability, in [0, 1].
@@ -109,7 +186,7 @@ def certified_radius(p_lower: ArrayLike, sigma: float) -> Union[float, np.ndarra
     p = np.asarray(p_lower, dtype=np.float64)
     if np.any(~(p >= 0) | ~(p <= 1)):
         raise ValueError(f"p_lower must be in [0, 1], got {p_lower}")
-    radius = sigma * scipy_stats.norm.ppf(p)
+    radius = _radius(p, float(sigma), -1.0)
     return radius if radius.ndim else float(radius)
 
 
@@ -117,7 +194,9 @@ def binomial_test_pvalue(successes: ArrayLike, trials: ArrayLike, p: float = 0.5
     """Two-sided exact binomial test p-value of k successes in n trials (scipy's `binomtest`).
 
     PREDICT applies it to the top two class counts (k = count of the top
-    class, n = sum of the top two) with p = 1/2.
+    class, n = sum of the top two) with p = 1/2. For p = 1/2 the p-value is
+    rounded up (raised by beta.cdf's error bound and one ulp), never below
+    the exact one, so PREDICT may only abstain more.
 
     Args:
       successes: k (int or int array), 0 <= k <= trials.
@@ -142,7 +221,12 @@ def binomial_test_pvalue(successes: ArrayLike, trials: ArrayLike, p: float = 0.5
         # a relative 1e-7 as equal; adjacent ones differ by (n - m) / (m + 1),
         # that close to 1 only for n above about 1e7.)
         m = np.minimum(k, n - k)
-        pvalues = np.where(2 * m >= n, 1.0, np.minimum(1.0, 2.0 * scipy_stats.binom.cdf(m, n, 0.5)))
+        # binom.cdf(m, n, 1/2) = I_{1/2}(n - m, m + 1), beta.cdf's function.
+        tail = scipy_stats.binom.cdf(m, n, 0.5)
+        # At least the smallest normal float, as the engine (an exact 2^-10000 must not round to 0).
+        tail = np.maximum(np.nextafter(tail * (1.0 + beta_cdf_error_bound(n - m, m + 1, 0.5)), np.inf),
+                          np.finfo(np.float64).tiny)
+        pvalues = np.where(2 * m >= n, 1.0, np.minimum(1.0, 2.0 * tail))
     else:
         flat = [scipy_stats.binomtest(int(a), int(b), p).pvalue for a, b in zip(k.ravel(), n.ravel())]
         pvalues = np.asarray(flat, dtype=np.float64).reshape(k.shape)
@@ -236,7 +320,8 @@ def clopper_pearson_upper(successes: ArrayLike, trials: ArrayLike, alpha: float)
 
     The mirror image of `clopper_pearson_lower`: the 1 - alpha quantile of
     Beta(k + 1, n - k), and 1 when k = n; it equals
-    1 - clopper_pearson_lower(n - k, n, alpha).
+    1 - clopper_pearson_lower(n - k, n, alpha), and is computed so, with the
+    subtraction rounded up: never below the exact bound.
 
     Args:
       successes: number of successes k (int or int array), 0 <= k <= trials.
@@ -251,10 +336,7 @@ def clopper_pearson_upper(successes: ArrayLike, trials: ArrayLike, alpha: float)
     """
     _check_alpha(alpha)
     k, n = _check_counts(successes, trials)
-    # isf rather than ppf(1 - alpha): accurate for tiny alpha. NaN at k = n.
-    with np.errstate(invalid="ignore"):
-        upper = scipy_stats.beta.isf(alpha, k + 1, np.maximum(n - k, 1))
-    upper = np.where(k == n, 1.0, upper)
+    upper = _one_minus_up(_lower_quantile(n - k, n, alpha))
     return upper if upper.ndim else float(upper)
 
 
@@ -271,7 +353,8 @@ def settled(p_lower: ArrayLike, p_upper: ArrayLike, radii: Sequence[float], sigm
     sigma Phi^-1(p_lower) < r < sigma Phi^-1(p_upper) for r in radii and 0,
     which is the same in exact arithmetic (Phi increases strictly) and, in
     floating point, uses the very numbers that the decision "radius >= r"
-    compares, so a settled image's answer is what its bounds say.
+    compares (the lower radius rounded down, as `certified_radius`; the
+    upper one rounded up), so a settled image's answer is what its bounds say.
 
     Args:
       p_lower, p_upper: bounds on p_A, arrays of one shape [B], in [0, 1].
@@ -286,7 +369,8 @@ def settled(p_lower: ArrayLike, p_upper: ArrayLike, radii: Sequence[float], sigm
     """
     points = np.concatenate([[0.0], check_radii(radii)])
     low = np.asarray(certified_radius(p_lower, sigma))[..., None]
-    high = np.asarray(certified_radius(p_upper, sigma))[..., None]
+    certified_radius(p_upper, sigma)  # Checks sigma and the bounds.
+    high = np.asarray(_radius(np.asarray(p_upper, dtype=np.float64), float(sigma), 1.0))[..., None]
     return ~np.any((low < points) & (points < high), axis=-1)
 
 
@@ -329,6 +413,12 @@ class StagedPrediction(NamedTuple):
 
 # draw(active, stage, num_new) -> new counts of the images `active`.
 DrawFn = Callable[[np.ndarray, int, int], np.ndarray]
+# stage_rule(successes [A], n_k, level) -> (p_lower [A], settled bool [A]) for the radii asked.
+StageRuleFn = Callable[[np.ndarray, int, float], Tuple[np.ndarray, np.ndarray]]
+# decision(guesses [B], p_lower [B]) -> (classes int64 [B], radii float64 [B]), CERTIFY's answer.
+DecisionFn = Callable[[np.ndarray, np.ndarray], Tuple[np.ndarray, np.ndarray]]
+# predict_rule(counts [A, C], level) -> classes int64 [A], ABSTAIN where the test does not reject.
+PredictRuleFn = Callable[[np.ndarray, float], np.ndarray]
 
 
 def _check_draw(new: np.ndarray, shape: Tuple[int, ...], num_new: int) -> np.ndarray:
@@ -376,7 +466,8 @@ def stage_levels(alpha: float, num_stages: int) -> Tuple[float, ...]:
 
 
 def staged_certify(guesses: np.ndarray, draw: DrawFn, stages: Sequence[int], *, alpha: float, sigma: float,
-                   radii: Sequence[float]) -> StagedCertificate:
+                   radii: Sequence[float], stage_rule: Optional[StageRuleFn] = None,
+                   decision: Optional[DecisionFn] = None) -> StagedCertificate:
     """CERTIFY with estimation samples drawn in stages, each image stopping once its answer is settled.
 
     At stage k = 0, ..., K - 1, the images still running get n_k - n_{k-1}
@@ -402,6 +493,11 @@ def staged_certify(guesses: np.ndarray, draw: DrawFn, stages: Sequence[int], *, 
       alpha: failure probability of the whole run, in (0, 1).
       sigma: noise standard deviation, > 0.
       radii: the radii asked, finite and > 0.
+      stage_rule: the bounds and the settled rule of a stage; default this
+        module's (`clopper_pearson_lower`, `clopper_pearson_upper`,
+        `settled`). `smoothing.Smooth` passes the engine's.
+      decision: CERTIFY's answer from the final bounds; default this
+        module's. `smoothing.Smooth` passes the engine's.
 
     Returns:
       A `StagedCertificate`.
@@ -417,6 +513,12 @@ def staged_certify(guesses: np.ndarray, draw: DrawFn, stages: Sequence[int], *, 
     guesses = np.asarray(guesses, dtype=np.int64)
     if guesses.ndim != 1:
         raise ValueError(f"guesses must be [B], got shape {guesses.shape}")
+    if stage_rule is None:
+        def stage_rule(successes, n_k, level):
+            lower = np.atleast_1d(clopper_pearson_lower(successes, n_k, level))
+            return lower, settled(lower, clopper_pearson_upper(successes, n_k, level), radii, sigma)
+    if decision is None:
+        decision = lambda guesses, p_lower: _certify_decision(guesses, p_lower, sigma)
     levels = stage_levels(alpha, len(stages))
     successes = np.zeros(len(guesses), np.int64)
     samples = np.zeros(len(guesses), np.int64)
@@ -427,17 +529,17 @@ def staged_certify(guesses: np.ndarray, draw: DrawFn, stages: Sequence[int], *, 
             break
         successes[active] += _check_draw(draw(active, k, n_k - previous), active.shape, n_k - previous)
         samples[active] = n_k
-        p_lower[active] = clopper_pearson_lower(successes[active], n_k, levels[k])
+        p_lower[active], done = stage_rule(successes[active], n_k, levels[k])
         if k < len(stages) - 1:
-            p_upper = clopper_pearson_upper(successes[active], n_k, levels[k])
-            active = active[~settled(p_lower[active], p_upper, radii, sigma)]
+            active = active[~np.asarray(done, bool)]
         previous = n_k
-    classes, radius = _certify_decision(guesses, p_lower, sigma)
+    classes, radius = decision(guesses, p_lower)
     return StagedCertificate(classes=classes, radii=radius, certified=radius[:, None] >= radii[None, :],
                              samples=samples, p_lower=p_lower)
 
 
-def staged_predict(num_images: int, draw: DrawFn, stages: Sequence[int], *, alpha: float) -> StagedPrediction:
+def staged_predict(num_images: int, draw: DrawFn, stages: Sequence[int], *, alpha: float,
+                   predict_rule: Optional[PredictRuleFn] = None) -> StagedPrediction:
     """PREDICT with samples drawn in stages, each image stopping once its test rejects a tie.
 
     At each stage the two-sided binomial test of the top two counts so far
@@ -455,6 +557,8 @@ def staged_predict(num_images: int, draw: DrawFn, stages: Sequence[int], *, alph
         range(B), increasing), with num_classes >= 2 fixed across calls.
       stages: cumulative sample counts n_1 < ... < n_K (`check_stages`).
       alpha: failure probability, in (0, 1).
+      predict_rule: PREDICT's decision at a stage's level; default
+        `predict_from_counts`. `smoothing.Smooth` passes the engine's.
 
     Returns:
       A `StagedPrediction`.
@@ -481,7 +585,10 @@ def staged_predict(num_images: int, draw: DrawFn, stages: Sequence[int], *, alph
             counts = np.zeros((num_images, new.shape[1]), np.int64)
         counts[active] += _check_draw(new, (len(active), counts.shape[1]), n_k - previous)
         samples[active] = n_k
-        classes[active] = predict_from_counts(counts[active], alpha=levels[k])
+        if predict_rule is None:
+            classes[active] = predict_from_counts(counts[active], alpha=levels[k])
+        else:
+            classes[active] = predict_rule(counts[active], levels[k])
         active = active[classes[active] == ABSTAIN]
         previous = n_k
     return StagedPrediction(classes=classes, samples=samples)
