@@ -13,7 +13,9 @@ import sys
 import tempfile
 import time
 
+from absl import flags
 from absl.testing import absltest
+from absl.testing import flagsaver
 from absl.testing import parameterized
 import numpy as np
 import pytest
@@ -22,6 +24,7 @@ import tensorflow as tf
 import binaries  # tests/binaries.py
 from export_test import make_model_dir  # tests/ is on sys.path under pytest
 from tf_consreg import export
+from tf_consreg.errors import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _TINY = ("--n0=4", "--n=16", "--batch_size=16")
@@ -115,18 +118,11 @@ class ExportBinaryTest(parameterized.TestCase):
 
     @pytest.mark.slow  # each case starts TensorFlow in a subprocess (~10 s on 2 busy cores)
     @parameterized.named_parameters(
-        ("missing_model_dir", ("--model_dir=/nonexistent/run",), r"--model_dir=/nonexistent/run is not a directory"),
+        # One case per exit path through the real process: a config check (ConfigError), absl's flag parsing, and
+        # a model file that cannot be loaded. The other checks run in process (ExportErrorsTest).
         ("sigma", ("--model_dir=MODEL_DIR", "--sigma=0"), r"--sigma must be a finite number > 0, got 0.0"),
-        ("n0", ("--model_dir=MODEL_DIR", "--n0=0"), r"--n0 must be an integer in \[1, 2\^31\), got 0"),
-        ("alpha", ("--model_dir=MODEL_DIR", "--alpha=1.5"), r"--alpha must be in \(0, 1\), got 1.5"),
-        ("stages_end", ("--model_dir=MODEL_DIR", "--stages=100,500"),
-         r"^export.py: error: --stages must end at n=10000 \(the total sample count\), got \[100, 500\]$"),
-        ("stages_below_n0", ("--model_dir=MODEL_DIR", "--n0=200", "--stages=100,10000"),
-         r"^export.py: error: --stages must start at n0=200 or above"),
         ("stages_words", ("--model_dir=MODEL_DIR", "--stages=ten,100"),
          r"^export.py: error: --stages: 'ten,100' is not a list of int values$"),
-        ("check_images_beyond_split", ("--model_dir=MODEL_DIR", "--check_images=10001"),
-         r"^export.py: error: --check_images=10001 is more than the 10000 images of fashion_mnist's test split$"),
         ("truncated_model", ("--model=TRUNCATED", "--sigma=0.25"),
          r"^export.py: error: .*truncated\.keras is not a complete \.keras file \(a zip archive\)"),
     )
@@ -146,6 +142,49 @@ class ExportBinaryTest(parameterized.TestCase):
         self.assertRegex(lines[0], message)
         self.assertEqual(result.stderr.rstrip().splitlines()[-1], lines[0])  # the last thing printed
         self.assertNotIn("Traceback", result.stderr)
+        self.assertFalse(os.path.exists(export_dir))
+
+
+class ExportErrorsTest(parameterized.TestCase):
+    """Each flag check of bin/export.py fails before any work, in the binary's own words; run in process.
+
+    `cli.run` prints main's ConfigError as `export.py: error: <message>` with
+    exit status 2 (ExportBinaryTest runs that path in a real process).
+    """
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls._tmp = tempfile.TemporaryDirectory()
+        cls.model_dir = make_model_dir(cls._tmp.name, sigma=0.5)
+        cls.export_bin = binaries.load("export")
+
+    @classmethod
+    def tearDownClass(cls):
+        binaries.unload(cls.export_bin)
+        cls._tmp.cleanup()
+        super().tearDownClass()
+
+    @parameterized.named_parameters(
+        ("missing_model_dir", ("--model_dir=/nonexistent/run",), r"^--model_dir=/nonexistent/run is not a directory"),
+        ("n0", ("--model_dir=MODEL_DIR", "--n0=0"), r"^--n0 must be an integer in \[1, 2\^31\), got 0"),
+        ("alpha", ("--model_dir=MODEL_DIR", "--alpha=1.5"), r"^--alpha must be in \(0, 1\), got 1.5"),
+        ("stages_end", ("--model_dir=MODEL_DIR", "--stages=100,500"),
+         r"^--stages must end at n=10000 \(the total sample count\), got \[100, 500\]$"),
+        ("stages_below_n0", ("--model_dir=MODEL_DIR", "--n0=200", "--stages=100,10000"),
+         r"^--stages must start at n0=200 or above"),
+        ("check_images_beyond_split", ("--model_dir=MODEL_DIR", "--check_images=10001"),
+         r"^--check_images=10001 is more than the 10000 images of fashion_mnist's test split$"),
+    )
+    def test_errors(self, args, message):
+        export_dir = os.path.join(self._tmp.name, "bad_" + re.sub(r"\W", "_", args[-1]))
+        args = [a.replace("MODEL_DIR", self.model_dir) for a in args]
+        with flagsaver.flagsaver():
+            flags.FLAGS(["export.py", *args, f"--export_dir={export_dir}"])
+            with self.assertRaises(ConfigError) as raised:
+                self.export_bin.main(["export.py"])
+        self.assertRegex(str(raised.exception), message)
+        self.assertNotIn("\n", str(raised.exception))
         self.assertFalse(os.path.exists(export_dir))
 
 
