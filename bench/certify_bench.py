@@ -14,6 +14,12 @@ Each dtype of --compute_dtypes is certified in turn, as
 ratio to float32 in the same run; the script first prints the CPU's bfloat16
 capability (tf_consreg.precision).
 
+Each sampler of --noise (float, grid: `bin/certify.py --noise=...`) is
+certified in turn for each dtype, and grid reported with its ratio to float
+in the same run. With --radii the runs are fixed-radius ones (`bin/certify.py
+--radii=... `, staged): an image draws n0 plus the estimation samples of its
+stopping stage (the TSV's samples column), and the rate counts those.
+
 Other processes share the CPU on a busy machine: the script also reports how
 many cores they used during each measurement (from /proc/stat), so numbers
 taken under load can be told apart.
@@ -24,6 +30,7 @@ Example:
   python bench/certify_bench.py --batch_size=4000 --examples=4
   python bench/certify_bench.py --model_dir=runs/fmnist_consistency_0.25
   python bench/certify_bench.py --compute_dtypes=float32
+  python bench/certify_bench.py --compute_dtypes=float32 --noise=float,grid --radii=0.25
 """
 
 import os
@@ -37,6 +44,7 @@ from absl import flags
 import tf_consreg  # pylint: disable=unused-import  Sets TensorFlow's environment (oneDNN) first.
 import tensorflow as tf
 
+from tf_consreg import certify_log
 from tf_consreg import certify_run
 from tf_consreg import certify_spec
 from tf_consreg import data
@@ -60,6 +68,12 @@ _COMPUTE_DTYPES = flags.DEFINE_list("compute_dtypes", list(precision.COMPUTE_DTY
                                     "Compute dtypes to certify in, in turn; float32 is the ratios' base.")
 flags.register_validator("compute_dtypes", lambda values: set(values) <= set(precision.COMPUTE_DTYPES),
                          message=f"choose among {', '.join(precision.COMPUTE_DTYPES)}")
+_NOISE = flags.DEFINE_list("noise", list(certify_spec.NOISE_MODES),
+                           "Samplers to certify with, in turn (bin/certify.py's --noise); float is the ratios' base.")
+flags.register_validator("noise", lambda values: set(values) <= set(certify_spec.NOISE_MODES),
+                         message=f"choose among {', '.join(certify_spec.NOISE_MODES)}")
+_RADII = flags.DEFINE_list("radii", None, "Fixed-radius (staged) runs at these radii, as bin/certify.py --radii; "
+                           "default: full CERTIFY with n samples per image.")
 _MATMUL_SIZE = flags.DEFINE_integer("matmul_size", 2048, "Side of the square matrices of the matmul rate.")
 
 
@@ -79,8 +93,12 @@ def matmul_gflops(size: int, repeats: int = 10) -> float:
     return 2 * size**3 / best / 1e9
 
 
-def certify_rows(directory: str, compute_dtype: str):
-    """Runs certify_dataset like `bin/certify.py --compute_dtype=...`; returns the row seconds and load."""
+def certify_rows(directory: str, compute_dtype: str, noise: str):
+    """Runs certify_dataset like `bin/certify.py --compute_dtype=... --noise=...`.
+
+    Returns:
+      (row seconds, samples drawn per row, the other processes' load in cores).
+    """
     sigma = None
     if _MODEL_DIR.value:
         where = dict(model_dir=_MODEL_DIR.value)
@@ -89,14 +107,18 @@ def certify_rows(directory: str, compute_dtype: str):
         if not os.path.exists(model):
             models.get_architecture("lenet", "fashion_mnist").save(model)
         where, sigma = dict(model=model, dataset="fashion_mnist"), 0.25
-    config = certify_run.CertifyConfig(output=os.path.join(directory, f"certify_{compute_dtype}.tsv"),
-                                       max=_EXAMPLES.value, spec=certify_spec.CertifySpec(
+    radii = None if _RADII.value is None else tuple(float(r) for r in _RADII.value)
+    config = certify_run.CertifyConfig(output=os.path.join(directory, f"certify_{compute_dtype}_{noise}.tsv"),
+                                       max=_EXAMPLES.value, radii=radii, spec=certify_spec.CertifySpec(
                                            sigma=sigma, n0=_N0.value, n=_N.value, batch_size=_BATCH_SIZE.value,
-                                           compute_dtype=compute_dtype), **where)
+                                           compute_dtype=compute_dtype, noise=noise), **where)
     data.load_arrays(config.dataset, config.split)  # Warm the file cache; not part of certification.
     with OtherLoad() as load:
         certify_run.certify_dataset(config, verbose=0)
-    return row_seconds(config.output), load.cores
+    log = certify_log.read_certify_tsv(config.output)
+    drawn = [_N0.value + int(s) for s in log.samples] if log.samples is not None else [_N0.value + _N.value] * len(
+        log.idx)
+    return row_seconds(config.output), drawn, load.cores
 
 
 def main(argv):
@@ -108,7 +130,8 @@ def main(argv):
         with OtherLoad() as before:
             gflops = matmul_gflops(_MATMUL_SIZE.value)
         for compute_dtype in _COMPUTE_DTYPES.value:
-            runs[compute_dtype] = certify_rows(directory, compute_dtype)
+            for noise in _NOISE.value:
+                runs[compute_dtype, noise] = certify_rows(directory, compute_dtype, noise)
         with OtherLoad() as after:
             gflops = max(gflops, matmul_gflops(_MATMUL_SIZE.value))
     finally:
@@ -123,16 +146,22 @@ def main(argv):
     print(f"bfloat16: {precision.probe().describe()}")
     print(f"float32 matmul ({_MATMUL_SIZE.value}^2): {gflops:.1f} GFLOP/s "
           f"(other processes: {load_text(matmul_load)})")
-    samples = _N0.value + _N.value
     rates = {}
-    for compute_dtype, (seconds, certify_load) in runs.items():
-        steady = seconds[1:] or seconds
-        rates[compute_dtype] = rate = samples * len(steady) / sum(steady)
+    kind = f"fixed-radius (staged) at radii {','.join(_RADII.value)}" if _RADII.value else "full CERTIFY"
+    for (compute_dtype, noise), (seconds, drawn, certify_load) in runs.items():
+        steady, steady_drawn = (seconds[1:], drawn[1:]) if len(seconds) > 1 else (seconds, drawn)
+        rates[compute_dtype, noise] = rate = sum(steady_drawn) / sum(steady)
         fraction = rate * LENET_FLOPS_PER_SAMPLE / (gflops * 1e9)
-        ratio = f" = {rate / rates['float32']:.2f} x float32" if "float32" in rates else ""
-        print(f"certify in {compute_dtype}: LeNet, Fashion-MNIST, n0={_N0.value} n={_N.value} "
-              f"batch_size={_BATCH_SIZE.value}, {len(seconds)} images (other processes: {load_text(certify_load)})")
-        print(f"  first image (traces): {samples / seconds[0]:,.0f} samples/s")
+        ratios = []
+        if noise == "float" and ("float32", "float") in rates and compute_dtype != "float32":
+            ratios.append(f"{rate / rates['float32', 'float']:.2f} x float32")
+        if noise != "float" and (compute_dtype, "float") in rates:
+            ratios.append(f"{rate / rates[compute_dtype, 'float']:.2f} x float noise")
+        ratio = "".join(f" = {r}" for r in ratios)
+        print(f"certify in {compute_dtype}, --noise={noise}: LeNet, Fashion-MNIST, {kind}, n0={_N0.value} "
+              f"n={_N.value} batch_size={_BATCH_SIZE.value}, {len(seconds)} images, "
+              f"{sum(drawn) / len(drawn):,.0f} samples per image (other processes: {load_text(certify_load)})")
+        print(f"  first image (traces): {drawn[0] / seconds[0]:,.0f} samples/s")
         print(f"  steady state: {rate:,.0f} samples/s{ratio} = {rate * LENET_FLOPS_PER_SAMPLE / 1e9:.1f} GFLOP/s "
               f"= {fraction:.0%} of the float32 matmul rate")
 

@@ -41,6 +41,12 @@ The base model computes in float32, whatever policy it was trained under;
 a --mixed_precision=mixed_bfloat16 run computes). The settings file beside
 the TSV records which.
 
+--noise=grid samples exact integer noise on the 8-bit grid, sound in
+floating point (Voráček & Hein 2023); the examples must be 8-bit images (the
+run stops naming the first off-grid pixel). The default, --noise=float, is
+today's sampler. The settings file records a grid run's mode, so a resume
+or a merge of shards never mixes the two.
+
 Fixed-radius mode (--radii): answers "is this example certified at r?" for
 the given radii only. The estimation samples are drawn in --stages and an
 example stops as soon as its answer at every radius is settled, at the same

@@ -35,7 +35,7 @@ FLAG_DEFAULTS = {
     "mock_data": False, "n": 100000, "alpha": 0.001, "batch_size": 1000, "skip": 1, "max": -1, "output": None,
     "seed": 0,
     "num_shards": 1, "shard_index": 0, "strategy": "default", "compute_dtype": "float32", "radii": None,
-    "stages": None,
+    "stages": None, "noise": "float",
 }
 
 
@@ -90,6 +90,16 @@ class CertifyBinaryTest(RunFixture, parameterized.TestCase):
         self.assertStartsWith(lines[0], expected)
         self.assertFalse(os.path.exists(output))
         self.assertFalse(os.path.lexists(output + ".json"))
+
+    def test_grid_noise_end_to_end(self):
+        output = os.path.join(self.dir, "grid", "certify.tsv")
+        result = run_binary("certify.py", f"--model_dir={self.model_dir}", "--max=2", "--n0=20", "--n=100",
+                            "--batch_size=100", "--noise=grid", f"--output={output}")
+        self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+        self.assertEqual([r[0] for r in read_rows(output)[1]], ["0", "1"])
+        self.assertIn("noise: grid (exact 8-bit grid noise", result.stdout)
+        with open(output + ".json", encoding="utf-8") as f:
+            self.assertIn('"noise": "grid"', f.read())
 
     def test_fixed_radius_mode_end_to_end(self):
         output = os.path.join(self.dir, "staged", "certify.tsv")

@@ -337,6 +337,19 @@ class ShardsTest(parameterized.TestCase):
                                     "'certify_staged', radii: None vs \\[0.5, 1.0\\]"):
             certify_log.group_runs(self.shards)
 
+    def test_grid_and_float_shards_are_not_one_run(self):
+        # A float run records no noise (its logs from before the grid sampler stay comparable): it reads as "float".
+        write_shard(self.dir, "certify.shard1.tsv", 1, noise="grid")
+        with self.assertRaisesRegex(ConfigError, "come from runs with different settings \\(noise: 'float' vs "
+                                    "'grid'\\)"):
+            certify_log.group_runs(self.shards)
+
+    def test_a_missing_noise_is_float(self):
+        grid, float_ = dict(SHARD_SETTINGS, noise="grid"), dict(SHARD_SETTINGS, noise="float")
+        self.assertEqual(certify_log.settings_differences(SHARD_SETTINGS, float_), "")
+        self.assertEqual(certify_log.settings_differences(SHARD_SETTINGS, grid, labels=("there", "now")),
+                         "noise: 'float' there, 'grid' now")
+
     @parameterized.parameters(
         (["a/c.shard0.tsv", "a/c.shard1.tsv"], "a/c.shard{0,1}.tsv"),
         (["s1.tsv", "s10.tsv", "s11.tsv"], "s{1,10,11}.tsv"),

@@ -5,8 +5,10 @@ and bin/predict.py) run in-process on untrained or hand-built models; the
 binaries themselves are tested in bin_certify_test.py and bin_predict_test.py.
 """
 
+import contextlib
 import fcntl
 import hashlib
+import io
 import json
 import os
 import re
@@ -782,3 +784,65 @@ class PredictDatasetTest(RunFixture, tf.test.TestCase):
 
 if __name__ == "__main__":
     tf.test.main()
+
+
+class GridNoiseRunTest(RunFixture, tf.test.TestCase, parameterized.TestCase):
+    """--noise=grid through the run: Smooth's grid rows, the settings, and the refusals to mix modes."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.model_dir = make_model_dir(cls.dir)
+        cls.config = dict(model_dir=cls.model_dir, **TINY)
+
+    def _settings(self, output):
+        with open(output + certify_log.SETTINGS_SUFFIX, encoding="utf-8") as f:
+            return json.load(f)
+
+    def test_rows_are_smooth_in_grid_mode_and_the_mode_is_printed_and_recorded(self):
+        output = self._output()
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            certify_run.certify_dataset(self._config(output, max=4, seed=3, noise="grid"), verbose=1)
+        self.assertIn("noise: grid (exact 8-bit grid noise, sound in floating point", printed.getvalue())
+        self.assertEqual(self._settings(output)["noise"], "grid")
+        images, _ = data.load_arrays("fashion_mnist", "test", limit=4)
+        model = tf.keras.models.load_model(os.path.join(self.model_dir, "base_model.keras"))
+        expected = smoothing.Smooth(model, 10, 0.25, noise="grid").certify_batch(
+            images, 20, 100, 0.01, 200, seed=3, image_ids=np.arange(4))
+        rows = read_rows(output)[1]
+        self.assertGreater(int((expected[0] >= 0).sum()), 0)  # Not vacuous: some examples are certified.
+        self.assertEqual([int(r[2]) for r in rows], list(expected[0]))
+        self.assertEqual([r[3] for r in rows], [certify_log.format_radius(r) for r in expected[1]])
+
+    def test_a_float_run_records_no_noise(self):
+        output = self._output()
+        certify_run.certify_dataset(self._config(output, max=1), verbose=0)
+        self.assertNotIn("noise", self._settings(output))  # So float logs from before --noise resume.
+
+    @parameterized.named_parameters(("grid_then_float", "grid", "float"), ("float_then_grid", "float", "grid"))
+    def test_a_resume_never_changes_the_mode(self, first, then):
+        output = self._output()
+        certify_run.certify_dataset(self._config(output, max=2, noise=first), verbose=0)
+        with open(output, "rb") as f:
+            before = f.read()
+        with self.assertRaisesRegex(ConfigError, f"noise: '{first}' there, '{then}' now"):
+            certify_run.certify_dataset(self._config(output, max=4, noise=then), verbose=0)
+        with open(output, "rb") as f:
+            self.assertEqual(f.read(), before)
+
+    def test_shards_of_other_modes_are_not_one_run(self):
+        shards = [self._output(f"certify.shard{i}.tsv") for i in range(2)]
+        for index, mode in enumerate(("float", "grid")):
+            certify_run.certify_dataset(self._config(shards[index], max=2, num_shards=2, shard_index=index,
+                                                     noise=mode), verbose=0)
+        with self.assertRaisesRegex(ConfigError, r"different settings \(noise: 'float' vs 'grid'\)"):
+            certify_log.group_runs(shards)
+
+    def test_an_off_grid_example_is_refused_naming_it_and_its_pixel(self):
+        images = np.full((3, 2, 2, 1), 7 / 255, np.float32)
+        images[2, 1, 0, 0] = 0.3
+        with self.assertRaisesRegex(ConfigError, r"^--noise=grid: example 40: images\[1, 0, 0\] = 0\.3\d* is not "
+                                                 r"on the 8-bit grid"):
+            certify_run._check_on_grid(images, np.array([20, 30, 40]))  # pylint: disable=protected-access
+        certify_run._check_on_grid(images[:2], np.array([20, 30]))  # pylint: disable=protected-access

@@ -20,6 +20,9 @@ class CertifySpecTest(parameterized.TestCase):
         spec = CertifySpec()
         self.assertEqual((spec.sigma, spec.n0, spec.n, spec.alpha, spec.batch_size, spec.stages, spec.compute_dtype),
                          (None, 100, 100000, 0.001, 1000, None, "float32"))
+        # Float noise until the default switch to grid for 8-bit datasets (with re-measured README tables).
+        self.assertEqual(spec.noise, "float")
+        self.assertEqual(CertifySpec(noise="grid").noise, "grid")
 
     def test_values_are_python_numbers(self):
         spec = CertifySpec(sigma=1, n0=np.int64(10), n=np.int32(200), alpha=np.float32(0.25), batch_size=np.int64(50),
@@ -71,6 +74,8 @@ class CertifySpecTest(parameterized.TestCase):
         ("stage_bool", dict(n=10, stages=(True, 10)), "^--stages must be integers"),
         ("compute_dtype", dict(compute_dtype="float16"),
          "^--compute_dtype='float16' is unknown; choose one of float32, bfloat16$"),
+        ("noise", dict(noise="gauss"), "^--noise must be one of float, grid, got 'gauss'$"),
+        ("noise_none", dict(noise=None), "^--noise must be one of float, grid, got None$"),
     )
     def test_bad_values_name_the_flag(self, values, message):
         with self.assertRaisesRegex(ConfigError, message):

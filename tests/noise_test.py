@@ -416,5 +416,9 @@ class ToGridTest(tf.test.TestCase):
     def test_assertion_in_a_graph(self):
         to_grid = tf.function(noise.to_grid)
         self.assertAllEqual(to_grid(tf.constant([0.0, 1.0])), [0, 255])
+        # Every level, as numpy's correctly rounded float32 division and tf.data give them; a division in the
+        # graph would be rewritten to a multiplication by 1/255 and refuse half of them.
+        levels = np.arange(256)
+        self.assertAllEqual(to_grid(tf.constant(levels.astype(np.float32) / np.float32(255))), levels)
         with self.assertRaisesRegex(tf.errors.InvalidArgumentError, "not on the 8-bit grid"):
             to_grid(tf.constant([0.0, 0.3]))

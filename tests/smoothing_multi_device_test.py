@@ -11,7 +11,9 @@ from scipy import stats as scipy_stats
 import tensorflow as tf
 
 from smoothing_test import _SHAPE, _DIM, _argmax_pixel_model, _linear_model, _true_margin
+import threshold_models  # tests/threshold_models.py
 from tf_consreg import distribute
+from tf_consreg import noise
 from tf_consreg import smoothing
 
 
@@ -21,13 +23,13 @@ def _mirrored():
     return strategy
 
 
-def _counts(strategy, model, images, n, batch_size, seed, num_classes=64, sigma=0.5):
+def _counts(strategy, model, images, n, batch_size, seed, num_classes=64, sigma=0.5, grid=None):
     if strategy is None:
         fn = tf.function(lambda x, s: smoothing.sample_counts(
-            model, x, n, sigma=sigma, num_classes=num_classes, batch_size=batch_size, seed=s))
+            model, x, n, sigma=sigma, num_classes=num_classes, batch_size=batch_size, seed=s, grid=grid))
     else:
         fn = tf.function(lambda x, s: smoothing.mirrored_sample_counts(
-            strategy, model, x, n, sigma=sigma, num_classes=num_classes, batch_size=batch_size, seed=s))
+            strategy, model, x, n, sigma=sigma, num_classes=num_classes, batch_size=batch_size, seed=s, grid=grid))
     return fn(tf.constant(images, tf.float32), tf.constant(seed, tf.int64)).numpy()
 
 
@@ -89,6 +91,20 @@ class MirroredSampleCountsTest(tf.test.TestCase, parameterized.TestCase):
         counts = _counts(self.strategy, model, images, 40000, 4000, [8, 9], num_classes=2)[0]
         expected = scipy_stats.norm.cdf(0.3 / 0.5)
         self.assertAllClose(counts[1] / 40000, expected, atol=5 * np.sqrt(expected * (1 - expected) / 40000))
+
+    def test_grid_noise_follows_the_closed_form(self):
+        # f(x) = [x_p > 1/2] under grid noise: P(f = 1) = Phi((a / 255 - 1/2) / sigma) exactly for the rounded
+        # Gaussian (smoothing_test.GridNoiseTest); 5 binomial standard deviations. The two replicas' shares
+        # (n is odd) sum to n.
+        with self.strategy.scope():
+            model = threshold_models.threshold_model(_SHAPE, 5, 0.5)
+        images = np.full((1, *_SHAPE), 140 / 255, np.float32)
+        n = 20001
+        counts = _counts(self.strategy, model, images, n, 4000, [3, 4], num_classes=2, sigma=0.25,
+                         grid=noise.grid_noise_table(0.25))[0]
+        self.assertEqual(counts.sum(), n)
+        expected = scipy_stats.norm.cdf((140 / 255 - 0.5) / 0.25)
+        self.assertAllClose(counts[1] / n, expected, atol=5 * np.sqrt(expected * (1 - expected) / n))
 
     def test_bad_arguments(self):
         with self.assertRaisesRegex(ValueError, "images"):

@@ -5,6 +5,9 @@ closed form, so every expected value below comes from a formula, not from the
 code under test.
 """
 
+import fractions
+import math
+
 from absl.testing import parameterized
 import keras
 import numpy as np
@@ -12,6 +15,8 @@ from scipy import stats as scipy_stats
 import tensorflow as tf
 
 import threshold_models  # tests/threshold_models.py
+from tf_consreg import engine
+from tf_consreg import noise
 from tf_consreg import smoothing
 from tf_consreg import stats
 
@@ -247,9 +252,9 @@ class SmoothTest(_LinearModelMixin, tf.test.TestCase, parameterized.TestCase):
         smooth = smoothing.Smooth(_argmax_pixel_model(), 64, 0.5)
         real = smooth._certify_fn  # pylint: disable=protected-access
 
-        def spy(selection, estimation, n, alpha):
+        def spy(selection, estimation, n, alpha, slack):
             recorded.append((selection.numpy(), estimation.numpy()))
-            return real(selection, estimation, n, alpha)
+            return real(selection, estimation, n, alpha, slack)
 
         self.enter_context(tf.compat.v1.test.mock.patch.object(smooth, "_certify_fn", spy))
         smooth.certify(np.full((8, 8, 1), 0.5), n0=500, n=500, alpha=0.01, batch_size=250, seed=3)
@@ -664,3 +669,142 @@ class NonFiniteLogitsTest(_LinearModelMixin, tf.test.TestCase):
 
 if __name__ == "__main__":
     tf.test.main()
+
+
+class GridNoiseTest(tf.test.TestCase, parameterized.TestCase):
+    """Grid mode (`noise="grid"`) against the closed form of a threshold on one pixel.
+
+    f(x) = [x_p > 1/2] sees (a + j) / 255 in grid mode (a the integer pixel, j
+    the integer noise); 1/2 = 127.5 / 255 lies between two grid values, so
+    f = 1 iff a + j >= 128, and under the exactly rounded Gaussian
+    j = round(255 delta), P(j >= 128 - a) = P(255 delta >= 127.5 - a) =
+    Phi((a / 255 - 1/2) / sigma): the smoothed f o round has the float closed
+    form P(f = 1) = Phi((x_p - 1/2) / sigma), and g's exact L2 radius at x is
+    |x_p - 1/2| (Cohen et al.'s theorem holds for the base classifier f o round).
+    """
+
+    SHAPE, PIXEL, SIGMA = (4, 4, 1), 5, 0.25
+
+    def _images(self, rng, pixel_levels):
+        levels = rng.integers(0, 256, size=(len(pixel_levels), int(np.prod(self.SHAPE))))
+        levels[:, self.PIXEL] = pixel_levels
+        return (levels.astype(np.float32) / np.float32(255)).reshape(-1, *self.SHAPE), levels[:, self.PIXEL]
+
+    def _slack(self):
+        # tv_slack(16) recomputed from the per-pixel slack: d * slack rounded up, in exact rationals.
+        table = noise.grid_noise_table(self.SIGMA)
+        exact = fractions.Fraction(table.tv_slack_per_pixel) * int(np.prod(self.SHAPE))
+        value = float(exact)
+        return value if fractions.Fraction(value) >= exact else math.nextafter(value, math.inf)
+
+    def test_counts_follow_the_closed_form(self):
+        model = threshold_models.threshold_model(self.SHAPE, self.PIXEL, 0.5)
+        images, levels = self._images(np.random.default_rng(0), [140])
+        n = 40000
+        counts = tf.function(lambda x, s: smoothing.sample_counts(
+            model, x, n, sigma=self.SIGMA, num_classes=2, batch_size=4000, seed=s,
+            grid=noise.grid_noise_table(self.SIGMA)))(tf.constant(images), tf.constant([8, 9], tf.int64)).numpy()[0]
+        expected = scipy_stats.norm.cdf((levels[0] / 255 - 0.5) / self.SIGMA)
+        # 5 binomial standard deviations; the table's law is within 1.5e-11 of the exact one (tv_slack).
+        self.assertAllClose(counts[1] / n, expected, atol=5 * np.sqrt(expected * (1 - expected) / n))
+
+    def test_image_noise_independent_of_batch_and_differs_from_float(self):
+        model = _argmax_pixel_model()
+        images = np.full((6, 8, 8, 1), 128 / 255, np.float32)
+        seeds = np.array([[7, i] for i in range(6)], np.int64)
+        table = noise.grid_noise_table(0.5)
+
+        def counts(x, s, grid):
+            return smoothing.sample_counts(model, tf.constant(x), 300, sigma=0.5, num_classes=64, batch_size=1000,
+                                           seed=tf.constant(s), grid=grid).numpy()
+
+        batched = counts(images, seeds, table)
+        self.assertAllEqual(batched.sum(axis=1), [300] * 6)
+        self.assertAllEqual(batched[4], counts(images[4:5], seeds[4:5], table)[0])
+        self.assertNotAllEqual(batched[4], batched[3])
+        self.assertNotAllEqual(batched, counts(images, seeds, None))
+
+    def test_sample_counts_refuses_a_table_of_another_sigma(self):
+        with self.assertRaisesRegex(ValueError, "sigma=0.5"):
+            smoothing.sample_counts(_argmax_pixel_model(), np.zeros((1, 8, 8, 1)), 5, sigma=0.25, num_classes=64,
+                                    batch_size=4, seed=[1, 2], grid=noise.grid_noise_table(0.5))
+
+    def test_certified_radius_valid_beyond_alpha_rate(self):
+        # As ClosedFormInBothDtypesTest's test: with probability >= 1 - alpha per
+        # image the class is g(x) and the radius at most |x_p - 1/2|. Grid mode
+        # has no float rounding between the closed form and the counts (the
+        # decision a + j >= 128 is on integers); the margin a / 255 - 1/2 is
+        # computed in float64 (error < 1e-16), so 1e-12 is ample.
+        alpha, count = 0.1, 400
+        model = threshold_models.threshold_model(self.SHAPE, self.PIXEL, 0.5)
+        rng = np.random.default_rng(1)
+        images, levels = self._images(rng, rng.integers(0, 256, size=count))
+        margin = levels / 255 - 0.5
+        smooth = smoothing.Smooth(model, 2, self.SIGMA, noise="grid")
+        classes, radii = smooth.certify_batch(images, n0=20, n=50, alpha=alpha, batch_size=1000, seed=1)
+        certified = classes != smooth.ABSTAIN
+        wrong = certified & ((classes != (margin > 0)) | (radii > np.abs(margin) + 1e-12))
+        # Allowed: the 1 - 1e-6 quantile of Binomial(count, alpha); not vacuous: some failures (about alpha / 2).
+        self.assertLessEqual(int(wrong.sum()), scipy_stats.binom.isf(1e-6, count, alpha))
+        self.assertGreater(int(wrong.sum()), 0)
+        self.assertGreater(certified.sum(), count // 2)
+
+    def test_bounds_take_the_slack(self):
+        # f(x) = [x_p > -1] on x_p = 1 (a = 255): every sample is class 1 in
+        # both modes (grid: (255 + j) / 255 >= (255 - 455) / 255 > -1 for
+        # |j| <= J = 455; float: 1 + 0.25 z > -1 needs z > -8, and the
+        # sampler's tails stop at |z| ~ 5.7). So k = n, and CERTIFY's p_lower is
+        # the engine's bound of (n, n) at alpha, lowered by the slack in grid mode.
+        n, alpha = 200, 0.01
+        model = threshold_models.threshold_model(self.SHAPE, self.PIXEL, -1.0)
+        images, _ = self._images(np.random.default_rng(2), [255])
+        slack = self._slack()
+        self.assertEqual(slack, smoothing.Smooth(model, 2, self.SIGMA, noise="grid").slack(images))
+        results = {}
+        for mode in ("float", "grid"):
+            smooth = smoothing.Smooth(model, 2, self.SIGMA, noise=mode)
+            staged = smooth.certify_staged_batch(images, 10, n, alpha, 1000, radii=[0.1], stages=[n], seed=3)
+            self.assertAllEqual(staged.samples, [n])
+            classes, radii = smooth.certify_batch(images, 10, n, alpha, 1000, seed=3)
+            results[mode] = staged.p_lower[0], classes[0], radii[0]
+        (float_lower, _, float_radius), (grid_lower, grid_class, grid_radius) = results["float"], results["grid"]
+        self.assertEqual(float_lower, float(engine.clopper_pearson_lower(n, n, alpha)))
+        # Engine: the float subtraction (half an ulp) then one step down: within 1.5 ulp below the exact difference.
+        exact = fractions.Fraction(float_lower) - fractions.Fraction(slack)
+        self.assertLessEqual(fractions.Fraction(grid_lower), exact)
+        self.assertGreaterEqual(fractions.Fraction(grid_lower), exact - fractions.Fraction(3, 2) * fractions.Fraction(
+            np.spacing(float_lower)))
+        # Fixed-n CERTIFY decides on the same lowered bound: the engine's radius of it.
+        expected = engine.certify_decision([1], engine.clopper_pearson_lower([n], n, alpha, slack), self.SIGMA)
+        self.assertEqual((grid_class, grid_radius), (1, float(expected[1][0])))
+        self.assertLess(grid_radius, float_radius)
+
+    def test_predict_level_pays_n_slack(self):
+        slack = self._slack()
+        level = smoothing.grid_predict_alpha(0.001, 1000, slack)
+        self.assertLessEqual(fractions.Fraction(level), fractions.Fraction(0.001) - 1000 * fractions.Fraction(slack))
+        self.assertGreater(level, 0.001 - 1000 * slack - 1e-18)  # one rounding of a number near 1e-3: < 2.2e-19
+        # A level that n slack uses up: PREDICT (full and staged) refuses to run rather than test at <= 0.
+        model = threshold_models.threshold_model(self.SHAPE, self.PIXEL, 0.5)
+        images, _ = self._images(np.random.default_rng(3), [200])
+        smooth = smoothing.Smooth(model, 2, self.SIGMA, noise="grid")
+        with self.assertRaisesRegex(ValueError, "use up alpha"):
+            smooth.predict_batch(images, 1000, 1e-9, 1000, seed=1)
+        with self.assertRaisesRegex(ValueError, "use up alpha"):
+            smooth.predict_staged_batch(images, 1000, 1e-9, 1000, stages=[100, 1000], seed=1)
+        self.assertAllEqual(smooth.predict_batch(images, 1000, 0.001, 1000, seed=1), [1])
+        self.assertAllEqual(smoothing.Smooth(model, 2, self.SIGMA).predict_batch(images, 1000, 1e-9, 1000, seed=1),
+                            [1])
+
+    def test_off_grid_image_refused_naming_the_pixel(self):
+        model = threshold_models.threshold_model(self.SHAPE, self.PIXEL, 0.5)
+        images, _ = self._images(np.random.default_rng(4), [200, 201])
+        images[1, 2, 3, 0] = np.nextafter(images[1, 2, 3, 0], np.float32(1))
+        smooth = smoothing.Smooth(model, 2, self.SIGMA, noise="grid")
+        with self.assertRaisesRegex(ValueError, r"images\[1, 2, 3, 0\] = .* is not on the 8-bit grid"):
+            smooth.certify_batch(images, 10, 10, 0.01, 100, seed=1)
+        smoothing.Smooth(model, 2, self.SIGMA).certify_batch(images, 10, 10, 0.01, 100, seed=1)  # float takes it
+
+    def test_unknown_mode_refused(self):
+        with self.assertRaisesRegex(ValueError, "noise must be one of"):
+            smoothing.Smooth(_argmax_pixel_model(), 64, 0.5, noise="gird")

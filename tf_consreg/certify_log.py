@@ -179,9 +179,12 @@ def comparable_settings(settings: Dict[str, Any]) -> Dict[str, Any]:
 
     The model is compared by the SHA-256 of its file (`model_sha256`), not by
     its path: shards certified on hosts that keep the model at other paths
-    belong together.
+    belong together. The noise mode is compared too: a run records
+    `noise` only when it is "grid", so settings without it are "float"'s (the
+    logs of before the grid sampler), and runs of the two modes never resume
+    or merge into one another.
     """
-    return {k: v for k, v in settings.items() if k != "model"}
+    return {"noise": "float", **{k: v for k, v in settings.items() if k != "model"}}
 
 
 def settings_differences(a: Dict[str, Any], b: Dict[str, Any], labels: Optional[Tuple[str, str]] = None) -> str:

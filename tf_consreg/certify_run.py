@@ -17,7 +17,11 @@ examples with `smoothing.Smooth` and appends one row per example to the log
   answer is settled (`smoothing.Smooth.certify_staged_batch`,
   `predict_staged_batch`): a fixed-radius run. Its log has the column
   `samples`, and its settings record the mode, radii and stages, so a run
-  never resumes or merges with one of the other kind.
+  never resumes or merges with one of the other kind;
+- float or grid noise (`CertifySpec.noise`): a grid run refuses an image
+  off the 8-bit grid naming the example and its first bad pixel, and its
+  settings record `noise`, so runs of the two modes never resume or merge
+  into one another.
 """
 
 import contextlib
@@ -37,6 +41,7 @@ from tf_consreg import data
 from tf_consreg import distribute
 from tf_consreg import files
 from tf_consreg import models
+from tf_consreg import noise as noise_lib
 from tf_consreg import run_config
 from tf_consreg import smoothing
 from tf_consreg.certify_spec import CertifySpec
@@ -178,7 +183,9 @@ class CertifyConfig:
         but `shard_index`. A staged run's mode is "certify_staged" or
         "predict_staged" and its settings add `stages` and (CERTIFY) `radii`;
         a full run's settings are as they were before staged runs existed,
-        so its older logs resume.
+        so its older logs resume. `noise` is in only for grid noise, so
+        float runs' logs from before it resume (`certify_log.comparable_settings`
+        reads a missing `noise` as "float").
 
         Args:
           replicas: replicas of the run's strategy (`num_replicas_in_sync`).
@@ -193,6 +200,8 @@ class CertifyConfig:
         }
         if self.mode == "predict":
             del settings["n0"]
+        if self.spec.noise != "float":
+            settings["noise"] = self.spec.noise
         if self.staged:
             settings["stages"] = list(self.spec.stages)
             if self.radii is not None:
@@ -328,6 +337,30 @@ def _certify_batch(smooth: smoothing.Smooth, config: CertifyConfig, images: np.n
     return classes, np.zeros(len(ids)), [None] * len(ids)
 
 
+# What a run prints at start about its sampler (--noise).
+_NOISE_LINES = {
+    "float": "noise: float (float32 Gaussian noise added to the image; --noise=grid is sound in floating point)",
+    "grid": "noise: grid (exact 8-bit grid noise, sound in floating point; bounds take its total-variation slack)",
+}
+
+
+def _check_on_grid(images: np.ndarray, indices: np.ndarray) -> None:
+    """Refuses, in one line naming the example and its first bad pixel, a batch that is not on the 8-bit grid.
+
+    Raises:
+      ConfigError: naming --noise=grid.
+    """
+    try:
+        noise_lib.to_grid(images)
+    except ValueError:
+        for image, idx in zip(images, indices):  # Only on failure: which example, and its own pixel index.
+            try:
+                noise_lib.to_grid(image)
+            except ValueError as e:
+                raise ConfigError(f"--noise=grid: example {int(idx)}: {e}") from None
+        raise
+
+
 def certify_dataset(config: CertifyConfig, *, verbose: int = 1) -> int:
     """Certifies (or predicts) the examples of a split and appends rows to the TSV.
 
@@ -356,7 +389,8 @@ def certify_dataset(config: CertifyConfig, *, verbose: int = 1) -> int:
 
     Raises:
       ConfigError: an output of another run, missing data, or a model that
-        does not fit the dataset (all before any row is written).
+        does not fit the dataset (all before any row is written); with
+        --noise=grid, an example off the 8-bit grid (the rows before it stay).
     """
     strategy = distribute.get_strategy(config.strategy)
     settings = config.settings(strategy.num_replicas_in_sync)
@@ -378,8 +412,9 @@ def certify_dataset(config: CertifyConfig, *, verbose: int = 1) -> int:
         raise ConfigError(f"{config.model} has {outputs} outputs, but --dataset={config.dataset} has "
                           f"{info.num_classes} classes")
     smooth = smoothing.Smooth(base_model, info.num_classes, config.spec.sigma,
-                              strategy=strategy if config.strategy == "mirrored" else None)
+                              strategy=strategy if config.strategy == "mirrored" else None, noise=config.spec.noise)
     if verbose:
+        print(_NOISE_LINES[config.spec.noise])
         print(f"Sampling {config.model} computing in {config.spec.compute_dtype} (--compute_dtype); the results hold "
               "for that function")
     if config.strategy == "mirrored" and verbose:
@@ -401,6 +436,8 @@ def certify_dataset(config: CertifyConfig, *, verbose: int = 1) -> int:
     with out:
         for batch, images, labels in reader.read(indices).batch(per_call).as_numpy_iterator():
             began = time.time()
+            if config.spec.noise == "grid":
+                _check_on_grid(images, batch)
             predictions, radii, used = _certify_batch(smooth, config, images, batch)
             seconds = (time.time() - began) / len(batch)
             rows = "".join(certify_log.format_row(config.log_mode, int(i), int(y), int(p), r, seconds,

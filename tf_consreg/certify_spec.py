@@ -41,6 +41,10 @@ _DEFAULT_STAGE_FRACTIONS = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 0.5, 1.0)
 DEFAULT_SMALLEST_STAGE = 100
 # Sample counts and batch sizes are int32 in the sampling graph.
 _INT32_LIMIT = 2**31
+# The samplers of a certification: float32 Gaussian noise added to the image
+# (the default for now), or exact integer noise on the 8-bit grid (`noise.py`),
+# sound in floating point (Voráček & Hein 2023).
+NOISE_MODES = ("float", "grid")
 
 
 def _is_int(value) -> bool:
@@ -206,9 +210,11 @@ class CertifySpec:
         at n0 or above is checked by `resolved`, which knows the mode.
       compute_dtype: the dtype the base model computes in
         (`precision.COMPUTE_DTYPES`); the certificates hold for that function.
-
-    The noise mode (float or grid noise) is to be a field here too, checked
-    with the others, so every job that certifies takes it the same way.
+      noise: the sampler (`NOISE_MODES`): "float", float32 Gaussian noise
+        added to the image (today's sampler, for inputs that are not
+        quantized), or "grid", exact integer noise on the 8-bit grid, sound
+        in floating point (inputs must be on the grid). A recorded config
+        without the field is "float".
     """
 
     sigma: Optional[float] = None
@@ -218,6 +224,7 @@ class CertifySpec:
     batch_size: int = 1000
     stages: Optional[Tuple[int, ...]] = None
     compute_dtype: str = "float32"
+    noise: str = "float"
 
     def __post_init__(self):
         if self.sigma is not None:
@@ -234,6 +241,7 @@ class CertifySpec:
         if self.stages is not None:
             object.__setattr__(self, "stages", _flag_error(check_stages, self.stages, self.n))
         precision.compute_policy(self.compute_dtype)  # Refuses an unknown --compute_dtype.
+        check(self.noise in NOISE_MODES, f"--noise must be one of {', '.join(NOISE_MODES)}, got {self.noise!r}")
 
     def resolved(self, selection: bool = True) -> "CertifySpec":
         """The spec with its stage schedule resolved: checked against n0 (CERTIFY), or the default.
@@ -276,5 +284,5 @@ def _flag_error(function, *args):
         raise ConfigError(f"--{e}") from None
 
 
-__all__ = ["CertifySpec", "DEFAULT_SMALLEST_STAGE", "EXPORT", "LIVE", "check_radii", "check_stages",
+__all__ = ["CertifySpec", "DEFAULT_SMALLEST_STAGE", "EXPORT", "LIVE", "NOISE_MODES", "check_radii", "check_stages",
            "default_stages", "resolve_stages"]

@@ -471,9 +471,12 @@ def to_grid(images: tf.Tensor) -> tf.Tensor:
                          "(pass integer pixels to grid_inputs as they are)")
     scaled = tf.round(tf.cast(images, tf.float64) * GRID_LEVELS)
     pixels = tf.cast(tf.clip_by_value(scaled, 0, GRID_LEVELS), tf.int32)  # clip: NaN or out of range fails below
+    # The 256 grid values from a table, not a division in the graph: in a tf.function, grappler turns x / 255
+    # into x * (1 / 255), which differs by an ulp for 126 of the 256 levels, and would refuse on-grid images.
+    grid_values = tf.constant(np.arange(GRID_LEVELS + 1, dtype=np.float32) / np.float32(GRID_LEVELS))
     on_grid = tf.logical_and(tf.equal(scaled, tf.cast(pixels, tf.float64)),
                              tf.equal(tf.cast(images, tf.float32),
-                                      tf.cast(pixels, tf.float32) / float(GRID_LEVELS)))
+                                      tf.gather(grid_values, tf.clip_by_value(pixels, 0, GRID_LEVELS))))  # NaN casts anywhere
     on_grid = tf.logical_and(on_grid, tf.equal(tf.cast(tf.cast(images, tf.float32), images.dtype), images))
     off_grid = tf.logical_not(on_grid)
     first_index, first_value = tf.where(off_grid)[:1], tf.boolean_mask(images, off_grid)[:1]  # empty if none

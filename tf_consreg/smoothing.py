@@ -8,12 +8,15 @@ engine (engine.py) that the exported signatures use too.
 Certifying a whole dataset split into a log is `certify_run.py`'s job.
 """
 
+import fractions
+import math
 from typing import Optional, Sequence, Tuple, Union
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+from tf_consreg import certify_spec
 from tf_consreg import distribute
 from tf_consreg import engine
 from tf_consreg import noise as noise_lib
@@ -31,6 +34,7 @@ def sample_counts(
     num_classes: int,
     batch_size: _IntLike,
     seed: tf.Tensor,
+    grid: Optional[noise_lib.GridNoise] = None,
 ) -> tf.Tensor:
     """Counts the base classifier's predictions under Gaussian noise.
 
@@ -59,6 +63,15 @@ def sample_counts(
     of image i seeded by `fold_in(seed_i, j)`, and does not depend on the
     other images in the batch. Every sample gets fresh noise.
 
+    Grid mode (`grid` given; Voráček & Hein 2023): the images go through
+    `noise.to_grid` once (integer pixels a; in a graph an off-grid image fails
+    the run's assertion), and each sample is `noise.grid_inputs(a, j)`, the
+    float32 (a + j) / 255 of integer noise j = `noise.grid_noise(...)` drawn
+    with the same seeds, blocks and chunks as float mode. The model's input is
+    then a function of the integer a + j alone, and the counts are those of
+    the table's rounded Gaussian, within `grid.tv_slack(d)` per sample of the
+    exact one: the caller's bounds must take that slack (`Smooth` does).
+
     Pure TensorFlow ops: traceable in any `tf.function`, including a SavedModel
     endpoint. Called eagerly it works but runs the loop op by op; wrap the call
     in a `tf.function` for speed (as `Smooth` does).
@@ -73,6 +86,8 @@ def sample_counts(
       batch_size: most noisy copies per forward pass (int or scalar tensor, >= 1).
       seed: int32/int64 stateless RNG seed: shape [2] for the whole batch (image
         i then uses `fold_in(seed, i)`), or shape [B, 2] with one seed per image.
+      grid: None for float noise N(0, sigma^2 I); `noise.grid_noise_table(sigma)`
+        for grid noise (its sigma must be `sigma`).
 
     Returns:
       int64 [B, num_classes]: counts[i, c] is the number of samples of image i
@@ -80,8 +95,9 @@ def sample_counts(
       non-finite logits.
 
     Raises:
-      ValueError: if `images` is not rank 4 or a static `batch_size` or
-        `num_samples` is out of range.
+      ValueError: if `images` is not rank 4, a static `batch_size` or
+        `num_samples` is out of range, `grid` is of another sigma, or (eagerly)
+        an image is off the 8-bit grid in grid mode.
     """
     images = tf.convert_to_tensor(images, tf.float32)
     if images.shape.rank != 4:
@@ -94,7 +110,11 @@ def sample_counts(
     if seed.shape.rank not in (1, 2) or seed.shape[-1] != 2:
         raise ValueError(f"seed must have shape [2] or [B, 2], got {seed.shape}")
 
+    if grid is not None and not isinstance(sigma, tf.Tensor) and float(sigma) != grid.sigma:
+        raise ValueError(f"grid noise: the table is for sigma={grid.sigma}, not sigma={sigma}")
+
     image_shape = images.shape[1:]
+    pixels = noise_lib.to_grid(images) if grid is not None else None
     sigma = tf.cast(sigma, tf.float32)
     n = tf.cast(num_samples, tf.int32)
     num_images = tf.shape(images)[0]
@@ -115,13 +135,22 @@ def sample_counts(
         start = group * images_per_chunk
         stop = tf.minimum(start + images_per_chunk, num_images)
         size = tf.minimum(block, n - j * block)
-        noise = tf.map_fn(
-            lambda s: noise_lib.standard_normal(
-                tf.concat([[size], image_shape], 0), tf.random.fold_in(s, tf.cast(j, tf.int64))),
-            seeds[start:stop],
-            fn_output_signature=tf.TensorSpec([None, *image_shape], tf.float32),
-        )
-        noisy = images[start:stop, tf.newaxis] + sigma * noise
+        shape = tf.concat([[size], image_shape], 0)
+        if grid is None:
+            noise = tf.map_fn(
+                lambda s: noise_lib.standard_normal(shape, tf.random.fold_in(s, tf.cast(j, tf.int64))),
+                seeds[start:stop],
+                fn_output_signature=tf.TensorSpec([None, *image_shape], tf.float32),
+            )
+            noisy = images[start:stop, tf.newaxis] + sigma * noise
+        else:
+            # The same seed per (image, block) as float mode; integer noise added to integer pixels.
+            steps = tf.map_fn(
+                lambda s: noise_lib.grid_noise(shape, tf.random.fold_in(s, tf.cast(j, tf.int64)), grid),
+                seeds[start:stop],
+                fn_output_signature=tf.TensorSpec([None, *image_shape], tf.int32),
+            )
+            noisy = noise_lib.grid_inputs(pixels[start:stop, tf.newaxis], steps)
         noisy = tf.reshape(noisy, [-1, *image_shape])
         logits = model(noisy, training=False)
         predictions = tf.argmax(logits, axis=-1, output_type=tf.int32)
@@ -155,6 +184,7 @@ def mirrored_sample_counts(
     num_classes: int,
     batch_size: _IntLike,
     seed: tf.Tensor,
+    grid: Optional[noise_lib.GridNoise] = None,
 ) -> tf.Tensor:
     """`sample_counts` with each image's samples split across the strategy's replicas.
 
@@ -177,8 +207,8 @@ def mirrored_sample_counts(
     Args:
       strategy: a `tf.distribute` strategy with local replicas (MirroredStrategy);
         G = `strategy.num_replicas_in_sync`.
-      model, images, num_samples, sigma, num_classes, batch_size, seed: as for
-        `sample_counts`.
+      model, images, num_samples, sigma, num_classes, batch_size, seed, grid: as
+        for `sample_counts` (grid mode shares its code path).
 
     Returns:
       int64 [B, num_classes] counts; each row sums to `num_samples` less the
@@ -205,7 +235,7 @@ def mirrored_sample_counts(
         replica_seeds = tf.map_fn(lambda s: tf.random.fold_in(s, tf.cast(replica, tf.int64)), seeds,
                                   fn_output_signature=tf.TensorSpec([2], tf.int64))
         return sample_counts(model, images, share, sigma=sigma, num_classes=num_classes,
-                             batch_size=batch_size, seed=replica_seeds)
+                             batch_size=batch_size, seed=replica_seeds, grid=grid)
 
     per_replica = strategy.run(replica_counts)
     # The counts are a few integers per image: add them on one device rather
@@ -276,6 +306,36 @@ def _check_alpha(alpha) -> float:
     return float(alpha)
 
 
+def grid_predict_alpha(alpha: float, n: int, slack: float) -> float:
+    """PREDICT's test level under grid noise: alpha - n slack, rounded down.
+
+    PREDICT's binomial test of the top two counts has no bound to widen, so
+    the slack is paid in its level by coupling: n samples from the grid
+    table's law are within total variation n slack of n samples from the
+    exact rounded Gaussian (TV of a product is at most the sum of its
+    factors'), so a test that errs with probability <= alpha - n slack under
+    the exact law errs with probability <= alpha under the table's. A staged
+    PREDICT passes n = n_max: its samples are at most that many.
+
+    Args:
+      alpha: the run's failure probability, in (0, 1).
+      n: the most samples an image draws.
+      slack: `GridNoise.tv_slack(d)` of the image's d pixels.
+
+    Returns:
+      The level, a float never above alpha - n slack.
+
+    Raises:
+      ValueError: n slack >= alpha (no level is left for the test).
+    """
+    exact = fractions.Fraction(alpha) - n * fractions.Fraction(slack)
+    if exact <= 0:
+        raise ValueError(f"grid noise: n={n} samples of slack {slack:.3g} each use up alpha={alpha} "
+                         "(PREDICT's level is alpha - n slack); lower n or raise alpha")
+    level = float(exact)
+    return level if fractions.Fraction(level) <= exact else math.nextafter(level, 0.0)
+
+
 def model_image_shape(model: keras.Model) -> Optional[Tuple[Optional[int], ...]]:
     """The [H, W, C] a model takes, or None if it does not declare its input."""
     try:
@@ -312,6 +372,19 @@ class Smooth:
     across its replicas (`mirrored_sample_counts`): same distribution, other
     noise than without one, reproducible for a given seed and replica count.
 
+    Noise modes (`noise`). "float" adds float32 N(0, sigma^2) noise to the
+    image; its certificates are those of the exact Gaussian smoothing, up to
+    the floating-point effects that Voráček & Hein (2023) exploit. "grid"
+    (sound in floating point) takes images on the 8-bit grid only (an image
+    off it is refused, naming its first bad pixel) and adds exact integer
+    grid noise (`sample_counts`' grid mode): the certificates are those of
+    the base classifier composed with rounding to the grid, smoothed by the
+    rounded Gaussian. Its sampler is within total variation
+    `tv_slack(d)` (about 1e-12 per pixel) of that law, so every lower bound on
+    p_A is lowered and every upper bound raised by it (CERTIFY, staged
+    CERTIFY), and PREDICT's test runs at level alpha - n tv_slack(d)
+    (`grid_predict_alpha`).
+
     The certificates hold for the function `base_model` computes, in the
     dtypes its layers compute in: a model trained under mixed_bfloat16 and
     passed as trained is its bfloat16 network. The project's callers pass
@@ -326,22 +399,28 @@ class Smooth:
       num_classes: number of classes, >= 2.
       sigma: noise standard deviation in [0, 1] pixel units, > 0.
       strategy: None (one device) or a strategy whose replicas share the samples.
+      noise: "float" or "grid" (`certify_spec.NOISE_MODES`).
 
     Raises:
-      ValueError: num_classes < 2 or sigma not > 0.
+      ValueError: num_classes < 2, sigma not > 0, an unknown noise mode, or
+        grid noise with sigma above 16.
     """
 
     ABSTAIN = stats.ABSTAIN
 
     def __init__(self, base_model: keras.Model, num_classes: int, sigma: float, *,
-                 strategy: Optional[tf.distribute.Strategy] = None):
+                 strategy: Optional[tf.distribute.Strategy] = None, noise: str = "float"):
         _check_int("num_classes", num_classes, 2)
         if not isinstance(sigma, (float, int, np.floating)) or not 0 < sigma < float("inf"):
             raise ValueError(f"sigma must be > 0, got {sigma!r}")
+        if noise not in certify_spec.NOISE_MODES:
+            raise ValueError(f"noise must be one of {certify_spec.NOISE_MODES}, got {noise!r}")
         self.base_model = base_model
         self.num_classes = int(num_classes)
         self.sigma = float(sigma)
         self.strategy = strategy
+        self.noise = noise
+        self._grid = noise_lib.grid_noise_table(self.sigma) if noise == "grid" else None
         self._image_shape = model_image_shape(base_model)
         image_spec = [None, *self._image_shape] if self._image_shape else [None, None, None, None]
         self._counts_fn = tf.function(
@@ -358,29 +437,35 @@ class Smooth:
         counts_spec = tf.TensorSpec([None, None], tf.int64)
         level_spec = tf.TensorSpec([], tf.float64)
         self._certify_fn = tf.function(self._certify_graph, input_signature=(
-            counts_spec, counts_spec, tf.TensorSpec([], tf.int64), level_spec))
+            counts_spec, counts_spec, tf.TensorSpec([], tf.int64), level_spec, level_spec))
         self._predict_fn = tf.function(engine.predict_from_counts, input_signature=(counts_spec, level_spec))
         self._stage_fn = tf.function(self._stage_graph, input_signature=(
-            tf.TensorSpec([None], tf.int64), tf.TensorSpec([], tf.int64), level_spec, tf.TensorSpec([None], tf.float64)))
+            tf.TensorSpec([None], tf.int64), tf.TensorSpec([], tf.int64), level_spec, tf.TensorSpec([None], tf.float64),
+            level_spec))
         self._decision_fn = tf.function(self._decision_graph, input_signature=(
             tf.TensorSpec([None], tf.int64), tf.TensorSpec([None], tf.float64)))
 
-    def _certify_graph(self, selection, estimation, n, alpha):
-        return engine.certify_from_counts(selection, estimation, n, alpha, self.sigma)
+    def _certify_graph(self, selection, estimation, n, alpha, slack):
+        return engine.certify_from_counts(selection, estimation, n, alpha, self.sigma, slack)
 
-    def _stage_graph(self, successes, n_k, level, radii):
-        return engine.certify_stage(successes, n_k, level, self.sigma, radii)
+    def _stage_graph(self, successes, n_k, level, radii, slack):
+        return engine.certify_stage(successes, n_k, level, self.sigma, radii, slack)
 
     def _decision_graph(self, guesses, p_lower):
         return engine.certify_decision(guesses, p_lower, self.sigma)
 
-    def _stage_rule(self, radii: np.ndarray) -> stats.StageRuleFn:
+    def slack(self, images: np.ndarray) -> float:
+        """The total-variation slack of one sample of these images: 0 for float noise, `tv_slack(d)` for grid."""
+        return 0.0 if self._grid is None else self._grid.tv_slack(int(np.prod(images.shape[1:])))
+
+    def _stage_rule(self, radii: np.ndarray, slack: float) -> stats.StageRuleFn:
         """The engine's bounds and settled rule of one stage, for `stats.staged_certify`."""
         radii = tf.constant(radii, tf.float64)
+        slack = tf.constant(slack, tf.float64)
 
         def rule(successes, n_k, level):
             p_lower, done = self._stage_fn(tf.constant(successes, tf.int64), tf.constant(n_k, tf.int64),
-                                           tf.constant(level, tf.float64), radii)
+                                           tf.constant(level, tf.float64), radii, slack)
             return p_lower.numpy(), done.numpy()
 
         return rule
@@ -389,6 +474,10 @@ class Smooth:
         classes, radii = self._decision_fn(tf.constant(guesses, tf.int64), tf.constant(p_lower, tf.float64))
         return classes.numpy(), radii.numpy()
 
+    def _predict_level(self, images: np.ndarray, alpha: float, n: int) -> float:
+        """PREDICT's level for n samples per image: alpha, less n slack in grid mode (`grid_predict_alpha`)."""
+        return alpha if self._grid is None else grid_predict_alpha(alpha, n, self.slack(images))
+
     def _predict_rule(self, counts: np.ndarray, level: float) -> np.ndarray:
         return self._predict_fn(tf.constant(counts, tf.int64), tf.constant(level, tf.float64)).numpy()
 
@@ -396,9 +485,10 @@ class Smooth:
         seeds = stream_seeds(keys, stream)
         if self.strategy is not None:
             return mirrored_sample_counts(self.strategy, self.base_model, images, num_samples, sigma=self.sigma,
-                                          num_classes=self.num_classes, batch_size=batch_size, seed=seeds)
+                                          num_classes=self.num_classes, batch_size=batch_size, seed=seeds,
+                                          grid=self._grid)
         return sample_counts(self.base_model, images, num_samples, sigma=self.sigma,
-                             num_classes=self.num_classes, batch_size=batch_size, seed=seeds)
+                             num_classes=self.num_classes, batch_size=batch_size, seed=seeds, grid=self._grid)
 
     def _check_images(self, images) -> np.ndarray:
         images = np.asarray(images, dtype=np.float32)
@@ -411,6 +501,8 @@ class Smooth:
         if images.size and (images.min() < 0.0 or images.max() > 1.0):
             raise ValueError(f"image values must be in [0, 1] (the model normalizes inside), "
                              f"got [{images.min()}, {images.max()}]")
+        if self._grid is not None:
+            noise_lib.to_grid(images)  # Eagerly, so an off-grid image is refused in one line naming its first bad pixel.
         return images
 
     @staticmethod
@@ -464,7 +556,8 @@ class Smooth:
         selection = self._counts(images, n0, batch_size, keys, SELECTION)
         estimation = self._counts(images, n, batch_size, keys, ESTIMATION)
         classes, radii, _ = self._certify_fn(tf.constant(selection), tf.constant(estimation),
-                                             tf.constant(n, tf.int64), tf.constant(alpha, tf.float64))
+                                             tf.constant(n, tf.int64), tf.constant(alpha, tf.float64),
+                                             tf.constant(self.slack(images), tf.float64))
         return classes.numpy(), radii.numpy()
 
     def predict_batch(self, images, n: int, alpha: float, batch_size: int, seed: Optional[int] = None,
@@ -492,8 +585,9 @@ class Smooth:
         images = self._check_images(images)
         n = _check_int("n", n, 1)
         alpha, batch_size = _check_alpha(alpha), _check_int("batch_size", batch_size, 1)
+        level = self._predict_level(images, alpha, n)
         counts = self._counts(images, n, batch_size, self._keys(len(images), seed, image_ids), PREDICTION)
-        return self._predict_rule(counts, alpha)
+        return self._predict_rule(counts, level)
 
     def certify_staged_batch(self, images, n0: int, n: int, alpha: float, batch_size: int,
                              radii: Sequence[float], stages: Optional[Sequence[int]] = None,
@@ -556,7 +650,7 @@ class Smooth:
             return counts[np.arange(len(active)), guesses[active]]
 
         return stats.staged_certify(guesses, draw, stages, alpha=alpha, sigma=self.sigma, radii=radii,
-                                    stage_rule=self._stage_rule(radii), decision=self._decision)
+                                    stage_rule=self._stage_rule(radii, self.slack(images)), decision=self._decision)
 
     def predict_staged_batch(self, images, n: int, alpha: float, batch_size: int,
                              stages: Optional[Sequence[int]] = None, seed: Optional[int] = None,
@@ -591,13 +685,14 @@ class Smooth:
         n = _check_int("n", n, 1)
         alpha, batch_size = _check_alpha(alpha), _check_int("batch_size", batch_size, 1)
         stages = stats.resolve_stages(stages, n, None)
+        level = self._predict_level(images, alpha, n)
         keys = self._keys(len(images), seed, image_ids)
 
         def draw(active, stage, num_new):
             return self._counts(images[active], num_new, batch_size, keys[active],
                                 staged_stream(PREDICTION, stage))
 
-        return stats.staged_predict(len(images), draw, stages, alpha=alpha, predict_rule=self._predict_rule)
+        return stats.staged_predict(len(images), draw, stages, alpha=level, predict_rule=self._predict_rule)
 
     def certify(self, x, n0: int, n: int, alpha: float, batch_size: int,
                 seed: Optional[int] = None) -> Tuple[int, float]:
