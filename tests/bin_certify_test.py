@@ -69,7 +69,7 @@ class CertifyBinaryTest(RunFixture, parameterized.TestCase):
     @parameterized.named_parameters(
         # One case per exit path through the real process: a config check (ConfigError), absl's flag parsing, and
         # an output refused before any file is made. The other checks run in process (CertifyErrorsTest).
-        ("n", ["--n=0"], "certify.py: error: --n must be >= 1, got 0"),
+        ("n", ["--n=0"], "certify.py: error: --n must be an integer in [1, 2^31), got 0"),
         ("radius_not_a_number", ["--radii=half"], "certify.py: error: --radii: 'half' is not a list of float"),
         ("dangling_output", ["--output_is_a_dangling_link"], "certify.py: error: --output="),
     )

@@ -137,6 +137,7 @@ class ExportConfigTest(parameterized.TestCase):
         ("class_names_length", dict(class_names=("a", "b", "c")), "class_names"),
         ("seed_negative", dict(seed=-1), "--seed"),
         ("stage_below_n0", dict(n=10000, stages=(50, 10000)), "^--stages must start at n0=100"),
+        ("grid_noise", dict(noise="grid"), "^noise='grid': the export samples float noise only"),
     )
     def test_bad_values_raise_naming_the_field(self, change, name):
         values = {"sigma": 0.25, "num_classes": 2, **change}

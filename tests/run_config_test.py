@@ -144,6 +144,7 @@ class TrainConfigTest(parameterized.TestCase):
         ("examples", dict(certify_examples=10), "^--certify_examples is used only with --certify_every"),
         ("staged", dict(certify_every=1, certify=CertifySpec(n=1000, stages=(100, 1000))), "full CERTIFY"),
         ("bfloat16", dict(certify_every=1, certify=CertifySpec(n=1000, compute_dtype="bfloat16")), "float32"),
+        ("grid", dict(certify_every=1, certify=CertifySpec(n=1000, noise="grid")), "with float noise"),
         ("other_sigma", dict(certify_every=1, certify=CertifySpec(sigma=0.5, n=1000)),
          "the certification's sigma=0.5 differs from the training run's --sigma=0.25"),
         ("not_a_spec", dict(certify_every=1, certify=dict(n=1000)), "^certify must be a CertifySpec"),

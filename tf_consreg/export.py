@@ -148,6 +148,8 @@ class ExportConfig:
     def __post_init__(self):
         check(isinstance(self.spec, CertifySpec), f"spec must be a CertifySpec, got {type(self.spec).__name__}")
         check(self.spec.sigma is not None, "--sigma is required: the noise level of the smoothed classifier")
+        # The signatures draw float noise; grid noise in the export is not built yet. Never fall back silently.
+        check(self.spec.noise == "float", f"noise={self.spec.noise!r}: the export samples float noise only, for now")
         check(_is_int(self.num_classes) and self.num_classes >= 2,
               f"num_classes must be an integer >= 2, got {self.num_classes}")
         if self.class_names is not None:

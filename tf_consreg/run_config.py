@@ -51,8 +51,9 @@ def live_certify_spec(spec: CertifySpec, sigma: float) -> CertifySpec:
     """
     check(isinstance(spec, CertifySpec), f"certify must be a CertifySpec, got {type(spec).__name__}")
     live = certify_spec.LIVE
-    check((spec.stages, spec.compute_dtype) == (live.stages, live.compute_dtype),
-          f"certify: live certification is full CERTIFY of the {live.compute_dtype} network, got {spec}")
+    check((spec.stages, spec.compute_dtype, spec.noise) == (live.stages, live.compute_dtype, live.noise),
+          f"certify: live certification is full CERTIFY of the {live.compute_dtype} network with "
+          f"{live.noise} noise, got {spec}")
     return spec.with_sigma(sigma)
 
 
