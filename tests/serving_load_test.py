@@ -187,5 +187,81 @@ class ServingLoadTest(parameterized.TestCase):
                 self.assertEqual(result.stderr.strip().splitlines()[-1], "serving_check: error: " + message)
 
 
+def export_contract_breaker(export_dir: str) -> None:
+    """A SavedModel with the export's signature names whose every answer breaks one clause of the contract.
+
+    Its metadata says 2 classes, stages (10, 20), sigma 0.25. serving_default answers class 2 (not a class
+    of 2); certify_radius certifies at half the radius asked; predict reports 15 samples (not a stage).
+    """
+    images_spec = tf.TensorSpec([None, 4, 4, 1], tf.float32)
+
+    def ones(images, dtype):
+        return tf.ones(tf.shape(images)[:1], dtype)
+
+    class Breaker(tf.Module):
+
+        @tf.function(input_signature=[])
+        def metadata(self):
+            return {"num_classes": tf.constant(2, tf.int64), "stages": tf.constant([10, 20], tf.int64),
+                    "sigma": tf.constant(0.25, tf.float64)}
+
+        @tf.function(input_signature=[images_spec])
+        def certify(self, images):
+            return {"class": 2 * ones(images, tf.int64), "radius": 0.1 * ones(images, tf.float32),
+                    "p_lower": 0.9 * ones(images, tf.float32)}
+
+        @tf.function(input_signature=[images_spec, tf.TensorSpec([None], tf.float32)])
+        def certify_radius(self, images, radius):
+            return {"class": 0 * ones(images, tf.int64), "certified": ones(images, tf.bool), "radius": radius / 2,
+                    "samples": 10 * ones(images, tf.int64)}
+
+        @tf.function(input_signature=[images_spec])
+        def predict(self, images):
+            return {"class": 0 * ones(images, tf.int64), "samples": 15 * ones(images, tf.int64)}
+
+    module = Breaker()
+    tf.saved_model.save(module, export_dir, signatures={
+        "metadata": module.metadata, "serving_default": module.certify, "certify_radius": module.certify_radius,
+        "predict": module.predict})
+
+
+class WrongAnswersAreCaughtTest(parameterized.TestCase):
+    """Both paths count an answer that breaks its contract as wrong and say which field broke."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls._tmp = tempfile.TemporaryDirectory()
+        cls.export_dir = os.path.join(cls._tmp.name, "breaker")
+        export_contract_breaker(cls.export_dir)
+        cls.pool = np.full((3, 4, 4, 1), 0.5, np.float32)
+        build = _load_build_module()
+        cls.binary = build.build() if build.compiler() is not None else None
+
+    @classmethod
+    def tearDownClass(cls):
+        cls._tmp.cleanup()
+        super().tearDownClass()
+
+    @parameterized.product(path=("python", "c++"),
+                           case=(("serving_default", "class"), ("certify_radius", "certified"),
+                                 ("predict", "samples")))
+    def test_every_broken_answer_is_counted(self, path, case):
+        signature, field = case
+        config = serving_load.LoadConfig(threads=1, requests=3, warmup=1, signatures=(signature,))
+        if path == "python":
+            summary = serving_load.run_python_load(self.export_dir, self.pool, config)
+        elif self.binary is None:
+            self.skipTest("g++ not found on PATH: cannot build tools/serving_check")
+        else:
+            summary = serving_load.run_cpp_load(self.binary, self.export_dir, self.pool, config)
+        self.assertEqual(summary["errors"], 0, summary["first_error"])
+        self.assertEqual(summary["requests"], 3)
+        # The warm-up request and the 3 timed ones: every answer is wrong.
+        self.assertEqual(summary["wrong_answers"], 4)
+        self.assertEqual(summary["warmup_failures"], 1)
+        self.assertStartsWith(summary["first_wrong_answer"], f"{signature} (batch 1): {field}[0] = ")
+
+
 if __name__ == "__main__":
     tf.test.main()
