@@ -23,8 +23,9 @@ Both return the same summary (a dict, the C++ program's JSON line):
 (VmHWM, reset once the model has loaded if the kernel allows: `peak_rss_since`),
 `timeline` (every `sample_seconds`: t, rss_kb, requests done, p50_ms and
 p99_ms of the requests that ended in the interval), `errors` (failed
-requests), `wrong_answers` (answers that break the contract; the Python path
-checks with `serving_client.check_answer`), `first_error` and
+requests) and `wrong_answers` (answers that break the contract; the Python
+path checks with `serving_client.check_answer`), both counting the warm-up
+too (`warmup_failures` counts its share), `first_error` and
 `first_wrong_answer`. Percentiles are nearest-rank.
 """
 

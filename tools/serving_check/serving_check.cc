@@ -53,7 +53,9 @@
 // peak_rss_kb (VmHWM of /proc/self/status, reset after the model loaded when
 // /proc/self/clear_refs allows), a timeline sampled every --sample_seconds
 // (t, rss_kb, requests done, p50/p99 of the requests ending in the
-// interval), errors, wrong_answers and the first message of each.
+// interval), errors (failed requests) and wrong_answers, warm-up included
+// (warmup_failures counts those of the warm-up), and the first message of
+// each. The exit status is 0 whatever the answers: read the counts.
 
 #include <algorithm>
 #include <atomic>
