@@ -72,7 +72,8 @@ def _run(path, binary, export_dir, pool_path, config, nice):
             result = subprocess.run(command, capture_output=True, text=True, check=False,
                                     preexec_fn=(lambda: os.nice(nice)) if nice else None)
             if result.returncode != 0:
-                raise RuntimeError(f"python load failed: {result.stderr.strip().splitlines()[-1:]}")
+                last = (result.stderr.strip().splitlines() or ["no message"])[-1]
+                raise RuntimeError(f"python load failed ({result.returncode}): {last}")
             summary = json.loads(result.stdout.strip().splitlines()[-1])
     return summary, load.cores
 

@@ -11,7 +11,6 @@ these runs last seconds.
 import os
 import subprocess
 import tempfile
-import unittest
 
 from absl.testing import parameterized
 import numpy as np
