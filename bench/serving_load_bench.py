@@ -156,6 +156,7 @@ def main() -> None:
 
     # tf_consreg first: it chooses TF_ENABLE_ONEDNN_OPTS before TensorFlow loads; the loads inherit it.
     from tf_consreg import export  # pylint: disable=import-outside-toplevel
+    from tf_consreg.certify_spec import CertifySpec  # pylint: disable=import-outside-toplevel
     from tf_consreg import models  # pylint: disable=import-outside-toplevel
     from tf_consreg import serving_load  # pylint: disable=import-outside-toplevel
 
@@ -168,8 +169,9 @@ def main() -> None:
     results = {"machine": measure.machine(), "args": vars(args), "throughput": [], "rss": [], "soak": {}}
     with tempfile.TemporaryDirectory() as tmp:
         export_dir = os.path.join(tmp, "export")
-        export.export_smoothed(model, export_dir, sigma=args.sigma, num_classes=num_classes, n0=args.n0, n=args.n,
-                               alpha=args.alpha, batch_size=args.batch_size)
+        export.export_smoothed(model, export_dir, CertifySpec(sigma=args.sigma, n0=args.n0, n=args.n, alpha=args.alpha,
+                                                              batch_size=args.batch_size),
+                               num_classes=num_classes)
         metadata = export.read_metadata(export_dir)
         pool_path = os.path.join(tmp, "pool.npy")
         rng = np.random.default_rng(0)

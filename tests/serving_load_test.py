@@ -23,6 +23,7 @@ from serving_check_test import _load_build_module
 from tf_consreg import errors
 from tf_consreg import export
 from tf_consreg import serving_load
+from tf_consreg.certify_spec import CertifySpec
 
 SIGMA = 0.25
 # The soak criterion: RSS after warm-up grows by less than 5%.
@@ -38,8 +39,9 @@ def export_linear(export_dir: str) -> dict:
     rng = np.random.default_rng(3)
     w = rng.normal(size=(4, 4, 1)) * 0.25
     b = -float(np.sum(w)) * 0.5
-    export.export_smoothed(linear_model(w, b), export_dir, sigma=SIGMA, num_classes=2, n0=50, n=600, alpha=0.001,
-                           batch_size=600, stages=(100, 300, 600))
+    export.export_smoothed(linear_model(w, b), export_dir,
+                           CertifySpec(sigma=SIGMA, n0=50, n=600, alpha=0.001, batch_size=600, stages=(100, 300, 600)),
+                           num_classes=2)
     return {"w": w, "b": b}
 
 
