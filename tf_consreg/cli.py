@@ -402,7 +402,8 @@ def check_value(label: str, value: Any, hint: Any, required: bool = False) -> No
 def _required(hint: Any, field: dataclasses.Field) -> bool:
     """None is not a value of the field: its type is not Optional and it has a default."""
     optional = typing.get_origin(hint) is typing.Union and type(None) in typing.get_args(hint)
-    has_default = field.default is not dataclasses.MISSING or field.default_factory is not dataclasses.MISSING  # type: ignore[misc]
+    has_default = (field.default is not dataclasses.MISSING
+                   or field.default_factory is not dataclasses.MISSING)  # type: ignore[misc]
     return not optional and has_default
 
 
