@@ -62,7 +62,7 @@ def make_config(files=()) -> analysis.AnalyzeConfig:
     """Builds the validated config from the flags; `files` (the arguments) come before --tsv's."""
     values = cli.flag_values(analysis.AnalyzeConfig, _FLAGS)
     values["tsv"] = tuple(files) + (values["tsv"] or ())
-    return analysis.AnalyzeConfig(**values)
+    return cli.config_from_values(analysis.AnalyzeConfig, values)
 
 
 def _warn(message: str) -> None:

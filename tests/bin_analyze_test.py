@@ -1,6 +1,7 @@
 """End-to-end tests of bin/analyze.py: main under flagsaver, and one-line errors in a subprocess."""
 
 import contextlib
+import errno
 import io
 import json
 import os
@@ -9,15 +10,20 @@ import subprocess
 import sys
 import tempfile
 import threading
+from unittest import mock
 
 from absl import flags
 from absl.testing import absltest
 from absl.testing import flagsaver
+from absl.testing import parameterized
 import pytest
 
+from tf_consreg import analysis
+from tf_consreg import files
 from tf_consreg.errors import ConfigError
 
 import binaries  # tests/binaries.py
+import mounts  # tests/mounts.py
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # bin/analyze.py, loaded by setUpModule: its --radii is bin/certify.py's
@@ -76,7 +82,7 @@ def _fifo_never_blocks(path):
         thread.join(timeout=10)
 
 
-class AnalyzeBinaryTest(absltest.TestCase):
+class AnalyzeBinaryTest(parameterized.TestCase):
 
     def setUp(self):
         super().setUp()
@@ -145,6 +151,43 @@ class AnalyzeBinaryTest(absltest.TestCase):
         self.assertIn("(incomplete) | 2 |", table)
         self.assertRegex(err.getvalue(), r"^analyze.py: warning: .*shard\{0,1\}.tsv: incomplete sharded run "
                          r"\(shard 2 of 3 is missing\); reporting its 2 examples\n$")
+
+    @contextlib.contextmanager
+    def _failing_place(self, how, options, error):
+        """A tmpfs mounted with `options` (root), or a temporary directory where `error` is raised by mock."""
+        if how == "mount":
+            with mounts.tmpfs(options) as directory:
+                if directory is None:
+                    self.skipTest("mounting a tmpfs needs root here; the mock case covers the code")
+                yield directory
+            return
+        with error:
+            yield self.dir
+
+    @parameterized.parameters("mount", "mock")
+    def test_a_read_only_plot_directory_is_refused_before_any_work(self, how):
+        erofs = mock.patch.object(files.tempfile, "mkstemp", side_effect=OSError(errno.EROFS, os.strerror(errno.EROFS)))
+        with self._failing_place(how, "ro", erofs) as read_only:
+            plot = os.path.join(read_only, "curves.png")
+            with mock.patch.object(analysis, "read_run") as read:
+                with self.assertRaisesWithLiteralMatch(
+                        ConfigError, f"--plot={plot}: cannot write in {read_only} (Read-only file system)"):
+                    self._main(tsv=[self.tsv], plot=plot)
+                read.assert_not_called()
+            self.assertFalse(os.path.exists(plot))
+
+    @parameterized.parameters("mount", "mock")
+    def test_a_full_disk_leaves_no_plot(self, how):
+        # 4 KiB hold the write check's empty file, not the PNG (tens of KB). By mock: the ENOSPC a file system
+        # that allocates late reports at fsync.
+        enospc = mock.patch.object(files.os, "fsync", side_effect=OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+        with self._failing_place(how, "size=4k", enospc) as full:
+            before = sorted(os.listdir(full))
+            plot = os.path.join(full, "curves.png")
+            with self.assertRaises(OSError) as raised:
+                self._main(tsv=[self.tsv], plot=plot)
+            self.assertEqual((raised.exception.filename, raised.exception.errno), (plot, errno.ENOSPC))
+            self.assertEqual(sorted(os.listdir(full)), before)  # Neither the plot nor its temporary file.
 
     def test_plot_over_a_file_needs_overwrite(self):
         # Issue 16, item 5: nothing is overwritten without being asked.

@@ -7,7 +7,12 @@ twice in one process; `ImagenetCertifyTest` loads it in process instead
 process. The run it calls is tested in certify_run_test.py.
 """
 
+import contextlib
+import errno
 import os
+import subprocess
+import tempfile
+from unittest import mock
 
 from absl import flags
 from absl.testing import absltest
@@ -21,11 +26,13 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 import binaries  # tests/binaries.py
+import mounts  # tests/mounts.py
 from certify_run_test import HEADER, TINY, RunFixture, error_lines, make_config, make_model_dir, read_rows
 from certify_run_test import run_binary
 from smoothing_test import with_nan_weights
 from tf_consreg import certify_run
 from tf_consreg import data
+from tf_consreg import files
 from tf_consreg import models
 from tf_consreg.errors import ConfigError
 
@@ -163,8 +170,9 @@ class CertifyErrorsTest(RunFixture, parameterized.TestCase):
          "--compute_dtype='float16' is unknown; choose one of float32, bfloat16"),
         # Fixed-radius mode (issue 13): each bad value fails before any work, naming its flag.
         ("radius_zero", ["--radii=0.5,0"], "--radii must be finite and > 0, got 0.0"),
-        ("radius_nan", ["--radii=nan"], "--radii must be finite and > 0, got nan"),
-        ("radius_inf", ["--radii=inf"], "--radii must be finite and > 0, got inf"),
+        # Not finite: refused by every config's float check (cli.check_value) before the spec's own.
+        ("radius_nan", ["--radii=nan"], "--radii: each value must be a finite number, got nan"),
+        ("radius_inf", ["--radii=inf"], "--radii: each value must be a finite number, got inf"),
         ("stages_decrease", ["--radii=0.5", "--n=1000", "--stages=500,200,1000"],
          "--stages must strictly increase (cumulative sample counts), got [500, 200, 1000]"),
         ("stages_end", ["--radii=0.5", "--n=1000", "--stages=100,500"], "--stages must end at n=1000"),
@@ -195,6 +203,84 @@ def save_constant_imagenet_model(directory: str, winner: int) -> str:
     path = os.path.join(directory, "imagenet_constant.keras")
     model.save(path)
     return path
+
+
+class WriteFailureTest(RunFixture, parameterized.TestCase):
+    """A read-only --output: refused before the model loads; a full disk mid-run: resumable (#22, item 2).
+
+    Each case runs on a real tmpfs ("mount", where mounting is allowed: root)
+    and with the OS error raised by mock ("mock", always).
+    """
+
+    # 200 examples in batches of 26 (certify_run's 16 batches of 200 samples / 120 per example), 30 bytes a row
+    # (130 rows: 3916 bytes with the header), so the TSV passes 4096 bytes, one tmpfs page, in the 6th batch.
+    _MAX = 200
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.model_dir = make_model_dir(cls.dir)
+
+    @parameterized.product(how=("mount", "mock"), radii=(None, (0.25,)))
+    def test_a_read_only_output_is_refused_before_the_model_loads(self, how, radii):
+        with mounts.tmpfs("ro") if how == "mount" else contextlib.nullcontext(tempfile.mkdtemp(dir=self.dir)) \
+                as read_only:
+            if read_only is None:
+                self.skipTest("mounting a tmpfs needs root here; the mock case covers the code")
+            erofs = (contextlib.nullcontext() if how == "mount" else mock.patch.object(
+                files.tempfile, "mkstemp", side_effect=OSError(errno.EROFS, os.strerror(errno.EROFS))))
+            output = os.path.join(read_only, "certify.tsv")
+            staged = {} if radii is None else dict(radii=radii, stages=(100,))
+            with erofs, mock.patch.object(models, "load_base_model") as load:
+                with self.assertRaisesWithLiteralMatch(
+                        ConfigError, f"--output={output}: cannot write in {read_only} (Read-only file system)"):
+                    certify_run.certify_dataset(make_config(output=output, model_dir=self.model_dir, max=3,
+                                                            **{**TINY, **staged}), verbose=0)
+                load.assert_not_called()
+            self.assertEqual(os.listdir(read_only), [])
+
+    @contextlib.contextmanager
+    def _full_after_a_page(self, how):
+        """A directory whose files cannot grow past 4096 bytes, and a function that frees space."""
+        if how == "mount":
+            # Two pages: the settings file's and the TSV's first; the write that needs a third fails.
+            with mounts.tmpfs("size=8k") as directory:
+                if directory is None:
+                    self.skipTest("mounting a tmpfs needs root here; the mock case covers the code")
+                yield directory, lambda: subprocess.run(["mount", "-o", "remount,size=1m", directory], check=True)
+            return
+        # By mock: the ENOSPC a file system that allocates late reports at fsync, once the TSV passes a page.
+        real_fsync, full = os.fsync, [True]
+
+        def fsync(fd):
+            if full[0] and os.fstat(fd).st_size > 4096:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            real_fsync(fd)
+
+        with mock.patch.object(certify_run.os, "fsync", side_effect=fsync):
+            yield tempfile.mkdtemp(dir=self.dir), lambda: full.__setitem__(0, False)
+
+    @parameterized.parameters("mount", "mock")
+    @pytest.mark.slow
+    def test_a_full_disk_mid_run_resumes_to_the_rows_of_an_uninterrupted_run(self, how):
+        uninterrupted = os.path.join(tempfile.mkdtemp(dir=self.dir), "certify.tsv")
+        certify_run.certify_dataset(make_config(output=uninterrupted, model_dir=self.model_dir, max=self._MAX,
+                                                **TINY), verbose=0)
+        with self._full_after_a_page(how) as (directory, free_space):
+            output = os.path.join(directory, "certify.tsv")
+            config = make_config(output=output, model_dir=self.model_dir, max=self._MAX, **TINY)
+            with self.assertRaises(OSError) as raised:
+                certify_run.certify_dataset(config, verbose=0)
+            self.assertEqual((raised.exception.filename, raised.exception.errno), (output, errno.ENOSPC))
+            with open(output, encoding="utf-8") as f:
+                kept = f.read().count("\n") - 1  # Whole rows; on the mount the last may be cut off mid-row.
+            free_space()
+            certify_run.certify_dataset(config, verbose=0)  # The same command, resumed.
+            header, rows = read_rows(output)
+        _, expected = read_rows(uninterrupted)
+        self.assertBetween(kept, 26, self._MAX - 1)  # It failed mid-run, after rows were written.
+        # Every column but the seconds each took (the last).
+        self.assertEqual((header, [row[:5] for row in rows]), (HEADER, [row[:5] for row in expected]))
 
 
 class ImagenetCertifyTest(RunFixture, absltest.TestCase):

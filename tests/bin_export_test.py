@@ -22,6 +22,7 @@ import pytest
 import tensorflow as tf
 
 import binaries  # tests/binaries.py
+import mounts  # tests/mounts.py
 from export_test import make_model_dir  # tests/ is on sys.path under pytest
 from tf_consreg import export
 from tf_consreg.errors import ConfigError
@@ -143,6 +144,20 @@ class ExportBinaryTest(parameterized.TestCase):
         self.assertEqual(result.stderr.rstrip().splitlines()[-1], lines[0])  # the last thing printed
         self.assertNotIn("Traceback", result.stderr)
         self.assertFalse(os.path.exists(export_dir))
+
+    def test_a_full_disk_is_one_line_and_leaves_nothing(self):
+        # The real failure end to end (export_test.WriteFailureTest covers it by mock where mounting is refused).
+        with mounts.tmpfs("size=200k") as full:
+            if full is None:
+                self.skipTest("mounting a tmpfs needs root here")
+            export_dir = os.path.join(full, "serving")
+            result = _run_bin(f"--model_dir={self.model_dir}", f"--export_dir={export_dir}", "--version=3", *_TINY)
+            self.assertEqual(result.returncode, 2, result.stderr[-3000:])
+            self.assertRegex(result.stderr.rstrip().splitlines()[-1],
+                             rf"^export.py: error: {re.escape(os.path.join(export_dir, '3'))}: /\S+; No space left "
+                             "on device; nothing written before the failure is lost")
+            self.assertNotIn("Traceback", result.stderr)
+            self.assertEqual(os.listdir(export_dir), [])
 
 
 class ExportErrorsTest(parameterized.TestCase):

@@ -1,6 +1,7 @@
 """bin/train.py end to end: what it writes, resuming, and refusing bad input."""
 
 import contextlib
+import errno
 import glob
 import gzip
 import hashlib
@@ -12,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -19,10 +21,12 @@ import tensorflow as tf
 from absl import flags
 
 import binaries  # tests/binaries.py
+import mounts  # tests/mounts.py
 from absl.testing import flagsaver
 from absl.testing import parameterized
 
 from tf_consreg import callbacks
+from tf_consreg import files
 from tf_consreg import models
 from tf_consreg import precision
 from tf_consreg.errors import ConfigError
@@ -288,6 +292,52 @@ class TrainBinaryTest(tf.test.TestCase, parameterized.TestCase):
             with self.assertRaisesRegex(ConfigError, message):
                 train_bin.main(["train"])
         self.assertFalse(os.path.exists(model_dir))
+
+    @parameterized.parameters("mount", "mock")
+    def test_a_read_only_model_dir_is_refused_before_any_work(self, how):
+        # #22 item 2: a real read-only tmpfs where mounting is allowed (root), else its EROFS by mock.
+        with mounts.tmpfs("ro") if how == "mount" else contextlib.nullcontext(self.create_tempdir().full_path) \
+                as read_only:
+            if read_only is None:
+                self.skipTest("mounting a tmpfs needs root here; the mock case covers the code")
+            erofs = (contextlib.nullcontext() if how == "mount" else mock.patch.object(
+                files.tempfile, "mkstemp", side_effect=OSError(errno.EROFS, os.strerror(errno.EROFS))))
+            model_dir = os.path.join(read_only, "run")
+            with erofs, flagsaver.flagsaver(model_dir=model_dir, **TINY), \
+                    mock.patch.object(models, "get_architecture") as build:
+                with self.assertRaisesWithLiteralMatch(
+                        ConfigError, f"--model_dir={model_dir}: cannot write in {read_only} (Read-only file system)"):
+                    train_bin.main(["train"])
+                build.assert_not_called()
+            self.assertEqual(os.listdir(read_only), [])
+
+    @pytest.mark.slow
+    def test_a_full_disk_at_a_checkpoint_is_one_error_and_the_same_command_resumes(self):
+        # #22 item 2, by mock: the error TensorFlow raises on ENOSPC, from epoch 2's save (callbacks_test meets the
+        # real one on a tmpfs).
+        model_dir = self.create_tempdir().full_path
+        real_save = tf.train.CheckpointManager.save
+
+        def save(manager, checkpoint_number=None, **kwargs):
+            if checkpoint_number == 2:
+                raise tf.errors.ResourceExhaustedError(None, None, "No space left on device")
+            return real_save(manager, checkpoint_number=checkpoint_number, **kwargs)
+
+        with flagsaver.flagsaver(model_dir=model_dir, **TINY):
+            with mock.patch.object(tf.train.CheckpointManager, "save", autospec=True, side_effect=save):
+                with self.assertRaises(OSError) as raised:
+                    train_bin.main(["train"])
+            checkpoints = os.path.join(model_dir, "checkpoints")
+            self.assertEqual((raised.exception.filename, raised.exception.strerror),
+                             (os.path.join(checkpoints, "ckpt-2"), "No space left on device"))
+            self.assertEqual(tf.train.latest_checkpoint(checkpoints), os.path.join(checkpoints, "ckpt-1"))
+            self.assertFalse(os.path.exists(os.path.join(model_dir, "base_model.keras")))
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out):
+                train_bin.main(["train"])  # Space freed: the same command.
+        self.assertIn(f"Resuming from {os.path.join(checkpoints, 'ckpt-1')} (epoch 1 of 2)", out.getvalue())
+        self.assertEqual(tf.train.latest_checkpoint(checkpoints), os.path.join(checkpoints, "ckpt-2"))
+        self.assertTrue(os.path.isfile(os.path.join(model_dir, "base_model.keras")))
 
     def test_missing_and_truncated_data_files(self):
         data_dir = self.create_tempdir().full_path

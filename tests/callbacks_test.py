@@ -1,16 +1,19 @@
 """The project's Keras callbacks: CertifyCallback against an independent run of Smooth.certify_batch,
 StopOnDivergence against a run whose loss becomes NaN."""
 
+import contextlib
 import glob
 import os
 import shutil
 import tempfile
+from unittest import mock
 
 import keras
 import numpy as np
 import tensorflow as tf
 from absl.testing import parameterized
 
+import mounts  # tests/mounts.py
 import threshold_models  # tests/threshold_models.py
 from tf_consreg import analysis
 from tf_consreg import callbacks
@@ -212,6 +215,58 @@ class CertifyCallbackTest(tf.test.TestCase, parameterized.TestCase):
 
 if __name__ == "__main__":
     tf.test.main()
+
+class EpochCheckpointTest(parameterized.TestCase, tf.test.TestCase):
+    """A checkpoint that cannot be written: one OSError naming it, its partial files removed, the last kept (#22, 2)."""
+
+    # A Dense kernel of 7500 x 4 float32: 120,000 bytes per checkpoint, so a 200 KiB tmpfs holds the first and
+    # not the second (each checkpoint's data file alone is 120,000 bytes; tmpfs counts whole 4 KiB pages).
+    _FEATURES = 7500
+
+    def _fit_two_epochs(self, directory):
+        inputs = keras.Input((self._FEATURES,))
+        model = keras.Model(inputs, keras.layers.Dense(4, use_bias=False)(inputs))
+        model.compile(optimizer=keras.optimizers.SGD(0.01), loss=keras.losses.SparseCategoricalCrossentropy(True))
+        epoch = tf.Variable(0, dtype=tf.int64)
+        checkpoint = tf.train.Checkpoint(model=model, epoch=epoch)
+        manager = tf.train.CheckpointManager(checkpoint, directory, 3)
+        ds = tf.data.Dataset.from_tensor_slices((np.ones((2, self._FEATURES), np.float32), np.array([0, 1])))
+        model.fit(ds.batch(2).repeat(), epochs=2, steps_per_epoch=1, verbose=0, shuffle=False,
+                  callbacks=[callbacks.EpochCheckpoint(manager, epoch)])
+
+    @contextlib.contextmanager
+    def _second_save_fails(self):
+        """A temporary directory, and the error TensorFlow raises on ENOSPC from the second save, by mock."""
+        real_save = tf.train.CheckpointManager.save
+        calls = []
+
+        def save(manager, **kwargs):
+            calls.append(kwargs)
+            if len(calls) == 2:
+                open(os.path.join(manager.directory, "ckpt-2_temp"), "w").close()  # What a failed save leaves.
+                raise tf.errors.ResourceExhaustedError(
+                    None, None, "/x/ckpt-2_temp/part-00000; No space left on device [Op:SaveV2]")
+            return real_save(manager, **kwargs)
+
+        with tempfile.TemporaryDirectory() as directory, \
+                mock.patch.object(tf.train.CheckpointManager, "save", autospec=True, side_effect=save):
+            yield directory
+
+    @parameterized.parameters("mount", "mock")
+    def test_a_full_disk_keeps_the_last_complete_checkpoint(self, how):
+        with (mounts.tmpfs("size=200k") if how == "mount" else self._second_save_fails()) as directory:
+            if directory is None:
+                self.skipTest("mounting a tmpfs needs root here; the mock case covers the code")
+            with self.assertRaises(OSError) as raised:
+                self._fit_two_epochs(directory)
+            self.assertEqual(raised.exception.filename, os.path.join(directory, "ckpt-2"))
+            self.assertIn("No space left on device", raised.exception.strerror)
+            # ckpt-2's partial files are gone; the index still names ckpt-1, which a resumed run restores.
+            self.assertEqual(sorted(os.listdir(directory)), ["checkpoint", "ckpt-1.data-00000-of-00001",
+                                                             "ckpt-1.index"])
+            self.assertEqual(tf.train.latest_checkpoint(directory), os.path.join(directory, "ckpt-1"))
+            self.assertEqual(tf.train.load_checkpoint(directory).get_tensor("epoch/.ATTRIBUTES/VARIABLE_VALUE"), 1)
+
 
 class StopOnDivergenceTest(tf.test.TestCase):
 

@@ -10,6 +10,7 @@ from typing import Optional, Sequence, Tuple
 
 from absl import flags
 from absl.testing import absltest
+from absl.testing import parameterized
 
 from tf_consreg import cli
 from tf_consreg.errors import ConfigError
@@ -185,6 +186,36 @@ _PROGRAM = textwrap.dedent('''
     if __name__ == "__main__":
         cli.run(main)
 ''')
+
+
+class CheckValueTest(parameterized.TestCase):
+    """config_from_values checks each value's type, every float finite, before the config's own checks."""
+
+    @parameterized.named_parameters(
+        ("inf", {"rate": float("inf")}, "--rate must be a finite number, got inf"),
+        ("nan", {"rate": float("nan")}, "--rate must be a finite number, got nan"),
+        ("nan_in_a_list", {"radii": (0.5, float("nan"))}, "--radii: each value must be a finite number, got nan"),
+        ("nested_inf", {"scale": float("-inf")}, "--scale must be a finite number, got -inf"),
+        ("string_for_float", {"rate": "0.5"}, "--rate must be a finite number, got '0.5'"),
+        ("bool_for_int", {"count": True}, "--count must be an integer, got True"),
+        ("float_for_int", {"count": 1.0}, "--count must be an integer, got 1.0"),
+        ("int_for_bool", {"on": 1}, "--on must be true or false, got 1"),
+        ("string_for_list", {"radii": "0.5"}, "--radii must be a list, got '0.5'"),
+        ("null_with_a_default", {"count": None}, "--count must be given, got null"),
+    )
+    def test_refused(self, values, message):
+        config_cls = _Outer if "scale" in values else _Config
+        with self.assertRaisesWithLiteralMatch(ConfigError, message):
+            cli.config_from_values(config_cls, {"output": "o", **values})
+
+    def test_the_origin_names_the_file_and_field(self):
+        with self.assertRaisesWithLiteralMatch(ConfigError, "run.json: field 'rate' must be a finite number, got inf"):
+            cli.config_from_values(_Config, {"output": "o", "rate": float("inf")}, origin="run.json")
+
+    def test_accepted(self):
+        # An int where a float goes (JSON's 1), None where the type is Optional, a list for a tuple.
+        config = cli.config_from_values(_Config, {"output": "o", "rate": 1, "limit": None, "radii": [1.5]})
+        self.assertEqual((config.rate, config.limit, tuple(config.radii)), (1, None, (1.5,)))
 
 
 class RunTest(absltest.TestCase):

@@ -1,5 +1,7 @@
 """Tests for tf_consreg.export: in-graph statistics, the SavedModel and its signatures."""
 
+import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -20,6 +22,7 @@ import tensorflow as tf
 from smoothing_test import partly_nonfinite_model  # tests/ is on sys.path under pytest
 from smoothing_test import partly_nonfinite_probabilities
 from smoothing_test import with_nan_weights
+import mounts  # tests/mounts.py
 import threshold_models  # tests/threshold_models.py
 from tf_consreg import cli
 from tf_consreg import data
@@ -374,6 +377,75 @@ class VersionExportTest(parameterized.TestCase):
         shutil.copy(os.path.join(self.model_dir, models.BASE_MODEL_FILE), model_dir)
         with self.assertRaisesRegex(ConfigError, "train_config.json not found"):
             version_config(export_dir=self._export_dir(), model_dir=model_dir)
+
+
+class WriteFailureTest(parameterized.TestCase):
+    """A read-only or full --export_dir: refused before any work, or one OSError naming it, nothing left (#22, 2).
+
+    Each case runs on a real tmpfs ("mount", where mounting is allowed: root)
+    and with the OS error raised by mock ("mock", always), so both paths run
+    wherever root is available and the mock one runs everywhere.
+    """
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls._tmp = tempfile.TemporaryDirectory()
+        cls.model_dir = make_model_dir(cls._tmp.name, sigma=0.5)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls._tmp.cleanup()
+        super().tearDownClass()
+
+    @contextlib.contextmanager
+    def _place(self, how, options, failure):
+        """A directory where writing fails: a tmpfs mounted with `options`, or a temporary one and `failure` mocked."""
+        if how == "mock":
+            with tempfile.TemporaryDirectory() as directory, failure:
+                yield directory
+            return
+        with mounts.tmpfs(options) as directory:
+            if directory is None:
+                self.skipTest("mounting a tmpfs needs root here; the mock case covers the code")
+            yield directory
+
+    @parameterized.parameters("mount", "mock")
+    def test_a_read_only_export_dir_is_refused_before_loading(self, how):
+        erofs = mock.patch.object(export.files.tempfile, "mkstemp",
+                                  side_effect=OSError(errno.EROFS, os.strerror(errno.EROFS)))
+        with self._place(how, "ro", erofs) as read_only:
+            link = os.path.join(self._tmp.name, f"link_{how}")
+            os.symlink(read_only, link)  # The issue's case: a writable name for a read-only directory.
+            self.addCleanup(os.remove, link)
+            for export_dir, probed in ((os.path.join(read_only, "serving"), read_only), (read_only, read_only),
+                                       (link, link)):
+                with self.subTest(export_dir=export_dir), \
+                        mock.patch.object(export.models, "load_base_model") as load:
+                    with self.assertRaisesWithLiteralMatch(
+                            ConfigError, f"--export_dir={export_dir}: cannot write in {os.path.abspath(probed)} "
+                                         "(Read-only file system)"):
+                        export.export_version(version_config(export_dir=export_dir, model_dir=self.model_dir,
+                                                             version=1))
+                    load.assert_not_called()
+            self.assertEqual(os.listdir(read_only), [])
+
+    @parameterized.parameters("mount", "mock")
+    def test_a_full_disk_is_one_os_error_naming_the_version_and_leaves_nothing(self, how):
+        # On the mount, TensorFlow's SaveV2 meets ENOSPC: LeNet's variables alone (~250 KB) exceed 200 KiB.
+        # By mock, the same error from tf.saved_model.save, which keras's ExportArchive.write_out calls.
+        enospc = mock.patch.object(tf.saved_model, "save", side_effect=tf.errors.ResourceExhaustedError(
+            None, None, "{{function_node __wrapped__SaveV2}} /x/variables.data-00000-of-00001.tempstate1; "
+                        "No space left on device [Op:SaveV2]"))
+        with self._place(how, "size=200k", enospc) as full:
+            export_dir = os.path.join(full, "serving")
+            config = version_config(export_dir=export_dir, model_dir=self.model_dir, n0=4, n=16, batch_size=16,
+                                    version=1)
+            with self.assertRaises(OSError) as raised:
+                export.export_version(config)
+            self.assertEqual(raised.exception.filename, config.version_dir)
+            self.assertRegex(raised.exception.strerror, r"^/\S+; No space left on device$")
+            self.assertEqual(os.listdir(export_dir), [])  # The staging directory is removed.
 
 
 class LenetExportTest(tf.test.TestCase):

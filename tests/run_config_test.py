@@ -323,6 +323,51 @@ class PrecisionTest(parameterized.TestCase):
                          dataclasses.replace(config, precision_policy=None))
 
 
+class ReadTrainConfigTest(parameterized.TestCase):
+    """A recorded train_config.json gets the flags' checks; a bad value names the file and the field (#22, 6)."""
+
+    def _write(self, **changes) -> str:
+        model_dir = tempfile.mkdtemp(dir=absltest.get_default_test_tmpdir())
+        values = {**run_config.TrainConfig(model_dir=model_dir).to_dict(), **changes}
+        with open(os.path.join(model_dir, run_config.TRAIN_CONFIG_FILE), "w", encoding="utf-8") as f:
+            json.dump(values, f)
+        return model_dir
+
+    def test_a_valid_record_reads_back(self):
+        model_dir = self._write(lr=1)  # JSON's 1 where a float goes is the number 1.0.
+        self.assertEqual(run_config.read_train_config(model_dir).lr, 1.0)
+
+    @parameterized.named_parameters(
+        ("string_sigma", {"sigma": "0.5"}, "field 'sigma' must be a finite number, got '0.5'"),
+        ("bool_epochs", {"epochs": True}, "field 'epochs' must be an integer, got True"),
+        ("list_lr", {"lr": [0.1]}, "field 'lr' must be a finite number, got [0.1]"),
+        ("null_sigma", {"sigma": None}, "field 'sigma' must be given, got null"),
+        ("null_epochs", {"epochs": None}, "field 'epochs' must be given, got null"),
+        ("string_bool", {"mock_data": "false"}, "field 'mock_data' must be true or false, got 'false'"),
+        ("int_string", {"arch": 3}, "field 'arch' must be a string, got 3"),
+        ("nested_certify", {"certify_every": 1, "certify_n": "100"}, "field 'certify_n' must be an integer, got '100'"),
+    )
+    def test_a_value_of_the_wrong_type(self, changes, message):
+        model_dir = self._write(**changes)
+        path = os.path.join(model_dir, run_config.TRAIN_CONFIG_FILE)
+        with self.assertRaisesWithLiteralMatch(ConfigError, f"{path}: {message}"):
+            run_config.read_train_config(model_dir)
+
+    def test_a_value_the_flags_refuse_names_the_file(self):
+        model_dir = self._write(lr=-0.1)
+        path = os.path.join(model_dir, run_config.TRAIN_CONFIG_FILE)
+        with self.assertRaisesWithLiteralMatch(ConfigError, f"{path}: --lr must be > 0, got -0.1"):
+            run_config.read_train_config(model_dir)
+
+    def test_json_that_is_no_object(self):
+        model_dir = tempfile.mkdtemp(dir=absltest.get_default_test_tmpdir())
+        path = os.path.join(model_dir, run_config.TRAIN_CONFIG_FILE)
+        with open(path, "w", encoding="utf-8") as f:
+            f.write("[1, 2]")
+        with self.assertRaisesWithLiteralMatch(ConfigError, f"{path} holds no JSON object"):
+            run_config.read_train_config(model_dir)
+
+
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

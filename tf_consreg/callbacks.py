@@ -18,6 +18,7 @@
 """
 
 import dataclasses
+import glob
 import math
 import os
 import shutil
@@ -31,6 +32,7 @@ import tensorflow as tf
 
 from tf_consreg import analysis
 from tf_consreg import certify_spec
+from tf_consreg import files
 from tf_consreg import models
 from tf_consreg import smoothing
 from tf_consreg.certify_spec import CertifySpec
@@ -150,7 +152,20 @@ class EpochCheckpoint(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         self._epoch.assign(epoch + 1)
-        self._manager.save(checkpoint_number=epoch + 1)
+        # "ckpt": the manager's default checkpoint_name, which training.py keeps.
+        prefix = os.path.join(self._manager.directory, f"ckpt-{epoch + 1}")
+        try:
+            # A full disk or read-only mount: one OSError naming the checkpoint. The manager's index still
+            # names the last complete checkpoint, which the same command resumes from.
+            with files.naming_tf_write(prefix):
+                self._manager.save(checkpoint_number=epoch + 1)
+        except OSError:
+            for path in glob.glob(glob.escape(prefix) + "[._]*"):  # This checkpoint's partial files: space back.
+                if os.path.isdir(path):
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    os.remove(path)
+            raise
         if not self._keep:
             shutil.rmtree(self._manager.directory, ignore_errors=True)
 

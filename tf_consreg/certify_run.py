@@ -433,7 +433,8 @@ def certify_dataset(config: CertifyConfig, *, verbose: int = 1) -> int:
     samples = (config.spec.n0 + first) if config.mode == "certify" else first
     per_call = max(1, _SAMPLES_PER_CALL_IN_BATCHES * config.spec.batch_size // samples)
     progress = keras.utils.Progbar(len(indices), verbose=verbose, unit_name="example")
-    with out:
+    # Closing flushes what a failed write left buffered, which fails again (ENOSPC): that error must name the file too.
+    with files.naming(config.output), out:
         for batch, images, labels in reader.read(indices).batch(per_call).as_numpy_iterator():
             began = time.time()
             if config.spec.noise == "grid":

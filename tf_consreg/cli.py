@@ -15,6 +15,8 @@ The library never reads flags: binaries pass configs to it.
 
 import collections.abc
 import dataclasses
+import math
+import numbers
 import os
 import re
 import sys
@@ -356,17 +358,82 @@ def flag_values(config_cls: Type, holders: FlagHolders) -> Dict[str, Any]:
     return values
 
 
-def config_from_values(config_cls: Type, values: Mapping[str, Any]) -> Any:
-    """Builds the validated `config_cls` from field values by flag name, nested configs' fields among them.
+# What a value of each field type must be, as the message says it. bool is
+# an Integral but never a number here: JSON's true where an int goes is a mistake.
+_KINDS = {
+    bool: ("true or false", lambda v: isinstance(v, bool)),
+    int: ("an integer", lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool)),
+    float: ("a finite number", lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)),
+    str: ("a string", lambda v: isinstance(v, str)),
+}
 
-    The inverse of `flat_values`. A nested config whose flags have values is
-    built first (so its checks run first), from the nesting field's default
-    instance if it has one (its fields not in `values` keep that instance's
-    values); its messages name the flags with their prefix. One without
-    values keeps its default.
+
+def check_value(label: str, value: Any, hint: Any, required: bool = False) -> None:
+    """Refuses a value that is not of its field's type; every float must be finite.
+
+    The one check every config made by `config_from_values` gets for each of
+    its fields, whether the values come from flags or from a recorded file,
+    so a new float flag cannot miss it: an infinite or NaN weight, step or
+    radius passes most range checks (`inf > 0`) and fails far later, as a
+    TensorFlow assertion or a diverged run blaming another flag.
+
+    Args:
+      label: how the message names the field ("--eta", "run.json: field 'eta'").
+      value: its value; None passes unless `required`.
+      hint: the field's type annotation (bool, int, float, str, Optional of
+        one, or a sequence of one); other types (nested configs) pass.
+      required: None is refused (a field whose type is not Optional and that
+        has a default: None is never its value).
 
     Raises:
-      ConfigError: a bad value (raised by the configs' own checks).
+      ConfigError: the value is not of its type or not finite, naming `label`.
+    """
+    if value is None:
+        if required:
+            raise ConfigError(f"{label} must be given, got null")
+        return
+    kind = _unwrap(hint)
+    if isinstance(kind, tuple):
+        what, accepts = _KINDS.get(kind[1], (None, None))
+        if what is None:
+            return
+        if isinstance(value, (str, bytes)) or not isinstance(value, collections.abc.Sequence):
+            raise ConfigError(f"{label} must be a list, got {value!r}")
+        for item in value:
+            if not accepts(item):
+                raise ConfigError(f"{label}: each value must be {what}, got {item!r}")
+        return
+    if kind in _KINDS and not _KINDS[kind][1](value):
+        raise ConfigError(f"{label} must be {_KINDS[kind][0]}, got {value!r}")
+
+
+def _required(hint: Any, field: dataclasses.Field) -> bool:
+    """None is not a value of the field: its type is not Optional and it has a default."""
+    optional = typing.get_origin(hint) is typing.Union and type(None) in typing.get_args(hint)
+    has_default = (field.default is not dataclasses.MISSING
+                   or field.default_factory is not dataclasses.MISSING)  # type: ignore[misc]
+    return not optional and has_default
+
+
+def config_from_values(config_cls: Type, values: Mapping[str, Any], *, origin: Optional[str] = None) -> Any:
+    """Builds the validated `config_cls` from field values by flag name, nested configs' fields among them.
+
+    The inverse of `flat_values`. Each value is first checked against its
+    field's type, every float finite (`check_value`). A nested config whose
+    flags have values is built first (so its checks run first), from the
+    nesting field's default instance if it has one (its fields not in
+    `values` keep that instance's values); its messages name the flags with
+    their prefix. One without values keeps its default.
+
+    Args:
+      config_cls: a dataclass config.
+      values: flag name -> value.
+      origin: the file the values were read from, if any: the type checks'
+        messages then name the file and the field instead of the flag.
+
+    Raises:
+      ConfigError: a bad value (a value of another type, a float that is not
+        finite, or one the configs' own checks refuse).
       TypeError: a name is no field of `config_cls` or of a nested config.
     """
     flag_fields = _flag_fields(config_cls)
@@ -375,7 +442,9 @@ def config_from_values(config_cls: Type, values: Mapping[str, Any]) -> Any:
     for name, value in values.items():
         if name not in flag_fields:
             raise TypeError(f"{config_cls.__name__} has no field or nested field {name!r}")
-        parent, field, _ = flag_fields[name]
+        parent, field, hint = flag_fields[name]
+        check_value(f"--{name}" if origin is None else f"{origin}: field {name!r}", value, hint,
+                    required=_required(hint, field))
         if parent is None:
             own[name] = value
         else:

@@ -105,6 +105,7 @@ from tf_consreg import __version__
 from tf_consreg import certify_spec
 from tf_consreg import data
 from tf_consreg import engine
+from tf_consreg import files
 from tf_consreg import models
 from tf_consreg import run_config
 from tf_consreg import smoothing
@@ -517,6 +518,8 @@ def export_smoothed(
     Raises:
       ConfigError: a bad argument, a model that does not fit, or a non-empty
         `export_dir`.
+      OSError: the SavedModel could not be written (a full disk, a read-only
+        mount), naming `export_dir`; nothing is left behind.
     """
     config = ExportConfig(spec, num_classes=num_classes, class_names=class_names, seed=seed)
     if os.path.exists(export_dir) and (not os.path.isdir(export_dir) or os.listdir(export_dir)):
@@ -533,13 +536,15 @@ def export_smoothed(
     lock = _lock_staging(staging)
     try:
         saved_model = os.path.join(staging, "saved_model")
-        archive.write_out(saved_model, verbose=False)
-        extra = os.path.join(saved_model, ASSETS_EXTRA)
-        os.makedirs(extra, exist_ok=True)
-        _write_warmup(os.path.join(extra, WARMUP_FILE), _input_shape(base_model), radius=config.spec.sigma)
-        with open(os.path.join(extra, METADATA_FILE), "w", encoding="utf-8") as f:
-            json.dump(config.metadata(_input_shape(base_model)), f, indent=2, sort_keys=True)
-            f.write("\n")
+        # A full disk or read-only mount fails here as one OSError naming export_dir; the staging goes below.
+        with files.naming_tf_write(export_dir):
+            archive.write_out(saved_model, verbose=False)
+            extra = os.path.join(saved_model, ASSETS_EXTRA)
+            os.makedirs(extra, exist_ok=True)
+            _write_warmup(os.path.join(extra, WARMUP_FILE), _input_shape(base_model), radius=config.spec.sigma)
+            with open(os.path.join(extra, METADATA_FILE), "w", encoding="utf-8") as f:
+                json.dump(config.metadata(_input_shape(base_model)), f, indent=2, sort_keys=True)
+                f.write("\n")
         # rename(2) replaces a missing or empty directory and fails on a non-empty one.
         try:
             os.rename(saved_model, target)
@@ -693,6 +698,8 @@ class VersionExportConfig:
               f"--export_dir: {self.version_dir} exists; exports are never overwritten, choose another --version")
         check(not os.path.exists(self.export_dir) or os.path.isdir(self.export_dir),
               f"--export_dir={self.export_dir} is not a directory")
+        # Before the model is loaded and the graph traced: a read-only --export_dir (or a link to one) stops here.
+        files.check_writable(self.export_dir, "export_dir")
 
     @property
     def version_dir(self) -> str:

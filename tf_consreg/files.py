@@ -5,6 +5,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import stat
 import tempfile
 from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Sequence, Tuple
@@ -196,6 +197,36 @@ def naming(path: str) -> Iterator[None]:
         if e.filename is not None:
             raise
         raise OSError(e.errno, e.strerror or str(e), path) from e
+
+
+# The TensorFlow errors a file write raises for what the OS refused: ENOSPC and
+# EDQUOT give RESOURCE_EXHAUSTED, EROFS, EACCES and EPERM PERMISSION_DENIED
+# (tsl's ErrnoToCode). Other codes are bugs, not the place written to.
+_TF_WRITE_ERRORS = ("ResourceExhaustedError", "PermissionDeniedError")
+
+
+@contextlib.contextmanager
+def naming_tf_write(path: str) -> Iterator[None]:
+    """`naming` for writes that TensorFlow makes: its refused writes become OSErrors naming `path`.
+
+    A SavedModel or checkpoint that TensorFlow cannot write raises
+    `tf.errors.ResourceExhaustedError` (a full disk) or
+    `PermissionDeniedError` (a read-only mount), not OSError; as an OSError
+    naming the output the user chose, `cli.run` reports it in one line like
+    any other failed write. TensorFlow's message names the file it was
+    writing, so it is kept, without the op's decorations.
+
+    Raises:
+      OSError: with `filename` `path` and TensorFlow's message, from the
+        TensorFlow error.
+    """
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel  # Loaded already by whoever writes with it.
+    with naming(path):
+        try:
+            yield
+        except tuple(getattr(tf.errors, name) for name in _TF_WRITE_ERRORS) as e:
+            message = re.sub(r"^\{\{function_node [^}]*\}\}\s*|\s*\[Op:\w+\]$", "", " ".join(e.message.split()))
+            raise OSError(None, message, path) from e
 
 
 def describe_os_error(error: OSError) -> str:

@@ -289,16 +289,27 @@ class TrainConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> "TrainConfig":
-        """The config of `to_dict`'s values (live certification's None: its defaults)."""
+    def from_dict(cls, values: Mapping[str, Any], origin: Optional[str] = None) -> "TrainConfig":
+        """The config of `to_dict`'s values (live certification's None: its defaults).
+
+        Args:
+          values: flag name -> value, as `to_dict` gives them.
+          origin: the file they were read from, named by the messages.
+
+        Raises:
+          ConfigError: an unknown field, a value of the wrong type, or a bad value.
+        """
         known = {f.name for f in dataclasses.fields(cls)} - {"objective", "certify"}
         unknown = sorted(set(values) - known - set(_OBJECTIVE_FLAGS) - set(CERTIFY_FLAGS))
         if unknown:
             raise ConfigError(f"unknown training config fields: {', '.join(unknown)}")
-        objective = ObjectiveConfig(**{name: values[name] for name in _OBJECTIVE_FLAGS if name in values})
+        # deferred_epochs is no flag (TrainConfig's deferred sets it), so the objective's other fields go
+        # through config_from_values's type checks with the rest.
+        objective = {name: values[name] for name in _OBJECTIVE_FLAGS if name in values}
         certify = {name: values[name] for name in CERTIFY_FLAGS if values.get(name) is not None}
-        return cli.config_from_values(cls, {"objective": objective, **certify,
-                                            **{name: value for name, value in values.items() if name in known}})
+        return cli.config_from_values(cls, {**objective, **certify,
+                                            **{name: value for name, value in values.items() if name in known}},
+                                      origin=origin)
 
 
 def resolve_precision(config: TrainConfig, recorded: Optional[Mapping[str, Any]] = None,
@@ -354,7 +365,9 @@ def read_train_config(model_dir: str) -> TrainConfig:
       The run's TrainConfig (its `model_dir` field set to `model_dir`).
 
     Raises:
-      ConfigError: the directory or its train_config.json is missing or unreadable.
+      ConfigError: the directory or its train_config.json is missing or
+        unreadable, or a recorded value is of the wrong type or refused by
+        the checks the flags get (the message names the file and the field).
     """
     path = os.path.join(model_dir, TRAIN_CONFIG_FILE)
     if not os.path.isfile(path):
@@ -364,5 +377,11 @@ def read_train_config(model_dir: str) -> TrainConfig:
             values = json.load(f)
     except (OSError, ValueError) as e:
         raise ConfigError(f"{path} is unreadable: {e}") from e
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path} holds no JSON object")
     values["model_dir"] = model_dir
-    return TrainConfig.from_dict(values)
+    try:
+        return TrainConfig.from_dict(values, origin=path)
+    except ConfigError as e:  # The configs' own checks name the flag: say which file holds it.
+        message = str(e)
+        raise ConfigError(message if message.startswith(path) else f"{path}: {message}") from None
