@@ -9,14 +9,18 @@ import os
 import shutil
 import tempfile
 
+from absl import flags
 from absl.testing import absltest
+from absl.testing import flagsaver
+from absl.testing import parameterized
 import pytest
 import tensorflow as tf
 
 import binaries  # tests/binaries.py
 from bin_certify_test import FLAG_DEFAULTS
 from bin_certify_test import save_nan_model
-from certify_run_test import PREDICT_HEADER, error_lines, make_model_dir, read_rows, run_binary
+from certify_run_test import PREDICT_HEADER, RunFixture, error_lines, make_model_dir, read_rows, run_binary
+from tf_consreg.errors import ConfigError
 
 
 class FlagsTest(absltest.TestCase):
@@ -24,6 +28,35 @@ class FlagsTest(absltest.TestCase):
     def test_the_flags_of_certify_but_n0(self):
         self.assertEqual(binaries.flag_defaults("predict"),
                          {k: v for k, v in FLAG_DEFAULTS.items() if k not in ("n0", "radii")})
+
+
+class PredictErrorsTest(RunFixture, parameterized.TestCase):
+    """bin/predict.py's flag checks in process, in its own words (PredictBinaryTest runs one in a real process)."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.predict = binaries.load("predict")
+        cls.model_dir = make_model_dir(cls.dir)
+
+    @classmethod
+    def tearDownClass(cls):
+        binaries.unload(cls.predict)
+        super().tearDownClass()
+
+    @parameterized.named_parameters(
+        ("shard_index", ["--num_shards=2", "--shard_index=2"], "--shard_index must be in [0, --num_shards=2), got 2"),
+        ("stages_end", ["--n=1000", "--stages=100,500"],
+         "--stages must end at n=1000 (the total sample count), got [100, 500]"),
+    )
+    def test_errors(self, args, expected):
+        output = os.path.join(self.dir, "bad", "predict.tsv")
+        with flagsaver.flagsaver():
+            flags.FLAGS(["predict.py", f"--model_dir={self.model_dir}", *args, f"--output={output}"])
+            with self.assertRaises(ConfigError) as raised:
+                self.predict.main(["predict.py"])
+        self.assertEqual(str(raised.exception), expected)
+        self.assertFalse(os.path.lexists(output))
 
 
 @pytest.mark.slow  # Fresh interpreters importing TensorFlow.
@@ -46,13 +79,6 @@ class PredictBinaryTest(tf.test.TestCase):
         self.assertEqual(error_lines(result.stderr), ["predict.py: error: --skip must be >= 1, got 0"])
         self.assertFalse(os.path.exists(bad))
 
-        result = run_binary("predict.py", f"--model_dir={model_dir}", "--num_shards=2", "--shard_index=2",
-                            f"--output={bad}")
-        self.assertEqual(result.returncode, 2)
-        self.assertEqual(error_lines(result.stderr),
-                         ["predict.py: error: --shard_index must be in [0, --num_shards=2), got 2"])
-        self.assertFalse(os.path.exists(bad))
-
         # Staged PREDICT: --stages turns it on.
         staged = os.path.join(directory, "staged", "predict.tsv")
         result = run_binary("predict.py", f"--model_dir={model_dir}", "--max=3", "--n=1000", "--stages=100,1000",
@@ -61,12 +87,6 @@ class PredictBinaryTest(tf.test.TestCase):
         header, rows = read_rows(staged)
         self.assertEqual(header, PREDICT_HEADER + "\tsamples")
         self.assertTrue(all(r[5] in ("100", "1000") for r in rows), rows)
-        result = run_binary("predict.py", f"--model_dir={model_dir}", "--n=1000", "--stages=100,500",
-                            f"--output={bad}")
-        self.assertEqual(result.returncode, 2)
-        self.assertEqual(error_lines(result.stderr),
-                         ["predict.py: error: --stages must end at n=1000 (the total sample count), got [100, 500]"])
-        self.assertFalse(os.path.exists(bad))
 
 
     def test_a_nan_model_gets_no_prediction(self):
