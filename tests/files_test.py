@@ -5,6 +5,7 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 import socket
 import tempfile
 import threading
@@ -190,7 +191,10 @@ class CheckInputFileTest(absltest.TestCase):
         os.mkfifo(fifo)  # Never opened: opening it for reading would block this test.
         link_to_fifo = os.path.join(self.dir, "link_to_pipe")
         os.symlink(fifo, link_to_fifo)
-        sock_path = os.path.join(self.dir, "sock")
+        # A socket's path holds at most 107 bytes: Bazel's test directories are longer, so /tmp.
+        sock_dir = tempfile.mkdtemp(prefix="sock", dir="/tmp")
+        self.addCleanup(shutil.rmtree, sock_dir, ignore_errors=True)
+        sock_path = os.path.join(sock_dir, "sock")
         with socket.socket(socket.AF_UNIX) as sock:
             sock.bind(sock_path)
             self.assert_refused(sock_path, f"--tsv: {sock_path} is a socket, not a file")
