@@ -383,13 +383,16 @@ def run_cpp_load(binary: str, export_dir: str, images, config: LoadConfig, *, ti
 
     Raises:
       ConfigError: the pool is not float32 [N, H, W, C], or breaks the
-        export's input contract (read from its metadata file).
+        export's input contract (read from its metadata file,
+        `assets.extra/smoothing_metadata.json`; a SavedModel without one,
+        which the program can still load, is sent the pool as it is).
       RuntimeError: the program failed; the message holds its last stderr line.
     """
     from tf_consreg import export  # pylint: disable=import-outside-toplevel
 
     pool = _pool(images)
-    _check_pool(pool, serving_client.Contract.from_metadata(export.read_metadata(export_dir)))
+    if os.path.isfile(os.path.join(export_dir, export.ASSETS_EXTRA, export.METADATA_FILE)):
+        _check_pool(pool, serving_client.Contract.from_metadata(export.read_metadata(export_dir)))
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "images.f32")
         pool.astype("<f4").tofile(path)
