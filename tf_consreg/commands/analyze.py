@@ -73,5 +73,10 @@ def main(argv):
     print(analysis.analyze(make_config(argv[1:]), warn=_warn), end="")
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """Runs the command on sys.argv: the console script tf-consreg-analyze, bin/analyze.py and `python -m`."""
     cli.run(main, positional=True)
+
+
+if __name__ == "__main__":
+    run()

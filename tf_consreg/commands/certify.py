@@ -81,5 +81,10 @@ def main(argv):
     print(f"certified {written} examples into {config.output}")
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """Runs the command on sys.argv: the console script tf-consreg-certify, bin/certify.py and `python -m`."""
     cli.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -69,5 +69,10 @@ def main(argv):
             print(f"  image {i}: label {label} ({names[label]}) -> {answer}")
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """Runs the command on sys.argv: the console script tf-consreg-export, bin/export.py and `python -m`."""
     cli.run(main)
+
+
+if __name__ == "__main__":
+    run()

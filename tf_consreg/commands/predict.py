@@ -44,5 +44,10 @@ def main(argv):
     print(f"predicted {written} examples into {config.output}")
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """Runs the command on sys.argv: the console script tf-consreg-predict, bin/predict.py and `python -m`."""
     cli.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -209,5 +209,10 @@ def main(argv):
         print("\t".join([str(i), str(label), *(formats[c].format(outputs[c][row]) for c in columns)]))
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """Runs the command on sys.argv: the console script tf-consreg-query, bin/query.py and `python -m`."""
     cli.run(main)
+
+
+if __name__ == "__main__":
+    run()

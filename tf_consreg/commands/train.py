@@ -48,5 +48,10 @@ def main(argv):
     training.train(config)
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """Runs the command on sys.argv: the console script tf-consreg-train, bin/train.py and `python -m`."""
     cli.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -84,5 +84,10 @@ def main(argv):
         print(f"Best trial's training flags: {config.tuning_dir}/{tuning.BEST_FLAGS}")
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """Runs the command on sys.argv: the console script tf-consreg-tune, bin/tune.py and `python -m`."""
     cli.run(main)
+
+
+if __name__ == "__main__":
+    run()
