@@ -26,7 +26,8 @@ from tf_consreg.errors import ConfigError
 
 SIGMA = 0.25
 SIDE = 4
-CERTIFY = dict(n0=32, n=100, alpha=0.001, batch_size=256)
+# Float noise: the images are random floats, off the 8-bit grid (training's live certification is float too).
+CERTIFY = dict(n0=32, n=100, alpha=0.001, batch_size=256, noise="float")
 
 
 def _brightness_model(scale: float = 4.0) -> keras.Model:

@@ -286,7 +286,7 @@ class VersionExportTest(parameterized.TestCase):
             "    print('staged', flush=True)\n"
             "    os.kill(os.getpid(), signal.SIGKILL)\n"
             "with mock.patch.object(export, '_write_warmup', stop):\n"
-            "    spec = certify_spec.CertifySpec(n0=4, n=16, batch_size=16)\n"
+            "    spec = certify_spec.CertifySpec(n0=4, n=16, batch_size=16, noise='float')\n"
             "    export.export_version(export.VersionExportConfig(export_dir=sys.argv[1], model_dir=sys.argv[2],\n"
             "                                                     spec=spec, version=1))\n"
         )
