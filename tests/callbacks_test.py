@@ -192,6 +192,9 @@ class CertifyCallbackTest(tf.test.TestCase, parameterized.TestCase):
         ("ids", dict(image_ids=[1, 2]), "image_ids"),
         ("no_sigma", dict(spec=CertifySpec(**CERTIFY)), "spec must be a CertifySpec with sigma"),
         ("staged", dict(spec=CertifySpec(sigma=SIGMA, n0=32, n=100, stages=(50, 100))), "no stages"),
+        # Grid noise takes 8-bit images only, refused at construction rather than at the first epoch's end.
+        ("off_grid", dict(spec=CertifySpec(sigma=SIGMA, **{**CERTIFY, "noise": "grid"})),
+         r"images\[0, 0, 0, 0\] = 0.05000000074505806 is not on the 8-bit grid"),
     )
     def test_bad_arguments(self, override, message):
         images, labels = _validation_set()
@@ -199,6 +202,17 @@ class CertifyCallbackTest(tf.test.TestCase, parameterized.TestCase):
         kwargs.update(override)
         with self.assertRaisesRegex(ValueError, message):
             callbacks.CertifyCallback(images, labels, **kwargs)
+
+    def test_grid_noise_on_8_bit_images(self):
+        # The same brightness images quantized to the grid (uint8 in, as a pipeline gives them): grid noise
+        # certifies the images far from the threshold (0.05 -> 13/255 and 0.99 -> 252/255 are confidently wrong).
+        images, labels = _validation_set()
+        pixels = np.round(images * 255).astype(np.uint8)
+        certify = callbacks.CertifyCallback(pixels, labels, num_classes=2, verbose=False,
+                                            spec=CertifySpec(sigma=SIGMA, **{**CERTIFY, "noise": "grid"}))
+        result = certify.evaluate(_brightness_model())
+        self.assertEqual(certify._smooth.noise, "grid")  # pylint: disable=protected-access
+        self.assertGreater(result.summary.acr, 0.0)
 
     def test_is_certify_metric(self):
         images, labels = _validation_set()
