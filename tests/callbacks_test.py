@@ -26,8 +26,10 @@ from tf_consreg.errors import ConfigError
 
 SIGMA = 0.25
 SIDE = 4
-# Float noise: the images are random floats, off the 8-bit grid (training's live certification is float too).
-CERTIFY = dict(n0=32, n=100, alpha=0.001, batch_size=256, noise="float")
+# CERTIFY's sampling settings, and float noise: the images are not all on the 8-bit grid (training's live
+# certification is float too).
+SAMPLING = dict(n0=32, n=100, alpha=0.001, batch_size=256)
+CERTIFY = dict(SAMPLING, noise="float")
 
 
 def _brightness_model(scale: float = 4.0) -> keras.Model:
@@ -78,7 +80,7 @@ class CertifyCallbackTest(tf.test.TestCase, parameterized.TestCase):
         seed = 7
 
         # Reference, computed here: the library's CERTIFY on the same images and seed.
-        classes, radii = smoothing.Smooth(base, 2, SIGMA).certify_batch(images, seed=seed, **CERTIFY)
+        classes, radii = smoothing.Smooth(base, 2, SIGMA, noise="float").certify_batch(images, seed=seed, **SAMPLING)
         correct = classes == labels
         expected_acr = float(np.mean(radii * correct))
         self.assertGreater(expected_acr, 0.1)
@@ -138,8 +140,8 @@ class CertifyCallbackTest(tf.test.TestCase, parameterized.TestCase):
         certify = callbacks.CertifyCallback(as_uint8, labels, num_classes=2, seed=3, verbose=False,
                                             spec=CertifySpec(sigma=SIGMA, **CERTIFY))
         result = certify.evaluate(base)
-        classes, radii = smoothing.Smooth(base, 2, SIGMA).certify_batch(as_uint8 / np.float32(255), seed=3,
-                                                                        **CERTIFY)
+        classes, radii = smoothing.Smooth(base, 2, SIGMA, noise="float").certify_batch(
+            as_uint8 / np.float32(255), seed=3, **SAMPLING)
         self.assertAllClose(result.summary.acr, np.mean(radii * (classes == labels)), atol=1e-12)
         self.assertEqual(result.epoch, 0)
 

@@ -803,7 +803,7 @@ class LinearClosedFormTest(tf.test.TestCase):
                 path = os.path.join(root, name)
                 export_flat(model, path, sigma=self.SIGMA, num_classes=2, seed=17, **kwargs)
                 loaded = tf.saved_model.load(path)
-                smooth = smoothing.Smooth(model, 2, self.SIGMA)
+                smooth = smoothing.Smooth(model, 2, self.SIGMA, noise="float")
                 ids = np.arange(len(images))
                 staged = library_staged_certify(smooth, images, radius, seed=17, **kwargs)
                 out = _signature_outputs(loaded, images, signatures.CERTIFY_RADIUS_SIGNATURE, radius)

@@ -161,16 +161,18 @@ class CertifyConfig:
         advice = (f"the smallest --n that can {self.mode} at --alpha={alpha:g} is {smallest}" if smallest
                   else f"no --n can {self.mode} at --alpha={alpha:g}; raise it")
         level = self.final_level(n)
-        where = "" if level == alpha else f" (the level of its last {'stage' if self.staged else 'test'}: {level:g})"
         if self.mode == "certify":
+            where = f" (the level of its last stage: {level:g})" if self.staged else ""
             bound = f"{level:g}^(1/{n}) = {level ** (1 / n):.4g}" + (f" less the grid slack {slack:.2g}" if slack else "")
             raise ConfigError(f"--n={n} and --alpha={alpha:g} cannot certify any example: with all {n} samples in the "
                               f"top class the lower bound on p_A is {bound}{where}, not above 1/2, so every example "
                               f"abstains; {advice}")
-        test = "level alpha - n x grid slack" if slack else "level"
+        notes = ["alpha - n x the grid slack"] * bool(slack) + ["its last stage's share"] * self.staged
+        test = ("no level (n x the grid slack uses up alpha)" if level is None
+                else f"its level {level:.6g}" + (f" ({'; '.join(notes)})" if notes else ""))
         raise ConfigError(f"--n={n} and --alpha={alpha:g} cannot predict any example: with all {n} samples in one "
-                          f"class the test's p-value is 2^(1-{n}) = {2.0 ** (1 - n):.4g}, not below its {test}"
-                          f"{where or f' {level:g}'}, so every example abstains; {advice}")
+                          f"class the test's p-value is 2^(1-{n}) = {2.0 ** (1 - n):.4g}, not below {test}, so every "
+                          f"example abstains; {advice}")
 
     @property
     def sample_slack(self) -> float:
