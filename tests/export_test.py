@@ -67,8 +67,12 @@ def images_at_margins(w: np.ndarray, b: float, margins: np.ndarray, rng: np.rand
 
 
 def export_config(**values) -> export.ExportConfig:
-    """The ExportConfig of `values` by flag name, the sampling settings (its CertifySpec's fields) among them."""
-    return cli.config_from_values(export.ExportConfig, values)
+    """The ExportConfig of `values` by flag name, the sampling settings (its CertifySpec's fields) among them.
+
+    Float noise unless `values` say otherwise: the signatures sample float noise (export.py refuses grid, the
+    CertifySpec default, for now).
+    """
+    return cli.config_from_values(export.ExportConfig, {"noise": "float", **values})
 
 
 def version_config(**values) -> export.VersionExportConfig:
