@@ -33,6 +33,7 @@ examples with `smoothing.Smooth` and appends one row per example to the log
 import contextlib
 import dataclasses
 import fcntl
+import fractions
 import math
 import os
 import sys
@@ -432,7 +433,7 @@ _NOISE_LINES = {
 # chance with 10 classes with probability 0.996, with 1000 classes almost
 # surely.
 _PROBE_IMAGES = 64
-_PROBE_FALSE_ALARM = 1e-6
+_PROBE_FALSE_ALARM = fractions.Fraction(1, 10**6)
 
 
 def probe_threshold(num_images: int) -> int:
@@ -444,7 +445,7 @@ def probe_threshold(num_images: int) -> int:
     about with at most that probability.
     """
     total, threshold = 0, -1
-    limit = 2**num_images * _PROBE_FALSE_ALARM
+    limit = 2**num_images * _PROBE_FALSE_ALARM  # A Fraction: the comparisons below are exact.
     while threshold < num_images and total + math.comb(num_images, threshold + 1) <= limit:
         threshold += 1
         total += math.comb(num_images, threshold)

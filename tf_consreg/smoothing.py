@@ -394,7 +394,7 @@ def check_pixels(images: np.ndarray, *, grid: bool, float_hint: str = 'noise="fl
     called what it is rather than "off the grid".
 
     Args:
-      images: float32 [B, H, W, C].
+      images: float32, [B, H, W, C] or one image [H, W, C]: the index named has its rank.
       grid: also require the 8-bit grid (`noise.to_grid`).
       float_hint: how the caller names float noise: 'noise="float"' in the
         library, "--noise=float" in a binary.
