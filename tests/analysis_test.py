@@ -11,7 +11,8 @@ from absl.testing import absltest
 from absl.testing import parameterized
 import numpy as np
 
-from certify_log_test import HAND_TSV, STAGED_TSV, hand_rows, tempdir, write, write_shard, write_staged
+from certify_log_test import (HAND_TSV, SHARD_SETTINGS, STAGED_TSV, hand_rows, tempdir, write, write_shard,
+                              write_staged)
 from tf_consreg import analysis
 from tf_consreg import certify_log
 from tf_consreg.errors import ConfigError
@@ -107,7 +108,7 @@ class HandLogTest(absltest.TestCase):
     def test_markdown_table(self):
         summary = analysis.summarize(certify_log.read_certify_tsv(self.path), radii=(0, 0.5))
         self.assertEqual(analysis.markdown_table([summary], ["hand"]),
-                         "| file | n | clean acc. | ACR | r=0 | r=0.5 |\n"
+                         "| file | n | smoothed acc. | ACR | r=0 | r=0.5 |\n"
                          "|---|---:|---:|---:|---:|---:|\n"
                          "| hand | 5 | 0.600 | 0.3900 | 0.600 | 0.400 |\n")
 
@@ -229,7 +230,7 @@ class StagedRunTest(parameterized.TestCase):
         # The columns are the staged run's radii; ACR n/a for it; samples
         # per image n/a for the authors' log (no settings file).
         table = analysis.analyze(analysis.AnalyzeConfig(tsv=[self.full, self.staged], labels=["full", "staged"]))
-        self.assertEqual(table, "| file | n | clean acc. | ACR | samples/image | r=0.5 | r=1 |\n"
+        self.assertEqual(table, "| file | n | smoothed acc. | ACR | samples/image | r=0.5 | r=1 |\n"
                                 "|---|---:|---:|---:|---:|---:|---:|\n"
                                 "| full | 5 | 0.600 | 0.3900 | n/a | 0.400 | 0.200 |\n"
                                 "| staged | 4 | 0.500 | n/a | 2,800 | 0.250 | 0.250 |\n"
@@ -237,7 +238,7 @@ class StagedRunTest(parameterized.TestCase):
         self.assertStartsWith(analysis.STAGED_NOTE, "No ACR for a fixed-radius run")
         # Only fixed-radius runs: no ACR column at all.
         table = analysis.analyze(analysis.AnalyzeConfig(tsv=[self.staged], labels=["staged"]))
-        self.assertEqual(table.split("\n")[0], "| file | n | clean acc. | samples/image | r=0.5 | r=1 |")
+        self.assertEqual(table.split("\n")[0], "| file | n | smoothed acc. | samples/image | r=0.5 | r=1 |")
 
     def test_staged_runs_share_their_common_radii(self):
         other = write_staged(self.dir, "other.tsv", radii=[1.0, 1.5])
@@ -407,6 +408,69 @@ class ShardedRunTest(parameterized.TestCase):
         report, _ = self._report(shards)
         self.assertEqual(report[0]["n"], 5)
         self.assertAlmostEqual(report[0]["acr"], 0.39)
+
+
+
+class BaseAccuracyTest(absltest.TestCase):
+    """--model: the base model's clean accuracy beside the smoothed classifier's, labelled apart (issue 24)."""
+
+    IDX = (0, 2, 5, 9)
+
+    def setUp(self):
+        # Imported here: the rest of this file needs no TensorFlow.
+        import keras  # pylint: disable=import-outside-toplevel
+        from tf_consreg import data  # pylint: disable=import-outside-toplevel
+        self.dir = tempdir(self)
+        _, labels = data.load_arrays("fashion_mnist", "test", limit=10)
+        self.labels = labels[list(self.IDX)]
+        # A base model that says class labels[0] for every image: its clean accuracy is the share of that label.
+        self.constant_class = int(self.labels[0])
+        inputs = keras.Input((28, 28, 1))
+        dense = keras.layers.Dense(10, kernel_initializer="zeros",
+                                   bias_initializer=keras.initializers.Constant(np.eye(10)[self.constant_class]))
+        self.model = os.path.join(self.dir, "constant.keras")
+        keras.Model(inputs, dense(keras.layers.Flatten()(inputs))).save(self.model)
+        # The smoothed classifier: right on the first two, abstains on the third, wrong on the last.
+        rows = [(i, int(y), p, r) for (i, y), p, r in zip(zip(self.IDX, self.labels),
+                                                         (int(self.labels[0]), int(self.labels[1]), -1,
+                                                          (int(self.labels[3]) + 1) % 10), (0.5, 0.25, 0.0, 0.75))]
+        text = certify_log.header_line("certify") + "\n" + "".join(
+            certify_log.format_row("certify", i, y, p, r, 1.0) for i, y, p, r in rows)
+        self.tsv = write(self.dir, "run.tsv", text)
+        write(self.dir, "run.tsv" + certify_log.SETTINGS_SUFFIX,
+              json.dumps(dict(SHARD_SETTINGS, num_shards=1, shard_index=0)))
+        self.expected = float(np.mean(self.labels == self.constant_class))
+
+    def test_table_labels_both_accuracies(self):
+        authors = write(self.dir, "authors.tsv", HAND_TSV)  # No settings: no dataset to read, "n/a".
+        table = analysis.analyze(analysis.AnalyzeConfig(tsv=[self.tsv, authors], radii=[0], model=self.model))
+        lines = table.split("\n")
+        self.assertEqual(lines[0], "| file | n | smoothed acc. | base acc. (clean) | ACR | r=0 |")
+        self.assertEqual(lines[2].split(" | ")[1:4], ["4", "0.500", f"{self.expected:.3f}"])
+        self.assertEqual(lines[3].split(" | ")[3], "n/a")
+        self.assertIn(analysis.ACCURACY_NOTE, table)
+        self.assertNotIn("base acc.", analysis.analyze(analysis.AnalyzeConfig(tsv=[self.tsv], radii=[0])))
+
+    def test_json(self):
+        report = json.loads(analysis.analyze(analysis.AnalyzeConfig(tsv=[self.tsv], format="json",
+                                                                    model=self.model)))
+        self.assertEqual(report[0]["clean_accuracy"], 0.5)
+        self.assertEqual(report[0]["base_clean_accuracy"], self.expected)
+
+    def test_refuses_a_log_of_other_labels(self):
+        text = certify_log.header_line("certify") + "\n" + certify_log.format_row(
+            "certify", 0, (int(self.labels[0]) + 1) % 10, -1, 0.0, 1.0)
+        other = write(self.dir, "other.tsv", text)
+        write(self.dir, "other.tsv" + certify_log.SETTINGS_SUFFIX,
+              json.dumps(dict(SHARD_SETTINGS, num_shards=1, shard_index=0)))
+        with self.assertRaisesRegex(ConfigError, "other.tsv: example 0 of fashion_mnist \\(test\\) is not labelled"):
+            analysis.analyze(analysis.AnalyzeConfig(tsv=[other], model=self.model))
+
+    def test_bad_flags(self):
+        with self.assertRaisesRegex(ConfigError, "--model"):
+            analysis.AnalyzeConfig(tsv=[self.tsv], model=os.path.join(self.dir, "missing.keras"))
+        with self.assertRaisesRegex(ConfigError, "^--data_dir is used only with --model"):
+            analysis.AnalyzeConfig(tsv=[self.tsv], data_dir=self.dir)
 
 
 if __name__ == "__main__":

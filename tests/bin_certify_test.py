@@ -42,7 +42,7 @@ FLAG_DEFAULTS = {
     "mock_data": False, "n": 100000, "alpha": 0.001, "batch_size": 1000, "skip": 1, "max": -1, "output": None,
     "seed": 0,
     "num_shards": 1, "shard_index": 0, "strategy": "default", "compute_dtype": "float32", "radii": None,
-    "stages": None, "noise": "float",
+    "stages": None, "noise": "grid",
 }
 
 
@@ -178,6 +178,12 @@ class CertifyErrorsTest(RunFixture, parameterized.TestCase):
         ("stages_end", ["--radii=0.5", "--n=1000", "--stages=100,500"], "--stages must end at n=1000"),
         ("stage_below_n0", ["--radii=0.5", "--n=1000", "--stages=50,1000"], "--stages must start at n0=100 or above"),
         ("stages_without_radii", ["--stages=100,100000"], "--stages needs --radii"),
+        # Issue 24: n and alpha at which every example abstains (0.001^(1/9) = 0.464 <= 1/2 < 0.001^(1/10)).
+        ("hopeless_n", ["--n=9"], "--n=9 and --alpha=0.001 cannot certify any example: with all 9 samples in the "
+                                  "top class the lower bound on p_A is 0.001^(1/9) = 0.4642"),
+        ("hopeless_staged_n", ["--n0=5", "--n=10", "--radii=0.1", "--stages=5,10"],
+         "--n=10 and --alpha=0.001 cannot certify any example: with all 10 samples in the top class the lower bound "
+         "on p_A is 0.0005^(1/10) = 0.4676 less the grid slack 7.1e-10 (the level of its last stage: 0.0005)"),
     )
     def test_errors(self, args, expected):
         output = os.path.join(self.dir, "errors", "certify.tsv")

@@ -48,6 +48,11 @@ class PredictErrorsTest(RunFixture, parameterized.TestCase):
         ("shard_index", ["--num_shards=2", "--shard_index=2"], "--shard_index must be in [0, --num_shards=2), got 2"),
         ("stages_end", ["--n=1000", "--stages=100,500"],
          "--stages must end at n=1000 (the total sample count), got [100, 500]"),
+        # Issue 24: all 10 samples in one class give p = 2^-9 = 0.00195 > alpha = 0.001: every example abstains.
+        ("hopeless_n", ["--n=10"], "--n=10 and --alpha=0.001 cannot predict any example: with all 10 samples in one "
+                                   "class the test's p-value is 2^(1-10) = 0.001953, not below its level 0.000999993 "
+                                   "(alpha - n x the grid slack), so every example abstains; the smallest --n that "
+                                   "can predict at --alpha=0.001 is 11"),
     )
     def test_errors(self, args, expected):
         output = os.path.join(self.dir, "bad", "predict.tsv")

@@ -26,7 +26,10 @@ from tf_consreg.errors import ConfigError
 
 SIGMA = 0.25
 SIDE = 4
-CERTIFY = dict(n0=32, n=100, alpha=0.001, batch_size=256)
+# CERTIFY's sampling settings, and float noise: the images are not all on the 8-bit grid (training's live
+# certification is float too).
+SAMPLING = dict(n0=32, n=100, alpha=0.001, batch_size=256)
+CERTIFY = dict(SAMPLING, noise="float")
 
 
 def _brightness_model(scale: float = 4.0) -> keras.Model:
@@ -77,7 +80,7 @@ class CertifyCallbackTest(tf.test.TestCase, parameterized.TestCase):
         seed = 7
 
         # Reference, computed here: the library's CERTIFY on the same images and seed.
-        classes, radii = smoothing.Smooth(base, 2, SIGMA).certify_batch(images, seed=seed, **CERTIFY)
+        classes, radii = smoothing.Smooth(base, 2, SIGMA, noise="float").certify_batch(images, seed=seed, **SAMPLING)
         correct = classes == labels
         expected_acr = float(np.mean(radii * correct))
         self.assertGreater(expected_acr, 0.1)
@@ -137,8 +140,8 @@ class CertifyCallbackTest(tf.test.TestCase, parameterized.TestCase):
         certify = callbacks.CertifyCallback(as_uint8, labels, num_classes=2, seed=3, verbose=False,
                                             spec=CertifySpec(sigma=SIGMA, **CERTIFY))
         result = certify.evaluate(base)
-        classes, radii = smoothing.Smooth(base, 2, SIGMA).certify_batch(as_uint8 / np.float32(255), seed=3,
-                                                                        **CERTIFY)
+        classes, radii = smoothing.Smooth(base, 2, SIGMA, noise="float").certify_batch(
+            as_uint8 / np.float32(255), seed=3, **SAMPLING)
         self.assertAllClose(result.summary.acr, np.mean(radii * (classes == labels)), atol=1e-12)
         self.assertEqual(result.epoch, 0)
 
@@ -191,6 +194,9 @@ class CertifyCallbackTest(tf.test.TestCase, parameterized.TestCase):
         ("ids", dict(image_ids=[1, 2]), "image_ids"),
         ("no_sigma", dict(spec=CertifySpec(**CERTIFY)), "spec must be a CertifySpec with sigma"),
         ("staged", dict(spec=CertifySpec(sigma=SIGMA, n0=32, n=100, stages=(50, 100))), "no stages"),
+        # Grid noise takes 8-bit images only, refused at construction rather than at the first epoch's end.
+        ("off_grid", dict(spec=CertifySpec(sigma=SIGMA, **{**CERTIFY, "noise": "grid"})),
+         r"images\[0, 0, 0, 0\] = 0.05000000074505806 is not on the 8-bit grid"),
     )
     def test_bad_arguments(self, override, message):
         images, labels = _validation_set()
@@ -198,6 +204,17 @@ class CertifyCallbackTest(tf.test.TestCase, parameterized.TestCase):
         kwargs.update(override)
         with self.assertRaisesRegex(ValueError, message):
             callbacks.CertifyCallback(images, labels, **kwargs)
+
+    def test_grid_noise_on_8_bit_images(self):
+        # The same brightness images quantized to the grid (uint8 in, as a pipeline gives them): grid noise
+        # certifies the images far from the threshold (0.05 -> 13/255 and 0.99 -> 252/255 are confidently wrong).
+        images, labels = _validation_set()
+        pixels = np.round(images * 255).astype(np.uint8)
+        certify = callbacks.CertifyCallback(pixels, labels, num_classes=2, verbose=False,
+                                            spec=CertifySpec(sigma=SIGMA, **{**CERTIFY, "noise": "grid"}))
+        result = certify.evaluate(_brightness_model())
+        self.assertEqual(certify._smooth.noise, "grid")  # pylint: disable=protected-access
+        self.assertGreater(result.summary.acr, 0.0)
 
     def test_is_certify_metric(self):
         images, labels = _validation_set()

@@ -18,8 +18,10 @@ import sys
 import tempfile
 
 from absl.testing import parameterized
+import mpmath
 import numpy as np
 import pytest
+import scipy.stats
 import tensorflow as tf
 
 import threshold_models  # tests/threshold_models.py
@@ -30,6 +32,7 @@ from tf_consreg import cli
 from tf_consreg import run_config
 from tf_consreg import data
 from tf_consreg import models
+from tf_consreg import noise
 from tf_consreg import smoothing
 from tf_consreg.errors import ConfigError
 
@@ -816,10 +819,26 @@ class GridNoiseRunTest(RunFixture, tf.test.TestCase, parameterized.TestCase):
         self.assertEqual([int(r[2]) for r in rows], list(expected[0]))
         self.assertEqual([r[3] for r in rows], [certify_log.format_radius(r) for r in expected[1]])
 
-    def test_a_float_run_records_no_noise(self):
-        output = self._output()
+    def test_grid_is_the_default_and_every_run_records_its_noise(self):
+        output, float_output = self._output(), self._output()
         certify_run.certify_dataset(self._config(output, max=1), verbose=0)
-        self.assertNotIn("noise", self._settings(output))  # So float logs from before --noise resume.
+        self.assertEqual(self._settings(output)["noise"], "grid")
+        certify_run.certify_dataset(self._config(float_output, max=1, noise="float"), verbose=0)
+        self.assertEqual(self._settings(float_output)["noise"], "float")
+
+    def test_a_log_from_before_the_noise_setting_is_a_float_run(self):
+        # A settings file without "noise" (written before --noise existed): it resumes as --noise=float, and the
+        # default grid run refuses it.
+        output = self._output()
+        certify_run.certify_dataset(self._config(output, max=1, noise="float"), verbose=0)
+        settings = self._settings(output)
+        del settings["noise"]
+        with open(output + certify_log.SETTINGS_SUFFIX, "w", encoding="utf-8") as f:
+            json.dump(settings, f)
+        with self.assertRaisesRegex(ConfigError, "noise: 'float' there, 'grid' now"):
+            certify_run.certify_dataset(self._config(output, max=2), verbose=0)
+        self.assertEqual(certify_run.certify_dataset(self._config(output, max=2, noise="float"), verbose=0), 1)
+        self.assertEqual([int(r[0]) for r in read_rows(output)[1]], [0, 1])
 
     @parameterized.named_parameters(("grid_then_float", "grid", "float"), ("float_then_grid", "float", "grid"))
     def test_a_resume_never_changes_the_mode(self, first, then):
@@ -841,9 +860,112 @@ class GridNoiseRunTest(RunFixture, tf.test.TestCase, parameterized.TestCase):
             certify_log.group_runs(shards)
 
     def test_an_off_grid_example_is_refused_naming_it_and_its_pixel(self):
-        images = np.full((3, 2, 2, 1), 7 / 255, np.float32)
+        images = np.full((3, 2, 2, 1), 7 / np.float32(255), np.float32)
         images[2, 1, 0, 0] = 0.3
-        with self.assertRaisesRegex(ConfigError, r"^--noise=grid: example 40: images\[1, 0, 0\] = 0\.3\d* is not "
-                                                 r"on the 8-bit grid"):
-            certify_run._check_on_grid(images, np.array([20, 30, 40]))  # pylint: disable=protected-access
-        certify_run._check_on_grid(images[:2], np.array([20, 30]))  # pylint: disable=protected-access
+        with self.assertRaisesRegex(ConfigError, r"^--noise=grid: example 40: image\[1, 0, 0\] = 0\.3\d* is not "
+                                                 r"on the 8-bit grid.*; --noise=float is for inputs that are not "
+                                                 r"quantized$"):
+            certify_run._check_pixels(images, np.array([20, 30, 40]), "grid")  # pylint: disable=protected-access
+        certify_run._check_pixels(images[:2], np.array([20, 30]), "grid")  # pylint: disable=protected-access
+        certify_run._check_pixels(images, np.array([20, 30, 40]), "float")  # pylint: disable=protected-access
+
+    @parameterized.parameters(("float", 1.5), ("grid", 1.5), ("float", -1.0), ("grid", np.nan))
+    def test_an_example_outside_the_unit_interval_is_refused_in_both_modes(self, mode, value):
+        images = np.full((3, 2, 2, 1), 7 / np.float32(255), np.float32)
+        images[1, 0, 1, 0] = value
+        with self.assertRaisesRegex(ConfigError, rf"^--noise={mode}: example 30: image\[0, 1, 0\] = "
+                                                 r"[-.0-9na]+ is outside \[0, 1\]"):
+            certify_run._check_pixels(images, np.array([20, 30, 40]), mode)  # pylint: disable=protected-access
+
+
+def _cdf_quantile_radius(alpha: float, n: int, sigma: float, slack: float = 0.0) -> str:
+    """sigma Phi^-1(alpha^(1/n) - slack) by mpmath at 40 digits, printed as the run prints it (3 digits, down)."""
+    mpmath.mp.dps = 40
+    radius = sigma * mpmath.sqrt(2) * mpmath.erfinv(2 * (mpmath.root(mpmath.mpf(alpha), n) - slack) - 1)
+    digits = mpmath.floor(mpmath.log10(radius))
+    return "{:.3}".format(float(mpmath.floor(radius / 10**(digits - 2)) * 10**(digits - 2)))
+
+
+class GuardrailRunTest(RunFixture, tf.test.TestCase, parameterized.TestCase):
+    """What a run checks and says before any work (issue 24): n and alpha, the largest radius, the base model."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.model_dir = make_model_dir(cls.dir)
+        cls.config = dict(model_dir=cls.model_dir, **TINY)
+
+    @parameterized.named_parameters(
+        # Smallest n: 0.001^(1/10) = 0.5012 > 1/2 >= 0.001^(1/9) = 0.464 (test_smallest_n_against_scipy checks these).
+        ("certify", dict(n=5, alpha=0.001), "certify", 10),
+        # A staged run's last stage bounds at alpha / 2: 0.0005^(1/10) = 0.467, 0.0005^(1/11) = 0.5005.
+        ("staged", dict(n=10, n0=5, alpha=0.001, radii=[0.1], stages=[5, 10]), "certify", 11),
+        # PREDICT: all n in one class gives p = 2^(1-n); 2^-9 = 0.00195 > 0.001 > 2^-10.
+        ("predict", dict(n=10, alpha=0.001, mode="predict"), "predict", 11),
+    )
+    def test_n_and_alpha_too_small_are_refused_naming_the_smallest_n(self, overrides, verb, smallest):
+        values = {**self.config, **overrides}
+        if verb == "predict":
+            del values["n0"]
+        output = self._output()
+        with self.assertRaisesRegex(ConfigError, rf"^--n={values['n']} and --alpha=0.001 cannot {verb} any example: "
+                                                 rf".*every example abstains; the smallest --n that can {verb} at "
+                                                 rf"--alpha=0.001 is {smallest}$"):
+            make_config(output=output, **values)
+        self.assertFalse(os.path.exists(output))
+        make_config(output=output, **{**values, "n": smallest,
+                                      **({"stages": [5, smallest]} if "stages" in values else {})})
+
+    def test_smallest_n_against_scipy(self):
+        # The values the test above names, from scipy: Clopper-Pearson's bound with k = n (beta.ppf) and the
+        # two-sided binomial test of (n, 0).
+        self.assertGreater(scipy.stats.beta.ppf(0.001, 10, 1), 0.5)
+        self.assertLess(scipy.stats.beta.ppf(0.001, 9, 1), 0.5)
+        self.assertGreater(scipy.stats.beta.ppf(0.0005, 11, 1), 0.5)
+        self.assertLess(scipy.stats.beta.ppf(0.0005, 10, 1), 0.5)
+        self.assertLess(scipy.stats.binomtest(11, 11, 0.5).pvalue, 0.001)
+        self.assertGreater(scipy.stats.binomtest(10, 10, 0.5).pvalue, 0.001)
+
+    @parameterized.parameters("float", "grid")
+    def test_prints_the_largest_radius(self, mode):
+        # sigma Phi^-1(alpha^(1/n) - slack), n = 100, alpha = 0.01, sigma = 0.25: 0.4237... by mpmath, printed
+        # rounded down to 3 digits. The engine's bound and radius are within 1e-13 below the exact ones, far from
+        # the next 3-digit boundary (checked by the two prints agreeing).
+        config = self._config(self._output(), max=1, noise=mode)
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            certify_run.certify_dataset(config, verbose=1)
+        expected = _cdf_quantile_radius(0.01, 100, 0.25, config.sample_slack)
+        self.assertEqual(expected, "0.423")
+        self.assertIn(f"largest radius this run can certify: {expected} (sigma Phi^-1", printed.getvalue())
+        self.assertEqual(config.sample_slack, 0.0 if mode == "float" else noise.grid_noise_table(0.25).tv_slack(784))
+
+    def test_probe_threshold_against_scipy(self):
+        # The largest c with P[Binomial(m, 1/2) <= c] <= 1e-6, by scipy's CDF.
+        for m in (16, 17, 32, 64, 100):
+            c = certify_run.probe_threshold(m)
+            self.assertEqual(c, int(np.sum(scipy.stats.binom.cdf(np.arange(m + 1), m, 0.5) <= 1e-6)) - 1)
+        self.assertEqual(certify_run.probe_threshold(64), 13)
+        self.assertEqual(certify_run.probe_threshold(16), -1)  # 2^-16 > 1e-6: too few images to ever warn.
+
+    def test_warns_about_a_base_model_at_chance_only(self):
+        # A model whose logits are 0 says class 0 for every image: right on the test images of class 0 among the
+        # first 64, 6 of them (at most 13 warn). The nearest-class-mean model is right on most noisy images.
+        constant = os.path.join(self.dir, "constant.keras")
+        inputs = tf.keras.Input((28, 28, 1))
+        tf.keras.Model(inputs, tf.keras.layers.Dense(10, kernel_initializer="zeros")(
+            tf.keras.layers.Flatten()(inputs))).save(constant)
+        warnings = {}
+        for name, model in (("constant", constant), ("nearest_mean", make_nearest_mean_model(self.dir))):
+            stderr = io.StringIO()
+            with contextlib.redirect_stderr(stderr):
+                certify_run.certify_dataset(make_config(output=self._output(), model=model, dataset="fashion_mnist",
+                                                        sigma=0.25, max=64, n=10, batch_size=64, alpha=0.01,
+                                                        mode="predict"), verbose=0)
+            warnings[name] = [line for line in stderr.getvalue().splitlines() if "not trained with noise" in line]
+        _, labels = data.load_arrays("fashion_mnist", "test", limit=64)
+        self.assertEqual(warnings["constant"], [
+            f"warning: the base model classifies {int((labels == 0).sum())} of 64 noisy copies of the first examples "
+            "right at sigma=0.25 (chance: 1/10): not trained with noise at this sigma?"])
+        self.assertEqual(warnings["nearest_mean"], [])
+

@@ -6,7 +6,9 @@ import sys
 
 from absl.testing import absltest
 from absl.testing import parameterized
+import mpmath
 import numpy as np
+import scipy.stats
 
 from tf_consreg import certify_spec
 from tf_consreg.certify_spec import CertifySpec
@@ -20,9 +22,13 @@ class CertifySpecTest(parameterized.TestCase):
         spec = CertifySpec()
         self.assertEqual((spec.sigma, spec.n0, spec.n, spec.alpha, spec.batch_size, spec.stages, spec.compute_dtype),
                          (None, 100, 100000, 0.001, 1000, None, "float32"))
-        # Float noise until the default switch to grid for 8-bit datasets (with re-measured tables in docs/).
-        self.assertEqual(spec.noise, "float")
-        self.assertEqual(CertifySpec(noise="grid").noise, "grid")
+        # Grid noise: every dataset we ship is 8-bit. Float is asked for by name.
+        self.assertEqual(spec.noise, "grid")
+        self.assertEqual(certify_spec.DEFAULT_NOISE, "grid")
+        self.assertEqual(CertifySpec(noise="float").noise, "float")
+        # Live certification and the export keep float noise (certify_spec.py says why), and differ in n alone.
+        self.assertEqual(certify_spec.LIVE, CertifySpec(n=1000, noise="float"))
+        self.assertEqual(certify_spec.EXPORT, CertifySpec(n=10000, noise="grid"))
 
     def test_values_are_python_numbers(self):
         spec = CertifySpec(sigma=1, n0=np.int64(10), n=np.int32(200), alpha=np.float32(0.25), batch_size=np.int64(50),
@@ -167,6 +173,55 @@ class ScheduleTest(parameterized.TestCase):
                                     ([500, 200, 1000], None, "^stages must strictly increase")):
             with self.assertRaisesRegex(ValueError, message):
                 certify_spec.resolve_stages(stages, 1000, n0)
+
+
+class SmallestNTest(parameterized.TestCase):
+    """Whether n and alpha can answer at all, against independent references (scipy, mpmath)."""
+
+    @parameterized.parameters(1e-3, 1e-2, 0.05, 0.5, 0.25, 2.0**-10, 1e-5, 1e-12, 0.3)
+    def test_certify_against_scipy_and_mpmath(self, alpha):
+        # The exact bound with all n samples correct is the alpha quantile of Beta(n, 1), alpha^(1/n):
+        # scipy's beta.ppf and mpmath's root at 60 digits say where it first exceeds 1/2.
+        n = certify_spec.smallest_n(lambda n: certify_spec.certify_can_certify(n, alpha))
+        mpmath.mp.dps = 60
+        self.assertGreater(mpmath.root(mpmath.mpf(alpha), n), mpmath.mpf(1) / 2)
+        self.assertLessEqual(mpmath.root(mpmath.mpf(alpha), n - 1), mpmath.mpf(1) / 2)
+        # scipy's Clopper-Pearson bound agrees to float accuracy (1e-12 relative is far above its rounding and far
+        # below the distance of these alphas' bounds from 1/2, which the mpmath lines above fix).
+        self.assertGreater(scipy.stats.beta.ppf(alpha, n, 1) * (1 + 1e-12), 0.5)
+        if n > 1:
+            self.assertLessEqual(scipy.stats.beta.ppf(alpha, n - 1, 1) * (1 - 1e-12), 0.5)
+
+    def test_known_values(self):
+        # locuslab/smoothing#8: alpha = 0.001 needs n >= 10 (0.001^(1/10) = 0.5012, 0.001^(1/9) = 0.464); Cohen
+        # et al.'s alpha = 0.001 with n = 100,000 can. alpha = 2^-10 at n = 10 gives exactly 1/2: radius 0, refused.
+        self.assertEqual(certify_spec.smallest_n(lambda n: certify_spec.certify_can_certify(n, 0.001)), 10)
+        self.assertTrue(certify_spec.certify_can_certify(100000, 0.001))
+        self.assertFalse(certify_spec.certify_can_certify(10, 2.0**-10))
+        self.assertTrue(certify_spec.certify_can_certify(11, 2.0**-10))
+
+    def test_certify_slack(self):
+        # With slack s the bound is alpha^(1/n) - s: at alpha = 0.001, n = 10 the bound is 0.50119 (mpmath), so a
+        # slack of 0.001 leaves 0.50019 > 1/2 and a slack of 0.002 leaves 0.49919 < 1/2.
+        mpmath.mp.dps = 30
+        exact = mpmath.root(mpmath.mpf(0.001), 10)
+        self.assertTrue(mpmath.almosteq(exact, mpmath.mpf("0.501187233627272"), 1e-14))
+        self.assertTrue(certify_spec.certify_can_certify(10, 0.001, 0.001))
+        self.assertFalse(certify_spec.certify_can_certify(10, 0.001, 0.002))
+        self.assertEqual(certify_spec.smallest_n(lambda n: certify_spec.certify_can_certify(n, 0.001, 0.002)), 11)
+        self.assertFalse(certify_spec.certify_can_certify(10**6, 0.5, 0.5))  # 1/2 + s >= 1: nothing certifies.
+
+    @parameterized.parameters(1e-3, 1e-2, 0.05, 0.5, 0.25, 2.0**-10, 1e-12)
+    def test_predict_against_scipy(self, alpha):
+        # All n samples in one class: scipy's two-sided binomial test of (n, 0) must reach p <= alpha at the
+        # smallest n, and not before (where the exact p-value 2^(1-n) equals alpha, the engine's p-value, never
+        # below the exact one, abstains: so equality counts as abstaining).
+        n = certify_spec.smallest_n(lambda n: certify_spec.predict_can_decide(n, alpha))
+        self.assertLess(scipy.stats.binomtest(n, n, 0.5).pvalue, alpha)
+        self.assertGreaterEqual(scipy.stats.binomtest(n - 1, n - 1, 0.5).pvalue, alpha)
+
+    def test_smallest_n_gives_up(self):
+        self.assertIsNone(certify_spec.smallest_n(lambda n: False, limit=10))
 
 
 class CheckRadiiTest(parameterized.TestCase):

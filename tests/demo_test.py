@@ -70,7 +70,7 @@ class DemoTest(absltest.TestCase):
         self.assertIn("certified 0 examples into", second.stdout, output)
         self.assertNotIn("Epoch 1/1", second.stdout, output)  # No epoch was trained.
         # The results table and the answer of the export, as the first time.
-        self.assertIn("| file | n | clean acc. | ACR |", second.stdout, output)
+        self.assertIn("| file | n | smoothed acc. | ACR |", second.stdout, output)
         self.assertIn("idx\tlabel\tclass\tradius\tp_lower", second.stdout, output)
         after = _snapshot(demo_dir)
         # Every file keeps its bytes; the training run keeps its times too (a rewrite would show).

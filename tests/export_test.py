@@ -126,8 +126,12 @@ def on_grid(pixels: np.ndarray) -> np.ndarray:
 
 
 def export_config(**values) -> export.ExportConfig:
-    """The ExportConfig of `values` by flag name, the sampling settings (its CertifySpec's fields) among them."""
-    return cli.config_from_values(export.ExportConfig, values)
+    """The ExportConfig of `values` by flag name, the sampling settings (its CertifySpec's fields) among them.
+
+    Float noise unless `values` say otherwise (the CertifySpec default is grid): most tests here feed random
+    float images and compare with the closed forms of float noise; GridExportTest asks for grid.
+    """
+    return cli.config_from_values(export.ExportConfig, {"noise": "float", **values})
 
 
 def version_config(**values) -> export.VersionExportConfig:
@@ -362,7 +366,7 @@ class VersionExportTest(parameterized.TestCase):
             "    print('staged', flush=True)\n"
             "    os.kill(os.getpid(), signal.SIGKILL)\n"
             "with mock.patch.object(export, '_write_warmup', stop):\n"
-            "    spec = certify_spec.CertifySpec(n0=4, n=16, batch_size=16)\n"
+            "    spec = certify_spec.CertifySpec(n0=4, n=16, batch_size=16, noise='float')\n"
             "    export.export_version(export.VersionExportConfig(export_dir=sys.argv[1], model_dir=sys.argv[2],\n"
             "                                                     spec=spec, version=1))\n"
         )
@@ -903,7 +907,7 @@ class LinearClosedFormTest(tf.test.TestCase):
                 path = os.path.join(root, name)
                 export_flat(model, path, sigma=self.SIGMA, num_classes=2, seed=17, **kwargs)
                 loaded = tf.saved_model.load(path)
-                smooth = smoothing.Smooth(model, 2, self.SIGMA)
+                smooth = smoothing.Smooth(model, 2, self.SIGMA, noise="float")
                 ids = np.arange(len(images))
                 staged = library_staged_certify(smooth, images, radius, seed=17, **kwargs)
                 out = _signature_outputs(loaded, images, signatures.CERTIFY_RADIUS_SIGNATURE, radius)

@@ -124,12 +124,14 @@ class TrainConfigTest(parameterized.TestCase):
 
     def test_reads_records_of_live_certification_by_flag_name(self):
         off = run_config.TrainConfig.from_dict(self._RECORDED)
-        self.assertEqual(off.certify, CertifySpec(sigma=0.5, n=1000))  # certify_spec.LIVE at the run's sigma
+        # certify_spec.LIVE at the run's sigma.
+        self.assertEqual(off.certify, CertifySpec(sigma=0.5, n=1000, noise="float"))
         self.assertEqual(off.to_dict(), self._RECORDED)  # So the run resumes (_check_model_dir compares them).
         on = {**self._RECORDED, "certify_every": 2, "certify_examples": 200, "certify_n0": 64, "certify_n": 500,
               "certify_alpha": 0.01, "certify_batch_size": 250}
         config = run_config.TrainConfig.from_dict(on)
-        self.assertEqual(config.certify, CertifySpec(sigma=0.5, n0=64, n=500, alpha=0.01, batch_size=250))
+        self.assertEqual(config.certify,
+                         CertifySpec(sigma=0.5, n0=64, n=500, alpha=0.01, batch_size=250, noise="float"))
         self.assertEqual(config.to_dict(), on)
         # The defaults of live certification, recorded as they resolve.
         defaults = run_config.TrainConfig(model_dir="/m", certify_every=1).to_dict()
@@ -140,12 +142,18 @@ class TrainConfigTest(parameterized.TestCase):
             run_config.TrainConfig.from_dict({**on, "certify_n": 0})
 
     @parameterized.named_parameters(
-        ("n0", dict(certify=CertifySpec(n0=5, n=1000)), "^--certify_n0 is used only with --certify_every"),
+        ("n0", dict(certify=CertifySpec(n0=5, n=1000, noise="float")),
+         "^--certify_n0 is used only with --certify_every"),
         ("examples", dict(certify_examples=10), "^--certify_examples is used only with --certify_every"),
-        ("staged", dict(certify_every=1, certify=CertifySpec(n=1000, stages=(100, 1000))), "full CERTIFY"),
-        ("bfloat16", dict(certify_every=1, certify=CertifySpec(n=1000, compute_dtype="bfloat16")), "float32"),
+        ("staged", dict(certify_every=1, certify=CertifySpec(n=1000, stages=(100, 1000), noise="float")),
+         "full CERTIFY"),
+        ("bfloat16", dict(certify_every=1, certify=CertifySpec(n=1000, compute_dtype="bfloat16", noise="float")),
+         "float32"),
+        # Every image would abstain: 0.001^(1/9) = 0.464 <= 1/2 (certify_spec_test checks the smallest n, 10).
+        ("hopeless_n", dict(certify_every=1, certify=CertifySpec(n0=5, n=9, noise="float")),
+         r"^--certify_n=9 and --certify_alpha=0.001 cannot certify any image: .* at this alpha is 10$"),
         ("grid", dict(certify_every=1, certify=CertifySpec(n=1000, noise="grid")), "with float noise"),
-        ("other_sigma", dict(certify_every=1, certify=CertifySpec(sigma=0.5, n=1000)),
+        ("other_sigma", dict(certify_every=1, certify=CertifySpec(sigma=0.5, n=1000, noise="float")),
          "the certification's sigma=0.5 differs from the training run's --sigma=0.25"),
         ("not_a_spec", dict(certify_every=1, certify=dict(n=1000)), "^certify must be a CertifySpec"),
     )
@@ -201,8 +209,8 @@ class FlagsTest(parameterized.TestCase):
         ("smoothmix", dict(method="smoothmix", num_noise=4, num_steps=2, attack_step=0.5, eta=5.0), {}),
         ("smoothmix_bounded", dict(method="smoothmix", mix_step=1, maxnorm=2.0, maxnorm_s=1 / 3), {}),
         ("everything_else", {}, dict(dataset="cifar10", arch="cifar_resnet20", batch_split=True, certify_every=2,
-                                     certify=CertifySpec(n=1000, alpha=1e-5), data_dir="/data dir/x", mock_data=True,
-                                     strategy="mirrored",
+                                     certify=CertifySpec(n=1000, alpha=1e-5, noise="float"), data_dir="/data dir/x",
+                                     mock_data=True, strategy="mirrored",
                                      steps_per_execution=4, mixed_precision="mixed_bfloat16", jit_compile=True)),
     )
     def test_to_flags_parses_back_to_the_same_config(self, objective, fields):

@@ -131,7 +131,7 @@ class ServingCheckTest(_ServingCheckCase):
         np.testing.assert_array_equal([int(r[0]) for r in rows], np.arange(len(images)))
         cpp_classes, cpp_radii, cpp_p_lower = _certificates(rows)
 
-        smooth = smoothing.Smooth(self.linear, num_classes=2, sigma=self.SIGMA)
+        smooth = smoothing.Smooth(self.linear, num_classes=2, sigma=self.SIGMA, noise="float")
         py_classes, py_radii = smooth.certify_batch(images, self.n0, self.n, self.alpha, batch_size=1000, seed=0)
 
         expected = np.where(p_class0 > 0.5, 0, np.where(p_class0 < 0.5, 1, -1))
@@ -176,8 +176,8 @@ class ServingCheckTest(_ServingCheckCase):
         rows, _ = run_serving_check(self.binary, export_dir, images, signature="certify_radius",
                                     outputs="class,certified,radius,samples", radii=radii)
         self.assertLen(rows, len(images))
-        expected = library_staged_certify(smoothing.Smooth(self.linear, num_classes=2, sigma=self.SIGMA), images,
-                                          radii, seed=11, **kwargs)
+        expected = library_staged_certify(smoothing.Smooth(self.linear, num_classes=2, sigma=self.SIGMA,
+                                                           noise="float"), images, radii, seed=11, **kwargs)
         array = np.array(rows, dtype=object)
         np.testing.assert_array_equal(array[:, 1].astype(np.int64), expected["class"])
         np.testing.assert_array_equal(array[:, 2] == "true", expected["certified"])

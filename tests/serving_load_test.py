@@ -40,7 +40,8 @@ def export_linear(export_dir: str) -> dict:
     w = rng.normal(size=(4, 4, 1)) * 0.25
     b = -float(np.sum(w)) * 0.5
     export.export_smoothed(linear_model(w, b), export_dir,
-                           CertifySpec(sigma=SIGMA, n0=50, n=600, alpha=0.001, batch_size=600, stages=(100, 300, 600)),
+                           CertifySpec(sigma=SIGMA, n0=50, n=600, alpha=0.001, batch_size=600, stages=(100, 300, 600),
+                                       noise="float"),  # Random float images: only float noise takes them.
                            num_classes=2)
     return {"w": w, "b": b}
 

@@ -126,7 +126,7 @@ class MirroredSmoothTest(tf.test.TestCase):
         strategy = _mirrored()
         with strategy.scope():
             model = _linear_model(w, b)
-        smooth = smoothing.Smooth(model, 2, 0.25, strategy=strategy)
+        smooth = smoothing.Smooth(model, 2, 0.25, strategy=strategy, noise="float")
         sigma, alpha, count = 0.25, 0.1, 400
         images = rng.uniform(size=(count, *_SHAPE)).astype(np.float32)
         margin = _true_margin(w, b, images)

@@ -213,7 +213,7 @@ class SmoothTest(_LinearModelMixin, tf.test.TestCase, parameterized.TestCase):
         # alpha and few samples the bound is tight, so a too-optimistic bound
         # would show up as too many failures.
         sigma, alpha, count = 0.25, 0.1, 400
-        smooth = smoothing.Smooth(self.model, 2, sigma)
+        smooth = smoothing.Smooth(self.model, 2, sigma, noise="float")
         images = self._images(count)
         margin = _true_margin(self.w, self.b, images)
         classes, radii = smooth.certify_batch(images, n0=20, n=50, alpha=alpha, batch_size=1000, seed=1)
@@ -229,7 +229,7 @@ class SmoothTest(_LinearModelMixin, tf.test.TestCase, parameterized.TestCase):
 
     def test_certified_radius_approaches_true_radius(self):
         sigma = 0.5
-        smooth = smoothing.Smooth(self.model, 2, sigma)
+        smooth = smoothing.Smooth(self.model, 2, sigma, noise="float")
         images = self._images(200)
         z = _true_margin(self.w, self.b, images) / sigma
         keep = (np.abs(z) > 0.3) & (np.abs(z) < 1.5)
@@ -249,7 +249,7 @@ class SmoothTest(_LinearModelMixin, tf.test.TestCase, parameterized.TestCase):
     def test_selection_and_estimation_use_different_noise(self):
         # The counts that CERTIFY decides from, recorded as the engine gets them.
         recorded = []
-        smooth = smoothing.Smooth(_argmax_pixel_model(), 64, 0.5)
+        smooth = smoothing.Smooth(_argmax_pixel_model(), 64, 0.5, noise="float")
         real = smooth._certify_fn  # pylint: disable=protected-access
 
         def spy(selection, estimation, n, alpha, slack):
@@ -263,7 +263,7 @@ class SmoothTest(_LinearModelMixin, tf.test.TestCase, parameterized.TestCase):
         self.assertNotAllEqual(selection, estimation)
 
     def test_predict_abstains_on_tie_not_on_dominant_class(self):
-        smooth = smoothing.Smooth(self.model, 2, 0.25)
+        smooth = smoothing.Smooth(self.model, 2, 0.25, noise="float")
         # Points on the hyperplane w.x + b = 0 (P(class 1) = 1/2): project
         # random points onto it, keeping those inside the cube.
         images = self._images(50).reshape(50, -1)
@@ -281,7 +281,7 @@ class SmoothTest(_LinearModelMixin, tf.test.TestCase, parameterized.TestCase):
                          predicted[0])
 
     def test_reproducible_with_seed(self):
-        smooth = smoothing.Smooth(self.model, 2, 0.5)
+        smooth = smoothing.Smooth(self.model, 2, 0.5, noise="float")
         images = self._images(3)
         first = smooth.certify_batch(images, 100, 2000, 0.01, 500, seed=5)
         again = smooth.certify_batch(images, 100, 2000, 0.01, 500, seed=5)
@@ -295,7 +295,7 @@ class SmoothTest(_LinearModelMixin, tf.test.TestCase, parameterized.TestCase):
 
     def test_result_independent_of_batch(self):
         # What makes resumed certification runs equal uninterrupted ones.
-        smooth = smoothing.Smooth(self.model, 2, 0.5)
+        smooth = smoothing.Smooth(self.model, 2, 0.5, noise="float")
         images = self._images(6)
         ids = [10, 11, 12, 13, 14, 15]
         classes, radii = smooth.certify_batch(images, 50, 300, 0.01, 128, seed=8, image_ids=ids)
@@ -303,14 +303,14 @@ class SmoothTest(_LinearModelMixin, tf.test.TestCase, parameterized.TestCase):
         self.assertEqual((classes[3], radii[3]), (alone[0][0], alone[1][0]))
 
     def test_traced_once(self):
-        smooth = smoothing.Smooth(self.model, 2, 0.5)
+        smooth = smoothing.Smooth(self.model, 2, 0.5, noise="float")
         smooth.certify_batch(self._images(3), 10, 100, 0.01, 64, seed=1)
         smooth.certify_batch(self._images(5), 20, 2000, 0.01, 512, seed=2)
         smooth.predict_batch(self._images(1), 30, 0.01, 16, seed=3)
         self.assertEqual(smooth._counts_fn.experimental_get_tracing_count(), 1)  # pylint: disable=protected-access
 
     def test_single_image_forms(self):
-        smooth = smoothing.Smooth(self.model, 2, 0.25)
+        smooth = smoothing.Smooth(self.model, 2, 0.25, noise="float")
         x = self._images(1)[0]
         cls, radius = smooth.certify(x, 100, 1000, 0.001, 500, seed=9)
         self.assertIsInstance(cls, int)
@@ -329,7 +329,7 @@ class SmoothTest(_LinearModelMixin, tf.test.TestCase, parameterized.TestCase):
         ("seed", dict(seed="x"), "seed"),
     )
     def test_bad_certify_arguments(self, override, word):
-        smooth = smoothing.Smooth(self.model, 2, 0.25)
+        smooth = smoothing.Smooth(self.model, 2, 0.25, noise="float")
         args = dict(n0=10, n=100, alpha=0.01, batch_size=10, seed=0)
         args.update(override)
         with self.assertRaisesRegex(ValueError, word):
@@ -339,11 +339,11 @@ class SmoothTest(_LinearModelMixin, tf.test.TestCase, parameterized.TestCase):
         ("wrong_shape", np.full((5, 4, 1), 0.5), "shape"),
         ("above_one", np.full(_SHAPE, 1.5), r"\[0, 1\]"),
         ("below_zero", np.full(_SHAPE, -0.1), r"\[0, 1\]"),
-        ("nan", np.full(_SHAPE, np.nan), "NaN"),
+        ("nan", np.full(_SHAPE, np.nan), r"images\[0, 0, 0, 0\] = nan is outside \[0, 1\]"),
         ("batched", np.full((1, *_SHAPE), 0.5), "one image"),
     )
     def test_bad_images(self, image, word):
-        smooth = smoothing.Smooth(self.model, 2, 0.25)
+        smooth = smoothing.Smooth(self.model, 2, 0.25, noise="float")
         with self.assertRaisesRegex(ValueError, word):
             smooth.certify(image, 10, 100, 0.01, 10)
         with self.assertRaisesRegex(ValueError, word):
@@ -352,7 +352,7 @@ class SmoothTest(_LinearModelMixin, tf.test.TestCase, parameterized.TestCase):
     @parameterized.parameters((0.0, 2), (-0.5, 2), (float("nan"), 2), (0.5, 1))
     def test_bad_construction(self, sigma, num_classes):
         with self.assertRaises(ValueError):
-            smoothing.Smooth(self.model, num_classes, sigma)
+            smoothing.Smooth(self.model, num_classes, sigma, noise="float")
 
 
 class ClosedFormInBothDtypesTest(tf.test.TestCase, parameterized.TestCase):
@@ -410,7 +410,7 @@ class ClosedFormInBothDtypesTest(tf.test.TestCase, parameterized.TestCase):
         rng = np.random.default_rng(1)
         images = self._images(rng, rng.uniform(size=count).astype(np.float32))
         margin = images.reshape(count, -1)[:, self.PIXEL].astype(np.float64) - threshold
-        smooth = smoothing.Smooth(model, 2, sigma)
+        smooth = smoothing.Smooth(model, 2, sigma, noise="float")
         classes, radii = smooth.certify_batch(images, n0=20, n=50, alpha=alpha, batch_size=1000, seed=1)
         certified = classes != smooth.ABSTAIN
         wrong = certified & ((classes != (margin > 0)) | (radii > np.abs(margin) + 1e-5))
@@ -431,7 +431,7 @@ class StagedTest(_LinearModelMixin, tf.test.TestCase, parameterized.TestCase):
         # certificate at 1.02 m. Failures are Binomial(count, q), q <= alpha:
         # allowed, the 1 - 1e-6 quantile of Binomial(count, alpha).
         sigma, alpha, count, m = 0.5, 0.05, 300, 0.25
-        smooth = smoothing.Smooth(self.model, 2, sigma)
+        smooth = smoothing.Smooth(self.model, 2, sigma, noise="float")
         margins = np.where(np.arange(count) % 2 == 0, m, -m)
         images = self._images_at(margins)
         true_radius = _true_margin(self.w, self.b, images)
@@ -457,7 +457,7 @@ class StagedTest(_LinearModelMixin, tf.test.TestCase, parameterized.TestCase):
         # each several standard errors away from the thresholds at n = 10^4.
         # n0 = 1000 picks the right class but with probability about 1e-6
         # (P(Binomial(1000, 0.579) <= 500)).
-        smooth = smoothing.Smooth(self.model, 2, 0.5)
+        smooth = smoothing.Smooth(self.model, 2, 0.5, noise="float")
         margins = np.tile([0.6, -0.6, 0.1, -0.1], 10)
         images = self._images_at(margins)
         classes, radii = smooth.certify_batch(images, 1000, 10000, 0.001, 2000, seed=11)
@@ -474,7 +474,7 @@ class StagedTest(_LinearModelMixin, tf.test.TestCase, parameterized.TestCase):
         self.assertAllEqual(result.radii[result.classes >= 0] > 0, [True] * 40)
 
     def test_samples_are_stage_counts_and_batch_does_not_matter(self):
-        smooth = smoothing.Smooth(self.model, 2, 0.5)
+        smooth = smoothing.Smooth(self.model, 2, 0.5, noise="float")
         images, ids, stages = self._images(8), np.arange(100, 108), (100, 400, 2000)
         batch = smooth.certify_staged_batch(images, 100, 2000, 0.01, 256, radii=[0.1, 0.3], stages=stages, seed=12,
                                             image_ids=ids)
@@ -492,7 +492,7 @@ class StagedTest(_LinearModelMixin, tf.test.TestCase, parameterized.TestCase):
 
     def test_selection_as_certify_and_fresh_noise_per_stage(self):
         recorded = []
-        smooth = smoothing.Smooth(_argmax_pixel_model(), 64, 0.5)
+        smooth = smoothing.Smooth(_argmax_pixel_model(), 64, 0.5, noise="float")
         real = smooth._counts  # pylint: disable=protected-access
 
         def spy(images, num_samples, batch_size, keys, stream):
@@ -529,14 +529,14 @@ class StagedTest(_LinearModelMixin, tf.test.TestCase, parameterized.TestCase):
             smoothing.staged_stream(smoothing.SELECTION, 0)
 
     def test_traced_once(self):
-        smooth = smoothing.Smooth(self.model, 2, 0.5)
+        smooth = smoothing.Smooth(self.model, 2, 0.5, noise="float")
         smooth.certify_batch(self._images(3), 10, 100, 0.01, 64, seed=1)
         smooth.certify_staged_batch(self._images(5), 20, 2000, 0.01, 512, radii=[0.2, 0.4], seed=2)
         smooth.predict_staged_batch(self._images(2), 300, 0.01, 16, stages=(100, 300), seed=3)
         self.assertEqual(smooth._counts_fn.experimental_get_tracing_count(), 1)  # pylint: disable=protected-access
 
     def test_stage_rules(self):
-        smooth = smoothing.Smooth(self.model, 2, 0.5)
+        smooth = smoothing.Smooth(self.model, 2, 0.5, noise="float")
         images = self._images(2)
         # One stage below n0 is fixed-n CERTIFY: allowed, as certify_batch allows n < n0.
         result = smooth.certify_staged_batch(images, 100, 50, 0.01, 64, radii=[0.1], stages=(50,), seed=4)
@@ -559,7 +559,7 @@ class StagedTest(_LinearModelMixin, tf.test.TestCase, parameterized.TestCase):
         ("n", dict(n=0), "^n must"),
     )
     def test_bad_certify_arguments(self, override, word):
-        smooth = smoothing.Smooth(self.model, 2, 0.25)
+        smooth = smoothing.Smooth(self.model, 2, 0.25, noise="float")
         args = dict(n0=100, n=1000, alpha=0.01, batch_size=100, radii=[0.25], stages=None, seed=0)
         args.update(override)
         with self.assertRaisesRegex(ValueError, word):
@@ -571,7 +571,7 @@ class StagedTest(_LinearModelMixin, tf.test.TestCase, parameterized.TestCase):
         ("alpha", dict(alpha=1.5), "^alpha must"),
     )
     def test_bad_predict_arguments(self, override, word):
-        smooth = smoothing.Smooth(self.model, 2, 0.25)
+        smooth = smoothing.Smooth(self.model, 2, 0.25, noise="float")
         args = dict(n=1000, alpha=0.01, batch_size=100, stages=None, seed=0)
         args.update(override)
         with self.assertRaisesRegex(ValueError, word):
@@ -604,7 +604,7 @@ class NonFiniteLogitsTest(_LinearModelMixin, tf.test.TestCase):
     def test_nan_weights_give_no_certificate_and_no_prediction(self):
         # argmax over all-NaN logits is 0: counted as votes, every sample
         # would be class 0 and certify it with p_lower = alpha^(1/n).
-        smooth = smoothing.Smooth(with_nan_weights(self.model), 2, self.SIGMA)
+        smooth = smoothing.Smooth(with_nan_weights(self.model), 2, self.SIGMA, noise="float")
         images = self._images(4)
         counts = tf.function(lambda x: smoothing.sample_counts(
             smooth.base_model, x, 300, sigma=self.SIGMA, num_classes=2, batch_size=128, seed=[1, 2]))(images)
@@ -647,7 +647,7 @@ class NonFiniteLogitsTest(_LinearModelMixin, tf.test.TestCase):
         # images that return class 0 would fail.
         alpha, count = 0.1, 300
         smooth = smoothing.Smooth(partly_nonfinite_model(self.w, self.b, self.PIXEL, self.THRESHOLD), 2,
-                                  self.SIGMA)
+                                  self.SIGMA, noise="float")
         margins = self.rng.uniform(-0.5, 0.5, count)
         images, truth = self._partly_nonfinite_images(margins, self.rng.uniform(0.3, 0.7, count))
         limit = scipy_stats.binom.isf(1e-6, count, alpha)
@@ -665,6 +665,47 @@ class NonFiniteLogitsTest(_LinearModelMixin, tf.test.TestCase):
                                              stages=(100, 500, 2000), seed=5)
         self.assertLessEqual(failures(staged.classes, staged.radii), limit)
         self.assertGreater((staged.classes == 0).sum(), count // 10)
+
+
+
+class GuardrailTest(tf.test.TestCase, parameterized.TestCase):
+    """What Smooth refuses before any sampling (issue 24): pixels outside [0, 1], a model of the wrong width."""
+
+    SHAPE, PIXEL = (4, 4, 1), 5
+
+    @parameterized.parameters(("float", 1.5), ("grid", 1.5), ("float", -0.25), ("grid", -0.25),
+                              ("float", np.nan), ("grid", np.nan))
+    def test_pixel_outside_the_unit_interval_named_in_both_modes(self, mode, value):
+        # On-grid images but one pixel; in grid mode too the message is about [0, 1], not the grid.
+        images = np.full((2, *self.SHAPE), 128 / np.float32(255), np.float32)
+        images[1, 2, 3, 0] = value
+        smooth = smoothing.Smooth(threshold_models.threshold_model(self.SHAPE, self.PIXEL, 0.5), 2, 0.25, noise=mode)
+        with self.assertRaisesRegex(ValueError, r"^images\[1, 2, 3, 0\] = [-.0-9na]+ is outside \[0, 1\]"):
+            smooth.certify_batch(images, 10, 10, 0.01, 100, seed=1)
+        with self.assertRaisesRegex(ValueError, r"^images\[1, 2, 3, 0\] = "):
+            smooth.sample_counts(images, 1, 100, seed=1)
+
+    def test_model_of_another_width_refused(self):
+        # Three logits for two classes: a sample voting class 2 would be counted in the next image's cells.
+        model = threshold_models.threshold_model(self.SHAPE, self.PIXEL, 0.5, num_classes=3)
+        with self.assertRaisesRegex(ValueError, "outputs 3 logits per image, but num_classes=2"):
+            smoothing.Smooth(model, 2, 0.25)
+        with self.assertRaisesRegex(ValueError, "outputs 3 logits per image, but num_classes=2"):
+            smoothing.sample_counts(model, np.zeros((1, *self.SHAPE), np.float32), 4, sigma=0.25, num_classes=2,
+                                    batch_size=4, seed=[1, 2])
+
+    def test_sample_counts_draws_its_own_stream(self):
+        # f = [x_p > 1/2] at x_p = 128/255 (just above 1/2): Smooth.sample_counts counts num_samples per image from
+        # the PROBE stream, reproducibly, and not the noise of CERTIFY's selection samples (stream 0).
+        model = threshold_models.threshold_model(self.SHAPE, self.PIXEL, 0.5)
+        images = np.full((3, *self.SHAPE), 128 / np.float32(255), np.float32)
+        smooth = smoothing.Smooth(model, 2, 0.25)
+        counts = smooth.sample_counts(images, 200, 100, seed=4)
+        self.assertAllEqual(counts.sum(axis=1), [200] * 3)
+        self.assertAllEqual(counts, smooth.sample_counts(images, 200, 100, seed=4))
+        keys = np.stack([np.full(3, 4), np.arange(3)], axis=1)
+        selection = smooth._counts(images, 200, 100, keys, smoothing.SELECTION)  # pylint: disable=protected-access
+        self.assertNotAllEqual(counts, selection)
 
 
 if __name__ == "__main__":
@@ -793,8 +834,8 @@ class GridNoiseTest(tf.test.TestCase, parameterized.TestCase):
         with self.assertRaisesRegex(ValueError, "use up alpha"):
             smooth.predict_staged_batch(images, 1000, 1e-9, 1000, stages=[100, 1000], seed=1)
         self.assertAllEqual(smooth.predict_batch(images, 1000, 0.001, 1000, seed=1), [1])
-        self.assertAllEqual(smoothing.Smooth(model, 2, self.SIGMA).predict_batch(images, 1000, 1e-9, 1000, seed=1),
-                            [1])
+        self.assertAllEqual(smoothing.Smooth(model, 2, self.SIGMA, noise="float").predict_batch(
+            images, 1000, 1e-9, 1000, seed=1), [1])
 
     def test_off_grid_image_refused_naming_the_pixel(self):
         model = threshold_models.threshold_model(self.SHAPE, self.PIXEL, 0.5)
@@ -803,7 +844,17 @@ class GridNoiseTest(tf.test.TestCase, parameterized.TestCase):
         smooth = smoothing.Smooth(model, 2, self.SIGMA, noise="grid")
         with self.assertRaisesRegex(ValueError, r"images\[1, 2, 3, 0\] = .* is not on the 8-bit grid"):
             smooth.certify_batch(images, 10, 10, 0.01, 100, seed=1)
-        smoothing.Smooth(model, 2, self.SIGMA).certify_batch(images, 10, 10, 0.01, 100, seed=1)  # float takes it
+        # Float noise takes it; grid's message says so.
+        smoothing.Smooth(model, 2, self.SIGMA, noise="float").certify_batch(images, 10, 10, 0.01, 100, seed=1)
+        with self.assertRaisesRegex(ValueError, 'noise="float" is for inputs that are not quantized'):
+            smooth.predict_batch(images, 10, 0.01, 100, seed=1)
+
+    def test_grid_is_the_default(self):
+        # certify_spec.DEFAULT_NOISE, written once: an off-grid image is refused by a Smooth built without `noise`.
+        smooth = smoothing.Smooth(threshold_models.threshold_model(self.SHAPE, self.PIXEL, 0.5), 2, self.SIGMA)
+        self.assertEqual(smooth.noise, "grid")
+        with self.assertRaisesRegex(ValueError, r"images\[0, 0, 0, 0\] = 0.5 is not on the 8-bit grid.*noise=\"float"):
+            smooth.certify_batch(np.full((1, *self.SHAPE), 0.5, np.float32), 10, 10, 0.01, 100, seed=1)
 
     def test_unknown_mode_refused(self):
         with self.assertRaisesRegex(ValueError, "noise must be one of"):

@@ -95,7 +95,7 @@ class TuneConfigTest(parameterized.TestCase):
         # The sampling settings' own checks: certify_spec_test; here their flag names.
         ("certify_n", dict(certify_n=0), r"^--certify_n must be an integer in \[1, 2\^31\), got 0$"),
         ("certify_alpha", dict(certify_alpha=1.0), r"^--certify_alpha must be in \(0, 1\), got 1.0$"),
-        ("certify_staged", dict(certify=CertifySpec(n=1000, stages=(100, 1000))), "full CERTIFY"),
+        ("certify_staged", dict(certify=CertifySpec(n=1000, stages=(100, 1000), noise="float")), "full CERTIFY"),
         ("certify_every", dict(certify_every=-1), "--certify_every must be >= 0"),
         ("tuning_dir", dict(tuning_dir=""), "--tuning_dir is required"),
     )
@@ -150,7 +150,8 @@ class TuneConfigTest(parameterized.TestCase):
                          {"certify_examples": 16, "certify_n0": 20, "certify_n": 50, "certify_alpha": 0.001,
                           "certify_batch_size": 500, "certify_every": 2})
         self.assertNotIn("certify", values)
-        self.assertEqual(_config(**TINY_SEARCH).certify, CertifySpec(sigma=0.5, n0=20, n=50, batch_size=500))
+        self.assertEqual(_config(**TINY_SEARCH).certify,
+                         CertifySpec(sigma=0.5, n0=20, n=50, batch_size=500, noise="float"))
 
     def test_search_space(self):
         space = {hp.name: hp for hp in tuning._make_oracle(_config(lbd_range=(1.0, 50.0), eta_range=(0.5,),

@@ -22,7 +22,14 @@ neither overlap nor leave gaps (`certify_log.group_runs` and
 `certify_log.read_run`). Files without a settings file, such as the authors'
 logs, are reported one by one.
 
-numpy only (matplotlib for plots): no TensorFlow needed.
+Two accuracies, never confused (issue 24): "smoothed acc." is the smoothed
+classifier g's accuracy on the log's examples, abstentions counted wrong,
+i.e. its certified accuracy at r = 0; "base acc. (clean)", with a base model
+given (`AnalyzeConfig.model`), is the base classifier f's accuracy on the
+same examples without noise, read from the dataset the run's settings name.
+
+numpy only (matplotlib for plots; TensorFlow only to run a given base
+model).
 """
 
 import dataclasses
@@ -30,13 +37,13 @@ import glob
 import json
 import math
 import os
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from tf_consreg import certify_spec
 from tf_consreg import files
-from tf_consreg.certify_log import CertifyLog, Run, group_runs, read_run
+from tf_consreg.certify_log import CertifyLog, Run, group_runs, read_run, read_settings
 from tf_consreg.errors import ConfigError
 
 # 0, 0.25, ..., 2.5: the radii of the paper's tables.
@@ -50,7 +57,9 @@ class Summary:
     Attributes:
       file: the TSV summarized (for a sharded run, its name, see `Run.name`).
       n: number of examples.
-      clean_accuracy: fraction of examples the smoothed classifier gets right.
+      clean_accuracy: fraction of examples the smoothed classifier gets
+        right (abstaining counts as wrong): its certified accuracy at r = 0,
+        "smoothed acc." in the table. Not the base model's accuracy.
       acr: average certified radius, mean of radius * correct; None for a
         fixed-radius run (it would be biased low).
       certified_accuracy: radius -> fraction correct with certified radius >= radius.
@@ -58,6 +67,9 @@ class Summary:
       complete: False for a sharded run reported with gaps (--allow_incomplete).
       samples_per_image: mean estimation samples per example, None if unknown.
       settled_radii: the radii a fixed-radius run decided; None for full CERTIFY.
+      base_accuracy: the base model's accuracy on the same examples without
+        noise, "base acc. (clean)"; None when no base model was given or the
+        log names no dataset (`base_accuracy`).
     """
 
     file: str
@@ -69,13 +81,16 @@ class Summary:
     complete: bool = True
     samples_per_image: Optional[float] = None
     settled_radii: Optional[Tuple[float, ...]] = None
+    base_accuracy: Optional[float] = None
 
     def to_json_dict(self) -> dict:
         """JSON-ready form; radii become strings such as "0.25".
 
-        A sharded run also has "files" (its shards) and "complete"; a run
+        "clean_accuracy" is the smoothed classifier's (`clean_accuracy`). A
+        sharded run also has "files" (its shards) and "complete"; a run
         whose samples are known "samples_per_image"; a fixed-radius run
-        "settled_radii", and "acr" null.
+        "settled_radii", and "acr" null. `json_report` adds
+        "base_clean_accuracy" when a base model was given.
         """
         result = {
             "file": self.file,
@@ -150,21 +165,34 @@ def summarize(log: CertifyLog, radii: Optional[Sequence[float]] = None) -> Summa
     )
 
 
-def markdown_table(summaries: Sequence[Summary], labels: Optional[Sequence[str]] = None) -> str:
-    """A Markdown table: one row per file; n, clean accuracy, ACR, accuracy per radius.
+# The table's two accuracies, labelled so that neither passes for the other.
+SMOOTHED_ACCURACY = "smoothed acc."
+BASE_ACCURACY = "base acc. (clean)"
+# Below a table with the base model's column: what each accuracy is.
+ACCURACY_NOTE = (f"{SMOOTHED_ACCURACY}: the smoothed classifier's accuracy (abstentions count as wrong), its certified "
+                 f"accuracy at r = 0. {BASE_ACCURACY}: the base model's accuracy on the same examples without noise "
+                 "(--model); it certifies nothing.")
+
+
+def markdown_table(summaries: Sequence[Summary], labels: Optional[Sequence[str]] = None, base: bool = False) -> str:
+    """A Markdown table: one row per file; n, the smoothed classifier's accuracy, ACR, accuracy per radius.
 
     With fixed-radius runs, a "samples/image" column follows the ACR, whose
     cell is "n/a" for them; a table of fixed-radius runs only has no ACR.
+    With `base`, the base model's clean accuracy follows the smoothed one
+    ("n/a" for a log that names no dataset).
     """
     labels = list(labels) if labels else [s.file for s in summaries]
     radii = list(summaries[0].certified_accuracy) if summaries else []
     staged = any(s.settled_radii is not None for s in summaries)
     with_acr = not summaries or not all(s.settled_radii is not None for s in summaries)
-    header = (["file", "n", "clean acc."] + ["ACR"] * with_acr + ["samples/image"] * staged
-              + [f"r={r:g}" for r in radii])
+    header = (["file", "n", SMOOTHED_ACCURACY] + [BASE_ACCURACY] * base + ["ACR"] * with_acr
+              + ["samples/image"] * staged + [f"r={r:g}" for r in radii])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" + "---:|" * (len(header) - 1)]
     for label, s in zip(labels, summaries):
         cells = [label.replace("|", "\\|"), str(s.n), f"{s.clean_accuracy:.3f}"]
+        if base:
+            cells.append("n/a" if s.base_accuracy is None else f"{s.base_accuracy:.3f}")
         if with_acr:
             cells.append("n/a" if s.acr is None else f"{s.acr:.4f}")
         if staged:
@@ -174,9 +202,49 @@ def markdown_table(summaries: Sequence[Summary], labels: Optional[Sequence[str]]
     return "\n".join(lines) + "\n"
 
 
-def json_report(summaries: Sequence[Summary]) -> str:
-    """The summaries as a JSON list, one object per file, in order."""
-    return json.dumps([s.to_json_dict() for s in summaries], indent=2) + "\n"
+def json_report(summaries: Sequence[Summary], base: bool = False) -> str:
+    """The summaries as a JSON list, one object per file, in order; with `base`, each has "base_clean_accuracy"."""
+    return json.dumps([{**s.to_json_dict(), **({"base_clean_accuracy": s.base_accuracy} if base else {})}
+                       for s in summaries], indent=2) + "\n"
+
+
+def base_accuracy(log: CertifyLog, settings: Optional[Dict[str, Any]], model: Any,
+                  data_dir: Optional[str] = None, batch_size: int = 256) -> Optional[float]:
+    """The base model's accuracy, without noise, on the examples of a log: None if its settings name no dataset.
+
+    The examples are read by index from the dataset, split and mock data the
+    run's settings name (`certify_log.read_settings`); their labels must be
+    the log's.
+
+    Args:
+      log: the rows (their idx and label).
+      settings: the run's settings, or None (the authors' logs have none).
+      model: a Keras base classifier from images in [0, 1] to logits.
+      data_dir: where the dataset lives (the run's --data_dir), None for the default.
+      batch_size: images per forward pass.
+
+    Raises:
+      ConfigError: the dataset is missing, or its labels are not the log's (another dataset or split).
+    """
+    # TensorFlow only here: analyze without --model stays numpy only.
+    from tf_consreg import data  # pylint: disable=import-outside-toplevel
+
+    if not settings or "dataset" not in settings or "split" not in settings:
+        return None
+    if not len(log.idx):
+        return None
+    reader = data.open_reader(settings["dataset"], settings["split"], data_dir=data_dir,
+                              mock=bool(settings.get("mock_data", False)))
+    right = 0
+    for ids, images, labels in reader.read(log.idx).batch(batch_size).as_numpy_iterator():
+        expected = log.label[np.searchsorted(log.idx, ids)]
+        if not np.array_equal(labels, expected):
+            where = int(ids[np.flatnonzero(labels != expected)[0]])
+            raise ConfigError(f"{log.path}: example {where} of {settings['dataset']} ({settings['split']}) is not "
+                              "labelled as in the log; give the --data_dir the run certified")
+        predictions = np.argmax(np.asarray(model(images, training=False)), axis=-1)
+        right += int((predictions == labels).sum())
+    return right / len(log.idx)
 
 
 def plot_certified_accuracy(logs: Sequence[CertifyLog], path: str, labels: Optional[Sequence[str]] = None,
@@ -249,6 +317,10 @@ class AnalyzeConfig:
         the shards of one run count once.
       allow_incomplete: report sharded runs with missing or unfinished shards
         (with a warning) instead of refusing them.
+      model: a saved .keras base model: adds its clean accuracy on each
+        run's examples ("base acc. (clean)"), read from the dataset its
+        settings name; None: no base model column.
+      data_dir: where that dataset lives (the runs' --data_dir).
       runs: set at construction: the files grouped into runs (`group_runs`).
     """
 
@@ -259,6 +331,8 @@ class AnalyzeConfig:
     labels: Optional[Sequence[str]] = None
     allow_incomplete: bool = False
     overwrite: bool = False
+    model: Optional[str] = None
+    data_dir: Optional[str] = None
     runs: Tuple[Run, ...] = dataclasses.field(default=(), init=False)
 
     def __post_init__(self):
@@ -275,6 +349,12 @@ class AnalyzeConfig:
             if os.path.lexists(self.plot) and not self.overwrite:
                 raise ConfigError(f"--plot={self.plot} exists; pass --overwrite to replace it, or give another "
                                   "file name")
+        if self.model is not None:
+            files.check_input_file(self.model, "model")
+            if not self.model.endswith(".keras"):
+                raise ConfigError(f"--model={self.model}: give a saved .keras base model (a run's base_model.keras)")
+        if self.data_dir is not None and self.model is None:
+            raise ConfigError("--data_dir is used only with --model (the base model's clean accuracy)")
         paths = _expand(self.tsv)
         runs = group_runs(paths)
         if self.labels and len(self.labels) != len(runs):
@@ -337,11 +417,18 @@ def analyze(config: AnalyzeConfig, warn: Optional[Callable[[str], None]] = None)
         logs.append(log)
         completes.append(complete)
     radii = table_radii(logs) if config.radii is None else config.radii
+    model = None
+    if config.model is not None:
+        from tf_consreg import models  # pylint: disable=import-outside-toplevel  TensorFlow with --model only.
+        model = models.load_base_model(config.model, compute_dtype="float32")
     summaries = []
     for run, log, complete in zip(config.runs, logs, completes):
         summary = summarize(log, radii)
         if run.sharded:
             summary = dataclasses.replace(summary, files=run.files, complete=complete)
+        if model is not None:
+            summary = dataclasses.replace(summary, base_accuracy=base_accuracy(
+                log, read_settings(run.files[0]), model, config.data_dir))
         summaries.append(summary)
     if config.plot:
         try:  # AnalyzeConfig refused an existing plot; this catches one made since.
@@ -349,11 +436,14 @@ def analyze(config: AnalyzeConfig, warn: Optional[Callable[[str], None]] = None)
         except FileExistsError:
             raise ConfigError(f"--plot={config.plot} exists; pass --overwrite to replace it, or give another "
                               "file name") from None
+    base = model is not None
     if config.format == "json":
-        return json_report(summaries)
+        return json_report(summaries, base=base)
     labels = list(config.labels) if config.labels else [s.file for s in summaries]
     labels = [label if s.complete else f"{label} (incomplete)" for label, s in zip(labels, summaries)]
-    table = markdown_table(summaries, labels)
+    table = markdown_table(summaries, labels, base=base)
+    if base:
+        table += "\n" + ACCURACY_NOTE + "\n"
     if any(s.settled_radii is not None for s in summaries):
         table += "\n" + STAGED_NOTE + "\n"
     return table

@@ -320,9 +320,11 @@ class CertifyCallback(keras.callbacks.Callback):
     Args:
       images: the validation images, float32 in [0, 1] or uint8, [N, H, W, C].
       labels: their int labels, [N].
-      spec: CERTIFY's settings: sigma (required), n0, n, alpha, batch_size
-        and the dtype of the network certified (`compute_dtype`); no stages
-        (full CERTIFY). `certify_spec.LIVE` holds training's defaults.
+      spec: CERTIFY's settings: sigma (required), n0, n, alpha, batch_size,
+        the dtype of the network certified (`compute_dtype`) and the noise
+        (grid, CertifySpec's default, needs images on the 8-bit grid); no
+        stages (full CERTIFY). `certify_spec.LIVE` holds training's
+        defaults, float noise among them (it says why).
       num_classes: number of classes.
       every: certify after every this many epochs (and after the last), >= 1.
       log_dir: TensorBoard directory (a run's `logs/`); events go to its
@@ -352,6 +354,7 @@ class CertifyCallback(keras.callbacks.Callback):
         if not isinstance(spec, CertifySpec) or spec.sigma is None or spec.stages is not None:
             raise ValueError(f"spec must be a CertifySpec with sigma and no stages (full CERTIFY), got {spec!r}")
         self.images = images.astype(np.float32, copy=False)
+        smoothing.check_pixels(self.images, grid=spec.noise == "grid")  # Before training, not at its first epoch.
         self.labels = labels
         self.image_ids = np.arange(len(images)) if image_ids is None else np.asarray(image_ids, dtype=np.int64)
         if self.image_ids.shape != labels.shape:
@@ -396,7 +399,7 @@ class CertifyCallback(keras.callbacks.Callback):
         # the current weights at every call.
         base_model = self.certified_model(base_model)
         if self._smooth is None or self._smooth.base_model is not base_model:
-            self._smooth = smoothing.Smooth(base_model, self.num_classes, self.spec.sigma)
+            self._smooth = smoothing.Smooth(base_model, self.num_classes, self.spec.sigma, noise=self.spec.noise)
         spec, start = self.spec, time.perf_counter()
         classes, radii = self._smooth.certify_batch(self.images, spec.n0, spec.n, spec.alpha, spec.batch_size,
                                                     seed=self.seed, image_ids=self.image_ids)

@@ -18,15 +18,23 @@ examples with `smoothing.Smooth` and appends one row per example to the log
   `predict_staged_batch`): a fixed-radius run. Its log has the column
   `samples`, and its settings record the mode, radii and stages, so a run
   never resumes or merges with one of the other kind;
-- float or grid noise (`CertifySpec.noise`): a grid run refuses an image
-  off the 8-bit grid naming the example and its first bad pixel, and its
-  settings record `noise`, so runs of the two modes never resume or merge
-  into one another.
+- grid or float noise (`CertifySpec.noise`, grid by default): a grid run
+  refuses an image off the 8-bit grid naming the example and its first bad
+  pixel, and the settings record `noise` (a log without it is a float
+  run's), so runs of the two modes never resume or merge into one another;
+- guarded: before any work it refuses --n and --alpha too small for any
+  example to get an answer (naming the smallest --n that can), a model
+  whose output is not the dataset's classes, and images outside [0, 1]
+  (naming the first bad pixel); it prints the sampler and the largest
+  radius the run can certify, and warns when the base model is near chance
+  on noisy copies of the first examples (`probe_threshold`).
 """
 
 import contextlib
 import dataclasses
 import fcntl
+import fractions
+import math
 import os
 import sys
 import time
@@ -39,11 +47,12 @@ from tf_consreg import certify_log
 from tf_consreg import certify_spec
 from tf_consreg import data
 from tf_consreg import distribute
+from tf_consreg import engine
 from tf_consreg import files
 from tf_consreg import models
-from tf_consreg import noise as noise_lib
 from tf_consreg import run_config
 from tf_consreg import smoothing
+from tf_consreg import stats
 from tf_consreg.certify_spec import CertifySpec
 from tf_consreg.errors import ConfigError, check
 
@@ -138,6 +147,77 @@ class CertifyConfig:
                   f"{self.model} not found: has the training run in --model_dir finished?")
         else:
             check(os.path.isfile(self.model), f"--model={self.model} is not a file; give a saved .keras model")
+        self._check_can_decide()
+
+    def _check_can_decide(self) -> None:
+        """Refuses --n and --alpha too small for any example to get an answer (every one would abstain).
+
+        Raises:
+          ConfigError: naming --n, --alpha and the smallest --n that can answer at this --alpha.
+        """
+        n, alpha, slack = self.spec.n, self.spec.alpha, self.sample_slack
+        if self.can_decide(n):
+            return
+        smallest = certify_spec.smallest_n(self.can_decide)
+        advice = (f"the smallest --n that can {self.mode} at --alpha={alpha:g} is {smallest}" if smallest
+                  else f"no --n can {self.mode} at --alpha={alpha:g}; raise it")
+        level = self.final_level(n)
+        if self.mode == "certify":
+            where = f" (the level of its last stage: {level:g})" if self.staged else ""
+            bound = f"{level:g}^(1/{n}) = {level ** (1 / n):.4g}" + (f" less the grid slack {slack:.2g}" if slack else "")
+            raise ConfigError(f"--n={n} and --alpha={alpha:g} cannot certify any example: with all {n} samples in the "
+                              f"top class the lower bound on p_A is {bound}{where}, not above 1/2, so every example "
+                              f"abstains; {advice}")
+        notes = ["alpha - n x the grid slack"] * bool(slack) + ["its last stage's share"] * self.staged
+        test = ("no level (n x the grid slack uses up alpha)" if level is None
+                else f"its level {level:.6g}" + (f" ({'; '.join(notes)})" if notes else ""))
+        raise ConfigError(f"--n={n} and --alpha={alpha:g} cannot predict any example: with all {n} samples in one "
+                          f"class the test's p-value is 2^(1-{n}) = {2.0 ** (1 - n):.4g}, not below {test}, so every "
+                          f"example abstains; {advice}")
+
+    @property
+    def sample_slack(self) -> float:
+        """The total-variation slack of one sample of this dataset's images (0 for float noise)."""
+        num_pixels = math.prod(data.get_dataset_info(self.dataset).input_shape)
+        return smoothing.sample_slack(self.spec.noise, self.spec.sigma, num_pixels)
+
+    def final_level(self, n: int) -> Optional[float]:
+        """The level of the last bound (CERTIFY) or test (PREDICT) an example meets when it draws n samples.
+
+        alpha for a full run; a staged run's last stage's share
+        (`stats.stage_levels`); PREDICT under grid noise first gives up n
+        slack (`smoothing.grid_predict_alpha`). None when that leaves no level.
+        """
+        alpha, slack = self.spec.alpha, self.sample_slack
+        if self.mode == "predict" and slack:
+            try:
+                alpha = smoothing.grid_predict_alpha(alpha, n, slack)
+            except ValueError:
+                return None
+        return float(stats.stage_levels(alpha, len(self.spec.stages))[-1]) if self.staged else alpha
+
+    def can_decide(self, n: int) -> bool:
+        """Whether an example can get an answer from n samples: a radius > 0 (CERTIFY) or a class (PREDICT).
+
+        Exact (`certify_spec.certify_can_certify`, `predict_can_decide`): when
+        False, every example abstains whatever the model.
+        """
+        level = self.final_level(n)
+        if level is None:
+            return False
+        if self.mode == "certify":
+            return certify_spec.certify_can_certify(n, level, self.sample_slack)
+        return certify_spec.predict_can_decide(n, level)
+
+    def largest_radius(self) -> float:
+        """The largest radius this run can certify: sigma Phi^-1(the bound with all n samples in the top class).
+
+        The engine's bound and radius (engine.py), so rounded down as every
+        radius of the run is; for a staged run, at its last stage's level
+        (an earlier stage's bound is lower still).
+        """
+        n, level, slack = self.spec.n, self.final_level(self.spec.n), self.sample_slack
+        return float(engine.certified_radius(engine.clopper_pearson_lower(n, n, level, slack), self.spec.sigma))
 
     def _check_staging(self) -> None:
         """Checks and resolves `radii` and `stages` (flags only; before any file is read)."""
@@ -183,9 +263,9 @@ class CertifyConfig:
         but `shard_index`. A staged run's mode is "certify_staged" or
         "predict_staged" and its settings add `stages` and (CERTIFY) `radii`;
         a full run's settings are as they were before staged runs existed,
-        so its older logs resume. `noise` is in only for grid noise, so
-        float runs' logs from before it resume (`certify_log.comparable_settings`
-        reads a missing `noise` as "float").
+        so its older logs resume. `noise` is in: logs from before it have
+        none and are float runs (`certify_log.comparable_settings` reads a
+        missing `noise` as "float"), so they resume as --noise=float.
 
         Args:
           replicas: replicas of the run's strategy (`num_replicas_in_sync`).
@@ -200,8 +280,7 @@ class CertifyConfig:
         }
         if self.mode == "predict":
             del settings["n0"]
-        if self.spec.noise != "float":
-            settings["noise"] = self.spec.noise
+        settings["noise"] = self.spec.noise
         if self.staged:
             settings["stages"] = list(self.spec.stages)
             if self.radii is not None:
@@ -339,26 +418,75 @@ def _certify_batch(smooth: smoothing.Smooth, config: CertifyConfig, images: np.n
 
 # What a run prints at start about its sampler (--noise).
 _NOISE_LINES = {
-    "float": "noise: float (float32 Gaussian noise added to the image; --noise=grid is sound in floating point)",
+    "float": "noise: float (float32 Gaussian noise added to the image, for inputs that are not quantized; the "
+             "default --noise=grid is sound in floating point)",
     "grid": "noise: grid (exact 8-bit grid noise, sound in floating point; bounds take its total-variation slack)",
 }
 
+# The check that the base model was trained with noise at this sigma: one
+# noisy copy of each of the run's first _PROBE_IMAGES examples (a fraction of
+# a second for the demo's LeNet; 64 forward passes of any model, against
+# n0 + n per example for the run), and a warning when it gets at most
+# `probe_threshold(64)` = 13 of them right. A model that gets half its noisy
+# images right (far below a trained model of the demo's quality) does so
+# with probability 9.4e-7 (exactly: P[Binomial(64, 1/2) <= 13]); a model at
+# chance with 10 classes with probability 0.996, with 1000 classes almost
+# surely.
+_PROBE_IMAGES = 64
+_PROBE_FALSE_ALARM = fractions.Fraction(1, 10**6)
 
-def _check_on_grid(images: np.ndarray, indices: np.ndarray) -> None:
-    """Refuses, in one line naming the example and its first bad pixel, a batch that is not on the 8-bit grid.
+
+def probe_threshold(num_images: int) -> int:
+    """The most right answers out of `num_images` noisy images that still warn (-1: none would).
+
+    The largest c with P[Binomial(num_images, 1/2) <= c] <= `_PROBE_FALSE_ALARM`,
+    in exact integers (p = 1/2 makes the CDF a sum of binomial coefficients
+    over 2^m): a base model right on half its noisy images or more is warned
+    about with at most that probability.
+    """
+    total, threshold = 0, -1
+    limit = 2**num_images * _PROBE_FALSE_ALARM  # A Fraction: the comparisons below are exact.
+    while threshold < num_images and total + math.comb(num_images, threshold + 1) <= limit:
+        threshold += 1
+        total += math.comb(num_images, threshold)
+    return threshold
+
+
+def _check_pixels(images: np.ndarray, indices: np.ndarray, noise: str) -> None:
+    """Refuses, in one line naming the example and its first bad pixel, a batch outside [0, 1] or (grid) off the grid.
 
     Raises:
-      ConfigError: naming --noise=grid.
+      ConfigError: naming the example and --noise.
     """
     try:
-        noise_lib.to_grid(images)
+        smoothing.check_pixels(images, grid=noise == "grid", float_hint="--noise=float")
     except ValueError:
         for image, idx in zip(images, indices):  # Only on failure: which example, and its own pixel index.
             try:
-                noise_lib.to_grid(image)
+                smoothing.check_pixels(image, grid=noise == "grid", float_hint="--noise=float")
             except ValueError as e:
-                raise ConfigError(f"--noise=grid: example {int(idx)}: {e}") from None
+                raise ConfigError(f"--noise={noise}: example {int(idx)}: {str(e).replace('images[', 'image[', 1)}"
+                                  ) from None
         raise
+
+
+def _probe_base_model(smooth: smoothing.Smooth, config: CertifyConfig, reader, num_classes: int) -> None:
+    """Checks the pixels of the run's first examples and warns, in one line, if the base model is near chance on them.
+
+    Raises:
+      ConfigError: one of those examples is outside [0, 1] or (grid) off the grid.
+    """
+    indices = config.shard_indices(reader.num_examples)[:_PROBE_IMAGES]
+    if not len(indices):
+        return
+    ids, images, labels = next(reader.read(indices).batch(len(indices)).as_numpy_iterator())
+    _check_pixels(images, ids, config.spec.noise)
+    counts = smooth.sample_counts(images, 1, config.spec.batch_size, seed=config.seed, image_ids=ids)
+    right = int(counts[np.arange(len(ids)), labels].sum())
+    if right <= probe_threshold(len(ids)):
+        print(f"warning: the base model classifies {right} of {len(ids)} noisy copies of the first examples right "
+              f"at sigma={config.spec.sigma:g} (chance: 1/{num_classes}): not trained with noise at this sigma?",
+              file=sys.stderr)
 
 
 def certify_dataset(config: CertifyConfig, *, verbose: int = 1) -> int:
@@ -388,9 +516,10 @@ def certify_dataset(config: CertifyConfig, *, verbose: int = 1) -> int:
       The number of rows written by this call.
 
     Raises:
-      ConfigError: an output of another run, missing data, or a model that
-        does not fit the dataset (all before any row is written); with
-        --noise=grid, an example off the 8-bit grid (the rows before it stay).
+      ConfigError: an output of another run, missing data, a model that
+        does not fit the dataset, or one of the first examples outside
+        [0, 1] or (--noise=grid) off the 8-bit grid (all before any row is
+        written); such an example further on (the rows before it stay).
     """
     strategy = distribute.get_strategy(config.strategy)
     settings = config.settings(strategy.num_replicas_in_sync)
@@ -407,7 +536,7 @@ def certify_dataset(config: CertifyConfig, *, verbose: int = 1) -> int:
     if model_shape is not None and tuple(model_shape) != tuple(info.input_shape):
         raise ConfigError(f"{config.model} takes images of shape {model_shape}, but --dataset={config.dataset} "
                           f"has {info.input_shape}")
-    outputs = base_model.outputs[0].shape[-1] if getattr(base_model, "outputs", None) else None
+    outputs = smoothing.model_num_outputs(base_model)
     if outputs is not None and outputs != info.num_classes:
         raise ConfigError(f"{config.model} has {outputs} outputs, but --dataset={config.dataset} has "
                           f"{info.num_classes} classes")
@@ -417,10 +546,16 @@ def certify_dataset(config: CertifyConfig, *, verbose: int = 1) -> int:
         print(_NOISE_LINES[config.spec.noise])
         print(f"Sampling {config.model} computing in {config.spec.compute_dtype} (--compute_dtype); the results hold "
               "for that function")
+        if config.mode == "certify":
+            print(f"largest radius this run can certify: {certify_log.format_radius(config.largest_radius(), True)} "
+                  f"(sigma Phi^-1 of the lower bound when all n={config.spec.n} samples are in the top class; "
+                  "a larger one needs a larger --n or --alpha, or another --sigma)")
     if config.strategy == "mirrored" and verbose:
         devices = strategy.extended.worker_devices
         print(f"--strategy=mirrored: each example's samples are split over {len(devices)} device(s), "
               f"{', '.join(devices)}" + (" (one device: no speed-up)" if len(devices) == 1 else ""))
+
+    _probe_base_model(smooth, config, reader, info.num_classes)
 
     # The rows are counted under the lock: another process may have added
     # some since the check above.
@@ -437,8 +572,7 @@ def certify_dataset(config: CertifyConfig, *, verbose: int = 1) -> int:
     with files.naming(config.output), out:
         for batch, images, labels in reader.read(indices).batch(per_call).as_numpy_iterator():
             began = time.time()
-            if config.spec.noise == "grid":
-                _check_on_grid(images, batch)
+            _check_pixels(images, batch, config.spec.noise)
             predictions, radii, used = _certify_batch(smooth, config, images, batch)
             seconds = (time.time() - began) / len(batch)
             rows = "".join(certify_log.format_row(config.log_mode, int(i), int(y), int(p), r, seconds,

@@ -17,9 +17,10 @@ Standard library only: run configs and `cli` import it without TensorFlow.
 
 import collections.abc
 import dataclasses
+import fractions
 import math
 import numbers
-from typing import Iterable, Optional, Sequence, Tuple
+from typing import Callable, Iterable, Optional, Sequence, Tuple
 
 from tf_consreg import precision
 from tf_consreg.errors import ConfigError, check
@@ -41,10 +42,15 @@ _DEFAULT_STAGE_FRACTIONS = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 0.5, 1.0)
 DEFAULT_SMALLEST_STAGE = 100
 # Sample counts and batch sizes are int32 in the sampling graph.
 _INT32_LIMIT = 2**31
-# The samplers of a certification: float32 Gaussian noise added to the image
-# (the default for now), or exact integer noise on the 8-bit grid (`noise.py`),
-# sound in floating point (Voráček & Hein 2023).
+# The samplers of a certification: float32 Gaussian noise added to the image,
+# or exact integer noise on the 8-bit grid (`noise.py`), sound in floating
+# point (Voráček & Hein 2023).
 NOISE_MODES = ("float", "grid")
+# Grid is the default, written here once (CertifySpec and `smoothing.Smooth`
+# take it from here): every dataset we ship is 8-bit, and only grid noise
+# gives certificates that hold in floating point. "float" is for inputs that
+# are not quantized.
+DEFAULT_NOISE = "grid"
 
 
 def _is_int(value) -> bool:
@@ -188,6 +194,65 @@ def check_radii(radii: Iterable[float], *, allow_zero: bool = False, digits: Opt
     return tuple(values)
 
 
+def certify_can_certify(n: int, level: float, slack: float = 0.0) -> bool:
+    """Whether CERTIFY with n estimation samples, bounding at `level`, can give any image a radius > 0.
+
+    The best an image can do is every sample in its top class (k = n). The
+    one-sided Clopper-Pearson lower bound is then level^(1/n) exactly (the
+    level quantile of Beta(n, 1), whose CDF is x^n), less the grid's
+    total-variation slack; a radius > 0 needs it above 1/2:
+    level^(1/n) - slack > 1/2, i.e. level > (1/2 + slack)^n. Compared in
+    exact rationals (level and slack are binary floats), so the answer is
+    exact: when it is False every image abstains (or gets radius 0), since
+    the engine's bound is never above the exact one.
+
+    Args:
+      n: estimation samples, >= 1.
+      level: the bound's level: alpha for full CERTIFY, the last stage's
+        share (`stats.stage_levels`) for a staged one.
+      slack: the total-variation slack of one sample (grid noise), >= 0.
+    """
+    base = fractions.Fraction(1, 2) + fractions.Fraction(slack)
+    if base >= 1:
+        return False
+    level = fractions.Fraction(level)
+    # level > (p / q)^n as integers, which stays fast where Fraction's gcds would not.
+    return level.numerator * base.denominator**n > base.numerator**n * level.denominator
+
+
+def predict_can_decide(n: int, level: float) -> bool:
+    """Whether PREDICT with n samples, testing at `level`, can return a class for any image.
+
+    The best an image can do is every sample in one class: top two counts
+    (n, 0), whose two-sided binomial p-value is min(1, 2 * 2^-n) = 2^(1 - n).
+    PREDICT returns the class only if the p-value is at most the level; the
+    engine's p-value is never below the exact one, so at 2^(1 - n) >= level
+    every image abstains. Compared exactly.
+
+    Args:
+      n: samples, >= 1.
+      level: the test's level (alpha, its grid or stage share).
+    """
+    level = fractions.Fraction(level)
+    return level.numerator * 2**n > 2 * level.denominator
+
+
+def smallest_n(can_decide: Callable[[int], bool], limit: int = 4096) -> Optional[int]:
+    """The smallest n >= 1 with `can_decide(n)`, or None below `limit`.
+
+    A linear search: for any level a float can hold (>= 2^-1074) the answer
+    is at most 1075, or 1105 with a slack up to 0.01 (grid slacks are below
+    1e-6), so `limit` is never reached by a real run; usual levels need a
+    dozen comparisons.
+
+    Args:
+      can_decide: `certify_can_certify` or `predict_can_decide` with its
+        level and slack bound, as a function of n.
+      limit: where to give up.
+    """
+    return next((n for n in range(1, limit) if can_decide(n)), None)
+
+
 @dataclasses.dataclass(frozen=True)
 class CertifySpec:
     """The sampling settings of a smoothed classifier's certification, checked at construction.
@@ -210,11 +275,12 @@ class CertifySpec:
         at n0 or above is checked by `resolved`, which knows the mode.
       compute_dtype: the dtype the base model computes in
         (`precision.COMPUTE_DTYPES`); the certificates hold for that function.
-      noise: the sampler (`NOISE_MODES`): "float", float32 Gaussian noise
-        added to the image (today's sampler, for inputs that are not
-        quantized), or "grid", exact integer noise on the 8-bit grid, sound
-        in floating point (inputs must be on the grid). A recorded config
-        without the field is "float".
+      noise: the sampler (`NOISE_MODES`): "grid" (the default,
+        `DEFAULT_NOISE`), exact integer noise on the 8-bit grid, sound in
+        floating point (inputs must be on the grid), or "float", float32
+        Gaussian noise added to the image, for inputs that are not
+        quantized. A recorded config or log without the field is "float"
+        (it predates the grid sampler).
     """
 
     sigma: Optional[float] = None
@@ -224,7 +290,7 @@ class CertifySpec:
     batch_size: int = 1000
     stages: Optional[Tuple[int, ...]] = None
     compute_dtype: str = "float32"
-    noise: str = "float"
+    noise: str = DEFAULT_NOISE
 
     def __post_init__(self):
         if self.sigma is not None:
@@ -270,13 +336,17 @@ class CertifySpec:
 # The defaults of two kinds of jobs, but for sigma (the training run's): each
 # differs from CertifySpec's (Cohen et al.'s n = 100,000) in n alone.
 # Live certification while training and a search's trials watch a model
-# rather than report its certificates: n = 1000.
-LIVE = CertifySpec(n=1000)
+# rather than report its certificates: n = 1000, and float noise. Its numbers
+# steer training (early stopping, a search's ranking) and are never reported
+# as certificates, so the floating-point soundness of grid noise buys nothing
+# there, while float noise takes any held-out images: those of a pipeline
+# that is not 8-bit, or whose float ops land an ulp off the grid.
+LIVE = CertifySpec(n=1000, noise="float")
 # An export answers requests: n = 10,000 bounds each request's work. Its noise
-# is the exact grid sampler: every dataset we ship is 8-bit, and a served
-# certificate should hold in floating point (--noise=float for inputs that are
-# not quantized).
-EXPORT = CertifySpec(n=10000, noise="grid")
+# is the default, the exact grid sampler: every dataset we ship is 8-bit, and a
+# served certificate should hold in floating point (--noise=float for inputs
+# that are not quantized).
+EXPORT = CertifySpec(n=10000)
 
 
 def _flag_error(function, *args):
@@ -287,5 +357,6 @@ def _flag_error(function, *args):
         raise ConfigError(f"--{e}") from None
 
 
-__all__ = ["CertifySpec", "DEFAULT_SMALLEST_STAGE", "EXPORT", "LIVE", "NOISE_MODES", "check_radii", "check_stages",
-           "default_stages", "resolve_stages"]
+__all__ = ["CertifySpec", "DEFAULT_NOISE", "DEFAULT_SMALLEST_STAGE", "EXPORT", "LIVE", "NOISE_MODES",
+           "certify_can_certify", "check_radii", "check_stages", "default_stages", "predict_can_decide",
+           "resolve_stages", "smallest_n"]

@@ -46,14 +46,24 @@ CERTIFY_FLAGS = tuple(CERTIFY_PREFIX + name for name in _CERTIFY_FIELDS)
 def live_certify_spec(spec: CertifySpec, sigma: float) -> CertifySpec:
     """Live certification's settings, checked (full CERTIFY of the float32 network) and at the run's `sigma`.
 
+    Its noise is float (`certify_spec.LIVE` says why); --certify_n and
+    --certify_alpha must leave an image a chance of a certificate.
+
     Raises:
-      ConfigError: `spec` is no CertifySpec, has stages or another dtype, or another sigma.
+      ConfigError: `spec` is no CertifySpec, has stages or another dtype or
+        noise, another sigma, or an n and alpha at which every image abstains.
     """
     check(isinstance(spec, CertifySpec), f"certify must be a CertifySpec, got {type(spec).__name__}")
     live = certify_spec.LIVE
     check((spec.stages, spec.compute_dtype, spec.noise) == (live.stages, live.compute_dtype, live.noise),
           f"certify: live certification is full CERTIFY of the {live.compute_dtype} network with "
           f"{live.noise} noise, got {spec}")
+    if not certify_spec.certify_can_certify(spec.n, spec.alpha):
+        smallest = certify_spec.smallest_n(lambda n: certify_spec.certify_can_certify(n, spec.alpha))
+        raise ConfigError(f"--{CERTIFY_PREFIX}n={spec.n} and --{CERTIFY_PREFIX}alpha={spec.alpha:g} cannot certify "
+                          f"any image: with all {spec.n} samples in the top class the lower bound on p_A is "
+                          f"{spec.alpha:g}^(1/{spec.n}) = {spec.alpha ** (1 / spec.n):.4g}, not above 1/2; the "
+                          f"smallest --{CERTIFY_PREFIX}n that can certify at this alpha is {smallest}")
     return spec.with_sigma(sigma)
 
 

@@ -152,7 +152,7 @@ def sample_counts(
             )
             noisy = noise_lib.grid_inputs(pixels[start:stop, tf.newaxis], steps)
         noisy = tf.reshape(noisy, [-1, *image_shape])
-        logits = model(noisy, training=False)
+        logits = _check_logits(model(noisy, training=False), num_classes)
         predictions = tf.argmax(logits, axis=-1, output_type=tf.int32)
         # Cell (image, class) of each sample, counted on device in one op.
         owner = start + tf.range(tf.shape(predictions)[0]) // size
@@ -172,6 +172,24 @@ def sample_counts(
         shape_invariants=(tf.TensorShape([]), tf.TensorShape([None])),
     )
     return tf.reshape(counts, [num_images, num_classes])
+
+
+def _check_logits(logits: tf.Tensor, num_classes: int) -> tf.Tensor:
+    """The logits, checked to be [N, num_classes]: a wider row's argmax would be counted in another image's cells.
+
+    Raises:
+      ValueError: at trace time, when the width is known and wrong.
+      InvalidArgumentError: when it runs, when the width was not known.
+    """
+    width = logits.shape[-1] if logits.shape.rank else None
+    if width is not None:
+        if width != num_classes:
+            raise ValueError(f"the base model outputs {width} logits per image, but num_classes={num_classes}")
+        return logits
+    check = tf.debugging.assert_equal(tf.shape(logits)[-1], num_classes,
+                                      message="the base model does not output num_classes logits per image")
+    with tf.control_dependencies([check]):
+        return tf.identity(logits)
 
 
 def mirrored_sample_counts(
@@ -244,8 +262,12 @@ def mirrored_sample_counts(
 
 
 # Noise streams of one image: selection and estimation samples of CERTIFY and
-# the samples of PREDICT never share noise (see `stream_seeds`).
+# the samples of PREDICT never share noise (see `stream_seeds`). PROBE is a
+# quick look at the base model apart from every certificate's samples
+# (`Smooth.sample_counts`; certify_run's check that the model was trained
+# with noise): negative, so no stage's stream (`staged_stream`) is ever it.
 SELECTION, ESTIMATION, PREDICTION = 0, 1, 2
+PROBE = -1
 
 
 def stream_seeds(keys: tf.Tensor, stream: Union[int, tf.Tensor]) -> tf.Tensor:
@@ -336,6 +358,15 @@ def grid_predict_alpha(alpha: float, n: int, slack: float) -> float:
     return level if fractions.Fraction(level) <= exact else math.nextafter(level, 0.0)
 
 
+def sample_slack(noise: str, sigma: float, num_pixels: int) -> float:
+    """The total-variation slack of one noisy sample of an image of `num_pixels` values: what its bounds widen by.
+
+    0 for float noise; for grid noise the table's `tv_slack(num_pixels)` (the
+    table is computed once per sigma).
+    """
+    return 0.0 if noise == "float" else noise_lib.grid_noise_table(float(sigma)).tv_slack(num_pixels)
+
+
 def model_image_shape(model: keras.Model) -> Optional[Tuple[Optional[int], ...]]:
     """The [H, W, C] a model takes, or None if it does not declare its input."""
     try:
@@ -343,6 +374,44 @@ def model_image_shape(model: keras.Model) -> Optional[Tuple[Optional[int], ...]]
     except (AttributeError, IndexError, TypeError, ValueError):
         return None
     return tuple(shape[1:]) if len(shape) == 4 else None
+
+
+def model_num_outputs(model: keras.Model) -> Optional[int]:
+    """The number of logits a model outputs per image, or None if it does not declare its output."""
+    try:
+        shape = model.outputs[0].shape
+    except (AttributeError, IndexError, TypeError, ValueError):
+        return None
+    return shape[-1] if len(shape) == 2 else None
+
+
+def check_pixels(images: np.ndarray, *, grid: bool, float_hint: str = 'noise="float"') -> None:
+    """Refuses images that are not pixels in [0, 1] (or, for grid noise, not on the 8-bit grid), in one line.
+
+    The message names the first bad pixel by its index and value. A value
+    outside [0, 1] (or NaN) gets that message in both modes, before the grid
+    check, so that an image of another scale (0..255, or normalized) is
+    called what it is rather than "off the grid".
+
+    Args:
+      images: float32, [B, H, W, C] or one image [H, W, C]: the index named has its rank.
+      grid: also require the 8-bit grid (`noise.to_grid`).
+      float_hint: how the caller names float noise: 'noise="float"' in the
+        library, "--noise=float" in a binary.
+
+    Raises:
+      ValueError: naming the first bad pixel.
+    """
+    outside = ~((images >= 0.0) & (images <= 1.0))  # NaN compares False: outside.
+    if outside.any():
+        index = tuple(int(i) for i in np.argwhere(outside)[0])
+        raise ValueError(f"images[{', '.join(map(str, index))}] = {float(images[index])!r} is outside [0, 1]: "
+                         "the model takes pixels in [0, 1] (it normalizes inside), e.g. uint8 images / 255")
+    if grid:
+        try:
+            noise_lib.to_grid(images)  # Eagerly: a ValueError naming the first off-grid pixel.
+        except ValueError as e:
+            raise ValueError(f"{e}; {float_hint} is for inputs that are not quantized") from None
 
 
 class Smooth:
@@ -372,18 +441,21 @@ class Smooth:
     across its replicas (`mirrored_sample_counts`): same distribution, other
     noise than without one, reproducible for a given seed and replica count.
 
-    Noise modes (`noise`). "float" adds float32 N(0, sigma^2) noise to the
-    image; its certificates are those of the exact Gaussian smoothing, up to
-    the floating-point effects that Voráček & Hein (2023) exploit. "grid"
-    (sound in floating point) takes images on the 8-bit grid only (an image
-    off it is refused, naming its first bad pixel) and adds exact integer
+    Noise modes (`noise`). "grid", the default (`certify_spec.DEFAULT_NOISE`:
+    every dataset we ship is 8-bit), is sound in floating point: it takes
+    images on the 8-bit grid only (an image off it is refused, naming its
+    first bad pixel and pointing to noise="float") and adds exact integer
     grid noise (`sample_counts`' grid mode): the certificates are those of
     the base classifier composed with rounding to the grid, smoothed by the
     rounded Gaussian. Its sampler is within total variation
     `tv_slack(d)` (about 1e-12 per pixel) of that law, so every lower bound on
     p_A is lowered and every upper bound raised by it (CERTIFY, staged
     CERTIFY), and PREDICT's test runs at level alpha - n tv_slack(d)
-    (`grid_predict_alpha`).
+    (`grid_predict_alpha`). "float", for inputs that are not quantized,
+    adds float32 N(0, sigma^2) noise to the image; its certificates are
+    those of the exact Gaussian smoothing, up to the floating-point effects
+    that Voráček & Hein (2023) exploit. In both modes an image with a pixel
+    outside [0, 1] is refused, naming it.
 
     The certificates hold for the function `base_model` computes, in the
     dtypes its layers compute in: a model trained under mixed_bfloat16 and
@@ -399,18 +471,22 @@ class Smooth:
       num_classes: number of classes, >= 2.
       sigma: noise standard deviation in [0, 1] pixel units, > 0.
       strategy: None (one device) or a strategy whose replicas share the samples.
-      noise: "float" or "grid" (`certify_spec.NOISE_MODES`).
+      noise: "grid" (the default) or "float" (`certify_spec.NOISE_MODES`).
 
     Raises:
-      ValueError: num_classes < 2, sigma not > 0, an unknown noise mode, or
-        grid noise with sigma above 16.
+      ValueError: num_classes < 2, a base model whose declared output is not
+        num_classes logits, sigma not > 0, an unknown noise mode, or grid
+        noise with sigma above 16.
     """
 
     ABSTAIN = stats.ABSTAIN
 
     def __init__(self, base_model: keras.Model, num_classes: int, sigma: float, *,
-                 strategy: Optional[tf.distribute.Strategy] = None, noise: str = "float"):
+                 strategy: Optional[tf.distribute.Strategy] = None, noise: str = certify_spec.DEFAULT_NOISE):
         _check_int("num_classes", num_classes, 2)
+        outputs = model_num_outputs(base_model)
+        if outputs is not None and outputs != num_classes:
+            raise ValueError(f"base_model outputs {outputs} logits per image, but num_classes={num_classes}")
         if not isinstance(sigma, (float, int, np.floating)) or not 0 < sigma < float("inf"):
             raise ValueError(f"sigma must be > 0, got {sigma!r}")
         if noise not in certify_spec.NOISE_MODES:
@@ -456,7 +532,11 @@ class Smooth:
 
     def slack(self, images: np.ndarray) -> float:
         """The total-variation slack of one sample of these images: 0 for float noise, `tv_slack(d)` for grid."""
-        return 0.0 if self._grid is None else self._grid.tv_slack(int(np.prod(images.shape[1:])))
+        return self.pixel_slack(int(np.prod(images.shape[1:])))
+
+    def pixel_slack(self, num_pixels: int) -> float:
+        """The total-variation slack of one sample of an image of `num_pixels` values (`sample_slack`)."""
+        return sample_slack(self.noise, self.sigma, num_pixels)
 
     def _stage_rule(self, radii: np.ndarray, slack: float) -> stats.StageRuleFn:
         """The engine's bounds and settled rule of one stage, for `stats.staged_certify`."""
@@ -496,13 +576,7 @@ class Smooth:
             raise ValueError(f"images must be [B, H, W, C], got shape {images.shape}")
         if self._image_shape and any(m is not None and m != s for m, s in zip(self._image_shape, images.shape[1:])):
             raise ValueError(f"images have shape {images.shape[1:]} per image; the model takes {self._image_shape}")
-        if np.isnan(images).any():
-            raise ValueError("images contain NaN")
-        if images.size and (images.min() < 0.0 or images.max() > 1.0):
-            raise ValueError(f"image values must be in [0, 1] (the model normalizes inside), "
-                             f"got [{images.min()}, {images.max()}]")
-        if self._grid is not None:
-            noise_lib.to_grid(images)  # Eagerly, so an off-grid image is refused in one line naming its first bad pixel.
+        check_pixels(images, grid=self._grid is not None)
         return images
 
     @staticmethod
@@ -521,6 +595,29 @@ class Smooth:
         counts = self._counts_fn(tf.constant(images), tf.constant(num_samples, tf.int32),
                                  tf.constant(batch_size, tf.int32), tf.constant(keys), tf.constant(stream, tf.int64))
         return counts.numpy()
+
+    def sample_counts(self, images, num_samples: int, batch_size: int, seed: Optional[int] = None,
+                      image_ids: Optional[Sequence[int]] = None) -> np.ndarray:
+        """The base classifier's class counts under this Smooth's noise, from the noise stream `PROBE`.
+
+        No certificate uses these samples: they are for looking at the base
+        model (say, its accuracy under noise), apart from every certificate's.
+
+        Args:
+          images: float32 [B, H, W, C] in [0, 1] (on the 8-bit grid in grid mode).
+          num_samples: noisy copies per image, >= 1.
+          batch_size: most noisy copies per forward pass, >= 1.
+          seed, image_ids: key the noise, as for `certify_batch`.
+
+        Returns:
+          int64 [B, num_classes]; each row sums to num_samples less the samples with non-finite logits.
+
+        Raises:
+          ValueError: a bad argument or image.
+        """
+        images = self._check_images(images)
+        num_samples, batch_size = _check_int("num_samples", num_samples, 1), _check_int("batch_size", batch_size, 1)
+        return self._counts(images, num_samples, batch_size, self._keys(len(images), seed, image_ids), PROBE)
 
     def certify_batch(self, images, n0: int, n: int, alpha: float, batch_size: int, seed: Optional[int] = None,
                       image_ids: Optional[Sequence[int]] = None) -> Tuple[np.ndarray, np.ndarray]:
@@ -547,7 +644,8 @@ class Smooth:
           (classes int64 [B], ABSTAIN = -1; radii float64 [B], 0 where abstaining).
 
         Raises:
-          ValueError: a bad argument or image (shape, NaN, values outside [0, 1]).
+          ValueError: a bad argument or image (shape; a pixel outside [0, 1] or NaN, or in grid mode off the
+            8-bit grid, named).
         """
         images = self._check_images(images)
         n0, n = _check_int("n0", n0, 1), _check_int("n", n, 1)
