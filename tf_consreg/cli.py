@@ -75,14 +75,12 @@ CERTIFY_HELP = {
                      "model trained in mixed_bfloat16 included). bfloat16: sample the network as mixed_bfloat16 "
                      "computes it (float32 logits), for deploying that network; faster where bfloat16 is native. "
                      "The certificate holds for the function sampled; part of the run's settings.",
-    "noise": "The sampler. float: float32 Gaussian noise added to the image, today's sampler, for inputs that are "
-             "not quantized. grid: exact integer noise on the 8-bit grid, so the model sees (a + j)/255 of the "
-             "integer pixel a plus integer noise j; the inputs must be on the grid (the run fails naming the first "
-             "bad pixel). grid is sound in floating point (Voráček & Hein 2023); float is today's sampler. grid "
-             "lowers each bound on the top class's probability by its total-variation slack (about 1e-12 per pixel) "
-             "and runs PREDICT's test at alpha - n x slack. Part of the run's settings (a resume cannot change it). "
-             "The default is float for now; grid becomes the default for 8-bit datasets once the measured tables in docs/ "
-             "are re-measured with it.",
+    "noise": "The sampler. grid (the default; every dataset here is 8-bit): exact integer noise on the 8-bit "
+             "grid, so the model sees (a + j)/255 of the integer pixel a plus integer noise j, sound in floating "
+             "point (Voráček & Hein 2023); the inputs must be on the grid (the run fails naming the first bad "
+             "pixel); each bound takes its total-variation slack (about 1e-12 per pixel) and PREDICT's test runs "
+             "at alpha - n x slack. float: float32 Gaussian noise added to the image, for inputs that are not "
+             "quantized. Part of the run's settings (a resume cannot change it; a log without it is a float run).",
     "radii": "Fixed-radius mode: certify only at these radii (comma-separated, each > 0, at most 3 significant "
              "digits), drawing the estimation samples in --stages and stopping each example as soon as its answer "
              "at every radius is settled: far fewer samples, at the same 1 - alpha guarantee. The TSV gets the "

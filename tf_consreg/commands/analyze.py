@@ -1,8 +1,8 @@
 r"""Summarizes certification logs: ACR and certified accuracy per radius.
 
 Reads TSV files written by bin/certify.py or the authors' certify.py and
-prints, per file, the number of examples, the clean accuracy of the smoothed
-classifier, the average certified radius (ACR) and the certified accuracy at
+prints, per file, the number of examples, the smoothed classifier's accuracy
+('smoothed acc.', its certified accuracy at r = 0), the average certified radius (ACR) and the certified accuracy at
 each radius (correct with radius >= r), as a Markdown table or JSON.
 
 Example:
@@ -52,6 +52,10 @@ _FLAGS = cli.define_flags(analysis.AnalyzeConfig, {
             "points at its radii). An existing file is refused unless --overwrite.",
     "labels": "Names of the runs in the table and the plot legend, one per file (the shards of a sharded run "
               "count as one).",
+    "model": "A saved .keras base model: adds its clean accuracy on each run's examples ('base acc. (clean)'), "
+             "read from the dataset each run's settings name, beside the smoothed classifier's ('smoothed acc.'); "
+             "logs without settings show n/a.",
+    "data_dir": "Where that dataset lives (the runs' --data_dir); only with --model.",
     "allow_incomplete": "Report sharded runs with missing or unfinished shards (marked incomplete, with a "
                         "warning) instead of refusing them.",
     "overwrite": "Replace an existing --plot file.",

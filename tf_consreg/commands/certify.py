@@ -41,11 +41,14 @@ The base model computes in float32, whatever policy it was trained under;
 a --mixed_precision=mixed_bfloat16 run computes). The settings file beside
 the TSV records which.
 
---noise=grid samples exact integer noise on the 8-bit grid, sound in
-floating point (Voráček & Hein 2023); the examples must be 8-bit images (the
-run stops naming the first off-grid pixel). The default, --noise=float, is
-today's sampler. The settings file records a grid run's mode, so a resume
-or a merge of shards never mixes the two.
+Noise is exact integer noise on the 8-bit grid (--noise=grid, the default),
+sound in floating point (Voráček & Hein 2023); an example off the grid or
+outside [0, 1] stops the run naming its first bad pixel. --noise=float is for
+inputs that are not quantized. The settings file records the mode, so a
+resume or a merge of shards never mixes the two. Before any work the run
+refuses --n and --alpha at which every example would abstain (naming the
+smallest --n), prints the largest radius it can certify, and warns when the
+base model is near chance on noisy copies of the first 64 examples.
 
 Fixed-radius mode (--radii): answers "is this example certified at r?" for
 the given radii only. The estimation samples are drawn in --stages and an

@@ -8,8 +8,11 @@ radius?" (one radius per image), drawing the estimation samples in --stages
 until each image is settled; `predict` runs PREDICT in the same stages; and
 `metadata` tells what the certificate means (sigma, n0, n, stages, alpha,
 class names, input shape). sigma, the class names and the input shape come
-from the training run unless given. The version is written beside its final
-place and renamed when complete; an existing version is never overwritten. A
+from the training run unless given. The signatures sample exact grid noise by
+default (--noise=grid: requests must hold 8-bit images, float32(k) / 255, and
+the certificates hold in floating point); --noise=float samples float32
+Gaussian noise, for inputs that are not quantized. The version is written
+beside its final place and renamed when complete; an existing version is never overwritten. A
 killed export's hidden staging directory `<export_dir>/.<version>.incomplete-*`
 is removed by the next export (once no process holds it).
 
@@ -46,6 +49,10 @@ _FLAGS = cli.define_flags(export.VersionExportConfig, {
     "version": "TF Serving version number (default: the current Unix time).",
     "check_images": "After exporting, load the version back from disk and certify this many test images of the "
                     "run's dataset through serving_default, printing class and radius (needs --model_dir).",
+    "noise": "grid (default): exact integer noise on the 8-bit grid, certificates sound in floating point; "
+             "requests must hold pixels exactly float32(k) / 255, k in [0, 255], anything else is refused naming "
+             "the first bad pixel. float: float32 Gaussian noise, for inputs that are not quantized (pixels in "
+             "[0, 1]).",
     "compute_dtype": "float32: the export samples the network computing in float32, whatever policy it was trained "
                      "under. bfloat16: the network as mixed_bfloat16 computes it (float32 logits). The metadata "
                      "signature names it; the certificates hold for that function.",
@@ -60,7 +67,7 @@ def main(argv):
         print(f"Removed {path}, the unfinished staging directory of an export that was killed")
     spec = config.spec
     print(f"Exported the smoothed classifier (sigma={spec.sigma}, n0={spec.n0}, n={spec.n}, alpha={spec.alpha}, "
-          f"stages={','.join(map(str, spec.stages))}, base model computing in {spec.compute_dtype}) to {exported.path}")
+          f"noise={spec.noise}, stages={','.join(map(str, spec.stages))}, base model computing in {spec.compute_dtype}) to {exported.path}")
     if exported.check:
         names = export.read_metadata(exported.path)["class_names"]
         print(f"serving_default of the reloaded export on {len(exported.check['label'])} test image(s):")

@@ -27,8 +27,9 @@ example's samples across the local GPUs, and --compute_dtype picks the
 network sampled (float32 by default), as for bin/certify.py. So do --dataset
 (every dataset bin/train.py trains on, imagenet2012 included) and --mock_data
 (random images of the dataset's shape, for a smoke run without the data).
---noise=grid samples exact 8-bit grid noise as bin/certify.py does; its
-test then runs at level alpha - n x (the sampler's total-variation slack).
+--noise=grid (the default) samples exact 8-bit grid noise as bin/certify.py
+does; its test then runs at level alpha - n x (the sampler's total-variation
+slack). --noise=float is for inputs that are not quantized.
 """
 
 from tf_consreg import certify_run
