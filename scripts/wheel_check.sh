@@ -35,7 +35,7 @@ step() { echo "wheel_check: [$((SECONDS - start)) s] $*"; }
 
 step "building the wheel in $work (from a copy of the checkout: a build writes build/ and *.egg-info)"
 mkdir "$work/src"
-(cd "$repo" && git ls-files -z --cached --others --exclude-standard | xargs -0 tar -cf - --) | tar -xf - -C "$work/src"
+(cd "$repo" && git ls-files -z --cached --others --exclude-standard | tar --null -T - -cf -) | tar -xf - -C "$work/src"
 "$PYTHON" -m venv "$work/venv"
 venv=$work/venv
 "$venv/bin/python" -m pip wheel --quiet --no-deps --wheel-dir "$work/dist" "$work/src"
@@ -58,13 +58,16 @@ esac
 configs=$venv/share/tf_consreg/configs
 [ -f "$configs/fashion_mnist_demo.flags" ] || fail "the wheel installed no $configs/fashion_mnist_demo.flags"
 
+step "--help of every command, side by side (each one imports TensorFlow)"
 for name in "${COMMANDS[@]}"; do
-  step "tf-consreg-$name --help"
   command -v "tf-consreg-$name" >/dev/null || fail "the wheel installed no command tf-consreg-$name"
-  status=0
-  "tf-consreg-$name" --help >help.txt 2>help.err || status=$?
+  (status=0; "tf-consreg-$name" --help >"help.$name.txt" 2>"help.$name.err" || status=$?; echo "$status" >"help.$name.status") &
+done
+wait
+for name in "${COMMANDS[@]}"; do
   # absl's --help exits with status 1 after printing the help.
-  [ "$status" -le 1 ] || fail "tf-consreg-$name --help: status $status: $(tail -3 help.err)"
+  status=$(cat "help.$name.status")
+  [ "$status" -le 1 ] || fail "tf-consreg-$name --help: status $status: $(tail -3 "help.$name.err")"
   # The docstring's first line, read from the installed module without importing it.
   first=$(python - "$name" <<'EOF'
 import ast, importlib.util, sys
@@ -72,8 +75,9 @@ origin = importlib.util.find_spec(f"tf_consreg.commands.{sys.argv[1]}").origin
 print(ast.get_docstring(ast.parse(open(origin, encoding="utf-8").read())).splitlines()[0])
 EOF
 )
-  [ "$(head -1 help.txt)" = "$first" ] || fail "tf-consreg-$name --help begins '$(head -1 help.txt)', not its docstring"
-  grep -q -- "^  --${OWN_FLAG[$name]}:" help.txt || fail "tf-consreg-$name --help lists no --${OWN_FLAG[$name]}"
+  [ "$(head -1 "help.$name.txt")" = "$first" ] ||
+    fail "tf-consreg-$name --help begins '$(head -1 "help.$name.txt")', not its docstring"
+  grep -q -- "^  --${OWN_FLAG[$name]}:" "help.$name.txt" || fail "tf-consreg-$name --help lists no --${OWN_FLAG[$name]}"
 done
 
 step "tf-consreg-train: 1 epoch on 256 Fashion-MNIST images"
