@@ -1,6 +1,20 @@
 """Packaging for tf_consreg: consistency-regularized randomized smoothing in TensorFlow."""
 
+import glob
+import os
+
 import setuptools
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# Every module of tf_consreg/commands is a command (see its __init__.py), installed as the console script
+# tf-consreg-<name>: one program per command, since absl's flags are process-global.
+COMMANDS = sorted(os.path.basename(path)[:-len(".py")]
+                  for path in glob.glob(os.path.join(HERE, "tf_consreg", "commands", "*.py"))
+                  if os.path.basename(path) != "__init__.py")
+
+with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+    README = f.read()
 
 setuptools.setup(
     name="tf_consreg",
@@ -9,11 +23,16 @@ setuptools.setup(
         "Consistency regularization for certified robustness of smoothed "
         "classifiers (Jeong & Shin, NeurIPS 2020) in TensorFlow/Keras 3."
     ),
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=README,
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=setuptools.find_packages(include=["tf_consreg", "tf_consreg.*"]),
+    entry_points={"console_scripts": [f"tf-consreg-{name} = tf_consreg.commands.{name}:run" for name in COMMANDS]},
+    # The training flagfiles (configs/*.flags), for --flagfile: installed as
+    # <prefix>/share/tf_consreg/configs/ (in a venv, $VIRTUAL_ENV/share/...).
+    # The commands read no other file of their own at run time.
+    data_files=[("share/tf_consreg/configs", sorted(glob.glob("configs/*.flags", root_dir=HERE)))],
     install_requires=[
         "tensorflow>=2.21,<2.22",
         "tensorflow-datasets>=4.9",

@@ -8,8 +8,9 @@
   cannot run here, where no server can be started: it is compiled and resolved
   only.
 - Shell blocks: every command line is split as the shell would split it.
-  `python bin/<name>.py ...` (and `bazel run //bin:<name> -- ...`, and the
-  command of `sbatch --wrap=...`) parses with that binary's real absl flags,
+  `python bin/<name>.py ...` (and the installed `tf-consreg-<name> ...`,
+  `python -m tf_consreg.commands.<name> ...`, `bazel run //bin:<name> -- ...`,
+  and the command of `sbatch --wrap=...`) parses with that command's real absl flags,
   so an unknown flag or a malformed value fails; `--flagfile=configs/...` is
   read. Scripts, flagfiles and files of the checkout that a command names
   exist; `python -c` programs run in a temporary directory; the C++ checker's
@@ -55,6 +56,11 @@ _PYTHONS = {".venv/bin/python", "python", "python3"}
 _CHECKOUT_DIRS = ("bench/", "bin/", "configs/", "scripts/", "tests/", "tools/")
 # A block constructing one of these needs a running TF Serving.
 _SERVER_CLIENTS = ("RestClient", "GrpcClient")
+# The commands (tf_consreg/commands/<name>.py): installed as tf-consreg-<name> (setup.py), bin/<name>.py in a checkout.
+_COMMANDS = sorted(os.path.basename(p)[:-len(".py")]
+                   for p in glob.glob(os.path.join(_REPO, "tf_consreg", "commands", "*.py"))
+                   if not p.endswith("__init__.py"))
+_INSTALLED_PREFIX = "tf-consreg-"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -242,6 +248,12 @@ class ShellChecker:
         program = argv[0]
         if program in _PYTHONS:
             self.check_python(where, argv[1:])
+        elif program.startswith(_INSTALLED_PREFIX):
+            name = program[len(_INSTALLED_PREFIX):]
+            if name in _COMMANDS:
+                self.add_binary(where, name, argv[1:])
+            else:
+                self.fail(where, f"{program}: no such command (setup.py installs tf-consreg-<name> for {_COMMANDS})")
         elif program == "bash":
             if not os.path.isfile(os.path.join(_REPO, argv[1])):
                 self.fail(where, f"bash {argv[1]}: no such script")
@@ -265,6 +277,12 @@ class ShellChecker:
     def check_python(self, where: str, args: List[str]) -> None:
         if args[:1] == ["-c"]:
             self.python_programs.append((where, args[1]))
+        elif args[:1] == ["-m"] and args[1].startswith("tf_consreg.commands."):
+            name = args[1][len("tf_consreg.commands."):]
+            if name in _COMMANDS:
+                self.add_binary(where, name, args[2:])
+            else:
+                self.fail(where, f"python -m {args[1]}: no such command")
         elif args[:1] == ["-m"]:
             if importlib.util.find_spec(args[1]) is None:
                 self.fail(where, f"python -m {args[1]}: no such module")
@@ -437,7 +455,20 @@ class CheckerTest(absltest.TestCase):
         checker.check("w", ["bash", "scripts/no_such.sh"])
         checker.check("w", ["frobnicate"])
         checker.check("w", ["@binary@", "--no_such_flag=1"])
-        self.assertLen(checker.problems, 4)
+        checker.check("w", ["tf-consreg-frobnicate"])
+        checker.check("w", ["python", "-m", "tf_consreg.commands.frobnicate"])
+        self.assertLen(checker.problems, 6)
+
+    def test_installed_and_module_commands_parse_with_their_flags(self):
+        checker = ShellChecker()
+        checker.check("a", ["tf-consreg-analyze", "x.tsv", "--format=json"])
+        checker.check("b", ["python", "-m", "tf_consreg.commands.analyze", "--no_such_flag=1"])
+        self.assertEmpty(checker.problems)
+        self.assertEqual(checker.binary_argv, {"analyze": [("a", ["x.tsv", "--format=json"]),
+                                                           ("b", ["--no_such_flag=1"])]})
+        problems = flag_problems("analyze", checker.binary_argv["analyze"])
+        self.assertLen(problems, 1)
+        self.assertStartsWith(problems[0], "b: bin/analyze.py --no_such_flag=1")
 
     def test_unresolved_names_are_found(self):
         code = ("import tf_consreg\nfrom tf_consreg.serving_client import RestClient\n"

@@ -34,6 +34,9 @@ table says why such a run has no ACR:
   # | file | n | clean acc. | ACR | samples/image | r=0.5 |
   # ...
   # No ACR for a fixed-radius run (bin/certify.py --radii): ...
+
+Installed with pip, this command is `tf-consreg-analyze`; from a checkout, `python bin/analyze.py`; either way
+`python -m tf_consreg.commands.analyze`. The flags are the same.
 """
 
 import sys

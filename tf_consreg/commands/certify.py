@@ -69,6 +69,9 @@ bin/analyze.py reports such a run at its radii, without an ACR.
 
   python bin/certify.py --model_dir=runs/fmnist_consistency_0.25 --radii=0.25,0.5 \
       --output=runs/fmnist_consistency_0.25/certify_r0.25_0.5.tsv
+
+Installed with pip, this command is `tf-consreg-certify`; from a checkout, `python bin/certify.py`; either way
+`python -m tf_consreg.commands.certify`. The flags are the same.
 """
 
 from tf_consreg import certify_run

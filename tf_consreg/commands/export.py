@@ -25,6 +25,9 @@ Example:
   python bin/export.py --model=base_model.keras --sigma=0.25 \
       --export_dir=serving/smoothed --version=3 --n=100000 \
       --stages=100,1000,10000,100000
+
+Installed with pip, this command is `tf-consreg-export`; from a checkout, `python bin/export.py`; either way
+`python -m tf_consreg.commands.export`. The flags are the same.
 """
 
 from tf_consreg import cli

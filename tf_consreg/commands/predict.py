@@ -30,6 +30,9 @@ network sampled (float32 by default), as for bin/certify.py. So do --dataset
 --noise=grid (the default) samples exact 8-bit grid noise as bin/certify.py
 does; its test then runs at level alpha - n x (the sampler's total-variation
 slack). --noise=float is for inputs that are not quantized.
+
+Installed with pip, this command is `tf-consreg-predict`; from a checkout, `python bin/predict.py`; either way
+`python -m tf_consreg.commands.predict`. The flags are the same.
 """
 
 from tf_consreg import certify_run

@@ -23,6 +23,9 @@ Examples:
 
   python bin/query.py --export_dir=serving/fmnist_smoothed \
       --signature=certify_radius --radius=0.5 --indices=0,1,2
+
+Installed with pip, this command is `tf-consreg-query`; from a checkout, `python bin/query.py`; either way
+`python -m tf_consreg.commands.query`. The flags are the same.
 """
 
 import os

@@ -23,6 +23,9 @@ see the README's "Running on a cluster"):
   TF_CONFIG='{"cluster": {"worker": ["host0:12345", "host1:12345"]}, "task": {"type": "worker", "index": 0}}' \
   python bin/train.py --strategy=multi_worker --flagfile=configs/mnist_consistency_sigma0.50.flags \
       --model_dir=runs/mnist_consistency_0.50
+
+Installed with pip, this command is `tf-consreg-train`; from a checkout, `python bin/train.py`; either way
+`python -m tf_consreg.commands.train`. The flags are the same.
 """
 
 import sys

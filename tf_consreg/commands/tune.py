@@ -23,6 +23,9 @@ Example (a tiny search on Fashion-MNIST at sigma = 0.5):
 
   python bin/train.py --flagfile=runs/tune_fmnist_0.50/best.flags \
       --model_dir=runs/fmnist_best_0.50 --epochs=90 --train_examples=0
+
+Installed with pip, this command is `tf-consreg-tune`; from a checkout, `python bin/tune.py`; either way
+`python -m tf_consreg.commands.tune`. The flags are the same.
 """
 
 from absl import flags
