@@ -191,9 +191,10 @@ class ServingLoadTest(parameterized.TestCase):
         answer = loaded.signatures["predict"](images=tf.constant(self.pool[:MAX_BATCH]))
         self.assertEqual(answer["class"].shape, (MAX_BATCH,))
 
-    def test_cpp_request_over_max_batch_is_an_error_naming_both_sizes(self):
+    @parameterized.parameters("python", "c++")
+    def test_a_load_over_max_batch_counts_errors_naming_both_sizes(self, path):
         config = serving_load.LoadConfig(threads=1, requests=2, warmup=1, batch_sizes=(MAX_BATCH + 1,))
-        summary = self._run("c++", config)
+        summary = self._run(path, config)
         # The warm-up's 3 requests (one per signature) and the 2 timed ones: every one refused, none answered.
         self.assertEqual(summary["errors"], 5)
         self.assertEqual(summary["warmup_failures"], 3)

@@ -135,7 +135,7 @@ METADATA_FILE = "smoothing_metadata.json"
 # per image; at the default n = 10,000 one LeNet image takes 0.4-0.9 s of
 # serving_default on 2 EPYC cores) but throughput does not once a request
 # fills the forward batches (B * n0 >= batch_size: 10 images at the defaults),
-# and memory does not at all (chunked sampling; README "Serving under load").
+# and memory does not at all (chunked sampling; docs/benchmarks.md, "Serving under load").
 # 64 keeps a worst-case request near a minute at the defaults on that machine,
 # and its input small beside one chunk's activations (64 CIFAR-10 images are
 # 0.8 MB, 64 ImageNet 224x224x3 images 38 MB).
