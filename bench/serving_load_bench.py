@@ -23,7 +23,14 @@ answer is reported as such. It measures:
   3. the soak: --soak_seconds (10 minutes) of mixed signatures and batch
      sizes at --soak_threads threads; RSS growth after warm-up (must be < 5%)
      and latency over time, written to <out_dir>/soak_<path>.tsv and plotted
-     in <out_dir>/soak.png.
+     in <out_dir>/soak.png;
+  4. one request at n_max: a second export with --request_n samples (n_max,
+     default 100,000) and --max_batch; the peak RSS (VmHWM since the model
+     loaded) of a process that loads it and answers one request of B images
+     (--request_batch_sizes, default 1 and the export's max_batch), no
+     warm-up, per path and signature (serving_default, whose work is fixed
+     at B (n0 + n) forward passes, only at B = 1 unless --request_full);
+     then a request of max_batch + 1 images, which must be refused.
 
 Everything goes to <out_dir>/serving_load.json too. On a shared machine the
 numbers are noisy: the cores other processes used are printed beside each.
@@ -65,7 +72,9 @@ def _run(path, binary, export_dir, pool_path, config, nice):
     with measure.OtherLoad() as load:
         if path == "c++":
             pool = np.load(pool_path)
-            summary = serving_load.run_cpp_load(binary, export_dir, pool, config, nice=nice)
+            # An hour beyond the time bound: on a loaded machine loading and warm-up alone take many minutes.
+            summary = serving_load.run_cpp_load(binary, export_dir, pool, config, nice=nice,
+                                                timeout=config.seconds + 3600)
         else:
             command = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(
                 {"export_dir": export_dir, "pool": pool_path, "config": dataclasses.asdict(config)})]
@@ -126,6 +135,51 @@ def _plot(soaks, path) -> None:
     figure.savefig(path)
 
 
+def _one_request_section(args, model, num_classes, max_batch, binary, tmp, pool_path):
+    """Section 4: the peak RSS of one request at n_max, and the refusal of max_batch + 1 images."""
+    from tf_consreg import export  # pylint: disable=import-outside-toplevel
+    from tf_consreg.certify_spec import CertifySpec  # pylint: disable=import-outside-toplevel
+    from tf_consreg import serving_load  # pylint: disable=import-outside-toplevel
+
+    export_dir = os.path.join(tmp, "export_n_max")
+    export.export_smoothed(model, export_dir, CertifySpec(sigma=args.sigma, n0=args.n0, n=args.request_n,
+                                                          alpha=args.alpha, batch_size=args.batch_size),
+                           num_classes=num_classes, max_batch=max_batch)
+    stages = export.read_metadata(export_dir)["stages"]
+    batches = list(dict.fromkeys(args.request_batch_sizes or [1, max_batch]))
+    print(f"\n4. one request at n_max = {args.request_n} (stages {stages}), max_batch {max_batch}, "
+          f"{args.batch_size} noisy copies per forward pass; its own process, no warm-up")
+    print("| path | signature | images | RSS after load MiB | peak RSS MiB | latency s | other cores |")
+    print("|---|---|---|---|---|---|---|")
+    rows = []
+    for path in args.paths:
+        for signature in _SIGNATURES:
+            for batch in batches:
+                if signature == "serving_default" and batch > 1 and not args.request_full:
+                    continue
+                config = serving_load.LoadConfig(threads=1, requests=1, seconds=10 ** 6, warmup=0,
+                                                 signatures=(signature,), batch_sizes=(batch,))
+                summary, cores = _run(path, binary, export_dir, pool_path, config, args.nice)
+                rows.append({"path": path, "signature": signature, "batch_size": batch, "other_cores": cores,
+                             "summary": summary})
+                print(f"| {path} | {signature} | {batch} | {summary['rss_kb_after_warmup'] / 1024:.0f} | "
+                      f"{summary['peak_rss_kb'] / 1024:.0f} | {summary['latency_ms']['all']['max'] / 1000:.1f} | "
+                      f"{_cores(cores)} |" + ("" if _verdict(summary).startswith("all") else f" {_verdict(summary)}"),
+                      flush=True)
+    for path in args.paths:
+        config = serving_load.LoadConfig(threads=1, requests=1, seconds=10 ** 6, warmup=0,
+                                         signatures=("predict",), batch_sizes=(max_batch + 1,))
+        summary, _ = _run(path, binary, export_dir, pool_path, config, args.nice)
+        refused = summary["errors"] == 1 and "max_batch" in summary["first_error"]
+        message = (summary["first_error"].splitlines() or [""])[0]
+        print(f"  {path}: a request of {max_batch + 1} images: "
+              f"{'refused in ' if refused else 'NOT REFUSED: '}{summary['latency_ms']['all']['max']:.0f} ms: "
+              f"{message}")
+        rows.append({"path": path, "signature": "predict", "batch_size": max_batch + 1, "refused": refused,
+                     "summary": summary})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -149,10 +203,22 @@ def main() -> None:
     parser.add_argument("--soak_batch_sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--sample_seconds", type=float, default=10.0, help="soak timeline interval")
     parser.add_argument("--nice", type=int, default=0, help="niceness added to each load's process")
+    parser.add_argument("--max_batch", type=int, default=None, help="the exports' max_batch (default: the library's)")
+    parser.add_argument("--request_n", type=int, default=100000, help="n (n_max) of the one-request export; 0: skip")
+    parser.add_argument("--request_batch_sizes", type=int, nargs="+", default=None,
+                        help="images of the one request (default: 1 and max_batch)")
+    parser.add_argument("--request_full", action="store_true",
+                        help="serving_default at every --request_batch_sizes, not only 1")
+    parser.add_argument("--sections", type=int, nargs="+", default=[1, 2, 3, 4], choices=[1, 2, 3, 4])
+    parser.add_argument("--malloc_arena_max", type=int, default=None,
+                        help="MALLOC_ARENA_MAX for the loads' processes (glibc's malloc arenas; default: glibc's, "
+                             "8 per core)")
     args = parser.parse_args()
     if args.worker is not None:
         _worker(args.worker)
         return
+    if args.malloc_arena_max is not None:
+        os.environ["MALLOC_ARENA_MAX"] = str(args.malloc_arena_max)  # Inherited by every load's process.
 
     # tf_consreg first: it chooses TF_ENABLE_ONEDNN_OPTS before TensorFlow loads; the loads inherit it.
     from tf_consreg import export  # pylint: disable=import-outside-toplevel
@@ -164,14 +230,15 @@ def main() -> None:
              else models.get_architecture("lenet", "fashion_mnist"))
     num_classes = model.outputs[0].shape[-1]
     binary = _build_binary() if "c++" in args.paths + args.soak_paths else None
+    max_batch = export.DEFAULT_MAX_BATCH if args.max_batch is None else args.max_batch
     os.makedirs(args.out_dir, exist_ok=True)
-    print(f"machine: {measure.machine()}")
+    print(f"machine: {measure.machine()}; MALLOC_ARENA_MAX={os.environ.get('MALLOC_ARENA_MAX', 'unset')}")
     results = {"machine": measure.machine(), "args": vars(args), "throughput": [], "rss": [], "soak": {}}
     with tempfile.TemporaryDirectory() as tmp:
         export_dir = os.path.join(tmp, "export")
         export.export_smoothed(model, export_dir, CertifySpec(sigma=args.sigma, n0=args.n0, n=args.n, alpha=args.alpha,
                                                               batch_size=args.batch_size),
-                               num_classes=num_classes)
+                               num_classes=num_classes, max_batch=max_batch)
         metadata = export.read_metadata(export_dir)
         pool_path = os.path.join(tmp, "pool.npy")
         rng = np.random.default_rng(0)
@@ -179,10 +246,11 @@ def main() -> None:
         print(f"model {model.name}, n0={args.n0} n={args.n} alpha={args.alpha}, stages {metadata['stages']}, "
               f"{args.batch_size} noisy copies per forward pass, fresh noise per request; random images")
 
-        print(f"\n1. throughput and latency, {args.batch_size_load} image(s) per request, {args.seconds:g} s per run")
-        print("| path | signature | threads | requests/s | images/s | p50 ms | p99 ms | requests | other cores |")
-        print("|---|---|---|---|---|---|---|---|---|")
-        for path in args.paths:
+        if 1 in args.sections:
+            print(f"\n1. throughput and latency, {args.batch_size_load} image(s) per request, {args.seconds:g} s per run")
+            print("| path | signature | threads | requests/s | images/s | p50 ms | p99 ms | requests | other cores |")
+            print("|---|---|---|---|---|---|---|---|---|")
+        for path in args.paths if 1 in args.sections else ():
             for signature in _SIGNATURES:
                 for threads in args.threads:
                     config = serving_load.LoadConfig(threads=threads, requests=10 ** 6, seconds=args.seconds,
@@ -196,10 +264,11 @@ def main() -> None:
                           f"{latency.get('p99', float('nan')):.0f} | {summary['requests']} | {_cores(cores)} |"
                           + ("" if _verdict(summary).startswith("all") else f" {_verdict(summary)}"), flush=True)
 
-        print(f"\n2. RSS per batch size, all signatures mixed, {args.rss_threads} threads, {args.rss_seconds:g} s")
-        print("| path | images/request | RSS after warm-up MiB | peak RSS MiB | requests | other cores |")
-        print("|---|---|---|---|---|---|")
-        for path in args.paths:
+        if 2 in args.sections:
+            print(f"\n2. RSS per batch size, all signatures mixed, {args.rss_threads} threads, {args.rss_seconds:g} s")
+            print("| path | images/request | RSS after warm-up MiB | peak RSS MiB | requests | other cores |")
+            print("|---|---|---|---|---|---|")
+        for path in args.paths if 2 in args.sections else ():
             for batch in args.rss_batch_sizes:
                 config = serving_load.LoadConfig(threads=args.rss_threads, requests=10 ** 6, seconds=args.rss_seconds,
                                                  batch_sizes=(batch,))
@@ -209,7 +278,7 @@ def main() -> None:
                       f"{summary['peak_rss_kb'] / 1024:.0f} | {summary['requests']} | {_cores(cores)} |"
                       + ("" if _verdict(summary).startswith("all") else f" {_verdict(summary)}"), flush=True)
 
-        if args.soak_seconds > 0:
+        if args.soak_seconds > 0 and 3 in args.sections:
             print(f"\n3. soak: {args.soak_seconds:g} s, {args.soak_threads} threads, all signatures, batch sizes "
                   f"{args.soak_batch_sizes}")
             for path in args.soak_paths:
@@ -236,6 +305,9 @@ def main() -> None:
                                 f"{p.get('p99_ms', '')}\n")
             _plot({path: value["summary"] for path, value in results["soak"].items()},
                   os.path.join(args.out_dir, "soak.png"))
+
+        if args.request_n > 0 and 4 in args.sections:
+            results["request"] = _one_request_section(args, model, num_classes, max_batch, binary, tmp, pool_path)
     with open(os.path.join(args.out_dir, "serving_load.json"), "w", encoding="utf-8") as f:
         json.dump(results, f)
     print(f"\nwritten: {args.out_dir}/serving_load.json, soak_*.tsv, soak.png")

@@ -46,7 +46,7 @@ class FlagsTest(absltest.TestCase):
         self.assertEqual(binaries.flag_defaults("export"), {
             "model_dir": None, "model": None, "export_dir": None, "sigma": None, "n0": 100, "n": 10000,
             "alpha": 0.001, "batch_size": 1000, "stages": None, "version": None, "check_images": 0, "compute_dtype": "float32",
-            "noise": "grid"})
+            "noise": "grid", "max_batch": 64})
 
 
 class ExportBinaryTest(parameterized.TestCase):
@@ -191,6 +191,7 @@ class ExportErrorsTest(parameterized.TestCase):
          r"^--stages must end at n=10000 \(the total sample count\), got \[100, 500\]$"),
         ("stages_below_n0", ("--model_dir=MODEL_DIR", "--n0=200", "--stages=100,10000"),
          r"^--stages must start at n0=200 or above"),
+        ("max_batch", ("--model_dir=MODEL_DIR", "--max_batch=0"), r"^--max_batch must be an integer >= 1, got 0$"),
         ("check_images_beyond_split", ("--model_dir=MODEL_DIR", "--check_images=10001"),
          r"^--check_images=10001 is more than the 10000 images of fashion_mnist's test split$"),
     )

@@ -143,7 +143,7 @@ def export_flat(base_model: keras.Model, export_dir: str, **values) -> str:
     """`export.export_smoothed` of the settings `values`, given flat as for `export_config`."""
     config = export_config(**values)
     return export.export_smoothed(base_model, export_dir, config.spec, num_classes=config.num_classes,
-                                  class_names=config.class_names, seed=config.seed)
+                                  class_names=config.class_names, seed=config.seed, max_batch=config.max_batch)
 
 
 def _linear_setup(shape=(4, 4, 1), seed=0):
@@ -202,6 +202,7 @@ class ExportConfigTest(parameterized.TestCase):
         ("one_class", dict(num_classes=1), "num_classes"),
         ("class_names_length", dict(class_names=("a", "b", "c")), "class_names"),
         ("seed_negative", dict(seed=-1), "--seed"),
+        ("max_batch_zero", dict(max_batch=0), "^--max_batch must be an integer >= 1, got 0$"),
         ("stage_below_n0", dict(n=10000, stages=(50, 10000)), "^--stages must start at n0=100"),
         ("grid_sigma_above_16", dict(noise="grid", sigma=20.0),
          r"^--sigma=20.0 with --noise=grid: grid noise: sigma must be in \(0, 16\]"),
@@ -280,7 +281,8 @@ class VersionExportTest(parameterized.TestCase):
         # One export for what were two tests of the same settings (issue 21); without --check_images the
         # check is None (test_stale_staging_directories_are_removed).
         config = version_config(export_dir=self._export_dir(), model_dir=self.model_dir, n0=4, n=16,
-                                batch_size=16, version=3, check_images=3)
+                                batch_size=16, version=3, check_images=3, max_batch=2)
+        # max_batch 2: the 3 check images go in two requests (2 + 1), which the export takes.
         self.assertEqual(config.spec.sigma, 0.5)  # from train_config.json
         path, check, _ = export.export_version(config)
         self.assertEqual(path, os.path.join(config.export_dir, "3"))
@@ -295,6 +297,9 @@ class VersionExportTest(parameterized.TestCase):
         self.assertEqual(meta["class_names"][0], "T-shirt/top")
         self.assertEqual(meta["seed"], -1)
         self.assertEqual(meta["compute_dtype"], "float32")  # The default.
+        self.assertEqual(meta["max_batch"], 2)
+        self.assertEqual(version_config(export_dir=config.export_dir, model_dir=self.model_dir).max_batch,
+                         export.DEFAULT_MAX_BATCH)  # The default.
         # bin/export.py's default is grid noise (every dataset we ship is 8-bit): the test images, on the
         # grid as the data pipeline gives them, were certified by the reloaded grid export below.
         self.assertEqual((meta["noise"], meta["input_contract"]), ("grid", signatures.INPUT_CONTRACTS["grid"]))
@@ -317,9 +322,10 @@ class VersionExportTest(parameterized.TestCase):
 
     def test_stages_reach_the_export(self):
         config = version_config(export_dir=self._export_dir(), model_dir=self.model_dir, n0=4, n=400,
-                                batch_size=100, version=5, stages=[100, 400], alpha=0.01)
+                                batch_size=100, version=5, stages=[100, 400], alpha=0.01, max_batch=7)
         meta = export.read_metadata(export.export_version(config).path)
         self.assertEqual((meta["stages"], meta["levels"], meta["n_max"]), ([100, 400], [0.005, 0.005], 400))
+        self.assertEqual(meta["max_batch"], 7)
         default = version_config(export_dir=self._export_dir(), model_dir=self.model_dir, n=100000)
         self.assertEqual(default.spec.stages, stats.default_stages(100000))
 
@@ -439,6 +445,7 @@ class VersionExportTest(parameterized.TestCase):
         ("check_images_negative", dict(model_dir="MODEL_DIR", check_images=-1), "--check_images"),
         ("check_images_without_run", dict(model="MODEL_FILE", sigma=0.2, check_images=1),
          "--check_images needs --model_dir"),
+        ("max_batch", dict(model_dir="MODEL_DIR", max_batch=-3), "^--max_batch must be an integer >= 1, got -3$"),
         ("stage_below_n0", dict(model_dir="MODEL_DIR", n=1000, n0=200, stages=(100, 1000)),
          "^--stages must start at n0=200"),
         ("grid_sigma", dict(model="MODEL_FILE", sigma=17.0), r"^--sigma=17.0 with --noise=grid"),
@@ -777,7 +784,7 @@ class ComputeDtypeTest(tf.test.TestCase):
         pixels = images[:, 5].astype(np.float64)
         for compute_dtype, threshold in (("float32", 0.5), ("bfloat16", threshold_models.bfloat16_threshold(0.5))):
             config = export_config(sigma=sigma, num_classes=2, n0=20, n=50, alpha=alpha, batch_size=1000,
-                                   seed=1, compute_dtype=compute_dtype)
+                                   seed=1, compute_dtype=compute_dtype, max_batch=count)
             _, endpoints = export.build_archive(self.model, config)
             out = endpoints[signatures.SERVING_SIGNATURE](tf.constant(images.reshape(count, 4, 4, 1)))
             classes, radii = out["class"].numpy(), out["radius"].numpy()
@@ -823,6 +830,8 @@ class LinearClosedFormTest(tf.test.TestCase):
     def _export(self, **kwargs):
         """The shared export of the linear model with `kwargs`; (loaded, w, b, a fresh rng of the weights' seed)."""
         w, b, rng = _linear_setup()
+        # The statistical tests send their hundreds of images in one request.
+        kwargs.setdefault("max_batch", 1000)
         key = tuple(sorted(kwargs.items()))
         if key not in self._exports:
             path = os.path.join(self._tmp.name, f"linear{len(self._exports)}")
@@ -868,7 +877,7 @@ class LinearClosedFormTest(tf.test.TestCase):
         with tempfile.TemporaryDirectory() as root:
             path = os.path.join(root, "linear")
             export_flat(model, path, sigma=self.SIGMA, num_classes=2, n0=100, n=10000, alpha=alpha,
-                        batch_size=10000, stages=stages)
+                        batch_size=10000, stages=stages, max_batch=count)
             p_true = rng.uniform(0.55, 0.95, count)
             margins = self.SIGMA * scipy_stats.norm.ppf(p_true) * np.where(np.arange(count) % 2 == 0, 1, -1)
             images = images_at_margins(w, b, margins, rng)
@@ -965,7 +974,7 @@ class LinearClosedFormTest(tf.test.TestCase):
         with tempfile.TemporaryDirectory() as root:
             path = os.path.join(root, "partly_nonfinite")
             export_flat(partly_nonfinite_model(w, b, pixel, threshold), path, sigma=sigma, num_classes=2,
-                        n0=100, n=500, alpha=alpha, batch_size=1000, stages=(100, 500))
+                        n0=100, n=500, alpha=alpha, batch_size=1000, stages=(100, 500), max_batch=count)
             loaded = tf.saved_model.load(path)
             certificate = _signature_outputs(loaded, images)
             at_radius = _signature_outputs(loaded, images, signatures.CERTIFY_RADIUS_SIGNATURE,

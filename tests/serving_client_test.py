@@ -225,6 +225,25 @@ class RestClientTest(_ExportFixture, tf.test.TestCase):
         with self.assertRaisesRegex(ValueError, r"batch \[N, H, W, C\]"):
             self._client().certify(self.images[0])
 
+    def test_a_request_over_max_batch_is_refused_in_one_line(self):
+        over = np.full((export.DEFAULT_MAX_BATCH + 1, 4, 4, 1), 0.5, np.float32)
+        # The client knows the export's max_batch from its metadata: it refuses before sending. The server
+        # would answer with its own words (below), so this message, naming the client's reason, is the client's.
+        self.assertEqual(self._client().contract.max_batch, export.DEFAULT_MAX_BATCH)
+        with self.assertRaisesRegex(serving_client.ServingError,
+                                    rf"^http://127.0.0.1:{self.port}/v1/models/smoothed:predict: a request of 65 "
+                                    r"images is more than the model's max_batch of 64; split it into requests of at "
+                                    r"most 64 images$"):
+            self._client().predict(over)
+        # A client that does not know it sends the request; the server refuses it, and the one line of its
+        # message that says why is kept.
+        client = serving_client.RestClient("127.0.0.1", self.port, _MODEL_NAME, timeout=_TIMEOUT,
+                                           contract=serving_client.Contract(num_classes=2))
+        with self.assertRaisesRegex(serving_client.ServingError,
+                                    r"^[^\n]*HTTP 400: assertion failed: \[images must be at most max_batch = 64 per "
+                                    r"request \(split a larger request\); got a batch of\] \[65\]$"):
+            client.predict(over)
+
 
 class GrpcClientTest(_ExportFixture, tf.test.TestCase):
 
@@ -260,6 +279,11 @@ class GrpcClientTest(_ExportFixture, tf.test.TestCase):
         with self._client() as client:
             with self.assertRaisesRegex(serving_client.ServingError, "(?s)INVALID_ARGUMENT: .*images must be finite"):
                 client.certify(np.full((1, 4, 4, 1), np.nan, np.float32))
+            # One line: the server's message says why, then names the node and function.
+            with self.assertRaisesRegex(serving_client.ServingError,
+                                        r"^[^\n]*INVALID_ARGUMENT: assertion failed: \[images must be at most "
+                                        r"max_batch = 64 per request .*\] \[65\]$"):
+                client.predict(np.full((65, 4, 4, 1), 0.5, np.float32))
         with self._client("other") as client:
             with self.assertRaisesRegex(serving_client.ServingError, "NOT_FOUND"):
                 client.predict(self.images)
@@ -403,6 +427,7 @@ class CheckAnswerTest(parameterized.TestCase):
         ("stages", {"stages": [100, 100]}, r"stages = \[100, 100\] is not an increasing list"),
         ("sigma", {"sigma": float("nan")}, "sigma = nan is not a finite number > 0"),
         ("missing", {"sigma": None}, "lacks sigma"),
+        ("max_batch", {"max_batch": 0}, "max_batch = 0 is not an integer >= 1"),
     )
     def test_bad_metadata_is_refused(self, change, message):
         metadata = {**METADATA, **change}

@@ -5,7 +5,9 @@ threads to one loaded export and checks every answer. The C++ path runs
 tools/serving_check --load (TensorFlow's LoadSavedModel + Session::Run, what
 TF Serving runs); it is skipped only when g++ is missing, as in
 serving_check_test.py. The ten-minute soak is bench/serving_load_bench.py;
-these runs last seconds.
+these runs last seconds. Each request's work and memory are bounded: a
+request of more than the export's max_batch images is refused at once, and
+no tensor of a request grows beyond one chunk of noisy copies.
 """
 
 import os
@@ -28,21 +30,26 @@ from tf_consreg.certify_spec import CertifySpec
 SIGMA = 0.25
 # The issue's soak criterion: RSS after warm-up grows by less than 5%.
 RSS_GROWTH = 0.05
+# The load tests' export refuses requests of more images than this (their batches hold at most 5).
+MAX_BATCH = 5
 
 
-def export_linear(export_dir: str) -> dict:
-    """A two-class linear export with fresh noise per request; returns its metadata.
+def export_linear(export_dir: str, spec: CertifySpec = CertifySpec(
+        sigma=SIGMA, n0=50, n=600, alpha=0.001, batch_size=600, stages=(100, 300, 600),
+        noise="float")) -> dict:  # Random float images: only float noise takes them.
+    """A two-class linear export of `spec` with fresh noise per request and max_batch MAX_BATCH.
 
     The one call of `export_smoothed` in this file, so that a change of its
-    argument list is adapted here only.
+    argument list is adapted here only. The grey image (all pixels 0.5) lies
+    on the model's hyperplane: P(class 0) = 1/2 under noise.
+
+    Returns:
+      The model's weights w and bias b.
     """
     rng = np.random.default_rng(3)
     w = rng.normal(size=(4, 4, 1)) * 0.25
     b = -float(np.sum(w)) * 0.5
-    export.export_smoothed(linear_model(w, b), export_dir,
-                           CertifySpec(sigma=SIGMA, n0=50, n=600, alpha=0.001, batch_size=600, stages=(100, 300, 600),
-                                       noise="float"),  # Random float images: only float noise takes them.
-                           num_classes=2)
+    export.export_smoothed(linear_model(w, b), export_dir, spec, num_classes=2, max_batch=MAX_BATCH)
     return {"w": w, "b": b}
 
 
@@ -166,6 +173,37 @@ class ServingLoadTest(parameterized.TestCase):
         self.assertLess(rss1, rss0 * (1 + RSS_GROWTH), f"RSS grew from {rss0} kB to {rss1} kB")
         self.assertGreater(rss0, 10 * 1024 / RSS_GROWTH)  # The premise above: 5% of RSS is > 10 MB.
 
+    def test_a_request_over_max_batch_is_refused_before_anything_else(self):
+        loaded = tf.saved_model.load(self.export_dir)
+        self.assertEqual(int(loaded.signatures["metadata"]()["max_batch"]), MAX_BATCH)
+        self.assertEqual(export.read_metadata(self.export_dir)["max_batch"], MAX_BATCH)
+        # NaN pixels and radii would fail the later checks: the batch size is checked first, from the shape alone.
+        images = tf.fill([MAX_BATCH + 1, 4, 4, 1], float("nan"))
+        message = (rf"images must be at most max_batch = {MAX_BATCH} per request \(split a larger request\); "
+                   rf"got a batch of\] \[{MAX_BATCH + 1}\]")
+        for name in serving_load.SIGNATURES:
+            inputs = {"images": images}
+            if name == "certify_radius":
+                inputs["radius"] = tf.fill([MAX_BATCH + 1], float("nan"))
+            with self.subTest(signature=name):
+                with self.assertRaisesRegex(tf.errors.InvalidArgumentError, message):
+                    loaded.signatures[name](**inputs)
+        # The maximum itself is served.
+        answer = loaded.signatures["predict"](images=tf.constant(self.pool[:MAX_BATCH]))
+        self.assertEqual(answer["class"].shape, (MAX_BATCH,))
+
+    @parameterized.parameters("python", "c++")
+    def test_a_load_over_max_batch_counts_errors_naming_both_sizes(self, path):
+        config = serving_load.LoadConfig(threads=1, requests=2, warmup=1, batch_sizes=(MAX_BATCH + 1,))
+        summary = self._run(path, config)
+        # The warm-up's 3 requests (one per signature) and the 2 timed ones: every one refused, none answered.
+        self.assertEqual(summary["errors"], 5)
+        self.assertEqual(summary["warmup_failures"], 3)
+        self.assertEqual(summary["wrong_answers"], 0)
+        self.assertRegex(summary["first_error"].splitlines()[0],
+                         rf"^(serving_default|certify_radius|predict): assertion failed: \[images must be at most "
+                         rf"max_batch = {MAX_BATCH} per request .*; got a batch of\] \[{MAX_BATCH + 1}\]$")
+
     def test_cpp_bad_load_flags_fail_with_one_line(self):
         if self.binary is None:
             self.skipTest("g++ not found on PATH: cannot build tools/serving_check")
@@ -187,6 +225,75 @@ class ServingLoadTest(parameterized.TestCase):
                 self.assertEqual(result.returncode, 1)
                 self.assertEqual(result.stdout, "")
                 self.assertEqual(result.stderr.strip().splitlines()[-1], "serving_check: error: " + message)
+
+
+def largest_allocation(session: tf.compat.v1.Session, signature: "meta_graph_pb2.SignatureDef",
+                       inputs: dict) -> int:
+    """Bytes of the largest block any op allocated in one run of `signature`, as TF Serving runs it.
+
+    From the run's step stats (FULL_TRACE), which list every op executed,
+    those inside the graph's functions and loop bodies too, with each op's
+    largest allocation (`peak_bytes`) and each output's size.
+    """
+    run_metadata = tf.compat.v1.RunMetadata()
+    session.run({key: value.name for key, value in signature.outputs.items()},
+                {signature.inputs[key].name: value for key, value in inputs.items()},
+                options=tf.compat.v1.RunOptions(trace_level=tf.compat.v1.RunOptions.FULL_TRACE),
+                run_metadata=run_metadata)
+    largest = 0
+    for device in run_metadata.step_stats.dev_stats:
+        for node in device.node_stats:
+            for memory in node.memory:
+                largest = max(largest, memory.peak_bytes)
+            for output in node.output:
+                largest = max(largest, output.tensor_description.allocation_description.requested_bytes)
+    return largest
+
+
+class MemoryBoundTest(parameterized.TestCase):
+    """No tensor of a request grows with B x n: the samples go through the model in chunks of batch_size copies."""
+
+    # n is 8 times batch_size, so one image's samples span 8 chunks, and a request of MAX_BATCH images 40.
+    BATCH_SIZE = 300
+    N = 2400
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls._tmp = tempfile.TemporaryDirectory()
+        export_dir = os.path.join(cls._tmp.name, "large_n")
+        export_linear(export_dir, CertifySpec(sigma=SIGMA, n0=50, n=cls.N, alpha=0.001, batch_size=cls.BATCH_SIZE,
+                                              stages=(100, 300, cls.N)))
+        # A graph-mode session over the SavedModel: the runtime TF Serving and the C++ loader use.
+        cls.graph = tf.Graph()
+        cls.session = tf.compat.v1.Session(graph=cls.graph)
+        with cls.graph.as_default():
+            cls.signatures = tf.compat.v1.saved_model.load(cls.session, ["serve"], export_dir).signature_def
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.session.close()
+        cls._tmp.cleanup()
+        super().tearDownClass()
+
+    @parameterized.parameters(*serving_load.SIGNATURES)
+    def test_the_largest_tensor_is_one_chunk_whatever_the_batch(self, name):
+        # Grey images lie on the hyperplane (p = 1/2): they abstain, and the staged signatures run every stage
+        # to n, the most work a request can ask. A radius of 0.1 cannot be certified at p = 1/2.
+        pixels = 4 * 4 * 1
+        # The largest tensor of a chunk is its noisy copies, float32 [BATCH_SIZE, 4, 4, 1]; the linear model's
+        # other per-copy tensors are smaller (2 logits, an int64 class). Exact byte counts: no tolerance.
+        chunk_bytes = self.BATCH_SIZE * pixels * 4
+        largest = {}
+        for batch in (1, MAX_BATCH):
+            inputs = {"images": np.full((batch, 4, 4, 1), 0.5, np.float32)}
+            if name == "certify_radius":
+                inputs["radius"] = np.full(batch, 0.1, np.float32)
+            largest[batch] = largest_allocation(self.session, self.signatures[name], inputs)
+        # Drawing a request's samples at once would take MAX_BATCH x N copies: 40 times one chunk.
+        self.assertGreaterEqual(MAX_BATCH * self.N * pixels * 4, 40 * chunk_bytes)
+        # One image's N samples fill whole chunks; a request of MAX_BATCH images needs no bigger one.
+        self.assertEqual(largest, {1: chunk_bytes, MAX_BATCH: chunk_bytes})
 
 
 def export_contract_breaker(export_dir: str) -> None:

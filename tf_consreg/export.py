@@ -49,7 +49,7 @@ Signatures (all with method name `tensorflow/serving/predict`):
     metadata         no input -> sigma, n0, n, n_max (= n), stages, levels
                      (the per-stage levels of the union bound), alpha,
                      num_classes, class_names, input_shape, batch_size,
-                     seed, version, compute_dtype, noise ("grid" or
+                     max_batch, seed, version, compute_dtype, noise ("grid" or
                      "float"), input_contract (what the image signatures
                      take, `signatures.INPUT_CONTRACTS`), tv_slack (the
                      grid sampler's total-variation slack per sample of an
@@ -81,6 +81,18 @@ dataset we ship being 8-bit):
          quantized. Its certificates assume exact arithmetic (float rounding
          of x + noise can leak x; see noise.py). Input contract: finite
          pixels in [0, 1], anything else refused naming the first bad pixel.
+
+Bounded work and memory per request. Each image signature refuses a request
+of more than `max_batch` images (default `DEFAULT_MAX_BATCH`), as TF
+Serving's `max_batch_size` does: the check runs first, before the request's
+pixels are read or any sample drawn, and its InvalidArgument error names the
+batch size and the maximum. So one request costs at most max_batch * (n0 +
+n) forward passes. Memory does not grow with the request: the samples are
+evaluated in chunks of at most `batch_size` noisy copies
+(`smoothing.sample_counts`), so the largest tensor of a request is one
+chunk's (`batch_size` copies of an image, or the base model's activations of
+them), whatever B and n; the request's own tensors are B images and B rows
+of counts.
 
 Each staged signature holds with probability >= 1 - alpha per image: stage k
 runs its bounds (or test) at level levels[k], and the levels sum to alpha
@@ -122,6 +134,7 @@ exports that were killed.
 
 import dataclasses
 import fcntl
+import functools
 import json
 import math
 import os
@@ -153,6 +166,15 @@ from tf_consreg.signatures import INPUT_CONTRACTS, RADIUS_KEY, SERVING_SIGNATURE
 ASSETS_EXTRA = "assets.extra"
 WARMUP_FILE = "tf_serving_warmup_requests"
 METADATA_FILE = "smoothing_metadata.json"
+# Most images per request. Work grows with the batch (n0 + n forward passes
+# per image; at the default n = 10,000 one LeNet image takes 0.4-0.9 s of
+# serving_default on 2 EPYC cores) but throughput does not once a request
+# fills the forward batches (B * n0 >= batch_size: 10 images at the defaults),
+# and memory does not at all (chunked sampling; docs/benchmarks.md, "Serving under load").
+# 64 keeps a worst-case request near a minute at the defaults on that machine,
+# and its input small beside one chunk's activations (64 CIFAR-10 images are
+# 0.8 MB, 64 ImageNet 224x224x3 images 38 MB).
+DEFAULT_MAX_BATCH = 64
 
 def _is_int(value) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
@@ -168,6 +190,10 @@ def _check_grid_sigma(spec: CertifySpec) -> None:
             noise_lib.grid_noise_table(spec.sigma)
         except ValueError as e:
             raise ConfigError(f"--sigma={spec.sigma} with --noise=grid: {e}") from None
+
+
+def _check_max_batch(max_batch) -> None:
+    check(_is_int(max_batch) and max_batch >= 1, f"--max_batch must be an integer >= 1, got {max_batch!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,6 +212,8 @@ class ExportConfig:
       class_names: optional names, index = class.
       seed: None draws a fresh random seed on every request (for deployment);
         an int fixes the noise of every request (reproducible, for tests).
+      max_batch: most images per request; each image signature refuses a
+        larger request before any sampling (module docstring).
 
     The spec's `noise` picks the sampler (module docstring); grid noise
     needs sigma in (0, 16] (`noise.grid_noise_table`), and n samples' slack
@@ -196,6 +224,7 @@ class ExportConfig:
     num_classes: int
     class_names: Optional[Tuple[str, ...]] = None
     seed: Optional[int] = None
+    max_batch: int = DEFAULT_MAX_BATCH
 
     def __post_init__(self):
         check(isinstance(self.spec, CertifySpec), f"spec must be a CertifySpec, got {type(self.spec).__name__}")
@@ -210,6 +239,7 @@ class ExportConfig:
         check(self.seed is None or (_is_int(self.seed) and 0 <= self.seed < 2**63),
               f"--seed must be None or an integer in [0, 2^63), got {self.seed}")
         object.__setattr__(self, "spec", self.spec.resolved(selection=True))
+        _check_max_batch(self.max_batch)
 
     @property
     def levels(self) -> Tuple[float, ...]:
@@ -266,6 +296,7 @@ class ExportConfig:
             "class_names": list(names),
             "input_shape": [int(d) for d in input_shape],
             "batch_size": spec.batch_size,
+            "max_batch": int(self.max_batch),
             "seed": -1 if self.seed is None else int(self.seed),
             "version": __version__,
             "compute_dtype": spec.compute_dtype,
@@ -329,6 +360,34 @@ def _validated(images: tf.Tensor, input_shape: Tuple[int, int, int], grid: bool)
         with tf.control_dependencies([noise_lib.to_grid(images)]):  # In a graph: its assertion.
             images = tf.identity(images)
     return images
+
+
+def _within_max_batch(images: tf.Tensor, max_batch: int) -> tf.Tensor:
+    """Refuses, in the graph, a request of more than `max_batch` images; returns `images`.
+
+    It reads only the shape, so an oversized request is refused before its
+    pixels are checked or any sample drawn. (A rank-0 input counts as 0
+    images here and is refused by the shape check that follows.)
+    """
+    shape = tf.shape(images)
+    num_images = tf.reduce_max(tf.concat([shape[:1], [0]], axis=0))
+    refuse = tf.debugging.Assert(
+        num_images <= max_batch,
+        [f"images must be at most max_batch = {max_batch} per request (split a larger request); got a batch of",
+         num_images],
+    )
+    with tf.control_dependencies([refuse]):
+        return tf.identity(images)
+
+
+def _refusing_over_max_batch(endpoint: Callable[..., dict], max_batch: int) -> Callable[..., dict]:
+    """`endpoint` (images first) with `_within_max_batch` run on its images before anything else."""
+
+    @functools.wraps(endpoint)
+    def limited(images, *inputs):
+        return endpoint(_within_max_batch(images, max_batch), *inputs)
+
+    return limited
 
 
 def _validated_radius(radius: tf.Tensor, num_images: tf.Tensor) -> tf.Tensor:
@@ -573,11 +632,15 @@ def build_archive(base_model: keras.Model,
     archive = keras.export.ExportArchive()
     archive.track(base_model)
     # serving_default first: ExportArchive would alias the first endpoint anyway.
+    max_batch = config.max_batch
     endpoints = {
-        SERVING_SIGNATURE: archive.add_endpoint(SERVING_SIGNATURE, certify, input_signature=[image_spec]),
-        CERTIFY_RADIUS_SIGNATURE: archive.add_endpoint(CERTIFY_RADIUS_SIGNATURE, certify_at_radius,
+        SERVING_SIGNATURE: archive.add_endpoint(SERVING_SIGNATURE, _refusing_over_max_batch(certify, max_batch),
+                                                input_signature=[image_spec]),
+        CERTIFY_RADIUS_SIGNATURE: archive.add_endpoint(CERTIFY_RADIUS_SIGNATURE,
+                                                       _refusing_over_max_batch(certify_at_radius, max_batch),
                                                        input_signature=[image_spec, radius_spec]),
-        PREDICT_SIGNATURE: archive.add_endpoint(PREDICT_SIGNATURE, predict, input_signature=[image_spec]),
+        PREDICT_SIGNATURE: archive.add_endpoint(PREDICT_SIGNATURE, _refusing_over_max_batch(predict, max_batch),
+                                                input_signature=[image_spec]),
         METADATA_SIGNATURE: archive.add_endpoint(METADATA_SIGNATURE, describe, input_signature=[]),
     }
     return archive, endpoints
@@ -591,6 +654,7 @@ def export_smoothed(
     num_classes: int,
     class_names: Optional[Sequence[str]] = None,
     seed: Optional[int] = None,
+    max_batch: int = DEFAULT_MAX_BATCH,
 ) -> str:
     """Exports the smoothed classifier of `base_model` as one SavedModel.
 
@@ -620,6 +684,8 @@ def export_smoothed(
       seed: None (default) for fresh noise on every request; an int for
         reproducible requests (testing only: fixed noise is known to anyone
         who can read the SavedModel).
+      max_batch: most images per request (recorded in the metadata); the
+        image signatures refuse a larger request before any sampling.
 
     Returns:
       `export_dir`.
@@ -630,7 +696,7 @@ def export_smoothed(
       OSError: the SavedModel could not be written (a full disk, a read-only
         mount), naming `export_dir`; nothing is left behind.
     """
-    config = ExportConfig(spec, num_classes=num_classes, class_names=class_names, seed=seed)
+    config = ExportConfig(spec, num_classes=num_classes, class_names=class_names, seed=seed, max_batch=max_batch)
     if os.path.exists(export_dir) and (not os.path.isdir(export_dir) or os.listdir(export_dir)):
         raise ConfigError(f"--export_dir: {export_dir} exists and is not an empty directory; "
                           "choose a new directory (exports are never overwritten)")
@@ -761,7 +827,9 @@ class VersionExportConfig:
         filled in here).
       version: the TF Serving version number; default `int(time.time())`.
       check_images: after exporting, certify this many test images of the
-        run's dataset through the reloaded SavedModel (needs `model_dir`).
+        run's dataset through the reloaded SavedModel (needs `model_dir`),
+        in requests of at most `max_batch` images.
+      max_batch: most images per request, as `ExportConfig.max_batch`.
       dataset, data_dir: filled from the training run (None with `model`).
     """
 
@@ -771,6 +839,7 @@ class VersionExportConfig:
     spec: CertifySpec = certify_spec.EXPORT
     version: Optional[int] = None
     check_images: int = 0
+    max_batch: int = DEFAULT_MAX_BATCH
     dataset: Optional[str] = dataclasses.field(default=None, init=False)
     data_dir: Optional[str] = dataclasses.field(default=None, init=False)
 
@@ -800,6 +869,7 @@ class VersionExportConfig:
               f"--check_images must be an integer >= 0, got {self.check_images}")
         check(not self.check_images or self.model_dir,
               "--check_images needs --model_dir: the test images come from the training run's dataset")
+        _check_max_batch(self.max_batch)
         if self.version is None:
             object.__setattr__(self, "version", int(time.time()))
         check(_is_int(self.version) and self.version >= 1,
@@ -870,8 +940,12 @@ def export_version(config: VersionExportConfig) -> ExportedVersion:
     # export_smoothed removes them too; removed here first to report them.
     removed = tuple(remove_stale_staging(config.export_dir))
     path = export_smoothed(base_model, config.version_dir, config.spec, num_classes=num_classes,
-                           class_names=class_names)
+                           class_names=class_names, max_batch=config.max_batch)
     if not config.check_images:
         return ExportedVersion(path, None, removed)
-    answers = tf.saved_model.load(path).signatures[SERVING_SIGNATURE](images=tf.constant(images))
-    return ExportedVersion(path, {"label": labels, **{k: v.numpy() for k, v in answers.items()}}, removed)
+    certify = tf.saved_model.load(path).signatures[SERVING_SIGNATURE]
+    # As a client must: the export refuses requests of more than max_batch images.
+    answers = [certify(images=tf.constant(images[i:i + config.max_batch]))
+               for i in range(0, len(images), config.max_batch)]
+    return ExportedVersion(path, {"label": labels, **{k: np.concatenate([a[k].numpy() for a in answers])
+                                                      for k in answers[0]}}, removed)

@@ -29,8 +29,11 @@ signature's contract (`check_answer`: one row per image, the outputs' dtypes,
 classes of the model or -1, radii finite, >= 0 and 0 on abstain, bounds in
 [0, 1], `certified` and `samples` consistent with the rest) before it is
 returned, and a violation raises `ContractError`, whose one-line message
-names the output. The gRPC client checks against the metadata of the version
-that answered; the REST client against the `Contract` it is given:
+names the output. A request the server refuses raises `ServingError` with the
+one line of the server's message that says why; a request of more images than
+the export's `max_batch` (in its metadata) is refused before it is sent. The
+gRPC client checks against the metadata of the version that answered; the
+REST client against the `Contract` it is given:
 
     contract = Contract.from_metadata(export.read_metadata(export_dir))
     client = RestClient("localhost", 8501, "smoothed", contract=contract)
@@ -131,12 +134,15 @@ class Contract:
       noise: the export's noise mode, "float" or "grid" (`INPUT_CONTRACTS`);
         a grid export takes only images on the 8-bit grid, which the
         clients check before sending (`check_images`).
+      max_batch: the most images the model takes per request: a client
+        refuses a larger request before sending it (the server would too).
     """
 
     num_classes: Optional[int] = None
     stages: Optional[Tuple[int, ...]] = None
     sigma: Optional[float] = None
     noise: Optional[str] = None
+    max_batch: Optional[int] = None
 
     def __post_init__(self):
         where = "the model's metadata"
@@ -152,6 +158,8 @@ class Contract:
             raise ContractError(f"{where}: sigma = {self.sigma!r} is not a finite number > 0")
         if self.noise is not None and self.noise not in INPUT_CONTRACTS:
             raise ContractError(f"{where}: noise = {self.noise!r} is not one of {', '.join(INPUT_CONTRACTS)}")
+        if self.max_batch is not None and not (_is_int(self.max_batch) and self.max_batch >= 1):
+            raise ContractError(f"{where}: max_batch = {self.max_batch!r} is not an integer >= 1")
 
     @classmethod
     def from_metadata(cls, metadata: Mapping[str, Any]) -> "Contract":
@@ -167,10 +175,11 @@ class Contract:
             raise ContractError(f"the model's metadata lacks {', '.join(missing)}; is it an export of "
                                 "tf_consreg's export_smoothed (bin/export.py)?")
         stages = metadata["stages"]
-        # An export written before grid noise records no mode: it samples float noise.
+        # An export written before grid noise records no mode: it samples float noise. Exports written before
+        # max_batch existed do not state it (nor refuse any batch).
         return cls(num_classes=metadata["num_classes"], sigma=metadata["sigma"],
                    stages=tuple(stages) if isinstance(stages, (list, tuple)) else stages,
-                   noise=metadata.get("noise", "float"))
+                   noise=metadata.get("noise", "float"), max_batch=metadata.get("max_batch"))
 
 
 def _is_int(value) -> bool:
@@ -410,6 +419,27 @@ def _certificate(outputs: Dict[str, np.ndarray]) -> Certificate:
     return Certificate(classes=outputs["class"], radii=outputs["radius"], p_lower=outputs["p_lower"])
 
 
+def _within_max_batch(where: str, inputs: Dict[str, np.ndarray], contract: Optional[Contract]) -> None:
+    """Refuses, before sending, a request larger than the contract's max_batch, as the server would."""
+    num_images = len(inputs[INPUT_KEY])
+    if contract is not None and contract.max_batch is not None and num_images > contract.max_batch:
+        raise ServingError(f"{where}: a request of {num_images} images is more than the model's max_batch of "
+                           f"{contract.max_batch}; split it into requests of at most {contract.max_batch} images")
+
+
+def server_message(message: str) -> str:
+    """One line of a server's error message: the line that says why, or else the first.
+
+    TensorFlow's messages run over several lines (the failed check, then the
+    node and function that raised it; in Python, a preamble first). The
+    export's own checks of a request all say what it "must be"; another
+    failed assertion says "assertion failed:".
+    """
+    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+    reasons = [line for line in lines if "must be" in line or line.startswith("assertion failed:")]
+    return (reasons or lines or [""])[0]
+
+
 def _checked(where: str, signature: str, outputs, inputs: Dict[str, np.ndarray], contract: Contract):
     """`check_answer` for a request's `inputs`, its message prefixed with who answered."""
     try:
@@ -444,6 +474,7 @@ class RestClient:
         self.contract = contract
 
     def _predict(self, signature: str, inputs: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        _within_max_batch(self.url, inputs, self.contract)
         # Columnar ("inputs") format: outputs come back as whole tensors.
         body = json.dumps({"signature_name": signature,
                            "inputs": {key: value.tolist() for key, value in inputs.items()}}).encode()
@@ -460,7 +491,7 @@ class RestClient:
                 error = None
             if isinstance(error, dict) and "error" in error:
                 detail = str(error["error"])
-            raise ServingError(f"{self.url}: HTTP {e.code}: {detail}") from e
+            raise ServingError(f"{self.url}: HTTP {e.code}: {server_message(detail)}") from e
         except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
             raise ServingError(f"cannot reach {self.url}: {getattr(e, 'reason', e)}") from e
         try:
@@ -541,7 +572,7 @@ class GrpcClient:
         try:
             response = self._stub.Predict(request, timeout=self.timeout)
         except self._grpc.RpcError as e:
-            raise ServingError(f"{self.target}: {e.code().name}: {e.details()}") from e
+            raise ServingError(f"{self.target}: {e.code().name}: {server_message(e.details())}") from e
         try:
             outputs = {key: tf.make_ndarray(value) for key, value in response.outputs.items()}
         except (TypeError, ValueError) as e:  # A tensor whose content does not match its dtype and shape.
@@ -557,6 +588,8 @@ class GrpcClient:
         return self._contracts[version]
 
     def _predict(self, signature: str, inputs: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        # Known before the first answer only when given or already fetched for the pinned version.
+        _within_max_batch(self.target, inputs, self.contract or self._contracts.get(self.version))
         outputs, answered = self._call(signature, inputs, self.version)
         try:
             contract = self._contract(answered)

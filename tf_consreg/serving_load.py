@@ -278,7 +278,8 @@ def run_python_load(export_dir: str, images, config: LoadConfig) -> Dict[str, An
         try:
             outputs = {key: value.numpy() for key, value in functions[signature](**feeds).items()}
         except tf.errors.OpError as e:
-            tally.error(f"{signature}: {e.message.splitlines()[0] if e.message else type(e).__name__}")
+            # The line that says why, not the "Graph execution error:" that opens TensorFlow's Python message.
+            tally.error(f"{signature}: {serving_client.server_message(e.message) or type(e).__name__}")
             return time.perf_counter() - start
         latency = time.perf_counter() - start
         try:

@@ -59,6 +59,9 @@ _FLAGS = cli.define_flags(export.VersionExportConfig, {
     "compute_dtype": "float32: the export samples the network computing in float32, whatever policy it was trained "
                      "under. bfloat16: the network as mixed_bfloat16 computes it (float32 logits). The metadata "
                      "signature names it; the certificates hold for that function.",
+    "max_batch": "Most images per request: every image signature refuses a larger request at once, before any "
+                 "sampling, naming both sizes (as TF Serving's max_batch_size). A request costs up to max_batch x "
+                 "(n0 + n) forward passes; memory does not grow with it (sampling goes in chunks of --batch_size).",
 })
 
 
