@@ -225,21 +225,19 @@ class QueryRestContractTest(parameterized.TestCase):
         self.assertEqual([row[2:] for row in rows], [["3", "0.300", "0.9000"], ["-1", "0.000", "0.4000"],
                                                      ["9", "0.100", "0.7000"]])
 
-    def test_the_issues_answer_exits_2_with_one_line(self):
-        # The answer of issue 22: every field out of range; the first checked, class, is named.
+    def test_the_issues_answer_is_one_error_naming_the_first_bad_field(self):
+        # The answer of issue 22: every field out of range; the first checked, class, is named. In process:
+        # test_closed_port_is_one_line runs cli.run's path (one line, exit status 2) in a real process.
         outputs = {"class": [99, -7, 1], "radius": [float("nan"), -1.0, 1e300], "p_lower": [2.0, 0.5, 0.5]}
-        with canned_rest_server(outputs) as server:
-            result = subprocess.run([sys.executable, os.path.join(REPO, "bin", "query.py"),
-                                     f"--rest=127.0.0.1:{server.port}", "--indices=0,1,2"],
-                                    capture_output=True, text=True, timeout=300, check=False)
-        self.assertEqual(result.returncode, 2, result.stderr[-2000:])
-        self.assertEqual(result.stdout, "")
-        self.assertNotIn("Traceback", result.stderr)
-        errors = [line for line in result.stderr.splitlines() if line.startswith("query.py: error:")]
-        self.assertEqual(errors, [f"query.py: error: http://127.0.0.1:{server.port}/v1/models/smoothed:predict: "
-                                  "the serving_default answer breaks its contract: class[0] = 99 is not a class "
-                                  "of 10 (0 to 9) nor -1 (abstain)"])
-
+        out = io.StringIO()
+        with canned_rest_server(outputs) as server, contextlib.redirect_stdout(out):
+            with flagsaver.flagsaver(rest=f"127.0.0.1:{server.port}", indices=["0", "1", "2"]):
+                with self.assertRaises(ConfigError) as raised:
+                    query_bin.main(["query"])
+        self.assertEqual(out.getvalue(), "")
+        self.assertEqual(str(raised.exception),
+                         f"http://127.0.0.1:{server.port}/v1/models/smoothed:predict: the serving_default answer "
+                         "breaks its contract: class[0] = 99 is not a class of 10 (0 to 9) nor -1 (abstain)")
 
 if __name__ == "__main__":
     tf.test.main()

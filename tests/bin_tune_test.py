@@ -1,13 +1,13 @@
 """bin/tune.py end to end: a 2-trial search, bin/train.py accepting its best.flags, resuming, bad input.
 
-bin/tune.py runs in subprocesses here: the kill test needs a process to kill, and bin/train.py, whose flags
-parse best.flags in this process (loaded with tests/binaries.py), defines flags of the same names.
+The searches run bin/tune.py in subprocesses (the kill test needs a process to kill); its flag checks run its
+main in this process, with one real command line beside them. bin/tune.py and bin/train.py (which parses
+best.flags here) define flags of the same names, so a test loads one of them at a time (tests/binaries.py).
 """
 
 import csv
 import dataclasses
 import glob
-import json
 import os
 import signal
 import subprocess
@@ -20,10 +20,10 @@ from absl import flags
 from absl.testing import flagsaver
 
 import binaries  # tests/binaries.py
+from tf_consreg.errors import ConfigError
 from tf_consreg.run_config import read_train_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-train_bin = None  # bin/train.py, loaded by setUpModule.
 
 FLAGS = flags.FLAGS
 TUNE = os.path.join(REPO, "bin", "tune.py")
@@ -37,12 +37,10 @@ TRIAL_TIMEOUT = 1200
 
 
 def setUpModule():
-    global train_bin
-    train_bin = binaries.load("train")
-
-
-def tearDownModule():
-    binaries.unload(train_bin)
+    # tf.test.TestCase's temporary directories read absl's --test_tmpdir, which needs parsed flags (what loading a
+    # binary did here before; the tests now load theirs one at a time).
+    if not FLAGS.is_parsed():
+        FLAGS(["bin_tune_test"])
 
 
 def _tune(*args, timeout=600):
@@ -61,6 +59,12 @@ def _error_lines(stderr):
 
 
 class TuneBinaryTest(tf.test.TestCase):
+
+    def _load(self, name):
+        """bin/<name>.py loaded in this process until the test ends (train and tune share flag names)."""
+        module = binaries.load(name)
+        self.addCleanup(binaries.unload, module)
+        return module
 
     @pytest.mark.slow
     def test_search_writes_results_and_train_accepts_best_flags(self):
@@ -95,6 +99,7 @@ class TuneBinaryTest(tf.test.TestCase):
         # bin/train.py takes best.flags as it is: the best trial's config, to a new model_dir.
         best = os.path.join(tuning_dir, "best.flags")
         model_dir = os.path.join(self.create_tempdir().full_path, "best_run")
+        train_bin = self._load("train")
         with flagsaver.flagsaver():
             FLAGS(["train", f"--flagfile={best}", f"--model_dir={model_dir}"])
             config = train_bin.make_config()
@@ -179,40 +184,26 @@ class TuneBinaryTest(tf.test.TestCase):
             "--sigma_range=0.25,0.5": "--sigma_range: sigma is fixed per search, since certified radii at different "
                                       "sigma are not comparable; run one search per --sigma",
         }
-        # One process runs every case through tune.main (importing TensorFlow once), another the real
-        # command line for one of them; in parallel.
-        driver = subprocess.Popen([sys.executable, "-c", _DRIVER, json.dumps([f"--tuning_dir={tuning_dir}", *TINY]),
-                                   json.dumps(list(cases))],
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        # The real command line for one case, in a process of its own while this one runs every case through the
+        # loaded binary's main.
         cli = subprocess.Popen([sys.executable, TUNE, f"--tuning_dir={tuning_dir}", *TINY, "--lbd_range=20,1"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        _, cli_stderr = cli.communicate(timeout=300)
-        stdout, stderr = driver.communicate(timeout=300)
-        self.assertEqual(driver.returncode, 0, stderr[-3000:])
-        self.assertEqual(json.loads(stdout.splitlines()[-1]), cases)
+        try:
+            tune_bin = self._load("tune")
+            messages = {}
+            for case in cases:
+                with flagsaver.flagsaver():
+                    FLAGS(["tune", f"--tuning_dir={tuning_dir}", *TINY, case])
+                    with self.assertRaises(ConfigError) as raised:
+                        tune_bin.main(["tune"])
+                messages[case] = str(raised.exception)
+            self.assertEqual(messages, cases)
+        finally:
+            _, cli_stderr = cli.communicate(timeout=300)
         self.assertEqual(cli.returncode, 2, cli_stderr[-2000:])
         self.assertEqual(_error_lines(cli_stderr), ["tune.py: error: " + cases["--lbd_range=20,1"]])
         self.assertFalse(os.path.exists(tuning_dir))
 
-
-# Runs tune.main once per extra flag, in one process; prints {flag: ConfigError message} as JSON.
-_DRIVER = """
-import json, sys
-from absl import flags
-from tf_consreg.commands import tune
-from tf_consreg.errors import ConfigError
-base, cases = json.loads(sys.argv[1]), json.loads(sys.argv[2])
-messages = {}
-for case in cases:
-    flags.FLAGS.unparse_flags()
-    flags.FLAGS(["tune", *base, case])
-    try:
-        tune.main(["tune"])
-        messages[case] = None
-    except ConfigError as e:
-        messages[case] = str(e)
-print(json.dumps(messages))
-"""
 
 if __name__ == "__main__":
     tf.test.main()

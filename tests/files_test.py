@@ -232,6 +232,27 @@ class FileSha256Test(absltest.TestCase):
         self.assertEqual(files.file_sha256(path), hashlib.sha256(content).hexdigest())
 
 
+class JsonObjectTest(absltest.TestCase):
+
+    def test_strict_and_lenient_readers(self):
+        directory = tempfile.mkdtemp(dir=absltest.get_default_test_tmpdir())
+        cases = {"object.json": '{"a": [1, 2]}', "list.json": "[1, 2]", "torn.json": '{"a": ', "missing.json": None}
+        for name, text in cases.items():
+            if text is not None:
+                with open(os.path.join(directory, name), "w", encoding="utf-8") as f:
+                    f.write(text)
+        path = lambda name: os.path.join(directory, name)  # pylint: disable=unnecessary-lambda-assignment
+        self.assertEqual(files.load_json_object(path("object.json")), {"a": [1, 2]})
+        self.assertEqual(files.read_json_object(path("object.json")), {"a": [1, 2]})
+        with self.assertRaisesWithLiteralMatch(ConfigError, f"{path('list.json')} holds no JSON object"):
+            files.load_json_object(path("list.json"))
+        for name in ("torn.json", "missing.json"):
+            with self.assertRaisesRegex(ConfigError, f"^{path(name)} is unreadable: "):
+                files.load_json_object(path(name))
+        for name in ("list.json", "torn.json", "missing.json"):
+            self.assertIsNone(files.read_json_object(path(name)), name)
+
+
 class RunDirTest(absltest.TestCase):
 
     def setUp(self):
@@ -269,6 +290,10 @@ class RunDirTest(absltest.TestCase):
             self._check()
         self._write("settings.json", "{")
         with self.assertRaisesRegex(ConfigError, "settings.json is unreadable"):
+            self._check()
+        self._write("settings.json", "[0.1, 3]")  # JSON, but no settings to compare.
+        with self.assertRaisesWithLiteralMatch(ConfigError,
+                                               f"{os.path.join(self.dir, 'settings.json')} holds no JSON object"):
             self._check()
         self.dir = os.path.join(self.dir, "notes.txt")
         with self.assertRaisesRegex(ConfigError, "exists and is not a directory"):

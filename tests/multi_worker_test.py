@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -41,9 +42,11 @@ import binaries  # tests/binaries.py
 import keras
 
 from tf_consreg import consistency_model
+from tf_consreg import distribute
 from tf_consreg import models
 from tf_consreg import multi_worker
 from tf_consreg import run_config
+from tf_consreg.errors import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS = flags.FLAGS
@@ -346,21 +349,44 @@ class FaultTest(tf.test.TestCase):
 
 
 class BadClusterInputTest(tf.test.TestCase, parameterized.TestCase):
-    """One line, exit status 2, before any work (a worker would otherwise wait for the cluster forever)."""
+    """One line, exit status 2, before any work (a worker would otherwise wait for the cluster forever).
 
-    def _run(self, tf_config, *extra):
-        model_dir = os.path.join(self.create_tempdir().full_path, "run")
+    The cluster guide's command runs once as a real process (`cli.run` turning the
+    ConfigError into one line and exit status 2); the other cases call the
+    loaded binary's main in this process, with the same flags and TF_CONFIG.
+    """
+
+    def _flags(self, model_dir, *extra):
         _, argv = cluster_guide_example()
+        return [*[a for a in argv[2:] if a != EXAMPLE_MODEL_DIR], f"--model_dir={model_dir}", *extra]
+
+    def _message(self, tf_config, *extra):
+        """main's ConfigError message for this TF_CONFIG (None: unset), run in process."""
+        model_dir = os.path.join(self.create_tempdir().full_path, "run")
         env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
         if tf_config is not None:
             env["TF_CONFIG"] = tf_config
-        command = [sys.executable, argv[1], *[a for a in argv[2:] if a != EXAMPLE_MODEL_DIR],
-                   f"--model_dir={model_dir}", *extra]
+        # Reaching the strategy would wait for a cluster that does not exist: fail at once instead of hanging.
+        with mock.patch.dict(os.environ, env, clear=True), flagsaver.flagsaver(), \
+                mock.patch.object(distribute, "get_strategy", side_effect=AssertionError("reached the strategy")):
+            FLAGS(["train", *self._flags(model_dir, *extra)])
+            with self.assertRaises(ConfigError) as raised:
+                train_bin.main(["train"])
+        self.assertFalse(os.path.exists(model_dir))
+        self.assertNotIn("\n", str(raised.exception))
+        return str(raised.exception)
+
+    def test_malformed_tf_config_is_one_line_and_exit_2_from_the_command(self):
+        model_dir = os.path.join(self.create_tempdir().full_path, "run")
+        env = {**os.environ, "TF_CONFIG": '{"cluster": {"worker": ["127.0.0.1:1"]}, "task": '}
+        command = [sys.executable, cluster_guide_example()[1][1], *self._flags(model_dir)]
         result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
         lines = [line for line in result.stderr.splitlines()
                  if line.strip() and not line.startswith(("I0000", "W0000", "E0000", "WARNING:"))]
+        self.assertEqual(result.returncode, 2)
+        self.assertLen(lines, 1, lines)
+        self.assertTrue(lines[0].startswith("train.py: error: TF_CONFIG is not valid JSON"), lines[0])
         self.assertFalse(os.path.exists(model_dir))
-        return result.returncode, lines
 
     @parameterized.named_parameters(
         ("malformed", '{"cluster": {"worker": ["127.0.0.1:1"]}, "task": ', "TF_CONFIG is not valid JSON"),
@@ -371,19 +397,14 @@ class BadClusterInputTest(tf.test.TestCase, parameterized.TestCase):
         ("unset", None, "--strategy=multi_worker needs the TF_CONFIG environment variable"),
     )
     def test_one_line_naming_tf_config(self, tf_config, message):
-        returncode, lines = self._run(tf_config)
-        self.assertEqual(returncode, 2)
-        self.assertLen(lines, 1, lines)
-        self.assertTrue(lines[0].startswith("train.py: error: "), lines[0])
-        self.assertIn(message, lines[0])
+        self.assertIn(message, self._message(tf_config))
 
     def test_batch_not_divisible_by_the_cluster_replicas(self):
         tf_config = json.dumps({"cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"]},
                                 "task": {"type": "worker", "index": 0}})
-        returncode, lines = self._run(tf_config, "--batch_size=64")
-        self.assertEqual(returncode, 2)
-        self.assertEqual(lines, ["train.py: error: --batch_size: 64 clean images per step do not split evenly over 3 "
-                                 "replicas (3 workers in TF_CONFIG x 1 device(s) each)"])
+        self.assertEqual(self._message(tf_config, "--batch_size=64"),
+                         "--batch_size: 64 clean images per step do not split evenly over 3 replicas (3 workers in "
+                         "TF_CONFIG x 1 device(s) each)")
 
 
 def _mirrored():

@@ -163,14 +163,32 @@ def file_sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def read_json_object(path: str) -> Optional[Dict[str, Any]]:
-    """The JSON object in the file `path`; None if it is missing, unreadable or not an object."""
+def load_json_object(path: str) -> Dict[str, Any]:
+    """The JSON object in the file `path`, which the caller needs.
+
+    The one reader of the settings files a run writes (train_config.json, a
+    search's or run directory's settings).
+
+    Raises:
+      ConfigError: the file cannot be read, is not JSON, or holds something
+        other than an object (the message names `path`).
+    """
     try:
         with open(path, encoding="utf-8") as f:
             value = json.load(f)
-    except (OSError, ValueError):
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path} is unreadable: {e}") from e
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path} holds no JSON object")
+    return value
+
+
+def read_json_object(path: str) -> Optional[Dict[str, Any]]:
+    """The JSON object in the file `path`; None if it is missing, unreadable or not an object."""
+    try:
+        return load_json_object(path)
+    except ConfigError:
         return None
-    return value if isinstance(value, dict) else None
 
 
 def differences(here: Mapping[str, Any], there: Mapping[str, Any],
@@ -265,12 +283,7 @@ def check_run_dir(directory: str, settings_file: str,
     if os.path.exists(directory) and not os.path.isdir(directory):
         raise ConfigError(f"--{flag}={directory} exists and is not a directory")
     if os.path.isfile(path):
-        try:
-            with open(path, encoding="utf-8") as f:
-                previous = json.load(f)
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"{path} is unreadable: {e}") from e
-        diff = differences_from(previous)
+        diff = differences_from(load_json_object(path))
         if diff:
             details = "; ".join(f"--{name}: {new!r} here, {old!r} there" for name, (new, old) in sorted(diff.items()))
             raise ConfigError(f"--{flag}={directory} holds a different {kind} ({details}); use a new --{flag}, "

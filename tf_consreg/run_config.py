@@ -17,6 +17,7 @@ from tf_consreg import certify_spec
 from tf_consreg import cli
 from tf_consreg import data as data_lib
 from tf_consreg import distribute
+from tf_consreg import files
 from tf_consreg import models
 from tf_consreg import objectives
 from tf_consreg import precision
@@ -382,13 +383,7 @@ def read_train_config(model_dir: str) -> TrainConfig:
     path = os.path.join(model_dir, TRAIN_CONFIG_FILE)
     if not os.path.isfile(path):
         raise ConfigError(f"{path} not found: is --model_dir a directory written by bin/train.py?")
-    try:
-        with open(path, encoding="utf-8") as f:
-            values = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{path} is unreadable: {e}") from e
-    if not isinstance(values, dict):
-        raise ConfigError(f"{path} holds no JSON object")
+    values = files.load_json_object(path)
     values["model_dir"] = model_dir
     try:
         return TrainConfig.from_dict(values, origin=path)
