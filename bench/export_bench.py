@@ -126,7 +126,7 @@ def _compare_certify_radius(signatures, binary, export_dir, images, args):
               f"{', '.join(f'{s:.3f}' for s in seconds)} s)")
     print(f"  certify_radius drew {np.mean(samples):,.0f} estimation samples per image on average "
           f"(median {np.median(samples):,.0f}; serving_default draws {args.n:,}), plus n0 = {args.n0} selection")
-    # The same numbers as rows of the README's latency table.
+    # The same numbers as rows of docs/benchmarks.md's latency table.
     print("\n  | images/request | path | serving_default ms/request | certify_radius ms/request | speed-up "
           "| estimation samples/image (mean) | other processes (cores) |")
     for path in base:

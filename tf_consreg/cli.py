@@ -80,7 +80,7 @@ CERTIFY_HELP = {
              "bad pixel). grid is sound in floating point (Voráček & Hein 2023); float is today's sampler. grid "
              "lowers each bound on the top class's probability by its total-variation slack (about 1e-12 per pixel) "
              "and runs PREDICT's test at alpha - n x slack. Part of the run's settings (a resume cannot change it). "
-             "The default is float for now; grid becomes the default for 8-bit datasets once the README's tables "
+             "The default is float for now; grid becomes the default for 8-bit datasets once the measured tables in docs/ "
              "are re-measured with it.",
     "radii": "Fixed-radius mode: certify only at these radii (comma-separated, each > 0, at most 3 significant "
              "digits), drawing the estimation samples in --stages and stopping each example as soon as its answer "
