@@ -1055,7 +1055,9 @@ class GridExportTest(tf.test.TestCase):
         cls.export_dir = os.path.join(cls._tmp.name, "grid")
         cls.model = linear_model(GRID_W, GRID_B)
         cls.kwargs = dict(n0=50, n=1000, alpha=0.01, batch_size=1000, stages=(100, 1000))
-        export_flat(cls.model, cls.export_dir, sigma=GRID_SIGMA, num_classes=2, seed=29, noise="grid", **cls.kwargs)
+        # max_batch 1000: the closed-form tests send their hundreds of images in one request.
+        export_flat(cls.model, cls.export_dir, sigma=GRID_SIGMA, num_classes=2, seed=29, noise="grid", max_batch=1000,
+                    **cls.kwargs)
         cls.loaded = tf.saved_model.load(cls.export_dir)
         cls.pixels = grid_images(300, np.random.default_rng(5))
         cls.images = on_grid(cls.pixels)

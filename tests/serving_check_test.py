@@ -281,8 +281,9 @@ class GridServingCheckTest(_ServingCheckCase):
         super().setUpClass()
         cls.export_dir = os.path.join(cls._tmp.name, "grid")
         cls.alpha = 0.01
+        # max_batch 1000: the closed-form check sends its 300 images in one request.
         export_flat(linear_model(GRID_W, GRID_B), cls.export_dir, sigma=GRID_SIGMA, num_classes=2, n0=50, n=1000,
-                    alpha=cls.alpha, batch_size=1000, noise="grid")
+                    alpha=cls.alpha, batch_size=1000, noise="grid", max_batch=1000)
 
     def test_cpp_grid_certificates_are_sound_in_closed_form(self):
         pixels = grid_images(300, np.random.default_rng(11))

@@ -263,7 +263,7 @@ class MemoryBoundTest(parameterized.TestCase):
         cls._tmp = tempfile.TemporaryDirectory()
         export_dir = os.path.join(cls._tmp.name, "large_n")
         export_linear(export_dir, CertifySpec(sigma=SIGMA, n0=50, n=cls.N, alpha=0.001, batch_size=cls.BATCH_SIZE,
-                                              stages=(100, 300, cls.N)))
+                                              stages=(100, 300, cls.N), noise="float"))  # Grey 0.5 pixels: off the grid.
         # A graph-mode session over the SavedModel: the runtime TF Serving and the C++ loader use.
         cls.graph = tf.Graph()
         cls.session = tf.compat.v1.Session(graph=cls.graph)
