@@ -9,6 +9,8 @@ gradient taken by central finite differences. One SGD step must move D by
 """
 
 import os
+import subprocess
+import sys
 import tempfile
 
 import numpy as np
@@ -20,15 +22,21 @@ from absl.testing import parameterized
 import binaries  # tests/binaries.py
 import keras
 
+from tf_consreg import certify_run
+from tf_consreg import cli
 from tf_consreg import consistency_model
+from tf_consreg import data
 from tf_consreg import denoise
+from tf_consreg import export
 from tf_consreg import models
 from tf_consreg import noise
 from tf_consreg import objectives
 from tf_consreg import run_config
+from tf_consreg.certify_spec import CertifySpec
 from tf_consreg.errors import ConfigError
 from tf_consreg.models import denoisers
 
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 B, H, W_, C = 4, 2, 2, 3
 D = H * W_
 
@@ -244,6 +252,82 @@ class FilesTest(tf.test.TestCase):
             denoise.check_files(classifier, os.path.join(os.path.dirname(cifar), "nothing.keras"))
 
 
+class CertifyAndExportTest(tf.test.TestCase):
+    """--classifier with --denoiser in certification and export: f∘D, as if saved and given as --model."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.dir = tempfile.mkdtemp(dir=tf.compat.v1.test.get_temp_dir())
+        keras.utils.set_random_seed(0)
+        cls.classifier = os.path.join(cls.dir, "f.keras")
+        models.get_architecture("lenet", "fashion_mnist").save(cls.classifier)
+        denoiser = denoisers.dncnn_small((28, 28, 1))
+        # A denoiser that is no identity: a nonzero last kernel.
+        last = denoiser.layers[-2]
+        last.set_weights([np.random.default_rng(0).normal(size=last.get_weights()[0].shape) * 0.1])
+        cls.denoiser = os.path.join(cls.dir, "d.keras")
+        denoiser.save(cls.denoiser)
+        cls.composed = os.path.join(cls.dir, "base_model.keras")
+        denoise.load_composition(cls.classifier, cls.denoiser).save(cls.composed)
+
+    def _certify(self, **model):
+        output = os.path.join(tempfile.mkdtemp(dir=self.dir), "certify.tsv")
+        config = cli.config_from_values(certify_run.CertifyConfig, dict(
+            output=output, dataset="fashion_mnist", sigma=0.25, n0=20, n=100, alpha=0.01, batch_size=200, max=2,
+            **model))
+        certify_run.certify_dataset(config, verbose=0)
+        with open(output, encoding="utf-8") as f:
+            return config, [line.split("\t")[:-1] for line in f if not line.startswith("#")]  # Without the time.
+
+    def test_certifies_the_pair_as_its_composition(self):
+        pair_config, pair_rows = self._certify(classifier=self.classifier, denoiser=self.denoiser)
+        _, model_rows = self._certify(model=self.composed)
+        self.assertLen(pair_rows, 3)  # The header and 2 examples.
+        self.assertEqual(pair_rows, model_rows)
+        name, digest = pair_config.model_name
+        self.assertEqual(name, f"{self.classifier} after {self.denoiser}")
+        self.assertEqual(len(digest), 64)
+
+    def test_bad_pairs_are_refused_before_any_output(self):
+        output = os.path.join(tempfile.mkdtemp(dir=self.dir), "certify.tsv")
+        base = dict(output=output, dataset="fashion_mnist", sigma=0.25)
+        for extra, message in (
+                (dict(classifier=self.classifier), "^--classifier and --denoiser go together"),
+                (dict(classifier=self.classifier, denoiser=self.denoiser, model=self.composed),
+                 "^--classifier with --denoiser is the model: give them without --model_dir and --model$"),
+                (dict(classifier=self.classifier, denoiser=self.denoiser, dataset=None),
+                 r"^--dataset is required with --classifier with --denoiser "),
+                (dict(classifier=self.classifier, denoiser=self.denoiser, dataset="cifar10", mock_data=True), None)):
+            with self.subTest(extra=extra):
+                values = {**base, **extra}
+                if message is None:  # Valid flags; the classifier does not fit CIFAR-10's images.
+                    config = cli.config_from_values(certify_run.CertifyConfig, values)
+                    with self.assertRaisesRegex(ConfigError, r"^--classifier=.*f\.keras takes images of shape "
+                                                             r"\(28, 28, 1\), not \(32, 32, 3\)$"):
+                        certify_run.certify_dataset(config, verbose=0)
+                else:
+                    with self.assertRaisesRegex(ConfigError, message):
+                        cli.config_from_values(certify_run.CertifyConfig, values)
+                self.assertFalse(os.path.exists(output))
+
+    def test_export_takes_the_pair_with_sigma(self):
+        # What export_version then loads is load_composition's f∘D, certified above; the export itself
+        # (tracing the signatures of a DnCNN) is left to the serving check of the README.
+        export_dir = os.path.join(tempfile.mkdtemp(dir=self.dir), "export")
+        config = export.VersionExportConfig(export_dir=export_dir, classifier=self.classifier,
+                                            denoiser=self.denoiser, spec=CertifySpec(sigma=0.25), version=1)
+        self.assertEqual((config.classifier, config.denoiser, config.spec.sigma),
+                         (self.classifier, self.denoiser, 0.25))
+        with self.assertRaisesRegex(ConfigError, "^--sigma is required with --classifier with --denoiser "):
+            export.VersionExportConfig(export_dir=export_dir, classifier=self.classifier, denoiser=self.denoiser,
+                                       version=2)
+        with self.assertRaisesRegex(ConfigError, "^--classifier with --denoiser is the model: "):
+            export.VersionExportConfig(export_dir=export_dir, classifier=self.classifier, denoiser=self.denoiser,
+                                       model=self.composed, spec=CertifySpec(sigma=0.25), version=3)
+        self.assertFalse(os.path.exists(export_dir))
+
+
 # Epochs of 2 steps of 32 images, no evaluation: the cost is in tracing and saving.
 _TINY = dict(method="denoise", denoiser_arch="dncnn_small", denoise_objective="consistency", train_examples=64,
              eval_examples=0, batch_size=32, sigma=0.5, lbd=2.0, lr=0.05, mixed_precision="float32")
@@ -295,6 +379,23 @@ class TrainRunTest(tf.test.TestCase):
         with flagsaver.flagsaver(model_dir=model_dir, classifier=garbage, epochs=1, **_TINY):
             with self.assertRaisesRegex(ConfigError, r"^--classifier: .*f\.keras is not a complete \.keras file"):
                 self.train_bin.main(["train"])
+        self.assertFalse(os.path.exists(model_dir))
+
+    def test_the_binary_says_it_in_one_line_and_exits_2(self):
+        # The one real process: what a user sees of a D/f mismatch (a CIFAR-10 classifier for Fashion-MNIST).
+        classifier = os.path.join(self.create_tempdir().full_path, "f.keras")
+        image = keras.Input((32, 32, 3))
+        keras.Model(image, keras.layers.Dense(10)(keras.layers.Flatten()(image))).save(classifier)
+        model_dir = os.path.join(self.create_tempdir().full_path, "run")
+        result = subprocess.run(
+            [sys.executable, os.path.join(_REPO, "bin", "train.py"), "--method=denoise", f"--classifier={classifier}",
+             f"--model_dir={model_dir}", "--epochs=1", "--train_examples=64", "--eval_examples=0"],
+            capture_output=True, text=True, timeout=300, check=False)
+        self.assertEqual(result.returncode, 2, result.stderr[-2000:])
+        lines = [line for line in result.stderr.splitlines()
+                 if line.strip() and not line.startswith(("I0000", "W0000", "E0000", "WARNING:", "--mixed_precision"))]
+        self.assertEqual(len(lines), 1, result.stderr[-2000:])
+        self.assertRegex(lines[0], r"--classifier=.*f\.keras takes images of shape \(32, 32, 3\), not \(28, 28, 1\)$")
         self.assertFalse(os.path.exists(model_dir))
 
 

@@ -44,6 +44,11 @@ CERTIFY_HELP = {
     "model_dir": "A bin/train.py run directory: its base_model.keras is smoothed, and its train_config.json gives "
                  "--dataset, --sigma, --data_dir.",
     "model": "A saved base model (.keras) instead of --model_dir; needs --dataset and --sigma.",
+    "classifier": "With --denoiser, instead of --model_dir or --model: smooth f∘D, the classifier f (a .keras "
+                  "model from images in [0, 1] to logits) behind the denoiser D; needs --dataset and --sigma.",
+    "denoiser": "With --classifier: the denoiser D, a .keras model from images in [0, 1] to images of the same "
+                "shape (a denoiser.keras of bin/train.py --method=denoise, or your own, e.g. a wrapped diffusion "
+                "model).",
     "dataset": f"Dataset: {', '.join(DATASETS)} (default: the training run's). imagenet2012 is read in the test "
                "view that training evaluates on (shorter side resized to 256, center crop 224).",
     "data_dir": "Directory with the dataset files (default: the training run's, else the standard locations).",

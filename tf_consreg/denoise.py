@@ -15,6 +15,7 @@ elsewhere (a diffusion model wrapped as a Keras model, say) load the pair
 with `load_composition` (--classifier with --denoiser).
 """
 
+import hashlib
 import os
 from typing import Optional, Sequence, Tuple
 
@@ -147,11 +148,12 @@ def training_model(denoiser_arch: str, classifier: str, dataset: str) -> keras.M
     return compose(denoisers.DENOISERS[denoiser_arch][0](info.input_shape), frozen, info.input_shape)
 
 
-def check_files(classifier: Optional[str], denoiser: Optional[str]) -> bool:
+def check_files(classifier: Optional[str], denoiser: Optional[str], *others: Optional[str]) -> bool:
     """Checks --classifier and --denoiser of a certification or an export; True when they are given.
 
     Args:
       classifier, denoiser: the flags' values (None: not given).
+      *others: the values of --model_dir and --model, which the pair replaces.
 
     Raises:
       ConfigError: one without the other, or a path that is not a file.
@@ -160,9 +162,22 @@ def check_files(classifier: Optional[str], denoiser: Optional[str]) -> bool:
         return False
     check(classifier is not None and denoiser is not None,
           "--classifier and --denoiser go together: give both (a denoiser in front of a classifier) or neither")
+    check(not any(others), "--classifier with --denoiser is the model: give them without --model_dir and --model")
     for flag, path in (("classifier", classifier), ("denoiser", denoiser)):
         check(path.endswith(".keras") and os.path.isfile(path), f"--{flag}={path} is not a .keras file")
     return True
+
+
+def identity(classifier: str, denoiser: str) -> Tuple[str, str]:
+    """What a certification's settings record as the model of --classifier with --denoiser: (name, SHA-256).
+
+    The name is both absolute paths; the digest is the SHA-256 of the two
+    files' hex digests, joined by a space.
+    """
+    from tf_consreg import files  # pylint: disable=import-outside-toplevel
+    digests = " ".join(files.file_sha256(path) for path in (classifier, denoiser))
+    return (f"{os.path.abspath(classifier)} after {os.path.abspath(denoiser)}",
+            hashlib.sha256(digests.encode("ascii")).hexdigest())
 
 
 def load_composition(classifier: str, denoiser: str, input_shape: Optional[Sequence[int]] = None,
