@@ -20,6 +20,7 @@ import os
 from typing import Optional, Sequence, Tuple
 
 import keras
+import numpy as np
 
 from tf_consreg import models
 from tf_consreg.errors import ConfigError, check
@@ -178,6 +179,38 @@ def identity(classifier: str, denoiser: str) -> Tuple[str, str]:
     digests = " ".join(files.file_sha256(path) for path in (classifier, denoiser))
     return (f"{os.path.abspath(classifier)} after {os.path.abspath(denoiser)}",
             hashlib.sha256(digests.encode("ascii")).hexdigest())
+
+
+# keras.applications' "caffe" preprocessing of ResNet50: BGR channel order, mean subtracted, in [0, 255].
+CAFFE_BGR_MEAN = (103.939, 116.779, 123.68)
+
+
+def caffe_preprocessing(input_shape: Sequence[int] = (224, 224, 3)) -> keras.Model:
+    """keras.applications.resnet50.preprocess_input for images in [0, 1], as one frozen 1x1 convolution.
+
+    255 x, the channels reversed to BGR, minus the mean: a linear map per
+    pixel, so a built-in Conv2D holds it (kernel 255 times the channel
+    permutation, bias minus the mean) and the model loads with Keras alone.
+    """
+    permutation = np.eye(3)[::-1] * 255.0  # output channel j = input channel 2 - j
+    conv = keras.layers.Conv2D(3, 1, trainable=False, name="caffe_bgr")
+    inputs = keras.Input(tuple(input_shape), name="images")
+    outputs = conv(inputs)
+    conv.set_weights([permutation.T.reshape(1, 1, 3, 3).astype(np.float32),
+                      -np.asarray(CAFFE_BGR_MEAN, np.float32)])
+    return keras.Model(inputs, outputs, name="caffe_preprocessing")
+
+
+def keras_resnet50(weights: Optional[str]) -> keras.Model:
+    """keras.applications.ResNet50 as a classifier for denoising: images in [0, 1] -> 1000 logits.
+
+    Args:
+      weights: the .h5 weights file of keras.applications.ResNet50 (with the
+        top), or None for random weights.
+    """
+    network = keras.applications.ResNet50(weights=weights, classifier_activation=None)
+    inputs = keras.Input((224, 224, 3), name="images")
+    return keras.Model(inputs, network(caffe_preprocessing()(inputs)), name="keras_resnet50")
 
 
 def load_composition(classifier: str, denoiser: str, input_shape: Optional[Sequence[int]] = None,
