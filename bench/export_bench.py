@@ -26,6 +26,7 @@ run's dataset (every --skip-th), not random ones. Other processes' load on
 the CPU is reported beside the times.
 
   python bench/export_bench.py                      # LeNet, n = 10,000, 1 and 8 images per request
+  python bench/export_bench.py --noise=float        # the same with float noise, to compare the modes
   python bench/export_bench.py --model_dir=runs/fmnist_consistency_0.50 --rounds=5
   python bench/export_bench.py --model_dir=runs/fmnist_consistency_0.50 --n=100000 --radius=0.5 \
       --images 1 8 --skip_library
@@ -126,7 +127,7 @@ def _compare_certify_radius(signatures, binary, export_dir, images, args):
               f"{', '.join(f'{s:.3f}' for s in seconds)} s)")
     print(f"  certify_radius drew {np.mean(samples):,.0f} estimation samples per image on average "
           f"(median {np.median(samples):,.0f}; serving_default draws {args.n:,}), plus n0 = {args.n0} selection")
-    # The same numbers as rows of the README's latency table.
+    # The same numbers as rows of docs/benchmarks.md's latency table.
     print("\n  | images/request | path | serving_default ms/request | certify_radius ms/request | speed-up "
           "| estimation samples/image (mean) | other processes (cores) |")
     for path in base:
@@ -151,6 +152,8 @@ def main() -> None:
                         "against serving_default")
     parser.add_argument("--skip", type=int, default=20, help="with --model_dir: every skip-th test image")
     parser.add_argument("--skip_library", action="store_true", help="skip the library-vs-export comparison")
+    parser.add_argument("--noise", choices=("grid", "float"), default="grid", help="the export's and the library's "
+                        "noise: grid (bin/export.py's default) or float")
     args = parser.parse_args()
 
     # tf_consreg first: it chooses TF_ENABLE_ONEDNN_OPTS before TensorFlow loads,
@@ -160,6 +163,7 @@ def main() -> None:
     from tf_consreg import models  # pylint: disable=import-outside-toplevel
     from tf_consreg import smoothing  # pylint: disable=import-outside-toplevel
     from tf_consreg import run_config  # pylint: disable=import-outside-toplevel
+    from tf_consreg.certify_spec import CertifySpec  # pylint: disable=import-outside-toplevel
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
 
     model = (models.load_base_model(args.model_dir) if args.model_dir
@@ -180,7 +184,7 @@ def main() -> None:
 
     print(f"machine: {measure.machine()}")
     print(f"model {model.name}, CERTIFY n0={args.n0} n={args.n} alpha={args.alpha}, batch {args.batch_size} "
-          f"noisy copies per forward pass, best of {args.rounds} rounds")
+          f"noisy copies per forward pass, {args.noise} noise, best of {args.rounds} rounds")
     with tempfile.TemporaryDirectory() as tmp:
         export_dir = os.path.join(tmp, "export")
         # A fixed seed: every round and both loaders draw the same noise (the
@@ -188,18 +192,21 @@ def main() -> None:
         # the same work each time and the best round discounts only the load,
         # not a lucky draw that settled early. The cost per sample does not
         # depend on the seed.
-        export.export_smoothed(model, export_dir, sigma=args.sigma, num_classes=num_classes, n0=args.n0, n=args.n,
-                               alpha=args.alpha, batch_size=args.batch_size, seed=0)
+        spec = CertifySpec(sigma=args.sigma, n0=args.n0, n=args.n, alpha=args.alpha, batch_size=args.batch_size,
+                           noise=args.noise)
+        export.export_smoothed(model, export_dir, spec, num_classes=num_classes, seed=0)
         print(f"stages of certify_radius: {export.read_metadata(export_dir)['stages']}")
         signatures = tf.saved_model.load(export_dir).signatures
         signature = signatures[export.SERVING_SIGNATURE]
-        smooth = smoothing.Smooth(model, num_classes=num_classes, sigma=args.sigma)
+        smooth = smoothing.Smooth(model, num_classes=num_classes, sigma=args.sigma, noise=args.noise)
         rng = np.random.default_rng(0)
         for count in args.images:
             if test_images is not None:
                 images = test_images[:count]
             else:
-                images = rng.uniform(size=(count, *model.inputs[0].shape[1:])).astype(np.float32)
+                # 8-bit images (float32(k) / 255), which both noise modes take.
+                images = rng.integers(0, 256, size=(count, *model.inputs[0].shape[1:])).astype(np.float32)
+                images /= np.float32(255)
             if args.radius is not None:
                 _compare_certify_radius(signatures, binary, export_dir, images, args)
             if args.skip_library:

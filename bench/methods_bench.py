@@ -15,7 +15,6 @@ cores other processes used meanwhile (measure.OtherLoad).
 
 import argparse
 import os
-import sys
 import tempfile
 
 import numpy as np
@@ -36,10 +35,9 @@ CONFIGS = {
 
 
 def _config_from_flagfile(path, model_dir, examples, epochs):
-    sys.path.insert(0, os.path.join(REPO, "bin"))
     from absl import flags  # pylint: disable=import-outside-toplevel
 
-    import train as train_bin  # pylint: disable=import-outside-toplevel
+    from tf_consreg.commands import train as train_bin  # pylint: disable=import-outside-toplevel
 
     flags.FLAGS.unparse_flags()
     flags.FLAGS(["train", f"--flagfile={path}", "--dataset=fashion_mnist", f"--model_dir={model_dir}",

@@ -84,8 +84,10 @@ class ExportBinaryTest(parameterized.TestCase):
         self.assertEqual(meta["stages"], [16])
         self.assertIn("stages=16, base model computing in float32) to", result.stdout)
         self.assertEqual(meta["class_names"][9], "Ankle boot")
+        # The default export samples grid noise: its images must be on the 8-bit grid (128 / 255, not 0.5).
+        self.assertEqual(meta["noise"], "grid")
         out = tf.saved_model.load(version_dir).signatures["serving_default"](
-            images=tf.constant(np.full((2, 28, 28, 1), 0.5, np.float32)))
+            images=tf.constant(np.full((2, 28, 28, 1), np.float32(128) / np.float32(255), np.float32)))
         self.assertEqual(out["class"].shape, (2,))
 
         saved = open(os.path.join(version_dir, "saved_model.pb"), "rb").read()

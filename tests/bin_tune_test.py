@@ -181,8 +181,8 @@ class TuneBinaryTest(tf.test.TestCase):
         }
         # One process runs every case through tune.main (importing TensorFlow once), another the real
         # command line for one of them; in parallel.
-        driver = subprocess.Popen([sys.executable, "-c", _DRIVER, TUNE, json.dumps([f"--tuning_dir={tuning_dir}",
-                                                                                    *TINY]), json.dumps(list(cases))],
+        driver = subprocess.Popen([sys.executable, "-c", _DRIVER, json.dumps([f"--tuning_dir={tuning_dir}", *TINY]),
+                                   json.dumps(list(cases))],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         cli = subprocess.Popen([sys.executable, TUNE, f"--tuning_dir={tuning_dir}", *TINY, "--lbd_range=20,1"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -197,12 +197,11 @@ class TuneBinaryTest(tf.test.TestCase):
 
 # Runs tune.main once per extra flag, in one process; prints {flag: ConfigError message} as JSON.
 _DRIVER = """
-import json, os, sys
-sys.path.insert(0, os.path.dirname(sys.argv[1]))
-import tune
+import json, sys
 from absl import flags
+from tf_consreg.commands import tune
 from tf_consreg.errors import ConfigError
-base, cases = json.loads(sys.argv[2]), json.loads(sys.argv[3])
+base, cases = json.loads(sys.argv[1]), json.loads(sys.argv[2])
 messages = {}
 for case in cases:
     flags.FLAGS.unparse_flags()

@@ -1,28 +1,28 @@
-"""Loads a bin/*.py binary for in-process tests, one test module at a time.
+"""Loads a command (tf_consreg/commands/<name>.py) for in-process tests, one test module at a time.
 
-Binaries define their flags on absl's global FLAGS when imported, and several
+Commands define their flags on absl's global FLAGS when imported, and several
 share names (--dataset, --data_dir, ...), so importing two of them into one
-pytest process fails. A test module loads its binary in `setUpModule` with
+pytest process fails. A test module loads its command in `setUpModule` with
 `load` and removes its flags again in `tearDownModule` with `unload`; pytest
-runs one module's tests together, so each binary's flags exist only while its
-tests run.
+runs one module's tests together, so each command's flags exist only while
+its tests run.
 """
 
-import importlib.util
-import os
+import importlib
+import sys
 import types
 
 from absl import flags
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGE = "tf_consreg.commands"
 
 
 def load(name: str) -> types.ModuleType:
-    """Imports bin/<name>.py afresh (its flags registered) and parses no arguments."""
+    """Imports tf_consreg.commands.<name> afresh (its flags registered) and parses no arguments."""
     before = set(flags.FLAGS)
-    spec = importlib.util.spec_from_file_location(f"bin_{name}", os.path.join(REPO, "bin", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module_name = f"{PACKAGE}.{name}"
+    sys.modules.pop(module_name, None)  # Afresh: a module unloaded before defines its flags again.
+    module = importlib.import_module(module_name)
     module.defined_flags = sorted(set(flags.FLAGS) - before)
     if not flags.FLAGS.is_parsed():
         flags.FLAGS([name])
@@ -30,13 +30,14 @@ def load(name: str) -> types.ModuleType:
 
 
 def unload(module: types.ModuleType) -> None:
-    """Removes the flags `load` registered for `module`."""
+    """Removes the flags `load` registered for `module`, and the module itself."""
     for name in module.defined_flags:
         delattr(flags.FLAGS, name)
+    sys.modules.pop(module.__name__, None)
 
 
 def flag_defaults(name: str) -> dict:
-    """The flags bin/<name>.py defines, with their defaults (loaded and unloaded again)."""
+    """The flags command <name> defines, with their defaults (loaded and unloaded again)."""
     module = load(name)
     try:
         return {flag: flags.FLAGS[flag].default for flag in module.defined_flags}

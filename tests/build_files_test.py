@@ -4,7 +4,9 @@ Checks, without Bazel, that every `.py` under tf_consreg/, bin/, tests/,
 bench/ and tools/ is a source of exactly one py_library / py_binary / py_test,
 that no BUILD file names a file or target that does not exist, that each
 target's deps name every tf_consreg module its sources import (at module level
-or inside a function), and that a test's data holds the bin/ scripts it runs.
+or inside a function; a test's `binaries.load("<name>")` imports command
+<name>), that a test's data holds the bin/ scripts it runs, and that every
+command in tf_consreg/commands has its bin/ py_binary.
 A file without a target fails with a stanza to paste into its BUILD file. The
 BUILD files are Starlark, whose syntax is Python's: they are executed here
 with stand-ins for the few rules they use.
@@ -27,6 +29,7 @@ from absl.testing import absltest
 REPO = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
 CHECKED_DIRS = ("tf_consreg", "bin", "tests", "bench", "tools")
 PACKAGE = "tf_consreg"
+COMMANDS = "tf_consreg.commands"  # one module per command; bin/<name>.py runs command <name>
 PY_RULES = ("py_library", "py_binary", "py_test")
 TEST_SIZES = ("small", "medium", "large", "enormous")
 BUILD_FILE_NAMES = ("BUILD", "BUILD.bazel")
@@ -177,10 +180,19 @@ def _module_file(dotted: str) -> Optional[str]:
 
 
 def _script_dirs(path: str) -> List[str]:
-    """Directories whose scripts a file in `path` imports by bare name (tests put bin/ on sys.path;
+    """Directories whose scripts a file in `path` imports by bare name (pytest puts tests/ on sys.path;
     a script's own directory is on it)."""
     top = path.split(os.sep)[0]
-    return ["tests", "bin", top] if top in ("tests", "bench", "bin") else []
+    return sorted({"tests", top}) if top in ("tests", "bench") else ["bin"] if top == "bin" else []
+
+
+def _loaded_command(node: ast.AST) -> Optional[str]:
+    """The command <name> that a call `binaries.load("<name>")` (tests/binaries.py) imports, else None."""
+    if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load"
+            and isinstance(node.func.value, ast.Name) and node.func.value.id == "binaries" and node.args
+            and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+        return node.args[0].value
+    return None
 
 
 def imported_files(path: str) -> Set[str]:
@@ -218,6 +230,8 @@ def imported_files(path: str) -> Set[str]:
                     add_module(f"{node.module}.{alias.name}")
             elif "." not in node.module:
                 add_script(node.module)
+        elif _loaded_command(node):
+            add_module(f"{COMMANDS}.{_loaded_command(node)}")
     return found
 
 
@@ -248,21 +262,11 @@ def _buildifier_order(label: str):
 
 
 def run_scripts(path: str) -> Set[str]:
-    """bin/ scripts that `path` runs or loads by path.
-
-    That is, those it names as "<script>.py" (to run them in a subprocess) or
-    loads with tests/binaries.py's `binaries.load("<script>")`.
-    """
+    """bin/ scripts that `path` runs: those it names as "<script>.py" (to run them in a subprocess)."""
     with open(os.path.join(REPO, path), encoding="utf-8") as f:
         tree = ast.parse(f.read(), path)
-    names = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.endswith(".py"):
-            names.add(os.path.basename(node.value))
-        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load"
-              and isinstance(node.func.value, ast.Name) and node.func.value.id == "binaries" and node.args
-              and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
-            names.add(node.args[0].value + ".py")
+    names = {os.path.basename(node.value) for node in ast.walk(tree)
+             if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.endswith(".py")}
     scripts = {os.path.join("bin", name) for name in names}
     return {s for s in scripts if os.path.isfile(os.path.join(REPO, s)) and s != path}
 
@@ -451,6 +455,21 @@ class BuildFilesTest(absltest.TestCase):
                                 problems.append(f"{label}: importing {module} runs {init}; add {init_label} "
                                                 "to its deps")
         self.assertEmpty(problems, "\n" + "\n".join(sorted(set(problems))))
+
+
+    def test_every_command_has_a_py_binary(self):
+        # bin/<name>.py is the shim of command <name>: a py_binary that depends on the command's library.
+        commands_dir = os.path.join(REPO, *COMMANDS.split("."))
+        commands = sorted(n[:-len(".py")] for n in os.listdir(commands_dir) if n.endswith(".py") and n != "__init__.py")
+        self.assertNotEmpty(commands)
+        shims = sorted(n[:-len(".py")] for n in os.listdir(os.path.join(REPO, "bin")) if n.endswith(".py"))
+        self.assertEqual(shims, commands, "bin/ holds one shim per command in tf_consreg/commands, and nothing else")
+        for name in commands:
+            with self.subTest(name):
+                binary = self.targets.get(f"//bin:{name}")
+                self.assertIsNotNone(binary, f"bin/BUILD has no py_binary {name}")
+                self.assertEqual(binary.kind, "py_binary")
+                self.assertIn(f"//{COMMANDS.replace('.', '/')}:{name}", binary.deps)
 
 
 class PytestRunnerTest(absltest.TestCase):

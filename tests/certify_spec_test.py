@@ -20,7 +20,7 @@ class CertifySpecTest(parameterized.TestCase):
         spec = CertifySpec()
         self.assertEqual((spec.sigma, spec.n0, spec.n, spec.alpha, spec.batch_size, spec.stages, spec.compute_dtype),
                          (None, 100, 100000, 0.001, 1000, None, "float32"))
-        # Float noise until the default switch to grid for 8-bit datasets (with re-measured README tables).
+        # Float noise until the default switch to grid for 8-bit datasets (with re-measured tables in docs/).
         self.assertEqual(spec.noise, "float")
         self.assertEqual(CertifySpec(noise="grid").noise, "grid")
 

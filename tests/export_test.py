@@ -14,6 +14,7 @@ from unittest import mock
 
 from absl.testing import parameterized
 import keras
+import mpmath
 import numpy as np
 import pytest
 from scipy import stats as scipy_stats
@@ -24,14 +25,17 @@ from smoothing_test import partly_nonfinite_probabilities
 from smoothing_test import with_nan_weights
 import mounts  # tests/mounts.py
 import threshold_models  # tests/threshold_models.py
+from tf_consreg import certify_spec
 from tf_consreg import cli
 from tf_consreg import data
 from tf_consreg import export
 from tf_consreg import models
+from tf_consreg import noise as noise_lib
 from tf_consreg import signatures
 from tf_consreg import smoothing
 from tf_consreg import stats
 from tf_consreg import run_config
+from tf_consreg import serving_load
 from tf_consreg.errors import ConfigError
 
 _PYTHON_FUNCTION_OPS = {"PyFunc", "PyFuncStateless", "EagerPyFunc"}
@@ -64,6 +68,61 @@ def images_at_margins(w: np.ndarray, b: float, margins: np.ndarray, rng: np.rand
     images = base + ((margins - current) / norm)[:, None, None, None] * w
     assert images.min() >= 0 and images.max() <= 1, "margins too large for [0, 1] images"
     return images.astype(np.float32)
+
+
+# A base classifier on the 8-bit grid whose smoothed classifier under grid
+# noise is known exactly. Integer weights on 2 x 2 pixels: with pixel values
+# a_i + j_i (integers) the model's score sum_i w_i (a_i + j_i) / 255 + b, b =
+# -(T + 1/2) / 255, is positive iff the integer S = sum_i w_i (a_i + j_i) is
+# >= T + 1. Float32 arithmetic cannot move that decision: |x| < 3 and |w| <= 3,
+# so the 4-term dot product and the bias are off by < 1e-5, far below the
+# margin 1/2 / 255 ~ 2e-3 of every S to the threshold.
+GRID_W = np.array([1.0, -2.0, 3.0, 1.0]).reshape(2, 2, 1)
+GRID_T = 384  # = sum(w) * 128: the grey image 128 / 255 sits half a step below the threshold.
+GRID_B = -(GRID_T + 0.5) / 255
+GRID_SIGMA = 2 / 255  # 255 sigma = 2 levels: the rounding of the noise matters.
+
+
+def grid_class0_probability(pixels: np.ndarray, sigma: float = GRID_SIGMA) -> np.ndarray:
+    """P(class 0) of the grid model at integer `pixels` [B, 2, 2, 1] under the exactly rounded Gaussian.
+
+    Independent of the code under test: j_i are iid with P(j) = Phi((j + 1/2) /
+    (255 sigma)) - Phi((j - 1/2) / (255 sigma)), computed by mpmath at 40
+    digits for |j| <= 40 (20 standard deviations at 255 sigma = 2; the mass
+    beyond is < 1e-88), rounded to float64 (relative error 2^-53 each). The law
+    of N = sum_i w_i j_i is the convolution of the four laws of w_i j_i on the
+    integers, and P(class 0) = P(N >= T + 1 - sum_i w_i a_i). Float64
+    convolution and summation of < 10^5 terms of probabilities add an absolute
+    error below 10^5 * 2^-52 < 3e-11 (a crude bound; the true one is ~1e-15).
+    """
+    scale = mpmath.mpf(255) * mpmath.mpf(sigma)
+    with mpmath.workdps(40):
+        pmf = np.array([float(mpmath.ncdf((j + mpmath.mpf(0.5)) / scale) - mpmath.ncdf((j - mpmath.mpf(0.5)) / scale))
+                        for j in range(-40, 41)])
+    law = np.array([1.0])  # The law of N from its lowest value, `low`, on.
+    low = 0
+    for w in GRID_W.ravel().astype(int):
+        term = np.zeros(80 * abs(w) + 1)
+        term[(np.arange(-40, 41) * w + 40 * abs(w))] = pmf
+        law, low = np.convolve(law, term), low - 40 * abs(w)
+    tail = np.concatenate([np.cumsum(law[::-1])[::-1], [0.0]])  # tail[m] = P(N >= low + m)
+    need = GRID_T + 1 - np.tensordot(pixels.astype(np.int64), GRID_W.astype(np.int64), axes=3) - low
+    return tail[np.clip(need, 0, len(law))]
+
+
+def grid_images(count: int, rng: np.random.Generator, spread: int = 16) -> np.ndarray:
+    """Integer pixels [count, 2, 2, 1] near grey whose score S lies within `spread` of the threshold."""
+    pixels = []
+    while len(pixels) < count:
+        a = rng.integers(112, 145, size=(2, 2, 1))
+        if abs(int(np.sum(a * GRID_W)) - GRID_T - 1) <= spread:
+            pixels.append(a)
+    return np.array(pixels)
+
+
+def on_grid(pixels: np.ndarray) -> np.ndarray:
+    """float32 images of integer pixels, as the data pipeline makes them: float32(a) / 255."""
+    return pixels.astype(np.float32) / np.float32(255)
 
 
 def export_config(**values) -> export.ExportConfig:
@@ -140,7 +199,8 @@ class ExportConfigTest(parameterized.TestCase):
         ("class_names_length", dict(class_names=("a", "b", "c")), "class_names"),
         ("seed_negative", dict(seed=-1), "--seed"),
         ("stage_below_n0", dict(n=10000, stages=(50, 10000)), "^--stages must start at n0=100"),
-        ("grid_noise", dict(noise="grid"), "^noise='grid': the export samples float noise only"),
+        ("grid_sigma_above_16", dict(noise="grid", sigma=20.0),
+         r"^--sigma=20.0 with --noise=grid: grid noise: sigma must be in \(0, 16\]"),
     )
     def test_bad_values_raise_naming_the_field(self, change, name):
         values = {"sigma": 0.25, "num_classes": 2, **change}
@@ -160,6 +220,19 @@ class ExportConfigTest(parameterized.TestCase):
         # One stage n: the staged signatures are fixed-n PREDICT (and CERTIFY at n).
         one = export_config(sigma=0.25, num_classes=2, n=5000, stages=[5000])
         self.assertEqual((one.spec.stages, one.levels), ((5000,), (0.001,)))
+
+    def test_grid_predict_level_left_by_the_slack(self):
+        # Grid noise pays n samples' slack in PREDICT's level (alpha - n d slack_per_pixel); an ImageNet-size
+        # image at n = 10^5 (1.5e5 pixels x ~1e-12 x 1e5 = 0.015) leaves nothing of alpha = 0.001.
+        config = export_config(sigma=0.25, num_classes=2, n=100000, alpha=0.001, noise="grid")
+        with self.assertRaisesRegex(ConfigError, r"^--n=100000, --alpha=0.001: grid noise: n=100000 samples"):
+            config.predict_levels((224, 224, 3))
+        table = noise_lib.grid_noise_table(0.25)
+        levels = config.predict_levels((28, 28, 1))
+        self.assertLessEqual(sum(levels), 0.001 - 100000 * 784 * table.tv_slack_per_pixel)
+        self.assertEqual(config.levels, stats.stage_levels(0.001, 8))  # certify_radius keeps alpha.
+        self.assertEqual(export_config(sigma=0.25, num_classes=2, n=100000).predict_levels((224, 224, 3)),
+                         config.levels)  # Float noise: no slack.
 
     def test_bad_arguments_write_nothing(self):
         model = linear_model(*_linear_setup()[:2])
@@ -199,12 +272,13 @@ class VersionExportTest(parameterized.TestCase):
     def _export_dir(self):
         return os.path.join(self._tempdir(), "serving")
 
-    def test_exports_one_complete_version(self):
+    def test_exports_one_complete_version_and_checks_it_on_test_images(self):
+        # One export for what were two tests of the same settings (issue 21); without --check_images the
+        # check is None (test_stale_staging_directories_are_removed).
         config = version_config(export_dir=self._export_dir(), model_dir=self.model_dir, n0=4, n=16,
-                                batch_size=16, version=3)
+                                batch_size=16, version=3, check_images=3)
         self.assertEqual(config.spec.sigma, 0.5)  # from train_config.json
         path, check, _ = export.export_version(config)
-        self.assertIsNone(check)
         self.assertEqual(path, os.path.join(config.export_dir, "3"))
         self.assertEqual(os.listdir(config.export_dir), ["3"])  # no staging directory left
         meta = export.read_metadata(path)
@@ -216,13 +290,13 @@ class VersionExportTest(parameterized.TestCase):
         self.assertEqual(meta["input_shape"], [28, 28, 1])
         self.assertEqual(meta["class_names"][0], "T-shirt/top")
         self.assertEqual(meta["seed"], -1)
+        self.assertEqual(meta["compute_dtype"], "float32")  # The default.
+        # bin/export.py's default is grid noise (every dataset we ship is 8-bit): the test images, on the
+        # grid as the data pipeline gives them, were certified by the reloaded grid export below.
+        self.assertEqual((meta["noise"], meta["input_contract"]), ("grid", signatures.INPUT_CONTRACTS["grid"]))
+        self.assertEqual(certify_spec.EXPORT.noise, "grid")
         with self.assertRaisesRegex(ConfigError, "exists; exports are never overwritten"):
             version_config(export_dir=config.export_dir, model_dir=self.model_dir, version=3)
-
-    def test_check_images_answers_from_the_reloaded_export(self):
-        config = version_config(export_dir=self._export_dir(), model_dir=self.model_dir, n0=4, n=16,
-                                batch_size=16, version=2, check_images=3)
-        check = export.export_version(config).check
         _, labels = data.load_arrays("fashion_mnist", "test", limit=3)
         np.testing.assert_array_equal(check["label"], labels)
         self.assertCountEqual(check, ["label", "class", "radius", "p_lower"])
@@ -267,7 +341,9 @@ class VersionExportTest(parameterized.TestCase):
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         config = version_config(export_dir=export_dir, model_dir=self.model_dir, n0=4, n=16,
                                 batch_size=16, version=6)
-        self.assertEqual(export.export_version(config).removed, (stale,))
+        exported = export.export_version(config)
+        self.assertEqual(exported.removed, (stale,))
+        self.assertIsNone(exported.check)  # No --check_images.
         self.assertCountEqual(os.listdir(export_dir), ["6", os.path.basename(held), os.path.basename(fresh),
                                                        ".notes.incomplete"])
         self.assertFalse(os.path.exists(stale))
@@ -331,19 +407,19 @@ class VersionExportTest(parameterized.TestCase):
         self.assertEqual(os.listdir(export_dir), ["other"])
         self.assertEqual(os.listdir(os.path.dirname(export_dir)), ["model"])
 
-    def test_model_file_with_sigma(self):
+    def test_model_file_with_sigma_compute_dtype_and_float_noise(self):
+        # One export for what were two tests (issue 21); the default compute_dtype, float32, is checked in
+        # test_exports_one_complete_version_and_checks_it_on_test_images.
         model_file = os.path.join(self.model_dir, models.BASE_MODEL_FILE)
         config = version_config(export_dir=self._export_dir(), model=model_file, sigma=0.3, n0=2, n=8,
-                                batch_size=8, version=9)
+                                batch_size=8, version=9, compute_dtype="bfloat16", noise="float")
         meta = export.read_metadata(export.export_version(config).path)
         self.assertEqual(meta["sigma"], 0.3)
         self.assertEqual(meta["class_names"], [str(i) for i in range(10)])
-        self.assertEqual(meta["compute_dtype"], "float32")
-
-    def test_compute_dtype_reaches_the_export(self):
-        config = version_config(export_dir=self._export_dir(), model_dir=self.model_dir, n0=2, n=8,
-                                batch_size=8, version=4, compute_dtype="bfloat16")
-        self.assertEqual(export.read_metadata(export.export_version(config).path)["compute_dtype"], "bfloat16")
+        self.assertEqual(meta["compute_dtype"], "bfloat16")
+        self.assertEqual((meta["noise"], meta["input_contract"], meta["tv_slack"]),
+                         ("float", signatures.INPUT_CONTRACTS["float"], 0.0))
+        self.assertEqual(meta["predict_levels"], meta["levels"])
 
     @parameterized.named_parameters(
         ("no_model", dict(), "exactly one of --model_dir"),
@@ -361,6 +437,7 @@ class VersionExportTest(parameterized.TestCase):
          "--check_images needs --model_dir"),
         ("stage_below_n0", dict(model_dir="MODEL_DIR", n=1000, n0=200, stages=(100, 1000)),
          "^--stages must start at n0=200"),
+        ("grid_sigma", dict(model="MODEL_FILE", sigma=17.0), r"^--sigma=17.0 with --noise=grid"),
     )
     def test_bad_values_fail_before_any_work(self, values, message):
         empty = self._tempdir()
@@ -622,8 +699,10 @@ class LenetExportTest(tf.test.TestCase):
             "channels": (np.zeros((1, 28, 28, 3), np.float32), r"got shape\] \[1 28 28 3\]"),
             "nan": (nan, "images must be finite.*NaN"),
             "inf": (inf, "images must be finite.*Inf"),
-            "above_one": (good * 2.5, r"images must be in \[0, 1\]"),
-            "negative": (good - 0.6, r"images must be in \[0, 1\]"),
+            # The first pixel outside [0, 1], by index and value (issue 24's guardrail for the served model).
+            "above_one": (good * 2.5, r"images must be in \[0, 1\].*first pixel outside \(index, value\):\] "
+                                      r"\[\[0 0 0 0\]\] \[1.25\]"),
+            "negative": (good - 0.6, r"images must be in \[0, 1\].*\[\[0 0 0 0\]\] \[-0.1"),
         }
         for signature in (signatures.SERVING_SIGNATURE, signatures.CERTIFY_RADIUS_SIGNATURE,
                           signatures.PREDICT_SIGNATURE):
@@ -715,24 +794,45 @@ class ComputeDtypeTest(tf.test.TestCase):
 
 
 class LinearClosedFormTest(tf.test.TestCase):
-    """The export on a linear base model, whose smoothed classifier is known in closed form."""
+    """The export on a linear base model, whose smoothed classifier is known in closed form.
+
+    Tests that only read an export of the same settings share it (issue 21):
+    `_export` makes each one once per class, on first use.
+    """
 
     SIGMA = 0.25
+    # Fresh noise per request (as deployed); and a fixed seed, for answers that must not vary.
+    FRESH = dict(n0=50, n=1000, alpha=0.01, batch_size=1000)
+    SEEDED = dict(n0=50, n=1000, alpha=0.001, batch_size=1000, seed=3)
 
-    def _export(self, root, **kwargs):
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls._tmp = tempfile.TemporaryDirectory()
+        cls._exports = {}
+
+    @classmethod
+    def tearDownClass(cls):
+        cls._tmp.cleanup()
+        super().tearDownClass()
+
+    def _export(self, **kwargs):
+        """The shared export of the linear model with `kwargs`; (loaded, w, b, a fresh rng of the weights' seed)."""
         w, b, rng = _linear_setup()
-        path = os.path.join(root, "linear")
-        export_flat(linear_model(w, b), path, sigma=self.SIGMA, num_classes=2, **kwargs)
-        return tf.saved_model.load(path), w, b, rng
+        key = tuple(sorted(kwargs.items()))
+        if key not in self._exports:
+            path = os.path.join(self._tmp.name, f"linear{len(self._exports)}")
+            export_flat(linear_model(w, b), path, sigma=self.SIGMA, num_classes=2, **kwargs)
+            self._exports[key] = tf.saved_model.load(path)
+        return self._exports[key], w, b, rng
 
     def test_radius_exceeds_true_radius_no_more_often_than_alpha(self):
         alpha, count = 0.01, 300
-        with tempfile.TemporaryDirectory() as root:
-            loaded, w, b, rng = self._export(root, n0=50, n=1000, alpha=alpha, batch_size=1000)
-            # True P(class 0) spread over [0.02, 0.98] on both sides of the hyperplane.
-            p_true = rng.uniform(0.02, 0.98, size=count)
-            margins = self.SIGMA * scipy_stats.norm.ppf(p_true)
-            out = _signature_outputs(loaded, images_at_margins(w, b, margins, rng))
+        loaded, w, b, rng = self._export(**self.FRESH)
+        # True P(class 0) spread over [0.02, 0.98] on both sides of the hyperplane.
+        p_true = rng.uniform(0.02, 0.98, size=count)
+        margins = self.SIGMA * scipy_stats.norm.ppf(p_true)
+        out = _signature_outputs(loaded, images_at_margins(w, b, margins, rng))
         true_class = np.where(margins > 0, 0, 1)
         true_radius = np.abs(margins)
         certified = out["class"] != stats.ABSTAIN
@@ -877,10 +977,9 @@ class LinearClosedFormTest(tf.test.TestCase):
     def test_radius_within_a_few_percent_at_n_100000(self):
         alpha, n = 0.001, 100000
         p_true = np.array([0.73, 0.84, 0.92])
-        with tempfile.TemporaryDirectory() as root:
-            loaded, w, b, rng = self._export(root, n0=100, n=n, alpha=alpha, batch_size=10000)
-            margins = self.SIGMA * scipy_stats.norm.ppf(p_true)
-            out = _signature_outputs(loaded, images_at_margins(w, b, margins, rng))
+        loaded, w, b, rng = self._export(n0=100, n=n, alpha=alpha, batch_size=10000)
+        margins = self.SIGMA * scipy_stats.norm.ppf(p_true)
+        out = _signature_outputs(loaded, images_at_margins(w, b, margins, rng))
         np.testing.assert_array_equal(out["class"], 0)
         # p_lower, the one-sided Clopper-Pearson bound at alpha, is p_hat less
         # about z_alpha binomial SEs, and p_hat lies within 6 SE of p except
@@ -901,30 +1000,192 @@ class LinearClosedFormTest(tf.test.TestCase):
         # Together: the radius is at most 6.3% below the true one at p = 0.73 (3.6% at 0.92).
 
     def test_predict_signature_abstains_at_the_boundary(self):
-        with tempfile.TemporaryDirectory() as root:
-            # A fixed seed keeps this deterministic; p = 0.5 would otherwise fail with probability <= alpha.
-            loaded, w, b, rng = self._export(root, n0=50, n=1000, alpha=0.001, batch_size=1000, seed=3)
-            # p = 0.95, 0.05: clear; p = 0.5: H0 holds, so abstain except with probability <= alpha.
-            margins = self.SIGMA * scipy_stats.norm.ppf([0.95, 0.05, 0.5, 0.5])
-            out = _signature_outputs(loaded, images_at_margins(w, b, margins, rng), signatures.PREDICT_SIGNATURE)
+        # A fixed seed keeps this deterministic; p = 0.5 would otherwise fail with probability <= alpha.
+        loaded, w, b, rng = self._export(**self.SEEDED)
+        # p = 0.95, 0.05: clear; p = 0.5: H0 holds, so abstain except with probability <= alpha.
+        margins = self.SIGMA * scipy_stats.norm.ppf([0.95, 0.05, 0.5, 0.5])
+        out = _signature_outputs(loaded, images_at_margins(w, b, margins, rng), signatures.PREDICT_SIGNATURE)
         np.testing.assert_array_equal(out["class"], [0, 1, -1, -1])
 
     def test_fresh_noise_per_request_without_seed(self):
-        with tempfile.TemporaryDirectory() as root:
-            loaded, w, b, rng = self._export(root, n0=10, n=500, alpha=0.001, batch_size=500)
-            images = images_at_margins(w, b, np.zeros(8), rng)  # p = 1/2: counts vary most
-            first = _signature_outputs(loaded, images)["p_lower"]
-            second = _signature_outputs(loaded, images)["p_lower"]
-        # Equal counts for all 8 images by chance has probability < 0.04^8.
+        loaded, w, b, rng = self._export(**self.FRESH)
+        images = images_at_margins(w, b, np.zeros(8), rng)  # p = 1/2: counts vary most
+        first = _signature_outputs(loaded, images)["p_lower"]
+        second = _signature_outputs(loaded, images)["p_lower"]
+        # Two independent Binomial(1000, 1/2) counts are equal with probability 0.018 (< 1 / sqrt(pi 500));
+        # for all 8 images by chance, < 0.02^8.
         self.assertFalse(np.array_equal(first, second))
 
     def test_fixed_seed_repeats(self):
-        with tempfile.TemporaryDirectory() as root:
-            loaded, w, b, rng = self._export(root, n0=10, n=500, alpha=0.001, batch_size=500, seed=7)
-            images = images_at_margins(w, b, np.zeros(8), rng)
-            first, second = _signature_outputs(loaded, images), _signature_outputs(loaded, images)
+        loaded, w, b, rng = self._export(**self.SEEDED)
+        images = images_at_margins(w, b, np.zeros(8), rng)
+        first, second = _signature_outputs(loaded, images), _signature_outputs(loaded, images)
         for key in first:
             np.testing.assert_array_equal(first[key], second[key])
+
+
+class GridExportTest(tf.test.TestCase):
+    """One grid-noise export of the grid model (GRID_W, GRID_T), shared by every test that reads it.
+
+    Under grid noise the smoothed classifier is Gaussian smoothing of the base
+    classifier composed with rounding to the grid, whose class probabilities
+    `grid_class0_probability` computes exactly (mpmath and a convolution,
+    nothing of the code under test). The seed is fixed so that the library
+    comparison can draw the same noise; the images sit at distinct positions
+    of a request, so their noise is independent all the same.
+    """
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls._tmp = tempfile.TemporaryDirectory()
+        cls.export_dir = os.path.join(cls._tmp.name, "grid")
+        cls.model = linear_model(GRID_W, GRID_B)
+        cls.kwargs = dict(n0=50, n=1000, alpha=0.01, batch_size=1000, stages=(100, 1000))
+        export_flat(cls.model, cls.export_dir, sigma=GRID_SIGMA, num_classes=2, seed=29, noise="grid", **cls.kwargs)
+        cls.loaded = tf.saved_model.load(cls.export_dir)
+        cls.pixels = grid_images(300, np.random.default_rng(5))
+        cls.images = on_grid(cls.pixels)
+        cls.p_class0 = grid_class0_probability(cls.pixels)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls._tmp.cleanup()
+        super().tearDownClass()
+
+    def test_metadata_records_the_noise_mode_the_contract_and_the_slack(self):
+        meta = {k: v.numpy() for k, v in self.loaded.signatures[signatures.METADATA_SIGNATURE]().items()}
+        on_disk = export.read_metadata(self.export_dir)
+        self.assertEqual(meta["noise"].decode(), "grid")
+        self.assertEqual(on_disk["noise"], "grid")
+        self.assertEqual(meta["input_contract"].decode(), signatures.INPUT_CONTRACTS["grid"])
+        self.assertEqual(on_disk["input_contract"], signatures.INPUT_CONTRACTS["grid"])
+        # The issue's budget per pixel: a tail below 1e-12 and bins * 2^-64 (plus Phi's 1e-45) of rounding;
+        # 4 pixels. Doubling the rounding term covers the rounding up of the float sums.
+        table = noise_lib.grid_noise_table(GRID_SIGMA)
+        slack = float(meta["tv_slack"])
+        self.assertEqual(on_disk["tv_slack"], slack)
+        self.assertGreater(slack, 0.0)
+        self.assertLessEqual(slack, 4 * (1e-12 + 2 * table.num_bins * 2.0 ** -64))
+        # certify_radius's levels are the float export's; predict's pay n samples' slack (alpha - n slack).
+        np.testing.assert_array_equal(meta["levels"], [0.005, 0.005])
+        levels = np.array(on_disk["predict_levels"])
+        np.testing.assert_array_equal(meta["predict_levels"], levels)
+        self.assertLessEqual(levels.sum(), 0.01 - 1000 * slack)
+        self.assertGreater(levels.sum(), 0.01 - 1000 * slack - 1e-17)  # alpha's float spacing is 1.7e-18.
+        self.assertEqual(levels[0], levels[1])
+
+    def test_signatures_equal_the_library_with_a_fixed_seed(self):
+        # Smooth in grid mode keys its noise as the export does: the same samples, the same answers.
+        smooth = smoothing.Smooth(self.model, 2, GRID_SIGMA, noise="grid")
+        images, ids = self.images[:12], np.arange(12)
+        radius = np.random.default_rng(2).choice(np.array([0.001, 0.005, 0.02], np.float32), 12)
+        staged = library_staged_certify(smooth, images, radius, seed=29, **self.kwargs)
+        out = _signature_outputs(self.loaded, images, signatures.CERTIFY_RADIUS_SIGNATURE, radius)
+        for key in ("class", "certified", "samples"):
+            np.testing.assert_array_equal(out[key], staged[key], err_msg=key)
+        np.testing.assert_allclose(out["radius"], staged["radius"], rtol=1e-6)
+        classes, radii = smooth.certify_batch(images, self.kwargs["n0"], self.kwargs["n"], self.kwargs["alpha"],
+                                              self.kwargs["batch_size"], seed=29, image_ids=ids)
+        out = _signature_outputs(self.loaded, images)
+        np.testing.assert_array_equal(out["class"], classes)
+        np.testing.assert_allclose(out["radius"], radii, rtol=1e-6)
+        predicted = smooth.predict_staged_batch(images, self.kwargs["n"], self.kwargs["alpha"],
+                                                self.kwargs["batch_size"], stages=self.kwargs["stages"], seed=29,
+                                                image_ids=ids)
+        out = _signature_outputs(self.loaded, images, signatures.PREDICT_SIGNATURE)
+        np.testing.assert_array_equal(out["class"], predicted.classes)
+        np.testing.assert_array_equal(out["samples"], predicted.samples)
+        self.assertGreater(len(set(out["samples"].tolist())), 1)
+
+    def test_closed_form_soundness(self):
+        check_grid_soundness(self, _signature_outputs(self.loaded, self.images), self.p_class0, alpha=0.01)
+
+    def test_certify_radius_and_predict_are_sound_in_closed_form(self):
+        # As LinearClosedFormTest's certify_radius test, against the exact grid probabilities: asked half or
+        # 1.1 times the true radius, an image may be certified beyond it with probability <= alpha only.
+        p_top = np.maximum(self.p_class0, 1 - self.p_class0)
+        true_radius = GRID_SIGMA * scipy_stats.norm.ppf(p_top)
+        asked = (np.tile([0.5, 1.1], len(p_top) // 2) * true_radius).astype(np.float32)
+        out = _signature_outputs(self.loaded, self.images, signatures.CERTIFY_RADIUS_SIGNATURE, asked)
+        true_class = np.where(self.p_class0 > 0.5, 0, 1)
+        limit = scipy_stats.binom.isf(1e-6, len(p_top), 0.01)
+        wrong_class = (out["class"] != stats.ABSTAIN) & (out["class"] != true_class)
+        # The bound: float64 scipy at p <= 0.9998 is exact to 1e-15; 1e-12 covers it.
+        self.assertLessEqual(int((wrong_class | (out["radius"] > true_radius + 1e-12)).sum()), limit)
+        self.assertLessEqual(int((out["certified"] & (asked > true_radius)).sum()), limit)
+        # Not vacuous: at p_A > 0.9 the bound after 1000 samples (level alpha / 2, z = 2.58, SE < 0.0095) lies
+        # within 0.025 of p_A, far above Phi(z_A / 2) <= 0.74 (z_A > 1.28), so nearly all are certified.
+        self.assertGreater(out["certified"][(asked < true_radius) & (p_top > 0.9)].mean(), 0.8)
+        predicted = _signature_outputs(self.loaded, self.images, signatures.PREDICT_SIGNATURE)["class"]
+        self.assertLessEqual(int(((predicted != stats.ABSTAIN) & (predicted != true_class)).sum()), limit)
+        self.assertGreater((predicted == true_class)[p_top > 0.65].mean(), 0.9)
+
+    def test_every_grid_value_is_taken_and_anything_else_is_refused_naming_the_first_bad_pixel(self):
+        every_level = on_grid(np.arange(256).reshape(64, 2, 2, 1))
+        self.assertEqual(_signature_outputs(self.loaded, every_level)["class"].shape, (64,))
+        one_ulp = every_level[:2].copy()
+        one_ulp[1, 0, 1, 0] = np.nextafter(one_ulp[1, 0, 1, 0], np.float32(1))
+        off = every_level[:2].copy()
+        off[1, 1, 0, 0] = 0.3
+        outside = every_level[:2].copy()
+        outside[0, 1, 1, 0] = 1.5
+        cases = {
+            "one_ulp": (one_ulp, r"not on the 8-bit grid .*first bad pixel \(index, value\):\] \[\[1 0 1 0\]\]"),
+            "off": (off, r"not on the 8-bit grid .*\[\[1 1 0 0\]\] \[0.3\]"),
+            "outside": (outside, r"images must be in \[0, 1\].*first pixel outside \(index, value\):\] "
+                                 r"\[\[0 1 1 0\]\] \[1.5\]"),
+        }
+        for signature in (signatures.SERVING_SIGNATURE, signatures.CERTIFY_RADIUS_SIGNATURE,
+                          signatures.PREDICT_SIGNATURE):
+            for name, (images, message) in cases.items():
+                with self.subTest(signature=signature, case=name):
+                    radius = np.full(2, 0.01, np.float32) if signature == signatures.CERTIFY_RADIUS_SIGNATURE else None
+                    with self.assertRaisesRegex(tf.errors.InvalidArgumentError, message):
+                        _signature_outputs(self.loaded, images, signature, radius)
+
+    def test_load_runs_refuse_an_off_grid_pool_before_sending(self):
+        # Every request would fail: refused in one line before the load starts (the C++ path before the
+        # program runs, so a missing binary is never reached).
+        pool = on_grid(self.pixels[:4])
+        pool[2, 1, 0, 0] = 0.5
+        message = r"^images: the pool breaks the export's input contract: images\[2, 1, 0, 0\] = 0.5 is not on"
+        with self.assertRaisesRegex(ConfigError, message):
+            serving_load.run_python_load(self.export_dir, pool, serving_load.LoadConfig())
+        with self.assertRaisesRegex(ConfigError, message):
+            serving_load.run_cpp_load("/nonexistent/serving_check", self.export_dir, pool, serving_load.LoadConfig())
+
+    def test_warmup_requests_are_on_the_grid_and_run(self):
+        from tensorflow_serving.apis import prediction_log_pb2  # pylint: disable=import-outside-toplevel
+
+        path = os.path.join(self.export_dir, export.ASSETS_EXTRA, export.WARMUP_FILE)
+        for record in tf.data.TFRecordDataset(path):
+            request = prediction_log_pb2.PredictionLog.FromString(record.numpy()).predict_log.request
+            inputs = {key: tf.constant(tf.make_ndarray(value)) for key, value in request.inputs.items()}
+            np.testing.assert_array_equal(inputs["images"].numpy(), np.float32(128) / np.float32(255))
+            out = self.loaded.signatures[request.model_spec.signature_name](**inputs)
+            self.assertEqual(out["class"].shape, (1,))
+
+
+def check_grid_soundness(test: tf.test.TestCase, out: dict, p_class0: np.ndarray, alpha: float) -> None:
+    """serving_default's answers `out` against the exact grid probabilities `p_class0`, per image.
+
+    CERTIFY's guarantee: with probability >= 1 - alpha an image's answer is
+    right: no wrong class, p_lower at most the exact probability of its class
+    and the radius at most sigma Phi^-1 of it. Failures are Binomial(count,
+    <= alpha), allowed up to the (1 - 1e-6) quantile of Binomial(count, alpha).
+    Tolerances: the exact probability is known to 3e-11 (`grid_class0_probability`);
+    sigma Phi^-1 by scipy to 1e-15 relative, so 1e-12 on the radius.
+    """
+    certified = out["class"] != stats.ABSTAIN
+    p_class = np.where(out["class"] == 1, 1 - p_class0, p_class0)
+    true_class = np.where(p_class0 > 0.5, 0, 1)
+    exact_radius = GRID_SIGMA * scipy_stats.norm.ppf(np.minimum(p_class + 3e-11, 1.0))
+    failures = certified & ((out["class"] != true_class) | (out["p_lower"] > p_class + 3e-11)
+                            | (out["radius"] > exact_radius + 1e-12))
+    test.assertLessEqual(int(failures.sum()), scipy_stats.binom.isf(1e-6, len(p_class0), alpha))
+    clear = np.abs(p_class0 - 0.5) > 0.15
+    test.assertGreater(certified[clear].mean(), 0.9)  # Not vacuous.
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ MultiWorkerMirroredStrategy, is checked in this process against `fit` on
 --strategy=multi_worker as worker processes on 127.0.0.1, each with its own
 TF_CONFIG.
 
-Every cluster here is started from the README's "Running on a cluster" block
+Every cluster here is started from the example of docs/cluster.md, "Training on several machines"
 (TF_CONFIG and the command, with only hosts, ports, task index, interpreter
 and --model_dir replaced), and each worker gets its own --model_dir, as on
 separate machines without a shared file system: only the chief may write
@@ -47,9 +47,9 @@ from tf_consreg import run_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS = flags.FLAGS
-README_HOSTS = ("host0:12345", "host1:12345")
-README_MODEL_DIR = "--model_dir=runs/cluster_demo"
-README_PYTHON = ".venv/bin/python"
+EXAMPLE_HOSTS = ("host0:12345", "host1:12345")
+EXAMPLE_MODEL_DIR = "--model_dir=runs/cluster_demo"
+EXAMPLE_PYTHON = ".venv/bin/python"
 TIMEOUT = 150  # seconds for a cluster run; each takes 20-40 s on 2 idle cores
 train_bin = None  # bin/train.py, loaded by setUpModule.
 
@@ -63,14 +63,14 @@ def tearDownModule():
     binaries.unload(train_bin)
 
 
-def readme_cluster_example():
-    """(TF_CONFIG as a dict, the command as argv) from the README's cluster section, as printed there."""
-    # Under `bazel test` README.md is in the runfiles (//:README.md); else beside tests/.
-    candidates = [os.path.join(d, "README.md")
+def cluster_guide_example():
+    """(TF_CONFIG as a dict, the command as argv) from docs/cluster.md's first example, as printed there."""
+    # Under `bazel test` docs/cluster.md is in the runfiles (//:docs); else beside tests/.
+    candidates = [os.path.join(d, "docs", "cluster.md")
                   for d in (REPO, os.path.dirname(os.path.dirname(os.path.realpath(__file__))))]
     with open(next((p for p in candidates if os.path.isfile(p)), candidates[0]), encoding="utf-8") as f:
-        readme = f.read()
-    section = readme.split("\n## Running on a cluster\n", 1)[1].split("\n## ", 1)[0]
+        guide = f.read()
+    section = guide.split("\n## Training on several machines\n", 1)[1].split("\n## ", 1)[0]
     block = section.split("```sh\n", 1)[1].split("```", 1)[0]
     tf_config = re.search(r"^export TF_CONFIG='(.*)'$", block, re.MULTILINE).group(1)
     command = re.search(r"^(\.venv/bin/python bin/train\.py .*?)\n(?!    )", block, re.MULTILINE | re.DOTALL).group(1)
@@ -103,14 +103,14 @@ def _printed_fingerprint(stdout):
 
 
 class Cluster:
-    """Two workers started from the README's example, one directory per simulated host."""
+    """Two workers started from docs/cluster.md's example, one directory per simulated host."""
 
     def __init__(self, root, extra_flags=()):
         self.root = root
-        tf_config, argv = readme_cluster_example()
-        assert tf_config["cluster"]["worker"] == list(README_HOSTS), tf_config
-        assert argv[0] == README_PYTHON and README_MODEL_DIR in argv, argv
-        self.flags = [a for a in argv[2:] if a != README_MODEL_DIR]
+        tf_config, argv = cluster_guide_example()
+        assert tf_config["cluster"]["worker"] == list(EXAMPLE_HOSTS), tf_config
+        assert argv[0] == EXAMPLE_PYTHON and EXAMPLE_MODEL_DIR in argv, argv
+        self.flags = [a for a in argv[2:] if a != EXAMPLE_MODEL_DIR]
         ports = _free_ports(2)
         cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
         self.commands, self.envs, self.model_dirs = [], [], []
@@ -172,7 +172,7 @@ def _checkpoint_values(model_dir):
 
 @pytest.mark.slow
 class ReadmeClusterTest(tf.test.TestCase):
-    """The README's two-worker example, run once; each test checks one property of it."""
+    """docs/cluster.md's two-worker example, run once; each test checks one property of it."""
 
     @classmethod
     def setUpClass(cls):
@@ -350,11 +350,11 @@ class BadClusterInputTest(tf.test.TestCase, parameterized.TestCase):
 
     def _run(self, tf_config, *extra):
         model_dir = os.path.join(self.create_tempdir().full_path, "run")
-        _, argv = readme_cluster_example()
+        _, argv = cluster_guide_example()
         env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
         if tf_config is not None:
             env["TF_CONFIG"] = tf_config
-        command = [sys.executable, argv[1], *[a for a in argv[2:] if a != README_MODEL_DIR],
+        command = [sys.executable, argv[1], *[a for a in argv[2:] if a != EXAMPLE_MODEL_DIR],
                    f"--model_dir={model_dir}", *extra]
         result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
         lines = [line for line in result.stderr.splitlines()

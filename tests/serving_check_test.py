@@ -16,12 +16,20 @@ import numpy as np
 from scipy import stats as scipy_stats
 import tensorflow as tf
 
+from export_test import GRID_B
+from export_test import GRID_SIGMA
+from export_test import GRID_W
+from export_test import check_grid_soundness
 from export_test import export_flat  # tests/ is on sys.path under pytest
+from export_test import grid_class0_probability
+from export_test import grid_images
 from export_test import images_at_margins
 from export_test import library_staged_certify
 from export_test import linear_model
+from export_test import on_grid
 from tf_consreg import models
 from tf_consreg import smoothing
+from tf_consreg.signatures import INPUT_CONTRACTS
 
 _BUILD_PY = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "tools", "serving_check", "build.py")
 
@@ -62,9 +70,8 @@ def _certificates(rows):
     return array[:, 1].astype(np.int64), array[:, 2].astype(np.float64), array[:, 3].astype(np.float64)
 
 
-class ServingCheckTest(tf.test.TestCase):
-
-    SIGMA = 0.25
+class _ServingCheckCase(tf.test.TestCase):
+    """Builds tools/serving_check once per class (skipping where g++ is missing) and holds a temporary directory."""
 
     @classmethod
     def setUpClass(cls):
@@ -74,6 +81,20 @@ class ServingCheckTest(tf.test.TestCase):
             raise unittest.SkipTest("g++ not found on PATH: cannot build tools/serving_check")
         cls.binary = build.build()
         cls._tmp = tempfile.TemporaryDirectory()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls._tmp.cleanup()
+        super().tearDownClass()
+
+
+class ServingCheckTest(_ServingCheckCase):
+
+    SIGMA = 0.25
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
         rng = np.random.default_rng(3)
         cls.w = rng.normal(size=(4, 4, 1)) * 0.25
         cls.b = -float(np.sum(cls.w)) * 0.5
@@ -85,11 +106,6 @@ class ServingCheckTest(tf.test.TestCase):
         # seed=None: the C++ run draws its own noise, as a deployed model does.
         export_flat(cls.linear, cls.linear_dir, sigma=cls.SIGMA, num_classes=2, n0=cls.n0, n=cls.n,
                     alpha=cls.alpha, batch_size=1000, class_names=("pos", "neg"))
-
-    @classmethod
-    def tearDownClass(cls):
-        cls._tmp.cleanup()
-        super().tearDownClass()
 
     def _radius_band(self, p_a, z=5.0):
         """Radii a CERTIFY run gives w.p. > 1 - 1e-6 when the top class has probability p_a.
@@ -250,6 +266,44 @@ class ServingCheckTest(tf.test.TestCase):
         self.assertIn("serving_check: error: cannot load", result.stderr)
         _, result = run_serving_check(self.binary, self.linear_dir, signature="nope", check=False)
         self.assertIn("no signature 'nope'", result.stderr)
+
+
+class GridServingCheckTest(_ServingCheckCase):
+    """A grid-noise export (export_test's grid model) through the C++ loader, with OS-seeded noise.
+
+    Its class probabilities are known exactly (`grid_class0_probability`), so
+    the closed-form soundness check runs on what TensorFlow's C++ runtime
+    samples, as TF Serving would.
+    """
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.export_dir = os.path.join(cls._tmp.name, "grid")
+        cls.alpha = 0.01
+        export_flat(linear_model(GRID_W, GRID_B), cls.export_dir, sigma=GRID_SIGMA, num_classes=2, n0=50, n=1000,
+                    alpha=cls.alpha, batch_size=1000, noise="grid")
+
+    def test_cpp_grid_certificates_are_sound_in_closed_form(self):
+        pixels = grid_images(300, np.random.default_rng(11))
+        rows, _ = run_serving_check(self.binary, self.export_dir, on_grid(pixels))
+        classes, radii, p_lower = _certificates(rows)
+        check_grid_soundness(self, {"class": classes, "radius": radii, "p_lower": p_lower},
+                             grid_class0_probability(pixels), alpha=self.alpha)
+
+    def test_cpp_grid_metadata_and_off_grid_refusal(self):
+        rows, _ = run_serving_check(self.binary, self.export_dir, signature="metadata")
+        meta = dict(rows)
+        self.assertEqual(meta["noise"], "grid")
+        self.assertEqual(meta["input_contract"], INPUT_CONTRACTS["grid"])
+        self.assertGreater(float(meta["tv_slack"]), 0.0)
+        images = on_grid(np.full((2, 2, 2, 1), 128))
+        images[1, 0, 1, 0] = np.nextafter(images[1, 0, 1, 0], np.float32(0))  # One ulp below 128 / 255.
+        rows, result = run_serving_check(self.binary, self.export_dir, images, check=False)
+        self.assertEqual(result.returncode, 1)
+        self.assertEqual(rows, [])
+        self.assertRegex(result.stderr, r"serving_check: error: signature 'serving_default' failed: .*not on the "
+                                        r"8-bit grid .*first bad pixel \(index, value\):\] \[\[1 0 1 0\]\]")
 
 
 if __name__ == "__main__":

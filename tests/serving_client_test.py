@@ -412,6 +412,44 @@ class CheckAnswerTest(parameterized.TestCase):
             serving_client.Contract.from_metadata(metadata)
 
 
+class InputContractTest(parameterized.TestCase):
+    """The export's noise mode in the contract, and the grid contract checked before a request is sent."""
+
+    def test_the_contract_reads_the_noise_mode(self):
+        self.assertEqual(serving_client.Contract.from_metadata(METADATA).noise, "float")  # An older export.
+        self.assertEqual(serving_client.Contract.from_metadata({**METADATA, "noise": "grid"}).noise, "grid")
+        with self.assertRaisesRegex(serving_client.ContractError,
+                                    "^the model's metadata: noise = 'gauss' is not one of float, grid$"):
+            serving_client.Contract.from_metadata({**METADATA, "noise": "gauss"})
+
+    def test_grid_images_are_checked_naming_the_first_bad_pixel(self):
+        grid = serving_client.Contract(noise="grid")
+        # Every level, as numpy computes float32(k) / 255 (one correctly rounded division, as TensorFlow's).
+        every_level = (np.arange(256, dtype=np.float32) / np.float32(255)).reshape(64, 2, 2, 1)
+        np.testing.assert_array_equal(serving_client.check_images(every_level, grid), every_level)
+        for value in (np.nextafter(every_level[1, 0, 1, 0], np.float32(1)), 0.3, -0.0039, 1.5, np.nan):
+            images = every_level.copy()
+            images[1, 0, 1, 0] = value
+            with self.subTest(value=value):
+                with self.assertRaisesRegex(ValueError, r"^images\[1, 0, 1, 0\] = .* is not on the 8-bit grid"):
+                    serving_client.check_images(images, grid)
+                # A float export's range is the server's to check: the client sends the request as it is.
+                self.assertEqual(serving_client.check_images(images, serving_client.Contract()).dtype, np.float32)
+
+    def test_the_rest_client_refuses_off_grid_images_before_sending(self):
+        # Nothing listens on the port: had the request been sent, the error would be a ServingError.
+        with socket.socket() as unused:
+            unused.bind(("127.0.0.1", 0))
+            port = unused.getsockname()[1]
+        client = serving_client.RestClient("127.0.0.1", port, contract=serving_client.Contract(noise="grid"))
+        with self.assertRaisesRegex(ValueError, r"^images\[0, 0, 0, 0\] = 0.5 is not on the 8-bit grid"):
+            client.certify(np.full((1, 2, 2, 1), 0.5, np.float32))
+        with self.assertRaisesRegex(ValueError, "is not on the 8-bit grid"):
+            client.certify_radius(np.full((1, 2, 2, 1), 0.5, np.float32), 0.1)
+        with self.assertRaises(serving_client.ServingError):
+            client.predict(np.full((1, 2, 2, 1), np.float32(128) / np.float32(255), np.float32))
+
+
 class _CannedRestServer:
     """An HTTP server on 127.0.0.1 (port 0) that answers every POST with one fixed body.
 

@@ -1,4 +1,4 @@
-"""What the absl binaries in bin/ share: flags made from configs, and one-line errors.
+"""What the commands (tf_consreg/commands, run as bin/*.py or tf-consreg-*) share: flags from configs, one-line errors.
 
 A binary's flags are made from the fields of the config it builds
 (`define_flags`): each flag takes its type and default from the dataclass
@@ -20,6 +20,7 @@ import numbers
 import os
 import re
 import sys
+import types
 import typing
 from typing import Any, Callable, Dict, Iterable, Mapping, NamedTuple, Optional, Sequence, Type
 
@@ -85,7 +86,7 @@ CERTIFY_HELP = {
              "bad pixel). grid is sound in floating point (Voráček & Hein 2023); float is today's sampler. grid "
              "lowers each bound on the top class's probability by its total-variation slack (about 1e-12 per pixel) "
              "and runs PREDICT's test at alpha - n x slack. Part of the run's settings (a resume cannot change it). "
-             "The default is float for now; grid becomes the default for 8-bit datasets once the README's tables "
+             "The default is float for now; grid becomes the default for 8-bit datasets once the measured tables in docs/ "
              "are re-measured with it.",
     "radii": "Fixed-radius mode: certify only at these radii (comma-separated, each > 0, at most 3 significant "
              "digits), drawing the estimation samples in --stages and stopping each example as soon as its answer "
@@ -550,6 +551,23 @@ def _parse_flags(argv: Sequence[str]) -> Sequence[str]:
     return argv  # Not reached.
 
 
+def _describe_in_help(command: types.ModuleType) -> None:
+    """Makes absl's --help describe `command` (its docstring and flags), however it was started.
+
+    absl's --help prints the `__main__` module's docstring and the key flags of
+    the module named sys.argv[0]. A command started as a console script (whose
+    `__main__` is pip's wrapper) or through its bin/ shim is imported under its
+    own name, so --help would describe the wrapper and list no flag. Run as
+    `__main__` itself (`python -m tf_consreg.commands.<name>`), it needs nothing.
+    """
+    main_module = sys.modules["__main__"]
+    if main_module is command:
+        return
+    main_module.__doc__ = command.__doc__
+    for flag in flags.FLAGS.get_key_flags_for_module(command.__name__):
+        flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+
+
 def run(main: Callable[[Sequence[str]], None], positional: bool = False) -> None:
     """Runs an absl `main`, turning every input error into one line on stderr.
 
@@ -575,6 +593,7 @@ def run(main: Callable[[Sequence[str]], None], positional: bool = False) -> None
             _fail(f"{files.describe_os_error(e)}; nothing written before the failure is lost: fix the cause and "
                   "run the same command again")
 
+    _describe_in_help(sys.modules[main.__module__])
     app.run(_main, flags_parser=_parse_flags)
 
 

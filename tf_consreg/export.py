@@ -17,9 +17,11 @@ Layout of an export:
 
 Signatures (all with method name `tensorflow/serving/predict`):
 
-    serving_default  images float32 [batch, H, W, C] in [0, 1] ->
-                     class int64 [batch] (-1 = abstain), radius float32 [batch]
-                     (certified L2 radius, 0 when abstaining), p_lower float32
+    serving_default  images float32 [batch, H, W, C] in [0, 1] (on the
+                     8-bit grid for a grid export: see the input contract
+                     below) -> class int64 [batch] (-1 = abstain), radius
+                     float32 [batch] (certified L2 radius, 0 when
+                     abstaining), p_lower float32
                      [batch] (one-sided (1 - alpha) Clopper-Pearson lower
                      bound of the selected class's probability). Fixed-n
                      CERTIFY: n0 selection and n estimation samples per image.
@@ -47,7 +49,38 @@ Signatures (all with method name `tensorflow/serving/predict`):
     metadata         no input -> sigma, n0, n, n_max (= n), stages, levels
                      (the per-stage levels of the union bound), alpha,
                      num_classes, class_names, input_shape, batch_size,
-                     seed, version, compute_dtype
+                     seed, version, compute_dtype, noise ("grid" or
+                     "float"), input_contract (what the image signatures
+                     take, `signatures.INPUT_CONTRACTS`), tv_slack (the
+                     grid sampler's total-variation slack per sample of an
+                     image, 0 for float noise) and predict_levels (the
+                     predict signature's per-stage levels)
+
+Noise modes (`CertifySpec.noise`; bin/export.py's default is grid, every
+dataset we ship being 8-bit):
+
+  grid   The exact grid sampler of the library (`noise.grid_noise`, through
+         `smoothing.sample_counts`, Voráček & Hein 2023): integer noise from
+         the exactly rounded Gaussian is added to the integer pixels, and the
+         model sees float32(a + j) / 255, a function of a + j alone. The
+         certificates are Cohen's for the base classifier composed with
+         rounding to the grid, and they hold in floating point. The sampler's
+         law is within `tv_slack` (d pixels times ~1e-12) of the exact one
+         per sample, which the signatures account for as `smoothing.Smooth`
+         does: every Clopper-Pearson bound widens by it (CERTIFY and each
+         stage of certify_radius), and predict tests at alpha - n tv_slack
+         (`smoothing.grid_predict_alpha`), split over the stages.
+         Input contract: the same float32 images as float exports, each
+         pixel exactly float32(k) / 255 for an integer k in [0, 255] (what
+         `tf.cast(uint8, tf.float32) / 255` gives, as every data pipeline of
+         the project does). Any other value is refused with InvalidArgument
+         naming the first bad pixel (index and value), before any sampling:
+         it is never rounded, since a certificate for the rounded image is
+         not one for the image sent.
+  float  Float32 Gaussian noise added to the image: for inputs that are not
+         quantized. Its certificates assume exact arithmetic (float rounding
+         of x + noise can leak x; see noise.py). Input contract: finite
+         pixels in [0, 1], anything else refused naming the first bad pixel.
 
 Each staged signature holds with probability >= 1 - alpha per image: stage k
 runs its bounds (or test) at level levels[k], and the levels sum to alpha
@@ -90,6 +123,7 @@ exports that were killed.
 import dataclasses
 import fcntl
 import json
+import math
 import os
 import re
 import shutil
@@ -108,13 +142,14 @@ from tf_consreg import denoise
 from tf_consreg import engine
 from tf_consreg import files
 from tf_consreg import models
+from tf_consreg import noise as noise_lib
 from tf_consreg import run_config
 from tf_consreg import smoothing
 from tf_consreg import stats
 from tf_consreg.certify_spec import CertifySpec
 from tf_consreg.errors import ConfigError, check
 from tf_consreg.signatures import CERTIFY_RADIUS_SIGNATURE, INPUT_KEY, METADATA_SIGNATURE, PREDICT_SIGNATURE
-from tf_consreg.signatures import RADIUS_KEY, SERVING_SIGNATURE
+from tf_consreg.signatures import INPUT_CONTRACTS, RADIUS_KEY, SERVING_SIGNATURE
 
 ASSETS_EXTRA = "assets.extra"
 WARMUP_FILE = "tf_serving_warmup_requests"
@@ -122,6 +157,18 @@ METADATA_FILE = "smoothing_metadata.json"
 
 def _is_int(value) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _check_grid_sigma(spec: CertifySpec) -> None:
+    """Refuses a sigma that grid noise cannot sample (`noise.grid_noise_table`), naming --sigma.
+
+    Builds the table, which is cached: the export then takes it from the cache.
+    """
+    if spec.noise == "grid":
+        try:
+            noise_lib.grid_noise_table(spec.sigma)
+        except ValueError as e:
+            raise ConfigError(f"--sigma={spec.sigma} with --noise=grid: {e}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,6 +187,10 @@ class ExportConfig:
       class_names: optional names, index = class.
       seed: None draws a fresh random seed on every request (for deployment);
         an int fixes the noise of every request (reproducible, for tests).
+
+    The spec's `noise` picks the sampler (module docstring); grid noise
+    needs sigma in (0, 16] (`noise.grid_noise_table`), and n samples' slack
+    must leave PREDICT a level (`predict_levels`, checked by `build_archive`).
     """
 
     spec: CertifySpec
@@ -150,8 +201,7 @@ class ExportConfig:
     def __post_init__(self):
         check(isinstance(self.spec, CertifySpec), f"spec must be a CertifySpec, got {type(self.spec).__name__}")
         check(self.spec.sigma is not None, "--sigma is required: the noise level of the smoothed classifier")
-        # The signatures draw float noise; grid noise in the export is not built yet. Never fall back silently.
-        check(self.spec.noise == "float", f"noise={self.spec.noise!r}: the export samples float noise only, for now")
+        _check_grid_sigma(self.spec)
         check(_is_int(self.num_classes) and self.num_classes >= 2,
               f"num_classes must be an integer >= 2, got {self.num_classes}")
         if self.class_names is not None:
@@ -164,8 +214,41 @@ class ExportConfig:
 
     @property
     def levels(self) -> Tuple[float, ...]:
-        """The per-stage levels of the staged signatures, the library's (`stats.stage_levels`)."""
+        """The per-stage levels of certify_radius, the library's (`stats.stage_levels`)."""
         return stats.stage_levels(self.spec.alpha, len(self.spec.stages))
+
+    @property
+    def grid(self) -> Optional[noise_lib.GridNoise]:
+        """The grid noise table of sigma in grid mode (`noise.grid_noise_table`, cached); None for float noise."""
+        return noise_lib.grid_noise_table(self.spec.sigma) if self.spec.noise == "grid" else None
+
+    def slack(self, input_shape: Sequence[int]) -> float:
+        """The total-variation slack of one sample of an image of `input_shape`: 0 for float noise.
+
+        In grid mode, `GridNoise.tv_slack(d)` of the image's d pixels, which the
+        bounds of CERTIFY and certify_radius take, as `smoothing.Smooth` does.
+        """
+        grid = self.grid
+        return 0.0 if grid is None else grid.tv_slack(math.prod(int(d) for d in input_shape))
+
+    def predict_levels(self, input_shape: Sequence[int]) -> Tuple[float, ...]:
+        """The per-stage levels of the predict signature, the library's.
+
+        Float noise: `levels`. Grid noise: the stage levels of
+        `smoothing.grid_predict_alpha(alpha, n, slack)`, the level
+        `Smooth.predict_staged_batch` tests at (the slack of n samples is
+        paid in the level, since a binomial test has no bound to widen).
+
+        Raises:
+          ConfigError: n samples' slack uses up alpha.
+        """
+        if self.grid is None:
+            return self.levels
+        try:
+            alpha = smoothing.grid_predict_alpha(self.spec.alpha, self.spec.n, self.slack(input_shape))
+        except ValueError as e:
+            raise ConfigError(f"--n={self.spec.n}, --alpha={self.spec.alpha}: {e}") from None
+        return stats.stage_levels(alpha, len(self.spec.stages))
 
     def metadata(self, input_shape: Sequence[int]) -> dict:
         """The JSON-able description that the `metadata` signature returns."""
@@ -187,6 +270,11 @@ class ExportConfig:
             "seed": -1 if self.seed is None else int(self.seed),
             "version": __version__,
             "compute_dtype": spec.compute_dtype,
+            "noise": spec.noise,
+            "input_contract": INPUT_CONTRACTS[spec.noise],
+            # What every lower bound on p_A gives up (and every upper bound adds) per sample: 0 for float noise.
+            "tv_slack": self.slack(input_shape),
+            "predict_levels": [float(level) for level in self.predict_levels(input_shape)],
         }
 
 
@@ -198,11 +286,20 @@ def _input_shape(base_model: keras.Model) -> Tuple[int, int, int]:
     return tuple(int(d) for d in shape)
 
 
-def _validated(images: tf.Tensor, input_shape: Tuple[int, int, int]) -> tf.Tensor:
+def _first_bad_pixel(bad: tf.Tensor, images: tf.Tensor) -> List[tf.Tensor]:
+    """The index and value of the first True of `bad` in `images` (empty when there is none), for a message."""
+    first = tf.where(bad)[:1]
+    return [first, tf.gather_nd(images, first)]
+
+
+def _validated(images: tf.Tensor, input_shape: Tuple[int, int, int], grid: bool) -> tf.Tensor:
     """Checks a request in the graph; returns images with a static shape.
 
-    The checks run in order (shape, then finiteness, then range) so each
-    failure gets the message that explains it.
+    The checks run in order (shape, finiteness, range, and in grid mode the
+    8-bit grid, `noise.to_grid`'s check) so each failure gets the message
+    that explains it; the range and grid messages name the first bad pixel
+    (index and value). Everything the signature computes depends on the
+    returned tensor, so a refused request draws no sample.
     """
     h, w, c = input_shape
     expected = tf.constant([h, w, c], tf.int32)
@@ -220,14 +317,19 @@ def _validated(images: tf.Tensor, input_shape: Tuple[int, int, int]) -> tf.Tenso
     with tf.control_dependencies([check_shape]):
         images = tf.debugging.assert_all_finite(
             images, "images must be finite: the request holds NaN or Inf pixels")
-    low, high = tf.reduce_min(images), tf.reduce_max(images)
+    outside = tf.logical_or(images < 0.0, images > 1.0)
     check_range = tf.debugging.Assert(
-        tf.logical_or(tf.equal(tf.size(images), 0), tf.logical_and(low >= 0.0, high <= 1.0)),
-        ["images must be in [0, 1] (scale pixel intensities to [0, 1]); got min", low, "max", high],
+        tf.logical_not(tf.reduce_any(outside)),
+        ["images must be in [0, 1] (scale pixel intensities to [0, 1]); first pixel outside (index, value):",
+         *_first_bad_pixel(outside, images)],
+        summarize=8,
     )
     with tf.control_dependencies([check_range]):
-        images = tf.identity(images)
-    return tf.ensure_shape(images, [None, h, w, c])
+        images = tf.ensure_shape(images, [None, h, w, c])
+    if grid:
+        with tf.control_dependencies([noise_lib.to_grid(images)]):  # In a graph: its assertion.
+            images = tf.identity(images)
+    return images
 
 
 def _validated_radius(radius: tf.Tensor, num_images: tf.Tensor) -> tf.Tensor:
@@ -308,15 +410,15 @@ def _metadata_tensor(value) -> tf.Tensor:
 def _write_warmup(path: str, input_shape: Tuple[int, int, int], radius: float) -> None:
     """Writes TF Serving's warm-up file: one request per image signature.
 
-    The request is a single mid-grey image (with `radius` for
-    certify_radius), which runs each signature's whole graph like a real
-    request.
+    The request is a single mid-grey image, every pixel 128 / 255 (on the
+    8-bit grid, so a grid export takes it too), with `radius` for
+    certify_radius; it runs each signature's whole graph like a real request.
     """
     from tensorflow_serving.apis import model_pb2  # pylint: disable=import-outside-toplevel
     from tensorflow_serving.apis import predict_pb2  # pylint: disable=import-outside-toplevel
     from tensorflow_serving.apis import prediction_log_pb2  # pylint: disable=import-outside-toplevel
 
-    inputs = {INPUT_KEY: np.full((1, *input_shape), 0.5, np.float32)}
+    inputs = {INPUT_KEY: np.full((1, *input_shape), np.float32(128) / np.float32(255), np.float32)}
     with tf.io.TFRecordWriter(path) as writer:
         for signature in (SERVING_SIGNATURE, CERTIFY_RADIUS_SIGNATURE, PREDICT_SIGNATURE):
             request = predict_pb2.PredictRequest(model_spec=model_pb2.ModelSpec(signature_name=signature))
@@ -344,8 +446,9 @@ def build_archive(base_model: keras.Model,
       memory (`endpoints["serving_default"](images)`) exactly as exported.
 
     Raises:
-      ConfigError: the model's input shape is not [batch, H, W, C] or its
-        output size is not `config.num_classes`.
+      ConfigError: the model's input shape is not [batch, H, W, C], its
+        output size is not `config.num_classes`, or (grid noise) n samples'
+        slack over its pixels leaves PREDICT no level.
     """
     input_shape = _input_shape(base_model)
     base_model = models.with_compute_dtype(base_model, config.spec.compute_dtype)
@@ -361,6 +464,11 @@ def build_archive(base_model: keras.Model,
     # level: stage k draws stages[k + 1] - stages[k] new samples per image.
     stages = tf.constant((0, *config.spec.stages), tf.int32)
     levels = engine.stage_levels(config.spec.alpha, num_stages)
+    # Grid noise: the sampler's total-variation slack widens every bound (0 for float noise, bounds as they
+    # are), and PREDICT's test runs at alpha less n samples' slack, as `smoothing.Smooth` decides.
+    grid = config.grid
+    slack = tf.constant(config.slack(input_shape), tf.float64)
+    predict_levels = tf.constant(config.predict_levels(input_shape), tf.float64)
 
     def streams(kind):
         return tf.constant([smoothing.staged_stream(kind, k) for k in range(num_stages)], tf.int64)
@@ -368,7 +476,7 @@ def build_archive(base_model: keras.Model,
     def counts(images, num_samples, keys, stream):
         return smoothing.sample_counts(
             base_model, images, num_samples, sigma=config.spec.sigma, num_classes=config.num_classes,
-            batch_size=config.spec.batch_size, seed=smoothing.stream_seeds(keys, stream))
+            batch_size=config.spec.batch_size, seed=smoothing.stream_seeds(keys, stream), grid=grid)
 
     def staged(images, keys, stream, state, update):
         """Runs the stages while any image is active; `update` folds a stage's new counts into `state`.
@@ -396,12 +504,12 @@ def build_archive(base_model: keras.Model,
         return state
 
     def certify(images):
-        images = _validated(images, input_shape)
+        images = _validated(images, input_shape, grid=grid is not None)
         keys = _request_keys(config.seed, tf.shape(images)[0])
         spec = config.spec
         classes, radius, p_lower = engine.certify_from_counts(
             counts(images, spec.n0, keys, smoothing.SELECTION), counts(images, spec.n, keys, smoothing.ESTIMATION),
-            spec.n, spec.alpha, spec.sigma)
+            spec.n, spec.alpha, spec.sigma, slack)
         return {
             "class": classes,
             # Rounded down to float32 like everything a certificate rests on.
@@ -410,7 +518,7 @@ def build_archive(base_model: keras.Model,
         }
 
     def certify_at_radius(images, radius):
-        images = _validated(images, input_shape)
+        images = _validated(images, input_shape, grid=grid is not None)
         num_images = tf.shape(images)[0]
         asked = _validated_radius(radius, num_images)
         keys = _request_keys(config.seed, num_images)
@@ -421,7 +529,8 @@ def build_archive(base_model: keras.Model,
             won = tf.gather(new, tf.gather(guess, running), axis=1, batch_dims=1)
             successes = tf.tensor_scatter_nd_add(successes, running[:, tf.newaxis], won)
             # Bounds of every image (cheap beside the sampling); kept for the active ones.
-            lower, done = engine.certify_stage(successes, n_k, levels[k], config.spec.sigma, asked[:, tf.newaxis])
+            lower, done = engine.certify_stage(successes, n_k, levels[k], config.spec.sigma, asked[:, tf.newaxis],
+                                               slack)
             p_lower = tf.where(active, lower, p_lower)
             samples = tf.where(active, tf.cast(n_k, tf.int64), samples)
             still_active = tf.logical_and(active, tf.logical_not(done))
@@ -440,7 +549,7 @@ def build_archive(base_model: keras.Model,
         }
 
     def predict(images):
-        images = _validated(images, input_shape)
+        images = _validated(images, input_shape, grid=grid is not None)
         num_images = tf.shape(images)[0]
         keys = _request_keys(config.seed, num_images)
 
@@ -448,7 +557,7 @@ def build_archive(base_model: keras.Model,
             del n_k
             totals, classes, samples = state
             totals = tf.tensor_scatter_nd_add(totals, running[:, tf.newaxis], new)
-            stage_classes = engine.predict_from_counts(totals, levels[k])
+            stage_classes = engine.predict_from_counts(totals, predict_levels[k])
             rejects = tf.logical_and(active, tf.not_equal(stage_classes, abstain))
             classes = tf.where(rejects, stage_classes, classes)
             samples = tf.where(active, tf.cast(stages[k + 1], tf.int64), samples)
@@ -692,6 +801,7 @@ class VersionExportConfig:
             check(self.spec.sigma is not None, f"--sigma is required with "
                   f"{'--classifier with --denoiser' if denoised else '--model'} (there is no training config to read)")
         object.__setattr__(self, "spec", self.spec.resolved(selection=True))
+        _check_grid_sigma(self.spec)
         check(_is_int(self.check_images) and self.check_images >= 0,
               f"--check_images must be an integer >= 0, got {self.check_images}")
         check(not self.check_images or self.model_dir,

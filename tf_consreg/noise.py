@@ -489,6 +489,7 @@ def to_grid(images: tf.Tensor) -> tf.Tensor:
     check = tf.debugging.Assert(
         tf.reduce_all(on_grid),
         ["images not on the 8-bit grid (float32(k) / 255, k in [0, 255]); first bad pixel (index, value):",
-         first_index, first_value])
+         first_index, first_value],
+        summarize=8)  # The whole index of a 4-D batch (the default, 3, would cut it).
     with tf.control_dependencies([check]):
         return tf.identity(pixels)

@@ -48,6 +48,7 @@ import urllib.request
 import numpy as np
 
 from tf_consreg.signatures import CERTIFY_RADIUS_SIGNATURE
+from tf_consreg.signatures import INPUT_CONTRACTS
 from tf_consreg.signatures import INPUT_KEY
 from tf_consreg.signatures import METADATA_SIGNATURE
 from tf_consreg.signatures import PREDICT_SIGNATURE
@@ -127,11 +128,15 @@ class Contract:
         be one of them, and PREDICT abstains only at the last.
       sigma: the noise level: CERTIFY's radius must not exceed
         sigma * Phi^-1(p_lower).
+      noise: the export's noise mode, "float" or "grid" (`INPUT_CONTRACTS`);
+        a grid export takes only images on the 8-bit grid, which the
+        clients check before sending (`check_images`).
     """
 
     num_classes: Optional[int] = None
     stages: Optional[Tuple[int, ...]] = None
     sigma: Optional[float] = None
+    noise: Optional[str] = None
 
     def __post_init__(self):
         where = "the model's metadata"
@@ -145,6 +150,8 @@ class Contract:
             object.__setattr__(self, "stages", stages)
         if self.sigma is not None and not (_is_number(self.sigma) and math.isfinite(self.sigma) and self.sigma > 0):
             raise ContractError(f"{where}: sigma = {self.sigma!r} is not a finite number > 0")
+        if self.noise is not None and self.noise not in INPUT_CONTRACTS:
+            raise ContractError(f"{where}: noise = {self.noise!r} is not one of {', '.join(INPUT_CONTRACTS)}")
 
     @classmethod
     def from_metadata(cls, metadata: Mapping[str, Any]) -> "Contract":
@@ -160,8 +167,10 @@ class Contract:
             raise ContractError(f"the model's metadata lacks {', '.join(missing)}; is it an export of "
                                 "tf_consreg's export_smoothed (bin/export.py)?")
         stages = metadata["stages"]
+        # An export written before grid noise records no mode: it samples float noise.
         return cls(num_classes=metadata["num_classes"], sigma=metadata["sigma"],
-                   stages=tuple(stages) if isinstance(stages, (list, tuple)) else stages)
+                   stages=tuple(stages) if isinstance(stages, (list, tuple)) else stages,
+                   noise=metadata.get("noise", "float"))
 
 
 def _is_int(value) -> bool:
@@ -345,16 +354,49 @@ def check_answer(signature: str, outputs, num_images: int, contract: Contract = 
     return columns
 
 
-def _as_images(images) -> np.ndarray:
+# The 256 values a grid export takes, each one correctly rounded float32
+# division k / 255, as the data pipeline and the export's check compute them.
+_GRID_VALUES = np.arange(256, dtype=np.float32) / np.float32(255)
+
+
+def check_images(images, contract: Contract = Contract()) -> np.ndarray:
+    """The request's images as float32 [N, H, W, C], refused before sending if a grid export would refuse them.
+
+    A grid export (`contract.noise == "grid"`) takes only the 256 values
+    float32(k) / 255, k in [0, 255] (`signatures.INPUT_CONTRACTS`), with no
+    tolerance: the server refuses anything else, and so does the client,
+    naming the same first bad pixel, without a round trip. A float export's
+    range check ([0, 1]) is left to the server, which names the first bad
+    pixel itself.
+
+    Args:
+      images: the batch, anything numpy turns into float32 [N, H, W, C].
+      contract: what is known of the model (its `noise`).
+
+    Returns:
+      float32 [N, H, W, C].
+
+    Raises:
+      ValueError: not a batch of 4-D images, or (grid) a pixel off the grid;
+        the message names the first bad pixel by index and value.
+    """
     images = np.asarray(images, dtype=np.float32)
     if images.ndim != 4:
         raise ValueError(f"images must be a batch [N, H, W, C], got shape {images.shape}")
+    if contract.noise == "grid":
+        in_range = (images >= 0) & (images <= 1)  # False for NaN.
+        levels = np.rint(np.where(in_range, images, 0).astype(np.float64) * 255).astype(np.int64)
+        off_grid = ~in_range | (images != _GRID_VALUES[levels])
+        if off_grid.any():
+            index = np.argwhere(off_grid)[0]
+            raise ValueError(f"images{index.tolist()} = {float(images[tuple(index)])!r} is not on the 8-bit grid "
+                             f"that this export takes ({INPUT_CONTRACTS['grid']})")
     return images
 
 
-def _radius_inputs(images, radius) -> Dict[str, np.ndarray]:
+def _radius_inputs(images, radius, contract: Contract) -> Dict[str, np.ndarray]:
     """certify_radius's inputs: the images and one radius per image (a scalar is repeated)."""
-    images = _as_images(images)
+    images = check_images(images, contract)
     radii = np.broadcast_to(np.asarray(radius, dtype=np.float32), (len(images),)).copy()
     return {INPUT_KEY: images, RADIUS_KEY: radii}
 
@@ -430,17 +472,24 @@ class RestClient:
             raise ContractError(f"{self.url}: the {signature} answer has no 'outputs': {str(payload)[:200]}")
         return _checked(self.url, signature, payload["outputs"], inputs, self.contract)
 
+    def _known_contract(self) -> Contract:
+        """The contract the images are checked against before sending (`check_images`)."""
+        return self.contract
+
     def certify(self, images) -> Certificate:
         """CERTIFY (`serving_default`) for a batch of images float32 [N, H, W, C] in [0, 1]."""
-        return _certificate(self._predict(SERVING_SIGNATURE, {INPUT_KEY: _as_images(images)}))
+        images = check_images(images, self._known_contract())
+        return _certificate(self._predict(SERVING_SIGNATURE, {INPUT_KEY: images}))
 
     def certify_radius(self, images, radius) -> RadiusCertificate:
         """`certify_radius` for a batch of images and a radius (one per image, or one for all)."""
-        return _radius_certificate(self._predict(CERTIFY_RADIUS_SIGNATURE, _radius_inputs(images, radius)))
+        inputs = _radius_inputs(images, radius, self._known_contract())
+        return _radius_certificate(self._predict(CERTIFY_RADIUS_SIGNATURE, inputs))
 
     def predict(self, images) -> np.ndarray:
         """PREDICT (`predict` signature): int64 [N] classes, -1 = abstain."""
-        return self._predict(PREDICT_SIGNATURE, {INPUT_KEY: _as_images(images)})["class"]
+        images = check_images(images, self._known_contract())
+        return self._predict(PREDICT_SIGNATURE, {INPUT_KEY: images})["class"]
 
 
 class GrpcClient:
@@ -515,17 +564,30 @@ class GrpcClient:
             raise ContractError(f"{self.target}: {e}") from None
         return _checked(self.target, signature, outputs, inputs, contract)
 
+    def _known_contract(self) -> Contract:
+        """The contract the images are checked against before sending (`check_images`).
+
+        The one given, or the pinned version's metadata once fetched. The
+        server checks every request anyway; this only spares a round trip.
+        """
+        if self.contract is not None:
+            return self.contract
+        return self._contracts.get(self.version, Contract())
+
     def certify(self, images) -> Certificate:
         """CERTIFY (`serving_default`) for a batch of images float32 [N, H, W, C] in [0, 1]."""
-        return _certificate(self._predict(SERVING_SIGNATURE, {INPUT_KEY: _as_images(images)}))
+        images = check_images(images, self._known_contract())
+        return _certificate(self._predict(SERVING_SIGNATURE, {INPUT_KEY: images}))
 
     def certify_radius(self, images, radius) -> RadiusCertificate:
         """`certify_radius` for a batch of images and a radius (one per image, or one for all)."""
-        return _radius_certificate(self._predict(CERTIFY_RADIUS_SIGNATURE, _radius_inputs(images, radius)))
+        inputs = _radius_inputs(images, radius, self._known_contract())
+        return _radius_certificate(self._predict(CERTIFY_RADIUS_SIGNATURE, inputs))
 
     def predict(self, images) -> np.ndarray:
         """PREDICT (`predict` signature): int64 [N] classes, -1 = abstain."""
-        return self._predict(PREDICT_SIGNATURE, {INPUT_KEY: _as_images(images)})["class"]
+        images = check_images(images, self._known_contract())
+        return self._predict(PREDICT_SIGNATURE, {INPUT_KEY: images})["class"]
 
     def _metadata(self, version: Optional[int]) -> dict:
         values = {}

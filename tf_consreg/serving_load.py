@@ -120,6 +120,20 @@ def _pool(images) -> np.ndarray:
     return images
 
 
+def _check_pool(pool: np.ndarray, contract: serving_client.Contract) -> None:
+    """Refuses a pool that the export's input contract refuses (a grid export: pixels off the 8-bit grid).
+
+    Every request would fail otherwise, and the run would measure error paths.
+
+    Raises:
+      ConfigError: naming the first bad pixel.
+    """
+    try:
+        serving_client.check_images(pool, contract)
+    except ValueError as e:
+        raise errors.ConfigError(f"images: the pool breaks the export's input contract: {e}") from None
+
+
 def status_kb(field: str) -> Optional[int]:
     """`field` (VmRSS, VmHWM, ...) of /proc/self/status in kB; None where /proc is not Linux's."""
     try:
@@ -239,7 +253,8 @@ def run_python_load(export_dir: str, images, config: LoadConfig) -> Dict[str, An
       The summary described in the module docstring, with "path": "python".
 
     Raises:
-      ConfigError: the pool is not float32 [N, H, W, C].
+      ConfigError: the pool is not float32 [N, H, W, C], or breaks the
+        export's input contract (a grid export: a pixel off the 8-bit grid).
       ContractError: the export's metadata lacks num_classes, stages or sigma.
     """
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
@@ -247,6 +262,7 @@ def run_python_load(export_dir: str, images, config: LoadConfig) -> Dict[str, An
     pool = _pool(images)
     loaded = tf.saved_model.load(export_dir)
     contract = serving_client.Contract.from_metadata(_metadata(loaded))
+    _check_pool(pool, contract)
     max_radius = config.max_radius if config.max_radius is not None else 2 * contract.sigma
     functions = {name: loaded.signatures[name] for name in config.signatures}
     peak_reset = reset_peak_rss()
@@ -366,10 +382,17 @@ def run_cpp_load(binary: str, export_dir: str, images, config: LoadConfig, *, ti
       The program's summary (module docstring), with "path": "c++".
 
     Raises:
-      ConfigError: the pool is not float32 [N, H, W, C].
+      ConfigError: the pool is not float32 [N, H, W, C], or breaks the
+        export's input contract (read from its metadata file,
+        `assets.extra/smoothing_metadata.json`; a SavedModel without one,
+        which the program can still load, is sent the pool as it is).
       RuntimeError: the program failed; the message holds its last stderr line.
     """
+    from tf_consreg import export  # pylint: disable=import-outside-toplevel
+
     pool = _pool(images)
+    if os.path.isfile(os.path.join(export_dir, export.ASSETS_EXTRA, export.METADATA_FILE)):
+        _check_pool(pool, serving_client.Contract.from_metadata(export.read_metadata(export_dir)))
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "images.f32")
         pool.astype("<f4").tofile(path)
