@@ -45,7 +45,8 @@ class FlagsTest(absltest.TestCase):
     def test_flags_and_defaults(self):
         self.assertEqual(binaries.flag_defaults("export"), {
             "model_dir": None, "model": None, "export_dir": None, "sigma": None, "n0": 100, "n": 10000,
-            "alpha": 0.001, "batch_size": 1000, "stages": None, "version": None, "check_images": 0, "compute_dtype": "float32"})
+            "alpha": 0.001, "batch_size": 1000, "stages": None, "version": None, "check_images": 0, "compute_dtype": "float32",
+            "classifier": None, "denoiser": None})
 
 
 class ExportBinaryTest(parameterized.TestCase):
