@@ -14,6 +14,7 @@ import sys
 import tempfile
 
 import numpy as np
+import pytest
 import scipy.special
 import tensorflow as tf
 from absl.testing import flagsaver
@@ -287,6 +288,7 @@ class CertifyAndExportTest(tf.test.TestCase):
         with open(output, encoding="utf-8") as f:
             return config, [line.split("\t")[:-1] for line in f if not line.startswith("#")]  # Without the time.
 
+    @pytest.mark.slow
     def test_certifies_the_pair_as_its_composition(self):
         pair_config, pair_rows = self._certify(classifier=self.classifier, denoiser=self.denoiser)
         _, model_rows = self._certify(model=self.composed)
@@ -353,6 +355,7 @@ class TrainRunTest(tf.test.TestCase):
         binaries.unload(cls.train_bin)
         super().tearDownClass()
 
+    @pytest.mark.slow
     def test_resumed_run_equals_the_uninterrupted_one_and_f_never_changes(self):
         classifier = os.path.join(self.create_tempdir().full_path, "f.keras")
         models.get_architecture("lenet", "fashion_mnist").save(classifier)
@@ -388,6 +391,7 @@ class TrainRunTest(tf.test.TestCase):
                 self.train_bin.main(["train"])
         self.assertFalse(os.path.exists(model_dir))
 
+    @pytest.mark.slow
     def test_the_binary_says_it_in_one_line_and_exits_2(self):
         # The one real process: what a user sees of a D/f mismatch (a CIFAR-10 classifier for Fashion-MNIST).
         classifier = os.path.join(self.create_tempdir().full_path, "f.keras")
