@@ -21,6 +21,8 @@ from absl.testing import flagsaver
 from absl.testing import parameterized
 
 import binaries  # tests/binaries.py
+from consistency_model_test import _numeric_grad as numeric_grad  # central differences
+from consistency_model_test import first_step_copies  # the wrapper's noise, drawn again
 import keras
 
 from tf_consreg import certify_run
@@ -30,7 +32,6 @@ from tf_consreg import data
 from tf_consreg import denoise
 from tf_consreg import export
 from tf_consreg import models
-from tf_consreg import noise
 from tf_consreg import objectives
 from tf_consreg import run_config
 from tf_consreg.certify_spec import CertifySpec
@@ -79,15 +80,6 @@ def _reference(noisy, clean, a, a_bias, w, w_bias, m, objective, lbd, weight_dec
             "objective": loss + 0.5 * weight_decay * (np.sum(a ** 2) + np.sum(a_bias ** 2))}
 
 
-def _numeric_grad(f, x, eps=1e-6):
-    grad = np.zeros_like(x)
-    for i in np.ndindex(x.shape):
-        step = np.zeros_like(x)
-        step[i] = eps
-        grad[i] = (f(x + step) - f(x - step)) / (2 * eps)
-    return grad
-
-
 class TrainStepTest(tf.test.TestCase, parameterized.TestCase):
 
     @parameterized.named_parameters(
@@ -113,10 +105,7 @@ class TrainStepTest(tf.test.TestCase, parameterized.TestCase):
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         logs = model.train_on_batch(images, labels, return_dict=True)
 
-        seeds = noise.example_seeds(noise.step_seed(seed, 1, 0), B)
-        x = tf.constant(images)
-        noisy = (noise.tile_copies(x, m) + noise.gaussian_noise(x, m, sigma, seeds)).numpy()
-        noisy = noisy.reshape(m * B, D).astype(np.float64)
+        noisy = first_step_copies(images, m, sigma, seed)
         clean = images.reshape(B, D).astype(np.float64)
         ref = _reference(noisy, clean, a, a_bias, w, w_bias, m, objective, lbd, weight_decay)
         if m > 1:
@@ -135,8 +124,8 @@ class TrainStepTest(tf.test.TestCase, parameterized.TestCase):
         denoiser, classifier = denoise.parts(base)
         new_a, new_bias = denoiser.get_weights()
         # Central differences in float64 (error ~eps^2 ~ 1e-12) against a float32 step of lr * O(1) gradients.
-        self.assertAllClose(new_a, a - lr * _numeric_grad(objective_a, a), atol=2e-5)
-        self.assertAllClose(new_bias, a_bias - lr * _numeric_grad(objective_bias, a_bias), atol=2e-5)
+        self.assertAllClose(new_a, a - lr * numeric_grad(objective_a, a), atol=2e-5)
+        self.assertAllClose(new_bias, a_bias - lr * numeric_grad(objective_bias, a_bias), atol=2e-5)
         self.assertGreater(np.abs(new_a - a).max(), 1e-4)  # D moved.
         self.assertEqual([v.numpy().tobytes() for v in classifier.weights], classifier_before)
         self.assertEqual({id(v) for v in base.trainable_weights}, {id(v) for v in denoiser.trainable_weights})
