@@ -42,7 +42,7 @@ FLAG_DEFAULTS = {
     "mock_data": False, "n": 100000, "alpha": 0.001, "batch_size": 1000, "skip": 1, "max": -1, "output": None,
     "seed": 0,
     "num_shards": 1, "shard_index": 0, "strategy": "default", "compute_dtype": "float32", "radii": None,
-    "stages": None, "noise": "grid",
+    "stages": None, "noise": "grid", "classifier": None, "denoiser": None,
 }
 
 

@@ -46,7 +46,7 @@ class FlagsTest(absltest.TestCase):
         self.assertEqual(binaries.flag_defaults("export"), {
             "model_dir": None, "model": None, "export_dir": None, "sigma": None, "n0": 100, "n": 10000,
             "alpha": 0.001, "batch_size": 1000, "stages": None, "version": None, "check_images": 0, "compute_dtype": "float32",
-            "noise": "grid", "max_batch": 64})
+            "noise": "grid", "max_batch": 64, "classifier": None, "denoiser": None})
 
 
 class ExportBinaryTest(parameterized.TestCase):

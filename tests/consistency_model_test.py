@@ -78,6 +78,14 @@ def _reference(noisy, labels, weights, bias, m, method, lbd, eta, weight_decay, 
     return out
 
 
+def first_step_copies(images, m, sigma, seed):
+    """The m noisy copies the first training step (iteration 0 of the training stream) draws, [m * B, pixels] float64."""
+    seeds = noise.example_seeds(noise.step_seed(seed, 1, 0), len(images))
+    x = tf.constant(images)
+    noisy = (noise.tile_copies(x, m) + noise.gaussian_noise(x, m, sigma, seeds)).numpy()
+    return noisy.reshape(m * len(images), -1).astype(np.float64)
+
+
 def _numeric_grad(f, x, eps=1e-6):
     grad = np.zeros_like(x)
     for i in np.ndindex(x.shape):
@@ -113,11 +121,7 @@ class TrainStepTest(tf.test.TestCase, parameterized.TestCase):
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         logs = model.train_on_batch(images, labels, return_dict=True)
 
-        # The noise the first step (iteration 0) of the training stream draws.
-        seeds = noise.example_seeds(noise.step_seed(seed, 1, 0), B)
-        x = tf.constant(images)
-        noisy = (noise.tile_copies(x, m) + noise.gaussian_noise(x, m, sigma, seeds)).numpy()
-        noisy = noisy.reshape(m * B, D).astype(np.float64)
+        noisy = first_step_copies(images, m, sigma, seed)
         extra = dict(clean=images.reshape(B, D).astype(np.float64), beta=1.0, gamma=8.0, sigma=sigma)
         ref = _reference(noisy, labels, weights, bias, m, method, lbd, eta, weight_decay, **extra)
         if method == "macer":

@@ -20,6 +20,7 @@ from absl.testing import parameterized
 import keras
 
 from tf_consreg import consistency_model
+from tf_consreg import denoise
 from tf_consreg import distribute
 from tf_consreg import run_config
 from tf_consreg.errors import ConfigError
@@ -35,7 +36,9 @@ def _mirrored():
 _METHOD_FIELDS = {"consistency": dict(lbd=10.0, eta=0.5), "gaussian": {}, "stability": dict(lbd=10.0),
                   "smoothadv": dict(epsilon=0.5, num_steps=2), "macer": dict(lbd=10.0, beta=2.0, gamma=8.0),
                   # The one-step adversary as start point: both attack results and the mixing weights matter.
-                  "smoothmix": dict(eta=5.0, num_steps=3, attack_step=0.5, mix_step=1, warmup=1)}
+                  "smoothmix": dict(eta=5.0, num_steps=3, attack_step=0.5, mix_step=1, warmup=1),
+                  # The denoiser of f∘D: the network above (6x6 images out) in front of a frozen linear classifier.
+                  "denoise": dict(denoise_objective="consistency", lbd=2.0, classifier="composed-here.keras")}
 
 
 def _train(strategy, method, weights, images, labels, epochs=2):
@@ -44,6 +47,16 @@ def _train(strategy, method, weights, images, labels, epochs=2):
         hidden = keras.layers.Dense(8, activation="tanh")(keras.layers.Flatten()(inputs))
         base = keras.Model(inputs, keras.layers.Dense(4)(hidden))
         base.set_weights(weights)
+        if method == "denoise":  # Set weights: both runs start from the same f∘D.
+            rng = np.random.default_rng(5)
+            image = keras.Input((6, 6, 1))
+            head = keras.layers.Dense(3)
+            classifier = keras.Model(image, head(keras.layers.Flatten()(image)))
+            head.set_weights([rng.normal(size=(36, 3)).astype(np.float32), np.zeros(3, np.float32)])
+            out = keras.layers.Dense(36)
+            denoiser = keras.Model(inputs, keras.layers.Reshape((6, 6, 1))(out(base.output)))
+            out.set_weights([rng.normal(size=(4, 36)).astype(np.float32) * 0.3, np.zeros(36, np.float32)])
+            base = denoise.compose(denoiser, classifier, (6, 6, 1))
         objective = run_config.ObjectiveConfig(method=method, sigma=0.5, num_noise=1 if method == "stability" else 3,
                                                weight_decay=0.01, **_METHOD_FIELDS[method])
         model = consistency_model.ConsistencyModel(base, objective, seed=3)
@@ -56,7 +69,7 @@ def _train(strategy, method, weights, images, labels, epochs=2):
 
 class ReplicaScalingTest(tf.test.TestCase, parameterized.TestCase):
 
-    @parameterized.parameters("consistency", "gaussian", "stability", "smoothadv", "macer", "smoothmix")
+    @parameterized.parameters("consistency", "gaussian", "stability", "smoothadv", "macer", "smoothmix", "denoise")
     def test_two_replicas_make_the_same_update_as_one_device(self, method):
         rng = np.random.default_rng(0)
         images = rng.uniform(size=(32, 6, 6, 1)).astype(np.float32)

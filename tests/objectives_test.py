@@ -36,7 +36,7 @@ class RegistryTest(parameterized.TestCase):
                 given |= {"adv_training", *objectives.ADV_TRAINING_DEFAULTS}
             self.assertEqual(settings, given, method)
         self.assertEqual(objectives.METHODS, ("gaussian", "consistency", "stability", "smoothadv", "macer",
-                                              "smoothmix"))
+                                              "smoothmix", "standard", "denoise"))
 
     def test_the_consistency_forms_are_the_losses(self):
         self.assertEqual(objectives.CONSISTENCY_LOSSES, losses.CONSISTENCY_LOSSES)

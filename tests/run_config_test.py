@@ -24,6 +24,10 @@ from tf_consreg import run_config
 from tf_consreg.certify_spec import CertifySpec
 from tf_consreg.errors import ConfigError
 
+# The settings a method cannot go without (a path that is never loaded here).
+_REQUIRED = {"denoise": {"classifier": "f.keras"}}
+
+
 class ObjectiveConfigTest(parameterized.TestCase):
 
     @parameterized.named_parameters(
@@ -52,8 +56,8 @@ class ObjectiveConfigTest(parameterized.TestCase):
 
     @parameterized.named_parameters(
         ("unused", dict(method="gaussian", lbd=1.0), "^--lbd is used only by --method=consistency or "
-                                                     "--method=stability or --method=macer; remove it for "
-                                                     "--method=gaussian$"),
+                                                     "--method=stability or --method=macer or --method=denoise; "
+                                                     "remove it for --method=gaussian$"),
         ("attack_field", dict(method="macer", num_steps=3), "--num_steps is used only by --method=smoothadv or "
                                                             "--method=smoothmix or --method=consistency "
                                                             "--adv_training"),
@@ -88,10 +92,11 @@ class ObjectiveConfigTest(parameterized.TestCase):
             run_config.ObjectiveConfig(**{"sigma": 0.5, **fields})
 
     def test_adversarial_is_smoothadv_or_adv_training(self):
-        adversarial = {method: run_config.ObjectiveConfig(method=method, sigma=0.5).adversarial
-                       for method in objectives.METHODS}
+        adversarial = {method: run_config.ObjectiveConfig(method=method, sigma=0.5, **_REQUIRED.get(method, {}))
+                       .adversarial for method in objectives.METHODS}
         self.assertEqual(adversarial, {"gaussian": False, "consistency": False, "stability": False,
-                                       "smoothadv": True, "macer": False, "smoothmix": False})
+                                       "smoothadv": True, "macer": False, "smoothmix": False, "standard": False,
+                                       "denoise": False})
         self.assertTrue(run_config.ObjectiveConfig(method="consistency", sigma=0.5, adv_training=True).adversarial)
 
 
@@ -388,8 +393,9 @@ class ImportTest(absltest.TestCase):
             "import os, sys, tempfile",
             "from tf_consreg import objectives, run_config",
             "for method in objectives.METHODS:",
+            f"    required = {_REQUIRED!r}.get(method, {{}})",
             "    config = run_config.TrainConfig(model_dir=tempfile.mkdtemp(),",
-            "                                    objective=run_config.ObjectiveConfig(method=method))",
+            "                                    objective=run_config.ObjectiveConfig(method=method, **required))",
             "    with open(os.path.join(config.model_dir, run_config.TRAIN_CONFIG_FILE), 'w') as f:",
             "        f.write(config.to_json())",
             "    assert run_config.read_train_config(config.model_dir) == config, method",

@@ -46,6 +46,7 @@ import numpy as np
 from tf_consreg import certify_log
 from tf_consreg import certify_spec
 from tf_consreg import data
+from tf_consreg import denoise
 from tf_consreg import distribute
 from tf_consreg import engine
 from tf_consreg import files
@@ -108,13 +109,16 @@ class CertifyConfig:
     shard_index: int = 0
     strategy: str = "default"
     radii: Optional[Sequence[float]] = None
+    classifier: Optional[str] = None
+    denoiser: Optional[str] = None
 
     def __post_init__(self):
         # Flags first.
         check(self.mode in _MODES, f"mode={self.mode!r} is unknown; choose one of {', '.join(_MODES)}")
         check(bool(self.output), "--output is required: the TSV file to write (or to resume)")
         files.check_output_path(self.output, "output")
-        check(bool(self.model_dir) != bool(self.model),
+        denoised = denoise.check_files(self.classifier, self.denoiser, self.model_dir, self.model)
+        check(denoised or bool(self.model_dir) != bool(self.model),
               "give exactly one of --model_dir (a training run) and --model (a saved .keras base model)")
         check(self.skip >= 1, f"--skip must be >= 1, got {self.skip}")
         check(self.max >= -1, f"--max must be -1 (no limit) or an index >= 0, got {self.max}")
@@ -129,9 +133,10 @@ class CertifyConfig:
         self._check_staging()
         if self.dataset is not None:
             data.get_dataset_info(self.dataset)
-        if self.model is not None:
-            check(self.spec.sigma is not None, "--sigma is required with --model (a run's --model_dir supplies it)")
-            check(self.dataset is not None, "--dataset is required with --model (a run's --model_dir supplies it)")
+        if self.model is not None or denoised:
+            given = "--classifier with --denoiser" if denoised else "--model"
+            check(self.spec.sigma is not None, f"--sigma is required with {given} (a run's --model_dir supplies it)")
+            check(self.dataset is not None, f"--dataset is required with {given} (a run's --model_dir supplies it)")
 
         # Then files.
         if self.model_dir:
@@ -145,7 +150,7 @@ class CertifyConfig:
             object.__setattr__(self, "model", os.path.join(self.model_dir, models.BASE_MODEL_FILE))
             check(os.path.isfile(self.model),
                   f"{self.model} not found: has the training run in --model_dir finished?")
-        else:
+        elif self.model:
             check(os.path.isfile(self.model), f"--model={self.model} is not a file; give a saved .keras model")
         self._check_can_decide()
 
@@ -219,6 +224,13 @@ class CertifyConfig:
         n, level, slack = self.spec.n, self.final_level(self.spec.n), self.sample_slack
         return float(engine.certified_radius(engine.clopper_pearson_lower(n, n, level, slack), self.spec.sigma))
 
+    @property
+    def model_name(self) -> Tuple[str, str]:
+        """The model as the settings record it: its absolute path (both, with --denoiser) and SHA-256."""
+        if self.model:
+            return os.path.abspath(self.model), files.file_sha256(self.model)
+        return denoise.identity(self.classifier, self.denoiser)
+
     def _check_staging(self) -> None:
         """Checks and resolves `radii` and `stages` (flags only; before any file is read)."""
         if self.mode == "predict":
@@ -270,8 +282,9 @@ class CertifyConfig:
         Args:
           replicas: replicas of the run's strategy (`num_replicas_in_sync`).
         """
+        model, digest = self.model_name
         settings = {
-            "mode": self.log_mode, "model": os.path.abspath(self.model), "model_sha256": files.file_sha256(self.model),
+            "mode": self.log_mode, "model": model, "model_sha256": digest,
             "dataset": self.dataset, **({"mock_data": True} if self.mock_data else {}),
             "split": self.split, "sigma": self.spec.sigma, "n0": self.spec.n0, "n": self.spec.n,
             "alpha": self.spec.alpha, "seed": self.seed, "skip": self.skip, "batch_size": self.spec.batch_size,
@@ -531,7 +544,11 @@ def certify_dataset(config: CertifyConfig, *, verbose: int = 1) -> int:
 
     with strategy.scope():  # Mirrored variables: each replica reads its own copy.
         # The network computing in --compute_dtype, whatever policy it was trained under.
-        base_model = models.load_base_model(config.model, compute_dtype=config.spec.compute_dtype)
+        if config.model:
+            base_model = models.load_base_model(config.model, compute_dtype=config.spec.compute_dtype)
+        else:  # Checked against the dataset as it loads.
+            base_model = denoise.load_composition(config.classifier, config.denoiser, info.input_shape,
+                                                  info.num_classes, compute_dtype=config.spec.compute_dtype)
     model_shape = smoothing.model_image_shape(base_model)
     if model_shape is not None and tuple(model_shape) != tuple(info.input_shape):
         raise ConfigError(f"{config.model} takes images of shape {model_shape}, but --dataset={config.dataset} "
@@ -544,7 +561,7 @@ def certify_dataset(config: CertifyConfig, *, verbose: int = 1) -> int:
                               strategy=strategy if config.strategy == "mirrored" else None, noise=config.spec.noise)
     if verbose:
         print(_NOISE_LINES[config.spec.noise])
-        print(f"Sampling {config.model} computing in {config.spec.compute_dtype} (--compute_dtype); the results hold "
+        print(f"Sampling {config.model or config.model_name[0]} computing in {config.spec.compute_dtype} (--compute_dtype); the results hold "
               "for that function")
         if config.mode == "certify":
             print(f"largest radius this run can certify: {certify_log.format_radius(config.largest_radius(), True)} "

@@ -45,6 +45,11 @@ CERTIFY_HELP = {
     "model_dir": "A bin/train.py run directory: its base_model.keras is smoothed, and its train_config.json gives "
                  "--dataset, --sigma, --data_dir.",
     "model": "A saved base model (.keras) instead of --model_dir; needs --dataset and --sigma.",
+    "classifier": "With --denoiser, instead of --model_dir or --model: smooth f∘D, the classifier f (a .keras "
+                  "model from images in [0, 1] to logits) behind the denoiser D; needs --dataset and --sigma.",
+    "denoiser": "With --classifier: the denoiser D, a .keras model from images in [0, 1] to images of the same "
+                "shape (a denoiser.keras of bin/train.py --method=denoise, or your own, e.g. a wrapped diffusion "
+                "model).",
     "dataset": f"Dataset: {', '.join(DATASETS)} (default: the training run's). imagenet2012 is read in the test "
                "view that training evaluates on (shorter side resized to 256, center crop 224).",
     "data_dir": "Directory with the dataset files (default: the training run's, else the standard locations).",
@@ -123,15 +128,18 @@ TRAIN_HELP = {
         "consistency: cross-entropy + consistency term (Jeong & Shin 2020); gaussian: cross-entropy on noisy "
         "copies (Cohen et al. 2019); stability: clean cross-entropy + lbd * stability term (Li et al. 2019); "
         "smoothadv: cross-entropy on SmoothAdv attacks (Salman et al. 2019); macer: MACER (Zhai et al. 2020); "
-        "smoothmix: cross-entropy + eta * mixup term on an adversarial walk (Jeong et al. 2021). Flags a method "
-        "does not use are refused."),
+        "smoothmix: cross-entropy + eta * mixup term on an adversarial walk (Jeong et al. 2021); standard: "
+        "cross-entropy on clean images, no noise (--sigma then only sets the certification default); denoise: "
+        "train a denoiser D in front of the frozen --classifier f (denoised smoothing, Salman et al. 2020; "
+        "base_model.keras is f∘D, denoiser.keras is D). Flags a method does not use are refused."),
     "sigma": "Noise standard deviation, in [0, 1] pixel units.",
     "num_noise": (
-        "m: noisy copies per clean image (K for macer). Default: 2 for consistency, 16 for macer, 1 otherwise "
+        "m: noisy copies per clean image (K for macer). Default: 2 for consistency and denoise's consistency, "
+        "16 for macer, 1 otherwise "
         "(stability needs 1; the authors' SmoothMix rows use 4 on MNIST, 2 on CIFAR-10)."),
     "lbd": (
-        "lambda, weight of the regularizer: consistency (default 10), stability (default 2) or macer's "
-        "robustness term (default 16)."),
+        "lambda, weight of the regularizer: consistency (default 10), stability (default 2), macer's "
+        "robustness term (default 16) or denoise's consistency KL (default 10)."),
     "eta": "eta: weight of consistency's entropy term (default 0.5) or of smoothmix's mixup term (default 1).",
     "consistency_loss": (
         "Form of the consistency term (consistency only; default 'default'): default = lbd*KL + eta*H, xent = "
@@ -160,6 +168,16 @@ TRAIN_HELP = {
     "maxnorm_s": (
         "smoothmix: L2 bound of the start point around the clean image, warmed up with --eta (default: "
         "--attack_step * --mix_step)."),
+    "denoise_objective": (
+        "--method=denoise: what D minimizes over the noisy copies x + d. mse: mean (D(x + d) - x)^2 (default); "
+        "stability: cross-entropy of f(D(x + d)) against f's label of x (Salman et al.); consistency: that "
+        "cross-entropy + lbd * mean_i KL(p_mean || p_i) over the m copies (default m = 2, lbd = 10)."),
+    "classifier": (
+        "--method=denoise: the frozen classifier f, a .keras model from images in [0, 1] to logits "
+        "(a base_model.keras, or any Keras classifier of that form); its weights never change."),
+    "denoiser_arch": (
+        "--method=denoise: the denoiser D: dncnn (DnCNN, 17 layers of 64 channels, Salman et al.'s; CIFAR-10, "
+        "ImageNet; default) or dncnn_small (5 layers of 16 channels; MNIST, Fashion-MNIST)."),
     "epochs": "Training epochs.",
     "batch_size": (
         "CLEAN images per optimizer step; each step trains on m times as many noisy copies. With --batch_split, "

@@ -151,6 +151,7 @@ import tensorflow as tf
 from tf_consreg import __version__
 from tf_consreg import certify_spec
 from tf_consreg import data
+from tf_consreg import denoise
 from tf_consreg import engine
 from tf_consreg import files
 from tf_consreg import models
@@ -821,6 +822,8 @@ class VersionExportConfig:
         `<export_dir>/<version>/`.
       model_dir: a `--model_dir` written by bin/train.py.
       model: a `.keras` base model file (instead of `model_dir`).
+      classifier, denoiser: instead of both: export f∘D, the classifier's
+        .keras file behind the denoiser's (`denoise.load_composition`), with `sigma`.
       spec: the sampling settings, as for `export_smoothed` (default:
         `certify_spec.EXPORT`); sigma defaults to the training run's, and
         stages to `certify_spec.default_stages(n)` from max(n0, 100) (both
@@ -840,13 +843,16 @@ class VersionExportConfig:
     version: Optional[int] = None
     check_images: int = 0
     max_batch: int = DEFAULT_MAX_BATCH
+    classifier: Optional[str] = None
+    denoiser: Optional[str] = None
     dataset: Optional[str] = dataclasses.field(default=None, init=False)
     data_dir: Optional[str] = dataclasses.field(default=None, init=False)
 
     def __post_init__(self):
         check(bool(self.export_dir), "--export_dir is required: TF Serving's base path for the model versions")
-        check(bool(self.model_dir) != bool(self.model), "give exactly one of --model_dir (a training run) "
-              "or --model (a .keras file)")
+        denoised = denoise.check_files(self.classifier, self.denoiser, self.model_dir, self.model)
+        check(denoised or bool(self.model_dir) != bool(self.model), "give exactly one of --model_dir (a training "
+              "run) or --model (a .keras file)")
         if self.model_dir:
             check(os.path.isdir(self.model_dir),
                   f"--model_dir={self.model_dir} is not a directory; pass a run directory of bin/train.py")
@@ -859,10 +865,10 @@ class VersionExportConfig:
             if self.spec.sigma is None:
                 object.__setattr__(self, "spec", dataclasses.replace(self.spec, sigma=train_config.sigma))
         else:
-            check(os.path.isfile(self.model) and self.model.endswith(".keras"),
+            check(denoised or (os.path.isfile(self.model) and self.model.endswith(".keras")),
                   f"--model={self.model} is not a .keras file")
-            check(self.spec.sigma is not None,
-                  "--sigma is required with --model (there is no training config to read)")
+            check(self.spec.sigma is not None, f"--sigma is required with "
+                  f"{'--classifier with --denoiser' if denoised else '--model'} (there is no training config to read)")
         object.__setattr__(self, "spec", self.spec.resolved(selection=True))
         _check_grid_sigma(self.spec)
         check(_is_int(self.check_images) and self.check_images >= 0,
@@ -922,7 +928,10 @@ def export_version(config: VersionExportConfig) -> ExportedVersion:
       ConfigError: the model does not fit the training run's dataset, or the
         version directory appeared meanwhile.
     """
-    base_model = models.load_base_model(config.model_dir or config.model)
+    if config.classifier:  # f∘D (VersionExportConfig checked the pair).
+        base_model = denoise.load_composition(config.classifier, config.denoiser)
+    else:
+        base_model = models.load_base_model(config.model_dir or config.model)
     input_shape = _input_shape(base_model)
     num_classes = base_model.outputs[0].shape[-1]
     class_names = None

@@ -56,6 +56,8 @@ _RANGES = {
     "maxnorm": (">", 0, " (an L2 bound in [0, 1] pixel units; leave it unset for the default)"),
     "maxnorm_s": (">", 0, " (an L2 bound in [0, 1] pixel units; leave it unset for the default)"),
 }
+# --method=denoise's objectives (Salman et al., 2020; "consistency" is ours).
+DENOISE_OBJECTIVES = ("mse", "stability", "consistency")
 # Settings that are no flags: set from other flags (TrainConfig's --deferred).
 DERIVED = ("deferred_epochs",)
 
@@ -413,6 +415,105 @@ class SmoothMix(Objective):
 
 
 @dataclasses.dataclass(frozen=True)
+class Standard(Objective):
+    """Cross-entropy on the clean images: a classifier trained without noise.
+
+    `sigma` only sets the run's certification default; the wrapper's noise
+    is drawn and unused. The reported accuracy is the clean one.
+    """
+
+    num_noise: int
+
+    name: ClassVar[str] = "standard"
+    term_names: ClassVar[Tuple[str, ...]] = ("cross_entropy",)
+
+    def __post_init__(self):
+        super().__post_init__()
+        check(self.num_noise == 1, f"--method=standard trains on clean images: --num_noise must be 1, "
+              f"got {self.num_noise}")
+
+    def terms(self, step: Step) -> Dict[str, tf.Tensor]:
+        logits = step.forward(step.images)
+        cross_entropy = step.cross_entropy(step.images, step.labels, logits)
+        return {"logits": logits, "cross_entropy": cross_entropy, "loss": cross_entropy}
+
+
+# Denoise's consistency objective weighs the KL by lbd; this is lbd's default
+# (Consistency's, the authors' CIFAR-10 and ImageNet value).
+DENOISE_CONSISTENCY_LBD = 10.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Denoise(Objective):
+    """A denoiser D trained in front of a frozen classifier f (denoised smoothing, Salman et al., 2020).
+
+    The base model is the composition f∘D (`denoise.compose`); only D's
+    weights train (f is not trainable, and runs in inference mode). With
+    y = argmax f(x) the frozen classifier's label of the clean image, over
+    the m noisy copies x + δ_i:
+
+    * mse: mean over pixels of (D(x + δ_i) - x)^2 (Salman et al.'s
+      "denoising");
+    * stability: cross-entropy of f(D(x + δ_i)) against y (their
+      "stability": their target is f(x)'s argmax);
+    * consistency: the stability cross-entropy plus lbd * mean_i
+      KL(p̄ ‖ p_i), p_i = softmax f(D(x + δ_i)), p̄ their mean (the KL
+      term of `Consistency`, without its entropy).
+
+    Attributes:
+      denoise_objective: one of `DENOISE_OBJECTIVES`.
+      classifier: the frozen classifier's .keras file.
+      denoiser_arch: a name of `models.denoisers.DENOISERS`; None until
+        the run's config sets the dataset's default.
+      num_noise: m; default 2 for consistency (it compares copies), else 1.
+      lbd: consistency's KL weight (default `DENOISE_CONSISTENCY_LBD`);
+        None for the others.
+    """
+
+    denoise_objective: str
+    classifier: Optional[str]
+    denoiser_arch: Optional[str]
+    num_noise: Optional[int] = None
+    lbd: Optional[float] = None
+
+    name: ClassVar[str] = "denoise"
+    term_names: ClassVar[Tuple[str, ...]] = ("mse", "cross_entropy", "kl")
+
+    def __post_init__(self):
+        check(self.denoise_objective in DENOISE_OBJECTIVES, f"--denoise_objective={self.denoise_objective!r} is "
+              f"unknown; choose one of {', '.join(DENOISE_OBJECTIVES)}")
+        consistency = self.denoise_objective == "consistency"
+        if self.num_noise is None:
+            object.__setattr__(self, "num_noise", 2 if consistency else 1)
+        if consistency:
+            check(self.num_noise >= 2, f"--denoise_objective=consistency compares noisy copies: --num_noise must "
+                  f"be >= 2, got {self.num_noise}")
+            if self.lbd is None:
+                object.__setattr__(self, "lbd", DENOISE_CONSISTENCY_LBD)
+        else:
+            check(self.lbd is None, f"--lbd is used only by --denoise_objective=consistency; remove it for "
+                  f"--denoise_objective={self.denoise_objective}")
+        check(bool(self.classifier), "--method=denoise needs --classifier: the frozen classifier's .keras file")
+        super().__post_init__()
+
+    def terms(self, step: Step) -> Dict[str, tf.Tensor]:
+        from tf_consreg import denoise  # pylint: disable=import-outside-toplevel
+        from tf_consreg import losses  # pylint: disable=import-outside-toplevel
+        denoiser, classifier = denoise.parts(step.base_model)
+        m = self.num_noise
+        denoised = denoiser(step.noisy(step.images), training=step.training)
+        logits = classifier(denoised, training=False)
+        # The target: the frozen classifier's label of the clean image (no gradient reaches f's weights anyway).
+        target = tf.argmax(tf.stop_gradient(classifier(step.images, training=False)), axis=-1, output_type=tf.int32)
+        cross_entropy = step.cross_entropy(denoised, noise_lib.tile_copies(target, m), logits)
+        mse = tf.reduce_mean(tf.square(tf.cast(denoised, tf.float32) - noise_lib.tile_copies(step.images, m)))
+        kl = tf.reduce_mean(losses.consistency_terms(tf.split(tf.cast(logits, tf.float32), m))["kl"])
+        loss = {"mse": mse, "stability": cross_entropy,
+                "consistency": cross_entropy + (self.lbd or 0.0) * kl}[self.denoise_objective]
+        return {"logits": logits, "mse": mse, "cross_entropy": cross_entropy, "kl": kl, "loss": loss}
+
+
+@dataclasses.dataclass(frozen=True)
 class Method:
     """A row of the registry: a method's objective and the authors' defaults of its settings.
 
@@ -439,6 +540,11 @@ REGISTRY: Dict[str, Method] = {
     "macer": Method(Macer, {"num_noise": 16, "lbd": 16.0, "beta": 16.0, "gamma": 8.0, "deferred_epochs": 0}),
     "smoothmix": Method(SmoothMix, {"num_noise": 1, "eta": 1.0, "num_steps": 8, "warmup": 10, "attack_step": 1.0,
                                     "mix_step": 0, "maxnorm": None, "maxnorm_s": None}),
+    "standard": Method(Standard, {"num_noise": 1}),
+    # Salman et al.'s train_denoiser.py defaults: --objective=denoising (our mse), and its CIFAR-10 DnCNN.
+    # denoiser_arch None: the dataset's (run_config.TrainConfig sets it, `denoise.default_denoiser_arch`).
+    "denoise": Method(Denoise, {"denoise_objective": "mse", "classifier": None, "denoiser_arch": None,
+                                "num_noise": None, "lbd": None}),
 }
 METHODS = tuple(REGISTRY)
 # SmoothAdv before the consistency objective: --method=consistency

@@ -16,6 +16,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 from tf_consreg import certify_spec
 from tf_consreg import cli
 from tf_consreg import data as data_lib
+from tf_consreg import denoise
 from tf_consreg import distribute
 from tf_consreg import files
 from tf_consreg import models
@@ -76,7 +77,7 @@ class ObjectiveConfig:
     gives the method's `objectives.Objective`, whose class says what each
     setting means for that method (`eta` is Consistency's entropy weight and
     SmoothMix's mixup weight). The settings (`num_noise` and those after it
-    up to `maxnorm_s`) are None when not given: they get the authors'
+    up to `denoiser_arch`) are None when not given: they get the authors'
     defaults (`objectives.REGISTRY`) for the methods that use them, and must
     stay None for the methods that do not, so a setting that would be
     silently ignored is refused instead. Its fields but `deferred_epochs`
@@ -84,12 +85,14 @@ class ObjectiveConfig:
 
     Attributes:
       method: a name of `objectives.REGISTRY`: "gaussian", "consistency",
-        "stability", "smoothadv", "macer" or "smoothmix".
+        "stability", "smoothadv", "macer", "smoothmix", "standard" or
+        "denoise".
       sigma: noise standard deviation, in [0, 1] pixel units.
       num_noise, lbd, eta, consistency_loss, beta, gamma, deferred_epochs,
         epsilon, num_steps, warmup, attack_step, mix_step, maxnorm,
-        maxnorm_s: the settings of the methods that have them (see each
-        method's class in objectives.py).
+        maxnorm_s, denoise_objective, classifier, denoiser_arch: the
+        settings of the methods that have them (see each method's class in
+        objectives.py).
       adv_training: attack before the consistency objective.
       weight_decay: coupled L2 weight decay (PyTorch SGD's `weight_decay`):
         the loss gains weight_decay / 2 * ||w||^2 over the trainable weights.
@@ -112,6 +115,9 @@ class ObjectiveConfig:
     mix_step: Optional[int] = None
     maxnorm: Optional[float] = None
     maxnorm_s: Optional[float] = None
+    denoise_objective: Optional[str] = None
+    classifier: Optional[str] = None
+    denoiser_arch: Optional[str] = None
     weight_decay: float = 1e-4
 
     def __post_init__(self):
@@ -142,6 +148,9 @@ _SETTING_NAMES = tuple(f.name for f in dataclasses.fields(ObjectiveConfig)
 # ObjectiveConfig's fields that are flags. deferred_epochs is not: TrainConfig's
 # --deferred sets it from the learning-rate schedule.
 _OBJECTIVE_FLAGS = tuple(f.name for f in dataclasses.fields(ObjectiveConfig) if f.name != "deferred_epochs")
+# --method=denoise's settings: recorded only when set, so the records of other
+# runs stay as they were before the method existed (and resume unchanged).
+_DENOISE_FLAGS = ("denoise_objective", "classifier", "denoiser_arch")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,6 +214,11 @@ class TrainConfig:
         check(0 < self.lr_gamma <= 1, f"--lr_gamma must be in (0, 1], got {self.lr_gamma}")
         check(0 <= self.momentum < 1, f"--momentum must be in [0, 1), got {self.momentum}")
         self._set_deferral()
+        if self.objective.method == "denoise":
+            if self.objective.denoiser_arch is None:
+                object.__setattr__(self, "objective", dataclasses.replace(
+                    self.objective, denoiser_arch=denoise.default_denoiser_arch(self.dataset)))
+            denoise.check_denoiser_arch(self.objective.denoiser_arch, self.dataset)
         check(self.train_examples >= 0, f"--train_examples must be >= 0 (0 = all), got {self.train_examples}")
         check(self.eval_examples >= 0, f"--eval_examples must be >= 0 (0 = no evaluation), got {self.eval_examples}")
         check(self.strategy in distribute.STRATEGIES,
@@ -274,7 +288,8 @@ class TrainConfig:
         values = {}
         for field in dataclasses.fields(self):
             if field.name == "objective":
-                values.update({name: getattr(self.objective, name) for name in _OBJECTIVE_FLAGS})
+                values.update({name: getattr(self.objective, name) for name in _OBJECTIVE_FLAGS
+                               if name not in _DENOISE_FLAGS or getattr(self.objective, name) is not None})
             elif field.name == "certify":
                 values.update({name: value if self.certify_every else None
                                for name, value in cli.flat_values(self, CERTIFY_FLAGS).items()})

@@ -25,6 +25,7 @@ import tensorflow as tf
 from tf_consreg import callbacks as callbacks_lib
 from tf_consreg import consistency_model
 from tf_consreg import data as data_lib
+from tf_consreg import denoise
 from tf_consreg import distribute
 from tf_consreg import files
 from tf_consreg import models
@@ -116,7 +117,11 @@ def build(config: run_config.TrainConfig, steps_per_epoch: int) -> consistency_m
     if policy != "float32":
         keras.config.set_dtype_policy(policy)
     try:
-        base = models.get_architecture(config.arch, config.dataset)
+        objective = config.objective
+        if objective.method == "denoise":
+            base = denoise.training_model(objective.denoiser_arch, objective.classifier, config.dataset)
+        else:
+            base = models.get_architecture(config.arch, config.dataset)
         if config.pretrained_model:
             load_pretrained(base, config.pretrained_model)
     finally:
@@ -377,7 +382,7 @@ def _train_in(config: run_config.TrainConfig, strategy: tf.distribute.Strategy, 
         if task is not None:
             multi_worker.print_final_weights(task, model.base_model)
         if is_chief and not os.path.isfile(base_model_path):  # Killed between the last checkpoint and the save.
-            save_base_model(model.base_model, config.model_dir)
+            _save_models(config, model.base_model)
         return keras.callbacks.History()
 
     fresh = initial_epoch == 0
@@ -429,7 +434,7 @@ def _train_in(config: run_config.TrainConfig, strategy: tf.distribute.Strategy, 
     if task is not None:
         multi_worker.print_final_weights(task, model.base_model)
     if is_chief:
-        save_base_model(model.base_model, config.model_dir)
+        _save_models(config, model.base_model)
     return history
 
 
@@ -448,10 +453,21 @@ def _restore(model: "ConsistencyModel", checkpoint: tf.train.Checkpoint, manager
                                                         model._eval_steps], epoch, epochs)
 
 
-def save_base_model(base_model: keras.Model, model_dir: str) -> str:
-    """Writes `base_model.keras` atomically; returns its path."""
-    path = os.path.join(model_dir, models.BASE_MODEL_FILE)
-    tmp = os.path.join(model_dir, ".tmp_" + models.BASE_MODEL_FILE)
+def _save_models(config: run_config.TrainConfig, base_model: keras.Model) -> None:
+    """Saves the run's models: base_model.keras, and for --method=denoise the denoiser beside it.
+
+    The denoiser goes first: a run killed between the two saves has no
+    base_model.keras, so the next call saves both.
+    """
+    if config.objective.method == "denoise":
+        save_base_model(denoise.parts(base_model)[0], config.model_dir, denoise.DENOISER_FILE)
+    save_base_model(base_model, config.model_dir)
+
+
+def save_base_model(base_model: keras.Model, model_dir: str, name: str = models.BASE_MODEL_FILE) -> str:
+    """Writes `base_model` to `model_dir`/`name` (base_model.keras by default) atomically; returns its path."""
+    path = os.path.join(model_dir, name)
+    tmp = os.path.join(model_dir, ".tmp_" + name)
     base_model.save(tmp)
     os.replace(tmp, path)
     return path

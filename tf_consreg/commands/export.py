@@ -26,6 +26,9 @@ Example:
       --export_dir=serving/smoothed --version=3 --n=100000 \
       --stages=100,1000,10000,100000
 
+  python bin/export.py --classifier=classifier.keras --denoiser=denoiser.keras \
+      --sigma=0.25 --export_dir=serving/denoised --n0=100 --n=10000
+
 Installed with pip, this command is `tf-consreg-export`; from a checkout, `python bin/export.py`; either way
 `python -m tf_consreg.commands.export`. The flags are the same.
 """
@@ -37,6 +40,10 @@ from tf_consreg import stats
 _FLAGS = cli.define_flags(export.VersionExportConfig, {
     "model_dir": "Training run directory (base_model.keras and train_config.json, from bin/train.py).",
     "model": "A .keras base model file, instead of --model_dir (needs --sigma).",
+    "classifier": "With --denoiser, instead of --model_dir or --model: export f∘D, this classifier f (a .keras "
+                  "model from images in [0, 1] to logits) behind the denoiser D (needs --sigma).",
+    "denoiser": "With --classifier: the denoiser D, a .keras model from images in [0, 1] to images of the same shape "
+                "(a denoiser.keras of bin/train.py --method=denoise, or your own).",
     "export_dir": "TF Serving's base path for the model: the version is written to <export_dir>/<version>/.",
     "sigma": "Noise standard deviation in [0, 1] pixel units (default: the training run's).",
     "n0": "CERTIFY's selection samples per image.",
