@@ -242,9 +242,11 @@ def main() -> None:
         metadata = export.read_metadata(export_dir)
         pool_path = os.path.join(tmp, "pool.npy")
         rng = np.random.default_rng(0)
-        np.save(pool_path, rng.uniform(size=(256, *model.inputs[0].shape[1:])).astype(np.float32))
+        # Random 8-bit images, float32(k) / 255: the input contract of the exports' default grid noise.
+        pixels = rng.integers(0, 256, size=(256, *model.inputs[0].shape[1:]))
+        np.save(pool_path, (pixels.astype(np.float32) / np.float32(255)).astype(np.float32))
         print(f"model {model.name}, n0={args.n0} n={args.n} alpha={args.alpha}, stages {metadata['stages']}, "
-              f"{args.batch_size} noisy copies per forward pass, fresh noise per request; random images")
+              f"{args.batch_size} noisy copies per forward pass, fresh noise per request; random 8-bit images")
 
         if 1 in args.sections:
             print(f"\n1. throughput and latency, {args.batch_size_load} image(s) per request, {args.seconds:g} s per run")
