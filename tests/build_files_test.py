@@ -486,7 +486,7 @@ class PytestRunnerTest(absltest.TestCase):
     def test_runs_the_file_with_the_workspace_config(self):
         args = self.runner.pytest_args(["main.py", "tests/stats_test.py"], {})
         self.assertEqual(args, [os.path.join(self.root, "tests/stats_test.py"), "--rootdir", self.root,
-                                "-c", os.path.join(self.root, "pytest.ini"), "-n", "0"])
+                                "-c", os.path.join(self.root, "pytest.ini"), "-n", "0", "-m", "slow or not slow"])
 
     def test_follows_bazels_test_protocol(self):
         args = self.runner.pytest_args(["main.py", "tests/stats_test.py", "-v"],

@@ -31,7 +31,10 @@ def pytest_args(argv, environ):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     # Bazel runs one target per file and schedules the targets itself: the file
     # runs in this process, not in pytest.ini's worker processes (`-n 0`).
-    args = [os.path.join(root, argv[1]), "--rootdir", root, "-c", os.path.join(root, "pytest.ini"), "-n", "0"]
+    # A Bazel target is a whole file (Bazel's `size` is its tier): both of
+    # pytest.ini's tiers, slow tests included.
+    args = [os.path.join(root, argv[1]), "--rootdir", root, "-c", os.path.join(root, "pytest.ini"), "-n", "0",
+            "-m", "slow or not slow"]
     if environ.get("XML_OUTPUT_FILE"):
         args.append("--junitxml=" + environ["XML_OUTPUT_FILE"])
     if environ.get("TESTBRIDGE_TEST_ONLY"):
