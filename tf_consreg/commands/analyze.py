@@ -31,7 +31,7 @@ nowhere else; --radii naming another radius is refused. A note under the
 table says why such a run has no ACR:
 
   python bin/analyze.py runs/fmnist/certify_full.tsv runs/fmnist/certify_r0.5.tsv
-  # | file | n | clean acc. | ACR | samples/image | r=0.5 |
+  # | file | n | smoothed acc. | ACR | samples/image | r=0.5 |
   # ...
   # No ACR for a fixed-radius run (bin/certify.py --radii): ...
 
