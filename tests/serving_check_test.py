@@ -14,6 +14,7 @@ import unittest
 
 import numpy as np
 from scipy import stats as scipy_stats
+import keras
 import tensorflow as tf
 
 from export_test import GRID_B
@@ -27,8 +28,11 @@ from export_test import images_at_margins
 from export_test import library_staged_certify
 from export_test import linear_model
 from export_test import on_grid
+from tf_consreg import denoise
+from tf_consreg import export
 from tf_consreg import models
 from tf_consreg import smoothing
+from tf_consreg.certify_spec import CertifySpec
 from tf_consreg.signatures import INPUT_CONTRACTS
 
 _BUILD_PY = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "tools", "serving_check", "build.py")
@@ -305,6 +309,72 @@ class GridServingCheckTest(_ServingCheckCase):
         self.assertEqual(rows, [])
         self.assertRegex(result.stderr, r"serving_check: error: signature 'serving_default' failed: .*not on the "
                                         r"8-bit grid .*first bad pixel \(index, value\):\] \[\[1 0 1 0\]\]")
+
+
+class DenoisedServingCheckTest(_ServingCheckCase):
+    """f∘D (issue 25): a denoiser's export, as bin/export.py --classifier --denoiser writes it, in the C++ loader."""
+
+    SIGMA = 0.25
+
+    def _save_pair(self):
+        """A linear classifier f and a nonlinear denoiser D on 4x4x1 images, saved as .keras files."""
+        rng = np.random.default_rng(5)
+        w = rng.normal(size=(4, 4, 1)) * 0.25
+        b = -float(np.sum(w)) * 0.5
+        classifier = os.path.join(self._tmp.name, "f.keras")
+        linear_model(w, b).save(classifier)
+        # D(x) = x + 0.1 tanh(conv(x)): near the identity, so f's margins carry over roughly (both classes
+        # occur), but no linear map, and not f's input: Smooth(f) draws other votes (checked below).
+        inputs = keras.Input((4, 4, 1))
+        conv = keras.layers.Conv2D(1, 3, padding="same", activation="tanh")
+        outputs = keras.layers.Add()([inputs, keras.layers.Rescaling(0.1)(conv(inputs))])
+        conv.set_weights([rng.normal(size=(3, 3, 1, 1)).astype(np.float32), np.array([0.3], np.float32)])
+        denoiser = os.path.join(self._tmp.name, "d.keras")
+        keras.Model(inputs, outputs).save(denoiser)
+        return classifier, denoiser, w, b, rng
+
+    def test_cpp_serves_the_composition_as_the_library_certifies_it(self):
+        classifier, denoiser, w, b, rng = self._save_pair()
+        # bin/export.py's path: its config checks the pair and the spec, export_version loads
+        # denoise.load_composition and calls export_smoothed; here with a fixed seed, which the command never
+        # sets, so that the C++ loader must draw the library's noise (image i keyed (seed, i)).
+        config = export.VersionExportConfig(
+            export_dir=os.path.join(self._tmp.name, "denoised"), classifier=classifier, denoiser=denoiser,
+            spec=CertifySpec(sigma=self.SIGMA, n0=50, n=500, alpha=0.01, batch_size=550), version=1)
+        self.assertEqual(config.spec.noise, "grid")  # The command's default.
+        composition = denoise.load_composition(config.classifier, config.denoiser)
+        export.export_smoothed(composition, config.version_dir, config.spec, num_classes=2, seed=7)
+
+        # Grid noise takes 8-bit images: f's margins (p_class0 from 0.97 to 0.03) rounded to the grid.
+        p_class0 = np.array([0.97, 0.9, 0.75, 0.6, 0.5, 0.4, 0.25, 0.1, 0.03])
+        images = images_at_margins(w, b, self.SIGMA * scipy_stats.norm.ppf(p_class0), rng)
+        images = on_grid(np.round(images * 255).astype(np.int64))
+        rows, _ = run_serving_check(self.binary, config.version_dir, images)
+        self.assertLen(rows, len(images))
+        classes, radii, _ = _certificates(rows)
+
+        ids = np.arange(len(images))
+        spec = config.spec
+        py_classes, py_radii = smoothing.Smooth(composition, 2, self.SIGMA, noise="grid").certify_batch(
+            images, spec.n0, spec.n, spec.alpha, spec.batch_size, seed=7, image_ids=ids)
+        np.testing.assert_array_equal(classes, py_classes)
+        # The same votes through the same float32 bound: equal up to float32 rounding in different runtimes.
+        np.testing.assert_allclose(radii, py_radii, rtol=1e-6)
+        self.assertContainsSubset({0, 1}, set(classes.tolist()))
+        # The served model is f∘D, not f: f alone, with the same noise, certifies other radii.
+        _, f_radii = smoothing.Smooth(denoise.parts(composition)[1], 2, self.SIGMA, noise="grid").certify_batch(
+            images, spec.n0, spec.n, spec.alpha, spec.batch_size, seed=7, image_ids=ids)
+        self.assertFalse(np.allclose(f_radii, radii, rtol=1e-3))
+
+        rows, _ = run_serving_check(self.binary, config.version_dir, signature="metadata")
+        meta = dict(rows)
+        self.assertEqual(float(meta["sigma"]), self.SIGMA)
+        self.assertEqual((int(meta["n0"]), int(meta["n"]), float(meta["alpha"])), (50, 500, 0.01))
+        self.assertEqual(meta["stages"], "150,250,500")  # 500 x (0.3, 0.5, 1): default_stages drops those < 100.
+        self.assertEqual(meta["noise"], "grid")
+        self.assertEqual(meta["input_shape"], "4,4,1")
+        self.assertEqual(meta["class_names"], "0,1")
+        self.assertEqual(int(meta["seed"]), 7)
 
 
 if __name__ == "__main__":
