@@ -1,8 +1,10 @@
 """Tests for tf_consreg.certify_spec: the sampling settings, stage schedules and radii (no TensorFlow)."""
 
 import dataclasses
+import os
 import subprocess
 import sys
+import tempfile
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -13,6 +15,11 @@ import scipy.stats
 from tf_consreg import certify_spec
 from tf_consreg.certify_spec import CertifySpec
 from tf_consreg.errors import ConfigError
+
+
+# What every job says to a sigma grid noise cannot sample: one line, naming --sigma and the way out.
+_GRID_SIGMA_MESSAGE = (r"^--sigma=16.5 with --noise=grid: grid noise: sigma must be in \(0, 16\] \(its noise table "
+                       r"holds no more\); give --noise=float for a larger sigma$")
 
 
 class CertifySpecTest(parameterized.TestCase):
@@ -82,10 +89,21 @@ class CertifySpecTest(parameterized.TestCase):
          "^--compute_dtype='float16' is unknown; choose one of float32, bfloat16$"),
         ("noise", dict(noise="gauss"), "^--noise must be one of float, grid, got 'gauss'$"),
         ("noise_none", dict(noise=None), "^--noise must be one of float, grid, got None$"),
+        ("grid_sigma_above_16", dict(sigma=16.5), _GRID_SIGMA_MESSAGE),
+        ("grid_sigma_above_16_explicit", dict(sigma=16.5, noise="grid"), _GRID_SIGMA_MESSAGE),
     )
     def test_bad_values_name_the_flag(self, values, message):
         with self.assertRaisesRegex(ConfigError, message):
             CertifySpec(**values)
+
+    def test_grid_sigma_limit(self):
+        # 16 is the grid table's own limit (noise.grid_noise_table refuses above it); float noise has none.
+        self.assertEqual(certify_spec.GRID_MAX_SIGMA, 16.0)
+        self.assertEqual(CertifySpec(sigma=16).sigma, 16.0)
+        self.assertEqual(CertifySpec(sigma=16.5, noise="float").sigma, 16.5)
+        # A sigma filled in later (a training run's) is checked then.
+        with self.assertRaisesRegex(ConfigError, _GRID_SIGMA_MESSAGE):
+            CertifySpec().with_sigma(16.5)
 
     def test_replace_checks_again(self):
         with self.assertRaisesRegex(ConfigError, "^--n0"):
@@ -113,6 +131,41 @@ class CertifySpecTest(parameterized.TestCase):
         # Run configs and cli import it; a fresh interpreter, since this one may hold TensorFlow already.
         code = "import sys, tf_consreg.certify_spec; sys.exit(int('tensorflow' in sys.modules))"
         self.assertEqual(subprocess.run([sys.executable, "-c", code], check=False).returncode, 0)
+
+
+class GridSigmaJobsTest(absltest.TestCase):
+    """Every job refuses grid noise above GRID_MAX_SIGMA before any work, in the spec's one line."""
+
+    def test_certify_smooth_and_export_refuse_it(self):
+        # Imported here: the rest of this file runs without TensorFlow.
+        import keras  # pylint: disable=import-outside-toplevel
+        from tf_consreg import certify_run  # pylint: disable=import-outside-toplevel
+        from tf_consreg import cli  # pylint: disable=import-outside-toplevel
+        from tf_consreg import export  # pylint: disable=import-outside-toplevel
+        from tf_consreg import smoothing  # pylint: disable=import-outside-toplevel
+
+        root = self.enterContext(tempfile.TemporaryDirectory())
+        model_file = os.path.join(root, "model.keras")
+        model = keras.Sequential([keras.Input((2, 2, 1)), keras.layers.Flatten(), keras.layers.Dense(2)])
+        model.save(model_file)
+        output = os.path.join(root, "certify.tsv")
+        export_dir = os.path.join(root, "export")
+        jobs = {
+            # As bin/certify.py builds its config from its flags.
+            "certify": lambda: cli.config_from_values(certify_run.CertifyConfig, dict(
+                output=output, dataset="fashion_mnist", model=model_file, sigma=16.5)),
+            "smooth": lambda: smoothing.Smooth(model, 2, 16.5),
+            # As bin/export.py builds its config from its flags.
+            "export": lambda: cli.config_from_values(export.VersionExportConfig, dict(
+                export_dir=export_dir, model=model_file, sigma=16.5, version=1)),
+        }
+        for name, job in jobs.items():
+            with self.subTest(job=name):
+                with self.assertRaisesRegex(ConfigError, _GRID_SIGMA_MESSAGE):
+                    job()
+        self.assertEqual(sorted(os.listdir(root)), ["model.keras"])  # Nothing written.
+        # The same settings with float noise pass.
+        self.assertEqual(smoothing.Smooth(model, 2, 16.5, noise="float").sigma, 16.5)
 
 
 # Moved from stats_test (the schedule's rules moved here from stats).

@@ -51,6 +51,9 @@ NOISE_MODES = ("float", "grid")
 # gives certificates that hold in floating point. "float" is for inputs that
 # are not quantized.
 DEFAULT_NOISE = "grid"
+# The largest sigma the grid sampler's table takes (`noise.grid_noise_table`,
+# which reads it here): at 16 the table already holds 58,000 bins.
+GRID_MAX_SIGMA = 16.0
 
 
 def _is_int(value) -> bool:
@@ -194,6 +197,25 @@ def check_radii(radii: Iterable[float], *, allow_zero: bool = False, digits: Opt
     return tuple(values)
 
 
+def check_grid_sigma(sigma: Optional[float], noise: str) -> None:
+    """Refuses a sigma above `GRID_MAX_SIGMA` with grid noise, whose table cannot sample it.
+
+    The one check for every job that samples (CertifySpec, `smoothing.Smooth`,
+    hence the export), made before any work: `noise.grid_noise_table` would
+    only refuse it once the model is loaded and the first batch drawn.
+
+    Args:
+      sigma: the noise level (None: not known yet, checked when filled in).
+      noise: the sampler (`NOISE_MODES`).
+
+    Raises:
+      ConfigError: naming --sigma and the way out, --noise=float.
+    """
+    check(noise != "grid" or sigma is None or sigma <= GRID_MAX_SIGMA,
+          f"--sigma={sigma!r} with --noise=grid: grid noise: sigma must be in (0, {GRID_MAX_SIGMA:g}] (its noise "
+          f"table holds no more); give --noise=float for a larger sigma")
+
+
 def certify_can_certify(n: int, level: float, slack: float = 0.0) -> bool:
     """Whether CERTIFY with n estimation samples, bounding at `level`, can give any image a radius > 0.
 
@@ -308,6 +330,7 @@ class CertifySpec:
             object.__setattr__(self, "stages", _flag_error(check_stages, self.stages, self.n))
         precision.compute_policy(self.compute_dtype)  # Refuses an unknown --compute_dtype.
         check(self.noise in NOISE_MODES, f"--noise must be one of {', '.join(NOISE_MODES)}, got {self.noise!r}")
+        check_grid_sigma(self.sigma, self.noise)
 
     def resolved(self, selection: bool = True) -> "CertifySpec":
         """The spec with its stage schedule resolved: checked against n0 (CERTIFY), or the default.
@@ -357,6 +380,6 @@ def _flag_error(function, *args):
         raise ConfigError(f"--{e}") from None
 
 
-__all__ = ["CertifySpec", "DEFAULT_NOISE", "DEFAULT_SMALLEST_STAGE", "EXPORT", "LIVE", "NOISE_MODES",
-           "certify_can_certify", "check_radii", "check_stages", "default_stages", "predict_can_decide",
-           "resolve_stages", "smallest_n"]
+__all__ = ["CertifySpec", "DEFAULT_NOISE", "DEFAULT_SMALLEST_STAGE", "EXPORT", "GRID_MAX_SIGMA", "LIVE",
+           "NOISE_MODES", "certify_can_certify", "check_grid_sigma", "check_radii", "check_stages", "default_stages",
+           "predict_can_decide", "resolve_stages", "smallest_n"]

@@ -181,18 +181,6 @@ def _is_int(value) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
-def _check_grid_sigma(spec: CertifySpec) -> None:
-    """Refuses a sigma that grid noise cannot sample (`noise.grid_noise_table`), naming --sigma.
-
-    Builds the table, which is cached: the export then takes it from the cache.
-    """
-    if spec.noise == "grid":
-        try:
-            noise_lib.grid_noise_table(spec.sigma)
-        except ValueError as e:
-            raise ConfigError(f"--sigma={spec.sigma} with --noise=grid: {e}") from None
-
-
 def _check_max_batch(max_batch) -> None:
     check(_is_int(max_batch) and max_batch >= 1, f"--max_batch must be an integer >= 1, got {max_batch!r}")
 
@@ -217,7 +205,8 @@ class ExportConfig:
         larger request before any sampling (module docstring).
 
     The spec's `noise` picks the sampler (module docstring); grid noise
-    needs sigma in (0, 16] (`noise.grid_noise_table`), and n samples' slack
+    needs sigma in (0, 16] (`certify_spec.GRID_MAX_SIGMA`, which the spec
+    checks), and n samples' slack
     must leave PREDICT a level (`predict_levels`, checked by `build_archive`).
     """
 
@@ -230,7 +219,6 @@ class ExportConfig:
     def __post_init__(self):
         check(isinstance(self.spec, CertifySpec), f"spec must be a CertifySpec, got {type(self.spec).__name__}")
         check(self.spec.sigma is not None, "--sigma is required: the noise level of the smoothed classifier")
-        _check_grid_sigma(self.spec)
         check(_is_int(self.num_classes) and self.num_classes >= 2,
               f"num_classes must be an integer >= 2, got {self.num_classes}")
         if self.class_names is not None:
@@ -870,7 +858,6 @@ class VersionExportConfig:
             check(self.spec.sigma is not None, f"--sigma is required with "
                   f"{'--classifier with --denoiser' if denoised else '--model'} (there is no training config to read)")
         object.__setattr__(self, "spec", self.spec.resolved(selection=True))
-        _check_grid_sigma(self.spec)
         check(_is_int(self.check_images) and self.check_images >= 0,
               f"--check_images must be an integer >= 0, got {self.check_images}")
         check(not self.check_images or self.model_dir,

@@ -40,6 +40,7 @@ from typing import Sequence, Tuple
 import numpy as np
 import tensorflow as tf
 
+from tf_consreg import certify_spec
 from tf_consreg import distribute
 
 
@@ -327,7 +328,8 @@ def grid_noise_table(sigma: float) -> GridNoise:
     float Phi: about 0.1 s for sigma = 0.25 and 0.5 s for sigma = 1.
 
     Args:
-      sigma: the noise standard deviation in [0, 1] pixel units, in (0, 16].
+      sigma: the noise standard deviation in [0, 1] pixel units, in (0, 16]
+        (`certify_spec.GRID_MAX_SIGMA`, which configs and `Smooth` check first).
 
     Returns:
       The table.
@@ -335,8 +337,8 @@ def grid_noise_table(sigma: float) -> GridNoise:
     Raises:
       ValueError: sigma is not in (0, 16].
     """
-    if not 0 < sigma <= 16:  # 16 already means 58,000 bins; also rejects NaN.
-        raise ValueError(f"grid noise: sigma must be in (0, 16], got {sigma!r}")
+    if not 0 < sigma <= certify_spec.GRID_MAX_SIGMA:  # Also rejects NaN.
+        raise ValueError(f"grid noise: sigma must be in (0, {certify_spec.GRID_MAX_SIGMA:g}], got {sigma!r}")
     sigma = float(sigma)
     scale = decimal.Decimal(sigma) * GRID_LEVELS  # exact: a float times 255 has < 60 digits
     # A float guess of J (1 - Phi(7.13) = 5.0e-13), then moved to the smallest J whose exact tail is < 1e-12.

@@ -491,6 +491,7 @@ class Smooth:
             raise ValueError(f"sigma must be > 0, got {sigma!r}")
         if noise not in certify_spec.NOISE_MODES:
             raise ValueError(f"noise must be one of {certify_spec.NOISE_MODES}, got {noise!r}")
+        certify_spec.check_grid_sigma(sigma, noise)  # Before the table is built: one line naming the way out.
         self.base_model = base_model
         self.num_classes = int(num_classes)
         self.sigma = float(sigma)
