@@ -228,11 +228,11 @@ class RunTest(absltest.TestCase):
         with open(self.program, "w", encoding="utf-8") as f:
             f.write(_PROGRAM)
 
-    def _run(self, *args, **extra_env):
+    def _run(self, *args, stdout=subprocess.PIPE, **extra_env):
         repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""), **extra_env)
-        return subprocess.run([sys.executable, self.program, *args], capture_output=True, text=True, env=env,
-                              timeout=120, check=False)
+        return subprocess.run([sys.executable, self.program, *args], stdout=stdout, stderr=subprocess.PIPE,
+                              text=True, env=env, timeout=120, check=False)
 
     def assertFailsWithOneLine(self, result, pattern):
         self.assertEqual(result.returncode, 2, result.stderr)
@@ -275,6 +275,19 @@ class RunTest(absltest.TestCase):
 
     def test_unexpected_argument(self):
         self.assertFailsWithOneLine(self._run("extra"), "unexpected arguments: extra")
+
+    def test_a_closed_stdout_ends_quietly(self):
+        # `prog.py --help | head -3`, with head gone before the help is written (the read end closed first):
+        # absl's help, and main's output, fail with EPIPE. Before, --help said a flagfile could not be read.
+        for args in (("--help",), ("--n=5",)):
+            with self.subTest(args=args):
+                read_end, write_end = os.pipe()
+                os.close(read_end)
+                try:
+                    result = self._run(*args, stdout=write_end)
+                finally:
+                    os.close(write_end)
+                self.assertEqual((result.returncode, result.stderr), (141, ""))
 
 
 class FormatFlagsTest(absltest.TestCase):

@@ -8,7 +8,9 @@ that share flags (bin/certify.py and bin/predict.py; bin/train.py and
 bin/tune.py) define them from one table of help texts here.
 
 `run` gives every binary the same failure: a bad flag, flagfile or input is
-one line `<program>: error: <message>` on stderr and exit status 2.
+one line `<program>: error: <message>` on stderr and exit status 2. A stdout
+closed by its reader (`tf-consreg-certify --help | head -3`) ends the binary
+quietly, as SIGPIPE ends `yes | head`: status 141, nothing on stderr.
 
 The library never reads flags: binaries pass configs to it.
 """
@@ -19,6 +21,7 @@ import math
 import numbers
 import os
 import re
+import select
 import sys
 import types
 import typing
@@ -536,6 +539,35 @@ def _fail(message: str) -> None:
     sys.exit(2)
 
 
+# The status of a process that SIGPIPE ended (128 + 13), which shells know.
+_CLOSED_STDOUT_STATUS = 141
+
+
+def _stdout_closed() -> bool:
+    """Whether stdout is a pipe whose reader has gone (`... | head` after head exited).
+
+    The pipe then polls as an error. A broken pipe anywhere else (a socket of
+    the query command) is not this, and stays an error.
+    """
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # No poll (Windows), or a stdout without a descriptor.
+        return False
+
+
+def _end_if_stdout_closed() -> None:
+    """Ends the program quietly if stdout's reader has gone: status 141, nothing on stderr."""
+    if not _stdout_closed():
+        return
+    # Python flushes what stdout still buffers at exit, which would fail again and say so on stderr.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    sys.exit(_CLOSED_STDOUT_STATUS)
+
+
 def _parse_flags(argv: Sequence[str]) -> Sequence[str]:
     """absl's flag parsing, failing as every other check does: one line, exit 2."""
     try:
@@ -544,9 +576,22 @@ def _parse_flags(argv: Sequence[str]) -> Sequence[str]:
         _fail(" ".join(str(e).split()))
     except UnicodeDecodeError as e:  # A flagfile that is not text.
         _fail(f"a --flagfile is not UTF-8 text ({e})")
-    except OSError as e:  # A flagfile that cannot be read.
-        _fail(f"a --flagfile cannot be read ({e})")
+    except OSError as e:
+        _end_if_stdout_closed()  # --help writing to `| head`, not a flagfile.
+        _fail(f"a --flagfile cannot be read ({e})")  # A flagfile that cannot be read.
+    except SystemExit:  # --help and its kin print and exit: what stdout still buffers must reach the reader now.
+        _flush_stdout()
+        raise
     return argv  # Not reached.
+
+
+def _flush_stdout() -> None:
+    """Flushes stdout, ending quietly if its reader has gone."""
+    try:
+        sys.stdout.flush()
+    except OSError:
+        _end_if_stdout_closed()
+        raise
 
 
 def _describe_in_help(command: types.ModuleType) -> None:
@@ -571,7 +616,9 @@ def run(main: Callable[[Sequence[str]], None], positional: bool = False) -> None
 
     Malformed or unknown flags, unreadable flagfiles, and every check the
     library makes on values (ranges, files, combinations; `ConfigError`) give
-    `<program>: error: <message>` and exit status 2, with no traceback.
+    `<program>: error: <message>` and exit status 2, with no traceback. A
+    stdout whose reader has gone (`| head`) ends it with status 141 and
+    nothing on stderr.
 
     Args:
       main: the binary's main function, as for `absl.app.run`.
@@ -585,9 +632,12 @@ def run(main: Callable[[Sequence[str]], None], positional: bool = False) -> None
             _fail(f"unexpected arguments: {' '.join(argv[1:])}")
         try:
             main(argv)
+            # Here, not at exit: a reader that has gone (`| head`) is caught below.
+            sys.stdout.flush()
         except ConfigError as e:
             _fail(str(e))
         except OSError as e:  # A write that failed during the run (full disk, read-only mount, ...).
+            _end_if_stdout_closed()
             _fail(f"{files.describe_os_error(e)}; nothing written before the failure is lost: fix the cause and "
                   "run the same command again")
 
