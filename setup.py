@@ -2,6 +2,7 @@
 
 import glob
 import os
+import re
 
 import setuptools
 
@@ -13,6 +14,21 @@ COMMANDS = sorted(os.path.basename(path)[:-len(".py")]
                   for path in glob.glob(os.path.join(HERE, "tf_consreg", "commands", "*.py"))
                   if os.path.basename(path) != "__init__.py")
 
+# A Markdown link whose target is a path in the repository (docs/training.md#...): no scheme, no in-page #anchor.
+RELATIVE_LINK = re.compile(r"\[([^\]]+)\]\((?![a-z][a-z0-9+.-]*:|#)([^)\s]+)\)")
+
+
+def pypi_description(readme: str) -> str:
+    """The README as PyPI's project page shows it: each link to a repository path becomes plain text.
+
+    PyPI resolves a relative link (docs/training.md) under pypi.org, where it
+    is a 404; the repository records no public address to make it absolute
+    against. So the link's text keeps its path, in code, for a reader with a
+    checkout. The README in the repository keeps its links.
+    """
+    return RELATIVE_LINK.sub(lambda m: f"{m.group(1)} (`{m.group(2)}` in the repository)", readme)
+
+
 with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
     README = f.read()
 
@@ -23,7 +39,7 @@ setuptools.setup(
         "Consistency regularization for certified robustness of smoothed "
         "classifiers (Jeong & Shin, NeurIPS 2020) in TensorFlow/Keras 3."
     ),
-    long_description=README,
+    long_description=pypi_description(README),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
