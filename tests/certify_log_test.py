@@ -229,10 +229,10 @@ class SettingsTest(absltest.TestCase):
         directory = tempdir(self)
         path = write(directory, "a.tsv", HAND_TSV)
         write(directory, "a.tsv.json", "{")
-        with self.assertRaisesRegex(ConfigError, "^.*a.tsv.json: unreadable settings file of .*a.tsv"):
+        with self.assertRaisesRegex(ConfigError, r"^.*a.tsv.json is unreadable: .*\(the settings file of .*a.tsv\)$"):
             certify_log.read_settings(path)
         write(directory, "a.tsv.json", "[1]")
-        with self.assertRaisesRegex(ConfigError, "a.tsv.json: the settings file of .*a.tsv is not a JSON object$"):
+        with self.assertRaisesRegex(ConfigError, r"a.tsv.json holds no JSON object \(the settings file of .*a.tsv\)$"):
             certify_log.read_settings(path)
 
     def test_the_model_is_compared_by_digest_not_path(self):
@@ -310,14 +310,14 @@ class ShardsTest(parameterized.TestCase):
                           certify_log.Run(files=(single,))])
 
     @parameterized.named_parameters(
-        ("not_json", "{", "unreadable settings file"),
-        ("not_an_object", "[1]", "not a JSON object"),
+        ("not_json", "{", " is unreadable: "),
+        ("not_an_object", "[1]", " holds no JSON object "),
         ("index_out_of_range", '{"num_shards": 3, "shard_index": 3}', "are not a shard of a run"),
         ("no_num_shards", '{"mode": "certify", "n": 1000}', "num_shards=None, .* are not a shard of a run"),
     )
     def test_bad_settings_file(self, text, message):
         write(self.dir, "certify.shard0.tsv" + certify_log.SETTINGS_SUFFIX, text)
-        with self.assertRaisesRegex(ConfigError, "certify.shard0.tsv.json: .*" + message + ".*; fix or remove it$"):
+        with self.assertRaisesRegex(ConfigError, "certify.shard0.tsv.json.*" + message + ".*; fix or remove it$"):
             certify_log.group_runs(self.shards)
 
     def test_an_example_in_two_shards_is_refused(self):

@@ -196,7 +196,7 @@ class ReportsTest(tf.test.TestCase):
         self.assertEqual(table[0]["val_certified_accuracy_r0.5"], "0.5")
         self.assertEqual((table[3]["rank"], table[3]["val_acr"], table[3]["status"]), ("", "", "RUNNING"))
         markdown = tuning.markdown_table(config, rows).splitlines()
-        self.assertEqual(markdown[0], "| rank | trial | λ | η | m | epochs | val ACR | clean acc. | "
+        self.assertEqual(markdown[0], "| rank | trial | λ | η | m | epochs | val ACR | smoothed acc. | "
                                       "cert. acc. r=0.5 | abstained | status |")
         self.assertEqual(markdown[2], "| 1 | 1 | 8 | 0.500 | 2 | 10 | 0.3000 | 0.800 | 0.500 | 0.200 | COMPLETED |")
         self.assertEqual(markdown[5], "| - | 2 | 1 | 0.500 | 2 | 10 | - | - | - | - | RUNNING |")

@@ -158,20 +158,17 @@ def read_settings(path: str) -> Optional[Dict[str, Any]]:
     """The settings of the run that wrote the log `path`, or None if it has no settings file.
 
     Raises:
-      ConfigError: the settings file is unreadable or not a JSON object (the
-        message names it; callers add what to do).
+      ConfigError: the settings file is unreadable or not a JSON object
+        (`files.load_json_object`; the message names it and the log, callers
+        add what to do).
     """
     sidecar = settings_path(path)
     if not os.path.exists(sidecar):
         return None
     try:
-        with open(sidecar, encoding="utf-8") as f:
-            settings = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{sidecar}: unreadable settings file of {path} ({e})") from e
-    if not isinstance(settings, dict):
-        raise ConfigError(f"{sidecar}: the settings file of {path} is not a JSON object")
-    return settings
+        return files.load_json_object(sidecar)
+    except ConfigError as e:  # It names the file; say whose settings it holds.
+        raise ConfigError(f"{e} (the settings file of {path})") from e
 
 
 def comparable_settings(settings: Dict[str, Any]) -> Dict[str, Any]:

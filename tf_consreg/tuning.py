@@ -41,6 +41,7 @@ import numpy as np
 import tensorflow as tf
 from tensorboard.plugins.hparams import api as hp_api
 
+from tf_consreg import analysis
 from tf_consreg import callbacks
 from tf_consreg import certify_spec
 from tf_consreg import cli
@@ -308,7 +309,8 @@ def ranked_trials(config: TuneConfig, trials: Iterable[Any]) -> List[TrialRow]:
 
 def _columns(config: TuneConfig) -> List[Tuple[str, str]]:
     """(TSV name, Markdown header) of the metric columns."""
-    columns = [("val_acr", "val ACR"), ("val_smoothed_accuracy", "clean acc.")]
+    # val_smoothed_accuracy is the smoothed classifier's accuracy (callbacks.py): analyze's "smoothed acc.".
+    columns = [("val_acr", "val ACR"), ("val_smoothed_accuracy", analysis.SMOOTHED_ACCURACY)]
     if config.objective == "certified_accuracy":
         columns.append((config.objective_metric, f"cert. acc. r={config.objective_radius:g}"))
     return columns + [("val_abstain_rate", "abstained")]
@@ -328,7 +330,7 @@ def tsv_table(config: TuneConfig, rows: Sequence[TrialRow]) -> str:
 
 
 def markdown_table(config: TuneConfig, rows: Sequence[TrialRow]) -> str:
-    """The ranked trials as a Markdown table; "clean acc." is the smoothed classifier's accuracy."""
+    """The ranked trials as a Markdown table; "smoothed acc." is the smoothed classifier's accuracy."""
     columns = _columns(config)
     header = ["rank", "trial", "λ", "η", "m", "epochs"] + [h for _, h in columns] + ["status"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---:|" * (len(header) - 1) + "---|"]
