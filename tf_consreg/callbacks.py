@@ -272,8 +272,8 @@ class ValidationCertificate:
         """The numbers as epoch-log entries: `val_acr`, `val_certified_accuracy_r0.5`, ...
 
         `val_smoothed_accuracy` is the accuracy of the smoothed classifier g
-        (abstentions count as wrong): the "clean accuracy" of certification
-        tables, i.e. certified accuracy at radius 0.
+        (abstentions count as wrong), what certification tables call its
+        "clean accuracy": certified accuracy at radius 0.
         """
         values = dict(zip(_METRIC_NAMES, (self.summary.acr, self.summary.clean_accuracy, self.abstain_rate)))
         for radius, accuracy in self.summary.certified_accuracy.items():
