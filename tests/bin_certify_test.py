@@ -1,14 +1,16 @@
 """bin/certify.py end to end: the TSV it writes and its one-line errors.
 
-The binary runs in subprocesses, because its flags (--model_dir, --sigma,
-...) share names with other binaries' flags and absl refuses to define a flag
-twice in one process; `ImagenetCertifyTest` loads it in process instead
-(tests/binaries.py), since `tfds.testing.mock_data` patches only this
+`CertifyBinaryTest` runs the binary in a fresh interpreter once per exit
+path (rows written; a ConfigError; absl's flag parsing). The other tests call
+its main in process (tests/binaries.py loads it, since its flags share names
+with other binaries' flags): `CertifyErrorsTest`, `CertifyRunTest`, and
+`ImagenetCertifyTest`, where `tfds.testing.mock_data` patches only this
 process. The run it calls is tested in certify_run_test.py.
 """
 
 import contextlib
 import errno
+import io
 import os
 import subprocess
 import tempfile
@@ -74,67 +76,21 @@ class CertifyBinaryTest(RunFixture, parameterized.TestCase):
             self.assertIn('"compute_dtype": "float32"', f.read())
 
     @parameterized.named_parameters(
-        # One case per exit path through the real process: a config check (ConfigError), absl's flag parsing, and
-        # an output refused before any file is made. The other checks run in process (CertifyErrorsTest).
+        # One case per exit path through the real process: a ConfigError (cli.run prints it as one line) and
+        # absl's flag parsing. The other checks, the refused outputs among them, run in process
+        # (CertifyErrorsTest, CertifyRunTest): they raise the same ConfigError.
         ("n", ["--n=0"], "certify.py: error: --n must be an integer in [1, 2^31), got 0"),
         ("radius_not_a_number", ["--radii=half"], "certify.py: error: --radii: 'half' is not a list of float"),
-        ("dangling_output", ["--output_is_a_dangling_link"], "certify.py: error: --output="),
     )
     def test_errors_are_one_line(self, args, expected):
         output = os.path.join(self.dir, "errors", "certify.tsv")
-        if not any(a.startswith("--model") for a in args):
-            args = [f"--model_dir={self.model_dir}", *args]
-        if "--output_is_a_dangling_link" in args:  # Issue 16, item 6: no traceback, no stray settings file.
-            args = [a for a in args if a != "--output_is_a_dangling_link"]
-            output = os.path.join(self.dir, "errors", "dangling.tsv")
-            os.makedirs(os.path.dirname(output), exist_ok=True)
-            os.symlink(os.path.join(self.dir, "nowhere", "certify.tsv"), output)
-            self.addCleanup(os.remove, output)
-        result = run_binary("certify.py", *args, f"--output={output}")
+        result = run_binary("certify.py", f"--model_dir={self.model_dir}", *args, f"--output={output}")
         self.assertEqual(result.returncode, 2)
         lines = error_lines(result.stderr)
         self.assertLen(lines, 1, result.stderr)
         self.assertStartsWith(lines[0], expected)
         self.assertFalse(os.path.exists(output))
         self.assertFalse(os.path.lexists(output + ".json"))
-
-    def test_grid_noise_end_to_end(self):
-        output = os.path.join(self.dir, "grid", "certify.tsv")
-        result = run_binary("certify.py", f"--model_dir={self.model_dir}", "--max=2", "--n0=20", "--n=100",
-                            "--batch_size=100", "--noise=grid", f"--output={output}")
-        self.assertEqual(result.returncode, 0, result.stderr[-3000:])
-        self.assertEqual([r[0] for r in read_rows(output)[1]], ["0", "1"])
-        self.assertIn("noise: grid (exact 8-bit grid noise", result.stdout)
-        with open(output + ".json", encoding="utf-8") as f:
-            self.assertIn('"noise": "grid"', f.read())
-
-    def test_fixed_radius_mode_end_to_end(self):
-        output = os.path.join(self.dir, "staged", "certify.tsv")
-        result = run_binary("certify.py", f"--model_dir={self.model_dir}", "--max=3", "--n0=20", "--n=1000",
-                            "--batch_size=200", "--radii=0.25", "--stages=100,1000", f"--output={output}")
-        self.assertEqual(result.returncode, 0, result.stderr[-3000:])
-        header, rows = read_rows(output)
-        self.assertEqual(header, HEADER + "\tsamples")
-        self.assertEqual([r[0] for r in rows], ["0", "1", "2"])
-        self.assertTrue(all(r[6] in ("100", "1000") for r in rows), rows)
-
-    def test_resumed_shard_with_other_shard_settings_is_one_line(self):
-        output = os.path.join(self.dir, "resume", "certify.shard0.tsv")
-        certify_run.certify_dataset(make_config(output=output, model_dir=self.model_dir, max=2, num_shards=3,
-                                                shard_index=0, **TINY), verbose=0)
-        with open(output, "rb") as f:
-            before = f.read()
-        result = run_binary("certify.py", f"--model_dir={self.model_dir}", "--n0=20", "--n=100", "--alpha=0.01",
-                            "--batch_size=200", "--num_shards=3", "--shard_index=1", f"--output={output}")
-        self.assertEqual(result.returncode, 2)
-        lines = error_lines(result.stderr)
-        self.assertLen(lines, 1, result.stderr)
-        self.assertStartsWith(lines[0], f"certify.py: error: --output={output} holds a run with other settings "
-                              "(shard_index: 0 there, 1 now)")
-        with open(output, "rb") as f:
-            self.assertEqual(f.read(), before)
-        self.assertEqual(sorted(os.listdir(os.path.dirname(output))), ["certify.shard0.tsv",
-                                                                       "certify.shard0.tsv.json"])
 
 
 class CertifyErrorsTest(RunFixture, parameterized.TestCase):
@@ -196,6 +152,21 @@ class CertifyErrorsTest(RunFixture, parameterized.TestCase):
         self.assertStartsWith(str(raised.exception), expected)
         self.assertNotIn("\n", str(raised.exception))
         self.assertFalse(os.path.lexists(output))
+        self.assertFalse(os.path.lexists(output + ".json"))
+
+    def test_a_dangling_output_link_is_refused_and_leaves_nothing(self):
+        # Issue 16, item 6: one error (no traceback), no stray settings file.
+        output = os.path.join(self.dir, "errors", "dangling.tsv")
+        os.makedirs(os.path.dirname(output), exist_ok=True)
+        os.symlink(os.path.join(self.dir, "nowhere", "certify.tsv"), output)
+        self.addCleanup(os.remove, output)
+        with flagsaver.flagsaver():
+            flags.FLAGS(["certify.py", f"--model_dir={self.model_dir}", f"--output={output}"])
+            with self.assertRaises(ConfigError) as raised:
+                self.certify.main(["certify.py"])
+        self.assertStartsWith(str(raised.exception), "--output=")
+        self.assertNotIn("\n", str(raised.exception))
+        self.assertFalse(os.path.exists(output))
         self.assertFalse(os.path.lexists(output + ".json"))
 
 
@@ -353,16 +324,69 @@ def save_nan_model(directory: str) -> str:
     return path
 
 
-@pytest.mark.slow  # A fresh interpreter importing TensorFlow.
-class NanModelTest(RunFixture, absltest.TestCase):
+@pytest.mark.slow  # Each test certifies for real (in this process: CertifyBinaryTest starts the interpreters).
+class CertifyRunTest(RunFixture, absltest.TestCase):
+    """bin/certify.py's main in process: its modes end to end and its refusals after the model loads."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.certify = binaries.load("certify")
+        cls.model_dir = make_model_dir(cls.dir)
+
+    @classmethod
+    def tearDownClass(cls):
+        binaries.unload(cls.certify)
+        super().tearDownClass()
+
+    def _run(self, *args):
+        """Runs main on `args`; what it printed."""
+        with flagsaver.flagsaver(), contextlib.redirect_stdout(io.StringIO()) as out:
+            flags.FLAGS(["certify.py", *args])
+            self.certify.main(["certify.py"])
+        return out.getvalue()
+
+    def test_grid_noise_end_to_end(self):
+        output = os.path.join(self.dir, "grid", "certify.tsv")
+        printed = self._run(f"--model_dir={self.model_dir}", "--max=2", "--n0=20", "--n=100", "--batch_size=100",
+                            "--noise=grid", f"--output={output}")
+        self.assertEqual([r[0] for r in read_rows(output)[1]], ["0", "1"])
+        self.assertIn("noise: grid (exact 8-bit grid noise", printed)
+        with open(output + ".json", encoding="utf-8") as f:
+            self.assertIn('"noise": "grid"', f.read())
+
+    def test_fixed_radius_mode_end_to_end(self):
+        output = os.path.join(self.dir, "staged", "certify.tsv")
+        self._run(f"--model_dir={self.model_dir}", "--max=3", "--n0=20", "--n=1000", "--batch_size=200",
+                  "--radii=0.25", "--stages=100,1000", f"--output={output}")
+        header, rows = read_rows(output)
+        self.assertEqual(header, HEADER + "\tsamples")
+        self.assertEqual([r[0] for r in rows], ["0", "1", "2"])
+        self.assertTrue(all(r[6] in ("100", "1000") for r in rows), rows)
+
+    def test_resumed_shard_with_other_shard_settings_is_refused(self):
+        output = os.path.join(self.dir, "resume", "certify.shard0.tsv")
+        certify_run.certify_dataset(make_config(output=output, model_dir=self.model_dir, max=2, num_shards=3,
+                                                shard_index=0, **TINY), verbose=0)
+        with open(output, "rb") as f:
+            before = f.read()
+        with self.assertRaises(ConfigError) as raised:
+            self._run(f"--model_dir={self.model_dir}", "--n0=20", "--n=100", "--alpha=0.01", "--batch_size=200",
+                      "--num_shards=3", "--shard_index=1", f"--output={output}")
+        self.assertStartsWith(str(raised.exception), f"--output={output} holds a run with other settings "
+                              "(shard_index: 0 there, 1 now)")
+        self.assertNotIn("\n", str(raised.exception))
+        with open(output, "rb") as f:
+            self.assertEqual(f.read(), before)
+        self.assertEqual(sorted(os.listdir(os.path.dirname(output))), ["certify.shard0.tsv",
+                                                                       "certify.shard0.tsv.json"])
 
     def test_a_nan_model_gets_no_certificate(self):
         # argmax over NaN logits is 0: counted as votes, every sample would
         # be class 0, certified with radius sigma Phi^-1(alpha^(1/n)).
         output = os.path.join(self.dir, "nan", "certify.tsv")
-        result = run_binary("certify.py", f"--model={save_nan_model(self.dir)}", "--dataset=fashion_mnist",
-                            "--sigma=0.25", "--max=3", "--n0=20", "--n=100", "--batch_size=100", f"--output={output}")
-        self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+        self._run(f"--model={save_nan_model(self.dir)}", "--dataset=fashion_mnist", "--sigma=0.25", "--max=3",
+                  "--n0=20", "--n=100", "--batch_size=100", f"--output={output}")
         _, rows = read_rows(output)
         self.assertEqual([(r[2], r[3]) for r in rows], [("-1", "0.0")] * 3)
 

@@ -1,8 +1,8 @@
 """bin/predict.py end to end: PREDICT rows in the authors' format, and one-line errors.
 
-As in bin_certify_test.py, the binary runs in subprocesses (flag names are
-shared between binaries); the run in predict mode is tested in
-certify_run_test.py.
+As in bin_certify_test.py, one real process per exit path (PredictBinaryTest);
+the other runs call the command's main in process (tests/binaries.py). The run
+in predict mode is tested in certify_run_test.py.
 """
 
 import os
@@ -66,6 +66,7 @@ class PredictErrorsTest(RunFixture, parameterized.TestCase):
 
 @pytest.mark.slow  # Fresh interpreters importing TensorFlow.
 class PredictBinaryTest(tf.test.TestCase):
+    """One real process per exit path of bin/predict.py: rows written (0) and a flag refused (2)."""
 
     def test_end_to_end_and_one_line_error(self):
         directory = tempfile.mkdtemp()
@@ -84,24 +85,40 @@ class PredictBinaryTest(tf.test.TestCase):
         self.assertEqual(error_lines(result.stderr), ["predict.py: error: --skip must be >= 1, got 0"])
         self.assertFalse(os.path.exists(bad))
 
-        # Staged PREDICT: --stages turns it on.
-        staged = os.path.join(directory, "staged", "predict.tsv")
-        result = run_binary("predict.py", f"--model_dir={model_dir}", "--max=3", "--n=1000", "--stages=100,1000",
-                            "--batch_size=100", f"--output={staged}")
-        self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+
+@pytest.mark.slow  # Each test certifies for real (in this process: PredictBinaryTest starts the interpreters).
+class PredictRunTest(RunFixture, tf.test.TestCase):
+    """bin/predict.py's main in process on what a run writes; exit statuses are PredictBinaryTest's."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.predict = binaries.load("predict")
+        cls.model_dir = make_model_dir(cls.dir)
+
+    @classmethod
+    def tearDownClass(cls):
+        binaries.unload(cls.predict)
+        super().tearDownClass()
+
+    def _run(self, *args):
+        with flagsaver.flagsaver():
+            flags.FLAGS(["predict.py", *args])
+            self.predict.main(["predict.py"])
+
+    def test_stages_turn_on_staged_predict(self):
+        staged = os.path.join(self.dir, "staged", "predict.tsv")
+        self._run(f"--model_dir={self.model_dir}", "--max=3", "--n=1000", "--stages=100,1000", "--batch_size=100",
+                  f"--output={staged}")
         header, rows = read_rows(staged)
         self.assertEqual(header, PREDICT_HEADER + "\tsamples")
         self.assertTrue(all(r[5] in ("100", "1000") for r in rows), rows)
 
-
     def test_a_nan_model_gets_no_prediction(self):
         # Counted as votes, its NaN samples would all be class 0: 100 to 0, a sure "class 0".
-        directory = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, directory, ignore_errors=True)
-        output = os.path.join(directory, "out", "predict.tsv")
-        result = run_binary("predict.py", f"--model={save_nan_model(directory)}", "--dataset=fashion_mnist",
-                            "--sigma=0.25", "--max=3", "--n=100", "--batch_size=100", f"--output={output}")
-        self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+        output = os.path.join(self.dir, "nan", "predict.tsv")
+        self._run(f"--model={save_nan_model(self.dir)}", "--dataset=fashion_mnist", "--sigma=0.25", "--max=3",
+                  "--n=100", "--batch_size=100", f"--output={output}")
         self.assertEqual([r[2] for r in read_rows(output)[1]], ["-1"] * 3)
 
 

@@ -815,6 +815,10 @@ class LinearClosedFormTest(tf.test.TestCase):
     # Fresh noise per request (as deployed); and a fixed seed, for answers that must not vary.
     FRESH = dict(n0=50, n=1000, alpha=0.01, batch_size=1000)
     SEEDED = dict(n0=50, n=1000, alpha=0.001, batch_size=1000, seed=3)
+    # The partly non-finite model's export, shared by its soundness test and the comparison with the library
+    # (which needs the fixed seed; the soundness test holds for any seed, as for fresh noise).
+    PARTLY = dict(sigma=0.5, n0=100, n=500, alpha=0.1, batch_size=1000, stages=(100, 500), max_batch=300, seed=17)
+    PIXEL, THRESHOLD = 0, 0.8  # partly_nonfinite_model's NaN event: x[PIXEL] > THRESHOLD, with w[PIXEL] = 0.
 
     @classmethod
     def setUpClass(cls):
@@ -827,15 +831,24 @@ class LinearClosedFormTest(tf.test.TestCase):
         cls._tmp.cleanup()
         super().tearDownClass()
 
-    def _export(self, **kwargs):
-        """The shared export of the linear model with `kwargs`; (loaded, w, b, a fresh rng of the weights' seed)."""
+    def _model(self, name):
+        """The base model `name` ("linear" or "partly_nonfinite"), w, b, and a fresh rng of the weights' seed."""
         w, b, rng = _linear_setup()
+        if name == "linear":
+            return linear_model(w, b), w, b, rng
+        w[self.PIXEL, 0, 0] = 0.0
+        return partly_nonfinite_model(w, b, self.PIXEL, self.THRESHOLD), w, b, rng
+
+    def _export(self, name="linear", **kwargs):
+        """The shared export of model `name` with `kwargs`; (loaded, w, b, a fresh rng of the weights' seed)."""
+        model, w, b, rng = self._model(name)
         # The statistical tests send their hundreds of images in one request.
         kwargs.setdefault("max_batch", 1000)
-        key = tuple(sorted(kwargs.items()))
+        kwargs.setdefault("sigma", self.SIGMA)
+        key = (name, tuple(sorted(kwargs.items())))
         if key not in self._exports:
-            path = os.path.join(self._tmp.name, f"linear{len(self._exports)}")
-            export_flat(linear_model(w, b), path, sigma=self.SIGMA, num_classes=2, **kwargs)
+            path = os.path.join(self._tmp.name, f"{name}{len(self._exports)}")
+            export_flat(model, path, num_classes=2, **kwargs)
             self._exports[key] = tf.saved_model.load(path)
         return self._exports[key], w, b, rng
 
@@ -906,17 +919,20 @@ class LinearClosedFormTest(tf.test.TestCase):
         # image_ids = positions, so the export and the library draw the same
         # samples and give the same answers, also for a model whose logits
         # are NaN on part of the inputs (x[0] > 0.8, with w[0] = 0).
-        w, b, rng = _linear_setup()
-        w[0, 0, 0] = 0.0
-        kwargs = dict(n0=50, n=2000, alpha=0.01, batch_size=512, stages=(100, 500, 2000))
-        images = images_at_margins(w, b, self.SIGMA * scipy_stats.norm.ppf(rng.uniform(0.05, 0.95, 24)), rng)
-        radius = rng.choice(np.array([0.02, 0.1, 0.3], np.float32), 24)
-        for name, model in (("linear", linear_model(w, b)), ("partly_nonfinite", partly_nonfinite_model(w, b, 0, 0.8))):
+        linear = dict(sigma=self.SIGMA, n0=50, n=2000, alpha=0.01, batch_size=512, stages=(100, 500, 2000), seed=17)
+        for name, settings in (("linear", linear), ("partly_nonfinite", self.PARTLY)):
             with self.subTest(model=name), tempfile.TemporaryDirectory() as root:
-                path = os.path.join(root, name)
-                export_flat(model, path, sigma=self.SIGMA, num_classes=2, seed=17, **kwargs)
-                loaded = tf.saved_model.load(path)
-                smooth = smoothing.Smooth(model, 2, self.SIGMA, noise="float")
+                model, w, b, rng = self._model("partly_nonfinite")
+                if name == "linear":  # The same w (w[0] = 0), its own export.
+                    model = linear_model(w, b)
+                    export_flat(model, os.path.join(root, name), num_classes=2, **settings)
+                    loaded = tf.saved_model.load(os.path.join(root, name))
+                else:
+                    loaded = self._export(name, **settings)[0]
+                kwargs = {k: settings[k] for k in ("n0", "n", "alpha", "batch_size", "stages")}
+                images = images_at_margins(w, b, self.SIGMA * scipy_stats.norm.ppf(rng.uniform(0.05, 0.95, 24)), rng)
+                radius = rng.choice(np.array([0.02, 0.1, 0.3], np.float32), 24)
+                smooth = smoothing.Smooth(model, 2, settings["sigma"], noise="float")
                 ids = np.arange(len(images))
                 staged = library_staged_certify(smooth, images, radius, seed=17, **kwargs)
                 out = _signature_outputs(loaded, images, signatures.CERTIFY_RADIUS_SIGNATURE, radius)
@@ -964,21 +980,16 @@ class LinearClosedFormTest(tf.test.TestCase):
         # Failures Binomial(count, <= alpha); allowed the (1 - 1e-6) quantile.
         # Counting NaN samples as class 0 (argmax's answer; the model's
         # logits are [0, w.x + b]) would add 1 - q in [0.16, 0.42] to P(f = 0).
-        alpha, count, pixel, threshold, sigma = 0.1, 300, 0, 0.8, 0.5
-        w, b, rng = _linear_setup()
-        w[0, 0, 0] = 0.0
+        alpha, count, pixel, threshold, sigma = (self.PARTLY["alpha"], self.PARTLY["max_batch"], self.PIXEL,
+                                                 self.THRESHOLD, self.PARTLY["sigma"])
+        loaded, w, b, rng = self._export("partly_nonfinite", **self.PARTLY)
         images = images_at_margins(w, b, rng.uniform(-0.5, 0.5, count), rng).reshape(count, -1)
         images[:, pixel] = rng.uniform(0.3, 0.7, count)
         images = images.reshape(count, *w.shape)
         truth = partly_nonfinite_probabilities(images, w, b, pixel, threshold, sigma)
-        with tempfile.TemporaryDirectory() as root:
-            path = os.path.join(root, "partly_nonfinite")
-            export_flat(partly_nonfinite_model(w, b, pixel, threshold), path, sigma=sigma, num_classes=2,
-                        n0=100, n=500, alpha=alpha, batch_size=1000, stages=(100, 500), max_batch=count)
-            loaded = tf.saved_model.load(path)
-            certificate = _signature_outputs(loaded, images)
-            at_radius = _signature_outputs(loaded, images, signatures.CERTIFY_RADIUS_SIGNATURE,
-                                           np.full(count, 0.05, np.float32))
+        certificate = _signature_outputs(loaded, images)
+        at_radius = _signature_outputs(loaded, images, signatures.CERTIFY_RADIUS_SIGNATURE,
+                                       np.full(count, 0.05, np.float32))
         limit = scipy_stats.binom.isf(1e-6, count, alpha)
         for name, out in (("serving_default", certificate), ("certify_radius", at_radius)):
             certified = out["class"] >= 0

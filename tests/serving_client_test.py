@@ -114,29 +114,45 @@ class _PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         return response
 
 
+def _make_shared_export() -> tuple:
+    """The fixed-seed export of a linear model and its direct answers; (its TemporaryDirectory, the attributes)."""
+    tmp = tempfile.TemporaryDirectory()
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(4, 4, 1)) * 0.25
+    b = -float(np.sum(w)) * 0.5
+    export_dir = os.path.join(tmp.name, "1")
+    # A fixed seed makes every request deterministic, so the clients' answers
+    # must equal the signature's answers exactly.
+    export_flat(linear_model(w, b), export_dir, sigma=0.25, num_classes=2, n0=20, n=400,
+                alpha=0.001, batch_size=400, class_names=("pos", "neg"), seed=11)
+    loaded = tf.saved_model.load(export_dir)
+    images = images_at_margins(w, b, 0.25 * np.array([1.5, -1.0, 0.0, 0.3]), rng)
+    radii = np.array([0.2, 0.1, 0.1, 0.05], np.float32)
+    attributes = dict(
+        export_dir=export_dir, loaded=loaded, images=images, radii=radii,
+        expected={k: v.numpy() for k, v in loaded.signatures["serving_default"](images=tf.constant(images)).items()},
+        expected_predict=loaded.signatures["predict"](images=tf.constant(images))["class"].numpy(),
+        expected_radius={k: v.numpy() for k, v in loaded.signatures["certify_radius"](
+            images=tf.constant(images), radius=tf.constant(radii)).items()})
+    return tmp, attributes
+
+
 class _ExportFixture:
-    """Mixin: a fixed-seed export of a linear model and its direct answers, shared per class."""
+    """Mixin: a fixed-seed export of a linear model and its direct answers.
+
+    Made once for every class that mixes it in, whose settings match (issue
+    21); tearDownModule removes it.
+    """
+
+    _shared = None  # _make_shared_export()'s answer, once made.
 
     @classmethod
     def setUpClass(cls):
         super().setUpClass()
-        cls._tmp = tempfile.TemporaryDirectory()
-        rng = np.random.default_rng(0)
-        w = rng.normal(size=(4, 4, 1)) * 0.25
-        b = -float(np.sum(w)) * 0.5
-        cls.export_dir = os.path.join(cls._tmp.name, "1")
-        # A fixed seed makes every request deterministic, so the clients' answers
-        # must equal the signature's answers exactly.
-        export_flat(linear_model(w, b), cls.export_dir, sigma=0.25, num_classes=2, n0=20, n=400,
-                    alpha=0.001, batch_size=400, class_names=("pos", "neg"), seed=11)
-        cls.loaded = tf.saved_model.load(cls.export_dir)
-        cls.images = images_at_margins(w, b, 0.25 * np.array([1.5, -1.0, 0.0, 0.3]), rng)
-        cls.expected = {k: v.numpy() for k, v in cls.loaded.signatures["serving_default"](
-            images=tf.constant(cls.images)).items()}
-        cls.expected_predict = cls.loaded.signatures["predict"](images=tf.constant(cls.images))["class"].numpy()
-        cls.radii = np.array([0.2, 0.1, 0.1, 0.05], np.float32)
-        cls.expected_radius = {k: v.numpy() for k, v in cls.loaded.signatures["certify_radius"](
-            images=tf.constant(cls.images), radius=tf.constant(cls.radii)).items()}
+        if _ExportFixture._shared is None:
+            _ExportFixture._shared = _make_shared_export()
+        for name, value in _ExportFixture._shared[1].items():
+            setattr(cls, name, value)
 
     def assert_radius_answers(self, answer, expected):
         self.assertIsInstance(answer, serving_client.RadiusCertificate)
@@ -147,10 +163,11 @@ class _ExportFixture:
         self.assertEqual((answer.classes.dtype, answer.certified.dtype, answer.radii.dtype, answer.samples.dtype),
                          (np.int64, np.bool_, np.float32, np.int64))
 
-    @classmethod
-    def tearDownClass(cls):
-        cls._tmp.cleanup()
-        super().tearDownClass()
+
+def tearDownModule():
+    if _ExportFixture._shared is not None:
+        _ExportFixture._shared[0].cleanup()
+        _ExportFixture._shared = None
 
 
 class RestClientTest(_ExportFixture, tf.test.TestCase):
