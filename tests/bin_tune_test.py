@@ -81,7 +81,7 @@ class TuneBinaryTest(tf.test.TestCase):
             self.assertIn(row["num_noise"], ("2", "4"))
             self.assertTrue(0 <= float(row["val_smoothed_accuracy"]) <= 1)
         markdown = open(os.path.join(tuning_dir, "trials.md"), encoding="utf-8").read()
-        self.assertIn("| rank | trial | λ | η | m | epochs | val ACR | clean acc. |", markdown)
+        self.assertIn("| rank | trial | λ | η | m | epochs | val ACR | smoothed acc. |", markdown)
         self.assertIn(markdown, result.stdout)
         for path in ("search/oracle.json", "search/trial_0/trial.json", "search/trial_1/trial.json",
                      "trials/trial_0/base_model.keras", "trials/trial_1/checkpoints/checkpoint", "tune_config.json",
